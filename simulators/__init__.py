@@ -1,0 +1,1 @@
+"""Software simulators of the devices token-agent talks to."""
