@@ -1,0 +1,229 @@
+"""Shared fixtures.
+
+* ``free_port()`` / fixture ``free_port``: a free TCP port on 127.0.0.1.
+* ``sim_key_server``: a virtual FIDO2 key served as its own process
+  (``token-agent sim key serve``) on free ports, with a fresh state file. Unpacks as
+  ``host, port, control_port = sim_key_server``; also has ``.control_url``, ``.state``,
+  ``.log`` (the process's stdout+stderr) and ``.process``. Options per test with the marker
+  ``@pytest.mark.sim_key(presence="manual", args=[...])``.
+* ``sim_key_factory``: the same, as a function, for tests that need several keys or
+  control over when the key starts: ``sim_key_factory(presence="auto", state=None, args=())``.
+
+Every server is stopped at teardown; when a test fails, the server's output is added to the
+report as a section ("sim key server ...").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: seconds to wait for a server's control port to answer ``GET /``
+SIM_KEY_START_TIMEOUT = 20.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "sim_key(presence='auto', args=()): options for the sim_key_server fixture",
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now (bind to port 0, read it, close)."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free TCP ports (all held open at once while choosing them)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(name="free_port")
+def free_port_fixture():
+    """A callable returning a free TCP port on 127.0.0.1 (a new one on every call)."""
+    return free_port
+
+
+def token_agent_command() -> list[str]:
+    """How to run the ``token-agent`` CLI of this checkout, from the interpreter running pytest."""
+    script = Path(sys.executable).parent / "token-agent"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "token_agent"]
+
+
+@dataclass
+class SimKeyServer:
+    host: str
+    port: int
+    control_port: int
+    state: Path
+    log: Path
+    process: subprocess.Popen = field(repr=False)
+    command: list[str] = field(default_factory=list, repr=False)
+
+    def __iter__(self):  # host, port, control_port = server
+        return iter((self.host, self.port, self.control_port))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://{self.host}:{self.control_port}"
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        """Stop the process (SIGTERM, then SIGKILL after 5 s); return its exit code."""
+        proc = self.process
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(5)
+        return proc.returncode
+
+
+def _control_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/", timeout=1) as resp:
+            resp.read()
+        return True
+    except urllib.error.HTTPError:
+        return True  # it answered, even if not with 200
+    except OSError:
+        return False
+
+
+def start_sim_key(
+    directory: Path,
+    presence: str = "auto",
+    state: Path | None = None,
+    args=(),
+    host: str = "127.0.0.1",
+    timeout: float = SIM_KEY_START_TIMEOUT,
+) -> SimKeyServer:
+    """Start ``token-agent sim key serve`` on free ports and wait until its control port
+    answers ``GET /``. Raises RuntimeError (with the server's output) if it does not."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = state or directory / "key.json"
+    last_error = ""
+    for attempt in range(3):  # a free port can be taken between choosing and binding it
+        port, control_port = free_ports(2, host)
+        log = directory / f"sim-key-{port}.log"
+        command = token_agent_command() + [
+            "sim", "key", "serve",
+            "--port", str(port),
+            "--control-port", str(control_port),
+            "--presence", presence,
+            "--state", str(state),
+            *map(str, args),
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                env=env,
+                start_new_session=True,  # its own process group: stop() ends its children too
+            )
+        server = SimKeyServer(host, port, control_port, state, log, proc, command)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if _control_answers(server.control_url):
+                return server
+            time.sleep(0.05)
+        exited = proc.poll()
+        server.stop()
+        what = (
+            f"exited with code {exited}"
+            if exited is not None
+            else f"did not answer GET {server.control_url}/ within {timeout:.0f} s"
+        )
+        last_error = f"`{' '.join(command)}` {what}; its output:\n{server.output()}"
+        if "address already in use" not in server.output().lower():
+            break
+    raise RuntimeError(f"virtual key server did not start: {last_error}")
+
+
+@pytest.fixture
+def sim_key_factory(request, tmp_path_factory):
+    """Start virtual keys as processes: ``sim_key_factory(presence=..., state=..., args=...)``."""
+    servers: list[SimKeyServer] = []
+    request.node._sim_key_servers = servers
+
+    def start(presence: str = "auto", state: Path | None = None, args=()) -> SimKeyServer:
+        directory = tmp_path_factory.mktemp("sim-key")
+        try:
+            server = start_sim_key(directory, presence=presence, state=state, args=args)
+        except RuntimeError as e:
+            error = str(e)
+        else:
+            servers.append(server)
+            return server
+        pytest.fail(error, pytrace=False)
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def sim_key_server(request, sim_key_factory) -> SimKeyServer:
+    """One virtual key process with a fresh state file; see the module docstring."""
+    marker = request.node.get_closest_marker("sim_key")
+    options = dict(marker.kwargs) if marker else {}
+    return sim_key_factory(**options)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    servers = getattr(item, "_sim_key_servers", None)
+    if servers and report.failed:
+        for server in servers:
+            report.sections.append(
+                (f"sim key server {server.address} ({report.when})", server.output()[-20000:])
+            )
+    return report
