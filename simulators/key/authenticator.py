@@ -35,6 +35,8 @@ MAX_PIN_LENGTH = 63  # bytes of UTF-8, per the spec's 64-byte padded PIN block
 MAX_MSG_SIZE = 7609
 MAX_CREDS_IN_LIST = 8
 MAX_RPIDS_FOR_MIN_PIN = 8
+MAX_LARGE_BLOB_ARRAY = 2048  # maxSerializedLargeBlobArray (the spec's minimum is 1024)
+MAX_LARGE_BLOB_FRAGMENT = MAX_MSG_SIZE - 64  # maxFragmentLength (section 6.10)
 RESET_WINDOW = 10.0  # seconds after power-up in which Reset is allowed (section 6.6)
 NEXT_ASSERTION_TIMEOUT = 30.0
 TOKEN_INITIAL_USAGE = 30.0  # a token unused this long after issue expires (section 6.5.2.1)
@@ -50,6 +52,7 @@ CMD_RESET = 0x07
 CMD_GET_NEXT_ASSERTION = 0x08
 CMD_CREDENTIAL_MGMT = 0x0A
 CMD_SELECTION = 0x0B
+CMD_LARGE_BLOBS = 0x0C
 CMD_CONFIG = 0x0D
 
 # authenticator data flags
@@ -73,7 +76,10 @@ class Permission(IntFlag):
     ACFG = 0x20
 
 
-SUPPORTED_PERMISSIONS = Permission.MC | Permission.GA | Permission.CM | Permission.ACFG
+# be is refused: no built-in UV, so no bioEnroll (section 6.5.5.7.2).
+SUPPORTED_PERMISSIONS = (
+    Permission.MC | Permission.GA | Permission.CM | Permission.LBW | Permission.ACFG
+)
 
 
 class CtapFailure(Exception):
@@ -115,6 +121,7 @@ class _AssertionBatch:
     uv: bool
     hmac_input: dict | None
     started: float
+    blob_key: bool = False
 
 
 def _need(params: dict, key: int, typ: type | tuple[type, ...], required: bool = True):
@@ -184,6 +191,8 @@ class VirtualAuthenticator(CtapApp):
             self._next: _AssertionBatch | None = None
             self._credman_rps: list[bytes] | None = None
             self._credman_creds: list[Credential] | None = None
+            self._blob_upload: bytearray | None = None  # a largeBlobs write in progress
+            self._blob_expected = 0
             self._wrapper = KeyWrapper(self.state.wrap_key)
 
     def wink(self) -> None:
@@ -319,10 +328,11 @@ class VirtualAuthenticator(CtapApp):
             "makeCredUvNotRqd": not st.always_uv,
             "pinUvAuthToken": True,
             "alwaysUv": st.always_uv,
+            "largeBlobs": True,
         }
         return {
             0x01: ["U2F_V2", "FIDO_2_0", "FIDO_2_1"],
-            0x02: ["credProtect", "hmac-secret", "minPinLength"],
+            0x02: ["credProtect", "hmac-secret", "largeBlobKey", "minPinLength"],
             0x03: self.model.aaguid.bytes,
             0x04: options,
             0x05: MAX_MSG_SIZE,
@@ -331,6 +341,7 @@ class VirtualAuthenticator(CtapApp):
             0x08: ID_LENGTH,
             0x09: ["usb"],
             0x0A: [{"alg": alg, "type": "public-key"} for alg in ALGORITHMS],
+            0x0B: MAX_LARGE_BLOB_ARRAY,
             0x0C: st.force_pin_change,
             0x0D: st.min_pin_length,
             0x0E: self.model.firmware_version,
@@ -406,6 +417,11 @@ class VirtualAuthenticator(CtapApp):
         if not isinstance(cred_protect, int) or cred_protect not in (1, 2, 3):
             raise CtapFailure(ERR.INVALID_PARAMETER, "credProtect must be 1, 2 or 3")
         want_hmac = extensions.get("hmac-secret") is True
+        want_blob_key = extensions.get("largeBlobKey")
+        if want_blob_key is not None and want_blob_key is not True:
+            raise CtapFailure(ERR.INVALID_OPTION, "largeBlobKey input must be true")
+        if want_blob_key and not rk:
+            raise CtapFailure(ERR.INVALID_OPTION, "largeBlobKey needs a discoverable credential")
         ext_out: dict = {}
         if "credProtect" in extensions:
             ext_out["credProtect"] = cred_protect
@@ -432,6 +448,7 @@ class VirtualAuthenticator(CtapApp):
                 k: user[k] for k in ("id", "name", "displayName") if k in user
             }
             cred.created = st.creation_seq
+            cred.large_blob_key = bool(want_blob_key)
             st.credentials = kept + [cred]
         counter = self._bump_counter()  # also saves a new discoverable credential
 
@@ -448,11 +465,14 @@ class VirtualAuthenticator(CtapApp):
         if uv:
             self._after_uv_use()
         log.info("made a %s credential for %s", "discoverable" if rk else "server-side", rp_id)
-        return {
+        response = {
             0x01: "packed",
             0x02: auth_data,
             0x03: {"alg": -7, "sig": sig, "x5c": list(identity.chain)},
         }
+        if want_blob_key:
+            response[0x05] = cred.large_blob_secret()
+        return response
 
     # ------------------------------------------------------------------ getAssertion
     def _get_assertion(self, params: dict, request: Request) -> dict:
@@ -504,6 +524,9 @@ class VirtualAuthenticator(CtapApp):
         hmac_input = extensions.get("hmac-secret")
         if hmac_input is not None and not isinstance(hmac_input, dict):
             raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "hmac-secret input not a map")
+        want_blob_key = extensions.get("largeBlobKey")
+        if want_blob_key is not None and want_blob_key is not True:
+            raise CtapFailure(ERR.INVALID_OPTION, "largeBlobKey input must be true")
 
         if up:
             self._collect_presence(request)
@@ -513,16 +536,19 @@ class VirtualAuthenticator(CtapApp):
 
         first, rest = creds[0], creds[1:]
         response = self._assertion(first, rp_id, client_data_hash, flags, uv, hmac_input,
-                                   include_user_details=uv and len(creds) > 1)
+                                   include_user_details=uv and len(creds) > 1,
+                                   blob_key=bool(want_blob_key))
         if not allow and rest:
             response[0x05] = len(creds)
             self._next = _AssertionBatch(
-                rest, rp_id, client_data_hash, flags, uv, hmac_input, self.clock()
+                rest, rp_id, client_data_hash, flags, uv, hmac_input, self.clock(),
+                bool(want_blob_key),
             )
         return response
 
     def _assertion(self, cred: Credential, rp_id: str, client_data_hash: bytes, flags: int,
-                   uv: bool, hmac_input: dict | None, include_user_details: bool) -> dict:
+                   uv: bool, hmac_input: dict | None, include_user_details: bool,
+                   blob_key: bool = False) -> dict:
         ext_out = {}
         if hmac_input is not None and cred.hmac_secret:
             ext_out["hmac-secret"] = self._hmac_secret(cred, hmac_input, uv)
@@ -537,6 +563,8 @@ class VirtualAuthenticator(CtapApp):
             if include_user_details:
                 user.update({k: v for k, v in cred.user.items() if k != "id"})
             response[0x04] = user
+        if blob_key and cred.large_blob_key:
+            response[0x07] = cred.large_blob_secret()
         return response
 
     def _hmac_secret(self, cred: Credential, ext: dict, uv: bool) -> bytes:
@@ -572,7 +600,8 @@ class VirtualAuthenticator(CtapApp):
             raise CtapFailure(ERR.NOT_ALLOWED, "getNextAssertion timed out")
         cred = batch.remaining.pop(0)
         return self._assertion(cred, batch.rp_id, batch.client_data_hash, batch.flags, batch.uv,
-                               batch.hmac_input, include_user_details=batch.uv)
+                               batch.hmac_input, include_user_details=batch.uv,
+                               blob_key=batch.blob_key)
 
     # ------------------------------------------------------------------ clientPIN
     def _client_pin(self, params: dict, request: Request) -> dict | None:
@@ -702,8 +731,6 @@ class VirtualAuthenticator(CtapApp):
         self._check_pin(proto, shared, pin_hash_enc)
         if self.state.force_pin_change:
             raise CtapFailure(ERR.PIN_INVALID, "the PIN must be changed first")
-        for p in self._protocols.values():
-            p.regenerate()
         self._token = _Token(
             permissions=permissions, rp_id=rp_id, issued=self.clock(), in_use=True
         )
@@ -809,12 +836,68 @@ class VirtualAuthenticator(CtapApp):
 
     @staticmethod
     def _cred_entry(cred: Credential) -> dict:
-        return {
+        entry = {
             0x06: dict(cred.user),
             0x07: cred.descriptor(),
             0x08: cred.cose_public_key(),
             0x0A: cred.cred_protect,
         }
+        if cred.large_blob_key:
+            entry[0x0B] = cred.large_blob_secret()
+        return entry
+
+    # ------------------------------------------------------------------ largeBlobs
+    def _large_blobs(self, params: dict, request: Request) -> dict | None:
+        """authenticatorLargeBlobs (section 6.10): a serialized array, read and written in
+        fragments, whose last 16 bytes are LEFT(SHA-256(the rest), 16)."""
+        get = _need(params, 0x01, int, required=False)
+        fragment = _need(params, 0x02, bytes, required=False)
+        offset = _need(params, 0x03, int)
+        length = _need(params, 0x04, int, required=False)
+        st = self.state
+        if (get is None) == (fragment is None):
+            raise CtapFailure(ERR.INVALID_PARAMETER, "exactly one of get and set")
+        if get is not None:
+            if length is not None:
+                raise CtapFailure(ERR.INVALID_PARAMETER, "length is for writes")
+            if get > MAX_LARGE_BLOB_FRAGMENT:
+                raise CtapFailure(ERR.INVALID_LENGTH, "fragment too long")
+            if offset > len(st.large_blob_array):
+                raise CtapFailure(ERR.INVALID_PARAMETER, "offset beyond the array")
+            return {0x01: st.large_blob_array[offset:offset + get]}
+        if len(fragment) > MAX_LARGE_BLOB_FRAGMENT:
+            raise CtapFailure(ERR.INVALID_LENGTH, "fragment too long")
+        if offset == 0:
+            if length is None:
+                raise CtapFailure(ERR.INVALID_PARAMETER, "length required at offset 0")
+            if length > MAX_LARGE_BLOB_ARRAY:
+                raise CtapFailure(ERR.LARGE_BLOB_STORAGE_FULL, "array larger than the store")
+            if length < 17:
+                raise CtapFailure(ERR.INVALID_PARAMETER, "array shorter than its checksum")
+            self._blob_upload, self._blob_expected = bytearray(), length
+        elif length is not None:
+            raise CtapFailure(ERR.INVALID_PARAMETER, "length only at offset 0")
+        if self._blob_upload is None or offset != len(self._blob_upload):
+            raise CtapFailure(ERR.INVALID_SEQ, "fragment out of sequence")
+        if self._pin_set() or st.always_uv:
+            auth = params.get(0x05)
+            if auth is None:
+                raise CtapFailure(ERR.PUAT_REQUIRED, "writing large blobs needs a token")
+            message = (
+                b"\xff" * 32 + b"\x0c\x00" + struct.pack("<I", offset)
+                + hashlib.sha256(fragment).digest()
+            )
+            self._verify_token(params.get(0x06), auth, message, Permission.LBW)
+        if offset + len(fragment) > self._blob_expected:
+            raise CtapFailure(ERR.INVALID_PARAMETER, "more data than announced")
+        self._blob_upload += fragment
+        if len(self._blob_upload) == self._blob_expected:
+            data, self._blob_upload = bytes(self._blob_upload), None
+            if not hmac.compare_digest(hashlib.sha256(data[:-16]).digest()[:16], data[-16:]):
+                raise CtapFailure(ERR.INTEGRITY_FAILURE, "large-blob array checksum wrong")
+            st.large_blob_array = data
+            self.store.save()
+        return None
 
     # ------------------------------------------------------------------ authenticatorConfig
     def _config(self, params: dict, request: Request) -> None:
@@ -870,6 +953,7 @@ class VirtualAuthenticator(CtapApp):
         CMD_CREDENTIAL_MGMT: _cred_mgmt,
         CMD_SELECTION: _selection,
         CMD_CONFIG: _config,
+        CMD_LARGE_BLOBS: _large_blobs,
     }
 
     # ------------------------------------------------------------------ CTAP1 / U2F

@@ -53,6 +53,7 @@ class Credential:
     hmac_secret: bool = False
     discoverable: bool = False
     # Discoverable credentials only:
+    large_blob_key: bool = False  # created with the largeBlobKey extension
     rp: dict = field(default_factory=dict)
     user: dict = field(default_factory=dict)
     created: int = 0  # creation order, for "most recent first"
@@ -79,6 +80,10 @@ class Credential:
         """hmac-secret's CredRandomWithUV / CredRandomWithoutUV (CTAP 2.1 section 12.5)."""
         label = b"hmac-secret with uv" if with_uv else b"hmac-secret without uv"
         return hmac.new(self.seed, label, hashlib.sha256).digest()
+
+    def large_blob_secret(self) -> bytes:
+        """The credential's largeBlobKey (CTAP 2.1 section 12.3)."""
+        return hmac.new(self.seed, b"largeBlobKey", hashlib.sha256).digest()
 
     def descriptor(self) -> dict:
         return {"id": self.id, "type": "public-key"}

@@ -14,6 +14,7 @@ the old one, so a crash mid-write leaves either the old state or the new one, ne
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -27,6 +28,8 @@ FORMAT_VERSION = 1
 PIN_RETRIES = 8
 DEFAULT_MIN_PIN_LENGTH = 4
 DEFAULT_CAPACITY = 25
+#: The serialized large-blob array of a new key: CBOR [] and its 16-byte checksum (section 6.10).
+EMPTY_LARGE_BLOB_ARRAY = b"\x80" + hashlib.sha256(b"\x80").digest()[:16]
 
 
 def _b64(data: bytes) -> str:
@@ -56,6 +59,7 @@ class PersistentState:
     capacity: int = DEFAULT_CAPACITY
     credentials: list[Credential] = field(default_factory=list)  # discoverable only
     creation_seq: int = 0
+    large_blob_array: bytes = EMPTY_LARGE_BLOB_ARRAY
 
     # -- (de)serialisation ----------------------------------------------------------
     def to_json(self) -> dict:
@@ -73,6 +77,7 @@ class PersistentState:
             "counter": self.counter,
             "capacity": self.capacity,
             "creation_seq": self.creation_seq,
+            "large_blob_array": _b64(self.large_blob_array),
             "credentials": [
                 {
                     "id": _b64(c.id),
@@ -81,6 +86,7 @@ class PersistentState:
                     "seed": _b64(c.seed),
                     "cred_protect": c.cred_protect,
                     "hmac_secret": c.hmac_secret,
+                    "large_blob_key": c.large_blob_key,
                     "rp": c.rp,
                     "user": {k: (_b64(v) if k == "id" else v) for k, v in c.user.items()},
                     "created": c.created,
@@ -103,6 +109,7 @@ class PersistentState:
                     cred_protect=int(c["cred_protect"]),
                     hmac_secret=bool(c["hmac_secret"]),
                     discoverable=True,
+                    large_blob_key=bool(c.get("large_blob_key", False)),
                     rp=dict(c["rp"]),
                     user={k: (_unb64(v) if k == "id" else v) for k, v in c["user"].items()},
                     created=int(c["created"]),
@@ -122,6 +129,7 @@ class PersistentState:
                 counter=int(data["counter"]),
                 capacity=int(data["capacity"]),
                 creation_seq=int(data["creation_seq"]),
+                large_blob_array=_unb64(data["large_blob_array"]),
                 credentials=creds,
             )
         except (KeyError, TypeError, ValueError) as e:
