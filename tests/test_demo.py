@@ -1,0 +1,25 @@
+"""The README's main-job command runs this demonstration; it must keep working end to end."""
+
+import io
+import subprocess
+import sys
+
+from token_agent import demo
+
+
+def test_demo_runs_every_step():
+    out = io.StringIO()
+    assert demo.run(0, 0, out=out) == 0
+    text = out.getvalue()
+    assert "Touch your security key" in text  # prompted by the key's keepalive UPNEEDED
+    assert "chains to the simulator root" in text
+    assert "signature counter increased" in text
+    assert "Wrong PIN - 7 tries left" in text
+    assert demo.DEMO_PIN not in text  # the PIN is never printed
+    assert text.rstrip().endswith("demonstration complete: every step verified")
+
+
+def test_demo_module_exit_status():
+    proc = subprocess.run([sys.executable, "-m", "token_agent.demo"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

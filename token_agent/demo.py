@@ -1,0 +1,162 @@
+"""The main job's demonstration, on the simulators only: no hardware needed.
+
+    python -m token_agent.demo        (what `scripts/demo.sh` runs)
+
+It starts a virtual FIDO2 key on the loopback TCP transport, finds it the way the agent finds
+any key (``drivers.fido.discovery`` with ``TOKEN_AGENT_SIM_KEYS``), and runs a WebAuthn
+registration and two authentications against it with python-fido2's client and server,
+printing what happens at each step and checking every result: the packed attestation chains
+to the simulator root, the assertion signatures verify, the signature counter goes up, and a
+wrong PIN is refused with the number of tries left.
+
+Exit status 0 when every step behaved as it should, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from typing import Callable
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from fido2.client import ClientError, DefaultClientDataCollector, Fido2Client, UserInteraction
+from fido2.ctap import CtapError
+from fido2.ctap2 import Ctap2
+from fido2.ctap2.pin import ClientPin
+from fido2.server import Fido2Server
+
+from drivers.fido.discovery import SIM_KEYS_ENV, list_devices
+from simulators.key.attestation import root_certificate
+from simulators.key.control import KeyControl
+from simulators.key.device import create_virtual_key
+from simulators.key.transport import KeyServer
+
+DEMO_PIN = "246810"
+RP = {"id": "demo-trust.nhs.example", "name": "Demo NHS Trust"}
+ORIGIN = f"https://{RP['id']}"
+USER = {"id": b"user-0001-alice", "name": "alice.smith", "displayName": "Dr Alice Smith"}
+
+
+class DemoUser(UserInteraction):
+    """The clinician at the workstation: types the PIN and touches the key when asked.
+
+    The touch is real as far as the key is concerned: the demo presses the virtual key's
+    button through its control interface, only after the key has asked for it (keepalive
+    UPNEEDED), as a person would.
+    """
+
+    def __init__(self, say: Callable[[str], None], control: KeyControl, pin: str) -> None:
+        self.say, self.control, self.pin = say, control, pin
+
+    def prompt_up(self) -> None:
+        self.say("   key: Touch your security key  (the demo touches it in 0.3 s)")
+        threading.Timer(0.3, self.control.touch).start()
+
+    def request_pin(self, permissions, rp_id) -> str:
+        self.say("   agent: PIN requested; the clinician types it (never shown, never logged)")
+        return self.pin
+
+
+def run(port: int, control_port: int, out=sys.stdout) -> int:
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)
+
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            raise AssertionError(what)
+        say(f"   ok: {what}")
+
+    say("token-agent demonstration: a virtual FIDO2 key, register and authenticate")
+    key = create_virtual_key(presence="manual")
+    with KeyServer(key, port=port, control_port=control_port) as server:
+        control = KeyControl(server.control_port)
+        address = f"127.0.0.1:{server.port}"
+        say(f"1. virtual key started: HID reports on {address}, control {control.url}/")
+
+        devices = list_devices({**os.environ, SIM_KEYS_ENV: address})
+        sims = [d for d in devices if str(d.descriptor.path).startswith("sim:")]
+        check(len(sims) == 1, f"discovery with {SIM_KEYS_ENV}={address} finds the key")
+        device = sims[0]
+        say(f"2. found {device.descriptor.product_name!r} at {device.descriptor.path}")
+
+        ctap = Ctap2(device)
+        info = ctap.info
+        say(f"3. getInfo: versions {info.versions}, AAGUID {info.aaguid}")
+        say(f"   algorithms {[a['alg'] for a in info.algorithms]}, extensions {info.extensions}")
+
+        ClientPin(ctap).set_pin(DEMO_PIN)
+        check(ctap.get_info().options["clientPin"], "PIN set on the key (8 tries)")
+
+        user = DemoUser(say, control, DEMO_PIN)
+        client = Fido2Client(
+            device, client_data_collector=DefaultClientDataCollector(ORIGIN), user_interaction=user
+        )
+        server_rp = Fido2Server(RP, attestation="direct")
+
+        say(f"4. register: {USER['displayName']} at {RP['id']} (discoverable, PIN required)")
+        options, state = server_rp.register_begin(
+            USER, resident_key_requirement="required", user_verification="required"
+        )
+        result = client.make_credential(options.public_key)
+        auth_data = server_rp.register_complete(state, result)
+        cred = auth_data.credential_data
+        att = result.response.attestation_object
+        check(att.fmt == "packed", "packed attestation, signed by the key's attestation key")
+        leaf = x509.load_der_x509_certificate(att.att_stmt["x5c"][0])
+        # raises InvalidSignature unless the simulator root issued the attestation certificate
+        root_certificate().public_key().verify(
+            leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256())
+        )
+        say(f"   ok: attestation certificate '{leaf.subject.rfc4514_string()}' "
+            "chains to the simulator root")
+        check(cred.aaguid == info.aaguid, f"credential AAGUID {cred.aaguid} is the model's")
+        say(f"   credential id {cred.credential_id.hex()[:24]}..., "
+            f"public key alg {cred.public_key[3]}")
+
+        counters = []
+        for n in (1, 2):
+            say(f"5.{n} authenticate (usernameless: the key says who it is)")
+            options, state = server_rp.authenticate_begin(user_verification="required")
+            response = client.get_assertion(options.public_key).get_response(0)
+            server_rp.authenticate_complete(state, [cred], response)
+            flags = response.response.authenticator_data.flags
+            counters.append(response.response.authenticator_data.counter)
+            check(response.response.user_handle == USER["id"],
+                  f"signature verifies; user handle names {USER['name']}")
+            check(flags & 0x05 == 0x05, "user present and verified (touch + PIN)")
+            say(f"   signature counter {counters[-1]}")
+        check(counters[1] > counters[0], "signature counter increased (no cloned key)")
+
+        say("6. a wrong PIN")
+        try:
+            ClientPin(ctap).get_pin_token("000000")
+        except CtapError as e:
+            retries = ClientPin(ctap).get_pin_retries()[0]
+            check(e.code == CtapError.ERR.PIN_INVALID,
+                  f"refused: Wrong PIN - {retries} tries left")
+        else:
+            raise AssertionError("a wrong PIN was accepted")
+        device.close()
+    say("demonstration complete: every step verified")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="token-agent demonstration on the simulators")
+    parser.add_argument("--port", type=int, default=0, help="HID TCP port (0: any free port)")
+    parser.add_argument("--control-port", type=int, default=0, help="control port (0: any free)")
+    args = parser.parse_args(argv)
+    try:
+        return run(args.port, args.control_port)
+    except (AssertionError, ClientError, CtapError, InvalidSignature, OSError) as e:
+        print(f"demonstration FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
