@@ -392,6 +392,23 @@ def test_fault_delay_keeps_sending_keepalives(host, key_app):
     assert len(keepalives) >= 2 and set(keepalives) == {KeepaliveStatus.PROCESSING}
 
 
+def test_keepalives_start_promptly_after_a_multi_packet_request():
+    key, _ = double_key("auto")  # default message timeout, 0.5 s
+    try:
+        host = RawHost(key)
+        cid = host.allocate()
+        key.set_faults(delay=0.3)
+        host.init_packet(cid, Cmd.PING, 100, bytes(57))
+        time.sleep(0.05)  # a slow host: the key is waiting for the continuation meanwhile
+        host.cont_packet(cid, 0, bytes(43))
+        sent = time.monotonic()
+        first = host.report(cid, timeout=1)
+        assert first[4] == 0x80 | Cmd.KEEPALIVE
+        assert time.monotonic() - sent < 0.2
+    finally:
+        key.close()
+
+
 def test_fault_drop_reports(host, key_app):
     key, _ = key_app
     cid = host.allocate()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -190,7 +191,7 @@ class CtapHid:
         self._send = send
         self._lock = threading.RLock()
         self._timer_wakeup = threading.Condition(self._lock)
-        self._timer_idle = False
+        self._timer_due = math.inf  # when the timer thread wakes up next
         self._app_lock = threading.Lock()  # one application call (or power-up) at a time
         self._channels: OrderedDict[int, None] = OrderedDict()
         self._txn: _Transaction | None = None
@@ -300,7 +301,7 @@ class CtapHid:
             self._dispatch_locked(txn, now)
         else:
             txn.deadline = now + self.msg_timeout
-            self._wake_timer_locked()
+            self._wake_timer_locked(txn.deadline)
 
     def _check_command(self, cmd: int, length: int, report: bytes) -> None:
         """Is ``cmd`` one this key implements, with an acceptable length?"""
@@ -394,7 +395,7 @@ class CtapHid:
         txn.request = Request(txn.cid, on_status=functools.partial(self._on_status, txn))
         txn.last_keepalive = now
         self._jobs.put(txn)
-        self._wake_timer_locked()
+        self._wake_timer_locked(now + self.keepalive_interval)
 
     def _abort_locked(self, txn: _Transaction) -> None:
         if self._txn is txn:
@@ -471,8 +472,9 @@ class CtapHid:
 
     # -- timer: keepalives and message timeouts ------------------------------------------
 
-    def _wake_timer_locked(self) -> None:
-        if self._timer_idle:
+    def _wake_timer_locked(self, due: float) -> None:
+        """Make sure the timer thread wakes up by ``due``."""
+        if due < self._timer_due:
             self._timer_wakeup.notify()
 
     def _time(self) -> None:
@@ -481,22 +483,21 @@ class CtapHid:
                 txn = self._txn
                 now = time.monotonic()
                 if txn is None:
-                    self._timer_idle = True
-                    self._timer_wakeup.wait()
-                    self._timer_idle = False
-                    continue
-                if not txn.processing:
-                    if now >= txn.deadline:
+                    due = math.inf
+                elif not txn.processing:
+                    due = txn.deadline
+                    if now >= due:
                         self._expire_locked(now)
-                    else:
-                        self._timer_wakeup.wait(txn.deadline - now)
-                    continue
-                due = txn.last_keepalive + self.keepalive_interval
-                if now >= due:
-                    txn.last_keepalive = now
-                    self._send_locked(txn.cid, Cmd.KEEPALIVE, bytes((txn.request.status,)))
+                        continue
                 else:
-                    self._timer_wakeup.wait(due - now)
+                    due = txn.last_keepalive + self.keepalive_interval
+                    if now >= due:
+                        txn.last_keepalive = now
+                        self._send_locked(txn.cid, Cmd.KEEPALIVE, bytes((txn.request.status,)))
+                        continue
+                self._timer_due = due
+                self._timer_wakeup.wait(None if due == math.inf else due - now)
+                self._timer_due = math.inf  # awake: it looks at the state before sleeping again
 
     # -- outgoing reports ----------------------------------------------------------------
 
