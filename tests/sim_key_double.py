@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import threading
 
-from simulators.key.base import CtapApp, Presence, Request, UserPresence
+from simulators.key.base import CtapApp, KeepaliveStatus, Presence, Request, UserPresence
 from simulators.key.ctaphid import (
     BROADCAST_CID,
     CONT_DATA,
@@ -41,6 +41,7 @@ class DoubleApp(CtapApp):
         self.msg_calls: list[bytes] = []
         self.cancelled = threading.Event()  # a touch wait ended because of a cancel
         self.finished = threading.Event()  # a cbor call returned
+        self.waiting = threading.Event()  # set while a request waits for a touch
 
     def cbor(self, data: bytes, request: Request) -> bytes:
         self.cbor_calls.append(data)
@@ -48,7 +49,7 @@ class DoubleApp(CtapApp):
             if data[0] == EXPLODE:
                 raise RuntimeError("the double was asked to fail")
             if data[0] == NEEDS_TOUCH:
-                outcome = self.presence.wait(request)
+                outcome = self._wait_for_touch(request)
                 if outcome is Presence.CANCELLED:
                     self.cancelled.set()
                 return bytes(
@@ -65,6 +66,22 @@ class DoubleApp(CtapApp):
         finally:
             self.finished.set()
 
+    def _wait_for_touch(self, request: Request) -> Presence:
+        # UserPresence.wait reports the start of its wait through request.set_status
+        # (UPNEEDED): hook it to set an event tests can wait on.
+        report_status = request.set_status
+
+        def set_status(status: KeepaliveStatus) -> None:
+            report_status(status)
+            if status == KeepaliveStatus.UPNEEDED:
+                self.waiting.set()
+
+        request.set_status = set_status
+        try:
+            return self.presence.wait(request)
+        finally:
+            self.waiting.clear()
+
     def msg(self, apdu: bytes, request: Request) -> bytes:
         self.msg_calls.append(apdu)
         return apdu + b"\x90\x00"
@@ -74,6 +91,11 @@ class DoubleApp(CtapApp):
 
     def power_up(self) -> None:
         self.power_ups += 1
+
+
+def wait_until_waiting(app: DoubleApp, timeout: float = 2.0) -> None:
+    """Block until the double's CBOR call waits for a touch."""
+    assert app.waiting.wait(timeout), "the request never started waiting for a touch"
 
 
 def double_key(presence: str = "auto", **kwargs) -> tuple[VirtualKey, DoubleApp]:

@@ -29,6 +29,7 @@ from sim_key_double import (
     NEEDS_TOUCH,
     RawHost,
     double_key,
+    wait_until_waiting,
 )
 
 MSG_TIMEOUT = 0.2  # a short CTAPHID message timeout keeps these tests fast
@@ -60,13 +61,6 @@ def error_of(host: RawHost, cid: int) -> int:
     return data[0]
 
 
-def wait_until_waiting(app, timeout: float = 2.0) -> None:
-    """Block until the double's CBOR call waits for a touch (polled: UserPresence has no
-    event for it)."""
-    deadline = time.monotonic() + timeout
-    while not app.presence.waiting:
-        assert time.monotonic() < deadline, "the request never started waiting for a touch"
-        time.sleep(0.005)
 
 
 # -- INIT and channels ----------------------------------------------------------------------

@@ -33,7 +33,13 @@ from drivers.fido.sim import (
 from simulators.key.base import KeepaliveStatus
 from simulators.key.ctaphid import MAX_MESSAGE, Cmd, HidError, frame_message
 from simulators.key.transport import KeyServer, open_in_process_device
-from sim_key_double import ECHO, KEEPALIVE_CANCEL, NEEDS_TOUCH, double_key
+from sim_key_double import (
+    ECHO,
+    KEEPALIVE_CANCEL,
+    NEEDS_TOUCH,
+    double_key,
+    wait_until_waiting,
+)
 
 HAVE_AUTHENTICATOR = importlib.util.find_spec("simulators.key.authenticator") is not None
 
@@ -71,11 +77,6 @@ def connect(server: KeyServer) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=2)
 
 
-def wait_until_waiting(app, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not app.presence.waiting:
-        assert time.monotonic() < deadline, "the request never started waiting for a touch"
-        time.sleep(0.005)
 
 
 def call_in_thread(fn):
@@ -375,11 +376,9 @@ def test_sim_descriptor_paths_round_trip():
         sim_address("/dev/hidraw0")
 
 
-def test_discovery_lists_and_opens_sim_keys_from_the_environment(served):
+def test_discovery_lists_and_opens_sim_keys_from_the_environment(served, free_port):
     server, _ = served
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     env = {discovery.SIM_KEYS_ENV: f"127.0.0.1:{server.port},127.0.0.1:{dead}"}
     descriptors = discovery.list_descriptors(env)
     sims = [d for d in descriptors if d.path.startswith("sim:")]

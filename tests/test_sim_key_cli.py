@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from fido2.hid import CTAPHID, CtapHidDevice
 from drivers.fido.sim import SocketHidConnection, sim_descriptor
 from simulators.key.control import KeyControl, SimulatorNotRunning
 from simulators.key.transport import KeyServer
-from sim_key_double import NEEDS_TOUCH, double_key
+from sim_key_double import NEEDS_TOUCH, double_key, wait_until_waiting
 from token_agent.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,12 +39,6 @@ def served():
 def cli(server_or_port, *args: str):
     port = server_or_port if isinstance(server_or_port, int) else server_or_port.control_port
     return CliRunner().invoke(main, ["sim", "key", *args, "--control-port", str(port)])
-
-
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_status(served):
@@ -70,8 +63,7 @@ def test_touch_press_release_presence(served):
             target=lambda: answer.append(device.call(CTAPHID.CBOR, bytes((NEEDS_TOUCH,))))
         )
         thread.start()
-        while not app.presence.waiting:  # UserPresence offers no event for "waiting"
-            thread.join(0.005)
+        wait_until_waiting(app)
         assert cli(server, "status").output.count("waiting for touch: yes") == 1
         result = cli(server, "touch")
         assert result.exit_code == 0 and "touched" in result.output
@@ -122,46 +114,31 @@ def test_fault_command(served):
     "args", [("status",), ("touch",), ("press",), ("release",), ("presence", "auto"),
              ("power-cycle",), ("unplug",), ("plug",), ("fault", "--clear")]  # fmt: skip
 )
-def test_client_commands_exit_2_when_no_simulator_runs(args):
-    result = cli(unused_port(), *args)
+def test_client_commands_exit_2_when_no_simulator_runs(args, free_port):
+    result = cli(free_port(), *args)
     assert result.exit_code == 2
     assert "no virtual key control interface" in result.output
 
 
-def test_control_client_errors():
+def test_control_client_errors(free_port):
     with pytest.raises(SimulatorNotRunning):
-        KeyControl(port=unused_port()).status()
+        KeyControl(port=free_port()).status()
 
 
 @pytest.mark.skipif(not HAVE_AUTHENTICATOR, reason="simulators.key.authenticator not present")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_serve_runs_until_signalled(tmp_path, signum):
-    command = [sys.executable, "-m", "token_agent", "sim", "key", "serve",
-               "--port", "0", "--control-port", "0", "--presence", "manual",
-               "--state", str(tmp_path / "key.json")]  # fmt: skip
-    proc = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )  # fmt: skip
-    try:
-        banner = proc.stdout.readline()  # blocks until it listens
-        assert banner.startswith("virtual FIDO2 key: HID reports on 127.0.0.1:"), banner
-        port = int(banner.split("127.0.0.1:")[1].split(",")[0])
-        control_port = int(banner.split("http://127.0.0.1:")[1].split("/")[0])
-        assert KeyControl(port=control_port).status()["presence"] == "manual"
-        device = CtapHidDevice(
-            sim_descriptor("127.0.0.1", port), SocketHidConnection("127.0.0.1", port)
-        )
-        assert "FIDO_2_0" in Ctap2(device).get_info().versions
-        device.close()
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=10)
-        assert proc.returncode == 0, err
-        assert "virtual FIDO2 key: stopped" in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+def test_serve_runs_until_signalled(sim_key_factory, signum):
+    server = sim_key_factory(presence="manual")  # `token-agent sim key serve` (tests/conftest.py)
+    assert f"HID reports on 127.0.0.1:{server.port}," in server.output()
+    assert KeyControl(port=server.control_port).status()["presence"] == "manual"
+    device = CtapHidDevice(
+        sim_descriptor("127.0.0.1", server.port), SocketHidConnection("127.0.0.1", server.port)
+    )
+    assert "FIDO_2_0" in Ctap2(device).get_info().versions
+    device.close()
+    server.process.send_signal(signum)
+    assert server.process.wait(10) == 0, server.output()
+    assert "virtual FIDO2 key: stopped" in server.output()
 
 
 def test_serve_reports_a_taken_port(tmp_path):

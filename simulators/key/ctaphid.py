@@ -268,7 +268,7 @@ class CtapHid:
                 self._send_locked(cid, Cmd.ERROR, bytes((failure.code,)))
 
     def _on_init_packet_locked(self, cid: int, report: bytes, now: float) -> None:
-        cmd = report[4] & ~TYPE_INIT
+        cmd = report[4] & 0x7F
         length = int.from_bytes(report[5:7], "big")
         if cmd == Cmd.CANCEL:
             self._on_cancel_locked(cid)
