@@ -129,7 +129,6 @@ def test_control_client_errors(free_port):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_runs_until_signalled(sim_key_factory, signum):
     server = sim_key_factory(presence="manual")  # `token-agent sim key serve` (tests/conftest.py)
-    assert f"HID reports on 127.0.0.1:{server.port}," in server.output()
     assert KeyControl(port=server.control_port).status()["presence"] == "manual"
     device = CtapHidDevice(
         sim_descriptor("127.0.0.1", server.port), SocketHidConnection("127.0.0.1", server.port)
@@ -138,7 +137,9 @@ def test_serve_runs_until_signalled(sim_key_factory, signum):
     device.close()
     server.process.send_signal(signum)
     assert server.process.wait(10) == 0, server.output()
-    assert "virtual FIDO2 key: stopped" in server.output()
+    output = server.output()  # complete now (the banner may follow the first control answer)
+    assert f"HID reports on 127.0.0.1:{server.port}," in output
+    assert "virtual FIDO2 key: stopped" in output
 
 
 def test_serve_reports_a_taken_port(tmp_path):
