@@ -37,7 +37,6 @@ SUITE_TIMEOUT = 20 * 60  # seconds
 #: credential management (with update), authenticatorConfig (alwaysUv, minPinLength),
 #: hmac-secret / prf, permissions and factory reset are all claimed and must be tested.
 ALLOWED_SKIPS: dict[str, str] = {
-    "LargeBlobs not supported by authenticator": "no largeBlobs (not in the issue's scope)",
     "CredBlob not supported by authenticator": "no credBlob extension",
     "BioEnrollment not supported by authenticator": "no biometric sensor",
     "thirdPartyPayment not supported by authenticator": "no thirdPartyPayment extension",
@@ -227,8 +226,8 @@ SYNTHETIC = """\
   <failure message="assert 1 == 2">trace</failure></testcase>
 <testcase classname="tests.device.test_credman" name="test_list" time="0.1">
   <error message="failed on setup with &quot;CtapError&quot;">trace</error></testcase>
-<testcase classname="tests.device.test_largeblobs" name="test_read" time="0">
-  <skipped type="pytest.skip" message="LargeBlobs not supported by authenticator">x.py:19: LargeBlobs not supported by authenticator</skipped></testcase>
+<testcase classname="tests.device.test_credblob" name="test_read" time="0">
+  <skipped type="pytest.skip" message="CredBlob not supported by authenticator">x.py:19: CredBlob not supported by authenticator</skipped></testcase>
 <testcase classname="tests.device.conftest" name="test_alg[ES384]" time="0">
   <skipped type="pytest.skip" message="Algorithm ES384 not supported">x.py:396: Algorithm ES384 not supported</skipped></testcase>
 <testcase classname="tests.device.test_config" name="test_always_uv" time="0">
@@ -245,7 +244,7 @@ def test_parse_junit_synthetic(tmp_path):
     assert r.failed == [("tests.device.test_ctap2::test_mc[ES256]", "assert 1 == 2")]
     assert r.errors == [("tests.device.test_credman::test_list", 'failed on setup with "CtapError"')]
     assert [t for t, _ in r.skipped] == [
-        "tests.device.test_largeblobs::test_read",
+        "tests.device.test_credblob::test_read",
         "tests.device.conftest::test_alg[ES384]",
         "tests.device.test_config::test_always_uv",
     ]
@@ -272,6 +271,7 @@ def test_allow_list_is_honest():
         "AlwaysUv not supported",
         "Cannot increase min PIN length further",
         "hmac-secret not supported by authenticator",
+        "LargeBlobs not supported by authenticator",
         "Permissions not supported",
         "Requires factory reset",
         "Authenticator does not support CTAP 2",
@@ -281,7 +281,7 @@ def test_allow_list_is_honest():
     ):
         assert not allowed_skip(reason), reason
     assert allowed_skip("Algorithm ES384 not supported")
-    assert allowed_skip("Skipped: LargeBlobs not supported by authenticator")
+    assert allowed_skip("Skipped: CredBlob not supported by authenticator")
     assert not allowed_skip("no test passed")
 
 
