@@ -122,3 +122,21 @@ def test_setup_ready_machine_never_calls_apt(tmp_path):
     assert proc.returncode != 0
     assert "needs Python >= 3.11" in proc.stderr and "3.9.2" in proc.stderr
     assert not (tmp_path / "apt-called").exists()
+
+
+def test_every_source_directory_is_a_package():
+    """setuptools' discovery skips a directory without __init__.py: a wheel would lack it."""
+    root = Path(__file__).resolve().parent.parent
+    for top in ("token_agent", "drivers", "simulators"):
+        for directory in [root / top, *(p for p in (root / top).rglob("*") if p.is_dir())]:
+            if directory.name == "__pycache__" or not any(directory.glob("*.py")):
+                continue
+            assert (directory / "__init__.py").exists(), f"{directory} is not a package"
+
+
+def test_simulator_data_is_package_data():
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["simulators.key"]
+    data = list((root / "simulators" / "key" / "data").iterdir())
+    assert data and all(any(p.match(pattern) for pattern in patterns) for p in data)
