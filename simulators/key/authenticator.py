@@ -298,10 +298,16 @@ class VirtualAuthenticator(CtapApp):
             data += cbor.encode(extensions)
         return data
 
-    def _empty_pin_auth_probe(self, request: Request) -> None:
-        """A zero-length pinUvAuthParam asks for a touch, then says whether a PIN is set."""
-        self._collect_presence(request)
-        raise CtapFailure(ERR.PIN_INVALID if self._pin_set() else ERR.PIN_NOT_SET, "probe")
+    def _pin_uv_auth_prelude(self, auth_param: object, protocol: object, request: Request):
+        """First steps of makeCredential and getAssertion with a pinUvAuthParam: a zero-length
+        one asks for a touch, then says whether a PIN is set (platforms use it to pick a key);
+        any other needs a supported pinUvAuthProtocol. Returns the pinUvAuthParam."""
+        if isinstance(auth_param, bytes) and len(auth_param) == 0:
+            self._collect_presence(request)
+            raise CtapFailure(ERR.PIN_INVALID if self._pin_set() else ERR.PIN_NOT_SET, "probe")
+        if auth_param is not None:
+            self._protocol(protocol)
+        return auth_param
 
     def _find_credential(self, descriptor: dict, rp_id_hash: bytes) -> Credential | None:
         if descriptor.get("type") != "public-key":
@@ -355,11 +361,7 @@ class VirtualAuthenticator(CtapApp):
     # ------------------------------------------------------------------ makeCredential
     def _make_credential(self, params: dict, request: Request) -> dict:
         st = self.state
-        auth_param = params.get(0x08)
-        if auth_param is not None and isinstance(auth_param, bytes) and len(auth_param) == 0:
-            self._empty_pin_auth_probe(request)
-        if auth_param is not None:
-            self._protocol(params.get(0x09))
+        auth_param = self._pin_uv_auth_prelude(params.get(0x08), params.get(0x09), request)
         client_data_hash = _need(params, 0x01, bytes)
         rp = _need(params, 0x02, dict)
         user = _need(params, 0x03, dict)
@@ -477,11 +479,7 @@ class VirtualAuthenticator(CtapApp):
     # ------------------------------------------------------------------ getAssertion
     def _get_assertion(self, params: dict, request: Request) -> dict:
         st = self.state
-        auth_param = params.get(0x06)
-        if auth_param is not None and isinstance(auth_param, bytes) and len(auth_param) == 0:
-            self._empty_pin_auth_probe(request)
-        if auth_param is not None:
-            self._protocol(params.get(0x07))
+        auth_param = self._pin_uv_auth_prelude(params.get(0x06), params.get(0x07), request)
         rp_id = _need(params, 0x01, str)
         client_data_hash = _need(params, 0x02, bytes)
         allow = _check_descriptor_list(params.get(0x03) or [])
