@@ -501,3 +501,15 @@ def test_u2f_register_and_authenticate(device):
     assert e.value.code == 0x6A80  # another app's handle
     sig = u2f.authenticate(challenge, app_param, reg.key_handle)
     sig.verify(app_param, challenge, reg.public_key)
+
+
+def test_zero_length_pin_auth_probe(app, ctap):
+    """Platforms send an empty pinUvAuthParam to make the user pick a key (CTAP 2.1 6.1.2)."""
+    probe = {1: b"\0" * 32, 2: {"id": "a.example"}, 3: {"id": b"u"},
+             4: [{"type": "public-key", "alg": -7}], 8: b"", 9: 2}
+    assert raw(app, 0x01, probe)[0] == ERR.PIN_NOT_SET
+    ClientPin(ctap).set_pin(PIN)
+    assert raw(app, 0x01, probe)[0] == ERR.PIN_INVALID
+    assert raw(app, 0x02, {1: "a.example", 2: b"\0" * 32, 6: b"", 7: 1})[0] == ERR.PIN_INVALID
+    app.presence.set_mode("deny")
+    assert raw(app, 0x01, probe)[0] == ERR.OPERATION_DENIED  # the touch comes first
