@@ -1,0 +1,38 @@
+"""Exit codes of the `token-agent` command, stable for scripts (documented in README)."""
+
+from __future__ import annotations
+
+from .outcome import Reason
+
+OK = 0
+ERROR = 1  # anything unexpected, or a refused request that fits no code below
+USAGE = 2  # bad arguments (click's own code)
+AUTH_FAILED = 3  # authentication refused: wrong PIN, unknown user or credential, bad signature...
+NO_DEVICE = 4  # no key, key removed, or the key failed
+TIMEOUT = 5  # no touch in time, or cancelled (Ctrl-C)
+LOCKED = 6  # PIN blocked / too many wrong PINs: needs a power cycle, a reset or an administrator
+STORE = 7  # the credential store cannot be used (unwritable, corrupt, newer schema)
+NOT_FOUND = 8  # the user, credential or setting named does not exist
+CONFLICT = 9  # it exists already (user, key name, key already enrolled)
+
+REASON_CODES: dict[Reason, int] = {
+    Reason.UNKNOWN_USER: AUTH_FAILED,
+    Reason.USER_DISABLED: AUTH_FAILED,
+    Reason.NO_CREDENTIAL: AUTH_FAILED,
+    Reason.UNKNOWN_CREDENTIAL: AUTH_FAILED,
+    Reason.WRONG_USER: AUTH_FAILED,
+    Reason.CREDENTIAL_FLAGGED: AUTH_FAILED,
+    Reason.CLONE_SUSPECTED: AUTH_FAILED,
+    Reason.VERIFICATION_FAILED: AUTH_FAILED,
+    Reason.UV_REQUIRED: AUTH_FAILED,
+    Reason.WRONG_PIN: AUTH_FAILED,
+    Reason.PIN_REQUIRED: AUTH_FAILED,
+    Reason.AMBIGUOUS: AUTH_FAILED,
+    Reason.PIN_BLOCKED: LOCKED,
+    Reason.PIN_AUTH_BLOCKED: LOCKED,
+    Reason.TIMEOUT: TIMEOUT,
+    Reason.CANCELLED: TIMEOUT,
+    Reason.DEVICE_REMOVED: NO_DEVICE,
+    Reason.NO_DEVICE: NO_DEVICE,
+    Reason.DEVICE_ERROR: NO_DEVICE,
+}

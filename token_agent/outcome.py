@@ -1,0 +1,74 @@
+"""The structured result of a login, whatever the method: what the policy work builds on.
+
+A login either identifies a user and says which authentication factors were satisfied, or
+says why it failed with a stable ``reason`` code (for scripts, exit codes and the audit log)
+and a ``message`` for people. Nothing secret is ever part of an outcome.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+
+
+class Factor(str, enum.Enum):
+    """NIST SP 800-63B's authentication factors."""
+
+    POSSESSION = "something-you-have"
+    KNOWLEDGE = "something-you-know"
+    INHERENCE = "something-you-are"
+
+
+class Reason(str, enum.Enum):
+    """Why a login failed. The value is the stable code scripts see."""
+
+    UNKNOWN_USER = "unknown-user"
+    USER_DISABLED = "user-disabled"
+    NO_CREDENTIAL = "no-credential-enrolled"
+    UNKNOWN_CREDENTIAL = "unknown-credential"
+    WRONG_USER = "credential-of-another-user"
+    CREDENTIAL_FLAGGED = "credential-flagged"
+    CLONE_SUSPECTED = "counter-regression"
+    VERIFICATION_FAILED = "verification-failed"
+    UV_REQUIRED = "user-verification-required"
+    WRONG_PIN = "wrong-pin"
+    PIN_AUTH_BLOCKED = "pin-auth-blocked"  # too many wrong PINs in a row: power-cycle the key
+    PIN_BLOCKED = "pin-blocked"
+    PIN_REQUIRED = "pin-required"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    DEVICE_REMOVED = "device-removed"
+    NO_DEVICE = "no-device"
+    AMBIGUOUS = "ambiguous-account"
+    DEVICE_ERROR = "device-error"
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    ok: bool
+    method: str  # "key", later "card", "totp", ...
+    user: str | None = None  # username
+    user_id: str | None = None
+    factors: tuple[Factor, ...] = ()
+    credential: str | None = None  # the credential's name, as enrolled
+    credential_id: str | None = None  # hex
+    user_verified: bool = False
+    reason: Reason | None = None
+    message: str = ""
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def multi_factor(self) -> bool:
+        """True when at least two distinct factors were satisfied."""
+        return len(set(self.factors)) >= 2
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["factors"] = [f.value for f in self.factors]
+        data["reason"] = self.reason.value if self.reason else None
+        data["multi_factor"] = self.multi_factor
+        return data
+
+    @classmethod
+    def failure(cls, method: str, reason: Reason, message: str, **kw) -> "LoginOutcome":
+        return cls(ok=False, method=method, reason=reason, message=message, **kw)
