@@ -1,0 +1,409 @@
+"""Enrol a FIDO2 security key for a user, and log in with one.
+
+The agent plays both WebAuthn roles for its own relying party (one RP ID per organisation,
+so a key enrolled on one workstation works on every workstation sharing the store): it builds
+the options and the client data, talks to the key through ``drivers.fido``, then checks the
+response itself (``token_agent.webauthn``) before anything is written. A ceremony's writes
+(credential, signature counter, audit event) go into the store in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fido2.webauthn import (
+    AttestationConveyancePreference,
+    AuthenticatorSelectionCriteria,
+    PublicKeyCredentialCreationOptions,
+    PublicKeyCredentialDescriptor,
+    PublicKeyCredentialParameters,
+    PublicKeyCredentialRequestOptions,
+    PublicKeyCredentialRpEntity,
+    PublicKeyCredentialType,
+    PublicKeyCredentialUserEntity,
+    ResidentKeyRequirement,
+    UserVerificationRequirement,
+)
+from fido2.utils import websafe_encode
+
+from drivers.fido import errors as key_errors
+from drivers.fido.keys import FidoKey
+
+from .. import webauthn
+from ..outcome import Factor, LoginOutcome, Reason
+from ..store import SignCountRegression, Store, UnknownUser
+
+log = logging.getLogger("token_agent.key")
+
+DEFAULT_RP_ID = "token-agent.local"
+DEFAULT_RP_NAME = "token-agent"
+UV_POLICIES = ("required", "preferred", "discouraged")
+#: COSE algorithms asked for at enrolment, in order of preference: ES256, EdDSA, RS256.
+ALGORITHMS = (-7, -8, -257)
+
+
+@dataclass(frozen=True)
+class KeySettings:
+    """The organisation's FIDO2 settings, kept in the store (``token-agent settings``)."""
+
+    rp_id: str = DEFAULT_RP_ID
+    rp_name: str = DEFAULT_RP_NAME
+    user_verification: str = "preferred"
+    attestation: webauthn.AttestationPolicy = field(default_factory=webauthn.AttestationPolicy)
+
+    @property
+    def origin(self) -> str:
+        return f"https://{self.rp_id}"
+
+    @classmethod
+    def from_store(cls, store: Store) -> "KeySettings":
+        uv = store.get_setting("user_verification", "preferred")
+        if uv not in UV_POLICIES:
+            raise ValueError(f"setting user_verification must be one of {UV_POLICIES}, not {uv!r}")
+        return cls(
+            rp_id=store.get_setting("rp_id", DEFAULT_RP_ID),
+            rp_name=store.get_setting("rp_name", DEFAULT_RP_NAME),
+            user_verification=uv,
+            attestation=webauthn.AttestationPolicy(
+                roots_pem=tuple(store.get_setting("attestation_roots", [])),
+                allowed_aaguids=tuple(store.get_setting("allowed_aaguids", [])),
+            ),
+        )
+
+
+class _PinTracker:
+    """Wraps the caller's PIN provider: remembers whether a PIN was given (so a UV flag can be
+    attributed to knowledge rather than a biometric), never the PIN itself."""
+
+    def __init__(self, provider: Callable[[], str | None]) -> None:
+        self._provider = provider
+        self.used = False
+
+    def __call__(self) -> str | None:
+        pin = self._provider()
+        if pin:
+            self.used = True
+        return pin
+
+
+@dataclass(frozen=True)
+class EnrolResult:
+    username: str
+    name: str
+    credential_id: bytes
+    aaguid: str
+    discoverable: bool
+    user_verified: bool
+    attestation_format: str
+    attestation_trusted: bool
+    warnings: tuple[str, ...]
+    registration: dict  # the WebAuthn RegistrationResponseJSON
+    challenge: bytes
+    origin: str
+    rp_id: str
+
+    def to_json(self, *, export: bool = False) -> dict:
+        data = {
+            "user": self.username,
+            "name": self.name,
+            "credential_id": self.credential_id.hex(),
+            "aaguid": self.aaguid,
+            "discoverable": self.discoverable,
+            "user_verified": self.user_verified,
+            "attestation_format": self.attestation_format,
+            "attestation_trusted": self.attestation_trusted,
+            "warnings": list(self.warnings),
+        }
+        if export:
+            data["webauthn"] = {
+                "registration": self.registration,
+                "challenge": websafe_encode(self.challenge),
+                "origin": self.origin,
+                "rp_id": self.rp_id,
+            }
+        return data
+
+
+class EnrolError(Exception):
+    """Enrolment refused; ``reason`` is a stable code, the message is for people."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def enrol_key(
+    store: Store,
+    key: FidoKey,
+    username: str,
+    *,
+    name: str | None = None,
+    pin_provider: Callable[[], str | None],
+    on_touch: Callable[[], None] | None = None,
+    timeout: float = 30.0,
+    cancel: threading.Event | None = None,
+    settings: KeySettings | None = None,
+) -> EnrolResult:
+    """Register ``key`` for ``username``. Raises EnrolError, drivers' FidoKeyError, or the
+    store's errors; writes nothing unless every check passed."""
+    settings = settings or KeySettings.from_store(store)
+    user = store.get_user(username)
+    existing = store.list_fido_credentials(user.id)
+    name = name or f"key {len(existing) + 1}"
+    if any(c.name == name for c in existing):
+        raise EnrolError("name-taken", f"{username} already has a key named {name!r}")
+    challenge = os.urandom(32)
+    options = PublicKeyCredentialCreationOptions(
+        rp=PublicKeyCredentialRpEntity(name=settings.rp_name, id=settings.rp_id),
+        user=PublicKeyCredentialUserEntity(
+            name=user.username, id=user.user_handle, display_name=user.display_name or user.username
+        ),
+        challenge=challenge,
+        pub_key_cred_params=[
+            PublicKeyCredentialParameters(type=PublicKeyCredentialType.PUBLIC_KEY, alg=alg)
+            for alg in ALGORITHMS
+        ],
+        timeout=int(timeout * 1000),
+        exclude_credentials=[
+            PublicKeyCredentialDescriptor(type=PublicKeyCredentialType.PUBLIC_KEY, id=c.credential_id)
+            for c in existing
+        ],
+        authenticator_selection=AuthenticatorSelectionCriteria(
+            resident_key=ResidentKeyRequirement.PREFERRED,
+            user_verification=UserVerificationRequirement(settings.user_verification),
+        ),
+        attestation=AttestationConveyancePreference.DIRECT,
+        extensions={"credProps": True},
+    )
+    pins = _PinTracker(pin_provider)
+    response = key.make_credential(
+        options, origin=settings.origin, pin_provider=pins, on_touch=on_touch,
+        timeout=timeout, cancel=cancel,
+    )
+    try:
+        check = webauthn.verify_registration(
+            rp_id=settings.rp_id,
+            origin=settings.origin,
+            challenge=challenge,
+            client_data_json=bytes(response.response.client_data),
+            attestation_object=bytes(response.response.attestation_object),
+            require_uv=settings.user_verification == "required",
+            policy=settings.attestation,
+        )
+    except webauthn.VerificationError as e:
+        store.record_event("enrol.key", user_id=user.id, outcome="refused",
+                           detail={"reason": e.reason})
+        raise EnrolError(e.reason, e.message) from None
+    if check.credential_id != response.raw_id:
+        raise EnrolError("verification-failed", "credential ID differs from the attested one")
+    cred_props = (response.client_extension_results or {}).get("credProps") or {}
+    discoverable = bool(cred_props.get("rk", False))
+    warnings = []
+    if not settings.attestation.enforced:
+        warnings.append("no attestation roots or AAGUIDs are configured: any key model is "
+                        "accepted (token-agent trust add-root / add-aaguid)")
+    if not check.user_verified:
+        warnings.append("the key did not verify a PIN at enrolment: it counts as one factor")
+    with store.transaction():
+        store.add_fido_credential(
+            user.id,
+            name=name,
+            credential_id=check.credential_id,
+            public_key=check.public_key,
+            aaguid=check.aaguid,
+            sign_count=check.sign_count,
+            rp_id=settings.rp_id,
+            discoverable=discoverable,
+            uv_enrolled=check.user_verified,
+            attestation_format=check.attestation_format,
+            attestation_trusted=check.attestation_trusted,
+            transports=["usb"],
+        )
+        store.record_event(
+            "enrol.key", user_id=user.id, credential_id=check.credential_id, outcome="success",
+            detail={"name": name, "aaguid": check.aaguid,
+                    "discoverable": discoverable, "attestation_trusted": check.attestation_trusted},
+        )
+    log.info("enrolled key %r for %s (aaguid %s)", name, username, check.aaguid)
+    return EnrolResult(
+        username=user.username, name=name, credential_id=check.credential_id,
+        aaguid=check.aaguid, discoverable=discoverable, user_verified=check.user_verified,
+        attestation_format=check.attestation_format,
+        attestation_trusted=check.attestation_trusted, warnings=tuple(warnings),
+        registration=dict(response), challenge=challenge, origin=settings.origin,
+        rp_id=settings.rp_id,
+    )
+
+
+_DEVICE_FAILURES: tuple[tuple[type, Reason], ...] = (
+    (key_errors.WrongPin, Reason.WRONG_PIN),
+    (key_errors.PinAuthBlocked, Reason.PIN_AUTH_BLOCKED),
+    (key_errors.PinBlocked, Reason.PIN_BLOCKED),
+    (key_errors.PinRequired, Reason.PIN_REQUIRED),
+    (key_errors.TouchTimeout, Reason.TIMEOUT),
+    (key_errors.Cancelled, Reason.CANCELLED),
+    (key_errors.KeyRemoved, Reason.DEVICE_REMOVED),
+    (key_errors.NoKeyFound, Reason.NO_DEVICE),
+    (key_errors.NoCredentials, Reason.UNKNOWN_CREDENTIAL),
+)
+
+
+def _device_failure(e: key_errors.FidoKeyError) -> Reason:
+    for cls, reason in _DEVICE_FAILURES:
+        if isinstance(e, cls):
+            return reason
+    return Reason.DEVICE_ERROR
+
+
+def login_with_key(
+    store: Store,
+    key: FidoKey,
+    *,
+    username: str | None = None,
+    pin_provider: Callable[[], str | None],
+    on_touch: Callable[[], None] | None = None,
+    timeout: float = 30.0,
+    cancel: threading.Event | None = None,
+    settings: KeySettings | None = None,
+    export: bool = False,
+) -> LoginOutcome:
+    """Authenticate with a key: for ``username``, or usernameless (a discoverable credential
+    says who it is). Always returns an outcome; failures are recorded in the audit log."""
+    settings = settings or KeySettings.from_store(store)
+
+    def fail(reason: Reason, message: str, user=None, cred=None) -> LoginOutcome:
+        store.record_event(
+            "login.key", user_id=user.id if user else None,
+            username=None if user else username,
+            credential_id=cred.credential_id if cred else None, outcome="failure",
+            detail={"reason": reason.value, **({"credential": cred.name} if cred else {})},
+        )
+        log.info("key login failed: %s (%s)", reason.value, message)
+        return LoginOutcome.failure(
+            "key", reason, message, user=user.username if user else None,
+            user_id=user.id if user else None, credential=cred.name if cred else None,
+        )
+
+    user = None
+    allow: list[PublicKeyCredentialDescriptor] = []
+    if username is not None:
+        try:
+            user = store.get_user(username)
+        except UnknownUser:
+            return fail(Reason.UNKNOWN_USER, f"no user {username!r}")
+        if user.disabled:
+            return fail(Reason.USER_DISABLED, f"{username} is disabled", user)
+        creds = [c for c in store.list_fido_credentials(user.id) if c.rp_id == settings.rp_id]
+        if not creds:
+            return fail(Reason.NO_CREDENTIAL, f"{username} has no security key enrolled", user)
+        allow = [
+            PublicKeyCredentialDescriptor(type=PublicKeyCredentialType.PUBLIC_KEY, id=c.credential_id)
+            for c in creds
+        ]
+
+    challenge = os.urandom(32)
+    options = PublicKeyCredentialRequestOptions(
+        challenge=challenge,
+        timeout=int(timeout * 1000),
+        rp_id=settings.rp_id,
+        allow_credentials=allow or None,
+        user_verification=UserVerificationRequirement(settings.user_verification),
+    )
+    pins = _PinTracker(pin_provider)
+    try:
+        responses = key.get_assertion(
+            options, origin=settings.origin, pin_provider=pins, on_touch=on_touch,
+            timeout=timeout, cancel=cancel,
+        )
+    except key_errors.FidoKeyError as e:
+        reason = _device_failure(e)
+        if reason is Reason.UNKNOWN_CREDENTIAL:
+            message = (f"this key holds no credential enrolled for {username}" if username
+                       else "this key holds no account for this organisation")
+        else:
+            message = e.message
+        return fail(reason, message, user)
+
+    # Usernameless: keep the responses from credentials this store knows.
+    known = [(r, store.get_fido_credential(r.raw_id)) for r in responses]
+    known = [(r, c) for r, c in known if c is not None]
+    if not known:
+        return fail(Reason.UNKNOWN_CREDENTIAL,
+                    "this key's credential is not enrolled here (unknown or removed)", user)
+    if len(known) > 1:
+        return fail(Reason.AMBIGUOUS, "this key holds several enrolled accounts: say which user",
+                    user)
+    response, cred = known[0]
+    owner = store.get_user_by_id(cred.user_id)
+    if user is not None and owner.id != user.id:
+        return fail(Reason.WRONG_USER, "the key answered with another user's credential", user, cred)
+    user = owner
+    handle = response.response.user_handle
+    if handle is not None and handle != user.user_handle:
+        return fail(Reason.VERIFICATION_FAILED, "the key's user handle does not match", user, cred)
+    if cred.flagged:
+        return fail(Reason.CREDENTIAL_FLAGGED,
+                    f"key {cred.name!r} is suspended ({cred.flag_reason}): ask an administrator",
+                    user, cred)
+    try:
+        check = webauthn.verify_assertion(
+            public_key=cred.public_key,
+            stored_sign_count=cred.sign_count,
+            rp_id=settings.rp_id,
+            origin=settings.origin,
+            challenge=challenge,
+            client_data_json=bytes(response.response.client_data),
+            authenticator_data=bytes(response.response.authenticator_data),
+            signature=response.response.signature,
+            require_uv=settings.user_verification == "required",
+        )
+    except webauthn.VerificationError as e:
+        reason = Reason.UV_REQUIRED if e.reason == "user-not-verified" else \
+            Reason.VERIFICATION_FAILED
+        return fail(reason, e.message, user, cred)
+    def suspected_clone(stored: int, presented: int) -> LoginOutcome:
+        why = f"signature counter went from {stored} to {presented}: possibly a cloned key"
+        with store.transaction():
+            store.flag_fido_credential(cred.credential_id, why)
+            store.record_event("key.clone-suspected", user_id=user.id,
+                               credential_id=cred.credential_id, outcome="refused",
+                               detail={"credential": cred.name, "stored_count": stored,
+                                       "presented_count": presented})
+        return fail(Reason.CLONE_SUSPECTED, why + "; the key is suspended", user, cred)
+
+    if check.counter_regressed:
+        return suspected_clone(cred.sign_count, check.sign_count)
+
+    factors = [Factor.POSSESSION]
+    if check.user_verified:
+        factors.append(Factor.KNOWLEDGE if pins.used else Factor.INHERENCE)
+    try:
+        with store.transaction():
+            # checks the counter again, atomically: two logins racing with one value fail
+            store.record_fido_use(cred.credential_id, check.sign_count, time.time())
+            store.record_event("login.key", user_id=user.id, credential_id=cred.credential_id,
+                               outcome="success",
+                               detail={"credential": cred.name,
+                                       "user_verified": check.user_verified})
+    except SignCountRegression as e:
+        return suspected_clone(e.stored, e.received)
+    detail: dict = {"sign_count": check.sign_count}
+    if export:
+        detail["webauthn"] = {
+            "assertion": dict(response),
+            "challenge": websafe_encode(challenge),
+            "origin": settings.origin,
+            "rp_id": settings.rp_id,
+        }
+    log.info("key login: %s with %r (uv=%s)", user.username, cred.name, check.user_verified)
+    return LoginOutcome(
+        ok=True, method="key", user=user.username, user_id=user.id, factors=tuple(factors),
+        credential=cred.name, credential_id=cred.credential_id.hex(),
+        user_verified=check.user_verified, detail=detail,
+    )
