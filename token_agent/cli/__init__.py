@@ -3,15 +3,27 @@ that a test cannot reach through the library itself."""
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from .. import __version__
+from .common import Context
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="token-agent")
-def main() -> None:
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="TOKEN_AGENT_DATA_DIR",
+              help="Where the credential store lives (default: $XDG_DATA_HOME/token-agent; "
+                   "env TOKEN_AGENT_DATA_DIR).")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
+@click.pass_context
+def main(ctx: click.Context, data_dir: str | None, verbose: bool) -> None:
     """Local authentication agent: FIDO2 keys, smartcards, MFA policy, simulators."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = Context(data_dir)
+    ctx.call_on_close(ctx.obj.close)
 
 
 @main.group()
@@ -19,4 +31,4 @@ def sim() -> None:
     """Simulated devices for development and tests (never on a production workstation)."""
 
 
-from . import sim_key  # noqa: E402,F401  (registers `sim key ...`)
+from . import admin, auth, keys, sim_key, users  # noqa: E402,F401  (register the commands)

@@ -239,3 +239,14 @@ def fault(fail_next: int | None, fail_status: str | None, delay: float | None,
     plan.pop("ok", None)
     plan["fail_status"] = f"0x{plan['fail_status']:02x}"
     click.echo("faults: " + ", ".join(f"{k}={plan[k]}" for k in sorted(plan)))
+
+
+@key.command("attestation-root")
+def attestation_root() -> None:
+    """Print the simulator attestation root (PEM), e.g. for `token-agent trust add-root -`.
+
+    Trust it only on test deployments: the simulator's attestation key ships with the code.
+    """
+    from simulators.key.attestation import ROOT_CERT
+
+    click.echo(ROOT_CERT.read_text(), nl=False)

@@ -1,0 +1,168 @@
+"""What every `token-agent` command shares: output (text or --json), prompts on stderr, PIN
+entry that never echoes, the store, Ctrl-C as a clean cancel, and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import threading
+from typing import Any, Callable, TypeVar
+
+import click
+
+from .. import exitcodes
+
+T = TypeVar("T")
+
+
+class Context:
+    """Per-invocation options (set on the root group)."""
+
+    def __init__(self, data_dir: str | None) -> None:
+        self.data_dir = data_dir
+        self._store = None
+
+    def store(self):
+        """The credential store, opened on first use (StoreError -> exit 7)."""
+        if self._store is None:
+            from ..paths import data_dir, store_path
+            from ..store import Store, StoreError
+
+            try:
+                self._store = Store.open(store_path(data_dir(self.data_dir)))
+            except StoreError as e:
+                fail(str(e), exitcodes.STORE)
+            except OSError as e:
+                fail(f"cannot open the credential store: {e}", exitcodes.STORE)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def say(message: str) -> None:
+    """A prompt or progress line for the person: always stderr, so stdout stays data."""
+    click.echo(message, err=True)
+
+
+def fail(message: str, code: int = exitcodes.ERROR) -> None:
+    click.echo(f"token-agent: {message}", err=True)
+    sys.exit(code)
+
+
+def emit(as_json: bool, data: Any, text: str | Callable[[], str]) -> None:
+    """Print the result: JSON on stdout for scripts, or the text for people."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(text() if callable(text) else text)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def pin_options(func):
+    """--pin-stdin: read the PIN from standard input (scripts), never from the command line."""
+    return click.option(
+        "--pin-stdin", is_flag=True,
+        help="Read the PIN from the first line of standard input instead of prompting.",
+    )(func)
+
+
+class PinSource:
+    """Asks for a PIN only when the device needs one: hidden prompt on the terminal, or the
+    first line of stdin with --pin-stdin. The PIN is never echoed, printed or logged."""
+
+    def __init__(self, from_stdin: bool, prompt: str = "PIN for your security key") -> None:
+        self.from_stdin = from_stdin
+        self.prompt = prompt
+        self._stdin_pin: str | None = None
+
+    def __call__(self) -> str | None:
+        if self.from_stdin:
+            if self._stdin_pin is None:
+                line = sys.stdin.readline()
+                self._stdin_pin = line.rstrip("\r\n")
+            return self._stdin_pin or None
+        if not sys.stdin.isatty():
+            return click.prompt(self.prompt, hide_input=True, err=True, default="",
+                                show_default=False) or None
+        return click.prompt(self.prompt, hide_input=True, err=True) or None
+
+
+def new_pin(from_stdin: bool, label: str = "New PIN") -> str:
+    """A new PIN, typed twice (or one line of stdin)."""
+    if from_stdin:
+        pin = sys.stdin.readline().rstrip("\r\n")
+        if not pin:
+            fail("no PIN on standard input", exitcodes.USAGE)
+        return pin
+    return click.prompt(label, hide_input=True, confirmation_prompt=True, err=True)
+
+
+def touch_prompt() -> None:
+    say("Touch your security key")
+
+
+def cancellable(work: Callable[[threading.Event], T]) -> T:
+    """Run ``work(cancel)`` on a worker thread; Ctrl-C sets ``cancel`` (the device layer sends
+    CTAPHID_CANCEL) and waits for the work to end cleanly instead of tearing it down."""
+    cancel = threading.Event()
+    result: list = []
+    error: list = []
+
+    def run() -> None:
+        try:
+            result.append(work(cancel))
+        except BaseException as e:  # re-raised in the caller's thread
+            error.append(e)
+
+    thread = threading.Thread(target=run, name="token-agent-ceremony", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        try:
+            thread.join(0.1)
+        except KeyboardInterrupt:
+            say("Cancelling...")
+            cancel.set()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def device_errors(func):
+    """Turn the device layer's errors into a message and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from drivers.fido import errors as key_errors
+
+        try:
+            return func(*args, **kwargs)
+        except key_errors.FidoKeyError as e:
+            fail(e.message, device_exit_code(e))
+
+    return wrapper
+
+
+def device_exit_code(e) -> int:
+    from drivers.fido import errors as key_errors
+
+    for cls, code in (
+        (key_errors.WrongPin, exitcodes.AUTH_FAILED),
+        (key_errors.PinRequired, exitcodes.AUTH_FAILED),
+        (key_errors.PinPolicyViolation, exitcodes.USAGE),
+        (key_errors.PinAuthBlocked, exitcodes.LOCKED),
+        (key_errors.PinBlocked, exitcodes.LOCKED),
+        (key_errors.TouchTimeout, exitcodes.TIMEOUT),
+        (key_errors.Cancelled, exitcodes.TIMEOUT),
+        (key_errors.CredentialExcluded, exitcodes.CONFLICT),
+    ):
+        if isinstance(e, cls):
+            return code
+    return exitcodes.NO_DEVICE
