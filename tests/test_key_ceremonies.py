@@ -3,6 +3,7 @@ python-fido2's HID framing, with a real SQLite store: the happy paths and every 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import threading
 
@@ -174,17 +175,15 @@ def test_wrong_rp_id(store, keys):
 def test_tampered_signature_is_refused(store, keys, monkeypatch):
     _, key, _ = keys.new()
     result = enrol(store, key)
-    real = FidoKey.get_assertion
+    real = FidoKey.assert_credentials
 
-    def tampered(self, *a, **kw):
-        responses = real(self, *a, **kw)
-        r = responses[0]
-        sig = bytearray(r.response.signature)
+    def tampered(self, **kw):
+        responses = real(self, **kw)
+        sig = bytearray(responses[0].signature)
         sig[-1] ^= 0x01
-        object.__setattr__(r.response, "signature", bytes(sig))
-        return responses
+        return [dataclasses.replace(responses[0], signature=bytes(sig))]
 
-    monkeypatch.setattr(FidoKey, "get_assertion", tampered)
+    monkeypatch.setattr(FidoKey, "assert_credentials", tampered)
     before = store.get_fido_credential(result.credential_id).sign_count
     outcome = login(store, key)
     assert outcome.reason is Reason.VERIFICATION_FAILED

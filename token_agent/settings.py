@@ -16,8 +16,6 @@ from __future__ import annotations
 import re
 import uuid
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from typing import TYPE_CHECKING
 
@@ -50,6 +48,9 @@ def set_setting(store: Store, key: str, value: str) -> str:
 
 def add_trusted_root(store: Store, pem_or_der: bytes) -> str:
     """Add an attestation root certificate; returns its SHA-256 fingerprint (hex)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
     try:
         cert = x509.load_pem_x509_certificate(pem_or_der)
     except ValueError:
@@ -91,10 +92,16 @@ def remove_allowed_aaguid(store: Store, aaguid: str) -> None:
 
 
 def _fingerprint(pem: str) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
     return x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256()).hex()
 
 
 def trust_list(store: Store) -> dict:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
     roots = []
     for pem in store.get_setting("attestation_roots", []):
         cert = x509.load_pem_x509_certificate(pem.encode())

@@ -313,10 +313,15 @@ METADATA_WORDS = frozenset({
 })
 
 
+_ACRONYM_RE = re.compile(r"([A-Z]+)([A-Z][a-z])")
+_CAMEL_RE = re.compile(r"([a-z0-9])([A-Z])")
+_WORD_SPLIT_RE = re.compile(r"[^a-z0-9]+")
+
+
 def _key_words(key: str) -> list[str]:
-    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", key)
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", spaced)
-    return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
+    spaced = _ACRONYM_RE.sub(r"\1_\2", key)
+    spaced = _CAMEL_RE.sub(r"\1_\2", spaced)
+    return [w for w in _WORD_SPLIT_RE.split(spaced.lower()) if w]
 
 
 def secret_looking(key: str) -> bool:

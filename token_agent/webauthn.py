@@ -27,7 +27,6 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -39,7 +38,7 @@ FLAG_UP = 0x01
 FLAG_UV = 0x04
 FLAG_AT = 0x40
 FLAG_ED = 0x80
-OID_FIDO_AAGUID = x509.ObjectIdentifier("1.3.6.1.4.1.45724.1.1.4")
+OID_FIDO_AAGUID = "1.3.6.1.4.1.45724.1.1.4"  # id-fido-gen-ce-aaguid
 
 
 class VerificationError(Exception):
@@ -262,9 +261,11 @@ def _aaguid_str(raw: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _verify_chain(chain: list[x509.Certificate], roots_pem: tuple[str, ...]) -> bool:
+def _verify_chain(chain: list, roots_pem: tuple[str, ...]) -> bool:
     """True when the attestation chain leads to one of the configured roots, every
     certificate is within its validity period and signed by the next."""
+    from cryptography import x509
+
     roots = [x509.load_pem_x509_certificate(p.encode()) for p in roots_pem]
     now = datetime.datetime.now(datetime.timezone.utc)
     for cert in chain:
@@ -298,6 +299,8 @@ def verify_registration(
     policy: AttestationPolicy,
 ) -> RegistrationCheck:
     """All relying-party checks of a registration (WebAuthn 7.1) plus the attestation policy."""
+    from cryptography import x509  # only registrations need X.509: kept off the login path
+
     check_client_data(client_data_json, "webauthn.create", challenge, origin)
     try:
         att = cbor.decode(attestation_object)
@@ -313,7 +316,7 @@ def verify_registration(
     signed = raw_auth + hashlib.sha256(client_data_json).digest()
     aaguid = _aaguid_str(auth.aaguid)
     subject = None
-    verified_chain: list[x509.Certificate] = []
+    verified_chain: list = []
     if fmt == "none":
         if stmt:
             raise VerificationError("attestation-malformed", "'none' attestation with a statement")
@@ -330,7 +333,8 @@ def verify_registration(
                 raise VerificationError("bad-attestation", "attestation signature does not "
                                         "verify") from None
             try:
-                ext = leaf.extensions.get_extension_for_oid(OID_FIDO_AAGUID).value.value
+                ext = leaf.extensions.get_extension_for_oid(
+                    x509.ObjectIdentifier(OID_FIDO_AAGUID)).value.value
                 if ext[-16:] != auth.aaguid:
                     raise VerificationError("bad-attestation",
                                             "attestation certificate is for another AAGUID")

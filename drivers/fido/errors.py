@@ -13,7 +13,8 @@ happened.
 
 from __future__ import annotations
 
-from fido2.client import ClientError, PinRequiredError
+import sys
+
 from fido2.ctap import CtapError
 from fido2.hid import ConnectionFailure
 
@@ -313,7 +314,8 @@ def translate(
         return exc
     if isinstance(exc, CtapError):
         return _from_ctap(exc, retries, min_pin_length, timeout)
-    if isinstance(exc, ClientError):
+    ClientError = _client_error()
+    if ClientError is not None and isinstance(exc, ClientError):
         cause = exc.cause
         if isinstance(cause, CtapError):
             return _from_ctap(cause, retries, min_pin_length, timeout)
@@ -351,7 +353,16 @@ def _from_ctap(
     return KeyCommunicationError(ctap_code=code)
 
 
-def _from_client(exc: ClientError, timeout: float | None) -> FidoKeyError:
+def _client_error():
+    """python-fido2's ClientError, if its client module is loaded: only its Fido2Client
+    raises one, and importing it costs more than a whole login (so it is not done here)."""
+    module = sys.modules.get("fido2.client")
+    return module.ClientError if module is not None else None
+
+
+def _from_client(exc, timeout: float | None) -> FidoKeyError:
+    from fido2.client import ClientError, PinRequiredError
+
     if isinstance(exc, PinRequiredError):
         return PinRequired()
     code = exc.code

@@ -32,6 +32,7 @@ driver: no policy, no store, no user interface (callers give the callbacks).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,16 +41,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlparse
 
-from fido2.client import ClientError, DefaultClientDataCollector, Fido2Client, UserInteraction
 from fido2.ctap import STATUS, CtapDevice, CtapError
 from fido2.ctap2 import Ctap2, Info
 from fido2.ctap2.credman import CredentialManagement
 from fido2.ctap2.pin import ClientPin
 from fido2.hid import ConnectionFailure
 from fido2.hid.base import HidDescriptor
-from fido2.rpid import verify_rp_id
+from fido2.utils import websafe_encode
 from fido2.webauthn import (
     AuthenticationResponse,
+    AuthenticatorAssertionResponse,
+    AuthenticatorAttachment,
+    AuthenticatorData,
+    CollectedClientData,
     PublicKeyCredentialCreationOptions,
     PublicKeyCredentialRequestOptions,
     RegistrationResponse,
@@ -65,16 +69,19 @@ from .errors import (
     NoCredentials,
     NoKeyFound,
     PinAlreadySet,
+    PinNotSet,
     PinPolicyViolation,
     PinRequired,
     ResetNotAllowed,
     TouchTimeout,
     UnsupportedKey,
+    _client_error,
     translate,
 )
 
 __all__ = [
     "ABANDON_GRACE",
+    "Assertion",
     "DEFAULT_TIMEOUT",
     "FidoKey",
     "KeyInfo",
@@ -96,7 +103,15 @@ ABANDON_GRACE = 3.0
 SIMULATOR_PATH_PREFIXES = ("sim:", "inproc:")
 
 ERR = CtapError.ERR
-_FAILURES = (CtapError, ClientError, ConnectionFailure, OSError, ValueError, KeyError)
+_BASE_FAILURES = (CtapError, ConnectionFailure, OSError, ValueError, KeyError)
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a key operation may raise, for ``except``: python-fido2's ClientError joins
+    once ``fido2.client`` is loaded (only Fido2Client raises it; the module is not imported
+    here because it is the costliest of python-fido2 and logins do not need it)."""
+    client_error = _client_error()
+    return _BASE_FAILURES + ((client_error,) if client_error is not None else ())
 
 OnTouch = Callable[[], None]
 PinProvider = Callable[[], "str | None"]
@@ -217,6 +232,49 @@ class ResidentCredential:
             "algorithm": self.public_key.get(3),
             "cred_protect": self.cred_protect,
         }
+
+
+@dataclass(frozen=True)
+class Assertion:
+    """One assertion from a key, with the client data it signed (WebAuthn's
+    AuthenticatorAssertionResponse, in plain bytes)."""
+
+    credential_id: bytes
+    client_data_json: bytes
+    authenticator_data: bytes
+    signature: bytes
+    user_handle: bytes | None = None
+
+    def to_json(self) -> dict:
+        """WebAuthn's AuthenticationResponseJSON (base64url fields), for another RP."""
+        response = {
+            "clientDataJSON": websafe_encode(self.client_data_json),
+            "authenticatorData": websafe_encode(self.authenticator_data),
+            "signature": websafe_encode(self.signature),
+        }
+        if self.user_handle is not None:
+            response["userHandle"] = websafe_encode(self.user_handle)
+        return {
+            "id": websafe_encode(self.credential_id),
+            "rawId": websafe_encode(self.credential_id),
+            "type": "public-key",
+            "response": response,
+            "authenticatorAttachment": "cross-platform",
+            "clientExtensionResults": {},
+        }
+
+    def to_response(self) -> AuthenticationResponse:
+        """The same as python-fido2's ``AuthenticationResponse``."""
+        return AuthenticationResponse(
+            raw_id=self.credential_id,
+            response=AuthenticatorAssertionResponse(
+                client_data=CollectedClientData(self.client_data_json),
+                authenticator_data=AuthenticatorData(self.authenticator_data),
+                signature=self.signature,
+                user_handle=self.user_handle,
+            ),
+            authenticator_attachment=AuthenticatorAttachment.CROSS_PLATFORM,
+        )
 
 
 # --------------------------------------------------------------------------- touch waits
@@ -373,7 +431,7 @@ class _Once:
         self._callback()
 
 
-class _Interaction(UserInteraction):
+class _Interaction:  # duck-types fido2.client.UserInteraction (not imported: see _failures)
     """python-fido2's user interaction for one operation: PIN from ``pin_provider`` (None or
     empty -> :class:`PinRequired`), touch prompt through the watch."""
 
@@ -419,11 +477,19 @@ class FidoKey:
 
     @classmethod
     def open(cls, descriptor: HidDescriptor) -> FidoKey:
-        """Open a key from ``drivers.fido.discovery.list_descriptors``."""
+        """Open a key from ``drivers.fido.discovery.list_descriptors``, ready for use: the
+        channel is allocated (CTAPHID_INIT) and, for a FIDO2 key, what it is (getInfo) read,
+        so that the operations that follow only do their own round trips."""
         try:
-            return cls(discovery.open_device(descriptor))
-        except _FAILURES as e:
+            key = cls(discovery.open_device(descriptor))
+        except _failures() as e:
             raise translate(e) from e
+        try:
+            key._ctap2_or_none()
+        except _failures() as e:
+            key.close()
+            raise translate(e) from e
+        return key
 
     # -- identity and life cycle -------------------------------------------------------
     @property
@@ -591,16 +657,150 @@ class FidoKey:
         timeout: float = DEFAULT_TIMEOUT,
         cancel: threading.Event | None = None,
     ) -> list[AuthenticationResponse]:
-        """Authenticate (WebAuthn get) through ``Fido2Client``; every assertion the key
-        returns (several for a usernameless request when the key holds several accounts of
-        the RP). Same callbacks and rules as :meth:`make_credential`."""
+        """Authenticate (WebAuthn get) with WebAuthn request options; every assertion the
+        key returns, as python-fido2 ``AuthenticationResponse`` objects. A convenience over
+        :meth:`assert_credentials`, which the agent's login uses directly."""
         options = PublicKeyCredentialRequestOptions.from_dict(options)
-        _check_rp_id(options.rp_id or urlparse(origin).hostname, origin)
-        options = replace(options, timeout=None)
-        with self._operation(timeout=timeout, cancel=cancel, on_touch=on_touch) as watch:
-            client = self._client(origin, watch, pin_provider)
-            selection = client.get_assertion(options, event=watch.event)
-            return [selection.get_response(i) for i in range(len(selection.get_assertions()))]
+        assertions = self.assert_credentials(
+            rp_id=options.rp_id or urlparse(origin).hostname or "",
+            challenge=options.challenge,
+            allow=[c.id for c in options.allow_credentials or ()],
+            user_verification=options.user_verification,
+            origin=origin, pin_provider=pin_provider, on_touch=on_touch, timeout=timeout,
+            cancel=cancel,
+        )
+        return [a.to_response() for a in assertions]
+
+    def assert_credentials(
+        self,
+        *,
+        rp_id: str,
+        challenge: bytes,
+        allow: Sequence[bytes] = (),
+        user_verification: str | None = "preferred",
+        origin: str,
+        pin_provider: PinProvider | None,
+        on_touch: OnTouch | None,
+        timeout: float = DEFAULT_TIMEOUT,
+        cancel: threading.Event | None = None,
+    ) -> list[Assertion]:
+        """Authenticate (WebAuthn get): the client data ``{type: webauthn.get, challenge,
+        origin}``, then getAssertion for ``rp_id`` over the credential IDs in ``allow``
+        (empty: the key's discoverable credentials). Returns every assertion the key gives
+        (several for a usernameless request when the key holds several accounts of the RP).
+        ``user_verification``: ``required``, ``preferred`` (used when the key has a PIN) or
+        ``discouraged``. Same callbacks and rules as :meth:`make_credential`.
+
+        This is the login path, so it talks CTAP2 directly (getKeyAgreement and
+        getPinUvAuthToken only when user verification is wanted, then getAssertion) rather
+        than through ``Fido2Client``, which asks the key for its getInfo three times per call
+        and costs more to import than the whole ceremony takes; nor does it build python-fido2's
+        WebAuthn dataclasses, whose construction costs about half a millisecond each. What it
+        decides is what ``Fido2Client`` decides, except that ``preferred`` user verification
+        on a key without a PIN proceeds without it (WebAuthn's meaning of *preferred*) instead
+        of failing.
+        """
+        _check_rp_id(rp_id, origin)
+        client_data = CollectedClientData.create(
+            type=CollectedClientData.TYPE.GET, challenge=challenge, origin=origin
+        )
+        client_data_hash = hashlib.sha256(client_data).digest()
+        with self._operation(
+            timeout=timeout, cancel=cancel, on_touch=on_touch,
+            no_credentials="This key holds no credential for this sign-in.",
+        ) as watch:
+            ctap2 = self._ctap2()
+            info = ctap2.info  # what the key is, read when it was opened
+            # A PIN is only ever removed by a reset, which a later getPinToken reports
+            # (PIN_NOT_SET); a PIN set since the key was opened shows only in a fresh getInfo.
+            current = dict(info.options)
+            if not any(current.get(k) for k in ("uv", "clientPin", "bioEnroll")):
+                current = self._current_options(ctap2)
+            pin_param = pin_protocol = None
+            ga_options = None
+            if self._wants_uv(current, user_verification):
+                if current.get("uv") and not ClientPin.is_token_supported(info):
+                    ga_options = {"uv": True}  # built-in UV, CTAP 2.0 style
+                else:
+                    protocol, token = self._uv_token(ctap2, watch, pin_provider, rp_id,
+                                                     bool(current.get("uv")))
+                    pin_param = protocol.authenticate(token, client_data_hash)
+                    pin_protocol = protocol.VERSION
+            descriptors = [
+                {"type": "public-key", "id": cred_id} for cred_id in allow
+                if not info.max_cred_id_length or len(cred_id) <= info.max_cred_id_length
+            ]
+            if allow and not descriptors:
+                raise NoCredentials("This key holds no credential for this sign-in.")
+            chunk = info.max_creds_in_list or len(descriptors) or 1
+            if len(descriptors) > chunk:  # too many for one request: find the key's own first
+                descriptors = self._preflight(ctap2, rp_id, client_data_hash, descriptors,
+                                              chunk, pin_param, pin_protocol, watch)
+            request = {1: rp_id, 2: client_data_hash}
+            for field_key, value in ((3, descriptors), (5, ga_options), (6, pin_param),
+                                     (7, pin_protocol)):
+                if value:
+                    request[field_key] = value
+            first = ctap2.send_cbor(Ctap2.CMD.GET_ASSERTION, request, event=watch.event,
+                                    on_keepalive=watch.on_keepalive)
+            answers = [first] + [
+                ctap2.send_cbor(Ctap2.CMD.GET_NEXT_ASSERTION)
+                for _ in range(1, _count(first.get(5)))
+            ]
+            return [_assertion(a, bytes(client_data), descriptors) for a in answers]
+
+    @staticmethod
+    def _current_options(ctap2: Ctap2) -> dict:
+        """getInfo's options as they are now (a PIN may have been set since the key was
+        opened, by us or by another program), read without parsing the whole Info, which
+        python-fido2 makes expensive (milliseconds) and a login does not need."""
+        options = ctap2.send_cbor(Ctap2.CMD.GET_INFO).get(0x04, {})
+        if not isinstance(options, Mapping):
+            raise KeyCommunicationError("The security key sent a malformed getInfo answer.")
+        return dict(options)
+
+    @staticmethod
+    def _wants_uv(options: Mapping[str, Any], requirement: str | None) -> bool:
+        """Whether to verify the user, and whether that is possible (else PinNotSet)."""
+        configured = any(options.get(k) for k in ("uv", "clientPin", "bioEnroll"))
+        required = requirement == "required" or bool(options.get("alwaysUv"))
+        if required and not configured:
+            raise PinNotSet()
+        return required or (requirement in ("preferred", None) and configured)
+
+    def _uv_token(
+        self, ctap2: Ctap2, watch: _Watch, pin_provider: PinProvider | None, rp_id: str,
+        uv_builtin: bool,
+    ) -> tuple[Any, bytes]:
+        """A pinUvAuthToken with the getAssertion permission: built-in UV where the key has
+        it, else the PIN from ``pin_provider`` (the countdown is paused while it runs)."""
+        client_pin = ClientPin(ctap2)
+        permission = ClientPin.PERMISSION.GET_ASSERTION
+        if uv_builtin and ClientPin.is_token_supported(ctap2.info):
+            token = client_pin.get_uv_token(permission, rp_id, watch.event, watch.on_keepalive)
+            return client_pin.protocol, token
+        pin = _Interaction(watch, pin_provider).request_pin(permission, rp_id)
+        return client_pin.protocol, client_pin.get_pin_token(pin, permission, rp_id)
+
+    @staticmethod
+    def _preflight(ctap2: Ctap2, rp_id: str, client_data_hash: bytes, allow: list[dict],
+                   chunk: int, pin_param: bytes | None, pin_protocol: int | None,
+                   watch: _Watch) -> list[dict]:
+        """The allow-list entries this key holds, asked silently (up=false) in chunks the
+        key accepts, as browsers do; NO_CREDENTIALS if none."""
+        for start in range(0, len(allow), chunk):
+            part = allow[start:start + chunk]
+            try:
+                found = ctap2.get_assertion(
+                    rp_id, client_data_hash, part, None, {"up": False}, pin_param, pin_protocol,
+                    event=watch.event,
+                )
+            except CtapError as e:
+                if e.code == ERR.NO_CREDENTIALS:
+                    continue
+                raise
+            return [found.credential or part[0]]
+        raise CtapError(ERR.NO_CREDENTIALS)
 
     # -- selection ---------------------------------------------------------------------
     def select(
@@ -617,6 +817,8 @@ class FidoKey:
         with self._operation(timeout=timeout, cancel=cancel, on_touch=on_touch) as watch:
             ctap2 = self._ctap2_or_none()
             if ctap2 is None:
+                from fido2.client import DefaultClientDataCollector, Fido2Client
+
                 watch.touch_requested()  # U2F keys do not say; they always wait
                 collector = DefaultClientDataCollector("https://localhost")
                 Fido2Client(self._device, collector).selection(watch.event)
@@ -664,7 +866,7 @@ class FidoKey:
                 if isinstance(e, KeyRemoved):
                     self._died(e)
                 raise
-            except _FAILURES as e:
+            except _failures() as e:
                 raise self._failure(e, watch, not_allowed, no_credentials) from e
             finally:
                 watch.close()
@@ -682,7 +884,8 @@ class FidoKey:
                     "The security key stopped answering. Remove it, insert it again, and retry."
                 )
             )
-        ctap = exc.cause if isinstance(exc, ClientError) else exc
+        client_error = _client_error()
+        ctap = exc.cause if client_error and isinstance(exc, client_error) else exc
         code = ctap.code if isinstance(ctap, CtapError) else None
         if code == ERR.PIN_INVALID:
             return translate(ctap, retries=self._retries_after_failure())
@@ -759,14 +962,42 @@ class FidoKey:
         token = client_pin.get_pin_token(pin, ClientPin.PERMISSION.CREDENTIAL_MGMT)
         return CredentialManagement(ctap2, client_pin.protocol, token)
 
-    def _client(
-        self, origin: str, watch: _Watch, pin_provider: PinProvider | None
-    ) -> Fido2Client:
+    def _client(self, origin: str, watch: _Watch, pin_provider: PinProvider | None):
+        from fido2.client import DefaultClientDataCollector, Fido2Client
+
         return Fido2Client(
             self._device,
             client_data_collector=DefaultClientDataCollector(origin),
             user_interaction=_Interaction(watch, pin_provider),
         )
+
+
+def _count(value: object) -> int:
+    """numberOfCredentials (getAssertion's 0x05), 1 when absent."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def _assertion(answer: Mapping[int, Any], client_data_json: bytes,
+               descriptors: Sequence[Mapping[str, Any]]) -> Assertion:
+    """An :class:`Assertion` from a getAssertion / getNextAssertion answer (its CBOR map),
+    read here rather than through python-fido2's AssertionResponse, whose parsing resolves
+    type hints on every call (about a millisecond in a fresh process)."""
+    credential, auth_data, signature = answer.get(1), answer.get(2), answer.get(3)
+    if credential is None and len(descriptors) == 1:  # the key may omit it (CTAP 2.1 6.2.2)
+        credential = descriptors[0]
+    user = answer.get(4)
+    if not (isinstance(credential, Mapping) and isinstance(credential.get("id"), bytes)
+            and isinstance(auth_data, bytes) and isinstance(signature, bytes)
+            and (user is None or isinstance(user, Mapping))):
+        raise KeyCommunicationError("The security key sent a malformed assertion.")
+    handle = user.get("id") if user is not None else None
+    return Assertion(
+        credential_id=credential["id"],
+        client_data_json=client_data_json,
+        authenticator_data=auth_data,
+        signature=signature,
+        user_handle=handle if isinstance(handle, bytes) else None,
+    )
 
 
 def _check_new_pin(pin: str, min_length: int) -> None:
@@ -777,6 +1008,10 @@ def _check_new_pin(pin: str, min_length: int) -> None:
 
 
 def _check_rp_id(rp_id: str | None, origin: str) -> None:
+    if rp_id and origin == f"https://{rp_id}":
+        return  # the origin is the RP ID itself: valid, no public-suffix lookup needed
+    from fido2.rpid import verify_rp_id
+
     if not rp_id or not verify_rp_id(rp_id, origin):
         raise ValueError(f"RP ID {rp_id!r} is not valid for the origin {origin!r}")
 

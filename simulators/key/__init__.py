@@ -8,19 +8,25 @@
         ...
 
 See README.md, "The virtual FIDO2 key", for the command line, the control interface and the
-fault injection.
+fault injection. The names are imported on first use, so that importing a submodule (as the
+`token-agent` command does for its constants) does not load the whole simulator.
 """
 
-from .base import FaultPlan, PresenceMode, UserPresence
-from .device import VirtualKey, create_virtual_key
-from .transport import KeyServer, open_in_process_device
+from importlib import import_module
 
-__all__ = [
-    "FaultPlan",
-    "KeyServer",
-    "PresenceMode",
-    "UserPresence",
-    "VirtualKey",
-    "create_virtual_key",
-    "open_in_process_device",
-]
+_EXPORTS = {
+    "FaultPlan": ".base",
+    "PresenceMode": ".base",
+    "UserPresence": ".base",
+    "VirtualKey": ".device",
+    "create_virtual_key": ".device",
+    "KeyServer": ".transport",
+    "open_in_process_device": ".transport",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

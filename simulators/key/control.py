@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
@@ -52,6 +50,9 @@ class KeyControl:
 
     def request(self, method: str, path: str, body: Any = None) -> dict:
         """One request; returns the JSON answer. Raises SimulatorNotRunning or ControlError."""
+        import urllib.error  # here, not at the top: the CLI imports this module's constants
+        import urllib.request
+
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:

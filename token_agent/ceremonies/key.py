@@ -22,7 +22,6 @@ from fido2.webauthn import (
     PublicKeyCredentialCreationOptions,
     PublicKeyCredentialDescriptor,
     PublicKeyCredentialParameters,
-    PublicKeyCredentialRequestOptions,
     PublicKeyCredentialRpEntity,
     PublicKeyCredentialType,
     PublicKeyCredentialUserEntity,
@@ -62,16 +61,17 @@ class KeySettings:
 
     @classmethod
     def from_store(cls, store: Store) -> "KeySettings":
-        uv = store.get_setting("user_verification", "preferred")
+        stored = store.list_settings()  # one query
+        uv = stored.get("user_verification", "preferred")
         if uv not in UV_POLICIES:
             raise ValueError(f"setting user_verification must be one of {UV_POLICIES}, not {uv!r}")
         return cls(
-            rp_id=store.get_setting("rp_id", DEFAULT_RP_ID),
-            rp_name=store.get_setting("rp_name", DEFAULT_RP_NAME),
+            rp_id=stored.get("rp_id", DEFAULT_RP_ID),
+            rp_name=stored.get("rp_name", DEFAULT_RP_NAME),
             user_verification=uv,
             attestation=webauthn.AttestationPolicy(
-                roots_pem=tuple(store.get_setting("attestation_roots", [])),
-                allowed_aaguids=tuple(store.get_setting("allowed_aaguids", [])),
+                roots_pem=tuple(stored.get("attestation_roots", [])),
+                allowed_aaguids=tuple(stored.get("allowed_aaguids", [])),
             ),
         )
 
@@ -275,6 +275,7 @@ def login_with_key(
 ) -> LoginOutcome:
     """Authenticate with a key: for ``username``, or usernameless (a discoverable credential
     says who it is). Always returns an outcome; failures are recorded in the audit log."""
+    started = time.perf_counter()
     settings = settings or KeySettings.from_store(store)
 
     def fail(reason: Reason, message: str, user=None, cred=None) -> LoginOutcome:
@@ -291,7 +292,8 @@ def login_with_key(
         )
 
     user = None
-    allow: list[PublicKeyCredentialDescriptor] = []
+    creds = []
+    allow: list[bytes] = []
     if username is not None:
         try:
             user = store.get_user(username)
@@ -302,24 +304,15 @@ def login_with_key(
         creds = [c for c in store.list_fido_credentials(user.id) if c.rp_id == settings.rp_id]
         if not creds:
             return fail(Reason.NO_CREDENTIAL, f"{username} has no security key enrolled", user)
-        allow = [
-            PublicKeyCredentialDescriptor(type=PublicKeyCredentialType.PUBLIC_KEY, id=c.credential_id)
-            for c in creds
-        ]
+        allow = [c.credential_id for c in creds]
 
     challenge = os.urandom(32)
-    options = PublicKeyCredentialRequestOptions(
-        challenge=challenge,
-        timeout=int(timeout * 1000),
-        rp_id=settings.rp_id,
-        allow_credentials=allow or None,
-        user_verification=UserVerificationRequirement(settings.user_verification),
-    )
     pins = _PinTracker(pin_provider)
     try:
-        responses = key.get_assertion(
-            options, origin=settings.origin, pin_provider=pins, on_touch=on_touch,
-            timeout=timeout, cancel=cancel,
+        responses = key.assert_credentials(
+            rp_id=settings.rp_id, challenge=challenge, allow=allow,
+            user_verification=settings.user_verification, origin=settings.origin,
+            pin_provider=pins, on_touch=on_touch, timeout=timeout, cancel=cancel,
         )
     except key_errors.FidoKeyError as e:
         reason = _device_failure(e)
@@ -331,7 +324,9 @@ def login_with_key(
         return fail(reason, message, user)
 
     # Usernameless: keep the responses from credentials this store knows.
-    known = [(r, store.get_fido_credential(r.raw_id)) for r in responses]
+    by_id = {c.credential_id: c for c in creds} if user is not None else {}
+    known = [(r, by_id.get(r.credential_id) or store.get_fido_credential(r.credential_id))
+             for r in responses]
     known = [(r, c) for r, c in known if c is not None]
     if not known:
         return fail(Reason.UNKNOWN_CREDENTIAL,
@@ -340,11 +335,12 @@ def login_with_key(
         return fail(Reason.AMBIGUOUS, "this key holds several enrolled accounts: say which user",
                     user)
     response, cred = known[0]
-    owner = store.get_user_by_id(cred.user_id)
+    owner = user if user is not None and cred.user_id == user.id else \
+        store.get_user_by_id(cred.user_id)
     if user is not None and owner.id != user.id:
         return fail(Reason.WRONG_USER, "the key answered with another user's credential", user, cred)
     user = owner
-    handle = response.response.user_handle
+    handle = response.user_handle
     if handle is not None and handle != user.user_handle:
         return fail(Reason.VERIFICATION_FAILED, "the key's user handle does not match", user, cred)
     if cred.flagged:
@@ -358,9 +354,9 @@ def login_with_key(
             rp_id=settings.rp_id,
             origin=settings.origin,
             challenge=challenge,
-            client_data_json=bytes(response.response.client_data),
-            authenticator_data=bytes(response.response.authenticator_data),
-            signature=response.response.signature,
+            client_data_json=response.client_data_json,
+            authenticator_data=response.authenticator_data,
+            signature=response.signature,
             require_uv=settings.user_verification == "required",
         )
     except webauthn.VerificationError as e:
@@ -393,10 +389,11 @@ def login_with_key(
                                        "user_verified": check.user_verified})
     except SignCountRegression as e:
         return suspected_clone(e.stored, e.received)
-    detail: dict = {"sign_count": check.sign_count}
+    detail: dict = {"sign_count": check.sign_count,
+                    "ceremony_ms": round((time.perf_counter() - started) * 1000, 3)}
     if export:
         detail["webauthn"] = {
-            "assertion": dict(response),
+            "assertion": response.to_json(),
             "challenge": websafe_encode(challenge),
             "origin": settings.origin,
             "rp_id": settings.rp_id,
