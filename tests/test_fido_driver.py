@@ -6,6 +6,7 @@ on_touch callback fires, so nothing waits on a sleep."""
 from __future__ import annotations
 
 import errno
+import os
 import json
 import logging
 import threading
@@ -776,3 +777,90 @@ def test_open_single_key_over_tcp(make_key):
             assert fk.path == f"sim:127.0.0.1:{s2.port}"
             two.presence.set_mode("auto")
             register(fk, Fido2Server(RP))
+
+
+def test_a_pin_set_by_another_program_is_used(make_key, open_key):
+    """The login path keeps the key's getInfo from when it was opened; a PIN set since then
+    (by another connection) must still be asked for when verification is preferred."""
+    key = make_key()
+    fk = open_key(key)
+    server = Fido2Server(RP)
+    cred = register(fk, server, rk=False)  # the key has no PIN yet: opened that way
+    _set_pin_behind_the_drivers_back(key, PIN)
+    asked = []
+    (assertion,) = fk.get_assertion(
+        server.authenticate_begin([cred], user_verification="preferred")[0].public_key,
+        origin=ORIGIN, pin_provider=lambda: asked.append(1) or PIN, on_touch=None)
+    assert asked == [1] and assertion.response.authenticator_data.is_user_verified()
+
+
+def test_allow_list_longer_than_the_key_accepts(make_key, open_key):
+    """More credentials than maxCredentialCountInList: found by a silent pre-flight."""
+    fk = open_key(make_key())
+    server = Fido2Server(RP)
+    cred = register(fk, server, rk=False)
+    from simulators.key.authenticator import MAX_CREDS_IN_LIST as chunk
+    allow = [os.urandom(64) for _ in range(2 * chunk + 3)] + [cred.credential_id]
+    (assertion,) = fk.assert_credentials(rp_id=RP["id"], challenge=os.urandom(32), allow=allow,
+                                         user_verification="discouraged", origin=ORIGIN,
+                                         pin_provider=None, on_touch=None)
+    assert assertion.credential_id == cred.credential_id
+    with pytest.raises(NoCredentials):
+        fk.assert_credentials(rp_id=RP["id"], challenge=os.urandom(32), allow=allow[:-1],
+                              user_verification="discouraged", origin=ORIGIN,
+                              pin_provider=None, on_touch=None)
+
+
+@pytest.mark.parametrize("answer", [
+    {2: b"auth", 3: b"sig"},  # no credential, and more than one allowed
+    {1: {"id": "not bytes"}, 2: b"auth", 3: b"sig"},
+    {1: {"id": b"id"}, 2: "not bytes", 3: b"sig"},
+    {1: {"id": b"id"}, 2: b"auth", 3: b"sig", 4: "not a map"},
+])
+def test_malformed_assertion_answers_are_refused(answer):
+    from drivers.fido.keys import _assertion
+
+    with pytest.raises(KeyCommunicationError, match="malformed"):
+        _assertion(answer, b"{}", [{"id": b"a"}, {"id": b"b"}])
+
+
+def test_assertion_json_round_trips_through_python_fido2(make_key, open_key):
+    from fido2.webauthn import AuthenticationResponse
+
+    fk = open_key(make_key())
+    server = Fido2Server(RP)
+    cred = register(fk, server, rk=False)
+    (assertion,) = fk.assert_credentials(rp_id=RP["id"], challenge=os.urandom(32),
+                                         allow=[cred.credential_id],
+                                         user_verification="discouraged", origin=ORIGIN,
+                                         pin_provider=None, on_touch=None)
+    parsed = AuthenticationResponse.from_dict(assertion.to_json())
+    assert parsed.raw_id == assertion.credential_id
+    assert bytes(parsed.response.authenticator_data) == assertion.authenticator_data
+    assert parsed.response.signature == assertion.signature
+
+
+def _set_pin_behind_the_drivers_back(key, pin: str) -> None:
+    """Another program sets the PIN: straight to the authenticator, not through this
+    process's HID handles (python-fido2 cannot share a key between two open devices in
+    one process: each sees the other's reports and stops at "Wrong channel")."""
+    from fido2.ctap import CtapDevice
+    from fido2.ctap2 import Ctap2
+    from fido2.ctap2.pin import ClientPin
+
+    from simulators.key.base import Request
+
+    class Direct(CtapDevice):
+        capabilities = 0x04
+
+        def call(self, cmd, data=b"", event=None, on_keepalive=None):
+            return key.app.cbor(data, Request())
+
+        def close(self):
+            pass
+
+        @classmethod
+        def list_devices(cls):
+            return iter(())
+
+    ClientPin(Ctap2(Direct())).set_pin(pin)
