@@ -61,21 +61,23 @@ def make_assertions(n: int):
     return cred, out
 
 
-def timed(fn, items, rounds: int) -> float:
-    """Median over rounds of the mean seconds per verification."""
-    results = []
+def interleaved(runs: dict, rounds: int) -> dict:
+    """Time each (fn, items) in turn, round after round, so that every verifier sees the
+    same machine (this one has neighbours: a lone run can be 30% off); median per name."""
+    samples: dict = {name: [] for name in runs}
     for _ in range(rounds):
-        start = time.perf_counter()
-        for item in items:
-            fn(item)
-        results.append((time.perf_counter() - start) / len(items))
-    return statistics.median(results)
+        for name, (fn, items) in runs.items():
+            start = time.perf_counter()
+            for item in items:
+                fn(item)
+            samples[name].append((time.perf_counter() - start) / len(items))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--assertions", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -109,19 +111,21 @@ def main() -> int:
     for fn, items in ((by_agent, agent_items), (by_py_webauthn, pyw_items),
                       (by_fido2_server, fido_items)):
         fn(items[0])  # each verifier accepts the same assertions before timing
+    public_key = agent.load_public_key(stored_key)
+    signed = [(sig, auth + hashlib.sha256(cdj).digest()) for _, cdj, auth, sig in agent_items]
+    times = interleaved({
+        "agent": (by_agent, agent_items),
+        "py_webauthn": (by_py_webauthn, pyw_items),
+        "fido2_server": (by_fido2_server, fido_items),
+        # the floor every verifier shares: one signature check by OpenSSL on the same data
+        "signature_only": (lambda item: public_key.verify(*item), signed),
+    }, args.rounds)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                    f"Python {platform.python_version()}",
         "assertions": args.assertions,
-        "agent_us": timed(by_agent, agent_items, args.rounds) * 1e6,
-        "py_webauthn_us": timed(by_py_webauthn, pyw_items, args.rounds) * 1e6,
-        "fido2_server_us": timed(by_fido2_server, fido_items, args.rounds) * 1e6,
+        **{f"{name}_us": t * 1e6 for name, t in times.items()},
     }
-    # The floor every verifier shares: one signature check by OpenSSL on the same data.
-    public_key = agent.load_public_key(stored_key)
-    signed = [(sig, auth + hashlib.sha256(cdj).digest()) for _, cdj, auth, sig in agent_items]
-    results["signature_only_us"] = timed(lambda item: public_key.verify(*item), signed,
-                                         args.rounds) * 1e6
     for name in ("agent", "py_webauthn", "fido2_server"):
         results[f"{name}_overhead_us"] = results[f"{name}_us"] - results["signature_only_us"]
     results["speedup_vs_py_webauthn"] = results["py_webauthn_us"] / results["agent_us"]
