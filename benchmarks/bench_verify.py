@@ -27,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fido2 import cbor  # noqa: E402
 from fido2.client import DefaultClientDataCollector, Fido2Client, UserInteraction  # noqa: E402
 from fido2.server import Fido2Server  # noqa: E402
-from fido2.utils import websafe_encode  # noqa: E402
-from fido2.webauthn import AttestedCredentialData, UserVerificationRequirement  # noqa: E402
 from webauthn import verify_authentication_response  # noqa: E402
 
 from simulators.key import create_virtual_key, open_in_process_device  # noqa: E402
