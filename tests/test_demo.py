@@ -15,6 +15,8 @@ def test_demo_runs_every_step():
     assert "chains to the simulator root" in text
     assert "signature counter increased" in text
     assert "Wrong PIN - 7 tries left" in text
+    assert "login tap-and-go: something-you-have + something-you-know" in text
+    assert "a clone of the key is refused" in text
     assert demo.DEMO_PIN not in text  # the PIN is never printed
     assert text.rstrip().endswith("demonstration complete: every step verified")
 
