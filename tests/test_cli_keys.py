@@ -177,3 +177,27 @@ def test_store_unwritable_is_exit_7(tmp_path, sim):
     proc = subprocess.run([sys.executable, "-m", "token_agent", "users", "list"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == exitcodes.STORE and str(data) in proc.stderr
+
+
+def test_pin_never_reaches_output_or_logs(cli, sim, tmp_path):
+    """With verbose logging on (a real process: its log handler writes to stderr), neither
+    the PIN nor a wrong PIN appears anywhere, nor in the audit log."""
+    env = {**os.environ, "TOKEN_AGENT_SIM_KEYS": sim[1],
+           "TOKEN_AGENT_DATA_DIR": str(tmp_path / "data")}
+
+    def run(*args, stdin):
+        return subprocess.run([sys.executable, "-m", "token_agent", "-v", *args], input=stdin,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    runs = [run("enrol", "key", "--user", "alice", "--pin-stdin", stdin=PIN + "\n"),
+            run("login", "--user", "alice", "--pin-stdin", stdin=PIN + "\n"),
+            run("login", "--user", "alice", "--pin-stdin", stdin="975310\n")]
+    assert [r.returncode for r in runs] == [0, 0, exitcodes.AUTH_FAILED]
+    text = "".join(r.stdout + r.stderr for r in runs)
+    assert " INFO " in text  # logging was really on
+    assert PIN not in text and "975310" not in text
+    from token_agent.store import Store
+
+    with Store.open(tmp_path / "data" / "token-agent.db") as store:
+        dump = "\n".join(str(e.to_dict()) for e in store.list_events())
+    assert "login.key" in dump and PIN not in dump and "975310" not in dump
