@@ -17,9 +17,10 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..atomicfile import write_private
 
 FORMAT_VERSION = 1
 PIN_MAX_RETRIES = 3
@@ -173,21 +174,6 @@ class CardFile:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("no path to save the card file to")
-        payload = json.dumps(self.to_json(), indent=1).encode("utf-8")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_private(target, json.dumps(self.to_json(), indent=1).encode("utf-8"))
         self.path = target
         return target

@@ -17,11 +17,11 @@ import base64
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomicfile import write_private
 from .credentials import Credential
 
 FORMAT_VERSION = 1
@@ -163,25 +163,4 @@ class StateStore:
         if self.path is None:
             return
         with self._lock:
-            payload = json.dumps(self.state.to_json(), indent=1).encode("utf-8")
-            directory = self.path.parent
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
-            try:
-                os.fchmod(fd, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-                dir_fd = os.open(directory, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
+            write_private(self.path, json.dumps(self.state.to_json(), indent=1).encode("utf-8"))
