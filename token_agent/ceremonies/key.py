@@ -254,7 +254,8 @@ _DEVICE_FAILURES: tuple[tuple[type, Reason], ...] = (
 )
 
 
-def _device_failure(e: key_errors.FidoKeyError) -> Reason:
+def device_failure(e: key_errors.FidoKeyError) -> Reason:
+    """The login failure reason for an error of the key itself."""
     for cls, reason in _DEVICE_FAILURES:
         if isinstance(e, cls):
             return reason
@@ -315,7 +316,7 @@ def login_with_key(
             pin_provider=pins, on_touch=on_touch, timeout=timeout, cancel=cancel,
         )
     except key_errors.FidoKeyError as e:
-        reason = _device_failure(e)
+        reason = device_failure(e)
         if reason is Reason.UNKNOWN_CREDENTIAL:
             message = (f"this key holds no credential enrolled for {username}" if username
                        else "this key holds no account for this organisation")

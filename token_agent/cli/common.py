@@ -151,18 +151,17 @@ def device_errors(func):
 
 
 def device_exit_code(e) -> int:
+    """The exit code for an error of the key: what a login failing with it would give, but
+    for those only management commands meet (a bad new PIN, a key already enrolled, a
+    credential to delete that is not there)."""
     from drivers.fido import errors as key_errors
 
-    for cls, code in (
-        (key_errors.WrongPin, exitcodes.AUTH_FAILED),
-        (key_errors.PinRequired, exitcodes.AUTH_FAILED),
-        (key_errors.PinPolicyViolation, exitcodes.USAGE),
-        (key_errors.PinAuthBlocked, exitcodes.LOCKED),
-        (key_errors.PinBlocked, exitcodes.LOCKED),
-        (key_errors.TouchTimeout, exitcodes.TIMEOUT),
-        (key_errors.Cancelled, exitcodes.TIMEOUT),
-        (key_errors.CredentialExcluded, exitcodes.CONFLICT),
-    ):
-        if isinstance(e, cls):
-            return code
-    return exitcodes.NO_DEVICE
+    from ..ceremonies.key import device_failure
+
+    if isinstance(e, key_errors.PinPolicyViolation):
+        return exitcodes.USAGE
+    if isinstance(e, key_errors.CredentialExcluded):
+        return exitcodes.CONFLICT
+    if isinstance(e, key_errors.NoCredentials):
+        return exitcodes.NOT_FOUND
+    return exitcodes.REASON_CODES.get(device_failure(e), exitcodes.NO_DEVICE)
