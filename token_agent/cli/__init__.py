@@ -32,3 +32,4 @@ def sim() -> None:
 
 
 from . import admin, auth, keys, sim_key, users  # noqa: E402,F401  (register the commands)
+from . import sim_card  # noqa: E402,F401
