@@ -227,3 +227,44 @@ def pytest_runtest_makereport(item, call):
                 (f"sim key server {server.address} ({report.when})", server.output()[-20000:])
             )
     return report
+
+
+# -- the PC/SC stack for the card tests (pcscd + vsmartcard-vpcd); see tests/pcsc_helpers.py ----
+
+
+@pytest.fixture(scope="session")
+def pcscd(tmp_path_factory):
+    """The machine's pcscd with vpcd's readers, for the whole session (started here when none
+    runs and we are root; stopped at the end if started here). Without it the card tests fail
+    in CI (``CI`` set) and skip elsewhere, saying what to install or run."""
+    from pcsc_helpers import PcscdService, PcscdUnavailable, unavailable
+
+    service = PcscdService(tmp_path_factory.mktemp("pcscd"))
+    try:
+        service.start()
+    except PcscdUnavailable as e:
+        unavailable(str(e))
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def vpcd_insert(pcscd):
+    """``vpcd_insert(card, slot=0, **bridge_options)``: the card in vpcd's reader (a
+    :class:`simulators.card.vpcd.VpcdBridge`, inserted); every card is removed at teardown."""
+    from simulators.card.vpcd import VpcdBridge
+
+    bridges = []
+
+    def insert(card, slot: int = 0, **options):
+        bridge = VpcdBridge(card, slot=slot, **options)
+        bridge.insert()
+        bridges.append(bridge)
+        return bridge
+
+    yield insert
+    for bridge in bridges:
+        try:
+            bridge.remove()
+        except Exception:  # a test that broke the card's file; the card is out regardless
+            pass
