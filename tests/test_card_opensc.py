@@ -1,0 +1,200 @@
+"""Interoperability: real OpenSC (opensc-tool, pkcs15-tool, pkcs11-tool with opensc-pkcs11.so)
+against an issued virtual card in vpcd's reader, behind the real pcscd.
+
+OpenSC's PIV driver ("PIV-II", long name "Personal Identity Verification Card") takes the
+card with OpenSC's default configuration: no other driver claims the NHS JCOP ATR, and the PIV
+driver recognises the card by SELECTing the PIV application. Every test runs the tools with
+its own HOME and XDG_CACHE_HOME, so OpenSC's file cache cannot carry one card's data into
+another test.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+
+from pcsc_helpers import CardConnection, in_ci, list_readers, wait_for_card
+from simulators.card.card import VirtualCard
+from simulators.card.cardfile import CardFile
+from simulators.card.issuance import card_certificate, issue_card
+from simulators.card.pki import init_ca
+
+PIN = "1234"
+SELECT_PIV = bytes.fromhex("00A4040009A0000003080000100000")
+VERIFY_STATUS = bytes.fromhex("0020008000")
+TOOLS = ("opensc-tool", "pkcs15-tool", "pkcs11-tool")
+
+
+def _pkcs11_module() -> str | None:
+    candidates = ["/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
+                  *sorted(glob.glob("/usr/lib/*/opensc-pkcs11.so")),
+                  "/usr/lib/opensc-pkcs11.so", "/usr/lib64/opensc-pkcs11.so"]  # fmt: skip
+    return next((p for p in candidates if os.path.exists(p)), None)
+
+
+@pytest.fixture(scope="module")
+def opensc():
+    """The OpenSC tools and PKCS#11 module; fail in CI, skip elsewhere when missing."""
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    module = _pkcs11_module()
+    if module is None:
+        missing.append("opensc-pkcs11.so")
+    if missing:
+        message = (f"OpenSC is not installed ({', '.join(missing)} missing): "
+                   f"sudo apt-get install -y opensc opensc-pkcs11")
+        if in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("opensc-ca") / "ca"
+    init_ca(directory)
+    return directory
+
+
+@pytest.fixture
+def tool_env(tmp_path) -> dict:
+    home = tmp_path / "home"
+    cache = tmp_path / "cache"
+    home.mkdir()
+    cache.mkdir()
+    env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(cache))
+    env.pop("OPENSC_DRIVER", None)
+    return env
+
+
+class InsertedCard:
+    def __init__(self, path: Path, bridge, reader: str, index: int, pcscd) -> None:
+        self.path = path
+        self.bridge = bridge
+        self.reader = reader
+        self.index = index  # OpenSC's reader number (pcscd's order)
+        self.pcscd = pcscd
+
+    @property
+    def file(self) -> CardFile:
+        return CardFile.load(self.path)
+
+    def verify_status(self) -> int:
+        """The card's answer to VERIFY without data (63Cx: x tries left), through pcscd."""
+        with CardConnection(self.pcscd.context, self.reader) as conn:
+            assert conn.transmit(SELECT_PIV)[1] == 0x9000
+            return conn.transmit(VERIFY_STATUS)[1]
+
+
+@pytest.fixture
+def issued(pcscd, vpcd_insert, ca_dir, tmp_path, opensc):
+    """``issued(algorithm="RSA2048")``: a card issued to Dr Alice Smith, in slot 0."""
+
+    def make(algorithm: str = "RSA2048") -> InsertedCard:
+        path = tmp_path / f"alice-{algorithm}.card"
+        issue_card(ca_dir, name="Dr Alice Smith", uuid="555123456789", pin=PIN, out=path,
+                   algorithm=algorithm)  # fmt: skip
+        bridge = vpcd_insert(VirtualCard.load(path))
+        reader = pcscd.reader(0)
+        wait_for_card(pcscd.context, reader)
+        index = list_readers(pcscd.context).index(reader)
+        return InsertedCard(path, bridge, reader, index, pcscd)
+
+    return make
+
+
+def run(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        pytest.fail(f"`{' '.join(args)}` exited with {result.returncode}:\n"
+                    f"{result.stdout}\n{result.stderr}", pytrace=False)
+    return result
+
+
+def test_opensc_tool_sees_the_card(issued, tool_env):
+    card = issued()
+    listing = run(tool_env, "opensc-tool", "--list-readers").stdout
+    line = next(line for line in listing.splitlines() if line.rstrip().endswith(card.reader))
+    assert line.split()[:2] == [str(card.index), "Yes"], listing
+    atr = run(tool_env, "opensc-tool", "--reader", str(card.index), "--atr").stdout.strip()
+    assert bytes.fromhex(atr.replace(":", "")) == card.file.atr
+
+
+def test_the_piv_driver_recognises_it(issued, tool_env):
+    card = issued()
+    name = run(tool_env, "opensc-tool", "--reader", str(card.index), "--name").stdout
+    assert name.strip() == "Personal Identity Verification Card"  # the PIV-II driver's name
+    result = run(tool_env, "opensc-tool", "--reader", str(card.index), "--name", "-v")
+    output = result.stdout + result.stderr
+    assert "Using card driver Personal Identity Verification Card" in output, output
+
+
+def test_pkcs15_lists_and_reads_back_the_authentication_certificate(issued, tool_env):
+    card = issued()
+    listing = run(tool_env, "pkcs15-tool", "--reader", str(card.index),
+                  "--list-certificates").stdout  # fmt: skip
+    assert "X.509 Certificate [Certificate for PIV Authentication]" in listing, listing
+    block = listing.split("[Certificate for PIV Authentication]", 1)[1].split("\n\n", 1)[0]
+    assert "ID             : 01" in block, block
+    pem = run(tool_env, "pkcs15-tool", "--reader", str(card.index),
+              "--read-certificate", "01").stdout  # fmt: skip
+    read_back = x509.load_pem_x509_certificate(pem.encode())
+    issued_cert = card_certificate(card.file, "9a")
+    assert read_back.public_bytes(serialization.Encoding.DER) == \
+        issued_cert.public_bytes(serialization.Encoding.DER)
+    assert "555123456789" in read_back.subject.rfc4514_string()
+
+
+@pytest.mark.parametrize("algorithm,mechanism", [("RSA2048", "SHA256-RSA-PKCS"),
+                                                 ("ECCP256", "ECDSA-SHA256")])
+def test_pkcs11_signs_and_the_signature_verifies(issued, tool_env, opensc, tmp_path,
+                                                 algorithm, mechanism):  # fmt: skip
+    card = issued(algorithm)
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"clinical workstation login challenge " + os.urandom(16))
+    signature_file = tmp_path / "signature.bin"
+    run(tool_env, "pkcs11-tool", "--module", opensc, "--slot-index", str(card.index),
+        "--login", "--pin", PIN, "--sign", "--id", "01", "--mechanism", mechanism,
+        "--input-file", str(data), "--output-file", str(signature_file))
+    signature = signature_file.read_bytes()
+    public_key = card_certificate(card.file, "9a").public_key()
+    if algorithm == "RSA2048":
+        assert len(signature) == 256
+        public_key.verify(signature, data.read_bytes(), padding.PKCS1v15(), hashes.SHA256())
+    else:  # pkcs11-tool writes ECDSA signatures as r || s
+        assert len(signature) == 64
+        r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        public_key.verify(utils.encode_dss_signature(r, s), data.read_bytes(),
+                          ec.ECDSA(hashes.SHA256()))
+    assert card.verify_status() == 0x63C3  # a right PIN leaves all tries
+
+
+def test_a_wrong_pin_through_pkcs11_decrements_the_retries(issued, tool_env, opensc, tmp_path):
+    card = issued()
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x" * 32)
+
+    def sign(pin: str) -> subprocess.CompletedProcess:
+        return run(tool_env, "pkcs11-tool", "--module", opensc, "--slot-index",
+                   str(card.index), "--login", "--pin", pin, "--sign", "--id", "01",
+                   "--mechanism", "SHA256-RSA-PKCS", "--input-file", str(data),
+                   "--output-file", str(tmp_path / "sig.bin"), check=False)  # fmt: skip
+
+    assert card.verify_status() == 0x63C3
+    result = sign("9999")
+    assert result.returncode != 0 and "CKR_PIN_INCORRECT" in result.stdout + result.stderr
+    assert card.verify_status() == 0x63C2
+    assert card.file.pin.retries_left == 2  # the card saved it at once
+    assert sign("0000").returncode != 0
+    assert card.verify_status() == 0x63C1
+    flags = run(tool_env, "pkcs11-tool", "--module", opensc, "--list-slots").stdout
+    assert "final user PIN try" in flags, flags
+    assert sign(PIN).returncode == 0  # the right PIN resets the counter
+    assert card.verify_status() == 0x63C3
