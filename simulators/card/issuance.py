@@ -62,7 +62,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from . import pki
+from . import piv, pki
+from .apdu import TlvError, parse_tlvs, tlv
 from .cardfile import PIN_MAX_RETRIES, PUK_MAX_RETRIES, CardFile, KeySlot, Secret
 
 ALGORITHMS = pki.ALGORITHMS
@@ -73,7 +74,6 @@ OID_SMARTCARD_LOGON = ObjectIdentifier("1.3.6.1.4.1.311.20.2.2")
 OID_UPN = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 UPN_DOMAIN = "sim.nhs.invalid"
 ORGANISATIONAL_UNIT = "People"
-PIV_AID = bytes.fromhex("A000000308000010000100")
 #: PIV data object tags (hex, lower case), as keys of ``CardFile.objects``
 TAG_CHUID = "5fc102"
 TAG_CCC = "5fc107"
@@ -119,54 +119,16 @@ def validate_pin(pin: str) -> str:
 
 
 # --- TLV -----------------------------------------------------------------------------------------
-
-
-def tlv(tag: int | bytes, value: bytes) -> bytes:
-    """One BER-TLV: tag (an int of 1-3 bytes, or bytes), definite length, value."""
-    if isinstance(tag, int):
-        tag = tag.to_bytes((tag.bit_length() + 7) // 8 or 1, "big")
-    n = len(value)
-    if n < 0x80:
-        length = bytes([n])
-    elif n <= 0xFF:
-        length = bytes([0x81, n])
-    elif n <= 0xFFFF:
-        length = bytes([0x82]) + n.to_bytes(2, "big")
-    else:
-        raise ValueError(f"TLV value too long ({n} bytes)")
-    return tag + length + value
+# The card's own BER-TLV codec (simulators.card.apdu), so that issuance writes what the card
+# reads with the same code.
 
 
 def parse_tlv(data: bytes) -> list[tuple[int, bytes]]:
     """The (tag, value) pairs of a run of BER-TLVs (one level; ValueError if malformed)."""
-    out: list[tuple[int, bytes]] = []
-    i = 0
-    while i < len(data):
-        start = i
-        i += 1
-        if data[start] & 0x1F == 0x1F:  # multi-byte tag: more bytes while bit 8 is set
-            while True:
-                if i >= len(data):
-                    raise ValueError("truncated TLV tag")
-                i += 1
-                if not data[i - 1] & 0x80:
-                    break
-        tag = int.from_bytes(data[start:i], "big")
-        if i >= len(data):
-            raise ValueError("truncated TLV length")
-        n = data[i]
-        i += 1
-        if n & 0x80:
-            width = n & 0x7F
-            if width not in (1, 2, 3) or i + width > len(data):
-                raise ValueError("bad TLV length")
-            n = int.from_bytes(data[i:i + width], "big")
-            i += width
-        if i + n > len(data):
-            raise ValueError("truncated TLV value")
-        out.append((tag, data[i:i + n]))
-        i += n
-    return out
+    try:
+        return parse_tlvs(data)
+    except TlvError as e:
+        raise ValueError(str(e)) from None
 
 
 # --- PIV objects ---------------------------------------------------------------------------------
@@ -204,32 +166,33 @@ def fascn(*, agency: str = "9999", system: str = "9999", credential: str = "9999
 
 
 def chuid(*, card_serial: str, guid: bytes, expiry: dt.date) -> bytes:
-    """The CHUID's content: FASC-N, GUID, expiration date, empty signature, FE."""
-    return (tlv(0x30, fascn(credential=card_serial[-6:], person=card_serial[-10:].zfill(10)))
-            + tlv(0x34, guid) + tlv(0x35, expiry.strftime("%Y%m%d").encode())
-            + tlv(0x3E, b"") + tlv(0xFE, b""))  # fmt: skip
+    """The CHUID's content: FASC-N (from the card serial), GUID, expiration date, empty
+    signature, FE."""
+    return piv.build_chuid(
+        guid, expiry.strftime("%Y%m%d"),
+        fascn=fascn(credential=card_serial[-6:], person=card_serial[-10:].zfill(10)),
+    )
 
 
 def ccc(card_id: bytes) -> bytes:
     """The Card Capability Container's content (``card_id``: 14 bytes)."""
-    return (tlv(0xF0, bytes.fromhex("A000000116FF02") + card_id) + tlv(0xF1, b"\x21")
-            + tlv(0xF2, b"\x21") + tlv(0xF3, b"") + tlv(0xF4, b"\x00") + tlv(0xF5, b"\x10")
-            + b"".join(tlv(t, b"") for t in (0xF6, 0xF7, 0xFA, 0xFB, 0xFC, 0xFD, 0xFE)))
+    return piv.build_ccc(card_id)
 
 
 def discovery() -> bytes:
-    """The discovery object's content (inside ``7E``): PIV AID and PIN usage policy."""
-    return tlv(0x4F, PIV_AID) + tlv(0x5F2F, b"\x40\x00")
+    """The discovery object's content (inside ``7E``): PIV AID and PIN usage policy (PIV
+    PIN only)."""
+    return piv.build_discovery_object()
 
 
 def key_history() -> bytes:
     """The key history object's content: no retired keys, with or without certificates."""
-    return tlv(0xC1, b"\x00") + tlv(0xC2, b"\x00") + tlv(0xFE, b"")
+    return piv.build_key_history()
 
 
 def certificate_object(cert_der: bytes) -> bytes:
     """A certificate object's content: certificate, CertInfo 00 (not compressed), FE."""
-    return tlv(0x70, cert_der) + tlv(0x71, b"\x00") + tlv(0xFE, b"")
+    return piv.build_certificate_object(cert_der)
 
 
 def printed_information(*, name: str, uuid: str, card_serial: str, expiry: dt.date) -> bytes:
