@@ -41,6 +41,18 @@ class Reason(str, enum.Enum):
     NO_DEVICE = "no-device"
     AMBIGUOUS = "ambiguous-account"
     DEVICE_ERROR = "device-error"
+    # smartcards (token_agent/ceremonies/card.py)
+    CERT_EXPIRED = "certificate-expired"
+    CERT_NOT_YET_VALID = "certificate-not-yet-valid"
+    CERT_REVOKED = "certificate-revoked"
+    CERT_UNTRUSTED = "certificate-untrusted"
+    CERT_INVALID = "certificate-invalid"  # key usage, profile, no UUID, unreadable
+    REVOCATION_UNKNOWN = "revocation-unknown"  # CRL stale or unreachable and the policy refuses
+    NOT_SUPPORTED_CARD = "not-supported-card"
+    PCSC_UNAVAILABLE = "pcsc-unavailable"
+    WRONG_PUK = "wrong-puk"
+    PUK_BLOCKED = "puk-blocked"
+    SPONSOR_NOT_AUTHORISED = "sponsor-not-authorised"
 
 
 @dataclass(frozen=True)
