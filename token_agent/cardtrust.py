@@ -60,7 +60,7 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -87,8 +87,7 @@ CrlBehaviour = Literal["refuse", "warn"]
 Reason = Literal["not-yet-valid", "expired", "untrusted", "revoked", "crl-stale",
                  "crl-unavailable", "wrong-key-usage", "no-uuid", "malformed"]  # fmt: skip
 #: every reason :class:`CardCertificateError` may carry
-REASONS: tuple[str, ...] = ("not-yet-valid", "expired", "untrusted", "revoked", "crl-stale",
-                            "crl-unavailable", "wrong-key-usage", "no-uuid", "malformed")  # fmt: skip
+REASONS: tuple[str, ...] = get_args(Reason)
 
 #: how far in the future a CRL's thisUpdate may be (clock skew between CA and workstation)
 CRL_CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -448,7 +447,8 @@ def _cached_crl(path: str, mtime_ns: int, size: int) -> x509.CertificateRevocati
     return x509.load_der_x509_crl(Path(path).read_bytes())
 
 
-def _read_cache(cache_dir: Path, source: str) -> tuple[x509.CertificateRevocationList, float] | None:
+def _read_cache(cache_dir: Path,
+                source: str) -> tuple[x509.CertificateRevocationList, float] | None:  # fmt: skip
     """The cached CRL of ``source`` and when it was fetched (epoch seconds), or None."""
     path = _cache_path(cache_dir, source)
     try:
@@ -579,7 +579,7 @@ def validate_card_certificate(cert_der: bytes, policy: CardTrustPolicy, *,
 
     Returns the holder's :class:`CardIdentity`; raises :class:`CardCertificateError` with the
     reason and a message for the holder. Call it before asking for the card's PIN."""
-    now = (now or dt.datetime.now(dt.timezone.utc))
+    now = now or dt.datetime.now(dt.timezone.utc)
     if now.tzinfo is None:
         now = now.replace(tzinfo=dt.timezone.utc)
     try:
