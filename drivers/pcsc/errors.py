@@ -15,9 +15,12 @@ from __future__ import annotations
 __all__ = [
     "CardError",
     "CardRemoved",
+    "InvalidPin",
+    "ManagementKeyRejected",
     "NoCard",
     "NoReader",
     "NotPivCard",
+    "ObjectNotFound",
     "PcscError",
     "PcscUnavailable",
     "PinBlocked",
@@ -171,6 +174,28 @@ class SecurityStatusNotSatisfied(PcscError):
 
     code = "not_verified"
     default_message = "The card needs the PIN first."
+
+
+class InvalidPin(PcscError):
+    """The PIN (or PUK) has a form the card does not take (it cost no try)."""
+
+    code = "invalid_pin"
+    default_message = "The PIN must be 4 to 8 digits."
+
+
+class ManagementKeyRejected(PcscError):
+    """The card's administrative (management) key was wrong, or the card's proof was."""
+
+    code = "management_key_rejected"
+    default_message = ("The card did not accept its administrative key: check that it is "
+                       "the key issued with this card.")
+
+
+class ObjectNotFound(PcscError):
+    """The card has no such data object (e.g. no certificate in that slot)."""
+
+    code = "object_not_found"
+    default_message = "The card does not hold the requested data (certificate or object)."
 
 
 class CardError(PcscError):
