@@ -251,12 +251,18 @@ def pcscd(tmp_path_factory):
 @pytest.fixture
 def vpcd_insert(pcscd):
     """``vpcd_insert(card, slot=0, **bridge_options)``: the card in vpcd's reader (a
-    :class:`simulators.card.vpcd.VpcdBridge`, inserted); every card is removed at teardown."""
+    :class:`simulators.card.vpcd.VpcdBridge`, inserted); every card is removed at teardown.
+
+    Before inserting, it waits until pcscd has seen the slot empty: a card taken out (by the
+    test before) is only noticed at pcscd's next presence poll (up to 400 ms), and a card put
+    in before that poll is never reported as a new insertion."""
+    from pcsc_helpers import wait_for_card
     from simulators.card.vpcd import VpcdBridge
 
     bridges = []
 
     def insert(card, slot: int = 0, **options):
+        wait_for_card(pcscd.context, pcscd.reader(slot), present=False)
         bridge = VpcdBridge(card, slot=slot, **options)
         bridge.insert()
         bridges.append(bridge)
