@@ -34,3 +34,4 @@ def sim() -> None:
 from . import admin, auth, keys, sim_key, users  # noqa: E402,F401  (register the commands)
 from . import sim_card  # noqa: E402,F401
 from . import sim_card_reader  # noqa: E402,F401  (sim card insert, remove)
+from . import card  # noqa: E402,F401  (card status, login, watch, change-pin, unlock)
