@@ -17,7 +17,6 @@ from pcsc_helpers import wait_for_card
 from simulators.card.card import InProcessCardConnection, VirtualCard
 from simulators.card.issuance import issue_card
 from simulators.card.pki import admin_credentials, init_ca, issuing_cert_path, root_cert_path
-from simulators.card.vpcd import find_reader
 from token_agent.cardsession import CardSessionManager
 from token_agent.ceremonies.card import (
     CardSettings,
