@@ -212,14 +212,24 @@ def test_watcher_survives_pcscd_restart(pcscd, empty_readers, vpcd_insert, issue
         pytest.skip("pcscd is the machine's own (not started by this test session): "
                     "the test does not kill it")
     reader = pcscd.reader(0)
-    events = Events()
+    at_loss: list = []  # the watcher's snapshot when it reports the loss (on its own thread)
+
+    class LossEvents(Events):
+        def __call__(self, event: ReaderEvent) -> None:
+            if event.kind == "service-lost":
+                at_loss.append(watcher.snapshot())
+            super().__call__(event)
+
+    events = LossEvents()
     with ReaderWatcher(events, readers_filter=[READER_PREFIX]) as watcher:
         alice = card(issued, tmp_path)
         vpcd_insert(alice, reconnect=True)
         events.wait("card-inserted", reader)
         restart_pcscd(pcscd)
         events.wait("service-lost", timeout=5)
-        assert watcher.snapshot() == {}
+        # Read then, not now: by now the watcher may already be back (restart_pcscd waited
+        # for pcscd to list its reader again).
+        assert at_loss[0] == {}
         events.wait("service-back", timeout=10)
         events.wait("reader-added", reader, timeout=10)
         # the card stayed in (the bridge reconnects): reported as inserted after the restart
