@@ -274,3 +274,30 @@ def vpcd_insert(pcscd):
             bridge.remove()
         except Exception:  # a test that broke the card's file; the card is out regardless
             pass
+
+
+@pytest.fixture(scope="session")
+def issued_cards(tmp_path_factory) -> dict[str, Path]:
+    """Two cards issued by the simulated NHS-style PKI (RSA 2048, PIN 1234), made once per
+    session: ``alice`` (UUID 555123456789) and ``bob`` (555987654321). Tests work on copies."""
+    from simulators.card.issuance import issue_card
+    from simulators.card.pki import init_ca
+
+    directory = tmp_path_factory.mktemp("issued")
+    init_ca(directory / "ca")
+    cards = {}
+    for name, uuid in (("alice", "555123456789"), ("bob", "555987654321")):
+        cards[name] = directory / f"{name}.card"
+        issue_card(directory / "ca", name=f"Dr {name.title()} Smith", uuid=uuid, pin="1234",
+                   out=cards[name])  # fmt: skip
+    return cards
+
+
+@pytest.fixture
+def fresh_ca(tmp_path) -> Path:
+    """A CA of one's own (EC keys: fast), for tests that revoke or break things."""
+    from simulators.card import pki
+
+    directory = tmp_path / "ca"
+    pki.init_ca(directory, algorithm="ECCP256")
+    return directory

@@ -21,8 +21,6 @@ from conftest import REPO_ROOT, free_port, token_agent_command
 from pcsc_helpers import CardConnection, wait_for_card
 from simulators.card.card import VirtualCard
 from simulators.card.cardfile import CardFile
-from simulators.card.issuance import issue_card
-from simulators.card.pki import init_ca
 from simulators.card.vpcd import (
     SlotBusy,
     VpcdBridge,
@@ -40,20 +38,6 @@ VERIFY_STATUS = bytes.fromhex("0020008000")
 
 def verify(pin: str) -> bytes:
     return bytes.fromhex("0020008008") + pin.encode().ljust(8, b"\xff")
-
-
-@pytest.fixture(scope="module")
-def issued_cards(tmp_path_factory) -> dict[str, Path]:
-    """Two cards issued by the simulated NHS-style PKI (RSA 2048, PIN 1234), made once: each
-    test works on copies."""
-    directory = tmp_path_factory.mktemp("issued")
-    init_ca(directory / "ca")
-    cards = {}
-    for name, uuid in (("alice", "555123456789"), ("bob", "555987654321")):
-        cards[name] = directory / f"{name}.card"
-        issue_card(directory / "ca", name=f"Dr {name.title()} Smith", uuid=uuid, pin="1234",
-                   out=cards[name])  # fmt: skip
-    return cards
 
 
 def copy_card(source: Path, target: Path) -> Path:

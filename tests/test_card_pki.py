@@ -72,14 +72,6 @@ def cards(ca_dir, tmp_path_factory) -> dict[str, CardFile]:
     return issued
 
 
-@pytest.fixture
-def fresh_ca(tmp_path) -> Path:
-    """A CA of one's own (EC keys: fast), for tests that revoke or break things."""
-    directory = tmp_path / "ca"
-    pki.init_ca(directory, algorithm="ECCP256")
-    return directory
-
-
 # --- the CA --------------------------------------------------------------------------------------
 
 

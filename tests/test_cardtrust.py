@@ -76,14 +76,6 @@ def cards(ca_dir, tmp_path_factory) -> dict:
     return issued
 
 
-@pytest.fixture
-def fresh_ca(tmp_path) -> Path:
-    """A CA of one's own (EC keys: fast), for tests that revoke or break things."""
-    directory = tmp_path / "ca"
-    pki.init_ca(directory, algorithm="ECCP256")
-    return directory
-
-
 def custom_cert(ca_dir: Path, *, subject: x509.Name | None = None, eku=None,
                 key_usage: dict | None = None, crl: bool = True) -> bytes:  # fmt: skip
     """A certificate from the CA's issuing key with a profile of one's choosing."""

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,24 +17,10 @@ from drivers.pcsc.errors import PcscUnavailable
 from drivers.pcsc.readers import ReaderEvent, ReaderWatcher, list_readers
 from pcsc_helpers import establish_context, find_pcscd, list_readers as helper_list_readers
 from simulators.card.card import VirtualCard
-from simulators.card.issuance import issue_card
-from simulators.card.pki import init_ca
 from simulators.card.vpcd import READER_PREFIX, find_reader
 
 #: an insertion or removal is seen by pcscd within its 400 ms poll; the event follows at once
 EVENT_TIMEOUT = 2.0
-
-
-@pytest.fixture(scope="module")
-def issued(tmp_path_factory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("pcsc-readers")
-    init_ca(directory / "ca")
-    cards = {}
-    for name, uuid in (("alice", "555123456789"), ("bob", "555987654321")):
-        cards[name] = directory / f"{name}.card"
-        issue_card(directory / "ca", name=f"Dr {name.title()} Smith", uuid=uuid, pin="1234",
-                   out=cards[name])  # fmt: skip
-    return cards
 
 
 @pytest.fixture
@@ -49,9 +34,9 @@ def empty_readers(pcscd):
         wait_for_card(pcscd.context, pcscd.reader(slot), present=False)
 
 
-def card(issued, tmp_path, name: str = "alice") -> VirtualCard:
+def card(issued_cards, tmp_path, name: str = "alice") -> VirtualCard:
     path = tmp_path / f"{name}.card"
-    shutil.copyfile(issued[name], path)
+    shutil.copyfile(issued_cards[name], path)
     os.chmod(path, 0o600)
     return VirtualCard.load(path)
 
@@ -99,14 +84,14 @@ def test_list_readers(pcscd):
     assert readers == helper_list_readers(pcscd.context)
 
 
-def test_watcher_sees_insert_and_remove(pcscd, empty_readers, vpcd_insert, issued, tmp_path):
+def test_watcher_sees_insert_and_remove(pcscd, empty_readers, vpcd_insert, issued_cards, tmp_path):
     reader = pcscd.reader(0)
     events = Events()
     with ReaderWatcher(events, readers_filter=[READER_PREFIX]) as watcher:
         snapshot = watcher.snapshot()
         assert reader in snapshot and not snapshot[reader].present
         assert all(name.startswith(READER_PREFIX) for name in snapshot)
-        virtual = card(issued, tmp_path)
+        virtual = card(issued_cards, tmp_path)
         inserted_at = time.monotonic()
         bridge = vpcd_insert(virtual)
         event = events.wait("card-inserted", reader)
@@ -124,12 +109,12 @@ def test_watcher_sees_insert_and_remove(pcscd, empty_readers, vpcd_insert, issue
     assert kinds == ["card-inserted", "card-removed"], kinds
 
 
-def test_card_present_at_start_is_in_the_snapshot(pcscd, empty_readers, vpcd_insert, issued,
+def test_card_present_at_start_is_in_the_snapshot(pcscd, empty_readers, vpcd_insert, issued_cards,
                                                   tmp_path):
     from pcsc_helpers import wait_for_card
 
     reader = pcscd.reader(0)
-    virtual = card(issued, tmp_path)
+    virtual = card(issued_cards, tmp_path)
     vpcd_insert(virtual)
     wait_for_card(pcscd.context, reader)
     events = Events()
@@ -139,11 +124,11 @@ def test_card_present_at_start_is_in_the_snapshot(pcscd, empty_readers, vpcd_ins
     assert events.drain() == []  # what is there at start is not an event
 
 
-def test_two_readers_two_cards(pcscd, empty_readers, vpcd_insert, issued, tmp_path):
+def test_two_readers_two_cards(pcscd, empty_readers, vpcd_insert, issued_cards, tmp_path):
     first, second = pcscd.reader(0), pcscd.reader(1)
     events = Events()
     with ReaderWatcher(events, readers_filter=lambda name: name in (first, second)) as watcher:
-        alice, bob = card(issued, tmp_path, "alice"), card(issued, tmp_path, "bob")
+        alice, bob = card(issued_cards, tmp_path, "alice"), card(issued_cards, tmp_path, "bob")
         bridge_a = vpcd_insert(alice, slot=0)
         bridge_b = vpcd_insert(bob, slot=1)
         assert events.wait("card-inserted", first).atr == alice.atr
@@ -168,7 +153,7 @@ def test_stop_is_prompt(pcscd):
     assert not watcher.running
 
 
-def test_callback_errors_do_not_stop_the_watcher(pcscd, empty_readers, vpcd_insert, issued,
+def test_callback_errors_do_not_stop_the_watcher(pcscd, empty_readers, vpcd_insert, issued_cards,
                                                   tmp_path):
     reader = pcscd.reader(0)
     events = Events()
@@ -178,7 +163,7 @@ def test_callback_errors_do_not_stop_the_watcher(pcscd, empty_readers, vpcd_inse
         raise RuntimeError("a consumer's bug")
 
     with ReaderWatcher(callback, readers_filter=reader):
-        bridge = vpcd_insert(card(issued, tmp_path))
+        bridge = vpcd_insert(card(issued_cards, tmp_path))
         events.wait("card-inserted", reader)
         bridge.remove()
         events.wait("card-removed", reader)
@@ -207,7 +192,7 @@ def restart_pcscd(service) -> None:
     service.context = context  # the old one died with the old pcscd
 
 
-def test_watcher_survives_pcscd_restart(pcscd, empty_readers, vpcd_insert, issued, tmp_path):
+def test_watcher_survives_pcscd_restart(pcscd, empty_readers, vpcd_insert, issued_cards, tmp_path):
     if not pcscd.started_here:
         pytest.skip("pcscd is the machine's own (not started by this test session): "
                     "the test does not kill it")
@@ -222,7 +207,7 @@ def test_watcher_survives_pcscd_restart(pcscd, empty_readers, vpcd_insert, issue
 
     events = LossEvents()
     with ReaderWatcher(events, readers_filter=[READER_PREFIX]) as watcher:
-        alice = card(issued, tmp_path)
+        alice = card(issued_cards, tmp_path)
         vpcd_insert(alice, reconnect=True)
         events.wait("card-inserted", reader)
         restart_pcscd(pcscd)
@@ -236,7 +221,7 @@ def test_watcher_survives_pcscd_restart(pcscd, empty_readers, vpcd_insert, issue
         assert events.wait("card-inserted", reader, timeout=10).atr == alice.atr
         # and the next insertion, in the other reader, is seen too
         second = pcscd.reader(1)
-        bob = card(issued, tmp_path, "bob")
+        bob = card(issued_cards, tmp_path, "bob")
         vpcd_insert(bob, slot=1)
         assert events.wait("card-inserted", second).atr == bob.atr
     assert list_readers()  # the service is usable again for the rest of the session
