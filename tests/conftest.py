@@ -248,6 +248,11 @@ def pcscd(tmp_path_factory):
     service.stop()
 
 
+#: seconds between a slot's last removal and the next insertion (see vpcd_insert)
+REINSERT_GAP = 1.2
+_last_removal: dict[int, float] = {}
+
+
 @pytest.fixture
 def vpcd_insert(pcscd):
     """``vpcd_insert(card, slot=0, **bridge_options)``: the card in vpcd's reader (a
@@ -255,7 +260,9 @@ def vpcd_insert(pcscd):
 
     Before inserting, it waits until pcscd has seen the slot empty: a card taken out (by the
     test before) is only noticed at pcscd's next presence poll (up to 400 ms), and a card put
-    in before that poll is never reported as a new insertion."""
+    in before that poll is never reported as a new insertion. It also leaves
+    :data:`REINSERT_GAP` seconds after the slot's last removal: seen here, pcscd (1.9.9 with
+    vpcd) can miss a card put back about a second after one was pulled out mid-transaction."""
     from pcsc_helpers import wait_for_card
     from simulators.card.vpcd import VpcdBridge
 
@@ -263,6 +270,9 @@ def vpcd_insert(pcscd):
 
     def insert(card, slot: int = 0, **options):
         wait_for_card(pcscd.context, pcscd.reader(slot), present=False)
+        gap = _last_removal.get(slot, 0.0) + REINSERT_GAP - time.monotonic()
+        if gap > 0:
+            time.sleep(gap)
         bridge = VpcdBridge(card, slot=slot, **options)
         bridge.insert()
         bridges.append(bridge)
@@ -274,6 +284,7 @@ def vpcd_insert(pcscd):
             bridge.remove()
         except Exception:  # a test that broke the card's file; the card is out regardless
             pass
+        _last_removal[bridge.slot if bridge.slot is not None else 0] = time.monotonic()
 
 
 @pytest.fixture(scope="session")
