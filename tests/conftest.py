@@ -274,6 +274,7 @@ def vpcd_insert(pcscd):
         if gap > 0:
             time.sleep(gap)
         bridge = VpcdBridge(card, slot=slot, **options)
+        bridge.requested_at = time.monotonic()  # for tests that time what follows insertion
         bridge.insert()
         bridges.append(bridge)
         return bridge

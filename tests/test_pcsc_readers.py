@@ -92,8 +92,8 @@ def test_watcher_sees_insert_and_remove(pcscd, empty_readers, vpcd_insert, issue
         assert reader in snapshot and not snapshot[reader].present
         assert all(name.startswith(READER_PREFIX) for name in snapshot)
         virtual = card(issued_cards, tmp_path)
-        inserted_at = time.monotonic()
         bridge = vpcd_insert(virtual)
+        inserted_at = bridge.requested_at
         event = events.wait("card-inserted", reader)
         assert event.atr == virtual.atr
         assert 0 <= event.at - inserted_at < 0.5 + 0.1, event.at - inserted_at
