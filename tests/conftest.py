@@ -16,7 +16,6 @@ report as a section ("sim key server ...").
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -103,21 +102,9 @@ class SimKeyServer:
 
     def stop(self) -> int | None:
         """Stop the process (SIGTERM, then SIGKILL after 5 s); return its exit code."""
-        proc = self.process
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(5)
-        return proc.returncode
+        from processes import stop_process_group
+
+        return stop_process_group(self.process, 5)
 
 
 def _control_answers(url: str) -> bool:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from processes import stop_process_group
 from simulators.card.vpcd import find_reader
 
 #: serialises the machine's pcscd and vpcd slots between concurrent test sessions
@@ -274,17 +274,8 @@ class PcscdService:
     def stop(self) -> None:
         release_context(self.context)
         self.context = None
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        if self.process is not None:
+            stop_process_group(self.process, 10)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
