@@ -27,9 +27,10 @@ export DEBIAN_FRONTEND=noninteractive
 # --- 1. Debian packages -------------------------------------------------------------------------
 # python3-*: the interpreter and venv; gcc, swig, python3-dev, libpcsclite-dev: pyscard builds
 # from source (no Linux wheel); pcscd, vsmartcard-vpcd, opensc, pcsc-tools: the PC/SC stack the
-# smartcard simulator and its tests run against.
+# smartcard simulator and its tests run against; oathtool: an independent TOTP implementation
+# the authenticator-app tests check codes against.
 APT_PACKAGES=(python3 python3-venv python3-dev gcc swig libpcsclite-dev pcscd vsmartcard-vpcd
-              opensc pcsc-tools)
+              opensc pcsc-tools oathtool)
 
 if [[ "${TOKEN_AGENT_SKIP_APT:-}" == 1 ]]; then
     log "skipping Debian packages (TOKEN_AGENT_SKIP_APT=1)"

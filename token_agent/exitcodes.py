@@ -14,6 +14,8 @@ LOCKED = 6  # PIN blocked / too many wrong PINs: needs a power cycle, a reset or
 STORE = 7  # the credential store cannot be used (unwritable, corrupt, newer schema)
 NOT_FOUND = 8  # the user, credential or setting named does not exist
 CONFLICT = 9  # it exists already (user, key name, key already enrolled)
+ENROL_REQUIRED = 10  # the policy requires a second factor and the user has none set up yet
+DELIVERY = 11  # a one-time code could not be sent (gateway down, not configured), or sent too often
 
 REASON_CODES: dict[Reason, int] = {
     Reason.UNKNOWN_USER: AUTH_FAILED,
@@ -46,4 +48,18 @@ REASON_CODES: dict[Reason, int] = {
     Reason.PUK_BLOCKED: LOCKED,
     Reason.NOT_SUPPORTED_CARD: NO_DEVICE,
     Reason.PCSC_UNAVAILABLE: NO_DEVICE,
+    Reason.WRONG_PASSWORD: AUTH_FAILED,
+    Reason.WRONG_CODE: AUTH_FAILED,
+    Reason.CODE_EXPIRED: AUTH_FAILED,
+    Reason.CODE_REPLAYED: AUTH_FAILED,
+    Reason.METHOD_LOCKED: LOCKED,
+    Reason.METHOD_NOT_ALLOWED: AUTH_FAILED,
+    Reason.NOT_CONFIRMED: AUTH_FAILED,
+    Reason.ENROLMENT_REQUIRED: ENROL_REQUIRED,
+    Reason.DELIVERY_FAILED: DELIVERY,
+    Reason.RESEND_THROTTLED: DELIVERY,
+    Reason.PUSH_DENIED: AUTH_FAILED,
+    Reason.PUSH_WRONG_NUMBER: AUTH_FAILED,
+    Reason.PUSH_EXPIRED: TIMEOUT,
+    Reason.LEGACY_NOT_ALLOWED: AUTH_FAILED,
 }

@@ -53,6 +53,21 @@ class Reason(str, enum.Enum):
     WRONG_PUK = "wrong-puk"
     PUK_BLOCKED = "puk-blocked"
     SPONSOR_NOT_AUTHORISED = "sponsor-not-authorised"
+    # passwords and second factors (token_agent/factors/)
+    WRONG_PASSWORD = "wrong-password"
+    WRONG_CODE = "wrong-code"
+    CODE_EXPIRED = "code-expired"
+    CODE_REPLAYED = "code-replayed"
+    METHOD_LOCKED = "method-locked"
+    METHOD_NOT_ALLOWED = "method-not-allowed"
+    NOT_CONFIRMED = "method-not-confirmed"
+    ENROLMENT_REQUIRED = "enrolment-required"
+    DELIVERY_FAILED = "delivery-failed"
+    RESEND_THROTTLED = "resend-throttled"
+    PUSH_DENIED = "push-denied"
+    PUSH_WRONG_NUMBER = "push-wrong-number"
+    PUSH_EXPIRED = "push-expired"
+    LEGACY_NOT_ALLOWED = "legacy-access-not-allowed"
 
 
 @dataclass(frozen=True)

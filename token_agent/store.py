@@ -100,6 +100,21 @@ DEFAULT_BUSY_TIMEOUT = 5.0
 KIND_FIDO2 = "fido2"
 #: method kind of a smartcard identity (the holder's UUID in the card's certificate)
 KIND_SMARTCARD = "smartcard"
+#: method kinds of the second factors and the password (``token_agent.factors``)
+KIND_PASSWORD = "password"
+KIND_TOTP = "totp"
+KIND_EMAIL = "email"
+KIND_SMS = "sms"
+KIND_VOICE = "voice"
+KIND_MESSAGING = "messaging"
+KIND_PUSH = "push"
+KIND_APP_PASSWORD = "app_password"
+KIND_BACKUP_CODES = "backup_codes"
+#: every method kind the store knows
+METHOD_KINDS = (KIND_PASSWORD, KIND_FIDO2, KIND_SMARTCARD, KIND_TOTP, KIND_EMAIL, KIND_SMS,
+                KIND_VOICE, KIND_MESSAGING, KIND_PUSH, KIND_APP_PASSWORD, KIND_BACKUP_CODES)
+#: user classes (``users.user_class``) of the MFA policy
+USER_CLASSES = ("internal", "external", "contributor")
 #: a smartcard holder's UUID (NHS: 12 digits; other PKIs: letters, digits and . _ : -)
 CARD_UUID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -224,6 +239,10 @@ class User:
     user_handle: bytes
     created_at: float
     disabled: bool
+    #: the MFA policy's user class: internal (request handlers, admins), external, contributor
+    user_class: str = "internal"
+    #: whether the user asked for MFA (where the policy leaves it optional); new accounts: on
+    mfa_enabled: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``user_handle`` as unpadded base64url)."""
@@ -287,6 +306,27 @@ class SmartcardIdentity:
     last_used_at: float | None
     flagged: bool
     flag_reason: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One authentication method of a user, of any kind (the ``methods`` table): what
+    "the user's methods", "the preferred method" and "remove all methods" work on. Details
+    of each kind live in that kind's table (``token_agent.factors`` reads them)."""
+
+    id: int
+    user_id: str
+    kind: str
+    name: str
+    created_at: float
+    last_used_at: float | None
+    flagged: bool
+    flag_reason: str | None
+    preferred: bool
+    confirmed: bool
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -554,10 +594,135 @@ def _migration_2(conn: sqlite3.Connection) -> None:
     run_script(conn, _SCHEMA_V2)
 
 
+_SCHEMA_V3 = """
+-- The MFA policy's view of a user: their class, and whether they asked for MFA where the
+-- policy leaves it optional (new accounts: on).
+ALTER TABLE users ADD COLUMN user_class TEXT NOT NULL DEFAULT 'internal'
+    CHECK (user_class IN ('internal', 'external', 'contributor'));
+ALTER TABLE users ADD COLUMN mfa_enabled INTEGER NOT NULL DEFAULT 1 CHECK (mfa_enabled IN (0, 1));
+
+-- One preferred method per user; a method not yet confirmed (a TOTP secret before its first
+-- code, a phone number before its first code) is not usable.
+ALTER TABLE methods ADD COLUMN preferred INTEGER NOT NULL DEFAULT 0 CHECK (preferred IN (0, 1));
+ALTER TABLE methods ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1 CHECK (confirmed IN (0, 1));
+CREATE UNIQUE INDEX methods_one_preferred ON methods(user_id) WHERE preferred = 1;
+CREATE INDEX methods_by_user ON methods(user_id, kind);
+
+-- A password (one per user): scrypt, in a self-describing string.
+CREATE TABLE password_credentials (
+    method_id  INTEGER PRIMARY KEY REFERENCES methods(id) ON DELETE CASCADE,
+    hash       TEXT NOT NULL,
+    changed_at REAL NOT NULL
+);
+
+-- An authenticator app: the secret encrypted (AES-GCM under the data directory's key) and the
+-- last accepted time step (a code of that step or an earlier one is a replay).
+CREATE TABLE totp_credentials (
+    method_id  INTEGER PRIMARY KEY REFERENCES methods(id) ON DELETE CASCADE,
+    secret_enc BLOB NOT NULL,
+    digits     INTEGER NOT NULL CHECK (digits BETWEEN 6 AND 8),
+    period     INTEGER NOT NULL CHECK (period BETWEEN 15 AND 120),
+    algorithm  TEXT NOT NULL CHECK (algorithm IN ('SHA1', 'SHA256', 'SHA512')),
+    last_step  INTEGER NOT NULL DEFAULT -1
+);
+
+-- Where one-time codes are sent: an email address or a phone number, per channel.
+CREATE TABLE contact_methods (
+    method_id   INTEGER PRIMARY KEY REFERENCES methods(id) ON DELETE CASCADE,
+    channel     TEXT NOT NULL CHECK (channel IN ('email', 'sms', 'voice', 'messaging')),
+    destination TEXT NOT NULL
+);
+
+-- One-time codes sent (stored as keyed hashes), single use, expiring.
+CREATE TABLE otp_challenges (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    method_id    INTEGER NOT NULL REFERENCES methods(id) ON DELETE CASCADE,
+    purpose      TEXT NOT NULL CHECK (purpose IN ('login', 'enrol')),
+    code_hash    BLOB NOT NULL,
+    created_at   REAL NOT NULL,
+    expires_at   REAL NOT NULL,
+    used_at      REAL,
+    channel      TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX otp_challenges_by_method ON otp_challenges(method_id, created_at);
+
+-- A companion app for push approval: its Ed25519 public key.
+CREATE TABLE push_devices (
+    method_id   INTEGER PRIMARY KEY REFERENCES methods(id) ON DELETE CASCADE,
+    device_id   TEXT NOT NULL UNIQUE,
+    public_key  BLOB NOT NULL CHECK (length(public_key) = 32)
+);
+
+-- A push request: the number shown on the login screen, and what the companion answered.
+CREATE TABLE push_requests (
+    id          TEXT PRIMARY KEY NOT NULL,
+    method_id   INTEGER NOT NULL REFERENCES methods(id) ON DELETE CASCADE,
+    number      INTEGER NOT NULL CHECK (number BETWEEN 10 AND 99),
+    context     TEXT NOT NULL DEFAULT '{}',
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'approved', 'denied', 'wrong-number', 'expired', 'cancelled')),
+    decided_at  REAL
+);
+CREATE INDEX push_requests_by_method ON push_requests(method_id, state);
+
+-- App passwords for legacy applications, and backup codes: keyed hashes only.
+CREATE TABLE app_passwords (
+    method_id  INTEGER PRIMARY KEY REFERENCES methods(id) ON DELETE CASCADE,
+    hash       BLOB NOT NULL UNIQUE
+);
+CREATE TABLE backup_codes (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    method_id  INTEGER NOT NULL REFERENCES methods(id) ON DELETE CASCADE,
+    code_hash  BLOB NOT NULL,
+    used_at    REAL
+);
+CREATE INDEX backup_codes_by_method ON backup_codes(method_id);
+
+-- Failed attempts and growing lockouts, per method ('method:ID') or per user's password
+-- ('password:USER_ID').
+CREATE TABLE lockouts (
+    scope           TEXT PRIMARY KEY NOT NULL,
+    user_id         TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    level           INTEGER NOT NULL DEFAULT 0,
+    locked_until    REAL,
+    last_failure_at REAL
+);
+CREATE INDEX lockouts_by_user ON lockouts(user_id);
+
+-- Devices and networks a user has logged in from (unusual-login detection), and when each
+-- device last completed a second factor (re-verification).
+CREATE TABLE sightings (
+    user_id    TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    kind       TEXT NOT NULL CHECK (kind IN ('device', 'network')),
+    value      TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL,
+    PRIMARY KEY (user_id, kind, value)
+) WITHOUT ROWID;
+CREATE TABLE verifications (
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    device_id   TEXT NOT NULL,
+    verified_at REAL NOT NULL,
+    method      TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+"""
+
+
+def _migration_3(conn: sqlite3.Connection) -> None:
+    run_script(conn, _SCHEMA_V3)
+
+
 #: the schema, in order: ``MIGRATIONS[n-1]`` brings a store to version ``n``. Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "users, roles, methods, FIDO2 credentials, audit events, settings", _migration_1),
     Migration(2, "smartcard identities", _migration_2),
+    Migration(3, "user classes, preferred methods, second factors, lockouts, sightings",
+              _migration_3),
 )
 #: the schema version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -970,6 +1135,7 @@ class Store:
 
     _USER_SELECT = (
         "SELECT u.id, u.username, u.display_name, u.user_handle, u.created_at, u.disabled, "
+        "u.user_class, u.mfa_enabled, "
         "(SELECT group_concat(r.role, ',') FROM user_roles r WHERE r.user_id = u.id) AS roles "
         "FROM users u ")
 
@@ -978,7 +1144,8 @@ class Store:
         return User(id=row["id"], username=row["username"], display_name=row["display_name"],
                     roles=sorted(row["roles"].split(",")) if row["roles"] else [],
                     user_handle=bytes(row["user_handle"]), created_at=row["created_at"],
-                    disabled=bool(row["disabled"]))
+                    disabled=bool(row["disabled"]), user_class=row["user_class"],
+                    mfa_enabled=bool(row["mfa_enabled"]))
 
     @staticmethod
     def _check_username(username: str) -> str:
@@ -1007,8 +1174,14 @@ class Store:
             out.append(role)
         return sorted(set(out))
 
+    @staticmethod
+    def _check_user_class(user_class: str) -> str:
+        if user_class not in USER_CLASSES:
+            raise InvalidValue(f"invalid user class {user_class!r}: one of {', '.join(USER_CLASSES)}")
+        return user_class
+
     def add_user(self, username: str, display_name: str | None = None,
-                 roles: Iterable[str] = ()) -> User:
+                 roles: Iterable[str] = (), *, user_class: str = "internal") -> User:
         """Add a user with a new UUID4 id and a new random 32-byte user handle.
 
         ``username``: 1-64 letters, digits, ``.``, ``_``, ``-``, ``@``; unique regardless
@@ -1017,6 +1190,7 @@ class Store:
         self._check_username(username)
         display = self._check_display_name(username if display_name is None else display_name)
         role_list = self._check_roles(roles)
+        self._check_user_class(user_class)
         with self.transaction(), self._using("add a user") as conn:
             row = conn.execute("SELECT username FROM users WHERE username = ?", (username,)).fetchone()
             if row is not None:
@@ -1025,9 +1199,10 @@ class Store:
                                     if row["username"] != username else ""))
             user_id = str(uuid.uuid4())
             conn.execute(
-                "INSERT INTO users (id, username, display_name, user_handle, created_at, disabled) "
-                "VALUES (?, ?, ?, ?, ?, 0)",
-                (user_id, username, display, secrets.token_bytes(USER_HANDLE_LEN), self._now()))
+                "INSERT INTO users (id, username, display_name, user_handle, created_at, disabled, "
+                "user_class, mfa_enabled) VALUES (?, ?, ?, ?, ?, 0, ?, 1)",
+                (user_id, username, display, secrets.token_bytes(USER_HANDLE_LEN), self._now(),
+                 user_class))
             conn.executemany("INSERT INTO user_roles (user_id, role) VALUES (?, ?)",
                              [(user_id, r) for r in role_list])
             return self.get_user_by_id(user_id)
@@ -1062,16 +1237,25 @@ class Store:
         return [self._user(r) for r in rows]
 
     def update_user(self, username: str, *, display_name: str | None = None,
-                    roles: Iterable[str] | None = None, disabled: bool | None = None) -> User:
-        """Change a user's display name, roles (replaced) or disabled flag; ``None`` keeps it."""
+                    roles: Iterable[str] | None = None, disabled: bool | None = None,
+                    user_class: str | None = None, mfa_enabled: bool | None = None) -> User:
+        """Change a user's display name, roles (replaced), disabled flag, user class or MFA
+        choice; ``None`` keeps it."""
         display = None if display_name is None else self._check_display_name(display_name)
         role_list = None if roles is None else self._check_roles(roles)
+        if user_class is not None:
+            self._check_user_class(user_class)
         with self.transaction(), self._using("update a user") as conn:
             user = self.get_user(username)
             if display is not None:
                 conn.execute("UPDATE users SET display_name = ? WHERE id = ?", (display, user.id))
             if disabled is not None:
                 conn.execute("UPDATE users SET disabled = ? WHERE id = ?", (int(bool(disabled)), user.id))
+            if user_class is not None:
+                conn.execute("UPDATE users SET user_class = ? WHERE id = ?", (user_class, user.id))
+            if mfa_enabled is not None:
+                conn.execute("UPDATE users SET mfa_enabled = ? WHERE id = ?",
+                             (int(bool(mfa_enabled)), user.id))
             if role_list is not None:
                 conn.execute("DELETE FROM user_roles WHERE user_id = ?", (user.id,))
                 conn.executemany("INSERT INTO user_roles (user_id, role) VALUES (?, ?)",
@@ -1085,6 +1269,125 @@ class Store:
             user = self.get_user(username)
             conn.execute("DELETE FROM users WHERE id = ?", (user.id,))
             return user
+
+    # ---------------------------------------------------------------- methods of any kind
+
+    @contextmanager
+    def connection(self, action: str) -> Iterator[sqlite3.Connection]:
+        """The SQLite connection, for the modules that own the queries of their own tables
+        (``token_agent.factors``): held under the store's lock, SQLite errors mapped to
+        ``StoreError`` (``action`` says what was being done, for the message). Wrap writes
+        in ``transaction()``."""
+        with self._using(action) as conn:
+            yield conn
+
+    _METHOD_SELECT = ("SELECT id, user_id, kind, name, created_at, last_used_at, flagged, "
+                      "flag_reason, preferred, confirmed FROM methods ")
+
+    @staticmethod
+    def _method(row: sqlite3.Row) -> Method:
+        return Method(id=row["id"], user_id=row["user_id"], kind=row["kind"], name=row["name"],
+                      created_at=row["created_at"], last_used_at=row["last_used_at"],
+                      flagged=bool(row["flagged"]), flag_reason=row["flag_reason"],
+                      preferred=bool(row["preferred"]), confirmed=bool(row["confirmed"]))
+
+    def add_method(self, user_id: str, kind: str, name: str, *, confirmed: bool = True) -> Method:
+        """Add a row to ``methods`` (the kind's own table is the caller's, in the same
+        transaction). ``CredentialExists`` if the user has a method of that kind and name."""
+        if kind not in METHOD_KINDS:
+            raise InvalidValue(f"unknown method kind {kind!r}")
+        name = self._check_method_name(name)
+        with self.transaction(), self._using("add an authentication method") as conn:
+            user = self.get_user_by_id(user_id)
+            row = conn.execute("SELECT name FROM methods WHERE user_id = ? AND kind = ? AND name = ?",
+                               (user.id, kind, name)).fetchone()
+            if row is not None:
+                raise CredentialExists(f"user {user.username!r} already has a {kind} method named "
+                                       f"{row['name']!r}")
+            cur = conn.execute(
+                "INSERT INTO methods (user_id, kind, name, created_at, confirmed) VALUES (?, ?, ?, ?, ?)",
+                (user.id, kind, name, self._now(), int(bool(confirmed))))
+            return self.get_method(cur.lastrowid)
+
+    def get_method(self, method_id: int) -> Method:
+        """The method with that id; ``UnknownCredential`` if none."""
+        with self._using("read an authentication method") as conn:
+            row = conn.execute(self._METHOD_SELECT + "WHERE id = ?", (int(method_id),)).fetchone()
+        if row is None:
+            raise UnknownCredential(f"unknown authentication method {method_id}")
+        return self._method(row)
+
+    def list_methods(self, user_id: str, kind: str | None = None) -> list[Method]:
+        """The user's methods (of one kind, or all), in order of enrolment."""
+        with self._using("list authentication methods") as conn:
+            if kind is None:
+                rows = conn.execute(self._METHOD_SELECT + "WHERE user_id = ? ORDER BY id",
+                                    (user_id,)).fetchall()
+            else:
+                rows = conn.execute(self._METHOD_SELECT + "WHERE user_id = ? AND kind = ? ORDER BY id",
+                                    (user_id, kind)).fetchall()
+        return [self._method(r) for r in rows]
+
+    def find_method(self, user_id: str, kind: str, name: str | None = None) -> Method | None:
+        """The user's method of that kind (and name, case-insensitive; else the first)."""
+        for m in self.list_methods(user_id, kind):
+            if name is None or m.name.casefold() == name.casefold():
+                return m
+        return None
+
+    def confirm_method(self, method_id: int) -> Method:
+        """Mark a method confirmed (usable)."""
+        with self.transaction(), self._using("confirm an authentication method") as conn:
+            method = self.get_method(method_id)
+            conn.execute("UPDATE methods SET confirmed = 1 WHERE id = ?", (method.id,))
+            return self.get_method(method.id)
+
+    def touch_method(self, method_id: int, used_at: float | None = None) -> None:
+        """Record that a method was used now."""
+        with self.transaction(), self._using("record the use of a method") as conn:
+            conn.execute("UPDATE methods SET last_used_at = ? WHERE id = ?",
+                         (self._now() if used_at is None else float(used_at), int(method_id)))
+
+    def set_preferred_method(self, user_id: str, method_id: int) -> Method:
+        """Make a confirmed method of the user their preferred one (the only one)."""
+        with self.transaction(), self._using("set the preferred method") as conn:
+            method = self.get_method(method_id)
+            if method.user_id != user_id:
+                raise UnknownCredential(f"method {method_id} is not this user's")
+            if not method.confirmed:
+                raise InvalidValue(f"method {method.name!r} is not confirmed yet")
+            conn.execute("UPDATE methods SET preferred = 0 WHERE user_id = ? AND preferred = 1",
+                         (user_id,))
+            conn.execute("UPDATE methods SET preferred = 1 WHERE id = ?", (method.id,))
+            return self.get_method(method.id)
+
+    def preferred_method(self, user_id: str) -> Method | None:
+        """The user's preferred method, if they chose one."""
+        with self._using("read the preferred method") as conn:
+            row = conn.execute(self._METHOD_SELECT + "WHERE user_id = ? AND preferred = 1",
+                               (user_id,)).fetchone()
+        return None if row is None else self._method(row)
+
+    def remove_method(self, method_id: int) -> Method:
+        """Remove a method of any kind (its details and pending challenges go with it)."""
+        with self.transaction(), self._using("remove an authentication method") as conn:
+            method = self.get_method(method_id)
+            conn.execute("DELETE FROM methods WHERE id = ?", (method.id,))
+            conn.execute("DELETE FROM lockouts WHERE scope = ?", (f"method:{method.id}",))
+            return method
+
+    def remove_all_methods(self, user_id: str, *, keep_password: bool = True) -> list[Method]:
+        """Remove every method of a user (a lost device: the admin's reset), the password
+        too unless ``keep_password``; their lockouts, device verifications and pending
+        requests go with them. Returns what was removed."""
+        with self.transaction(), self._using("remove a user's methods") as conn:
+            removed = [m for m in self.list_methods(self.get_user_by_id(user_id).id)
+                       if not (keep_password and m.kind == KIND_PASSWORD)]
+            for m in removed:
+                conn.execute("DELETE FROM methods WHERE id = ?", (m.id,))
+                conn.execute("DELETE FROM lockouts WHERE scope = ?", (f"method:{m.id}",))
+            conn.execute("DELETE FROM verifications WHERE user_id = ?", (user_id,))
+            return removed
 
     # ---------------------------------------------------------------- FIDO2 credentials
 

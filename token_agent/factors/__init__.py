@@ -1,0 +1,183 @@
+"""The password and the second factors: enrol, verify, list, remove.
+
+Each factor has its own module and owns the queries of its own tables (the schema and its
+migrations stay in ``token_agent.store``):
+
+| module | method kind(s) | what is stored |
+| --- | --- | --- |
+| ``password`` | password | scrypt hash |
+| ``totp`` | totp | the secret, AES-GCM encrypted; the last accepted time step |
+| ``codes`` | email, sms, voice, messaging | the destination; codes sent, as keyed hashes |
+| ``push`` | push | the companion app's Ed25519 public key; requests and answers |
+| ``apppasswords`` | app_password | keyed hash |
+| ``backup`` | backup_codes | ten keyed hashes, each used once |
+
+Every verification goes through ``lockout``: an attempt counts before its result is known
+(so parallel guesses cannot exceed the limit, and a crash mid-check counts as a failure),
+a success clears the count, and ``max_failures`` failures lock the method for a time that
+doubles at each further lockout. Results are :class:`Verification` records with a stable
+``reason`` (``token_agent.outcome.Reason``) and a message for people; nothing secret is in
+them, in a log line or in the audit log.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from ..outcome import Reason
+from ..store import Method, Store
+
+if TYPE_CHECKING:
+    from ..delivery import Delivery
+    from ..secretbox import SecretKeys
+
+#: method kind -> the policy's method name
+POLICY_NAMES = {
+    "password": "password", "fido2": "key", "smartcard": "card", "totp": "totp",
+    "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
+    "push": "push", "app_password": "app_password", "backup_codes": "backup",
+}
+#: the policy's method name -> method kind
+KINDS = {v: k for k, v in POLICY_NAMES.items()}
+#: what people call each method kind
+LABELS = {
+    "password": "password", "fido2": "security key", "smartcard": "smartcard",
+    "totp": "authenticator app", "email": "email code", "sms": "text message code",
+    "voice": "phone call code", "messaging": "messaging app code", "push": "push approval",
+    "app_password": "app password", "backup_codes": "backup codes",
+}
+
+
+@dataclass(frozen=True)
+class CodeRules:
+    """One-time codes sent by email / SMS / voice / messaging."""
+
+    length: int = 6
+    ttl_seconds: int = 600
+    resend_seconds: int = 30
+    max_sends: int = 5
+
+
+@dataclass(frozen=True)
+class LockoutRules:
+    """How many failures lock a method, and for how long (doubling each time, capped)."""
+
+    max_failures: int = 10
+    base_seconds: int = 60
+    max_seconds: int = 86400
+    password_max_failures: int = 10
+
+
+@dataclass
+class FactorContext:
+    """What every factor operation needs: the store, the secret keys, the rules, the
+    delivery gateways (for sent codes), the organisation's name (in QR codes and texts) and
+    a clock (tests move it)."""
+
+    store: Store
+    keys: "SecretKeys"
+    lockout: LockoutRules = field(default_factory=LockoutRules)
+    codes: CodeRules = field(default_factory=CodeRules)
+    delivery: "Delivery | None" = None
+    issuer: str = "token-agent"
+    clock: Callable[[], float] = time.time
+
+    def now(self) -> float:
+        return float(self.clock())
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of checking one factor. ``tries_left`` is how many more failures lock the
+    method (None when unknown); ``locked_until`` is set when it is locked."""
+
+    ok: bool
+    kind: str
+    method: Method | None = None
+    reason: Reason | None = None
+    message: str = ""
+    tries_left: int | None = None
+    locked_until: float | None = None
+    detail: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "kind": self.kind,
+                "method": None if self.method is None else self.method.name,
+                "reason": None if self.reason is None else self.reason.value,
+                "message": self.message, "tries_left": self.tries_left,
+                "locked_until": self.locked_until, **({"detail": self.detail} if self.detail else {})}
+
+
+class FactorError(Exception):
+    """An operation on a factor was refused (bad input, not enrolled, not allowed...);
+    ``reason`` is a stable code, the message is for people."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def usable_methods(store: Store, user_id: str) -> list[Method]:
+    """The user's confirmed, unflagged methods."""
+    return [m for m in store.list_methods(user_id) if m.confirmed and not m.flagged]
+
+
+def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: str,
+            check: Callable[[], tuple[bool, Reason | None, str, dict]],
+            scope: str | None = None, max_failures: int | None = None,
+            label: str | None = None) -> Verification:
+    """Run ``check()`` under the lockout of ``scope`` (default: the method's) and record the
+    audit event ``verify.<kind>``. ``check`` returns ``(ok, reason, message, detail)``;
+    ``detail`` goes to the audit log (never a secret: the store refuses secret-looking
+    keys). A locked scope is refused without calling ``check``."""
+    from . import lockout
+
+    label = label or LABELS.get(kind, kind)
+    scope = scope or lockout.method_scope(method.id)
+    limit = max_failures or ctx.lockout.max_failures
+    store = ctx.store
+    name = {"method": method.name} if method is not None else {}
+    now = ctx.now()
+    try:
+        lockout.attempt(store, scope, user_id, now=now, label=label)
+    except lockout.Locked as e:
+        store.record_event(f"verify.{kind}", user_id=user_id, outcome="refused",
+                           detail={"reason": Reason.METHOD_LOCKED.value, **name})
+        return Verification(False, kind, method, Reason.METHOD_LOCKED, e.message, tries_left=0,
+                            locked_until=e.until)
+    try:
+        ok, reason, message, detail = check()
+    except BaseException:
+        raise  # the attempt stays counted: fail closed
+    if ok:
+        with store.transaction():
+            lockout.succeeded(store, scope)
+            if method is not None:
+                store.touch_method(method.id, now)
+            store.record_event(f"verify.{kind}", user_id=user_id, outcome="success",
+                               detail={**name, **detail})
+        return Verification(True, kind, method, None, message or f"{label} accepted",
+                            detail=detail)
+    current = lockout.failed(store, scope, now=now, max_failures=limit,
+                             base_seconds=ctx.lockout.base_seconds,
+                             max_seconds=ctx.lockout.max_seconds)
+    left = lockout.tries_left(current, limit)
+    with store.transaction():
+        store.record_event(f"verify.{kind}", user_id=user_id, outcome="failure",
+                           detail={"reason": reason.value if reason else None, **name,
+                                   "tries_left": left, **detail})
+        if current.locked(now):
+            store.record_event(f"lockout.{kind}", user_id=user_id, outcome="locked",
+                               detail={**name, "level": current.level,
+                                       "locked_until": current.locked_until})
+    if current.locked(now):
+        message = (f"{message}; too many failed attempts: {label} locked "
+                   f"{lockout.describe_until(current.locked_until, now)}")
+        return Verification(False, kind, method, reason, message, tries_left=0,
+                            locked_until=current.locked_until, detail=detail)
+    return Verification(False, kind, method, reason,
+                        f"{message} — {left} {'try' if left == 1 else 'tries'} left", tries_left=left,
+                        detail=detail)

@@ -1,0 +1,81 @@
+"""The password: a primary factor (something you know), one per user, stored as an scrypt
+hash (``token_agent.secretbox``). Failures count against the user's password lockout
+(``password_max_failures``, growing lock times), not against any other method."""
+
+from __future__ import annotations
+
+from ..outcome import Reason
+from ..secretbox import hash_password, needs_rehash, verify_password as _verify_hash
+from ..store import KIND_PASSWORD, Method
+from . import FactorContext, FactorError, Verification, checked, lockout
+
+MIN_LENGTH = 8  # NIST SP 800-63B: at least 8 characters when chosen by the user
+MAX_LENGTH = 128
+NAME = "password"
+
+
+def check_new_password(password: str, username: str) -> str:
+    """A new password must be 8 to 128 characters and not the username; returns it."""
+    if not isinstance(password, str) or len(password) < MIN_LENGTH:
+        raise FactorError(Reason.WRONG_PASSWORD,
+                          f"a password needs at least {MIN_LENGTH} characters")
+    if len(password) > MAX_LENGTH:
+        raise FactorError(Reason.WRONG_PASSWORD, f"a password is at most {MAX_LENGTH} characters")
+    if password.casefold() == username.casefold():
+        raise FactorError(Reason.WRONG_PASSWORD, "a password must not be the username")
+    return password
+
+
+def get(ctx: FactorContext, user_id: str) -> Method | None:
+    return ctx.store.find_method(user_id, KIND_PASSWORD)
+
+
+def set_password(ctx: FactorContext, user_id: str, password: str) -> Method:
+    """Set (or replace) the user's password; recorded as ``enrol.password``."""
+    store = ctx.store
+    user = store.get_user_by_id(user_id)
+    check_new_password(password, user.username)
+    digest = hash_password(password)  # slow: outside the transaction
+    now = ctx.now()
+    with store.transaction(), store.connection("set a password") as conn:
+        method = get(ctx, user.id)
+        changed = method is not None
+        if method is None:
+            method = store.add_method(user.id, KIND_PASSWORD, NAME)
+            conn.execute("INSERT INTO password_credentials (method_id, hash, changed_at) "
+                         "VALUES (?, ?, ?)", (method.id, digest, now))
+        else:
+            conn.execute("UPDATE password_credentials SET hash = ?, changed_at = ? "
+                         "WHERE method_id = ?", (digest, now, method.id))
+        store.record_event("enrol.password", user_id=user.id, outcome="success",
+                           detail={"changed": changed})
+    return method
+
+
+def verify(ctx: FactorContext, user_id: str, password: str) -> Verification:
+    """Check the user's password (under the password lockout)."""
+    store = ctx.store
+    method = get(ctx, user_id)
+    if method is None:
+        store.record_event("verify.password", user_id=user_id, outcome="failure",
+                           detail={"reason": Reason.NO_CREDENTIAL.value})
+        return Verification(False, KIND_PASSWORD, None, Reason.NO_CREDENTIAL,
+                            "no password is set for this user")
+    with store.connection("read a password") as conn:
+        stored = conn.execute("SELECT hash FROM password_credentials WHERE method_id = ?",
+                              (method.id,)).fetchone()["hash"]
+
+    def check():
+        if _verify_hash(password, stored):
+            return True, None, "password accepted", {}
+        return False, Reason.WRONG_PASSWORD, "wrong password", {}
+
+    result = checked(ctx, kind=KIND_PASSWORD, method=method, user_id=user_id, check=check,
+                     scope=lockout.password_scope(user_id),
+                     max_failures=ctx.lockout.password_max_failures)
+    if result.ok and needs_rehash(stored):
+        new = hash_password(password)
+        with store.transaction(), store.connection("rehash a password") as conn:
+            conn.execute("UPDATE password_credentials SET hash = ? WHERE method_id = ?",
+                         (new, method.id))
+    return result
