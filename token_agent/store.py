@@ -595,11 +595,12 @@ def _migration_2(conn: sqlite3.Connection) -> None:
 
 
 _SCHEMA_V3 = """
--- The MFA policy's view of a user: their class, and whether they asked for MFA where the
--- policy leaves it optional (new accounts: on).
+-- The MFA policy's view of a user: their class, and whether MFA is on for the account itself
+-- (new accounts: on, as the policy's new_accounts_mfa says; accounts that existed before this
+-- migration: off, so only their class's enforcement, from its date, applies to them).
 ALTER TABLE users ADD COLUMN user_class TEXT NOT NULL DEFAULT 'internal'
     CHECK (user_class IN ('internal', 'external', 'contributor'));
-ALTER TABLE users ADD COLUMN mfa_enabled INTEGER NOT NULL DEFAULT 1 CHECK (mfa_enabled IN (0, 1));
+ALTER TABLE users ADD COLUMN mfa_enabled INTEGER NOT NULL DEFAULT 0 CHECK (mfa_enabled IN (0, 1));
 
 -- One preferred method per user; a method not yet confirmed (a TOTP secret before its first
 -- code, a phone number before its first code) is not usable.

@@ -16,13 +16,17 @@ from .common import Context
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="TOKEN_AGENT_DATA_DIR",
               help="Where the credential store lives (default: $XDG_DATA_HOME/token-agent; "
                    "env TOKEN_AGENT_DATA_DIR).")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), envvar="TOKEN_AGENT_POLICY",
+              help="The MFA policy file (TOML; default: /etc/token-agent/policy.toml, then "
+                   "~/.config/token-agent/policy.toml, else built-in defaults; env "
+                   "TOKEN_AGENT_POLICY).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
 @click.pass_context
-def main(ctx: click.Context, data_dir: str | None, verbose: bool) -> None:
+def main(ctx: click.Context, data_dir: str | None, policy_path: str | None, verbose: bool) -> None:
     """Local authentication agent: FIDO2 keys, smartcards, MFA policy, simulators."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx.obj = Context(data_dir)
+    ctx.obj = Context(data_dir, policy_path)
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -35,3 +39,5 @@ from . import admin, auth, keys, sim_key, users  # noqa: E402,F401  (register th
 from . import sim_card  # noqa: E402,F401
 from . import sim_card_reader  # noqa: E402,F401  (sim card insert, remove)
 from . import card  # noqa: E402,F401  (card status, login, watch, change-pin, unlock)
+from . import mfa  # noqa: E402,F401  (enrol/verify second factors, methods, approve, send-code)
+from . import policy_cmd  # noqa: E402,F401  (policy check/explain/show, audit, admin)

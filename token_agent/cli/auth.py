@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
 from .. import exitcodes
 from . import main
 from .common import (
-    Context, PinSource, cancellable, device_errors, emit, fail, json_option, pass_ctx,
-    pin_options, say, touch_prompt,
+    Context, PinSource, TerminalInteraction, cancellable, device_errors, emit, fail, json_option,
+    pass_ctx, pin_options, say, touch_prompt,
 )
 from .keys import key_option, open_key, timeout_option
+from .policy_cmd import make_device, with_device
 
 export_option = click.option(
     "--export", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
@@ -74,19 +76,110 @@ def enrol_key(ctx: Context, username: str, name: str | None, key_path: str | Non
 
 
 @main.command("login")
-@click.option("--method", type=click.Choice(["key"]), default="key", show_default=True,
-              help="How to authenticate.")
+@click.option("--method", type=click.Choice(["key"]), default=None,
+              help="Only this method, no policy flow: `key` logs in with a security key alone "
+                   "(the default when no --user is given: tap-and-go).")
 @click.option("--user", "username", help="Who is logging in (default: whoever the key says).")
+@click.option("--primary", type=click.Choice(["password", "key", "card"]),
+              help="The primary factor (default: the user's preferred method).")
+@click.option("--second", type=click.Choice(["totp", "push", "email", "sms", "voice", "messaging",
+                                             "backup", "key", "card"]),
+              help="Use this second factor instead of the preferred one.")
+@click.option("--reader", help="The smartcard reader, for a card login.")
+@click.option("--push-timeout", type=click.FloatRange(1, 300), default=60.0, show_default=True,
+              help="Seconds to wait for the companion app's answer.")
+@with_device
 @key_option
 @timeout_option
 @pin_options
 @export_option
 @json_option
 @pass_ctx
+def login(ctx: Context, method: str | None, username: str | None, primary: str | None,
+          second: str | None, reader: str | None, push_timeout: float, device_kind: str,
+          device_id: str | None, network: str | None, key_path: str | None, timeout: float,
+          pin_stdin: bool, export: str | None, as_json: bool) -> None:
+    """Authenticate a user. Exit status 0 only when the login succeeded.
+
+    With --user: the whole login the MFA policy asks for: the primary factor (password, key
+    or card), then, when the policy wants one, the preferred second factor ("use a different
+    method": --second), or setting one up when the user has none and MFA is enforced.
+    Answers (password, codes, PINs) are asked on the terminal, or read one line each from
+    standard input in the order asked."""
+    if method == "key" or username is None:
+        if primary or second:
+            fail("--primary and --second need --user (and no --method)", exitcodes.USAGE)
+        return _key_only_login(ctx, username, key_path, timeout, pin_stdin, export, as_json)
+    _policy_login(ctx, username, primary, second, reader, push_timeout,
+                  make_device(device_kind, device_id, network), key_path, timeout, pin_stdin,
+                  as_json)
+
+
+def _policy_login(ctx: Context, username: str, primary: str | None, second: str | None,
+                  reader: str | None, push_timeout: float, device, key_path: str | None,
+                  timeout: float, pin_stdin: bool, as_json: bool) -> None:
+    from ..ceremonies.login import login as run_login
+    from ..outcome import LoginOutcome, Reason
+
+    agent = ctx.agent()
+    pins = PinSource(pin_stdin or not sys.stdin.isatty())
+
+    def key_login(name: str) -> LoginOutcome:
+        from drivers.fido import errors as key_errors
+
+        from ..ceremonies.key import device_failure, login_with_key
+
+        try:
+            with open_key(key_path, timeout) as key:
+                return cancellable(lambda cancel: login_with_key(
+                    agent.store, key, username=name, pin_provider=pins, on_touch=touch_prompt,
+                    timeout=timeout, cancel=cancel))
+        except key_errors.FidoKeyError as e:
+            return LoginOutcome.failure("key", device_failure(e), e.message)
+
+    def card_login(name: str) -> LoginOutcome:
+        from drivers.pcsc import errors as card_errors
+
+        from ..ceremonies.card import CardSettings, device_failure, login_with_card
+        from .card import open_card_session
+
+        try:
+            settings = CardSettings.from_store(agent.store)
+            session = open_card_session(reader)
+        except card_errors.PcscError as e:
+            return LoginOutcome.failure("card", device_failure(e), e.message)
+        except ValueError as e:
+            return LoginOutcome.failure("card", Reason.CERT_UNTRUSTED, str(e))
+        try:
+            outcome = login_with_card(agent.store, session, settings=settings,
+                                      pin_provider=PinSource(pin_stdin or not sys.stdin.isatty(),
+                                                             "PIN for your smartcard"))
+        finally:
+            session.close()
+        if outcome.ok and outcome.user is not None and outcome.user.casefold() != name.casefold():
+            return LoginOutcome.failure("card", Reason.WRONG_USER,
+                                        f"this card belongs to {outcome.user}, not {name}")
+        return outcome
+
+    outcome = cancellable(lambda cancel: run_login(
+        agent, username, interaction=TerminalInteraction(), device=device, primary=primary,
+        second=second, key_login=key_login, card_login=card_login, push_timeout=push_timeout,
+        cancel=cancel))
+    data = outcome.to_json()
+    if outcome.ok:
+        factors = " + ".join(f.value for f in outcome.factors)
+        emit(as_json, data, f"logged in: {outcome.user} with {outcome.method.replace('+', ' + ')} "
+                            f"({factors}{'; multi-factor' if outcome.multi_factor else ''})")
+        return
+    if as_json:
+        emit(True, data, "")
+    fail(f"login failed: {outcome.message}", exitcodes.REASON_CODES.get(outcome.reason,
+                                                                        exitcodes.ERROR))
+
+
 @device_errors
-def login(ctx: Context, method: str, username: str | None, key_path: str | None,
-          timeout: float, pin_stdin: bool, export: str | None, as_json: bool) -> None:
-    """Authenticate a user. Exit status 0 only when the login succeeded."""
+def _key_only_login(ctx: Context, username: str | None, key_path: str | None, timeout: float,
+                    pin_stdin: bool, export: str | None, as_json: bool) -> None:
     from ..ceremonies.key import login_with_key
 
     store = ctx.store()

@@ -19,9 +19,28 @@ T = TypeVar("T")
 class Context:
     """Per-invocation options (set on the root group)."""
 
-    def __init__(self, data_dir: str | None) -> None:
+    def __init__(self, data_dir: str | None, policy_path: str | None = None) -> None:
         self.data_dir = data_dir
+        self.policy_path = policy_path
         self._store = None
+        self._agent = None
+
+    def agent(self):
+        """The store, key file and policy together (``token_agent.agent.Agent``): exit 7 when
+        the store or key file cannot be used, exit 2 when the policy file is wrong."""
+        if self._agent is None:
+            from ..agent import Agent
+            from ..policy import PolicyError
+            from ..secretbox import SecretError
+
+            store = self.store()
+            try:
+                self._agent = Agent.open(store=store, policy_path=self.policy_path)
+            except PolicyError as e:
+                fail(str(e), exitcodes.USAGE)
+            except SecretError as e:
+                fail(str(e), exitcodes.STORE)
+        return self._agent
 
     def store(self):
         """The credential store, opened on first use (StoreError -> exit 7)."""
@@ -93,6 +112,67 @@ class PinSource:
             return click.prompt(self.prompt, hide_input=True, err=True, default="",
                                 show_default=False) or None
         return click.prompt(self.prompt, hide_input=True, err=True) or None
+
+
+def read_line(prompt: str, *, hidden: bool) -> str | None:
+    """One answer: a prompt on the terminal (hidden for secrets), or, when standard input is
+    not a terminal, its next line (None at its end). Never echoed, never logged."""
+    if sys.stdin is None:
+        return None
+    if sys.stdin.isatty():
+        try:
+            return click.prompt(prompt, hide_input=hidden, err=True, default="",
+                                show_default=False)
+        except click.Abort:
+            return None
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    return line.rstrip("\r\n")
+
+
+class TerminalInteraction:
+    """The login flow's ``Interaction`` on a terminal: messages and prompts on stderr,
+    answers from the terminal or, in scripts, one line of standard input each (in the
+    order the prompts come). A choice takes the default unless standard input is a
+    terminal."""
+
+    def __init__(self, quiet_qr: bool = False) -> None:
+        self.quiet_qr = quiet_qr
+
+    def info(self, message: str) -> None:
+        say(message)
+
+    def secret(self, prompt: str) -> str | None:
+        if not sys.stdin.isatty():
+            say(prompt + ":")
+        return read_line(prompt, hidden=True)
+
+    def text(self, prompt: str) -> str | None:
+        if not sys.stdin.isatty():
+            say(prompt + ":")
+        return read_line(prompt, hidden=False)
+
+    def choose(self, prompt: str, options: list[tuple[str, str]], default: str) -> str | None:
+        if not sys.stdin.isatty():
+            say(f"{prompt}: {default}" + (f" (others: {', '.join(k for k, _ in options if k != default)}; "
+                                           "--second METHOD)" if len(options) > 1 else ""))
+            return default
+        for i, (key, label) in enumerate(options, 1):
+            say(f"  {i}. {label}{'  (preferred)' if key == default else ''}")
+        keys = [k for k, _ in options]
+        answer = click.prompt(prompt, default=str(keys.index(default) + 1), err=True)
+        answer = answer.strip()
+        if answer.isdigit() and 1 <= int(answer) <= len(keys):
+            return keys[int(answer) - 1]
+        return answer if answer in keys else None
+
+    def show_qr(self, uri: str) -> None:
+        if self.quiet_qr:
+            return
+        from ..factors.totp import qr_terminal
+
+        click.echo(qr_terminal(uri), err=True)
 
 
 def new_pin(from_stdin: bool, label: str = "New PIN") -> str:

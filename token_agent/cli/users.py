@@ -15,6 +15,9 @@ def _user_json(user, credentials=None) -> dict:
         "username": user.username,
         "display_name": user.display_name,
         "roles": list(user.roles),
+        "user_class": user.user_class,
+        "mfa_enabled": user.mfa_enabled,
+        "disabled": user.disabled,
         "created_at": user.created_at,
     }
     if credentials is not None:
@@ -44,15 +47,27 @@ def users() -> None:
 @click.argument("username")
 @click.option("--display-name", help="The name people see, e.g. 'Dr Alice Smith'.")
 @click.option("--role", "roles", multiple=True, help="A role (repeatable).")
+@click.option("--class", "user_class", type=click.Choice(["internal", "external", "contributor"]),
+              default="internal", show_default=True,
+              help="The MFA policy's user class: internal (request handlers, admins), external "
+                   "(requesters), contributor.")
 @json_option
 @pass_ctx
 def add(ctx: Context, username: str, display_name: str | None, roles: tuple[str, ...],
-        as_json: bool) -> None:
-    """Add a user."""
+        user_class: str, as_json: bool) -> None:
+    """Add a user (MFA on for the new account when the policy says so: the default)."""
     from ..store import StoreError, UserExists
 
     try:
-        user = ctx.store().add_user(username, display_name=display_name, roles=roles)
+        store = ctx.store()
+        with store.transaction():
+            user = store.add_user(username, display_name=display_name, roles=roles,
+                                  user_class=user_class)
+            if not ctx.agent().policy.enforcement.new_accounts_mfa:
+                user = store.update_user(user.username, mfa_enabled=False)
+            store.record_event("user.added", user_id=user.id, outcome="success",
+                               detail={"user_class": user.user_class,
+                                       "mfa_enabled": user.mfa_enabled})
     except UserExists as e:
         fail(str(e), exitcodes.CONFLICT)
     except (StoreError, ValueError) as e:
@@ -71,6 +86,36 @@ def list_(ctx: Context, as_json: bool) -> None:
                            for u in all_users) or "no users")
 
 
+@users.command("set")
+@click.argument("username")
+@click.option("--class", "user_class", type=click.Choice(["internal", "external", "contributor"]))
+@click.option("--mfa", type=click.Choice(["on", "off"]),
+              help="The user's own choice where the policy leaves MFA optional for their class.")
+@click.option("--disable/--enable", "disabled", default=None, help="Refuse (or allow) their logins.")
+@click.option("--display-name")
+@json_option
+@pass_ctx
+def set_(ctx: Context, username: str, user_class: str | None, mfa: str | None,
+         disabled: bool | None, display_name: str | None, as_json: bool) -> None:
+    """Change a user's class, MFA choice, display name, or disable them. Recorded."""
+    from ..store import UnknownUser
+
+    store = ctx.store()
+    try:
+        with store.transaction():
+            user = store.update_user(username, user_class=user_class, display_name=display_name,
+                                     mfa_enabled=None if mfa is None else mfa == "on",
+                                     disabled=disabled)
+            store.record_event("user.changed", user_id=user.id, outcome="success",
+                               detail={k: v for k, v in (("user_class", user_class), ("mfa", mfa),
+                                                         ("disabled", disabled)) if v is not None})
+    except UnknownUser as e:
+        fail(str(e), exitcodes.NOT_FOUND)
+    emit(as_json, _user_json(user), f"{user.username}: class {user.user_class}, MFA "
+                                    f"{'on' if user.mfa_enabled else 'off'}"
+                                    f"{', disabled' if user.disabled else ''}")
+
+
 @users.command("show")
 @click.argument("username")
 @json_option
@@ -85,10 +130,19 @@ def show(ctx: Context, username: str, as_json: bool) -> None:
     except UnknownUser as e:
         fail(str(e), exitcodes.NOT_FOUND)
     creds = store.list_fido_credentials(user.id)
+    from ..factors import LABELS
+
+    others = [m for m in store.list_methods(user.id) if m.kind != "fido2"]
 
     def text() -> str:
         lines = [f"{user.username}  {user.display_name or ''}",
-                 f"  id     {user.id}", f"  roles  {', '.join(user.roles) or '-'}"]
+                 f"  id     {user.id}", f"  roles  {', '.join(user.roles) or '-'}",
+                 f"  class  {user.user_class}, MFA {'on' if user.mfa_enabled else 'off'}"
+                 f"{', DISABLED' if user.disabled else ''}"]
+        for m in others:
+            lines.append(f"  {LABELS.get(m.kind, m.kind):<18} {m.name!r}"
+                         f"{' (preferred)' if m.preferred else ''}"
+                         f"{' (not confirmed)' if not m.confirmed else ''}")
         for c in creds:
             state = f"  SUSPENDED: {c.flag_reason}" if c.flagged else ""
             lines.append(f"  key    {c.name!r} aaguid {c.aaguid} counter {c.sign_count}"
@@ -97,7 +151,11 @@ def show(ctx: Context, username: str, as_json: bool) -> None:
             lines.append("  no keys enrolled")
         return "\n".join(lines)
 
-    emit(as_json, _user_json(user, creds), text)
+    data = _user_json(user, creds)
+    data["methods"] = [{"kind": m.kind, "name": m.name, "preferred": m.preferred,
+                        "confirmed": m.confirmed, "last_used_at": m.last_used_at}
+                       for m in store.list_methods(user.id)]
+    emit(as_json, data, text)
 
 
 @users.command("remove")

@@ -1,0 +1,89 @@
+"""The agent's parts held together: the store, the secret keys, the policy, the delivery
+gateways and a clock. The CLI opens one per command; the service (later) one per process.
+
+    agent = Agent.open(data_dir=None, policy_path=None)
+    ctx = agent.factors()          # what token_agent.factors' functions take
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .factors import CodeRules, FactorContext, LockoutRules
+from .policy import Policy, resolve_policy
+from .secretbox import SecretKeys
+from .store import Store
+
+DEFAULT_ISSUER = "token-agent"
+
+
+@dataclass
+class Agent:
+    store: Store
+    keys: SecretKeys
+    policy: Policy
+    data_dir: Path
+    clock: Callable[[], float] = time.time
+    _delivery: object = field(default=None, repr=False)
+    _delivery_loaded: bool = field(default=False, repr=False)
+    _factors: FactorContext | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike[str] | None = None, *,
+             policy_path: str | os.PathLike[str] | None = None,
+             environ: Mapping[str, str] | None = None, store: Store | None = None,
+             policy: Policy | None = None, clock: Callable[[], float] = time.time) -> "Agent":
+        """Open the store of the data directory (or use ``store``), its key file, and the
+        policy (``policy``, else ``policy_path``, else the default policy file, else the
+        built-in defaults). Raises ``StoreError``, ``SecretError``, ``PolicyError``."""
+        from .paths import data_dir as resolve_dir, store_path
+
+        env = os.environ if environ is None else environ
+        directory = Path(store.path).parent if store is not None else resolve_dir(data_dir, env)
+        pol = policy if policy is not None else resolve_policy(policy_path, env)
+        keys = SecretKeys.load_or_create(directory, dict(env))
+        if store is None:
+            store = Store.open(store_path(directory))
+        return cls(store=store, keys=keys, policy=pol, data_dir=directory, clock=clock)
+
+    def now(self) -> float:
+        return float(self.clock())
+
+    @property
+    def delivery(self):
+        """The delivery gateways of the policy's ``[delivery]`` table (None when it has none);
+        built on first use (``DeliveryConfigError`` when the table is wrong)."""
+        if not self._delivery_loaded:
+            from .delivery import Delivery, parse_delivery_config
+
+            table = self.policy.delivery
+            self._delivery = Delivery(parse_delivery_config(table)) if table else None
+            self._delivery_loaded = True
+        return self._delivery
+
+    @property
+    def issuer(self) -> str:
+        """The organisation's name, in authenticator apps and messages (setting rp_name)."""
+        return str(self.store.get_setting("rp_name", DEFAULT_ISSUER) or DEFAULT_ISSUER)
+
+    def factors(self) -> FactorContext:
+        if self._factors is None:
+            p = self.policy
+            self._factors = FactorContext(
+                store=self.store, keys=self.keys,
+                lockout=LockoutRules(max_failures=p.lockout.max_failures,
+                                     base_seconds=p.lockout.base_seconds,
+                                     max_seconds=p.lockout.max_seconds,
+                                     password_max_failures=p.lockout.password_max_failures),
+                codes=CodeRules(length=p.codes.length, ttl_seconds=p.codes.ttl_seconds,
+                                resend_seconds=p.codes.resend_seconds, max_sends=p.codes.max_sends),
+                delivery=self.delivery, issuer=self.issuer, clock=self.clock)
+        return self._factors
+
+    def close(self) -> None:
+        self.store.close()

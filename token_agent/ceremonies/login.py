@@ -1,0 +1,377 @@
+"""The whole login the policy asks for: the primary factor, then, when the policy wants
+one, a second factor: the user's preferred one, with "use a different method" offered; and,
+once enforcement has started, a user with no second factor sets one up before anything else.
+
+    outcome = login(agent, "alice", interaction=terminal, device=Device("unmanaged", ...))
+
+The person is reached only through an :class:`Interaction` (the terminal for the CLI; the
+service's socket and the PAM conversation later), so the same flow, and the same policy,
+decide everywhere. Devices are reached only through the ``key_login`` / ``card_login``
+callables the caller gives (the CLI opens the key or the card through ``drivers/``), which
+return the key or card ceremony's own :class:`~token_agent.outcome.LoginOutcome`.
+
+Order of a login
+1. the user: unknown or disabled users are refused (recorded);
+2. the primary factor: ``primary`` if given, else the preferred method when it is a primary
+   one (password, key, card), else the password, else a key, else a card;
+3. the policy decision (``token_agent.policy.decide``) from the user's class and methods,
+   the primary factor (a key with user verification or a card with its PIN satisfies MFA),
+   the device (managed / unmanaged, its id), the network, the last second factor on this
+   device and whether device and network were seen before;
+4. when enforcement requires it and the user has no second factor: enrolment, now
+   (authenticator app, a code by email / SMS / voice / messaging, or a security key);
+   completing it counts as this login's second factor;
+5. otherwise, when a second factor is required: the chosen method's challenge;
+6. on success: the device and network are remembered, the second factor's time is recorded
+   for re-verification, an unusual login is recorded as an alert, and one ``login`` audit
+   event says what was used.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from .. import sightings
+from ..factors import LABELS, KINDS, POLICY_NAMES, FactorError, Verification, usable_methods
+from ..outcome import Factor, LoginOutcome, Reason
+from ..store import UnknownUser
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+    from ..policy import Decision
+
+log = logging.getLogger("token_agent.login")
+
+PRIMARY_METHODS = ("password", "key", "card")
+#: second factors that can be set up at the login prompt, strongest first
+ENROLLABLE_AT_LOGIN = ("totp", "sms", "voice", "messaging", "email")
+#: what each second factor proves
+SECOND_FACTOR_FACTORS = {
+    "totp": Factor.POSSESSION, "push": Factor.POSSESSION, "email": Factor.POSSESSION,
+    "sms": Factor.POSSESSION, "voice": Factor.POSSESSION, "messaging": Factor.POSSESSION,
+    "backup": Factor.POSSESSION,
+}
+
+
+class Interaction(Protocol):
+    """How a login talks to the person. Every method may return ``None`` for "no answer"
+    (end of input, cancelled), which ends the login as cancelled."""
+
+    def info(self, message: str) -> None: ...
+
+    def secret(self, prompt: str) -> str | None: ...
+
+    def text(self, prompt: str) -> str | None: ...
+
+    def choose(self, prompt: str, options: list[tuple[str, str]], default: str) -> str | None: ...
+
+    def show_qr(self, uri: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the login happens: ``kind`` managed | unmanaged, a stable ``device_id`` and
+    the client's network address (None: unknown)."""
+
+    kind: str = "managed"
+    device_id: str | None = None
+    network: str | None = None
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "device_id": self.device_id, "network": self.network}
+
+
+KeyLogin = Callable[[str], LoginOutcome]  # username -> the key ceremony's outcome
+CardLogin = Callable[[str], LoginOutcome]
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _ask(value: str | None) -> str:
+    if value is None:
+        raise _Cancelled()
+    return value
+
+
+def facts_for(agent: "Agent", user, *, device: Device, primary: str | None,
+              primary_multi_factor: bool = False, legacy: bool = False):
+    """The policy's view of this login (``policy.LoginFacts``)."""
+    from ..policy import LoginFacts, network_key
+
+    store = agent.store
+    methods = tuple(sorted({POLICY_NAMES[m.kind] for m in usable_methods(store, user.id)
+                            if m.kind != "password"}))
+    net = None
+    if device.network:
+        net = network_key(agent.policy, device.network)
+    last = sightings.last_verified(store, user.id, device.device_id)
+    now = agent.now()
+    return LoginFacts(
+        user_class=user.user_class, mfa_enabled=user.mfa_enabled, methods=methods,
+        primary=primary, primary_multi_factor=primary_multi_factor, device=device.kind,
+        network=device.network, device_id=device.device_id,
+        now=_dt.datetime.fromtimestamp(now, _dt.timezone.utc),
+        last_verified_at=None if last is None else _dt.datetime.fromtimestamp(last, _dt.timezone.utc),
+        device_seen=sightings.seen(store, user.id, "device", device.device_id),
+        network_seen=sightings.seen(store, user.id, "network", net),
+        has_history=sightings.has_history(store, user.id), legacy=legacy), net
+
+
+def explain_for(agent: "Agent", username: str, *, device: Device,
+                primary: str | None = None, primary_multi_factor: bool = False) -> "Decision":
+    """The decision the policy would take for this user now (``policy explain``)."""
+    from ..policy import decide
+
+    user = agent.store.get_user(username)
+    facts, _ = facts_for(agent, user, device=device, primary=primary,
+                         primary_multi_factor=primary_multi_factor)
+    return decide(agent.policy, facts)
+
+
+def _choose_primary(agent: "Agent", user, requested: str | None) -> str | None:
+    store = agent.store
+    have = {POLICY_NAMES[m.kind] for m in usable_methods(store, user.id)}
+    if requested is not None:
+        return requested
+    preferred = store.preferred_method(user.id)
+    if preferred is not None and POLICY_NAMES[preferred.kind] in PRIMARY_METHODS:
+        return POLICY_NAMES[preferred.kind]
+    for name in PRIMARY_METHODS:
+        if name in have:
+            return name
+    return None
+
+
+def login(agent: "Agent", username: str, *, interaction: Interaction, device: Device,
+          primary: str | None = None, second: str | None = None,
+          key_login: KeyLogin | None = None, card_login: CardLogin | None = None,
+          push_timeout: float = 60.0, cancel: threading.Event | None = None) -> LoginOutcome:
+    """Run the login the policy asks for. Always returns an outcome; every failure and the
+    success are recorded in the audit log."""
+    store = agent.store
+    try:
+        user = store.get_user(username)
+    except UnknownUser:
+        store.record_event("login", username=username, outcome="failure",
+                           detail={"reason": Reason.UNKNOWN_USER.value})
+        return LoginOutcome.failure("login", Reason.UNKNOWN_USER, f"no user {username!r}")
+
+    def fail(reason: Reason, message: str, **detail) -> LoginOutcome:
+        store.record_event("login", user_id=user.id, outcome="failure",
+                           detail={"reason": reason.value, **detail})
+        log.info("login failed for %s: %s", user.username, reason.value)
+        return LoginOutcome.failure("login", reason, message, user=user.username, user_id=user.id,
+                                    detail=detail)
+
+    if user.disabled:
+        return fail(Reason.USER_DISABLED, f"{user.username} is disabled")
+
+    try:
+        return _login(agent, user, interaction=interaction, device=device, primary=primary,
+                      second=second, key_login=key_login, card_login=card_login,
+                      push_timeout=push_timeout, cancel=cancel, fail=fail)
+    except _Cancelled:
+        return fail(Reason.CANCELLED, "cancelled: no answer")
+
+
+def _login(agent, user, *, interaction, device, primary, second, key_login, card_login,
+           push_timeout, cancel, fail) -> LoginOutcome:
+    from ..factors import password as password_factor
+    from ..policy import decide
+
+    store = agent.store
+    ctx = agent.factors()
+    first = _choose_primary(agent, user, primary)
+    if first is None:
+        return fail(Reason.NO_CREDENTIAL, f"{user.username} has no password, key or card to "
+                    "log in with: ask an administrator")
+    if first not in PRIMARY_METHODS:
+        return fail(Reason.METHOD_NOT_ALLOWED, f"{first} is not a primary factor "
+                    f"({', '.join(PRIMARY_METHODS)})")
+
+    # --- 2. the primary factor
+    factors: list[Factor] = []
+    primary_multi = False
+    primary_outcome: LoginOutcome | None = None
+    if first == "password":
+        typed = _ask(interaction.secret("Password"))
+        result = password_factor.verify(ctx, user.id, typed)
+        if not result.ok:
+            return fail(result.reason or Reason.WRONG_PASSWORD, result.message, primary="password",
+                        **({"tries_left": result.tries_left} if result.tries_left is not None else {}))
+        factors.append(Factor.KNOWLEDGE)
+    else:
+        runner = key_login if first == "key" else card_login
+        if runner is None:
+            return fail(Reason.NO_DEVICE, f"no {LABELS[KINDS[first]]} reader is available here")
+        primary_outcome = runner(user.username)
+        if not primary_outcome.ok:
+            return fail(primary_outcome.reason or Reason.VERIFICATION_FAILED,
+                        primary_outcome.message, primary=first)
+        factors.extend(primary_outcome.factors)
+        primary_multi = primary_outcome.multi_factor
+
+    # --- 3. the policy
+    facts, net = facts_for(agent, user, device=device, primary=first,
+                           primary_multi_factor=primary_multi)
+    decision = decide(agent.policy, facts)
+    if decision.alert:
+        store.record_event("login.unusual", user_id=user.id, outcome="alert",
+                           detail={"device": device.device_id, "network": net,
+                                   "device_seen": facts.device_seen,
+                                   "network_seen": facts.network_seen})
+    second_used: str | None = None
+    if decision.invite_enrol:
+        interaction.info("Your organisation asks you to set up a second factor: "
+                         "token-agent enrol totp (or sms, email, key)")
+    if decision.mfa_required:
+        if decision.must_enrol:
+            v = _enrol_at_login(agent, user, interaction, decision)
+        else:
+            v = _second_factor(agent, user, interaction, decision, second=second,
+                               key_login=key_login, card_login=card_login,
+                               push_timeout=push_timeout, cancel=cancel, device=device)
+        if isinstance(v, LoginOutcome):  # a failure already recorded, or a device factor
+            if not v.ok:
+                return v if v.method == "login" else fail(
+                    v.reason or Reason.VERIFICATION_FAILED, v.message, primary=first,
+                    second=v.method)
+            second_used = v.method
+            factors.extend(f for f in v.factors if f not in factors)
+        elif not v.ok:
+            return fail(v.reason or Reason.VERIFICATION_FAILED, v.message, primary=first,
+                        second=POLICY_NAMES.get(v.kind, v.kind),
+                        **({"tries_left": v.tries_left} if v.tries_left is not None else {}))
+        else:
+            second_used = POLICY_NAMES.get(v.kind, v.kind)
+            factor = SECOND_FACTOR_FACTORS.get(second_used, Factor.POSSESSION)
+            if factor not in factors:
+                factors.append(factor)
+
+    # --- 6. success
+    now = agent.now()
+    with store.transaction():
+        sightings.record_login(store, user.id, device_id=device.device_id, network=net, now=now)
+        if second_used is not None or primary_multi:
+            sightings.record_verification(store, user.id, device.device_id,
+                                          second_used or first, now)
+        store.record_event("login", user_id=user.id, outcome="success",
+                           detail={"primary": first, "second": second_used,
+                                   "device": device.kind, "mfa_required": decision.mfa_required,
+                                   "alert": decision.alert})
+    detail = {"primary": first, "second": second_used, "decision": decision.to_json()}
+    if primary_outcome is not None:
+        detail["primary_credential"] = primary_outcome.credential
+    return LoginOutcome(ok=True, method="+".join(m for m in (first, second_used) if m),
+                        user=user.username, user_id=user.id, factors=tuple(factors),
+                        credential=primary_outcome.credential if primary_outcome else None,
+                        user_verified=bool(primary_outcome and primary_outcome.user_verified),
+                        message="logged in", detail=detail)
+
+
+def _offer(decision, user_methods: list[str], preferred: str | None, second: str | None,
+           interaction: Interaction) -> str | None:
+    """Which second factor to use: ``second`` when given, else the preferred one (or the
+    strongest usable), with the others offered as "use a different method"."""
+    usable = [m for m in decision.usable_methods if m in user_methods]
+    if second is not None:
+        return second
+    if not usable:
+        return None
+    default = preferred if preferred in usable else usable[0]
+    if len(usable) == 1:
+        return default
+    options = [(m, LABELS[KINDS[m]]) for m in usable]
+    return interaction.choose("Second factor (or use a different method)", options, default)
+
+
+def _second_factor(agent, user, interaction, decision, *, second, key_login, card_login,
+                   push_timeout, cancel, device) -> Verification | LoginOutcome:
+    from ..factors import backup, codes, push, totp
+
+    store = agent.store
+    ctx = agent.factors()
+    mine = {POLICY_NAMES[m.kind]: m for m in reversed(usable_methods(store, user.id))}
+    preferred = store.preferred_method(user.id)
+    chosen = _offer(decision, list(mine), POLICY_NAMES[preferred.kind] if preferred else None,
+                    second, interaction)
+    if chosen is None:
+        raise _Cancelled()
+    if chosen not in decision.allowed_methods:
+        return Verification(False, KINDS.get(chosen, chosen), None, Reason.METHOD_NOT_ALLOWED,
+                            f"{chosen} is not allowed as a second factor for {user.username} "
+                            f"(allowed: {', '.join(decision.allowed_methods) or 'none'})")
+    if chosen not in mine:
+        return Verification(False, KINDS.get(chosen, chosen), None, Reason.NO_CREDENTIAL,
+                            f"{user.username} has no {chosen} method set up")
+    method = mine[chosen]
+    if chosen == "totp":
+        return totp.verify(ctx, user.id, _ask(interaction.secret("Code from your authenticator app")))
+    if chosen == "backup":
+        return backup.verify(ctx, user.id, _ask(interaction.secret("Backup code")))
+    if chosen in ("email", "sms", "voice", "messaging"):
+        try:
+            receipt = codes.send_code(ctx, method, purpose="login")
+        except FactorError as e:
+            return Verification(False, method.kind, method, e.reason, e.message)
+        sent = store.get_method(method.id)
+        typed = _ask(interaction.secret(codes.prompt_for(sent, receipt)))
+        return codes.verify_code(ctx, method, typed, purpose="login")
+    if chosen == "push":
+        try:
+            request = push.start(ctx, user.id, method=method,
+                                 context={"username": user.username, "device": device.kind,
+                                          "network": device.network or "unknown"})
+        except FactorError as e:
+            return Verification(False, method.kind, method, e.reason, e.message)
+        interaction.info(f"Open your companion app and enter the number {request.number:02d}")
+        return push.wait(ctx, request.id, timeout=push_timeout, cancel=cancel)
+    if chosen in ("key", "card"):
+        runner = key_login if chosen == "key" else card_login
+        if runner is None:
+            return Verification(False, KINDS[chosen], method, Reason.NO_DEVICE,
+                                f"no {LABELS[KINDS[chosen]]} reader is available here")
+        return runner(user.username)
+    return Verification(False, KINDS.get(chosen, chosen), method, Reason.METHOD_NOT_ALLOWED,
+                        f"{chosen} cannot be used as a second factor here")
+
+
+def _enrol_at_login(agent, user, interaction, decision) -> Verification:
+    """First login after enforcement with no second factor: choose one and set it up now."""
+    from ..factors import codes, totp
+
+    ctx = agent.factors()
+    options = [m for m in ENROLLABLE_AT_LOGIN if m in decision.allowed_methods
+               and (m == "totp" or (agent.delivery is not None
+                                    and m in agent.delivery.configured_channels()))]
+    if not options:
+        return Verification(False, "totp", None, Reason.ENROLMENT_REQUIRED,
+                            "your organisation requires a second factor and none can be set up "
+                            "here: ask your administrator")
+    interaction.info("Your organisation requires a second factor. Choose one and set it up now.")
+    chosen = _ask(interaction.choose("Second factor to set up",
+                                     [(m, LABELS[KINDS[m]]) for m in options], options[0]))
+    if chosen not in options:
+        return Verification(False, KINDS.get(chosen, chosen), None, Reason.METHOD_NOT_ALLOWED,
+                            f"{chosen} cannot be set up here (choose from {', '.join(options)})")
+    if chosen == "totp":
+        pending = totp.begin_enrol(ctx, user.id)
+        interaction.info("Scan this QR code with your authenticator app "
+                         f"(or type the key {pending.secret}):")
+        interaction.show_qr(pending.uri)
+        return totp.confirm_enrol(ctx, user.id, _ask(interaction.secret(
+            "Code shown by your authenticator app")))
+    destination = _ask(interaction.text("Email address" if chosen == "email" else "Phone number"))
+    try:
+        method, receipt = codes.add_contact(ctx, user.id, chosen, destination)
+    except (FactorError, ValueError) as e:
+        return Verification(False, chosen, None, getattr(e, "reason", Reason.DELIVERY_FAILED),
+                            getattr(e, "message", str(e)))
+    typed = _ask(interaction.secret(codes.prompt_for(method, receipt)))
+    return codes.confirm_contact(ctx, user.id, chosen, typed)

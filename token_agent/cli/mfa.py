@@ -1,0 +1,499 @@
+"""`token-agent enrol password|totp|email|sms|voice|messaging|push|app-password|backup-codes`,
+`token-agent verify ...`, `token-agent send-code ...`, `token-agent methods ...` and the
+companion app, `token-agent approve`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import exitcodes
+from . import main
+from .auth import enrol
+from .common import (
+    Context, TerminalInteraction, emit, fail, json_option, pass_ctx, read_line, say,
+)
+
+CHANNELS = ("email", "sms", "voice", "messaging")
+VERIFY_KINDS = ("password", "totp", "email", "sms", "voice", "messaging", "backup", "app-password")
+#: CLI method names -> store kinds
+CLI_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
+             "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
+             "push": "push", "app-password": "app_password", "backup": "backup_codes"}
+
+user_option = click.option("--user", "username", required=True, help="The user.")
+name_option = click.option("--name", help="Which one, when the user has several (by name).")
+
+
+def _user(ctx: Context, username: str):
+    from ..store import UnknownUser
+
+    try:
+        return ctx.store().get_user(username)
+    except UnknownUser as e:
+        fail(str(e), exitcodes.NOT_FOUND)
+
+
+def _factor_error(e) -> None:
+    fail(e.message, exitcodes.REASON_CODES.get(e.reason, exitcodes.ERROR))
+
+
+def _finish(result, as_json: bool, success: str | None = None) -> None:
+    """Print a Verification and exit with its code."""
+    data = result.to_json()
+    if result.ok:
+        emit(as_json, data, success or result.message)
+        return
+    if as_json:
+        emit(True, data, "")
+    fail(result.message, exitcodes.REASON_CODES.get(result.reason, exitcodes.AUTH_FAILED))
+
+
+def _code_arg(code: str | None, code_stdin: bool, prompt: str) -> str:
+    if code is not None:
+        return code
+    value = read_line(prompt, hidden=True) if (code_stdin or not sys.stdin.isatty()) else \
+        click.prompt(prompt, hide_input=True, err=True)
+    if not value:
+        fail("no code given", exitcodes.USAGE)
+    return value
+
+
+code_options = [
+    click.option("--code", help="The code (or --code-stdin, or you are asked)."),
+    click.option("--code-stdin", is_flag=True, help="Read the code from standard input."),
+]
+
+
+def with_code(func):
+    for option in reversed(code_options):
+        func = option(func)
+    return func
+
+
+# --------------------------------------------------------------------------- enrol
+
+
+@enrol.command("password")
+@user_option
+@click.option("--password-stdin", is_flag=True, help="Read the new password from standard input.")
+@json_option
+@pass_ctx
+def enrol_password(ctx: Context, username: str, password_stdin: bool, as_json: bool) -> None:
+    """Set or change a user's password (typed twice; at least 8 characters)."""
+    from ..factors import FactorError, password
+
+    user = _user(ctx, username)
+    if password_stdin or not sys.stdin.isatty():
+        new = read_line("New password", hidden=True)
+    else:
+        new = click.prompt("New password", hide_input=True, confirmation_prompt=True, err=True)
+    if not new:
+        fail("no password given", exitcodes.USAGE)
+    try:
+        password.set_password(ctx.agent().factors(), user.id, new)
+    except FactorError as e:
+        fail(e.message, exitcodes.USAGE)
+    emit(as_json, {"user": user.username, "password_set": True}, f"password set for {user.username}")
+
+
+@enrol.command("totp")
+@user_option
+@click.option("--name", default="authenticator app", show_default=True, help="A name for this app.")
+@click.option("--qr", "qr_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the QR code to FILE (.png or .svg), for a web page.")
+@click.option("--confirm", "confirm_code", metavar="CODE",
+              help="Confirm a waiting enrolment with the first code the app shows.")
+@json_option
+@pass_ctx
+def enrol_totp(ctx: Context, username: str, name: str, qr_path: str | None,
+               confirm_code: str | None, as_json: bool) -> None:
+    """Set up an authenticator app (TOTP): shows the QR code, then asks for the first code.
+
+    With --json (scripts, web pages) it prints the provisioning URI and stops; confirm with
+    `--confirm CODE` afterwards. The enrolment is usable only once confirmed."""
+    from ..factors import FactorError, totp
+
+    user = _user(ctx, username)
+    fctx = ctx.agent().factors()
+    if confirm_code is not None:
+        try:
+            result = totp.confirm_enrol(fctx, user.id, confirm_code, name=name)
+        except FactorError as e:
+            _factor_error(e)
+        _finish(result, as_json, f"authenticator app {name!r} confirmed for {user.username}")
+        return
+    from ..store import CredentialExists
+
+    try:
+        pending = totp.begin_enrol(fctx, user.id, name=name)
+    except CredentialExists as e:
+        fail(str(e), exitcodes.CONFLICT)
+    except FactorError as e:
+        _factor_error(e)
+    if qr_path:
+        try:
+            totp.write_qr(pending.uri, qr_path)
+        except (ValueError, OSError) as e:
+            fail(f"cannot write the QR code: {e}", exitcodes.USAGE)
+    if as_json:
+        emit(True, {**pending.to_json(), "qr_file": qr_path, "confirmed": False}, "")
+        return
+    say(f"Scan this QR code with your authenticator app (or enter the key {pending.secret}):")
+    TerminalInteraction().show_qr(pending.uri)
+    if qr_path:
+        say(f"QR code written to {qr_path}")
+    code = read_line("Code shown by the app", hidden=False)
+    if not code:
+        say("not confirmed yet: run `token-agent enrol totp --user "
+            f"{user.username} --confirm CODE` with the code the app shows")
+        sys.exit(exitcodes.ERROR)
+    try:
+        result = totp.confirm_enrol(fctx, user.id, code, name=name)
+    except FactorError as e:
+        _factor_error(e)
+    _finish(result, False, f"authenticator app {name!r} set up for {user.username}")
+
+
+def _enrol_contact(channel: str):
+    label = {"email": "an email address", "sms": "a mobile number for text messages",
+             "voice": "a phone number for voice calls",
+             "messaging": "a mobile number for a messaging app"}[channel]
+
+    @click.option("--to", "destination", help="The email address or phone number.")
+    @click.option("--name", help="A name for it (default: the masked destination).")
+    @click.option("--confirm", "confirm_code", metavar="CODE",
+                  help="Confirm a waiting enrolment with the code that was sent.")
+    @user_option
+    @json_option
+    @pass_ctx
+    def command(ctx: Context, username: str, destination: str | None, name: str | None,
+                confirm_code: str | None, as_json: bool) -> None:
+        from ..factors import FactorError, codes
+
+        user = _user(ctx, username)
+        fctx = ctx.agent().factors()
+        if confirm_code is None:
+            if not destination:
+                fail(f"give {label} with --to", exitcodes.USAGE)
+            from ..store import CredentialExists
+
+            try:
+                method, receipt = codes.add_contact(fctx, user.id, channel, destination, name=name)
+            except ValueError as e:
+                fail(str(e), exitcodes.USAGE)
+            except CredentialExists as e:
+                fail(str(e), exitcodes.CONFLICT)
+            except FactorError as e:
+                _factor_error(e)
+            prompt = codes.prompt_for(method, receipt)
+            if as_json:
+                emit(True, {"user": user.username, "channel": channel, "method": method.name,
+                            "sent_via": receipt.channel, "to": receipt.destination_hint,
+                            "confirmed": False}, "")
+                return
+            say(prompt)
+            confirm_code = read_line("Code", hidden=True)
+            if not confirm_code:
+                say(f"not confirmed yet: run `token-agent enrol {channel} --user {user.username} "
+                    "--confirm CODE` with the code you received")
+                sys.exit(exitcodes.ERROR)
+        try:
+            result = codes.confirm_contact(fctx, user.id, channel, confirm_code, name=name)
+        except FactorError as e:
+            _factor_error(e)
+        _finish(result, as_json, f"{channel} confirmed for {user.username}")
+
+    command.__doc__ = (f"Set up {label} for one-time codes: a code is sent there at once, and "
+                       "the method is usable when that code is entered.")
+    return command
+
+
+for _channel in CHANNELS:
+    enrol.command(_channel)(_enrol_contact(_channel))
+
+
+@enrol.command("push")
+@user_option
+@click.option("--companion", "companion_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the companion app's file (its private key; keep it private).")
+@click.option("--name", default="companion app", show_default=True)
+@json_option
+@pass_ctx
+def enrol_push(ctx: Context, username: str, companion_path: str, name: str, as_json: bool) -> None:
+    """Pair a companion app for push approval with number matching (`token-agent approve`
+    plays the app)."""
+    from ..factors import FactorError, push
+    from ..store import CredentialExists
+
+    user = _user(ctx, username)
+    try:
+        method = push.enrol(ctx.agent().factors(), user.id, companion_path, name=name)
+    except CredentialExists as e:
+        fail(str(e), exitcodes.CONFLICT)
+    except (FactorError, ValueError, OSError) as e:
+        fail(getattr(e, "message", None) or str(e), exitcodes.USAGE)
+    emit(as_json, {"user": user.username, "method": method.name, "companion": companion_path},
+         f"companion app {method.name!r} paired for {user.username}: {companion_path}")
+
+
+@enrol.command("app-password")
+@user_option
+@click.option("--name", required=True, help="What it is for, e.g. 'ward printer'.")
+@click.option("--length", type=click.IntRange(8, 64), default=16, show_default=True)
+@json_option
+@pass_ctx
+def enrol_app_password(ctx: Context, username: str, name: str, length: int, as_json: bool) -> None:
+    """Create an app password for a legacy application (shown once; revoke with
+    `methods remove --user U app-password --name NAME`)."""
+    from ..factors import apppasswords
+    from ..store import CredentialExists
+
+    user = _user(ctx, username)
+    agent = ctx.agent()
+    if not agent.policy.legacy.app_passwords:
+        say("warning: the policy does not allow legacy access ([legacy] app_passwords = true): "
+            "this app password will not work until it does")
+    try:
+        method, password = apppasswords.create(agent.factors(), user.id, name, length=length)
+    except CredentialExists as e:
+        fail(str(e), exitcodes.CONFLICT)
+    emit(as_json, {"user": user.username, "name": method.name, "app_password": password},
+         f"app password {method.name!r} for {user.username} (shown once, never again):\n"
+         f"  {password}")
+
+
+@enrol.command("backup-codes")
+@user_option
+@json_option
+@pass_ctx
+def enrol_backup_codes(ctx: Context, username: str, as_json: bool) -> None:
+    """Generate ten backup codes (shown once; replaces any earlier set)."""
+    from ..factors import backup
+
+    user = _user(ctx, username)
+    _, codes = backup.generate(ctx.agent().factors(), user.id)
+    emit(as_json, {"user": user.username, "backup_codes": codes},
+         f"backup codes for {user.username} (each works once; keep them somewhere safe):\n"
+         + "\n".join(f"  {c}" for c in codes))
+
+
+# --------------------------------------------------------------------------- send, verify
+
+
+@main.command("send-code")
+@click.argument("channel", type=click.Choice(CHANNELS))
+@user_option
+@name_option
+@json_option
+@pass_ctx
+def send_code(ctx: Context, channel: str, username: str, name: str | None, as_json: bool) -> None:
+    """Send a one-time login code by CHANNEL (then: token-agent verify CHANNEL --code C)."""
+    from ..factors import FactorError, codes
+
+    user = _user(ctx, username)
+    method = ctx.store().find_method(user.id, channel, name)
+    if method is None or not method.confirmed:
+        fail(f"{user.username} has no confirmed {channel} method", exitcodes.NOT_FOUND)
+    try:
+        receipt = codes.send_code(ctx.agent().factors(), method, purpose="login")
+    except FactorError as e:
+        _factor_error(e)
+    emit(as_json, {"user": user.username, "channel": channel, "sent_via": receipt.channel,
+                   "fell_back_from": receipt.fell_back_from, "to": receipt.destination_hint},
+         codes.prompt_for(method, receipt))
+
+
+@main.command("verify")
+@click.argument("kind", type=click.Choice(VERIFY_KINDS))
+@user_option
+@name_option
+@with_code
+@json_option
+@pass_ctx
+def verify(ctx: Context, kind: str, username: str, name: str | None, code: str | None,
+           code_stdin: bool, as_json: bool) -> None:
+    """Check one factor: exit 0 when it is accepted, non-zero otherwise (3 wrong, 6 locked).
+
+    The code (the password, for `verify password` and `verify app-password`) comes from
+    --code, --code-stdin or a prompt."""
+    from ..factors import FactorError, apppasswords, backup, codes, password, totp
+
+    user = _user(ctx, username)
+    agent = ctx.agent()
+    fctx = agent.factors()
+    prompt = {"password": "Password", "app-password": "App password"}.get(kind, "Code")
+    value = _code_arg(code, code_stdin, prompt)
+    try:
+        if kind == "password":
+            result = password.verify(fctx, user.id, value)
+        elif kind == "totp":
+            result = totp.verify(fctx, user.id, value, name=name)
+        elif kind == "backup":
+            result = backup.verify(fctx, user.id, value)
+        elif kind == "app-password":
+            result = apppasswords.verify(fctx, user.id, value,
+                                         legacy_allowed=agent.policy.legacy.app_passwords)
+        else:
+            method = ctx.store().find_method(user.id, kind, name)
+            if method is None or not method.confirmed:
+                fail(f"{user.username} has no confirmed {kind} method", exitcodes.NOT_FOUND)
+            result = codes.verify_code(fctx, method, value, purpose="login")
+    except FactorError as e:
+        _factor_error(e)
+    _finish(result, as_json)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@main.group()
+def methods() -> None:
+    """A user's authentication methods: list, choose the preferred one, remove."""
+
+
+def _method_json(m, locks) -> dict:
+    from ..factors import LABELS, POLICY_NAMES
+
+    lock = locks.get(f"method:{m.id}")
+    return {"id": m.id, "kind": POLICY_NAMES.get(m.kind, m.kind), "label": LABELS.get(m.kind, m.kind),
+            "name": m.name, "preferred": m.preferred, "confirmed": m.confirmed,
+            "created_at": m.created_at, "last_used_at": m.last_used_at, "flagged": m.flagged,
+            "flag_reason": m.flag_reason,
+            "locked_until": lock.locked_until if lock else None,
+            "failures": lock.failures if lock else 0}
+
+
+@methods.command("list")
+@user_option
+@json_option
+@pass_ctx
+def methods_list(ctx: Context, username: str, as_json: bool) -> None:
+    """List the user's methods."""
+    from ..factors import lockout
+
+    user = _user(ctx, username)
+    store = ctx.store()
+    locks = {s.scope: s for s in lockout.user_locks(store, user.id)}
+    data = [_method_json(m, locks) for m in store.list_methods(user.id)]
+
+    def text() -> str:
+        lines = []
+        for d in data:
+            flags = [f for f, on in (("preferred", d["preferred"]), ("not confirmed", not d["confirmed"]),
+                                     (f"suspended: {d['flag_reason']}", d["flagged"]),
+                                     ("locked", bool(d["locked_until"]))) if on]
+            lines.append(f"{d['kind']:<13} {d['name']!r:<32} {', '.join(flags)}")
+        return "\n".join(lines) or f"{user.username} has no methods"
+
+    emit(as_json, data, text)
+
+
+def _find(ctx: Context, user, kind: str, name: str | None):
+    method = ctx.store().find_method(user.id, CLI_KINDS[kind], name)
+    if method is None:
+        fail(f"{user.username} has no {kind} method" + (f" named {name!r}" if name else ""),
+             exitcodes.NOT_FOUND)
+    return method
+
+
+@methods.command("prefer")
+@user_option
+@click.argument("kind", type=click.Choice(sorted(CLI_KINDS)))
+@name_option
+@json_option
+@pass_ctx
+def methods_prefer(ctx: Context, username: str, kind: str, name: str | None, as_json: bool) -> None:
+    """Make a method the user's preferred one (the default at sign-in)."""
+    from ..store import InvalidValue
+
+    user = _user(ctx, username)
+    method = _find(ctx, user, kind, name)
+    try:
+        ctx.store().set_preferred_method(user.id, method.id)
+    except InvalidValue as e:
+        fail(str(e), exitcodes.USAGE)
+    ctx.store().record_event("method.preferred", user_id=user.id, outcome="success",
+                             detail={"kind": method.kind, "name": method.name})
+    emit(as_json, {"user": user.username, "preferred": kind, "name": method.name},
+         f"{user.username} now signs in with {kind} {method.name!r} by default")
+
+
+@methods.command("remove")
+@user_option
+@click.argument("kind", type=click.Choice(sorted(CLI_KINDS)))
+@name_option
+@json_option
+@pass_ctx
+def methods_remove(ctx: Context, username: str, kind: str, name: str | None, as_json: bool) -> None:
+    """Remove one of the user's methods (an app password: revoke it)."""
+    user = _user(ctx, username)
+    method = _find(ctx, user, kind, name)
+    store = ctx.store()
+    with store.transaction():
+        store.remove_method(method.id)
+        store.record_event("method.removed", user_id=user.id, outcome="success",
+                           detail={"kind": method.kind, "name": method.name})
+    emit(as_json, {"user": user.username, "removed": kind, "name": method.name},
+         f"removed {kind} {method.name!r} of {user.username}")
+
+
+# --------------------------------------------------------------------------- the companion
+
+
+@main.command("approve")
+@click.option("--companion", "companion_path", required=True, type=click.Path(dir_okay=False),
+              help="The companion app's file (from `enrol push`).")
+@click.option("--number", type=int, help="The number shown on the login screen (else asked).")
+@click.option("--deny", is_flag=True, help="Deny the sign-in instead.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(0, 300), default=0.0,
+              help="Wait up to this many seconds for a request to arrive.")
+@json_option
+@pass_ctx
+def approve(ctx: Context, companion_path: str, number: int | None, deny: bool,
+            wait_seconds: float, as_json: bool) -> None:
+    """The companion app: show the sign-in waiting for approval, and approve it by entering
+    the number the login screen shows (or deny it)."""
+    import time
+
+    from ..factors import FactorError, push
+
+    try:
+        companion = push.load_companion(companion_path)
+    except (FactorError, ValueError, OSError) as e:
+        fail(getattr(e, "message", None) or str(e), exitcodes.USAGE)
+    fctx = ctx.agent().factors()
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        pending = push.pending_for(fctx, companion)
+        if pending or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if not pending:
+        fail("no sign-in is waiting for approval", exitcodes.NOT_FOUND)
+    request = pending[-1]
+    say(f"Sign-in request for {companion.username}: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(request.context.items())))
+    if not deny and number is None:
+        typed = read_line("Enter the number shown on the login screen (or 'deny')", hidden=False)
+        if typed is None:
+            fail("no answer", exitcodes.TIMEOUT)
+        if typed.strip().lower() == "deny":
+            deny = True
+        else:
+            try:
+                number = int(typed.strip())
+            except ValueError:
+                fail("that is not a number", exitcodes.USAGE)
+    signed = push.answer(companion, request.id, approve=not deny, number=number)
+    try:
+        state = push.submit(fctx, signed)
+    except FactorError as e:
+        _factor_error(e)
+    emit(as_json, {"request": request.id, "state": state}, {
+        "approved": "approved", "denied": "denied: the sign-in is refused",
+        "wrong-number": "wrong number: the sign-in is refused",
+        "expired": "too late: the request had expired"}.get(state, state))
+    if state not in ("approved", "denied"):
+        sys.exit(exitcodes.AUTH_FAILED)

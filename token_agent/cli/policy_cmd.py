@@ -1,0 +1,331 @@
+"""`token-agent policy check|explain|show`, `token-agent audit verify|tail` and
+`token-agent admin reset-methods|unlock|lockouts|clear-flag`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+
+import click
+
+from .. import exitcodes
+from . import main
+from .common import Context, emit, fail, json_option, pass_ctx, say
+
+device_options = [
+    click.option("--device", "device_kind", type=click.Choice(["managed", "unmanaged"]),
+                 envvar="TOKEN_AGENT_DEVICE", default="managed", show_default=True,
+                 help="Is this a managed (organisation) device? (env TOKEN_AGENT_DEVICE)"),
+    click.option("--device-id", envvar="TOKEN_AGENT_DEVICE_ID",
+                 help="The device's id (default: derived from this machine's machine-id)."),
+    click.option("--network", metavar="ADDR", envvar="TOKEN_AGENT_NETWORK",
+                 help="The client's IP address (default: unknown; env TOKEN_AGENT_NETWORK)."),
+]
+
+
+def with_device(func):
+    for option in reversed(device_options):
+        func = option(func)
+    return func
+
+
+def make_device(device_kind: str, device_id: str | None, network: str | None):
+    import ipaddress
+
+    from ..ceremonies.login import Device
+    from ..sightings import workstation_device_id
+
+    if network:
+        try:
+            ipaddress.ip_address(network)
+        except ValueError:
+            fail(f"--network {network!r} is not an IP address", exitcodes.USAGE)
+    return Device(kind=device_kind, device_id=device_id or workstation_device_id(),
+                  network=network or None)
+
+
+def _when(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@main.group()
+def policy() -> None:
+    """The organisation's MFA policy: check a file, explain a decision."""
+
+
+@policy.command("check")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@json_option
+@pass_ctx
+def policy_check(ctx: Context, path: str | None, as_json: bool) -> None:
+    """Validate a policy file (default: the one in force) and say what is wrong.
+
+    Exit 0 when it is valid (warnings are printed), 2 when it is not."""
+    from ..policy import check_policy_text, default_policy_path
+
+    target = path or ctx.policy_path or default_policy_path()
+    if target is None:
+        emit(as_json, {"path": None, "valid": True, "errors": [], "warnings": []},
+             "no policy file: the built-in defaults are in force")
+        return
+    try:
+        text = open(target, encoding="utf-8").read()
+    except OSError as e:
+        fail(f"cannot read the policy file {target}: {e.strerror or e}", exitcodes.USAGE)
+    except UnicodeDecodeError:
+        fail(f"the policy file {target} is not UTF-8 text", exitcodes.USAGE)
+    parsed, errors, warnings = check_policy_text(text, str(target))
+    if not errors and parsed is not None and parsed.delivery:
+        from ..delivery import DeliveryConfigError, parse_delivery_config
+
+        try:
+            parse_delivery_config(parsed.delivery)
+        except DeliveryConfigError as e:
+            errors = [f"{target}: delivery: {m}" for m in e.errors]
+    data = {"path": str(target), "valid": not errors, "errors": errors, "warnings": warnings}
+    if as_json:
+        emit(True, data, "")
+    else:
+        for w in warnings:
+            say(f"warning: {w}")
+        for e in errors:
+            say(f"error: {e}")
+        if not errors:
+            click.echo(f"{target}: valid" + (f" ({len(warnings)} warnings)" if warnings else ""))
+    if errors:
+        raise SystemExit(exitcodes.USAGE)
+
+
+@policy.command("explain")
+@click.option("--user", "username", required=True)
+@with_device
+@click.option("--primary", type=click.Choice(["password", "key", "card"]),
+              help="Explain as if the user logged in with this (default: their usual one).")
+@click.option("--uv/--no-uv", "primary_uv", default=True, show_default=True,
+              help="With --primary key/card: the key verified the PIN / the card's PIN was used.")
+@json_option
+@pass_ctx
+def policy_explain(ctx: Context, username: str, device_kind: str, device_id: str | None,
+                   network: str | None, primary: str | None, primary_uv: bool,
+                   as_json: bool) -> None:
+    """Print what the policy decides for a user's login, and the rules that made it."""
+    from ..ceremonies.login import _choose_primary, explain_for
+    from ..policy import explain
+    from ..store import UnknownUser
+
+    agent = ctx.agent()
+    device = make_device(device_kind, device_id, network)
+    try:
+        user = agent.store.get_user(username)
+    except UnknownUser as e:
+        fail(str(e), exitcodes.NOT_FOUND)
+    first = primary or _choose_primary(agent, user, None) or "password"
+    decision = explain_for(agent, username, device=device, primary=first,
+                           primary_multi_factor=first in ("key", "card") and primary_uv)
+    data = {"user": user.username, "user_class": user.user_class, "primary": first,
+            "device": device.to_json(), "policy_file": agent.policy.source,
+            **decision.to_json()}
+    emit(as_json, data, lambda: (
+        f"{user.username} ({user.user_class}), primary factor {first}, {device.kind} device"
+        f"{', network ' + device.network if device.network else ''}\n" + explain(decision)))
+
+
+@policy.command("show")
+@json_option
+@pass_ctx
+def policy_show(ctx: Context, as_json: bool) -> None:
+    """Show the policy in force (and which file it came from)."""
+    from ..policy import policy_warnings
+
+    pol = ctx.agent().policy
+    data = _policy_json(pol)
+    data["warnings"] = policy_warnings(pol)
+    emit(as_json, data, lambda: "\n".join(f"{k:<16} {v}" for k, v in data.items()))
+
+
+def _policy_json(pol) -> dict:
+    import dataclasses
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            return value
+        return str(value)
+
+    data = plain(pol)
+    data.pop("delivery", None)
+    data["delivery_channels"] = sorted(k for k in (pol.delivery or {}) if k not in
+                                       ("fallback", "sender_name", "outbox"))
+    return data
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@main.group()
+def audit() -> None:
+    """The append-only, hash-chained audit log."""
+
+
+@audit.command("verify")
+@json_option
+@pass_ctx
+def audit_verify(ctx: Context, as_json: bool) -> None:
+    """Check the audit log's hash chain: exit 0 when intact, 1 (naming the first bad record)
+    when a record was edited, removed or reordered."""
+    from ..store import AuditChainBroken
+
+    try:
+        count = ctx.store().verify_events()
+    except AuditChainBroken as e:
+        if as_json:
+            emit(True, {"intact": False, "event_id": e.event_id, "error": str(e)}, "")
+        fail(f"audit log damaged: {e}", exitcodes.ERROR)
+    emit(as_json, {"intact": True, "events": count}, f"audit log intact: {count} events verified")
+
+
+@audit.command("tail")
+@click.option("-n", "count", type=click.IntRange(1, 10000), default=20, show_default=True)
+@click.option("--user", "username", help="Only this user's events.")
+@click.option("--kind", help="Only events of this kind (e.g. login, verify.totp).")
+@json_option
+@pass_ctx
+def audit_tail(ctx: Context, count: int, username: str | None, kind: str | None,
+               as_json: bool) -> None:
+    """Show the latest audit events, oldest first."""
+    store = ctx.store()
+    user_id = None
+    if username:
+        from ..store import UnknownUser
+
+        try:
+            user_id = store.get_user(username).id
+        except UnknownUser as e:
+            fail(str(e), exitcodes.NOT_FOUND)
+    events = list(reversed(store.list_events(user_id=user_id, kind=kind, limit=count)))
+    emit(as_json, [e.to_dict() for e in events], lambda: "\n".join(
+        f"{e.id:>6} {_when(e.at)} {e.kind:<22} {e.outcome:<8} {e.username or '-':<16} "
+        + " ".join(f"{k}={v}" for k, v in sorted(e.detail.items()))
+        for e in events) or "no events")
+
+
+# --------------------------------------------------------------------------- admin
+
+
+@main.group()
+def admin() -> None:
+    """Administrators' actions on users' methods (each one recorded)."""
+
+
+def _admin_user(ctx: Context, username: str):
+    from ..store import UnknownUser
+
+    try:
+        return ctx.store().get_user(username)
+    except UnknownUser as e:
+        fail(str(e), exitcodes.NOT_FOUND)
+
+
+def _actor() -> str:
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
+
+
+@admin.command("reset-methods")
+@click.argument("username")
+@click.option("--include-password", is_flag=True, help="Remove the password too.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@pass_ctx
+def admin_reset_methods(ctx: Context, username: str, include_password: bool, yes: bool,
+                        as_json: bool) -> None:
+    """A lost or stolen device: remove every method of the user (keys, card identities,
+    authenticator apps, phones, companion apps, app passwords, backup codes) so they set up
+    new ones at their next login. Recorded in the audit log."""
+    user = _admin_user(ctx, username)
+    if not yes and not click.confirm(f"Remove every authentication method of {user.username}?",
+                                     err=True):
+        fail("nothing removed", exitcodes.ERROR)
+    store = ctx.store()
+    with store.transaction():
+        removed = store.remove_all_methods(user.id, keep_password=not include_password)
+        store.record_event("admin.reset-methods", user_id=user.id, outcome="success",
+                           detail={"actor": _actor(), "removed": len(removed),
+                                   "kinds": sorted({m.kind for m in removed})})
+    emit(as_json, {"user": user.username, "removed": [m.to_dict() for m in removed]},
+         f"removed {len(removed)} methods of {user.username}: they must set up new ones")
+
+
+@admin.command("unlock")
+@click.argument("username")
+@click.option("--method", "kind", help="Only this method kind (e.g. totp, sms, password).")
+@json_option
+@pass_ctx
+def admin_unlock(ctx: Context, username: str, kind: str | None, as_json: bool) -> None:
+    """Clear a user's lockouts (all, or of one method kind). Recorded."""
+    from ..factors import KINDS, lockout
+
+    user = _admin_user(ctx, username)
+    store = ctx.store()
+    scopes = None
+    if kind:
+        store_kind = KINDS.get(kind, kind.replace("-", "_"))
+        if store_kind == "password":
+            scopes = {lockout.password_scope(user.id)}
+        elif store_kind == "app_password":
+            scopes = {f"app_password:{user.id}"}
+        else:
+            scopes = {lockout.method_scope(m.id) for m in store.list_methods(user.id, store_kind)}
+    with store.transaction():
+        cleared = [c for s in (scopes or [None]) for c in lockout.unlock(store, user.id, s)]
+        store.record_event("admin.unlock", user_id=user.id, outcome="success",
+                           detail={"actor": _actor(), "scopes": [c.scope for c in cleared]})
+    emit(as_json, {"user": user.username, "cleared": [c.to_json() for c in cleared]},
+         f"unlocked {user.username}: {len(cleared)} lockouts cleared")
+
+
+@admin.command("lockouts")
+@click.argument("username")
+@json_option
+@pass_ctx
+def admin_lockouts(ctx: Context, username: str, as_json: bool) -> None:
+    """Show a user's failure counts and lockouts."""
+    import time
+
+    from ..factors import lockout
+
+    user = _admin_user(ctx, username)
+    states = lockout.user_locks(ctx.store(), user.id)
+    now = time.time()
+    emit(as_json, [s.to_json() for s in states], lambda: "\n".join(
+        f"{s.scope:<48} failures {s.failures}, level {s.level}"
+        + (f", locked until {_when(s.locked_until)}" if s.locked(now) else "")
+        for s in states) or f"{user.username}: no failures recorded")
+
+
+@admin.command("clear-flag")
+@click.argument("username")
+@click.option("--key", "key_name", required=True, help="The suspended key's name.")
+@json_option
+@pass_ctx
+def admin_clear_flag(ctx: Context, username: str, key_name: str, as_json: bool) -> None:
+    """Lift the suspension of a key (e.g. after a counter regression was explained)."""
+    user = _admin_user(ctx, username)
+    store = ctx.store()
+    cred = next((c for c in store.list_fido_credentials(user.id)
+                 if c.name.casefold() == key_name.casefold()), None)
+    if cred is None:
+        fail(f"{user.username} has no key named {key_name!r}", exitcodes.NOT_FOUND)
+    with store.transaction():
+        store.clear_flag(cred.credential_id)
+        store.record_event("admin.clear-flag", user_id=user.id, credential_id=cred.credential_id,
+                           outcome="success", detail={"actor": _actor(), "credential": cred.name})
+    emit(as_json, {"user": user.username, "key": cred.name, "flagged": False},
+         f"key {cred.name!r} of {user.username} is usable again")
