@@ -229,7 +229,11 @@ def enrol_push(ctx: Context, username: str, companion_path: str, name: str, as_j
 
     user = _user(ctx, username)
     try:
-        method = push.enrol(ctx.agent().factors(), user.id, companion_path, name=name)
+        fctx = ctx.agent().factors()
+        method = push.enrol(fctx, user.id, companion_path, name=name)
+        # the companion file was written here: pair it in this process (the pairing signs
+        # the agent's challenge with the companion's key, proving the file works)
+        method = push.pair(fctx, user.id, method, push.load_companion(companion_path))
     except CredentialExists as e:
         fail(str(e), exitcodes.CONFLICT)
     except (FactorError, ValueError, OSError) as e:
