@@ -105,8 +105,13 @@ def test_login_failures_and_exit_codes(cli):
                  expect=exitcodes.AUTH_FAILED)
     assert json.loads(failed.stdout)["reason"] == "unknown-user"
     cli("users", "add", "bob")
-    assert "no security key enrolled" in cli("login", "--user", "bob", "--pin-stdin",
-                                            input=PIN + "\n", expect=exitcodes.AUTH_FAILED).stderr
+    assert "no security key enrolled" in cli("login", "--method", "key", "--user", "bob",
+                                            "--pin-stdin", input=PIN + "\n",
+                                            expect=exitcodes.AUTH_FAILED).stderr
+    # the policy login (no --method): bob has nothing to log in with at all
+    assert "bob has no password, key or card" in cli("login", "--user", "bob", "--pin-stdin",
+                                                     input=PIN + "\n",
+                                                     expect=exitcodes.AUTH_FAILED).stderr
 
 
 def test_pin_blocked_exit_code(cli):

@@ -18,6 +18,12 @@ def test_demo_runs_every_step():
     assert "login tap-and-go: something-you-have + something-you-know" in text
     assert "a clone of the key is refused" in text
     assert demo.DEMO_PIN not in text  # the PIN is never printed
+    assert "login from an unmanaged device: password+totp" in text
+    assert "the same code again is refused" in text
+    assert "policy for the same laptop an hour later: second factor not required" in text
+    assert "policy for a ward workstation bob never used: second factor required" in text
+    assert "while locked even the right code is refused" in text
+    assert "correct horse battery" not in text  # nor the password
     assert text.rstrip().endswith("demonstration complete: every step verified")
 
 

@@ -326,9 +326,12 @@ class TestMigrations:
                     display_name TEXT NOT NULL,
                     user_handle BLOB NOT NULL UNIQUE,
                     created_at REAL NOT NULL,
-                    disabled INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1))
+                    disabled INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1)),
+                    user_class TEXT NOT NULL DEFAULT 'internal',
+                    mfa_enabled INTEGER NOT NULL DEFAULT 0
                 );
-                INSERT INTO users_new SELECT id, username, display_name, user_handle, created_at, disabled FROM users;
+                INSERT INTO users_new SELECT id, username, display_name, user_handle, created_at,
+                    disabled, user_class, mfa_enabled FROM users;
                 DROP TABLE users;
                 ALTER TABLE users_new RENAME TO users;
             """)
@@ -938,3 +941,64 @@ class TestThreads:
         b.join(10)
         assert not errors
         assert [u.username for u in store.list_users()] == ["bob"]
+
+
+# --------------------------------------------------------------------------- methods of any kind
+# (schema 3: user classes, preferred and confirmed methods, removal of all of a user's methods)
+
+
+class TestMethods:
+    def test_user_class_and_mfa(self, store):
+        u = store.add_user("alice", user_class="external")
+        assert (u.user_class, u.mfa_enabled) == ("external", True)  # new accounts: MFA on
+        u = store.update_user("alice", user_class="contributor", mfa_enabled=False)
+        assert (u.user_class, u.mfa_enabled) == ("contributor", False)
+        with pytest.raises(InvalidValue, match="user class"):
+            store.add_user("bob", user_class="visitor")
+
+    def test_one_preferred_method_and_only_confirmed(self, store):
+        u = store.add_user("alice")
+        a = store.add_method(u.id, "totp", "phone app")
+        b = store.add_method(u.id, "sms", "mobile")
+        pending = store.add_method(u.id, "email", "work mail", confirmed=False)
+        store.set_preferred_method(u.id, a.id)
+        store.set_preferred_method(u.id, b.id)
+        assert store.preferred_method(u.id).id == b.id
+        assert [m.preferred for m in store.list_methods(u.id)] == [False, True, False]
+        with pytest.raises(InvalidValue, match="not confirmed"):
+            store.set_preferred_method(u.id, pending.id)
+        assert store.confirm_method(pending.id).confirmed
+        with pytest.raises(CredentialExists):
+            store.add_method(u.id, "totp", "PHONE APP")  # names ignore case
+        with pytest.raises(InvalidValue, match="unknown method kind"):
+            store.add_method(u.id, "carrier-pigeon", "x")
+        other = store.add_user("bob")
+        with pytest.raises(UnknownCredential):
+            store.set_preferred_method(other.id, a.id)
+
+    def test_remove_all_methods_keeps_the_password_and_the_audit_log(self, store):
+        u = store.add_user("alice")
+        store.add_method(u.id, "password", "password")
+        store.add_fido_credential(u.id, **cred_args())
+        store.add_method(u.id, "totp", "app")
+        store.record_event("login", user_id=u.id, outcome="success")
+        removed = store.remove_all_methods(u.id)
+        assert sorted(m.kind for m in removed) == ["fido2", "totp"]
+        assert [m.kind for m in store.list_methods(u.id)] == ["password"]
+        assert store.list_fido_credentials(u.id) == []
+        assert store.verify_events() == 1
+        assert [m.kind for m in store.remove_all_methods(u.id, keep_password=False)] == ["password"]
+
+    def test_migration_from_schema_2_keeps_users_with_mfa_off(self, db_path):
+        with Store.open(db_path, migrations=MIGRATIONS[:2]):
+            pass
+        with raw(db_path) as conn:  # a user as the schema-2 code wrote them
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+            conn.execute("INSERT INTO users (id, username, display_name, user_handle, created_at) "
+                         "VALUES ('u-1', 'alice', 'Alice', x'01', 0)")
+        with Store.open(db_path) as s:
+            u = s.get_user("alice")
+            assert u.id == "u-1" and s.schema_version == 3
+            # an account that existed before: only its class's enforcement applies to it
+            assert (u.user_class, u.mfa_enabled) == ("internal", False)
+            assert s.add_user("bob").mfa_enabled is True

@@ -142,6 +142,7 @@ def run(port: int, control_port: int, out=sys.stdout) -> int:
             raise AssertionError("a wrong PIN was accepted")
         device.close()
     agent_demo(say, check)
+    mfa_demo(say, check)
     say("demonstration complete: every step verified")
     return 0
 
@@ -197,6 +198,106 @@ def agent_demo(say, check) -> None:
                   f"a clone of the key is refused: {outcome.message}")
             events = [f"{e.kind}:{e.outcome}" for e in reversed(store.list_events())]
             say(f"   audit log: {', '.join(events)}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _ScriptedPerson:
+    """The clinician at the login prompt, answering from a script (never printing secrets)."""
+
+    def __init__(self, say, answers: list[str]) -> None:
+        self.say, self.answers = say, list(answers)
+
+    def info(self, message: str) -> None:
+        self.say(f"   agent: {message}")
+
+    def secret(self, prompt: str) -> str | None:
+        self.say(f"   agent asks: {prompt} (typed, not shown)")
+        return self.answers.pop(0) if self.answers else None
+
+    text = secret
+
+    def choose(self, prompt: str, options, default: str) -> str | None:
+        self.say(f"   agent offers: {prompt}: {', '.join(k for k, _ in options)} -> {default}")
+        return default
+
+    def show_qr(self, uri: str) -> None:
+        from token_agent.factors.totp import qr_terminal
+
+        self.say(qr_terminal(uri))
+
+
+def mfa_demo(say, check) -> None:
+    """Part three: password + authenticator app under the MFA policy, with its decisions,
+    a replayed code, backup codes and a lockout."""
+    import datetime as dt
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from token_agent.agent import Agent
+    from token_agent.ceremonies.login import Device, explain_for, login
+    from token_agent.factors import backup, password, totp
+    from token_agent.policy import parse_policy
+
+    say("8. MFA policy: password + authenticator app (store in a temporary directory)")
+    tmp = Path(tempfile.mkdtemp(prefix="token-agent-demo-mfa-"))
+    try:
+        policy = parse_policy('[reverification]\ntrusted_networks = ["10.0.0.0/8"]\n'
+                              '[methods]\nallowed = ["sms", "totp", "push", "key", "card"]\n')
+        agent = Agent.open(tmp, policy=policy, environ={})
+        try:
+            store, ctx = agent.store, agent.factors()
+            user = store.add_user("bob", display_name="Dr Bob Jones", user_class="internal")
+            password.set_password(ctx, user.id, "correct horse battery")
+            pending = totp.begin_enrol(ctx, user.id)
+            check(pending.uri.startswith("otpauth://totp/"),
+                  "provisioning URI made; the QR code an authenticator app scans:")
+            say(totp.qr_terminal(pending.uri))
+            now = agent.now()
+            check(totp.confirm_enrol(ctx, user.id, totp.code_at(pending.secret, now - 30)).ok,
+                  "enrolment confirmed by the app's first code")
+            home = Device("unmanaged", "bobs-laptop", "192.0.2.7")
+            code = totp.code_at(pending.secret, now)
+            person = _ScriptedPerson(say, ["correct horse battery", code])
+            outcome = login(agent, "bob", interaction=person, device=home)
+            check(outcome.ok and outcome.method == "password+totp" and outcome.multi_factor,
+                  f"login from an unmanaged device: {outcome.method} "
+                  f"({' + '.join(f.value for f in outcome.factors)})")
+            replay = totp.verify(ctx, user.id, code)
+            check(not replay.ok and replay.reason.value == "code-replayed",
+                  f"the same code again is refused: {replay.message}")
+            ward = Device("managed", "ward-pc-3", "10.4.2.9")
+            for device, what in ((home, "the same laptop an hour later"),
+                                 (ward, "a ward workstation bob never used")):
+                agent.clock = lambda: now + 3600
+                decision = explain_for(agent, "bob", device=device, primary="password")
+                say(f"   policy for {what}: second factor "
+                    f"{'required' if decision.mfa_required else 'not required'}")
+                for rule in decision.rules:
+                    say(f"     - {rule}")
+            agent.clock = lambda: now
+            _, codes = backup.generate(ctx, user.id)
+            check(backup.verify(ctx, user.id, codes[0]).ok and
+                  not backup.verify(ctx, user.id, codes[0]).ok,
+                  "ten backup codes shown once; one works once")
+            first = totp.verify(ctx, user.id, "000000")
+            say(f"   a wrong code: {first.message}")
+            results = [first]
+            while not results[-1].locked_until and len(results) < 20:
+                results.append(totp.verify(ctx, user.id, "000000"))
+            check(results[-1].locked_until is not None and len(results) <= 10,
+                  f"{len(results)} more wrong codes (the replay counted as one) lock the app: "
+                  f"{results[-1].message}")
+            check(totp.verify(ctx, user.id, totp.code_at(pending.secret, now + 30)).reason.value
+                  == "method-locked", "while locked even the right code is refused")
+            verified = store.verify_events()
+            check(verified > 10, f"audit log: {verified} hash-chained events verified, "
+                                 "no secret in any of them")
+            when = dt.datetime.now(dt.timezone.utc).strftime("%H:%M UTC")
+            say(f"   (done at {when})")
+        finally:
+            agent.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
