@@ -105,8 +105,11 @@ def facts_for(agent: "Agent", user, *, device: Device, primary: str | None,
     from ..policy import LoginFacts, network_key
 
     store = agent.store
+    # a device used as a one-factor primary (a key without PIN) cannot also be the second
+    # factor; as a multi-factor primary it is the user's method that satisfies MFA
     methods = tuple(sorted({POLICY_NAMES[m.kind] for m in usable_methods(store, user.id)
-                            if m.kind != "password"}))
+                            if m.kind != "password"
+                            and (primary_multi_factor or POLICY_NAMES[m.kind] != primary)}))
     net = None
     if device.network:
         net = network_key(agent.policy, device.network)
@@ -198,6 +201,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
     # --- 2. the primary factor
     factors: list[Factor] = []
     primary_multi = False
+    device_then_password = False  # a key without PIN, then the password
     primary_outcome: LoginOutcome | None = None
     if first == "password":
         typed = _ask(interaction.secret("Password"))
@@ -216,9 +220,30 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                         primary_outcome.message, primary=first)
         factors.extend(primary_outcome.factors)
         primary_multi = primary_outcome.multi_factor
+        if not primary_multi:
+            # a key that verified no PIN is one factor (something you have): the password is
+            # the other, before any second factor the policy asks for (NIST SP 800-63B: two
+            # possession factors are not multi-factor)
+            if password_factor.get(ctx, user.id) is None:
+                return fail(Reason.UV_REQUIRED,
+                            f"this {LABELS[KINDS[first]]} did not verify your PIN, and you have no "
+                            "password to go with it: set a PIN on the key and try again",
+                            primary=first)
+            typed = _ask(interaction.secret("Password"))
+            result = password_factor.verify(ctx, user.id, typed)
+            if not result.ok:
+                return fail(result.reason or Reason.WRONG_PASSWORD, result.message,
+                            primary=first,
+                            **({"tries_left": result.tries_left}
+                               if result.tries_left is not None else {}))
+            factors.append(Factor.KNOWLEDGE)
+            device_then_password = True
 
     # --- 3. the policy
-    facts, net = facts_for(agent, user, device=device, primary=first,
+    # a key without PIN and the password: decided as a password login whose second factor,
+    # the key, is already done (when the policy accepts a key for this user)
+    facts, net = facts_for(agent, user, device=device,
+                           primary="password" if device_then_password else first,
                            primary_multi_factor=primary_multi)
     decision = decide(agent.policy, facts)
     if decision.alert:
@@ -230,8 +255,19 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
     if decision.invite_enrol:
         interaction.info("Your organisation asks you to set up a second factor: "
                          "token-agent enrol totp (or sms, email, key)")
-    if decision.mfa_required:
-        if decision.must_enrol:
+    if decision.mfa_required and device_then_password and first in decision.allowed_methods:
+        second_used = "password"  # the key was the possession factor, the password the other
+    elif decision.mfa_required:
+        if decision.must_enrol and "backup" in decision.usable_methods:
+            # the user's only acceptable factor is their backup codes: one of them proves it
+            # is them, then they must set up a real second factor before anything else
+            from ..factors import backup
+
+            v = backup.verify(ctx, user.id, _ask(interaction.secret("Backup code")))
+            if v.ok:
+                interaction.info(v.message)
+                v = _enrol_at_login(agent, user, interaction, decision)
+        elif decision.must_enrol:
             v = _enrol_at_login(agent, user, interaction, decision)
         else:
             v = _second_factor(agent, user, interaction, decision, second=second,
@@ -254,11 +290,16 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
             if factor not in factors:
                 factors.append(factor)
 
+    if decision.mfa_required and len(set(factors)) < 2:
+        return fail(Reason.VERIFICATION_FAILED,
+                    f"{first} and {second_used} are the same kind of factor: multi-factor "
+                    "authentication needs two different kinds", primary=first, second=second_used)
+
     # --- 6. success
     now = agent.now()
     with store.transaction():
         sightings.record_login(store, user.id, device_id=device.device_id, network=net, now=now)
-        if second_used is not None or primary_multi:
+        if second_used is not None or primary_multi:  # a second factor was completed here
             sightings.record_verification(store, user.id, device.device_id,
                                           second_used or first, now)
         store.record_event("login", user_id=user.id, outcome="success",
@@ -299,6 +340,10 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
     ctx = agent.factors()
     mine = {POLICY_NAMES[m.kind]: m for m in reversed(usable_methods(store, user.id))}
     preferred = store.preferred_method(user.id)
+    if second is None and not [m for m in decision.usable_methods if m in mine]:
+        return Verification(False, "totp", None, Reason.ENROLMENT_REQUIRED,
+                            f"none of {user.username}'s methods is acceptable here (acceptable: "
+                            f"{', '.join(decision.allowed_methods) or 'none'}): set one up")
     chosen = _offer(decision, list(mine), POLICY_NAMES[preferred.kind] if preferred else None,
                     second, interaction)
     if chosen is None:
@@ -343,7 +388,23 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
 
 
 def _enrol_at_login(agent, user, interaction, decision) -> Verification:
-    """First login after enforcement with no second factor: choose one and set it up now."""
+    """First login after enforcement with no second factor: choose one and set it up now.
+    Left unanswered, nothing stays half-enrolled and the login ends as enrolment-required."""
+    store = agent.store
+    before = {m.id for m in store.list_methods(user.id)}
+    try:
+        return _enrol_now(agent, user, interaction, decision)
+    except _Cancelled:
+        for m in store.list_methods(user.id):
+            if m.id not in before and not m.confirmed:
+                store.remove_method(m.id)
+        return Verification(False, "totp", None, Reason.ENROLMENT_REQUIRED,
+                            "your organisation requires a second factor and none was set up: "
+                            "run token-agent enrol totp (or sms, email, key) or log in at a "
+                            "terminal to set one up")
+
+
+def _enrol_now(agent, user, interaction, decision) -> Verification:
     from ..factors import codes, totp
 
     ctx = agent.factors()
