@@ -154,6 +154,9 @@ def bench_cli_login(tmp: Path, runs: int) -> dict:
         totp.confirm_enrol(ctx, user.id, totp.code_at(pending.secret, time.time() - 30))
         secrets_.append(pending.secret)
     store.close()
+    # the sources byte-compiled, as an installed package's are (scripts/setup.sh does it too)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "token_agent", "drivers",
+                    "simulators"], cwd=ROOT, check=True, capture_output=True)
     exe = Path(sys.executable).parent / "token-agent"
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "token_agent"]
     walls = []
