@@ -52,7 +52,6 @@ import functools
 import hashlib
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -73,6 +72,8 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+
+from .atomicfile import write_private
 
 __all__ = [
     "CardCertificateError",
@@ -463,19 +464,7 @@ def _write_cache(cache_dir: Path, source: str, crl: x509.CertificateRevocationLi
     path = _cache_path(cache_dir, source)
     try:
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".crl-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(crl.public_bytes(serialization.Encoding.DER))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_private(path, crl.public_bytes(serialization.Encoding.DER))
     except OSError:
         return
 

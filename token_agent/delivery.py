@@ -87,13 +87,11 @@ import http.client
 import ipaddress
 import json
 import logging
-import os
 import re
 import smtplib
 import socket
 import ssl
 import stat
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -106,6 +104,8 @@ from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar
+
+from .atomicfile import write_private
 
 log = logging.getLogger("token_agent.delivery")
 
@@ -1005,36 +1005,12 @@ class OutboxGateway(Gateway):
                        "created_at": now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
                        "id": message_id})
         final = directory / f"{now:%Y%m%dT%H%M%S%fZ}-{message_id}.json"
+        text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
         try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+            write_private(final, text.encode("utf-8"))
         except OSError as exc:
             raise _failure(message.channel,
                            f"cannot write to the outbox {directory}: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                os.fchmod(f.fileno(), 0o600)
-                json.dump(record, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException as exc:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            if isinstance(exc, OSError):
-                raise _failure(message.channel,
-                               f"cannot write to the outbox {directory}: {exc.strerror}") from None
-            raise
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass  # the file is in place; only its durability across a crash is less certain
         return message_id
 
 

@@ -72,6 +72,7 @@ from cryptography.hazmat.primitives.serialization import (
     Encoding, NoEncryption, PrivateFormat, PublicFormat,
 )
 
+from ..atomicfile import write_private
 from ..outcome import Reason
 from ..secretbox import equal
 from ..store import KIND_PUSH, Method, check_detail
@@ -207,37 +208,6 @@ class SignedAnswer:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def _write_private_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` with mode 0600: a private temporary file in the same
-    directory, flushed to disk, then renamed into place (``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            data = text.encode()
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def load_companion(path: str | os.PathLike[str]) -> Companion:
@@ -434,7 +404,7 @@ def enrol(ctx: FactorContext, user_id: str, companion_path: str | os.PathLike[st
             store.record_event("enrol.push", user_id=user.id, outcome="pending",
                                detail={"name": method.name, "device_id": device_id})
             try:
-                _write_private_file(path, text)
+                write_private(path, text.encode())
             except OSError as exc:
                 raise CompanionFileError(f"cannot write the companion file {path}: "
                                          f"{exc.strerror or exc}", Reason.DEVICE_ERROR) from None

@@ -37,7 +37,6 @@ import io
 import logging
 import os
 import re
-import secrets as _secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,6 +44,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pyotp
 
+from ..atomicfile import write_private
 from ..outcome import Reason
 from ..secretbox import SecretError, equal
 from ..store import KIND_TOTP, Method
@@ -199,24 +199,7 @@ def write_qr(uri: str, path: str | os.PathLike[str]) -> Path:
         raise ValueError(f"a QR code file is .png or .svg, not {path.name!r}")
     buf = io.BytesIO()
     _qr(uri).save(buf, kind=kind, scale=5, border=4)
-    tmp = path.with_name(f".{path.name}.{_secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            data = buf.getvalue()
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_private(path, buf.getvalue())
     return path
 
 
