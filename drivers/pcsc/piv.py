@@ -477,6 +477,26 @@ class PivSession:
         self.close()
 
 
+def open_card(reader: str | None = None) -> PivSession:
+    """A PivSession on ``reader``, or on the first reader holding a PIV card: ``NoReader``
+    when there is no reader, else the last reader's ``NoCard`` / ``NotPivCard``."""
+    from .errors import NoCard, NoReader, NotPivCard
+    from .readers import list_readers
+
+    if reader:
+        return PivSession.open(reader)
+    readers = list_readers()
+    if not readers:
+        raise NoReader()
+    last: Exception = NoCard()
+    for name in readers:
+        try:
+            return PivSession.open(name)
+        except (NoCard, NotPivCard) as e:
+            last = e
+    raise last
+
+
 def _apdu(cla: int, ins: int, p1: int, p2: int, data: bytes, le: int | None) -> bytes:
     apdu = bytes([cla, ins, p1, p2])
     if data:

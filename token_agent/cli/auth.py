@@ -119,52 +119,29 @@ def _policy_login(ctx: Context, username: str, primary: str | None, second: str 
                   reader: str | None, push_timeout: float, device, key_path: str | None,
                   timeout: float, pin_stdin: bool, as_json: bool) -> None:
     from ..ceremonies.login import login as run_login
-    from ..outcome import LoginOutcome, Reason
 
     agent = ctx.agent()
     pins = PinSource(pin_stdin or not sys.stdin.isatty())
 
-    def key_login(name: str) -> LoginOutcome:
-        from drivers.fido import errors as key_errors
+    from ..ceremonies.devices import make_card_login, make_key_login
 
-        from ..ceremonies.key import device_failure, login_with_key
+    cancel_of: dict = {}  # Ctrl-C sets the flow's cancel event; the key ceremony shares it
 
-        try:
-            with open_key(key_path, timeout) as key:
-                return cancellable(lambda cancel: login_with_key(
-                    agent.store, key, username=name, pin_provider=pins, on_touch=touch_prompt,
-                    timeout=timeout, cancel=cancel))
-        except key_errors.FidoKeyError as e:
-            return LoginOutcome.failure("key", device_failure(e), e.message)
+    def key_login(name: str):
+        return make_key_login(agent.store, pin_provider=pins, on_touch=touch_prompt,
+                              timeout=timeout, cancel=cancel_of.get("event"),
+                              open_key=lambda: open_key(key_path, timeout))(name)
 
-    def card_login(name: str) -> LoginOutcome:
-        from drivers.pcsc import errors as card_errors
+    card_login = make_card_login(agent.store, reader=reader, pin_provider=PinSource(
+        pin_stdin or not sys.stdin.isatty(), "PIN for your smartcard"))
 
-        from ..ceremonies.card import CardSettings, device_failure, login_with_card
-        from .card import open_card_session
+    def flow(cancel):
+        cancel_of["event"] = cancel
+        return run_login(agent, username, interaction=TerminalInteraction(), device=device,
+                         primary=primary, second=second, key_login=key_login,
+                         card_login=card_login, push_timeout=push_timeout, cancel=cancel)
 
-        try:
-            settings = CardSettings.from_store(agent.store)
-            session = open_card_session(reader)
-        except card_errors.PcscError as e:
-            return LoginOutcome.failure("card", device_failure(e), e.message)
-        except ValueError as e:
-            return LoginOutcome.failure("card", Reason.CERT_UNTRUSTED, str(e))
-        try:
-            outcome = login_with_card(agent.store, session, settings=settings,
-                                      pin_provider=PinSource(pin_stdin or not sys.stdin.isatty(),
-                                                             "PIN for your smartcard"))
-        finally:
-            session.close()
-        if outcome.ok and outcome.user is not None and outcome.user.casefold() != name.casefold():
-            return LoginOutcome.failure("card", Reason.WRONG_USER,
-                                        f"this card belongs to {outcome.user}, not {name}")
-        return outcome
-
-    outcome = cancellable(lambda cancel: run_login(
-        agent, username, interaction=TerminalInteraction(), device=device, primary=primary,
-        second=second, key_login=key_login, card_login=card_login, push_timeout=push_timeout,
-        cancel=cancel))
+    outcome = cancellable(flow)
     data = outcome.to_json()
     if outcome.ok:
         factors = " + ".join(f.value for f in outcome.factors)

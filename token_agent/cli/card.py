@@ -34,33 +34,13 @@ def _card_fail(e) -> None:
     fail(e.message, exitcodes.REASON_CODES.get(device_failure(e), exitcodes.NO_DEVICE))
 
 
-def open_card_session(reader: str | None):
-    """A PivSession on ``reader``, or on the first reader holding a PIV card (raises the
-    driver's ``PcscError``s)."""
-    from drivers.pcsc import errors as card_errors
-    from drivers.pcsc.piv import PivSession
-    from drivers.pcsc.readers import list_readers
-
-    if reader:
-        return PivSession.open(reader)
-    readers = list_readers()
-    if not readers:
-        raise card_errors.NoReader()
-    last: Exception = card_errors.NoCard()
-    for name in readers:
-        try:
-            return PivSession.open(name)
-        except (card_errors.NoCard, card_errors.NotPivCard) as e:
-            last = e
-    raise last
-
-
 def _open(reader: str | None):
-    """``open_card_session``, with errors turned into a message and an exit code."""
+    """``drivers.pcsc.piv.open_card``, with errors turned into a message and an exit code."""
     from drivers.pcsc import errors as card_errors
+    from drivers.pcsc.piv import open_card
 
     try:
-        return open_card_session(reader)
+        return open_card(reader)
     except card_errors.PcscError as e:
         _card_fail(e)
 

@@ -1,0 +1,73 @@
+"""The key and card ceremonies as the policy login flow calls them (``KeyLogin`` /
+``CardLogin`` of ``token_agent.ceremonies.login``): open the device through ``drivers/``, run
+the ceremony, close the device, and turn a device error into a failed outcome. The CLI and
+the service build them with their own ways of asking for a PIN and saying "touch your key".
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Callable
+
+from ..outcome import LoginOutcome, Reason
+from ..store import Store
+
+
+def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
+                   on_touch: Callable[[], None] | None, timeout: float = 30.0,
+                   cancel: threading.Event | None = None,
+                   open_key: Callable[[], object] | None = None,
+                   environ: Mapping[str, str] | None = None) -> Callable[[str | None], LoginOutcome]:
+    """``username -> outcome`` of a key login. ``open_key`` opens the key to use (default:
+    the only key, or the one the user touches, from ``environ``'s simulators too)."""
+    from drivers.fido import errors as key_errors
+    from drivers.fido.keys import open_single_key
+
+    from .key import device_failure, login_with_key
+
+    def opener():
+        if open_key is not None:
+            return open_key()
+        return open_single_key(environ, on_touch=lambda: on_touch and on_touch(),
+                               timeout=timeout, cancel=cancel)
+
+    def run(username: str | None) -> LoginOutcome:
+        try:
+            with opener() as key:
+                return login_with_key(store, key, username=username, pin_provider=pin_provider,
+                                      on_touch=on_touch, timeout=timeout, cancel=cancel)
+        except key_errors.FidoKeyError as e:
+            return LoginOutcome.failure("key", device_failure(e), e.message)
+
+    return run
+
+
+def make_card_login(store: Store, *, pin_provider: Callable[[], str | None],
+                    reader: str | None = None) -> Callable[[str | None], LoginOutcome]:
+    """``username -> outcome`` of a card login (the card identifies its holder; with a
+    username, a card of anyone else is refused)."""
+    from drivers.pcsc import errors as card_errors
+    from drivers.pcsc.piv import open_card
+
+    from .card import CardSettings, device_failure, login_with_card
+
+    def run(username: str | None) -> LoginOutcome:
+        try:
+            settings = CardSettings.from_store(store)
+            session = open_card(reader)
+        except card_errors.PcscError as e:
+            return LoginOutcome.failure("card", device_failure(e), e.message)
+        except ValueError as e:
+            return LoginOutcome.failure("card", Reason.CERT_UNTRUSTED, str(e))
+        try:
+            outcome = login_with_card(store, session, settings=settings, pin_provider=pin_provider)
+        finally:
+            session.close()
+        if (outcome.ok and username is not None and outcome.user is not None
+                and outcome.user.casefold() != username.casefold()):
+            return LoginOutcome.failure("card", Reason.WRONG_USER,
+                                        f"this card belongs to {outcome.user}, not {username}")
+        return outcome
+
+    return run
