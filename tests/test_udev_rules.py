@@ -132,3 +132,21 @@ def test_udevadm_verify():
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+SERVICE_RULES = RULES.parent / "71-token-agent-service.rules"
+
+
+def test_service_rules_give_fido_tokens_to_the_service_group_only():
+    rules = [parse_rule(line) for line in logical_lines(SERVICE_RULES.read_text())]
+    labels = {v for rule in rules for k, op, v in rule if k == "LABEL"}
+    assert all(v in labels for rule in rules for k, _, v in rule if k == "GOTO")
+    granting = [r for r in rules if any(k == "GROUP" for k, _, _ in r)]
+    assert len(granting) == 1
+    rule = granting[0]
+    assert ("ENV{ID_FIDO_TOKEN}", "==", "1") in rule
+    assert ("GROUP", "=", "token-agent") in rule and ("MODE", "=", "0660") in rule
+    index = rules.index(rule)
+    assert any(("SUBSYSTEM", "!=", "hidraw") in r for r in rules[:index])
+    text = "\n".join(logical_lines(SERVICE_RULES.read_text()))
+    assert "idVendor" not in text and "0666" not in text
