@@ -17,75 +17,30 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from processes import stop_process_group
-from simulators.card.vpcd import find_reader
+from simulators.card.pcscd import (  # noqa: F401  (re-exported for the tests)
+    INSTALL_HINT, START_HINT, VPCD_CONF, Pcscd, PcscdUnavailable, establish_context, find_pcscd,
+    list_readers, release_context, vpcd_configured,
+)
+from simulators.card.vpcd import find_reader  # noqa: F401
 
 #: serialises the machine's pcscd and vpcd slots between concurrent test sessions
 LOCK_FILE = Path(tempfile.gettempdir()) / "token-agent-pcsc-tests.lock"
 LOCK_TIMEOUT = 900.0
-#: vpcd's reader configuration as Debian's vsmartcard-vpcd installs it
-VPCD_CONF = Path("/etc/reader.conf.d/vpcd")
-START_TIMEOUT = 15.0
-
-INSTALL_HINT = ("install the PC/SC stack: `sudo apt-get install -y pcscd vsmartcard-vpcd opensc` "
-                "(scripts/setup.sh does this when run as root)")
-START_HINT = ("start pcscd: `sudo systemctl start pcscd.socket pcscd` (Debian's pcscd, which "
-              "loads vsmartcard-vpcd's reader configuration), or run the tests as root so "
-              "they start `pcscd --foreground` themselves")
-
-
-def find_pcscd() -> str | None:
-    """pcscd's path (it lives in /usr/sbin, often not on a user's PATH), or None."""
-    return shutil.which("pcscd") or next(
-        (p for p in ("/usr/sbin/pcscd", "/sbin/pcscd") if os.path.exists(p)), None)
 
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def vpcd_configured() -> bool:
-    return VPCD_CONF.exists()
-
-
-class PcscdUnavailable(Exception):
-    """pcscd with the vpcd reader cannot be used here; the message says what to do."""
-
-
 def _scard():
     from smartcard import scard
 
     return scard
-
-
-def establish_context():
-    """A PC/SC context (SCARD_SCOPE_USER), or None when pcscd does not answer."""
-    scard = _scard()
-    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    if hresult != scard.SCARD_S_SUCCESS:
-        return None
-    return context
-
-
-def release_context(context) -> None:
-    if context is not None:
-        scard = _scard()
-        scard.SCardReleaseContext(context)
-
-
-def list_readers(context) -> list[str]:
-    scard = _scard()
-    hresult, readers = scard.SCardListReaders(context, [])
-    if hresult != scard.SCARD_S_SUCCESS:
-        return []
-    return list(readers)
 
 
 def reader_state(context, reader: str) -> tuple[int, bytes]:
@@ -171,42 +126,18 @@ class CardConnection:
         self.close()
 
 
-class PcscdService:
-    """The machine's pcscd for this test session (see the module docstring)."""
+class PcscdService(Pcscd):
+    """The machine's pcscd for this test session (see the module docstring): a
+    :class:`simulators.card.pcscd.Pcscd` taken under the session lock."""
 
     def __init__(self, log_dir: Path) -> None:
+        super().__init__(log=log_dir / "pcscd.log")
         self.log_dir = log_dir
-        self.log = log_dir / "pcscd.log"
-        self.process: subprocess.Popen | None = None  # set when this session started it
-        self.context = None
         self._lock_fd: int | None = None
-
-    @property
-    def started_here(self) -> bool:
-        return self.process is not None
-
-    def reader(self, slot: int = 0) -> str:
-        name = find_reader(list_readers(self.context), slot)
-        if name is None:
-            raise PcscdUnavailable(f"pcscd has no vpcd reader for slot {slot}: "
-                                   f"{list_readers(self.context)}")
-        return name
-
-    def output(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    # -- start / stop --------------------------------------------------------------------------
 
     def start(self) -> "PcscdService":
         self._take_lock()
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        super().start()
         return self
 
     def _take_lock(self) -> None:
@@ -230,52 +161,8 @@ class PcscdService:
                 time.sleep(0.5)
         self._lock_fd = fd
 
-    def _start(self) -> None:
-        context = establish_context()  # also starts a socket-activated pcscd
-        if context is None:
-            pcscd = find_pcscd()
-            if pcscd is None:
-                raise PcscdUnavailable(f"pcscd is not installed: {INSTALL_HINT}")
-            if not vpcd_configured():
-                raise PcscdUnavailable(f"vsmartcard-vpcd is not installed ({VPCD_CONF} is "
-                                       f"missing): {INSTALL_HINT}")
-            if os.geteuid() != 0:
-                raise PcscdUnavailable(f"pcscd is not running and only root can start it: "
-                                       f"{START_HINT}")
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.log, "wb") as out:
-                # --auto-exit: should this session die without stopping it, pcscd exits on
-                # its own a minute after the last client (the session holds a context)
-                self.process = subprocess.Popen(
-                    [pcscd, "--foreground", "--auto-exit"], stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.monotonic() + START_TIMEOUT
-            while context is None:
-                if self.process.poll() is not None:
-                    raise PcscdUnavailable(
-                        f"pcscd exited at once (code {self.process.returncode}); its output:\n"
-                        f"{self.output()}")
-                if time.monotonic() > deadline:
-                    raise PcscdUnavailable(f"pcscd did not answer within {START_TIMEOUT:g} s; "
-                                           f"its output:\n{self.output()}")
-                time.sleep(0.05)
-                context = establish_context()
-        self.context = context
-        deadline = time.monotonic() + START_TIMEOUT
-        while find_reader(list_readers(context), 0) is None:
-            if time.monotonic() > deadline:
-                hint = ("restart pcscd so that it loads vsmartcard-vpcd's reader (`sudo "
-                        "systemctl restart pcscd`)" if not self.started_here else INSTALL_HINT)
-                raise PcscdUnavailable(
-                    f"pcscd runs but shows no 'Virtual PCD' reader (readers: "
-                    f"{list_readers(context)}): {hint}")
-            time.sleep(0.05)
-
     def stop(self) -> None:
-        release_context(self.context)
-        self.context = None
-        if self.process is not None:
-            stop_process_group(self.process, 10)
+        super().stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None

@@ -567,12 +567,13 @@ def test_pcscd_unavailable_fails_in_ci_and_skips_elsewhere(monkeypatch):
 ])
 def test_pcscd_service_says_what_to_do(monkeypatch, tmp_path, situation, expected):
     import pcsc_helpers
+    from simulators.card import pcscd
 
-    monkeypatch.setattr(pcsc_helpers, "establish_context", lambda: None)  # pcscd not running
-    monkeypatch.setattr(pcsc_helpers, "find_pcscd",
+    monkeypatch.setattr(pcscd, "establish_context", lambda: None)  # pcscd not running
+    monkeypatch.setattr(pcscd, "find_pcscd",
                         lambda: None if situation == "not installed" else "/usr/sbin/pcscd")
-    monkeypatch.setattr(pcsc_helpers, "vpcd_configured", lambda: situation != "no vpcd")
-    monkeypatch.setattr(pcsc_helpers.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(pcscd, "vpcd_configured", lambda: situation != "no vpcd")
+    monkeypatch.setattr(pcscd.os, "geteuid", lambda: 1000)
     service = pcsc_helpers.PcscdService(tmp_path)
     with pytest.raises(pcsc_helpers.PcscdUnavailable, match=re.escape(expected)):
         service._start()
