@@ -802,6 +802,33 @@ class FidoKey:
             return [found.credential or part[0]]
         raise CtapError(ERR.NO_CREDENTIALS)
 
+    def holds_credential(self, rp_id: str, credential_ids: Sequence[bytes], *,
+                         timeout: float = 5.0) -> bool:
+        """Whether this key holds one of ``credential_ids`` for ``rp_id``, asked silently
+        (getAssertion with up=false, as browsers' pre-flight does: no touch, no PIN; a key may
+        count it on its signature counter, which only moves on). False for a key that cannot
+        say."""
+        if not credential_ids:
+            return False
+        client_data_hash = hashlib.sha256(b"token-agent pre-flight").digest()
+        try:
+            with self._operation(timeout=timeout, no_credentials="") as watch:
+                ctap2 = self._ctap2()
+                info = ctap2.info
+                descriptors = [{"type": "public-key", "id": c} for c in credential_ids
+                               if not info.max_cred_id_length or len(c) <= info.max_cred_id_length]
+                if not descriptors:
+                    return False
+                chunk = info.max_creds_in_list or len(descriptors)
+                self._preflight(ctap2, rp_id, client_data_hash, descriptors, chunk, None, None,
+                                watch)
+                return True
+        except NoCredentials:
+            return False
+        except FidoKeyError as e:
+            logger.info("key %s could not be asked for its credentials: %s", self.path, e)
+            return False
+
     # -- selection ---------------------------------------------------------------------
     def select(
         self,
@@ -1110,6 +1137,40 @@ def open_keys(environ: Mapping[str, str] | None = None) -> list[FidoKey]:
         except FidoKeyError as e:
             logger.warning("FIDO key %s left out: %s", descriptor.path, e)
     return keys
+
+
+def open_key_for(
+    rp_id: str,
+    credential_ids: Sequence[bytes],
+    environ: Mapping[str, str] | None = None,
+    *,
+    on_touch: OnTouch | None,
+    timeout: float = DEFAULT_TIMEOUT,
+    cancel: threading.Event | None = None,
+) -> FidoKey:
+    """The key to use for a login whose credentials are known: with one key, that key; with
+    several, the ones holding one of ``credential_ids`` (asked silently, no touch), and among
+    several of those the one the user touches. :class:`NoKeyFound` without keys,
+    :class:`NoCredentials` when none holds the credentials. The others are closed."""
+    keys = open_keys(environ)
+    if not keys:
+        raise NoKeyFound()
+    chosen = None
+    try:
+        if len(keys) == 1:
+            chosen = keys[0]
+            return chosen
+        holding = [k for k in keys if k.holds_credential(rp_id, credential_ids)]
+        if not holding:
+            raise NoCredentials("None of the security keys here holds a credential for this "
+                                "sign-in.")
+        chosen = holding[0] if len(holding) == 1 else select_key(
+            holding, on_touch=on_touch, timeout=timeout, cancel=cancel)
+        return chosen
+    finally:
+        for key in keys:
+            if key is not chosen:
+                key.close()
 
 
 def open_single_key(

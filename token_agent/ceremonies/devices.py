@@ -19,22 +19,38 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
                    cancel: threading.Event | None = None,
                    open_key: Callable[[], object] | None = None,
                    environ: Mapping[str, str] | None = None) -> Callable[[str | None], LoginOutcome]:
-    """``username -> outcome`` of a key login. ``open_key`` opens the key to use (default:
-    the only key, or the one the user touches, from ``environ``'s simulators too)."""
+    """``username -> outcome`` of a key login. ``open_key`` opens the key to use; by
+    default, with several keys plugged in, the one holding the user's credential (asked
+    silently), else the one the user touches; ``environ`` names simulators too."""
     from drivers.fido import errors as key_errors
-    from drivers.fido.keys import open_single_key
+    from drivers.fido.keys import open_key_for, open_single_key
 
-    from .key import device_failure, login_with_key
+    from .key import KeySettings, device_failure, login_with_key
 
-    def opener():
+    def touched() -> None:
+        if on_touch is not None:
+            on_touch()
+
+    def opener(username: str | None):
         if open_key is not None:
             return open_key()
-        return open_single_key(environ, on_touch=lambda: on_touch and on_touch(),
-                               timeout=timeout, cancel=cancel)
+        if username is not None:
+            try:
+                user = store.get_user(username)
+            except LookupError:
+                user = None
+            if user is not None:
+                rp_id = KeySettings.from_store(store).rp_id
+                ids = [c.credential_id for c in store.list_fido_credentials(user.id)
+                       if c.rp_id == rp_id]
+                if ids:
+                    return open_key_for(rp_id, ids, environ, on_touch=touched, timeout=timeout,
+                                        cancel=cancel)
+        return open_single_key(environ, on_touch=touched, timeout=timeout, cancel=cancel)
 
     def run(username: str | None) -> LoginOutcome:
         try:
-            with opener() as key:
+            with opener(username) as key:
                 return login_with_key(store, key, username=username, pin_provider=pin_provider,
                                       on_touch=on_touch, timeout=timeout, cancel=cancel)
         except key_errors.FidoKeyError as e:
