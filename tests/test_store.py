@@ -998,7 +998,7 @@ class TestMethods:
                          "VALUES ('u-1', 'alice', 'Alice', x'01', 0)")
         with Store.open(db_path) as s:
             u = s.get_user("alice")
-            assert u.id == "u-1" and s.schema_version == 3
+            assert u.id == "u-1" and s.schema_version == SCHEMA_VERSION
             # an account that existed before: only its class's enforcement applies to it
             assert (u.user_class, u.mfa_enabled) == ("internal", False)
             assert s.add_user("bob").mfa_enabled is True

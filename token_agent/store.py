@@ -356,6 +356,39 @@ class AuditEvent:
         return d
 
 
+@dataclass(frozen=True, slots=True)
+class LoginSession:
+    """A session the service holds for a successful login (schema migration 4), kept in the
+    store so that it survives a restart of the service. ``state``: active, locked (its card
+    left) or ended; a card-bound session names its card (reader, ATR as hex, the
+    certificate's serial), others have ``None`` there. ``username`` is kept as it was at
+    the login."""
+
+    id: str
+    user_id: str
+    username: str
+    method: str
+    created_at: float
+    updated_at: float
+    state: str
+    end_reason: str | None
+    device_id: str | None
+    card_reader: str | None
+    card_atr: str | None
+    card_serial: str | None
+
+    @property
+    def card_bound(self) -> bool:
+        return self.card_reader is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: session states (``sessions.state``)
+SESSION_STATES = ("active", "locked", "ended")
+
+
 # --------------------------------------------------------------------------- audit detail
 
 
@@ -718,12 +751,39 @@ def _migration_3(conn: sqlite3.Connection) -> None:
     run_script(conn, _SCHEMA_V3)
 
 
+_SCHEMA_V4 = """
+-- The service's sessions (successful logins), so that they survive its restart; a card-bound
+-- session names its card. Ended sessions stay as a record until their user is removed.
+CREATE TABLE sessions (
+    id          TEXT PRIMARY KEY NOT NULL,
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    username    TEXT NOT NULL,
+    method      TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'locked', 'ended')),
+    end_reason  TEXT,
+    device_id   TEXT,
+    card_reader TEXT,
+    card_atr    TEXT,
+    card_serial TEXT
+);
+CREATE INDEX sessions_by_user ON sessions(user_id, created_at);
+CREATE INDEX sessions_by_state ON sessions(state);
+"""
+
+
+def _migration_4(conn: sqlite3.Connection) -> None:
+    run_script(conn, _SCHEMA_V4)
+
+
 #: the schema, in order: ``MIGRATIONS[n-1]`` brings a store to version ``n``. Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "users, roles, methods, FIDO2 credentials, audit events, settings", _migration_1),
     Migration(2, "smartcard identities", _migration_2),
     Migration(3, "user classes, preferred methods, second factors, lockouts, sightings",
               _migration_3),
+    Migration(4, "the service's sessions", _migration_4),
 )
 #: the schema version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1671,6 +1731,67 @@ class Store:
             ident = self._card(row)
             conn.execute("DELETE FROM methods WHERE id = ?", (ident.id,))
             return ident
+
+    # ---------------------------------------------------------------- sessions (the service's)
+
+    @staticmethod
+    def _session(row: sqlite3.Row) -> LoginSession:
+        return LoginSession(
+            id=row["id"], user_id=row["user_id"], username=row["username"], method=row["method"],
+            created_at=row["created_at"], updated_at=row["updated_at"], state=row["state"],
+            end_reason=row["end_reason"], device_id=row["device_id"],
+            card_reader=row["card_reader"], card_atr=row["card_atr"],
+            card_serial=row["card_serial"])
+
+    def add_session(self, session_id: str, user_id: str, *, method: str,
+                    device_id: str | None = None, card_reader: str | None = None,
+                    card_atr: str | None = None, card_serial: str | None = None) -> LoginSession:
+        """Record an active session of a user (``UnknownUser``)."""
+        if not isinstance(session_id, str) or not 1 <= len(session_id) <= 64:
+            raise InvalidValue(f"invalid session id {session_id!r}")
+        with self.transaction(), self._using("record a session") as conn:
+            user = self.get_user_by_id(user_id)
+            now = self._now()
+            conn.execute(
+                "INSERT INTO sessions (id, user_id, username, method, created_at, updated_at, "
+                "state, device_id, card_reader, card_atr, card_serial) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?)",
+                (session_id, user.id, user.username, str(method), now, now, device_id,
+                 card_reader, card_atr, card_serial))
+            return self.get_session(session_id)
+
+    def get_session(self, session_id: str) -> LoginSession | None:
+        """The session with that id, or ``None``."""
+        with self._using("read a session") as conn:
+            row = conn.execute("SELECT * FROM sessions WHERE id = ?", (str(session_id),)).fetchone()
+        return None if row is None else self._session(row)
+
+    def list_sessions(self, user_id: str | None = None,
+                      states: Sequence[str] | None = None) -> list[LoginSession]:
+        """Sessions (of one user, in some states), oldest first."""
+        clauses, args = [], []
+        if user_id is not None:
+            clauses.append("user_id = ?"); args.append(user_id)  # noqa: E702
+        if states is not None:
+            states = list(states)
+            clauses.append(f"state IN ({', '.join('?' * len(states))})"); args.extend(states)  # noqa: E702
+        where = ("WHERE " + " AND ".join(clauses) + " ") if clauses else ""
+        with self._using("list sessions") as conn:
+            rows = conn.execute(f"SELECT * FROM sessions {where}ORDER BY created_at, id",
+                                args).fetchall()
+        return [self._session(r) for r in rows]
+
+    def set_session_state(self, session_id: str, state: str,
+                          reason: str | None = None) -> LoginSession | None:
+        """Move a session to ``state`` (active, locked, ended) with the reason; ``None``
+        when there is no such session. An ended session stays ended."""
+        if state not in SESSION_STATES:
+            raise InvalidValue(f"invalid session state {state!r}: one of {', '.join(SESSION_STATES)}")
+        with self.transaction(), self._using("change a session") as conn:
+            conn.execute("UPDATE sessions SET state = ?, end_reason = ?, updated_at = ? "
+                         "WHERE id = ? AND (state != 'ended' OR ? = 'ended')",
+                         (state, reason, self._now(), str(session_id), state))
+            return self.get_session(session_id)
 
     # ---------------------------------------------------------------- audit events
 

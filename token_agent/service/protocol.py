@@ -6,7 +6,10 @@ Framing
     as UTF-8 on one line, ending with ``\\n``; a line longer than ``MAX_LINE`` bytes, or one
     that is not a JSON object, is answered with the error ``bad-request`` and the connection
     is closed. Either side may close at any time; the service survives a client that goes
-    away in the middle of a ceremony (the ceremony is cancelled and recorded).
+    away in the middle of a ceremony (the ceremony is cancelled and recorded). A connection
+    over the limit (``[service] max_connections``) gets the error ``unavailable`` and is
+    closed. Errors that belong to no request (framing, no integer id, too many
+    connections) carry ``"id": null``.
 
 Requests and responses
     The client sends ``{"id": N, "op": "NAME", ...arguments}`` (N: an integer the client
@@ -16,7 +19,7 @@ Requests and responses
         {"id": N, "ok": true, "result": {...}}
         {"id": N, "ok": false, "error": {"code": "CODE", "message": "for people"}}
 
-    Error codes: ``bad-request`` (malformed, unknown op, missing or wrong argument),
+    Error codes: ``bad-request`` (malformed, unknown op, missing, unknown or wrong argument),
     ``forbidden`` (the caller may not do this: recorded in the audit log), ``not-found``
     (user, method, login), ``conflict``, ``unavailable`` (store, devices), ``internal``.
 
@@ -32,15 +35,27 @@ Who may ask what (the caller is known from ``SO_PEERCRED``, never from the messa
       the ``methods.*`` / ``enrol.*`` ops for their own agent user (same username).
     * admins (uid 0, members of ``[service] admin_group``, or agent users with the role
       ``admin`` whose username is the caller's): every op, for any user.
-    * everything else: ``forbidden``, recorded as a ``service.refused`` audit event.
+    * everything else: ``forbidden``, recorded as a ``service.refused`` audit event
+      (detail: ``op``, ``peer_uid``, ``peer_pid``, ``peer_user``, ``target``).
+
+    In detail: ``hello`` and ``events.subscribe`` are for anyone (``login.finished`` goes to
+    admins only). ``login.start`` with ``user`` null from a caller who may only log
+    themselves in is a login of the caller's own user; its ``device`` is taken from root,
+    login services and admins only (for the others it is ignored: the workstation's).
+    ``session.state`` and ``policy.explain``: a user for their own agent user, login
+    services and admins for anyone. ``login.answer`` only on the connection that started the login;
+    ``login.cancel`` there, or by an admin from anywhere.
 
 Operations
     ``hello`` {} -> {"version": 1, "agent": "0.1.0", "peer": {"uid", "pid", "user",
-    "roles": [...]}}  (roles: "root", "login-service", "admin", "user")
+    "roles": [...]}, "service": {"pid", "uptime_s", "connections", "ceremonies", "subscribers",
+    "sessions": {"active": N, "locked": N, "ended": N}, "readers": {READER: card_present},
+    "watching_readers": bool}}  (roles: "root", "login-service", "admin", "user")
 
     ``login.start`` {"user": str | null, "primary": "password"|"key"|"card"|null,
     "second": METHOD | null, "device": {"kind": "managed"|"unmanaged", "device_id": str|null,
     "network": str|null} | null, "service": str|null} -> {"login": LOGIN_ID}
+        (LOGIN_ID: a string; ``service``: the PAM service name, for the logs)
         Starts the login the policy asks for (``token_agent.ceremonies.login``), at once,
         on a worker thread. With no user: whoever taps a key (usernameless, ``primary`` key
         or null) or inserts a card (``primary`` card). The device defaults to the
@@ -52,9 +67,15 @@ Operations
         {"event": "info", "login": ID, "message": "Touch your security key"}
         {"event": "qr", "login": ID, "uri": "otpauth://...", "text": "<terminal QR>"}
         {"event": "result", "login": ID, "outcome": {LoginOutcome.to_json()}}
+                                 (a successful login's outcome also has "session": SESSION_ID)
 
         The login waits for each prompt's answer (``prompt_timeout``, default 120 s, then
-        it is cancelled). Exactly one ``result`` event ends every login.
+        it is cancelled). Exactly one ``result`` event ends every login. The PIN prompts
+        say "Enter the PIN for your security key" / "Enter the PIN for your card"; the key
+        asking for a touch is the info "Touch your security key". Cancellations (login.cancel,
+        a client gone, a prompt timed out, the service stopping) are recorded as the audit
+        event ``service.cancel`` (detail ``cause``: login.cancel | disconnect |
+        prompt-timeout | shutdown).
 
     ``login.answer`` {"login": ID, "prompt": PID, "value": str | null} -> {}
         null: no answer (the login ends as cancelled). A secret answer is never logged.
@@ -65,32 +86,42 @@ Operations
         The sessions the service holds (successful logins; card-bound ones end or lock when
         their card leaves), kept in the store, so they survive a restart:
         SESSION = {"id", "user", "method", "created_at", "state": "active"|"locked"|"ended",
-        "device_id", "card": {"reader", "atr", "certificate_serial"} | null}
+        "end_reason": str|null, "device_id", "card": {"reader", "atr", "certificate_serial"}
+        | null}   (user null: every session for login services and admins, else the
+        caller's own; a session whose card leaves is "locked", end_reason card-removed)
 
     ``methods.list`` {"user"} -> {"methods": [...]}  (as ``token-agent methods list --json``)
     ``methods.prefer`` {"user", "kind", "name"|null} -> {}
     ``methods.remove`` {"user", "kind", "name"|null} -> {}
-    ``enrol.totp`` {"user", "name"|null} -> {"uri", "secret", "text"}   (QR text for a terminal)
-    ``enrol.totp.confirm`` {"user", "code", "name"|null} -> {"ok", "message"}
+    ``enrol.totp`` {"user", "name"|null} -> {"uri", "secret", "text", "method"}   (QR text for a
+        terminal; method: the pending method's name)
+    ``enrol.totp.confirm`` {"user", "code", "name"|null} -> {"ok", "message", "reason"}
     ``enrol.backup-codes`` {"user"} -> {"codes": [...]}
     ``enrol.key`` {"user", "name"|null} -> {"login": ID}  (a ceremony: prompts and result
-        events as for ``login.start``; the result's outcome is the enrolment's)
-    ``policy.explain`` {"user", "device"|null} -> Decision.to_json() + {"text"}
+        events as for ``login.start``; the result's outcome is the enrolment's: {"ok",
+        "method": "key", "reason", "message"} and, when ok, ``EnrolResult.to_json()``)
+    ``policy.explain`` {"user", "device"|null} -> Decision.to_json() + {"text", "user",
+        "primary", "device"}
     ``admin.unlock`` {"user", "kind"|null} -> {"cleared": [...]}          (admins only)
     ``admin.reset-methods`` {"user"} -> {"removed": N}                   (admins only)
 
     ``events.subscribe`` {} -> {}   then, on this connection, for as long as it is open:
         {"event": "card.inserted", "reader", "atr", "at"}
         {"event": "card.removed", "reader", "at"}
-        {"event": "session.locked", "session", "user", "reader", "latency_ms", "at"}
+        {"event": "session.locked", "session", "user", "reader", "reason", "latency_ms", "at"}
         {"event": "service.readers", "state": "lost"|"back", "at"}
-        {"event": "login.finished", "login", "user", "ok", "method", "at"}  (admins only)
+        {"event": "login.finished", "login", "user", "ok", "method", "at"}  (admins only;
+                                 also for enrol.key ceremonies)
+        ("at": seconds since the epoch; for card events, when the watcher saw the change)
 
 Concurrency
     Each connection has its own thread; requests for different users run at the same time,
     requests concerning one user are handled one after another (one lock per user), and a
     device (a key, a reader) serves one ceremony at a time. A stuck client (one that never
-    answers a prompt) holds nothing but its own login, which times out.
+    answers a prompt) holds nothing but its own login, which times out: a ceremony gives its
+    user's lock up while it waits for a prompt's answer or a device, so even another login
+    of the same user goes ahead. A client that does not read what it is sent is
+    disconnected once its queue of messages is full.
 """
 
 from __future__ import annotations

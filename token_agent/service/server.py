@@ -1,0 +1,1364 @@
+"""The token-agent service: one long-running process that owns the devices and the store,
+watches the smartcard readers, runs the policy, and serves the API of ``protocol.py`` on a
+Unix socket.
+
+    service = Service(load_config(), socket_path=None)   # or the config's socket
+    service.start()           # store opened and cleaned up, readers watched, socket listening
+    ...                       # (token-agent serve: until SIGTERM / SIGINT)
+    service.reload(config)    # (SIGHUP) the policy read again, the rules and timeouts replaced
+    service.stop()            # listener closed, ceremonies cancelled, devices and store closed
+
+Threads: one accepting connections; two per connection (reading and answering requests;
+writing, from a bounded queue, so that a client that does not read never stalls whoever
+sends to it: when its queue is full it is disconnected); one per ceremony; the PC/SC
+watcher's. The store is one ``Store`` shared by the threads (its calls are serialised and
+every transaction is short; nothing waits for a person or a device inside one).
+
+At start: half-done enrolments (methods still unconfirmed after
+``config.STALE_ENROLMENT_SECONDS``, left by a crash or an abandoned enrolment) are removed
+and recorded (``service.cleanup``); the card-bound sessions kept in the store are bound again
+to their card when it is still in its reader (the certificate's serial is read again), and
+locked, with the lock command, when it is not.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import itertools
+import logging
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from drivers.fido.errors import FidoKeyError
+
+from .. import __version__
+from ..config import STALE_ENROLMENT_SECONDS, Config
+from ..outcome import LoginOutcome, Reason
+from . import protocol
+from .authz import Peer, Rules
+from .ceremony import Ceremony, NamedLocks, SocketInteraction, once
+
+log = logging.getLogger("token_agent.service")
+
+#: messages waiting for a client that does not read, before it is disconnected
+SEND_QUEUE = 1024
+#: seconds stop() waits for the ceremonies to end after cancelling them
+STOP_GRACE = 5.0
+#: card session end reasons that lock (all but a logout)
+_LOCK_REASONS = ("card-removed", "reader-removed", "card-swapped",
+                 "card-gone-after-service-loss", "card-gone-while-stopped")
+#: the policy's second-factor names a login may ask for
+SECOND_METHODS = ("totp", "push", "email", "sms", "voice", "messaging", "backup", "key", "card")
+#: the CLI's method names (``methods prefer|remove KIND``) -> store kinds
+METHOD_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
+                "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
+                "push": "push", "app-password": "app_password", "backup": "backup_codes"}
+
+
+class ServiceStartError(Exception):
+    """The service cannot start (socket in use, store unusable, ...): the message says why."""
+
+
+class RequestError(Exception):
+    """A request answered with an error (``protocol.ERROR_CODES``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        assert code in protocol.ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class KeyBusy(FidoKeyError):
+    """Every key is in use by other ceremonies (for longer than the touch timeout)."""
+
+    code = "key_busy"
+    default_message = ("The security key is in use by another login: finish that one, or try "
+                       "again in a moment.")
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class Connection:
+    """One client: its peer, its reader thread (requests) and writer thread (answers and
+    events, from a bounded queue)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, service: "Service", sock: socket.socket, peer: Peer) -> None:
+        self.id = next(self._ids)
+        self.service = service
+        self.sock = sock
+        self.peer = peer
+        self.subscribed = False
+        self.subscribed_admin = False
+        self.ceremonies: dict[str, Ceremony] = {}
+        self.closed = threading.Event()
+        self._queue: "queue.Queue[bytes | None]" = queue.Queue(SEND_QUEUE)
+        self._close_lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read_loop, daemon=True,
+                                       name=f"token-agent-conn-{self.id}")
+        self.writer = threading.Thread(target=self._write_loop, daemon=True,
+                                       name=f"token-agent-send-{self.id}")
+
+    def start(self) -> None:
+        self.writer.start()
+        self.reader.start()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, message: dict) -> bool:
+        """Queue a message; False when the connection is closed (or has just been closed
+        because its client stopped reading)."""
+        if self.closed.is_set():
+            return False
+        try:
+            data = protocol.encode(message)
+        except (protocol.ProtocolError, TypeError, ValueError) as e:
+            log.error("message not sent: %s", e, extra={"conn": self.id})
+            return False
+        try:
+            self._queue.put_nowait(data)
+        except queue.Full:
+            log.warning("client does not read its messages: disconnected",
+                        extra={"conn": self.id, "peer_uid": self.peer.uid})
+            self.close()
+            return False
+        return True
+
+    def _write_loop(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                break
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.close()
+                break
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        buffer = b""
+        try:
+            while not self.closed.is_set():
+                try:
+                    chunk = self.sock.recv(65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    if not self._handle_line(line):
+                        return
+                if len(buffer) > protocol.MAX_LINE:
+                    self._bad_framing(f"line longer than {protocol.MAX_LINE} bytes")
+                    return
+        finally:
+            self.close()
+
+    def _bad_framing(self, why: str) -> None:
+        self.send({"id": None, "ok": False,
+                   "error": {"code": "bad-request", "message": why}})
+        log.info("bad message: connection closed", extra={"conn": self.id, "why": why})
+        self._drain_then_close()
+
+    def _drain_then_close(self) -> None:
+        try:
+            self._queue.put(None, timeout=1.0)
+        except queue.Full:
+            pass
+        self.writer.join(2.0)
+        self.close()
+
+    def _handle_line(self, line: bytes) -> bool:
+        try:
+            message = protocol.decode(line)
+        except protocol.ProtocolError as e:
+            self._bad_framing(str(e))
+            return False
+        rid = message.get("id")
+        if isinstance(rid, bool) or not isinstance(rid, int):
+            self.send({"id": None, "ok": False, "error": {
+                "code": "bad-request", "message": "every request needs an integer id"}})
+            return True
+        op = message.get("op")
+        try:
+            if not isinstance(op, str):
+                raise RequestError("bad-request", "every request needs an op (a string)")
+            args = {k: v for k, v in message.items() if k not in ("id", "op")}
+            result = self.service.dispatch(self, op, args)
+        except RequestError as e:
+            self.send({"id": rid, "ok": False, "error": {"code": e.code, "message": e.message}})
+            return True
+        except Exception as e:  # noqa: BLE001: answered, logged, the connection carries on
+            from ..store import StoreError
+
+            if isinstance(e, StoreError):
+                log.error("store error in %s: %s", op, e, extra={"conn": self.id})
+                error = {"code": "unavailable", "message": f"the store cannot be used: {e}"}
+            else:
+                log.exception("internal error in %s", op, extra={"conn": self.id})
+                error = {"code": "internal", "message": f"internal error ({type(e).__name__})"}
+            self.send({"id": rid, "ok": False, "error": error})
+            return True
+        self.send({"id": rid, "ok": True, "result": result})
+        return True
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def close(self, flush: float = 0.0) -> None:
+        """Close; with ``flush`` seconds, let the writer send what is queued first."""
+        if flush and not self.closed.is_set() and threading.current_thread() is not self.writer:
+            try:
+                self._queue.put(None, timeout=flush)
+            except queue.Full:
+                pass
+            self.writer.join(flush)
+        with self._close_lock:
+            if self.closed.is_set():
+                return
+            self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self.service._connection_closed(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class Service:
+    def __init__(self, config: Config, *, socket_path: str | os.PathLike[str] | None = None,
+                 data_dir: str | os.PathLike[str] | None = None,
+                 policy_path: str | os.PathLike[str] | None = None,
+                 environ: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.environ = dict(os.environ if environ is None else environ)
+        self.socket_path = config.service.socket_path(self.environ, socket_path)
+        self.data_dir = data_dir if data_dir is not None else config.store.data_dir
+        self._policy_override = policy_path
+        self.policy_path = policy_path if policy_path is not None else config.policy.file
+        self.device_env = config.keys.environ(self.environ)
+        from .keys import KeyPool
+
+        self.keys = KeyPool(self.device_env)  # the keys this service owns, kept open
+        self.rules = Rules(config.service.login_service_users, config.service.admin_group)
+        self.agent = None
+        self.user_locks = NamedLocks()
+        self.device_locks = NamedLocks()
+        self.started_at = time.time()
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: dict[int, Connection] = {}
+        self._ceremonies: dict[str, Ceremony] = {}
+        self._listener: socket.socket | None = None
+        self._socket_inode: int | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._watcher = None
+        self._cards = None  # CardSessionManager
+        self._card_sessions: dict[str, str] = {}  # manager session id -> store session id
+        self._pending_locks: list[dict] = []
+        self._session_events: list = []
+        self._pending_guard = threading.Lock()
+        self._deferring = threading.local()
+        self._flush_lock = threading.Lock()
+        self._has_lock_action = False
+        self._device = None
+        self._ops: dict[str, Callable[[Connection, dict], dict]] = {
+            "hello": self.op_hello,
+            "login.start": self.op_login_start,
+            "login.answer": self.op_login_answer,
+            "login.cancel": self.op_login_cancel,
+            "session.state": self.op_session_state,
+            "methods.list": self.op_methods_list,
+            "methods.prefer": self.op_methods_prefer,
+            "methods.remove": self.op_methods_remove,
+            "enrol.totp": self.op_enrol_totp,
+            "enrol.totp.confirm": self.op_enrol_totp_confirm,
+            "enrol.backup-codes": self.op_enrol_backup_codes,
+            "enrol.key": self.op_enrol_key,
+            "policy.explain": self.op_policy_explain,
+            "admin.unlock": self.op_admin_unlock,
+            "admin.reset-methods": self.op_admin_reset_methods,
+            "events.subscribe": self.op_events_subscribe,
+        }
+
+    # ------------------------------------------------------------------ start / stop
+
+    @property
+    def store(self):
+        return self.agent.store
+
+    def start(self) -> "Service":
+        from ..agent import Agent
+        from ..ceremonies.login import Device
+
+        ws = self.config.workstation
+        self._device = Device(ws.device, ws.effective_device_id(), ws.network)
+        self._check_socket()  # another service on it: stop before touching the store
+        try:
+            self.agent = Agent.open(self.data_dir, policy_path=self.policy_path,
+                                    environ=self.environ)
+        except Exception as e:
+            raise ServiceStartError(str(e)) from e
+        try:
+            self._cleanup()
+            self._start_cards()
+            self._listen()
+        except BaseException:
+            self._stop_cards()
+            self.agent.close()
+            raise
+        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                               name="token-agent-accept")
+        self._accept_thread.start()
+        log.info("token-agent service listening", extra={
+            "socket": str(self.socket_path), "store": str(self.store.path),
+            "policy": self.agent.policy.source or "built-in", "version": __version__,
+            "pid": os.getpid()})
+        return self
+
+    def stop(self) -> None:
+        """Close the listener, cancel the ceremonies, stop watching, close the store."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        log.info("token-agent service stopping")
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.close()
+            except OSError:
+                pass
+        self._unlink_socket()
+        if self._accept_thread is not None:
+            self._accept_thread.join(2.0)
+        with self._lock:
+            ceremonies = list(self._ceremonies.values())
+        for c in ceremonies:
+            if c.abandon("shutdown"):
+                self._record_cancel(c, "shutdown")
+        deadline = time.monotonic() + STOP_GRACE
+        for c in ceremonies:
+            c.done.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            connections = list(self._connections.values())
+        for conn in connections:
+            conn.close(flush=1.0)  # the results of the cancelled ceremonies go out first
+        self._stop_cards()
+        self.keys.close()
+        if self.agent is not None:
+            self.agent.close()
+        log.info("token-agent service stopped")
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply a new configuration (SIGHUP) without a restart: the policy file is read
+        again, and the login services, admin group, prompt timeout, connection limit,
+        workstation and logging take effect for what starts from now on. The socket, the
+        store, the keys and the cards need a restart: returns the tables whose change was
+        not applied. A policy that does not load leaves everything as it was (PolicyError)."""
+        from ..policy import resolve_policy
+
+        policy = resolve_policy(self._policy_override or config.policy.file, self.environ)
+        ws = config.workstation
+        self._device = type(self._device)(ws.device, ws.effective_device_id(), ws.network)
+        self.rules = Rules(config.service.login_service_users, config.service.admin_group)
+        agent = self.agent
+        agent.policy, agent._factors, agent._delivery_loaded = policy, None, False
+        old = self.config
+        pending = [name for name, before, after in (
+            ("service.socket", old.service.socket, config.service.socket),
+            ("service.socket_mode", old.service.socket_mode, config.service.socket_mode),
+            ("store", old.store, config.store), ("keys", old.keys, config.keys),
+            ("cards", old.cards, config.cards)) if before != after]
+        from dataclasses import replace
+
+        self.config = replace(config, service=replace(config.service, socket=old.service.socket,
+                                                      socket_mode=old.service.socket_mode),
+                              store=old.store, keys=old.keys, cards=old.cards)
+        log.info("configuration and policy reloaded", extra={
+            "policy": policy.source or "built-in", "needs_restart": pending})
+        return pending
+
+    # ------------------------------------------------------------------ the socket
+
+    def _check_socket(self) -> None:
+        """Refuse a socket another service listens on; remove one left by a dead service."""
+        path = self.socket_path
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ServiceStartError(f"{path} exists and is not a socket: move it aside or "
+                                        "choose another socket ([service] socket)")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # a socket left by a service that died
+                log.info("removed a stale socket", extra={"socket": str(path)})
+            else:
+                raise ServiceStartError(f"another token-agent service is listening on {path}")
+            finally:
+                probe.close()
+
+    def _listen(self) -> None:
+        path = self.socket_path
+        parent = path.parent
+        if not parent.is_dir():
+            try:
+                parent.mkdir(parents=True, mode=0o755)
+                os.chmod(parent, 0o755)
+            except OSError as e:
+                raise ServiceStartError(f"cannot create the socket's directory {parent}: "
+                                        f"{e.strerror or e}") from None
+        self._check_socket()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, self.config.service.socket_mode)
+            sock.listen(128)
+        except OSError as e:
+            sock.close()
+            raise ServiceStartError(f"cannot listen on {path}: {e.strerror or e}") from None
+        sock.settimeout(0.2)
+        self._socket_inode = path.stat().st_ino
+        self._listener = sock
+
+    def _unlink_socket(self) -> None:
+        try:
+            if self._socket_inode is not None and \
+                    self.socket_path.stat().st_ino == self._socket_inode:
+                self.socket_path.unlink()
+        except OSError:
+            pass
+
+    def _accept_loop(self) -> None:
+        while not self.stopping.is_set():
+            listener = self._listener
+            if listener is None:
+                break
+            try:
+                sock, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError as e:
+                if self.stopping.is_set():
+                    break
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept a connection: %s", e.strerror)
+                    time.sleep(0.1)
+                    continue
+                break
+            sock.settimeout(None)
+            try:
+                peer = Peer.of(sock)
+            except OSError as e:
+                log.warning("no peer credentials: connection refused (%s)", e)
+                sock.close()
+                continue
+            conn = Connection(self, sock, peer)
+            with self._lock:
+                full = self._over_limit(peer)
+                if not full:
+                    self._connections[conn.id] = conn
+            if full:
+                log.warning("too many connections: refused", extra={"peer_uid": peer.uid,
+                                                                   "peer_pid": peer.pid})
+                try:
+                    sock.sendall(protocol.encode({"id": None, "ok": False, "error": {
+                        "code": "unavailable", "message": "too many connections: try again"}}))
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            log.debug("connection", extra={"conn": conn.id, "peer_uid": peer.uid,
+                                           "peer_pid": peer.pid, "peer_user": peer.user})
+            conn.start()
+
+    def _over_limit(self, peer: Peer) -> bool:
+        """Whether a new connection of ``peer`` would be one too many (under ``_lock``):
+        ``max_connections`` in all; one ordinary user at most a quarter of them, and all of
+        them together at most seven eighths (the rest is kept for root and the login
+        services, so that local users cannot lock the login screen out)."""
+        limit = self.config.service.max_connections
+        conns = list(self._connections.values())
+        if len(conns) >= limit:
+            return True
+        if self.rules.is_login_service(peer):
+            return False
+        ordinary = [c for c in conns if not self.rules.is_login_service(c.peer)]
+        if len(ordinary) >= max(1, limit - limit // 8):
+            return True
+        return sum(1 for c in ordinary if c.peer.uid == peer.uid) >= max(1, limit // 4)
+
+    def _connection_closed(self, conn: Connection) -> None:
+        with self._lock:
+            self._connections.pop(conn.id, None)
+            mine = list(conn.ceremonies.values())
+        for c in mine:
+            if not c.done.is_set() and c.abandon("disconnect"):
+                log.info("client went away mid-ceremony: cancelled",
+                         extra={"login": c.id, "conn": conn.id, "op": c.op})
+                self._record_cancel(c, "disconnect")
+
+    # ------------------------------------------------------------------ requests
+
+    def dispatch(self, conn: Connection, op: str, args: dict) -> dict:
+        handler = self._ops.get(op)
+        if handler is None:
+            raise RequestError("bad-request", f"unknown op {op!r}")
+        if self.stopping.is_set():
+            raise RequestError("unavailable", "the service is stopping")
+        log.debug("request", extra={"conn": conn.id, "op": op, "peer_uid": conn.peer.uid})
+        return handler(conn, args)
+
+    @staticmethod
+    def _args(args: dict, spec: dict[str, tuple[type | tuple, bool]]) -> dict:
+        """Check the arguments: ``spec`` name -> (types, required). Unknown, missing or
+        wrongly typed arguments are a bad-request naming them (never their values)."""
+        unknown = sorted(set(args) - set(spec))
+        if unknown:
+            raise RequestError("bad-request", f"unknown argument(s): {', '.join(unknown)}")
+        out = {}
+        for name, (types, required) in spec.items():
+            if name not in args or args[name] is None:
+                if required:
+                    raise RequestError("bad-request", f"missing argument {name!r}")
+                out[name] = None
+                continue
+            value = args[name]
+            if isinstance(value, bool) and bool not in (types if isinstance(types, tuple)
+                                                        else (types,)):
+                raise RequestError("bad-request", f"argument {name!r} has the wrong type")
+            if not isinstance(value, types):
+                raise RequestError("bad-request", f"argument {name!r} has the wrong type")
+            out[name] = value
+        return out
+
+    def _refuse(self, conn: Connection, op: str, target: str | None, why: str) -> RequestError:
+        """Record a refusal (audit ``service.refused``, a log line) and return the error."""
+        peer = conn.peer
+        log.warning("request refused", extra={"op": op, "peer_uid": peer.uid,
+                                              "peer_user": peer.user, "target": target})
+        try:
+            self.store.record_event("service.refused", username=target, outcome="refused",
+                                    detail={"op": op, "peer_uid": peer.uid,
+                                            "peer_pid": peer.pid, "peer_user": peer.user,
+                                            "target": target})
+        except Exception as e:  # the refusal stands even if it cannot be recorded
+            log.error("cannot record a refusal: %s", e)
+        return RequestError("forbidden", why)
+
+    def _agent_user(self, username: str):
+        from ..store import UnknownUser
+
+        try:
+            return self.store.get_user(username)
+        except UnknownUser:
+            return None
+
+    def _user_op(self, conn: Connection, op: str, username: str):
+        """Authorise an op on ``username``'s methods: admins for anyone, a user for their own
+        agent user (which must exist). Returns the user."""
+        peer = conn.peer
+        if self.rules.is_admin(peer, self.store):
+            user = self._agent_user(username)
+            if user is None:
+                raise RequestError("not-found", f"no user {username!r}")
+            return user
+        user = self._agent_user(username) if self.rules.is_self(peer, username) else None
+        if user is None or user.username != peer.user:
+            raise self._refuse(conn, op, username,
+                               f"{peer.user or f'uid {peer.uid}'} may not do {op} for {username}")
+        return user
+
+    def _admin_op(self, conn: Connection, op: str, username: str | None):
+        if not self.rules.is_admin(conn.peer, self.store):
+            raise self._refuse(conn, op, username, f"{op} is for administrators only")
+        if username is None:
+            return None
+        user = self._agent_user(username)
+        if user is None:
+            raise RequestError("not-found", f"no user {username!r}")
+        return user
+
+    def _actor(self, conn: Connection) -> str:
+        return conn.peer.user or f"uid {conn.peer.uid}"
+
+    # ------------------------------------------------------------------ ops
+
+    def op_hello(self, conn: Connection, args: dict) -> dict:
+        self._args(args, {})
+        peer = conn.peer
+        with self._lock:
+            connections, ceremonies = len(self._connections), len(self._ceremonies)
+            subscribers = sum(1 for c in self._connections.values() if c.subscribed)
+        counts: dict[str, int] = {"active": 0, "locked": 0, "ended": 0}
+        for s in self.store.list_sessions():
+            counts[s.state] = counts.get(s.state, 0) + 1
+        readers = {}
+        if self._watcher is not None:
+            readers = {name: st.present for name, st in self._watcher.snapshot().items()}
+        return {"version": protocol.VERSION, "agent": __version__,
+                "peer": {"uid": peer.uid, "pid": peer.pid, "user": peer.user,
+                         "roles": self.rules.roles(peer, self.store)},
+                "service": {"pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 3),
+                            "connections": connections, "ceremonies": ceremonies,
+                            "subscribers": subscribers,
+                            "sessions": counts, "readers": readers,
+                            "watching_readers": self._watcher is not None}}
+
+    # -- logins --------------------------------------------------------------------------------
+
+    def _device_of(self, conn: Connection, spec: dict | None):
+        from ..ceremonies.login import Device
+
+        if spec is None:
+            return self._device
+        if not isinstance(spec, dict):
+            raise RequestError("bad-request", "argument 'device' must be an object")
+        d = self._args(spec, {"kind": (str, False), "device_id": (str, False),
+                              "network": (str, False)})
+        kind = d["kind"] or self._device.kind
+        if kind not in ("managed", "unmanaged"):
+            raise RequestError("bad-request", "device.kind must be managed or unmanaged")
+        if d["network"] is not None:
+            try:
+                ipaddress.ip_address(d["network"].split("%", 1)[0])
+            except ValueError:
+                raise RequestError("bad-request", "device.network must be an IP address") \
+                    from None
+        return Device(kind, d["device_id"] or self._device.device_id,
+                      d["network"] if d["network"] is not None else self._device.network)
+
+    def op_login_start(self, conn: Connection, args: dict) -> dict:
+        a = self._args(args, {"user": (str, False), "primary": (str, False),
+                              "second": (str, False), "device": (dict, False),
+                              "service": (str, False)})
+        peer = conn.peer
+        if a["primary"] is not None and a["primary"] not in ("password", "key", "card"):
+            raise RequestError("bad-request", "primary must be password, key or card")
+        if a["second"] is not None and a["second"] not in SECOND_METHODS:
+            raise RequestError("bad-request", f"second must be one of {', '.join(SECOND_METHODS)}")
+        privileged = self.rules.is_login_service(peer) or self.rules.is_admin(peer, self.store)
+        user = a["user"]
+        if user is None and not privileged:
+            user = peer.user  # a user's own screen locker: themselves
+            if user is None:
+                raise self._refuse(conn, "login.start", None, "no user name for this uid")
+        if user is not None and not privileged and not self.rules.is_self(peer, user):
+            raise self._refuse(conn, "login.start", user,
+                               f"{peer.user or f'uid {peer.uid}'} may only log in as themselves")
+        if a["device"] is not None and not privileged:
+            # a user's own screen locker: the workstation's device, whatever it says
+            log.info("device of an ordinary caller's login ignored",
+                     extra={"peer_uid": peer.uid, "user": user})
+            a["device"] = None
+        if user is None and a["primary"] == "password":
+            raise RequestError("bad-request", "a password login needs a user")
+        device = self._device_of(conn, a["device"])
+        c = self._new_ceremony(conn, "login", "login.start", user)
+        c.thread = threading.Thread(target=self._run_login, args=(c, a, device), daemon=True,
+                                    name=f"token-agent-login-{c.id}")
+        c.thread.start()
+        log.info("login started", extra={"login": c.id, "user": user, "primary": a["primary"],
+                                         "peer_uid": peer.uid, "service": a["service"]})
+        return {"login": c.id}
+
+    def _new_ceremony(self, conn: Connection, kind: str, op: str, user: str | None) -> Ceremony:
+        c = Ceremony(conn, kind, op, user, prompt_timeout=self.config.service.prompt_timeout)
+        c.on_timeout = lambda cause: self._record_cancel(c, cause)
+        with self._lock:
+            if conn.closed.is_set():
+                raise RequestError("unavailable", "the connection is closing")
+            self._ceremonies[c.id] = c
+            conn.ceremonies[c.id] = c
+        return c
+
+    def _find_ceremony(self, conn: Connection, login_id: str, *, any_if_admin: bool) -> Ceremony:
+        with self._lock:
+            c = conn.ceremonies.get(login_id)
+            other = self._ceremonies.get(login_id) if c is None and any_if_admin else None
+        if other is not None and self.rules.is_admin(conn.peer, self.store):
+            c = other
+        if c is None or c.done.is_set():
+            raise RequestError("not-found", f"no login {login_id!r} in progress on this "
+                                            "connection")
+        return c
+
+    def op_login_answer(self, conn: Connection, args: dict) -> dict:
+        a = self._args(args, {"login": (str, True), "prompt": (int, True),
+                              "value": (str, False)})
+        c = self._find_ceremony(conn, a["login"], any_if_admin=False)
+        if not c.answer(a["prompt"], a["value"]):  # the value is never logged
+            raise RequestError("not-found", f"prompt {a['prompt']} of login {a['login']} is not "
+                                            "waiting for an answer")
+        return {}
+
+    def op_login_cancel(self, conn: Connection, args: dict) -> dict:
+        a = self._args(args, {"login": (str, True)})
+        c = self._find_ceremony(conn, a["login"], any_if_admin=True)
+        if c.abandon("login.cancel"):
+            log.info("login cancelled", extra={"login": c.id, "peer_uid": conn.peer.uid})
+            self._record_cancel(c, "login.cancel", by=conn)
+        return {}
+
+    def _record_cancel(self, c: Ceremony, cause: str, by: Connection | None = None) -> None:
+        peer = (by or c.conn).peer
+        try:
+            self.store.record_event("service.cancel", username=c.user, outcome="cancelled",
+                                    detail={"op": c.op, "login": c.id, "cause": cause,
+                                            "peer_uid": peer.uid})
+        except Exception as e:
+            log.error("cannot record a cancellation: %s", e)
+
+    def _key_runner(self, c: Ceremony, ui: SocketInteraction) -> Callable[[str | None], LoginOutcome]:
+        from ..ceremonies.devices import make_key_login
+
+        timeout = self.config.keys.timeout
+        asked: dict[str, str | None] = {"user": None}
+        runner = make_key_login(self.store, pin_provider=ui.key_pin, on_touch=ui.touch,
+                                timeout=timeout, cancel=c.cancel,
+                                open_key=lambda: self._open_key(c, ui, timeout,
+                                                                username=asked["user"]))
+
+        def run(name: str | None) -> LoginOutcome:
+            asked["user"] = name
+            with c.unlocked():
+                return runner(name)
+
+        return run
+
+    def _open_key(self, c: Ceremony, ui: SocketInteraction, timeout: float, *,
+                  username: str | None = None):
+        """The key for this ceremony from the service's key pool (``service/keys.py``), its
+        device lock held until the ceremony ends: for a user with keys enrolled, the key
+        holding one of the user's credentials (waiting while it serves another ceremony);
+        else the only free key, or the one the person touches."""
+        from drivers.fido.errors import Cancelled
+
+        from .keys import Busy
+
+        ids, rp_id = self._credentials_of(username) if username is not None else ([], None)
+        try:
+            return self.keys.acquire(rp_id=rp_id, credential_ids=ids, timeout=timeout,
+                                     cancel=c.cancel, on_touch=ui.touch)
+        except Busy:
+            if c.cancel.is_set():
+                raise Cancelled() from None
+            raise KeyBusy() from None
+
+    def _credentials_of(self, username: str) -> tuple[list[bytes], str]:
+        from ..ceremonies.key import KeySettings
+
+        user = self._agent_user(username)
+        rp_id = KeySettings.from_store(self.store).rp_id
+        if user is None:
+            return [], rp_id
+        return [cr.credential_id for cr in self.store.list_fido_credentials(user.id)
+                if cr.rp_id == rp_id], rp_id
+
+    def _card_runner(self, c: Ceremony, ui: SocketInteraction, used: list
+                     ) -> Callable[[str | None], LoginOutcome]:
+        """A card login on a reader holding a card (its reader lock held), remembering the
+        card's outcome, reader and ATR in ``used`` (for the session's binding)."""
+        from ..ceremonies.devices import make_card_login
+
+        def run(name: str | None) -> LoginOutcome:
+            candidates: list[tuple[str | None, bytes | None]] = []
+            if self._watcher is not None:
+                candidates = [(r, st.atr) for r, st in sorted(self._watcher.snapshot().items())
+                              if st.present]
+                if not candidates:
+                    return LoginOutcome.failure("card", Reason.NO_DEVICE,
+                                                "no card is in a reader: insert your card")
+            else:
+                candidates = [(None, None)]
+            deadline = time.monotonic() + self.config.keys.timeout
+            with c.unlocked():
+                while True:
+                    for reader, atr in candidates:
+                        lock = self.device_locks.get(f"reader:{reader}")
+                        if not lock.acquire(blocking=False):
+                            continue
+                        try:
+                            outcome = make_card_login(self.store, pin_provider=ui.card_pin,
+                                                      reader=reader)(name)
+                        finally:
+                            lock.release()
+                        if outcome.ok:
+                            used.append((outcome, reader, atr))
+                        return outcome
+                    if c.cancel.is_set():
+                        return LoginOutcome.failure("card", Reason.CANCELLED, "cancelled")
+                    if time.monotonic() > deadline:
+                        return LoginOutcome.failure("card", Reason.DEVICE_ERROR,
+                                                    "the card reader is in use by another login")
+                    time.sleep(0.05)
+
+        return run
+
+    def _run_login(self, c: Ceremony, a: dict, device) -> None:
+        from ..ceremonies.login import login
+
+        started = time.perf_counter()
+        ui = SocketInteraction(c)
+        card_used: list = []
+        outcome: LoginOutcome | None = None
+        try:
+            key_runner = self._key_runner(c, ui)
+            card_runner = self._card_runner(c, ui, card_used)
+            username = c.user
+            primary = a["primary"]
+            if username is None:
+                first = card_runner(None) if primary == "card" else key_runner(None)
+                if not first.ok:
+                    outcome = first
+                else:
+                    username = c.user = first.user
+                    primary = "card" if primary == "card" else "key"
+                    if primary == "card":
+                        card_runner = once(first, card_runner)
+                    else:
+                        key_runner = once(first, key_runner)
+            if outcome is None:
+                with c.user_locked(self.user_locks.get(username)):
+                    outcome = login(self.agent, username, interaction=ui, device=device,
+                                    primary=primary, second=a["second"], key_login=key_runner,
+                                    card_login=card_runner, cancel=c.cancel)
+        except Exception:
+            log.exception("the login failed unexpectedly", extra={"login": c.id})
+            outcome = LoginOutcome.failure("login", Reason.DEVICE_ERROR,
+                                           "the login failed unexpectedly: see the service's log")
+        session_id = None
+        if outcome.ok:
+            try:
+                session_id = self._start_session(outcome, device, card_used)
+            except Exception:
+                log.exception("cannot record the session", extra={"login": c.id})
+        self._finish(c, outcome.to_json() | ({"session": session_id} if session_id else {}),
+                     ok=outcome.ok, user=outcome.user or c.user, method=outcome.method,
+                     reason=outcome.reason.value if outcome.reason else None, started=started)
+
+    def _finish(self, c: Ceremony, outcome: dict, *, ok: bool, user: str | None,
+                method: str | None, reason: str | None, started: float) -> None:
+        with self._lock:  # over for hello's count and for login.answer before its result
+            self._ceremonies.pop(c.id, None)
+            c.conn.ceremonies.pop(c.id, None)
+        try:
+            c.send({"event": "result", "outcome": outcome})
+            elapsed = round((time.perf_counter() - started) * 1000, 1)
+            log.info("login finished" if c.kind == "login" else "enrolment finished",
+                     extra={"login": c.id, "op": c.op, "user": user, "ok": ok,
+                            "method": method, "reason": reason, "ms": elapsed,
+                            "cancelled": c.cancel_cause})
+            self.broadcast({"event": "login.finished", "login": c.id, "user": user, "ok": ok,
+                            "method": method, "at": time.time()}, admins_only=True)
+        finally:
+            c.done.set()
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def _start_session(self, outcome: LoginOutcome, device, card_used: list) -> str:
+        """Record the session of a successful login; one that used a card is bound to it
+        (the store's row first, so that a removal racing with this finds it)."""
+        sid = uuid.uuid4().hex
+        card = card_used[-1] if card_used else None
+        if card is None or card[1] is None or self._cards is None:
+            self.store.add_session(sid, outcome.user_id, method=outcome.method,
+                                   device_id=device.device_id)
+            return sid
+        card_outcome, reader, atr = card
+        atr = bytes(atr or b"")
+        self.store.add_session(sid, outcome.user_id, method=outcome.method,
+                               device_id=device.device_id, card_reader=reader,
+                               card_atr=atr.hex(), card_serial=card_outcome.credential_id)
+        session = self._cards.start_session(card_outcome, reader=reader, atr=atr)
+        self._card_sessions[session.id] = sid
+        # the card may have left before the manager knew of the session
+        state = self._watcher.snapshot().get(reader) if self._watcher is not None else None
+        if state is None or not state.present or bytes(state.atr or b"") != atr:
+            from drivers.pcsc.readers import ReaderEvent
+
+            self._handle_cards(ReaderEvent("card-removed", reader, None, time.monotonic()))
+        return sid
+
+    @staticmethod
+    def _session_json(s) -> dict:
+        card = None
+        if s.card_reader is not None:
+            card = {"reader": s.card_reader, "atr": s.card_atr,
+                    "certificate_serial": s.card_serial}
+        return {"id": s.id, "user": s.username, "method": s.method, "created_at": s.created_at,
+                "state": s.state, "end_reason": s.end_reason, "device_id": s.device_id,
+                "card": card}
+
+    def op_session_state(self, conn: Connection, args: dict) -> dict:
+        a = self._args(args, {"user": (str, False)})
+        peer = conn.peer
+        username = a["user"]
+        privileged = self.rules.is_login_service(peer) or self.rules.is_admin(peer, self.store)
+        if not privileged:
+            if username is None:
+                username = peer.user
+            if username is None or not self.rules.is_self(peer, username):
+                raise self._refuse(conn, "session.state", username,
+                                   "you may only see your own sessions")
+        if username is None:
+            sessions = self.store.list_sessions()
+        else:
+            user = self._agent_user(username)
+            sessions = [] if user is None else self.store.list_sessions(user.id)
+        return {"sessions": [self._session_json(s) for s in sessions[-500:]]}
+
+    # -- methods and enrolment -----------------------------------------------------------------
+
+    def op_methods_list(self, conn: Connection, args: dict) -> dict:
+        from ..factors import LABELS, POLICY_NAMES, lockout
+
+        a = self._args(args, {"user": (str, True)})
+        user = self._user_op(conn, "methods.list", a["user"])
+        with self.user_locks.holding(user.username):
+            locks = {s.scope: s for s in lockout.user_locks(self.store, user.id)}
+            methods = []
+            for m in self.store.list_methods(user.id):  # as `token-agent methods list --json`
+                lock = locks.get(f"method:{m.id}")
+                methods.append({
+                    "id": m.id, "kind": POLICY_NAMES.get(m.kind, m.kind),
+                    "label": LABELS.get(m.kind, m.kind), "name": m.name,
+                    "preferred": m.preferred, "confirmed": m.confirmed,
+                    "created_at": m.created_at, "last_used_at": m.last_used_at,
+                    "flagged": m.flagged, "flag_reason": m.flag_reason,
+                    "locked_until": lock.locked_until if lock else None,
+                    "failures": lock.failures if lock else 0})
+        return {"methods": methods}
+
+    def _method_of(self, user, kind: str, name: str | None):
+        if kind not in METHOD_KINDS:
+            raise RequestError("bad-request", f"kind must be one of {', '.join(METHOD_KINDS)}")
+        method = self.store.find_method(user.id, METHOD_KINDS[kind], name)
+        if method is None:
+            raise RequestError("not-found", f"{user.username} has no {kind} method"
+                               + (f" named {name!r}" if name else ""))
+        return method
+
+    def op_methods_prefer(self, conn: Connection, args: dict) -> dict:
+        from ..store import InvalidValue
+
+        a = self._args(args, {"user": (str, True), "kind": (str, True), "name": (str, False)})
+        user = self._user_op(conn, "methods.prefer", a["user"])
+        with self.user_locks.holding(user.username):
+            method = self._method_of(user, a["kind"], a["name"])
+            try:
+                with self.store.transaction():
+                    self.store.set_preferred_method(user.id, method.id)
+                    self.store.record_event("method.preferred", user_id=user.id,
+                                            outcome="success",
+                                            detail={"kind": method.kind, "name": method.name,
+                                                    "actor": self._actor(conn)})
+            except InvalidValue as e:
+                raise RequestError("conflict", str(e)) from None
+        return {}
+
+    def op_methods_remove(self, conn: Connection, args: dict) -> dict:
+        a = self._args(args, {"user": (str, True), "kind": (str, True), "name": (str, False)})
+        user = self._user_op(conn, "methods.remove", a["user"])
+        with self.user_locks.holding(user.username):
+            method = self._method_of(user, a["kind"], a["name"])
+            with self.store.transaction():
+                self.store.remove_method(method.id)
+                self.store.record_event("method.removed", user_id=user.id, outcome="success",
+                                        detail={"kind": method.kind, "name": method.name,
+                                                "actor": self._actor(conn)})
+        return {}
+
+    def op_enrol_totp(self, conn: Connection, args: dict) -> dict:
+        from ..factors import FactorError, totp
+        from ..store import CredentialExists
+
+        a = self._args(args, {"user": (str, True), "name": (str, False)})
+        user = self._user_op(conn, "enrol.totp", a["user"])
+        with self.user_locks.holding(user.username):
+            try:
+                pending = totp.begin_enrol(self.agent.factors(), user.id,
+                                           **({"name": a["name"]} if a["name"] else {}))
+            except CredentialExists as e:
+                raise RequestError("conflict", str(e)) from None
+            except FactorError as e:
+                raise RequestError("bad-request", e.message) from None
+        # the secret goes to the client only; never to a log
+        return {"uri": pending.uri, "secret": pending.secret, "text": totp.qr_terminal(pending.uri),
+                "method": pending.method.name}
+
+    def op_enrol_totp_confirm(self, conn: Connection, args: dict) -> dict:
+        from ..factors import FactorError, totp
+
+        a = self._args(args, {"user": (str, True), "code": (str, True), "name": (str, False)})
+        user = self._user_op(conn, "enrol.totp.confirm", a["user"])
+        with self.user_locks.holding(user.username):
+            try:
+                result = totp.confirm_enrol(self.agent.factors(), user.id, a["code"],
+                                            name=a["name"])
+            except FactorError as e:
+                raise RequestError("not-found", e.message) from None
+        return {"ok": result.ok, "message": result.message,
+                "reason": result.reason.value if result.reason else None}
+
+    def op_enrol_backup_codes(self, conn: Connection, args: dict) -> dict:
+        from ..factors import backup
+
+        a = self._args(args, {"user": (str, True)})
+        user = self._user_op(conn, "enrol.backup-codes", a["user"])
+        with self.user_locks.holding(user.username):
+            _method, codes = backup.generate(self.agent.factors(), user.id)
+        return {"codes": codes}
+
+    def op_enrol_key(self, conn: Connection, args: dict) -> dict:
+        a = self._args(args, {"user": (str, True), "name": (str, False)})
+        user = self._user_op(conn, "enrol.key", a["user"])
+        c = self._new_ceremony(conn, "enrol", "enrol.key", user.username)
+        c.thread = threading.Thread(target=self._run_enrol_key, args=(c, a["name"]), daemon=True,
+                                    name=f"token-agent-enrol-{c.id}")
+        c.thread.start()
+        log.info("key enrolment started", extra={"login": c.id, "user": user.username,
+                                                 "peer_uid": conn.peer.uid})
+        return {"login": c.id}
+
+    def _run_enrol_key(self, c: Ceremony, name: str | None) -> None:
+        from drivers.fido.errors import FidoKeyError
+
+        from ..ceremonies.key import EnrolError, device_failure, enrol_key
+        from ..store import CredentialExists
+
+        started = time.perf_counter()
+        ui = SocketInteraction(c)
+        timeout = self.config.keys.timeout
+        outcome: dict[str, Any]
+        reason = None
+        try:
+            with c.user_locked(self.user_locks.get(c.user)):
+                with c.unlocked():
+                    held = self._open_key(c, ui, timeout)
+                with held as key:
+                    with c.unlocked():  # the key's wait for a touch holds no user lock
+                        result = enrol_key(self.store, key, c.user, name=name,
+                                           pin_provider=ui.key_pin, on_touch=ui.touch,
+                                           timeout=timeout, cancel=c.cancel)
+            outcome = {"ok": True, "method": "key", "reason": None, "message": "enrolled",
+                       **result.to_json()}
+        except EnrolError as e:
+            reason = e.reason
+            outcome = {"ok": False, "method": "key", "reason": e.reason, "message": e.message}
+        except CredentialExists as e:
+            reason = "conflict"
+            outcome = {"ok": False, "method": "key", "reason": reason, "message": str(e)}
+        except FidoKeyError as e:
+            reason = device_failure(e).value
+            outcome = {"ok": False, "method": "key", "reason": reason, "message": e.message}
+        except Exception:
+            log.exception("the key enrolment failed unexpectedly", extra={"login": c.id})
+            reason = Reason.DEVICE_ERROR.value
+            outcome = {"ok": False, "method": "key", "reason": reason,
+                       "message": "the enrolment failed unexpectedly: see the service's log"}
+        if not outcome["ok"] and reason != "verification-failed":
+            try:
+                user = self._agent_user(c.user)
+                self.store.record_event("enrol.key", user_id=user.id if user else None,
+                                        username=None if user else c.user, outcome="failure",
+                                        detail={"reason": reason, "via": "service"})
+            except Exception as e:
+                log.error("cannot record the failed enrolment: %s", e)
+        self._finish(c, outcome, ok=outcome["ok"], user=c.user, method="key", reason=reason,
+                     started=started)
+
+    # -- policy and administration -------------------------------------------------------------
+
+    def op_policy_explain(self, conn: Connection, args: dict) -> dict:
+        from ..ceremonies.login import _choose_primary, explain_for
+        from ..policy import explain
+
+        a = self._args(args, {"user": (str, True), "device": (dict, False)})
+        peer = conn.peer
+        if self.rules.is_login_service(peer) and not self.rules.is_admin(peer, self.store):
+            user = self._agent_user(a["user"])
+            if user is None:
+                raise RequestError("not-found", f"no user {a['user']!r}")
+        else:
+            user = self._user_op(conn, "policy.explain", a["user"])
+        device = self._device_of(conn, a["device"])
+        with self.user_locks.holding(user.username):
+            first = _choose_primary(self.agent, user, None) or "password"
+            decision = explain_for(self.agent, user.username, device=device, primary=first,
+                                   primary_multi_factor=first in ("key", "card"))
+        return {**decision.to_json(), "text": explain(decision), "user": user.username,
+                "primary": first, "device": device.to_json()}
+
+    def op_admin_unlock(self, conn: Connection, args: dict) -> dict:
+        from ..factors import KINDS, lockout
+
+        a = self._args(args, {"user": (str, True), "kind": (str, False)})
+        user = self._admin_op(conn, "admin.unlock", a["user"])
+        with self.user_locks.holding(user.username):
+            scopes = None
+            if a["kind"]:
+                store_kind = KINDS.get(a["kind"], a["kind"].replace("-", "_"))
+                if store_kind == "password":
+                    scopes = {lockout.password_scope(user.id)}
+                elif store_kind == "app_password":
+                    scopes = {f"app_password:{user.id}"}
+                else:
+                    scopes = {lockout.method_scope(m.id)
+                              for m in self.store.list_methods(user.id, store_kind)}
+            with self.store.transaction():
+                cleared = [s for scope in (scopes or [None])
+                           for s in lockout.unlock(self.store, user.id, scope)]
+                self.store.record_event("admin.unlock", user_id=user.id, outcome="success",
+                                        detail={"actor": self._actor(conn),
+                                                "scopes": [s.scope for s in cleared]})
+        return {"cleared": [s.to_json() for s in cleared]}
+
+    def op_admin_reset_methods(self, conn: Connection, args: dict) -> dict:
+        a = self._args(args, {"user": (str, True)})
+        user = self._admin_op(conn, "admin.reset-methods", a["user"])
+        with self.user_locks.holding(user.username):
+            with self.store.transaction():
+                removed = self.store.remove_all_methods(user.id)
+                self.store.record_event("admin.reset-methods", user_id=user.id,
+                                        outcome="success",
+                                        detail={"actor": self._actor(conn), "removed": len(removed),
+                                                "kinds": sorted({m.kind for m in removed})})
+        return {"removed": len(removed)}
+
+    # -- events --------------------------------------------------------------------------------
+
+    def op_events_subscribe(self, conn: Connection, args: dict) -> dict:
+        self._args(args, {})
+        conn.subscribed_admin = self.rules.is_admin(conn.peer, self.store)
+        conn.subscribed = True
+        return {}
+
+    def broadcast(self, event: dict, *, admins_only: bool = False) -> None:
+        with self._lock:
+            targets = [c for c in self._connections.values()
+                       if c.subscribed and (c.subscribed_admin or not admins_only)]
+        for conn in targets:
+            conn.send(event)
+
+    # ------------------------------------------------------------------ cards
+
+    def _lock_spec(self) -> str | None:
+        spec = self.config.cards.lock_command
+        if spec is None:
+            from ..ceremonies.card import CardSettings
+
+            try:
+                spec = CardSettings.from_store(self.store).lock_command
+            except ValueError as e:
+                log.error("card settings: %s", e)
+                spec = None
+        return spec or None
+
+    def _start_cards(self) -> None:
+        from ..cardsession import CardSessionManager
+
+        lock_spec = self._lock_spec()
+        self._has_lock_action = lock_spec is not None
+        self._cards = CardSessionManager(lock_spec, on_event=self._on_session_event,
+                                         store=self.store)
+        restored = self._restore_card_sessions()  # known to the manager before any event
+        try:
+            from drivers.pcsc.readers import ReaderWatcher, list_readers
+
+            self._watcher = ReaderWatcher(self._on_reader_event,
+                                          readers_filter=self.config.cards.readers)
+            self._watcher.start()
+        except Exception as e:  # no pyscard, no PC/SC library: keys only
+            log.warning("smartcard readers are not watched: %s", e)
+            self._watcher = None
+            return
+        try:
+            list_readers()
+        except Exception:  # pcscd is not there now: its return re-reads every card
+            return
+        self._check_restored(restored)
+
+    def _stop_cards(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            try:
+                watcher.stop()
+            except Exception as e:
+                log.error("stopping the reader watcher: %s", e)
+
+    def _restore_card_sessions(self) -> list:
+        """The active card-bound sessions of the store, bound again in the session manager."""
+        restored = []
+        for s in self.store.list_sessions(states=["active"]):
+            if not s.card_bound:
+                continue
+            outcome = LoginOutcome(ok=True, method="card", user=s.username, user_id=s.user_id,
+                                   credential_id=s.card_serial, detail={})
+            session = self._cards.start_session(outcome, reader=s.card_reader,
+                                                atr=bytes.fromhex(s.card_atr or ""))
+            self._card_sessions[session.id] = s.id
+            restored.append(session)
+        return restored
+
+    def _check_restored(self, restored: list) -> None:
+        """Lock the restored sessions whose card is not in its reader now; read the
+        certificate of the others again (on a thread) and lock those with another card."""
+        from drivers.pcsc.readers import ReaderEvent
+
+        snapshot = self._watcher.snapshot()
+        to_check = []
+        for session in restored:
+            binding = session.binding
+            state = snapshot.get(binding.reader)
+            if state is None or not state.present or bytes(state.atr or b"") != binding.atr:
+                log.info("the card of a session left while the service was stopped",
+                         extra={"session": self._card_sessions.get(session.id),
+                                "user": session.user, "reader": binding.reader})
+                self._handle_cards(ReaderEvent("card-removed", binding.reader, None,
+                                               time.monotonic()))
+            else:
+                to_check.append(session)
+        if to_check:
+            threading.Thread(target=self._recheck_cards, args=(to_check,), daemon=True,
+                             name="token-agent-card-restore").start()
+
+    def _recheck_cards(self, sessions) -> None:
+        from drivers.pcsc.readers import ReaderEvent
+
+        from ..cardsession import default_reprobe
+
+        for s in sessions:
+            try:
+                same = default_reprobe(s.binding)
+            except Exception as e:
+                log.info("cannot read the card of a restored session: %s", e)
+                same = False
+            if not same:
+                self._handle_cards(ReaderEvent("card-removed", s.binding.reader, None,
+                                               time.monotonic()))
+            else:
+                log.info("session restored: its card is still in", extra={
+                    "session": self._card_sessions.get(s.id), "reader": s.binding.reader})
+
+    def _on_reader_event(self, event) -> None:
+        """The watcher's thread: the session manager first (it starts the lock action at
+        once), then the subscribers, who see the card's event before the session.locked it
+        caused."""
+        self._handle_cards(event, announce=event)
+        log.info("reader event", extra={"event": event.kind, "reader": event.reader})
+
+    def _handle_cards(self, event, announce=None) -> None:
+        """``CardSessionManager.handle``, its session events dealt with afterwards (their
+        store writes and broadcasts never delay the lock action)."""
+        self._deferring.active = True
+        try:
+            if self._cards is not None:
+                self._cards.handle(event)
+        finally:
+            self._deferring.active = False
+        if announce is not None:
+            at = time.time() - max(0.0, time.monotonic() - announce.at)
+            if announce.kind == "card-inserted":
+                self.broadcast({"event": "card.inserted", "reader": announce.reader,
+                                "atr": (announce.atr or b"").hex(), "at": at})
+            elif announce.kind == "card-removed":
+                self.broadcast({"event": "card.removed", "reader": announce.reader, "at": at})
+            elif announce.kind in ("service-lost", "service-back"):
+                self.broadcast({"event": "service.readers",
+                                "state": "lost" if announce.kind == "service-lost" else "back",
+                                "at": at})
+        self._flush_session_events()
+
+    def _on_session_event(self, event) -> None:
+        with self._pending_guard:
+            self._session_events.append(event)
+        if not getattr(self._deferring, "active", False):  # from the manager's own threads
+            self._flush_session_events()
+
+    def _flush_session_events(self) -> None:
+        with self._flush_lock:
+            with self._pending_guard:
+                events, self._session_events = self._session_events, []
+            for event in events:
+                self._session_event(event)
+
+    def _session_event(self, event) -> None:
+        """One session event of the manager: the store, then the subscribers."""
+        kind = event.kind
+        if kind == "session-ended":
+            sid = self._card_sessions.get(event.session_id, event.session_id)
+            locking = event.reason in _LOCK_REASONS
+            try:
+                self.store.set_session_state(sid, "locked" if locking else "ended",
+                                             event.reason)
+            except Exception as e:
+                log.error("cannot record the session's end: %s", e)
+            if not locking:
+                return
+            item = {"event": "session.locked", "session": sid, "user": event.user,
+                    "reader": event.reader, "reason": event.reason}
+            if self._has_lock_action:
+                self._pending_locks.append(item)  # its latency comes with lock-started
+            else:
+                self._emit_locked(item, None)
+        elif kind in ("lock-started", "lock-failed"):
+            pending, self._pending_locks = self._pending_locks, []
+            for item in pending:
+                self._emit_locked(item, event.latency_ms,
+                                  error=event.detail.get("error") if kind == "lock-failed"
+                                  else None)
+
+    def _emit_locked(self, item: dict, latency_ms: float | None, error: str | None = None) -> None:
+        log.info("session locked: its card left", extra={
+            "session": item["session"], "user": item["user"], "reader": item["reader"],
+            "reason": item["reason"], "latency_ms": latency_ms, "lock_error": error})
+        self.broadcast({**item, "latency_ms": latency_ms, "at": time.time()})
+
+    # ------------------------------------------------------------------ cleanup at start
+
+    def _cleanup(self) -> None:
+        """Remove half-done enrolments (unconfirmed methods older than
+        ``STALE_ENROLMENT_SECONDS``) and record each (``service.cleanup``)."""
+        store = self.store
+        cutoff = time.time() - STALE_ENROLMENT_SECONDS
+        removed = 0
+        for user in store.list_users():
+            for m in store.list_methods(user.id):
+                if m.confirmed or m.created_at >= cutoff:
+                    continue
+                with store.transaction():
+                    store.remove_method(m.id)
+                    store.record_event("service.cleanup", user_id=user.id, outcome="removed",
+                                       detail={"kind": m.kind, "name": m.name,
+                                               "age_seconds": round(time.time() - m.created_at),
+                                               "why": "enrolment never confirmed"})
+                removed += 1
+        if removed:
+            log.info("removed half-done enrolments", extra={"removed": removed})
