@@ -7,7 +7,7 @@ import sys
 from token_agent import demo
 
 
-def test_demo_runs_every_step():
+def test_demo_runs_every_step(pcscd):  # the session's pcscd (and its lock on vpcd's slots)
     out = io.StringIO()
     assert demo.run(0, 0, out=out) == 0
     text = out.getvalue()
@@ -24,10 +24,20 @@ def test_demo_runs_every_step():
     assert "policy for a ward workstation bob never used: second factor required" in text
     assert "while locked even the right code is refused" in text
     assert "correct horse battery" not in text  # nor the password
+    # part 9: the workstation service
+    assert "the service runs (pid" in text
+    assert "enrolled alice's security key 'blue key' through the service" in text
+    assert "login by inserting the card and typing its PIN: alice" in text
+    assert "login from her own laptop: password, then the authenticator app" in text
+    assert "event: session.locked" in text and "the card's session is now locked" in text
+    assert "the service stopped cleanly" in text
+    from token_agent.demo_workstation import CARD_PIN, KEY_PIN
+
+    assert KEY_PIN not in text and CARD_PIN not in text
     assert text.rstrip().endswith("demonstration complete: every step verified")
 
 
-def test_demo_module_exit_status():
+def test_demo_module_exit_status(pcscd):
     proc = subprocess.run([sys.executable, "-m", "token_agent.demo"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -143,6 +143,9 @@ def run(port: int, control_port: int, out=sys.stdout) -> int:
         device.close()
     agent_demo(say, check)
     mfa_demo(say, check)
+    from .demo_workstation import workstation_demo
+
+    workstation_demo(say, check, step=9)
     say("demonstration complete: every step verified")
     return 0
 
