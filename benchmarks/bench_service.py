@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=40)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--profile", type=Path, help="write the service's cProfile stats here")
     ap.add_argument("--serve-keys", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,9 +120,10 @@ def main() -> int:
                           '[logging]\nlevel = "warning"\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
         service_log = open(tmp / "service.log", "wb")
-        service = subprocess.Popen([sys.executable, "-m", "token_agent", "serve", "--config",
-                                    str(config)], stdout=service_log, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+        profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
+        service = subprocess.Popen([sys.executable, *profile, "-m", "token_agent", "serve",
+                                    "--config", str(config)], stdout=service_log,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -70,6 +70,7 @@ Audit events
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -424,6 +425,7 @@ def _key_words(key: str) -> list[str]:
     return [w for w in _WORD_SPLIT_RE.split(spaced.lower()) if w]
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of the key; the same keys come back
 def secret_looking(key: str) -> bool:
     """Whether a detail key looks like it would hold a secret.
 
