@@ -67,15 +67,16 @@ mode that shuts out login services or lets others write to a socket in a shared 
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import math
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .tomlcheck import TableParser, kind as _kind, show as _show, suggest as _suggest
 
 CONFIG_ENV = "TOKEN_AGENT_CONFIG"
 SOCKET_ENV = "TOKEN_AGENT_SOCKET"
@@ -249,60 +250,11 @@ _KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    return repr(value)
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a {type(value).__name__}"
-
-
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean {close[0]}?" if close else ""
-
-
-class _Parser:
+class _Parser(TableParser):
     def __init__(self, source: str, base: Path | None, environ: Mapping[str, str]):
-        self.source = source
+        super().__init__(source, _KEYS)
         self.base = base
         self.env = environ
-        self.errors: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{self.source}: {path}: {message}")
-
-    def table(self, data: Mapping[str, Any], name: str) -> dict[str, Any]:
-        value = data.get(name, {})
-        if not isinstance(value, dict):
-            self.error(name, f"must be a table ([{name}]), not {_kind(value)}")
-            return {}
-        known = _KEYS[name]
-        for key in value:
-            if key not in known:
-                hint = _suggest(key, known) or f"known: {', '.join(known)}"
-                self.error(f"{name}.{key}", f"unknown key ({hint})")
-        return value
 
     def string(self, tbl: Mapping[str, Any], key: str, path: str, *, empty_ok: bool = False
                ) -> str | None:

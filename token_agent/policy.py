@@ -100,7 +100,6 @@ A legacy application may sign in with an app password, without a second factor, 
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import math
 import os
@@ -112,6 +111,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .store import USER_CLASSES
+from .tomlcheck import TableParser, kind as _kind, show as _show, suggest as _suggest
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -345,48 +345,6 @@ _KEYS: dict[str, tuple[str, ...]] = {
 _CLASS_KEYS = ("enforce", "minimum")
 
 
-def _show(value: Any) -> str:
-    """A value as it would be written in TOML, for messages."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
-    return repr(value)
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, datetime):
-        return "a datetime"
-    if isinstance(value, date):
-        return "a date"
-    if isinstance(value, time):
-        return "a time of day"
-    return type(value).__name__
-
-
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean {close[0]}?" if close else ""
-
-
 def _when(moment: datetime) -> str:
     moment = moment.astimezone(timezone.utc)
     if moment.time() == time(0, 0):
@@ -394,42 +352,9 @@ def _when(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-class _Parser:
+class _Parser(TableParser):
     def __init__(self, source: str):
-        self.source = source
-        self.errors: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{self.source}: {path}: {message}")
-
-    def table(self, data: Mapping[str, Any], name: str) -> dict[str, Any]:
-        """Sub-table ``name`` of the top level, its unknown keys reported."""
-        value = data.get(name, {})
-        if not isinstance(value, dict):
-            self.error(name, f"must be a table ([{name}]), not {_kind(value)}")
-            return {}
-        if name not in ("classes", "delivery"):
-            self.unknown({k: v for k, v in value.items() if k not in _KEYS[name]}, name,
-                         _KEYS[name], "key")
-        return value
-
-    def unknown(self, tbl: Mapping[str, Any], path: str, known: Iterable[str], what: str) -> None:
-        known = tuple(known)
-        for key in tbl:
-            where = f"{path}.{key}" if path else key
-            hint = _suggest(key, known)
-            if not hint:
-                hint = f"known: {', '.join(known)}" if known else "this table takes no keys"
-            self.error(where, f"unknown {what} ({hint})")
-
-    def boolean(self, tbl: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-        if key not in tbl:
-            return default
-        value = tbl[key]
-        if not isinstance(value, bool):
-            self.error(f"{path}.{key}", f"{_show(value)} must be true or false, not {_kind(value)}")
-            return default
-        return value
+        super().__init__(source, _KEYS, free=("classes", "delivery"))
 
     def integer(self, tbl: Mapping[str, Any], key: str, path: str, default: int,
                 lo: int, hi: int, unit: str = "") -> int:

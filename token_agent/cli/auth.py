@@ -142,10 +142,14 @@ def _policy_login(ctx: Context, username: str, primary: str | None, second: str 
                          card_login=card_login, push_timeout=push_timeout, cancel=cancel)
 
     outcome = cancellable(flow)
-    data = outcome.to_json()
+    _finish_login(outcome, outcome.to_json(), as_json, outcome.method.replace("+", " + "))
+
+
+def _finish_login(outcome, data: dict, as_json: bool, what: str) -> None:
+    """Print a login's outcome (``what``: how the user logged in) and exit with its code."""
     if outcome.ok:
         factors = " + ".join(f.value for f in outcome.factors)
-        emit(as_json, data, f"logged in: {outcome.user} with {outcome.method.replace('+', ' + ')} "
+        emit(as_json, data, f"logged in: {outcome.user} with {what} "
                             f"({factors}{'; multi-factor' if outcome.multi_factor else ''})")
         return
     if as_json:
@@ -167,12 +171,4 @@ def _key_only_login(ctx: Context, username: str | None, key_path: str | None, ti
     data = outcome.to_json()
     if export and outcome.ok:
         _write_export(export, data["detail"].pop("webauthn"))
-    if outcome.ok:
-        factors = " + ".join(f.value for f in outcome.factors)
-        emit(as_json, data, f"logged in: {outcome.user} with key {outcome.credential!r} "
-                            f"({factors}{'; multi-factor' if outcome.multi_factor else ''})")
-        return
-    if as_json:
-        emit(True, data, "")
-    fail(f"login failed: {outcome.message}", exitcodes.REASON_CODES.get(outcome.reason,
-                                                                        exitcodes.ERROR))
+    _finish_login(outcome, data, as_json, f"key {outcome.credential!r}")
