@@ -53,7 +53,7 @@ def main() -> int:
     from simulators.key import KeyServer, create_virtual_key
     from token_agent.ceremonies.key import enrol_key
     from token_agent.paths import store_path
-    from token_agent.service.client import Client
+    from token_agent.service.client import ServiceUnavailable, wait_until_serving
     from token_agent.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pam-"))
@@ -85,17 +85,10 @@ def main() -> int:
         service = subprocess.Popen([sys.executable, "-m", "token_agent", "serve", "--config",
                                     str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with Client(socket_path, timeout=5) as c:
-                    c.request("hello")
-                break
-            except Exception:
-                if time.monotonic() > deadline or service.poll() is not None:
-                    raise SystemExit("the service did not start: "
-                                     + (tmp / "service.log").read_text()[-2000:])
-                time.sleep(0.05)
+        try:
+            wait_until_serving(socket_path, process=service)
+        except ServiceUnavailable as e:
+            raise SystemExit(f"the service did not start: {e}: {(tmp / 'service.log').read_text()[-2000:]}")
 
         pam_file.write_text(f"auth requisite pam_python.so {MODULE} socket={socket_path} "
                             "primary=key\naccount required pam_permit.so\n")

@@ -79,7 +79,7 @@ def main() -> int:
     from drivers.fido.sim import SocketHidConnection, sim_descriptor
     from token_agent.ceremonies.key import enrol_key
     from token_agent.paths import store_path
-    from token_agent.service.client import Client
+    from token_agent.service.client import Client, ServiceUnavailable, wait_until_serving
     from token_agent.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-service-"))
@@ -124,17 +124,10 @@ def main() -> int:
         service = subprocess.Popen([sys.executable, *profile, "-m", "token_agent", "serve",
                                     "--config", str(config)], stdout=service_log,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with Client(socket_path, timeout=5) as c:
-                    c.request("hello")
-                break
-            except Exception:
-                if time.monotonic() > deadline or service.poll() is not None:
-                    raise SystemExit(f"the service did not start: "
-                                     f"{(tmp / 'service.log').read_text()[-2000:]}")
-                time.sleep(0.05)
+        try:
+            wait_until_serving(socket_path, process=service)
+        except ServiceUnavailable as e:
+            raise SystemExit(f"the service did not start: {e}: {(tmp / 'service.log').read_text()[-2000:]}")
 
         # warm-up: one login per user (the service meets each key once)
         with Client(socket_path, timeout=60) as c:

@@ -1187,17 +1187,15 @@ class RealService:
                  str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                 cwd=REPO_ROOT, start_new_session=True)
-        deadline = time.monotonic() + SERVICE_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            if _hello(self.socket):
-                return self
-            time.sleep(0.05)
-        code = self.process.poll()
-        self.stop()
-        raise AssertionError(f"token-agent serve did not answer hello (exit {code}):\n"
-                             f"{self.output()}")
+        from token_agent.service.client import ServiceError, wait_until_serving
+
+        try:
+            wait_until_serving(self.socket, process=self.process, timeout=SERVICE_START_TIMEOUT)
+        except ServiceError as e:
+            self.stop()
+            raise AssertionError(f"token-agent serve did not answer hello ({e}):\n"
+                                 f"{self.output()}") from None
+        return self
 
     def stop(self):
         from processes import stop_process_group

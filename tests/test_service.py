@@ -30,7 +30,7 @@ import pytest
 
 from conftest import REPO_ROOT, token_agent_command
 from token_agent.service.authz import Peer, Rules
-from token_agent.service.client import Client, ServiceError, answers
+from token_agent.service.client import Client, ServiceError, answers, wait_until_serving
 
 PASSWORD = "correct horse battery"
 WRONG_PASSWORD = "incorrect pony staple"
@@ -70,19 +70,11 @@ class ServiceProcess:
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=REPO_ROOT, env=self.env,
             start_new_session=True)
         out.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the service exited with {self.proc.returncode}:\n"
-                                     f"{self.output()}")
-            try:
-                with Client(self.socket, timeout=2) as c:
-                    c.request("hello")
-                return self
-            except (ServiceError, OSError):
-                time.sleep(0.05)
-        raise AssertionError(f"the service did not answer within {START_TIMEOUT:g} s:\n"
-                             f"{self.output()}")
+        try:
+            wait_until_serving(self.socket, process=self.proc, timeout=START_TIMEOUT)
+        except ServiceError as e:
+            raise AssertionError(f"{e}:\n{self.output()}") from None
+        return self
 
     def client(self, timeout: float = 15.0) -> Client:
         return Client(self.socket, timeout=timeout)

@@ -30,24 +30,6 @@ ALICE_UUID = "555123456789"
 SERVICE_START_TIMEOUT = 30.0
 
 
-def _wait_for_socket(path: Path, proc: subprocess.Popen, log: Path) -> None:
-    from .service.client import Client, ServiceUnavailable
-
-    deadline = time.monotonic() + SERVICE_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        if path.exists():
-            try:
-                with Client(path, timeout=5) as client:
-                    client.request("hello")
-                return
-            except ServiceUnavailable:
-                pass
-        time.sleep(0.05)
-    raise RuntimeError(f"the service did not answer within {SERVICE_START_TIMEOUT:g} s")
-
-
 def _answering(say: Callable[[str], None], answers: dict[str, str]) -> Callable[[dict], str | None]:
     """Answer the service's prompts as the clinician would: by what the prompt asks for."""
 
@@ -77,7 +59,6 @@ def _show(say: Callable[[str], None]) -> Callable[[dict], None]:
 
 def workstation_demo(say: Callable[[str], None], check: Callable[[bool, str], None],
                      step: int = 9) -> None:
-    from cryptography.hazmat.primitives import serialization  # noqa: F401 (warm import)
     from fido2.ctap2 import Ctap2
     from fido2.ctap2.pin import ClientPin
     from fido2.hid import CtapHidDevice
@@ -93,7 +74,7 @@ def workstation_demo(say: Callable[[str], None], check: Callable[[bool, str], No
     from .ceremonies.card import set_card_setting
     from .factors import password, totp
     from .paths import store_path
-    from .service.client import Client
+    from .service.client import Client, ServiceUnavailable, wait_until_serving
     from .store import Store
 
     say(f"{step}. the workstation: virtual key and card, the agent's service, a user enrolled "
@@ -150,7 +131,10 @@ def workstation_demo(say: Callable[[str], None], check: Callable[[bool, str], No
                 [sys.executable, "-m", "token_agent", "serve", "--config", str(config)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True)
-        _wait_for_socket(socket_path, service, log)
+        try:
+            wait_until_serving(socket_path, process=service, timeout=SERVICE_START_TIMEOUT)
+        except ServiceUnavailable as e:
+            raise RuntimeError(f"{e}: {log.read_text(errors='replace')[-2000:]}") from None
         check(True, f"the service runs (pid {service.pid}), API on {socket_path}")
 
         # The admin's part, done with the library on the service's store (the CLI does the

@@ -230,6 +230,27 @@ class Client:
         self.close()
 
 
+def wait_until_serving(path: str | os.PathLike[str], *, process=None,
+                       timeout: float = 30.0) -> None:
+    """Wait until the service at ``path`` answers ``hello`` (a service just started).
+    ``process``: its ``subprocess.Popen``, so that an exit is noticed at once. Raises
+    ``ServiceUnavailable`` when it exits or does not answer within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise ServiceUnavailable(f"the service exited (status {process.returncode}) "
+                                     "before it answered")
+        try:
+            with Client(path, timeout=2) as client:
+                client.request("hello")
+            return
+        except (ServiceError, OSError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"the service at {os.fspath(path)} did not answer "
+                                         f"within {timeout:g} s") from None
+            time.sleep(0.05)
+
+
 def answers(*values: str | None) -> Callable[[dict], str | None]:
     """An ``answer`` callable giving ``values`` in order (None once they run out)."""
     queue = list(values)
