@@ -132,3 +132,39 @@ def test_a_key_that_dies_is_dropped_and_found_again(world):
     outcome = _login(store, pool, failed[0])
     assert outcome.ok, outcome
     assert len(pool.paths()) == 2
+
+
+def test_a_key_slow_to_open_does_not_stall_the_others(world):
+    """A device that accepts but never answers (here: a TCP listener posing as a simulated
+    key) keeps a scan busy; logins on the keys already open go on meanwhile."""
+    import socket
+
+    store, pool, servers, _ = world
+    assert _login(store, pool, "alice").ok and _login(store, pool, "bob").ok
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(mute.accept()), daemon=True).start()
+    try:
+        pool.environ = {SIM_KEYS_ENV: pool.environ[SIM_KEYS_ENV]
+                        + f",127.0.0.1:{mute.getsockname()[1]}"}
+        pool._scanned = float("-inf")
+        scanning = threading.Thread(target=pool.scan, daemon=True)
+        scanning.start()
+        deadline = time.monotonic() + 5
+        while not accepted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert accepted and scanning.is_alive()  # the scan is stuck on the mute "key"
+        result = {}
+        login = threading.Thread(target=lambda: result.update(o=_login(store, pool, "alice")),
+                                 daemon=True)
+        started = time.monotonic()
+        login.start()
+        login.join(2.0)
+        assert not login.is_alive(), "the login waited for the stuck scan"
+        assert result["o"].ok and time.monotonic() - started < 1.0
+    finally:
+        mute.close()
+        for conn, _addr in accepted:
+            conn.close()

@@ -87,7 +87,13 @@ class KeyPool:
         from drivers.fido.keys import FidoKey
         from drivers.fido.sim import list_sim_descriptors, sim_descriptor
 
-        with self._scan_lock:
+        # One scan at a time, and never a wait for one: a key that is slow to open (a
+        # simulator that accepts but does not answer, a USB key mid-enumeration) must not
+        # stall the ceremonies of the keys already open. A caller that finds a scan running
+        # goes on with the keys there are (``force``: it waits, having none).
+        if not self._scan_lock.acquire(blocking=force):
+            return
+        try:
             if not force and time.monotonic() - self._scanned < self.rescan_seconds:
                 return
             with self._guard:
@@ -122,6 +128,8 @@ class KeyPool:
                         entry.lock.release()
                 self._forget_missing()
             self._scanned = time.monotonic()
+        finally:
+            self._scan_lock.release()
 
     def _forget_missing(self) -> None:
         """(guard held) Forget which keys hold what for keys that are gone."""
