@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .atomicfile import write_private
+
 KEY_FILENAME = "secrets.key"
 KEY_FILE_ENV = "TOKEN_AGENT_KEY_FILE"
 KEY_LEN = 32
@@ -123,27 +125,10 @@ def key_file_path(data_dir: str | os.PathLike[str], environ: dict | None = None)
 
 
 def _create_key_file(path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    """A new key file, unless another process made one first (then theirs is the key)."""
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, secrets.token_bytes(KEY_LEN))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # fails if another process made one first: then theirs is the key
+        write_private(path, secrets.token_bytes(KEY_LEN), exclusive=True)
     except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
         pass
 
 
