@@ -76,13 +76,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .paths import APP_DIRNAME, config_file, expand_home, home
 from .tomlcheck import TableParser, kind as _kind, show as _show, suggest as _suggest
 
 CONFIG_ENV = "TOKEN_AGENT_CONFIG"
 SOCKET_ENV = "TOKEN_AGENT_SOCKET"
 SYSTEM_CONFIG_PATH = Path("/etc/token-agent/config.toml")
 ROOT_SOCKET = "/run/token-agent/agent.sock"
-APP_DIRNAME = "token-agent"
 CONFIG_FILENAME = "config.toml"
 SOCKET_FILENAME = "agent.sock"
 
@@ -103,11 +103,6 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- the values
-
-
-def _home(env: Mapping[str, str]) -> Path:
-    home = env.get("HOME")
-    return Path(home) if home else Path.home()
 
 
 def default_socket(environ: Mapping[str, str] | None = None, uid: int | None = None) -> str:
@@ -329,7 +324,7 @@ class _Parser(TableParser):
         p = Path(text)
         parts = p.parts
         if parts and parts[0] == "~":
-            p = _home(self.env).joinpath(*parts[1:])
+            p = home(self.env).joinpath(*parts[1:])
         elif not p.is_absolute():
             p = (self.base or Path.cwd()) / p
         return os.path.abspath(p)
@@ -529,24 +524,13 @@ def config_path(explicit: str | os.PathLike[str] | None = None,
     env = os.environ if environ is None else environ
 
     def expand(text: str) -> Path:
-        parts = Path(text).parts
-        if parts and parts[0] == "~":
-            return _home(env).joinpath(*parts[1:])
-        return Path(os.path.abspath(Path(text).expanduser()))
+        return Path(os.path.abspath(expand_home(text, env)))
 
     if explicit is not None and str(explicit) != "":
         return expand(os.fspath(explicit))
     if env.get(CONFIG_ENV):
         return expand(env[CONFIG_ENV])
-    system = Path(system_path)
-    if system.is_file():
-        return system
-    xdg = env.get("XDG_CONFIG_HOME")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else _home(env) / ".config"
-    user = base / APP_DIRNAME / CONFIG_FILENAME
-    if user.is_file():
-        return user
-    return None
+    return config_file(CONFIG_FILENAME, system_path, env)
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None,

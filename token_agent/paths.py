@@ -41,13 +41,13 @@ def data_dir(explicit: str | os.PathLike[str] | None = None,
     """
     env = os.environ if environ is None else environ
     if explicit is not None and str(explicit) != "":
-        chosen = _expand(Path(explicit), env)
+        chosen = expand_home(explicit, env)
     elif env.get(DATA_DIR_ENV):
-        chosen = _expand(Path(env[DATA_DIR_ENV]), env)
+        chosen = expand_home(env[DATA_DIR_ENV], env)
     elif env.get("XDG_DATA_HOME") and Path(env["XDG_DATA_HOME"]).is_absolute():
         chosen = Path(env["XDG_DATA_HOME"]) / APP_DIRNAME
     else:
-        chosen = _home(env) / ".local" / "share" / APP_DIRNAME
+        chosen = home(env) / ".local" / "share" / APP_DIRNAME
     chosen = Path(os.path.abspath(chosen))
     _ensure_private_dir(chosen)
     return chosen
@@ -58,16 +58,35 @@ def store_path(data_dir: str | os.PathLike[str]) -> Path:
     return Path(data_dir) / STORE_FILENAME
 
 
-def _home(env: Mapping[str, str]) -> Path:
-    home = env.get("HOME")
-    return Path(home) if home else Path.home()
+def home(env: Mapping[str, str]) -> Path:
+    """``$HOME`` of ``env``, else the account's home directory."""
+    value = env.get("HOME")
+    return Path(value) if value else Path.home()
 
 
-def _expand(path: Path, env: Mapping[str, str]) -> Path:
+def expand_home(path: str | os.PathLike[str], env: Mapping[str, str]) -> Path:
+    """``~`` at the start of ``path`` as ``env``'s home directory (``~user`` as usual)."""
+    path = Path(path)
     parts = path.parts
     if parts and parts[0] == "~":
-        return _home(env).joinpath(*parts[1:])
+        return home(env).joinpath(*parts[1:])
     return path.expanduser()
+
+
+def config_file(filename: str, system_path: str | os.PathLike[str],
+                environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where a configuration file is looked for when none is named: ``system_path``
+    (``/etc/token-agent/...``) if it is a file, else the user's
+    ``$XDG_CONFIG_HOME/token-agent/FILENAME`` (an absolute ``XDG_CONFIG_HOME`` only) or
+    ``~/.config/token-agent/FILENAME`` if it is a file, else None."""
+    env = os.environ if environ is None else environ
+    system = Path(system_path)
+    if system.is_file():
+        return system
+    xdg = env.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else home(env) / ".config"
+    user = base / APP_DIRNAME / filename
+    return user if user.is_file() else None
 
 
 def _ensure_private_dir(path: Path) -> None:

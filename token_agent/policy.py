@@ -110,6 +110,7 @@ from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import Any, Union
 
+from .paths import config_file, expand_home
 from .store import USER_CLASSES
 from .tomlcheck import TableParser, kind as _kind, show as _show, suggest as _suggest
 
@@ -147,7 +148,6 @@ DEFAULT_ENFORCE = {"internal": True, "external": False, "contributor": False}
 SYSTEM_POLICY_PATH = Path("/etc/token-agent/policy.toml")
 #: environment variable naming the policy file
 POLICY_ENV = "TOKEN_AGENT_POLICY"
-_APP_DIRNAME = "token-agent"
 _POLICY_FILENAME = "policy.toml"
 
 
@@ -659,11 +659,6 @@ def check_policy_text(text: str, source: str = "<policy>"
     return policy, [], policy_warnings(policy)
 
 
-def _home(env: Mapping[str, str]) -> Path:
-    home = env.get("HOME")
-    return Path(home) if home else Path.home()
-
-
 def default_policy_path(environ: Mapping[str, str] | None = None, *,
                         system_path: str | os.PathLike[str] = SYSTEM_POLICY_PATH) -> Path | None:
     """The policy file to use when none is given, or None for the built-in defaults.
@@ -677,19 +672,8 @@ def default_policy_path(environ: Mapping[str, str] | None = None, *,
     env = os.environ if environ is None else environ
     named = env.get(POLICY_ENV)
     if named:
-        parts = Path(named).parts
-        if parts and parts[0] == "~":
-            return _home(env).joinpath(*parts[1:])
-        return Path(named).expanduser()
-    system = Path(system_path)
-    if system.is_file():
-        return system
-    xdg = env.get("XDG_CONFIG_HOME")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else _home(env) / ".config"
-    user = base / _APP_DIRNAME / _POLICY_FILENAME
-    if user.is_file():
-        return user
-    return None
+        return expand_home(named, env)
+    return config_file(_POLICY_FILENAME, system_path, env)
 
 
 def resolve_policy(explicit_path: str | os.PathLike[str] | None = None,
