@@ -31,7 +31,7 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
         if on_touch is not None:
             on_touch()
 
-    def opener(username: str | None):
+    def opener(username: str | None, settings: KeySettings):
         if open_key is not None:
             return open_key()
         if username is not None:
@@ -40,7 +40,7 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
             except LookupError:
                 user = None
             if user is not None:
-                rp_id = KeySettings.from_store(store).rp_id
+                rp_id = settings.rp_id
                 ids = [c.credential_id for c in store.list_fido_credentials(user.id)
                        if c.rp_id == rp_id]
                 if ids:
@@ -49,10 +49,12 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
         return open_single_key(environ, on_touch=touched, timeout=timeout, cancel=cancel)
 
     def run(username: str | None) -> LoginOutcome:
+        settings = KeySettings.from_store(store)  # read once for the whole ceremony
         try:
-            with opener(username) as key:
+            with opener(username, settings) as key:
                 return login_with_key(store, key, username=username, pin_provider=pin_provider,
-                                      on_touch=on_touch, timeout=timeout, cancel=cancel)
+                                      on_touch=on_touch, timeout=timeout, cancel=cancel,
+                                      settings=settings)
         except key_errors.FidoKeyError as e:
             return LoginOutcome.failure("key", device_failure(e), e.message)
 
