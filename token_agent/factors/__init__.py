@@ -125,6 +125,15 @@ def usable_methods(store: Store, user_id: str) -> list[Method]:
     return [m for m in store.list_methods(user_id) if m.confirmed and not m.flagged]
 
 
+def refused(ctx: FactorContext, kind: str, user_id: str, reason: Reason, message: str, *,
+            outcome: str = "failure", **detail) -> Verification:
+    """A verification refused before any secret was checked (nothing enrolled, not allowed),
+    recorded as the audit event ``verify.<kind>``."""
+    ctx.store.record_event(f"verify.{kind}", user_id=user_id, outcome=outcome,
+                           detail={"reason": reason.value, **detail})
+    return Verification(False, kind, None, reason, message)
+
+
 def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: str,
             check: Callable[[], tuple[bool, Reason | None, str, dict]],
             scope: str | None = None, max_failures: int | None = None,

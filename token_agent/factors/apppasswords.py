@@ -15,7 +15,7 @@ import secrets
 from ..outcome import Reason
 from ..secretbox import equal
 from ..store import KIND_APP_PASSWORD, Method
-from . import FactorContext, FactorError, Verification, checked
+from . import FactorContext, FactorError, Verification, checked, refused
 
 MIN_LENGTH = 8
 DEFAULT_LENGTH = 16
@@ -70,16 +70,13 @@ def verify(ctx: FactorContext, user_id: str, password: str, *, legacy_allowed: b
     policy does not allow legacy access."""
     store = ctx.store
     if not legacy_allowed:
-        store.record_event("verify.app_password", user_id=user_id, outcome="refused",
-                           detail={"reason": Reason.LEGACY_NOT_ALLOWED.value})
-        return Verification(False, KIND_APP_PASSWORD, None, Reason.LEGACY_NOT_ALLOWED,
-                            "app passwords are not allowed by the organisation's policy")
+        return refused(ctx, KIND_APP_PASSWORD, user_id, Reason.LEGACY_NOT_ALLOWED,
+                       "app passwords are not allowed by the organisation's policy",
+                       outcome="refused")
     methods = list_(ctx, user_id)
     if not methods:
-        store.record_event("verify.app_password", user_id=user_id, outcome="failure",
-                           detail={"reason": Reason.NO_CREDENTIAL.value})
-        return Verification(False, KIND_APP_PASSWORD, None, Reason.NO_CREDENTIAL,
-                            "this user has no app passwords")
+        return refused(ctx, KIND_APP_PASSWORD, user_id, Reason.NO_CREDENTIAL,
+                       "this user has no app passwords")
     digest = ctx.keys.code_hash(_purpose(user_id), str(password))
     matched: list[Method] = []
 

@@ -13,7 +13,7 @@ import secrets
 from ..outcome import Reason
 from ..secretbox import equal
 from ..store import KIND_BACKUP_CODES, Method
-from . import FactorContext, Verification, checked
+from . import FactorContext, Verification, checked, refused
 
 COUNT = 10
 LENGTH = 12
@@ -69,10 +69,8 @@ def verify(ctx: FactorContext, user_id: str, code: str) -> Verification:
     store = ctx.store
     method = get(ctx, user_id)
     if method is None:
-        store.record_event("verify.backup_codes", user_id=user_id, outcome="failure",
-                           detail={"reason": Reason.NO_CREDENTIAL.value})
-        return Verification(False, KIND_BACKUP_CODES, None, Reason.NO_CREDENTIAL,
-                            "no backup codes were generated for this user")
+        return refused(ctx, KIND_BACKUP_CODES, user_id, Reason.NO_CREDENTIAL,
+                       "no backup codes were generated for this user")
 
     def check():
         typed = _normalise(code)

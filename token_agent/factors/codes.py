@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from ..outcome import Reason
 from ..secretbox import equal
 from ..store import MAX_NAME_LEN, CredentialExists, Method, UnknownCredential
-from . import LABELS, FactorContext, FactorError, Verification, checked, lockout
+from . import LABELS, FactorContext, FactorError, Verification, checked, lockout, refused
 
 if TYPE_CHECKING:
     from ..delivery import Receipt
@@ -304,9 +304,8 @@ def verify_code(ctx: FactorContext, method: Method, code: str, *,
     try:
         method = store.get_method(method.id)
     except UnknownCredential:
-        store.record_event(f"verify.{kind}", user_id=method.user_id, outcome="failure",
-                           detail={"reason": Reason.NO_CREDENTIAL.value})
-        return Verification(False, kind, None, Reason.NO_CREDENTIAL, f"{method.name!r} was removed")
+        return refused(ctx, kind, method.user_id, Reason.NO_CREDENTIAL,
+                       f"{method.name!r} was removed")
     refusal = None
     if method.kind not in CHANNELS:
         refusal = (Reason.NO_CREDENTIAL, f"{method.name!r} does not receive codes")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..outcome import Reason
 from ..secretbox import hash_password, needs_rehash, verify_password as _verify_hash
 from ..store import KIND_PASSWORD, Method
-from . import FactorContext, FactorError, Verification, checked, lockout
+from . import FactorContext, FactorError, Verification, checked, lockout, refused
 
 MIN_LENGTH = 8  # NIST SP 800-63B: at least 8 characters when chosen by the user
 MAX_LENGTH = 128
@@ -57,10 +57,8 @@ def verify(ctx: FactorContext, user_id: str, password: str) -> Verification:
     store = ctx.store
     method = get(ctx, user_id)
     if method is None:
-        store.record_event("verify.password", user_id=user_id, outcome="failure",
-                           detail={"reason": Reason.NO_CREDENTIAL.value})
-        return Verification(False, KIND_PASSWORD, None, Reason.NO_CREDENTIAL,
-                            "no password is set for this user")
+        return refused(ctx, KIND_PASSWORD, user_id, Reason.NO_CREDENTIAL,
+                       "no password is set for this user")
     with store.connection("read a password") as conn:
         stored = conn.execute("SELECT hash FROM password_credentials WHERE method_id = ?",
                               (method.id,)).fetchone()["hash"]

@@ -48,7 +48,9 @@ from ..atomicfile import write_private
 from ..outcome import Reason
 from ..secretbox import SecretError, equal
 from ..store import KIND_TOTP, Method
-from . import FactorContext, FactorError, Verification, checked, lockout, usable_methods
+from . import (
+    FactorContext, FactorError, Verification, checked, lockout, refused, usable_methods,
+)
 
 log = logging.getLogger(__name__)
 
@@ -383,10 +385,8 @@ def verify(ctx: FactorContext, user_id: str, code: str, *, name: str | None = No
         message = f"{which} is set up"
         if pending:
             message += " (an enrolment is waiting for its first code)"
-        store.record_event("verify.totp", user_id=user_id, outcome="failure",
-                           detail={"reason": Reason.NO_CREDENTIAL.value,
-                                   **({"method": name} if name is not None else {})})
-        return Verification(False, KIND_TOTP, None, Reason.NO_CREDENTIAL, message)
+        return refused(ctx, KIND_TOTP, user_id, Reason.NO_CREDENTIAL, message,
+                       **({"method": name} if name is not None else {}))
     if len(methods) == 1:
         return _verify_one(ctx, user_id, methods[0], code)
     now = ctx.now()
