@@ -202,6 +202,32 @@ def test_app_passwords_need_a_policy_allowing_legacy(cli):
         input=app_pw + "\n", expect=exitcodes.AUTH_FAILED)
 
 
+def test_verify_refuses_passwords_in_argv(cli):
+    """Issue 11e: `verify password|app-password --code SECRET` put the secret in argv (seen
+    by every local user in /proc/PID/cmdline, kept in shell history). Refused now, like a
+    PIN, before anything is checked; --code-stdin and the prompt still work."""
+    cli("users", "add", "alice")
+    cli("enrol", "password", "--user", "alice", "--password-stdin", input=PASSWORD + "\n")
+    app_pw = cli.json("enrol", "app-password", "--user", "alice", "--name", "printer")[
+        "app_password"]
+    legacy = cli.write("legacy.toml", "[legacy]\napp_passwords = true\n")
+    before = cli.json("audit", "tail", "-n", "1000")
+    for kind, secret in (("password", PASSWORD), ("app-password", app_pw),
+                         ("password", "wrong password")):
+        refused = cli("--policy", legacy, "verify", kind, "--user", "alice", "--code", secret,
+                      expect=exitcodes.USAGE)
+        assert "never taken on the command line" in refused.stderr
+        assert "--code-stdin" in refused.stderr
+        assert secret not in refused.stdout + refused.stderr
+    assert cli.json("audit", "tail", "-n", "1000") == before  # nothing was checked
+    cli("--policy", legacy, "verify", "password", "--user", "alice", "--code-stdin",
+        input=PASSWORD + "\n")
+    cli("--policy", legacy, "verify", "app-password", "--user", "alice", input=app_pw + "\n")
+    nothing = cli("verify", "totp", "--user", "alice", "--code", "123456",  # codes still may
+                  expect=exitcodes.AUTH_FAILED)
+    assert "no authenticator app" in nothing.stderr
+
+
 # --------------------------------------------------------------------------- policy
 
 

@@ -17,6 +17,8 @@ from .common import (
 
 CHANNELS = ("email", "sms", "voice", "messaging")
 VERIFY_KINDS = ("password", "totp", "email", "sms", "voice", "messaging", "backup", "app-password")
+#: what `verify` refuses in argv (--code): long-lived secrets, as PINs are (--pin-stdin only)
+SECRET_KINDS = ("password", "app-password")
 #: CLI method names -> store kinds
 CLI_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
              "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
@@ -61,7 +63,8 @@ def _code_arg(code: str | None, code_stdin: bool, prompt: str) -> str:
 
 
 code_options = [
-    click.option("--code", help="The code (or --code-stdin, or you are asked)."),
+    click.option("--code", help="The code (or --code-stdin, or you are asked); never a "
+                 "password: those only from --code-stdin or the prompt."),
     click.option("--code-stdin", is_flag=True, help="Read the code from standard input."),
 ]
 
@@ -320,14 +323,20 @@ def verify(ctx: Context, kind: str, username: str, name: str | None, code: str |
            code_stdin: bool, as_json: bool) -> None:
     """Check one factor: exit 0 when it is accepted, non-zero otherwise (3 wrong, 6 locked).
 
-    The code (the password, for `verify password` and `verify app-password`) comes from
-    --code, --code-stdin or a prompt."""
+    The code comes from --code, --code-stdin or a prompt; a password (`verify password`,
+    `verify app-password`) only from --code-stdin or the prompt, never from the command
+    line (exit 2)."""
     from ..factors import FactorError, apppasswords, backup, codes, password, totp
 
     user = _user(ctx, username)
     agent = ctx.agent()
     fctx = agent.factors()
     prompt = {"password": "Password", "app-password": "App password"}.get(kind, "Code")
+    if code is not None and kind in SECRET_KINDS:
+        # like PINs: never in argv (other users' `ps`, /proc/PID/cmdline, shell history)
+        fail(f"a {prompt.lower()} is never taken on the command line (--code): other "
+             "processes and the shell history would see it; type it at the prompt or give "
+             "it on standard input with --code-stdin", exitcodes.USAGE)
     value = _code_arg(code, code_stdin, prompt)
     try:
         if kind == "password":
