@@ -39,6 +39,8 @@ is accepted but weaker than the standards advise.
                                  # unmanaged device (more than 0, at most 720)
     managed_hours = 8            # [8] the same for a managed device outside the trusted networks
     trusted_networks = ["10.0.0.0/8"]  # [[]] a managed device inside one: no second factor
+    bind_minutes = 5             # [5] adding, replacing or removing a method needs a login
+                                 # this recent (multi-factor when MFA applies; 1..60)
 
     [unusual_login]
     enabled = true               # [true] a new device or network: second factor and alert
@@ -198,6 +200,8 @@ class Reverification:
     managed_hours: float = 8
     #: networks in which a managed device needs no second factor
     trusted_networks: tuple[IPNetwork, ...] = ()
+    #: minutes a login counts for changing the user's methods (``token_agent/reauth.py``)
+    bind_minutes: int = 5
 
     def trusted_network_of(self, address: str | None) -> IPNetwork | None:
         """The trusted network that holds ``address`` (an IP address), or None."""
@@ -301,6 +305,7 @@ class Policy:
                 "unmanaged_hours": self.reverification.unmanaged_hours,
                 "managed_hours": self.reverification.managed_hours,
                 "trusted_networks": [str(n) for n in self.reverification.trusted_networks],
+                "bind_minutes": self.reverification.bind_minutes,
             },
             "unusual_login": {"enabled": self.unusual_login.enabled,
                               "ipv4_prefix": self.unusual_login.ipv4_prefix,
@@ -335,7 +340,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "enforcement": ("from", "new_accounts_mfa"),
     "classes": USER_CLASSES,
     "methods": ("allowed", "allow_backup_codes"),
-    "reverification": ("unmanaged_hours", "managed_hours", "trusted_networks"),
+    "reverification": ("unmanaged_hours", "managed_hours", "trusted_networks", "bind_minutes"),
     "unusual_login": ("enabled", "ipv4_prefix", "ipv6_prefix"),
     "lockout": ("max_failures", "base_seconds", "max_seconds", "password_max_failures"),
     "codes": ("length", "ttl_seconds", "resend_seconds", "max_sends"),
@@ -530,6 +535,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         p.hours(t, "unmanaged_hours", "reverification", 8),
         p.hours(t, "managed_hours", "reverification", 8),
         _parse_networks(p, t["trusted_networks"]) if "trusted_networks" in t else (),
+        p.integer(t, "bind_minutes", "reverification", 5, 1, 60, " minutes"),
     )
 
     t = p.table(data, "unusual_login")
@@ -634,6 +640,10 @@ def policy_warnings(policy: Policy) -> list[str]:
         if value > 12:
             warn(f"reverification.{key}", f"{value:g} h is longer than the NIST AAL2 "
                                           f"reauthentication limit: 12 h")
+    if policy.reverification.bind_minutes > 15:
+        warn("reverification.bind_minutes", f"{policy.reverification.bind_minutes} minutes: a "
+                                            "login that old still lets a method be added or "
+                                            "removed (15 or less advised)")
     for net in policy.reverification.trusted_networks:
         broad = net.prefixlen < (8 if net.version == 4 else 32)
         if broad:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from .. import sightings
@@ -154,9 +154,13 @@ def _choose_primary(agent: "Agent", user, requested: str | None) -> str | None:
 def login(agent: "Agent", username: str, *, interaction: Interaction, device: Device,
           primary: str | None = None, second: str | None = None,
           key_login: KeyLogin | None = None, card_login: CardLogin | None = None,
-          push_timeout: float = 60.0, cancel: threading.Event | None = None) -> LoginOutcome:
+          push_timeout: float = 60.0, cancel: threading.Event | None = None,
+          step_up: bool = False) -> LoginOutcome:
     """Run the login the policy asks for. Always returns an outcome; every failure and the
-    success are recorded in the audit log."""
+    success are recorded in the audit log. ``step_up``: when MFA applies to the user, ask
+    for the second factor even where the policy would skip it (a trusted network, the
+    re-verification window): the re-authentication before a method is changed
+    (``token_agent/reauth.py``)."""
     store = agent.store
     try:
         user = store.get_user(username)
@@ -178,13 +182,13 @@ def login(agent: "Agent", username: str, *, interaction: Interaction, device: De
     try:
         return _login(agent, user, interaction=interaction, device=device, primary=primary,
                       second=second, key_login=key_login, card_login=card_login,
-                      push_timeout=push_timeout, cancel=cancel, fail=fail)
+                      push_timeout=push_timeout, cancel=cancel, fail=fail, step_up=step_up)
     except _Cancelled:
         return fail(Reason.CANCELLED, "cancelled: no answer")
 
 
 def _login(agent, user, *, interaction, device, primary, second, key_login, card_login,
-           push_timeout, cancel, fail) -> LoginOutcome:
+           push_timeout, cancel, fail, step_up=False) -> LoginOutcome:
     from ..factors import password as password_factor
     from ..policy import decide
 
@@ -246,6 +250,9 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                            primary="password" if device_then_password else first,
                            primary_multi_factor=primary_multi)
     decision = decide(agent.policy, facts)
+    if step_up and decision.enforced and not decision.mfa_required and len(set(factors)) < 2:
+        decision = replace(decision, mfa_required=True, rules=decision.rules + (
+            "step-up: a second factor to re-authenticate before a change of methods",))
     if decision.alert:
         store.record_event("login.unusual", user_id=user.id, outcome="alert",
                            detail={"device": device.device_id, "network": net,

@@ -50,11 +50,14 @@ def enrol_key(ctx: Context, username: str, name: str | None, key_path: str | Non
     from ..ceremonies.key import EnrolError, enrol_key as enrol
     from ..store import CredentialExists, UnknownUser
 
+    from .reauth import require_login
+
     store = ctx.store()
     try:
-        store.get_user(username)
+        user = store.get_user(username)
     except UnknownUser as e:
         fail(str(e), exitcodes.NOT_FOUND)
+    require_login(ctx, user, pin_stdin=pin_stdin)  # unless admin or the first method
     with open_key(key_path, timeout) as key:
         try:
             result = cancellable(lambda cancel: enrol(
@@ -118,6 +121,18 @@ def login(ctx: Context, method: str | None, username: str | None, primary: str |
 def _policy_login(ctx: Context, username: str, primary: str | None, second: str | None,
                   reader: str | None, push_timeout: float, device, key_path: str | None,
                   timeout: float, pin_stdin: bool, as_json: bool) -> None:
+    outcome = policy_login(ctx, username, primary=primary, second=second, reader=reader,
+                           push_timeout=push_timeout, device=device, key_path=key_path,
+                           timeout=timeout, pin_stdin=pin_stdin)
+    _finish_login(outcome, outcome.to_json(), as_json, outcome.method.replace("+", " + "))
+
+
+def policy_login(ctx: Context, username: str, *, device, primary: str | None = None,
+                 second: str | None = None, reader: str | None = None,
+                 push_timeout: float = 60.0, key_path: str | None = None,
+                 timeout: float = 30.0, pin_stdin: bool = False, step_up: bool = False):
+    """The policy login flow on the terminal (answers from it, or one line of stdin each);
+    Ctrl-C cancels. Returns the ``LoginOutcome``."""
     from ..ceremonies.login import login as run_login
 
     agent = ctx.agent()
@@ -139,10 +154,10 @@ def _policy_login(ctx: Context, username: str, primary: str | None, second: str 
         cancel_of["event"] = cancel
         return run_login(agent, username, interaction=TerminalInteraction(), device=device,
                          primary=primary, second=second, key_login=key_login,
-                         card_login=card_login, push_timeout=push_timeout, cancel=cancel)
+                         card_login=card_login, push_timeout=push_timeout, cancel=cancel,
+                         step_up=step_up)
 
-    outcome = cancellable(flow)
-    _finish_login(outcome, outcome.to_json(), as_json, outcome.method.replace("+", " + "))
+    return cancellable(flow)
 
 
 def _finish_login(outcome, data: dict, as_json: bool, what: str) -> None:

@@ -127,6 +127,9 @@ def enrol(ctx: Context, username: str, reader: str | None, as_json: bool) -> Non
         user = store.get_user(username)
     except UnknownUser as e:
         fail(str(e), exitcodes.NOT_FOUND)
+    from .reauth import require_login
+
+    require_login(ctx, user)  # a login first, unless admin or the first method
     settings = _settings(ctx)
     session = _open(reader)
     try:

@@ -14,6 +14,7 @@ from .auth import enrol
 from .common import (
     Context, TerminalInteraction, emit, fail, json_option, pass_ctx, read_line, say,
 )
+from .reauth import require_login
 
 CHANNELS = ("email", "sms", "voice", "messaging")
 VERIFY_KINDS = ("password", "totp", "email", "sms", "voice", "messaging", "backup", "app-password")
@@ -88,6 +89,7 @@ def enrol_password(ctx: Context, username: str, password_stdin: bool, as_json: b
     from ..factors import FactorError, password
 
     user = _user(ctx, username)
+    require_login(ctx, user)
     if password_stdin or not sys.stdin.isatty():
         new = read_line("New password", hidden=True)
     else:
@@ -119,6 +121,7 @@ def enrol_totp(ctx: Context, username: str, name: str, qr_path: str | None,
     from ..factors import FactorError, totp
 
     user = _user(ctx, username)
+    require_login(ctx, user)
     fctx = ctx.agent().factors()
     if confirm_code is not None:
         try:
@@ -176,6 +179,7 @@ def _enrol_contact(channel: str):
         from ..factors import FactorError, codes
 
         user = _user(ctx, username)
+        require_login(ctx, user)
         fctx = ctx.agent().factors()
         if confirm_code is None:
             if not destination:
@@ -231,6 +235,7 @@ def enrol_push(ctx: Context, username: str, companion_path: str, name: str, as_j
     from ..store import CredentialExists
 
     user = _user(ctx, username)
+    require_login(ctx, user)
     try:
         fctx = ctx.agent().factors()
         method = push.enrol(fctx, user.id, companion_path, name=name)
@@ -258,6 +263,7 @@ def enrol_app_password(ctx: Context, username: str, name: str, length: int, as_j
     from ..store import CredentialExists
 
     user = _user(ctx, username)
+    require_login(ctx, user)
     agent = ctx.agent()
     if not agent.policy.legacy.app_passwords:
         say("warning: the policy does not allow legacy access ([legacy] app_passwords = true): "
@@ -280,6 +286,7 @@ def enrol_backup_codes(ctx: Context, username: str, as_json: bool) -> None:
     from ..factors import backup
 
     user = _user(ctx, username)
+    require_login(ctx, user)
     _, codes = backup.generate(ctx.agent().factors(), user.id)
     emit(as_json, {"user": user.username, "backup_codes": codes},
          f"backup codes for {user.username} (each works once; keep them somewhere safe):\n"
@@ -422,6 +429,7 @@ def methods_prefer(ctx: Context, username: str, kind: str, name: str | None, as_
     from ..store import InvalidValue
 
     user = _user(ctx, username)
+    require_login(ctx, user)
     method = _find(ctx, user, kind, name)
     try:
         ctx.store().set_preferred_method(user.id, method.id)
@@ -442,6 +450,7 @@ def methods_prefer(ctx: Context, username: str, kind: str, name: str | None, as_
 def methods_remove(ctx: Context, username: str, kind: str, name: str | None, as_json: bool) -> None:
     """Remove one of the user's methods (an app password: revoke it)."""
     user = _user(ctx, username)
+    require_login(ctx, user)
     method = _find(ctx, user, kind, name)
     store = ctx.store()
     with store.transaction():

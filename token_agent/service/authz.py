@@ -45,6 +45,16 @@ class Peer:
             groups = (entry.pw_gid,)
         return cls(pid, uid, gid, entry.pw_name, tuple(sorted(set(groups) | {gid})))
 
+    @classmethod
+    def current(cls) -> "Peer":
+        """This process, as the service would see it (the command line's caller)."""
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = None
+        return cls(os.getpid(), uid, gid, name, tuple(sorted(set(os.getgroups()) | {gid})))
+
     def to_json(self) -> dict:
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user}
 

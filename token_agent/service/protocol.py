@@ -20,8 +20,10 @@ Requests and responses
         {"id": N, "ok": false, "error": {"code": "CODE", "message": "for people"}}
 
     Error codes: ``bad-request`` (malformed, unknown op, missing, unknown or wrong argument),
-    ``forbidden`` (the caller may not do this: recorded in the audit log), ``not-found``
-    (user, method, login), ``conflict``, ``unavailable`` (store, devices), ``internal``.
+    ``forbidden`` (the caller may not do this: recorded in the audit log),
+    ``reauth-required`` (a change of methods needs a recent login on this connection first:
+    see "Changing methods"; recorded as ``forbidden`` is), ``not-found`` (user, method,
+    login), ``conflict``, ``unavailable`` (store, devices), ``internal``.
 
 Events
     The service also sends messages without an ``id``: ``{"event": "NAME", ...}``, for the
@@ -46,6 +48,20 @@ Who may ask what (the caller is known from ``SO_PEERCRED``, never from the messa
     services and admins for anyone. ``login.answer`` only on the connection that started the login;
     ``login.cancel`` there, or by an admin from anywhere.
 
+Changing methods (NIST SP 800-63B §6.1.2.1; ``token_agent/reauth.py``)
+    ``enrol.totp``, ``enrol.totp.confirm``, ``enrol.backup-codes``, ``enrol.key``,
+    ``methods.remove`` and ``methods.prefer`` by a caller who is not an admin need a
+    successful ``login.start`` of that same user *on the same connection*, at most
+    ``[reverification] bind_minutes`` (policy, default 5) minutes old, and multi-factor
+    when MFA applies to the user and they hold a second factor (``login.start`` with
+    ``"step_up": true`` asks for the second factor even where the policy would skip it).
+    A login on another connection does not count. Otherwise the error ``reauth-required``,
+    recorded as ``service.refused`` with the detail ``reauth``: no-login | other-user |
+    stale | single-factor. Exceptions: a user with no usable method at all may
+    set up the first one without a login (there is nothing to authenticate with); the
+    login flow's own enrolment of a required second factor (inside ``login.start``); and
+    admins, who act for any user (each change is recorded with its ``actor``).
+
 Operations
     ``hello`` {} -> {"version": 1, "agent": "0.1.0", "peer": {"uid", "pid", "user",
     "roles": [...]}, "service": {"pid", "uptime_s", "connections", "ceremonies", "subscribers",
@@ -54,8 +70,11 @@ Operations
 
     ``login.start`` {"user": str | null, "primary": "password"|"key"|"card"|null,
     "second": METHOD | null, "device": {"kind": "managed"|"unmanaged", "device_id": str|null,
-    "network": str|null} | null, "service": str|null} -> {"login": LOGIN_ID}
-        (LOGIN_ID: a string; ``service``: the PAM service name, for the logs)
+    "network": str|null} | null, "service": str|null, "step_up": bool|null}
+    -> {"login": LOGIN_ID}
+        (LOGIN_ID: a string; ``service``: the PAM service name, for the logs; ``step_up``:
+        ask for the second factor when MFA applies even where the policy would skip it, to
+        re-authenticate before changing methods)
         Starts the login the policy asks for (``token_agent.ceremonies.login``), at once,
         on a worker thread. With no user: whoever taps a key (usernameless, ``primary`` key
         or null) or inserts a card (``primary`` card). The device defaults to the
@@ -75,7 +94,8 @@ Operations
         asking for a touch is the info "Touch your security key". Cancellations (login.cancel,
         a client gone, a prompt timed out, the service stopping) are recorded as the audit
         event ``service.cancel`` (detail ``cause``: login.cancel | disconnect |
-        prompt-timeout | shutdown).
+        prompt-timeout | shutdown). A successful login marks its connection as
+        authenticated for that user (see "Changing methods").
 
     ``login.answer`` {"login": ID, "prompt": PID, "value": str | null} -> {}
         null: no answer (the login ends as cancelled). A secret answer is never logged.
@@ -134,7 +154,8 @@ MAX_LINE = 65536
 DEFAULT_SOCKET = "/run/token-agent/agent.sock"
 SOCKET_ENV = "TOKEN_AGENT_SOCKET"
 
-ERROR_CODES = ("bad-request", "forbidden", "not-found", "conflict", "unavailable", "internal")
+ERROR_CODES = ("bad-request", "forbidden", "reauth-required", "not-found", "conflict",
+               "unavailable", "internal")
 PROMPT_KINDS = ("secret", "text", "choose")
 
 

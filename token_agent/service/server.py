@@ -100,6 +100,8 @@ class Connection:
         self.peer = peer
         self.subscribed = False
         self.subscribed_admin = False
+        #: the last successful login on this connection (``reauth.Authenticated``)
+        self.authenticated = None
         self.ceremonies: dict[str, Ceremony] = {}
         self.closed = threading.Event()
         self._queue: "queue.Queue[bytes | None]" = queue.Queue(SEND_QUEUE)
@@ -558,19 +560,21 @@ class Service:
             out[name] = value
         return out
 
-    def _refuse(self, conn: Connection, op: str, target: str | None, why: str) -> RequestError:
+    def _refuse(self, conn: Connection, op: str, target: str | None, why: str,
+                code: str = "forbidden", **detail) -> RequestError:
         """Record a refusal (audit ``service.refused``, a log line) and return the error."""
         peer = conn.peer
         log.warning("request refused", extra={"op": op, "peer_uid": peer.uid,
-                                              "peer_user": peer.user, "target": target})
+                                              "peer_user": peer.user, "target": target,
+                                              **detail})
         try:
             self.store.record_event("service.refused", username=target, outcome="refused",
                                     detail={"op": op, "peer_uid": peer.uid,
                                             "peer_pid": peer.pid, "peer_user": peer.user,
-                                            "target": target})
+                                            "target": target, **detail})
         except Exception as e:  # the refusal stands even if it cannot be recorded
             log.error("cannot record a refusal: %s", e)
-        return RequestError("forbidden", why)
+        return RequestError(code, why)
 
     def _agent_user(self, username: str):
         from ..store import UnknownUser
@@ -593,6 +597,23 @@ class Service:
         if user is None or user.username != peer.user:
             raise self._refuse(conn, op, username,
                                f"{peer.user or f'uid {peer.uid}'} may not do {op} for {username}")
+        return user
+
+    def _binding_op(self, conn: Connection, op: str, username: str):
+        """``_user_op`` for an op that adds, replaces or removes a method: a caller who is
+        not an admin needs a recent login of that user on this connection, at the level
+        the policy requires (``token_agent/reauth.py``), unless it is the user's first
+        method."""
+        from ..reauth import ReauthRequired, check
+
+        user = self._user_op(conn, op, username)
+        if self.rules.is_admin(conn.peer, self.store):
+            return user
+        try:
+            check(self.agent, user, conn.authenticated)
+        except ReauthRequired as e:
+            raise self._refuse(conn, op, user.username, e.message, "reauth-required",
+                               reauth=e.why) from None
         return user
 
     def _admin_op(self, conn: Connection, op: str, username: str | None):
@@ -657,7 +678,7 @@ class Service:
     def op_login_start(self, conn: Connection, args: dict) -> dict:
         a = self._args(args, {"user": (str, False), "primary": (str, False),
                               "second": (str, False), "device": (dict, False),
-                              "service": (str, False)})
+                              "service": (str, False), "step_up": (bool, False)})
         peer = conn.peer
         if a["primary"] is not None and a["primary"] not in ("password", "key", "card"):
             raise RequestError("bad-request", "primary must be password, key or card")
@@ -848,13 +869,17 @@ class Service:
                 with c.user_locked(self.user_locks.get(username)):
                     outcome = login(self.agent, username, interaction=ui, device=device,
                                     primary=primary, second=a["second"], key_login=key_runner,
-                                    card_login=card_runner, cancel=c.cancel)
+                                    card_login=card_runner, cancel=c.cancel,
+                                    step_up=bool(a["step_up"]))
         except Exception:
             log.exception("the login failed unexpectedly", extra={"login": c.id})
             outcome = LoginOutcome.failure("login", Reason.DEVICE_ERROR,
                                            "the login failed unexpectedly: see the service's log")
         session_id = None
         if outcome.ok:
+            from ..reauth import Authenticated
+
+            c.conn.authenticated = Authenticated.of(outcome)  # before its result goes out
             try:
                 session_id = self._start_session(outcome, device, card_used)
             except Exception:
@@ -969,7 +994,7 @@ class Service:
         from ..store import InvalidValue
 
         a = self._args(args, {"user": (str, True), "kind": (str, True), "name": (str, False)})
-        user = self._user_op(conn, "methods.prefer", a["user"])
+        user = self._binding_op(conn, "methods.prefer", a["user"])
         with self.user_locks.holding(user.username):
             method = self._method_of(user, a["kind"], a["name"])
             try:
@@ -985,7 +1010,7 @@ class Service:
 
     def op_methods_remove(self, conn: Connection, args: dict) -> dict:
         a = self._args(args, {"user": (str, True), "kind": (str, True), "name": (str, False)})
-        user = self._user_op(conn, "methods.remove", a["user"])
+        user = self._binding_op(conn, "methods.remove", a["user"])
         with self.user_locks.holding(user.username):
             method = self._method_of(user, a["kind"], a["name"])
             with self.store.transaction():
@@ -1000,7 +1025,7 @@ class Service:
         from ..store import CredentialExists
 
         a = self._args(args, {"user": (str, True), "name": (str, False)})
-        user = self._user_op(conn, "enrol.totp", a["user"])
+        user = self._binding_op(conn, "enrol.totp", a["user"])
         with self.user_locks.holding(user.username):
             try:
                 pending = totp.begin_enrol(self.agent.factors(), user.id,
@@ -1017,7 +1042,7 @@ class Service:
         from ..factors import FactorError, totp
 
         a = self._args(args, {"user": (str, True), "code": (str, True), "name": (str, False)})
-        user = self._user_op(conn, "enrol.totp.confirm", a["user"])
+        user = self._binding_op(conn, "enrol.totp.confirm", a["user"])
         with self.user_locks.holding(user.username):
             try:
                 result = totp.confirm_enrol(self.agent.factors(), user.id, a["code"],
@@ -1031,14 +1056,14 @@ class Service:
         from ..factors import backup
 
         a = self._args(args, {"user": (str, True)})
-        user = self._user_op(conn, "enrol.backup-codes", a["user"])
+        user = self._binding_op(conn, "enrol.backup-codes", a["user"])
         with self.user_locks.holding(user.username):
             _method, codes = backup.generate(self.agent.factors(), user.id)
         return {"codes": codes}
 
     def op_enrol_key(self, conn: Connection, args: dict) -> dict:
         a = self._args(args, {"user": (str, True), "name": (str, False)})
-        user = self._user_op(conn, "enrol.key", a["user"])
+        user = self._binding_op(conn, "enrol.key", a["user"])
         c = self._new_ceremony(conn, "enrol", "enrol.key", user.username)
         c.thread = threading.Thread(target=self._run_enrol_key, args=(c, a["name"]), daemon=True,
                                     name=f"token-agent-enrol-{c.id}")
