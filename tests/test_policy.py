@@ -798,3 +798,25 @@ def test_policy_matrix(policy_name, user_class, device_kind, method):
             got = {k: getattr(d, k) for k in want}
             assert got == want, (mfa_enabled, recent, d.rules)
             assert d.rules and d.rules[0].startswith(f"class {user_class}: ")
+
+
+def test_lockout_limit_decay_unfamiliar_and_bind_minutes():
+    """Issue 11: the lockout's limit until reset, its unfamiliar share and decay, and the
+    re-authentication window for changing methods: defaults, ranges, cross-checks, warnings."""
+    p = parse_policy("")
+    assert (p.lockout.limit, p.lockout.unfamiliar_limit, p.lockout.decay_hours) == (100, 50, 24)
+    assert p.reverification.bind_minutes == 5
+    assert p.to_json()["lockout"]["limit"] == 100
+    assert p.to_json()["reverification"]["bind_minutes"] == 5
+    assert parse_policy("[lockout]\nlimit = 30\n").lockout.unfamiliar_limit == 15
+    assert "lockout.limit: 101 is out of range" in one_error("[lockout]\nlimit = 101\n")
+    assert "lockout.unfamiliar_limit: 60 is more than lockout.limit (40)" in one_error(
+        "[lockout]\nlimit = 40\nunfamiliar_limit = 60\n")
+    assert "lockout.decay_hours" in one_error("[lockout]\ndecay_hours = 0\n")
+    assert "reverification.bind_minutes: 61 is out of range" in one_error(
+        "[reverification]\nbind_minutes = 61\n")
+    assert warnings_of(STRONG + "[lockout]\nlimit = 40\nunfamiliar_limit = 40\n") == [
+        "p.toml: lockout.unfamiliar_limit: 40, as many as lockout.limit: failures from "
+        "unfamiliar devices can lock the user out of their own workstation too"]
+    assert "a login that old still lets a method be added" in \
+        warnings_of(STRONG + "[reverification]\nbind_minutes = 30\n")[0]

@@ -79,7 +79,10 @@ class Agent:
                 lockout=LockoutRules(max_failures=p.lockout.max_failures,
                                      base_seconds=p.lockout.base_seconds,
                                      max_seconds=p.lockout.max_seconds,
-                                     password_max_failures=p.lockout.password_max_failures),
+                                     password_max_failures=p.lockout.password_max_failures,
+                                     limit=p.lockout.limit,
+                                     unfamiliar_limit=p.lockout.unfamiliar_limit,
+                                     decay_hours=p.lockout.decay_hours),
                 codes=CodeRules(length=p.codes.length, ttl_seconds=p.codes.ttl_seconds,
                                 resend_seconds=p.codes.resend_seconds, max_sends=p.codes.max_sends),
                 delivery=self.delivery, issuer=self.issuer, clock=self.clock)

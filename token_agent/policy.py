@@ -54,6 +54,15 @@ is accepted but weaker than the standards advise.
     base_seconds = 60            # [60] the first lockout (1..86400); each further one doubles
     max_seconds = 86400          # [86400] the longest lockout (base_seconds..604800)
     password_max_failures = 10   # [10] the same for the password (1..100)
+    limit = 100                  # [100] consecutive failures of one method (since its last
+                                 # success), then it stays locked until an administrator
+                                 # unlocks it (1..100: NIST SP 800-63B allows at most 100)
+    unfamiliar_limit = 50        # [half of limit] of those, at most this many from devices
+                                 # or networks the user never logged in from; they are
+                                 # counted and locked apart, so a stranger cannot lock the
+                                 # user out of their own workstation (1..limit)
+    decay_hours = 24             # [24] the lockout level goes down by one for each this many
+                                 # hours without a failure (more than 0, at most 720)
 
     [codes]                      # one-time codes sent by email, SMS, voice, messaging
     length = 6                   # [6] digits (6..8)
@@ -78,7 +87,9 @@ second factor at all.
 
 Warnings (the policy is accepted): email allowed (NIST SP 800-63B does not accept email as
 an out-of-band authenticator); sms or voice allowed (restricted authenticators: offer an
-alternative); more than 10 failures before lockout; re-verification after more than 12 hours
+alternative); more than 10 failures before lockout; a ``lockout.unfamiliar_limit`` as large
+as ``lockout.limit`` (strangers could lock the user out of their own workstation); a
+``reverification.bind_minutes`` over 15; re-verification after more than 12 hours
 (the NIST AAL2 reauthentication limit); a public or very broad trusted network (shorter
 than /8 for IPv4 or /32 for IPv6); app passwords on (they bypass MFA).
 
@@ -231,6 +242,12 @@ class Lockout:
     max_seconds: int = 86400
     #: failed password attempts before the password locks
     password_max_failures: int = 10
+    #: consecutive failures of one method, then locked until an administrator unlocks it
+    limit: int = 100
+    #: of those, at most this many from unfamiliar devices or networks (counted apart)
+    unfamiliar_limit: int = 50
+    #: the lockout level goes down by one for each this many hours without a failure
+    decay_hours: float = 24
 
     def delay(self, lockouts: int) -> int:
         """Seconds of the ``lockouts``-th lockout (1 for the first): the base, doubled for each
@@ -313,7 +330,10 @@ class Policy:
             "lockout": {"max_failures": self.lockout.max_failures,
                         "base_seconds": self.lockout.base_seconds,
                         "max_seconds": self.lockout.max_seconds,
-                        "password_max_failures": self.lockout.password_max_failures},
+                        "password_max_failures": self.lockout.password_max_failures,
+                        "limit": self.lockout.limit,
+                        "unfamiliar_limit": self.lockout.unfamiliar_limit,
+                        "decay_hours": self.lockout.decay_hours},
             "codes": {"length": self.codes.length, "ttl_seconds": self.codes.ttl_seconds,
                       "resend_seconds": self.codes.resend_seconds,
                       "max_sends": self.codes.max_sends},
@@ -342,7 +362,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "methods": ("allowed", "allow_backup_codes"),
     "reverification": ("unmanaged_hours", "managed_hours", "trusted_networks", "bind_minutes"),
     "unusual_login": ("enabled", "ipv4_prefix", "ipv6_prefix"),
-    "lockout": ("max_failures", "base_seconds", "max_seconds", "password_max_failures"),
+    "lockout": ("max_failures", "base_seconds", "max_seconds", "password_max_failures",
+                "limit", "unfamiliar_limit", "decay_hours"),
     "codes": ("length", "ttl_seconds", "resend_seconds", "max_sends"),
     "legacy": ("app_passwords",),
     "delivery": (),
@@ -549,10 +570,16 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         p.integer(t, "base_seconds", "lockout", 60, 1, 86400, " seconds"),
         p.integer(t, "max_seconds", "lockout", 86400, 1, 604800, " seconds"),
         p.integer(t, "password_max_failures", "lockout", 10, 1, 100),
+        limit := p.integer(t, "limit", "lockout", 100, 1, 100),
+        p.integer(t, "unfamiliar_limit", "lockout", max(1, limit // 2), 1, 100),
+        p.hours(t, "decay_hours", "lockout", 24),
     )
     if lockout.max_seconds < lockout.base_seconds:
         p.error("lockout.max_seconds", f"{lockout.max_seconds} is less than "
                                        f"lockout.base_seconds ({lockout.base_seconds})")
+    if lockout.unfamiliar_limit > lockout.limit:
+        p.error("lockout.unfamiliar_limit", f"{lockout.unfamiliar_limit} is more than "
+                                            f"lockout.limit ({lockout.limit})")
 
     t = p.table(data, "codes")
     codes = Codes(p.integer(t, "length", "codes", 6, 6, 8, " digits"),
@@ -635,6 +662,10 @@ def policy_warnings(policy: Policy) -> list[str]:
         if value > 10:
             warn(f"lockout.{key}", f"{value} failed attempts before locking: more than 10 (common "
                                    f"practice; NIST SP 800-63B allows at most 100)")
+    if policy.lockout.unfamiliar_limit >= policy.lockout.limit:
+        warn("lockout.unfamiliar_limit", f"{policy.lockout.unfamiliar_limit}, as many as "
+                                         "lockout.limit: failures from unfamiliar devices can "
+                                         "lock the user out of their own workstation too")
     for key in ("unmanaged_hours", "managed_hours"):
         value = getattr(policy.reverification, key)
         if value > 12:

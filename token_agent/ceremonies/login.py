@@ -137,13 +137,42 @@ def explain_for(agent: "Agent", username: str, *, device: Device,
     return decide(agent.policy, facts)
 
 
-def _choose_primary(agent: "Agent", user, requested: str | None) -> str | None:
+def familiar(agent: "Agent", user, device: Device) -> bool:
+    """Whether a login comes from a device (and network, when known) this user logged in
+    from before: the lockout counts failures from elsewhere apart."""
+    from ..policy import network_key
+
+    store = agent.store
+    if not sightings.seen(store, user.id, "device", device.device_id):
+        return False
+    if not device.network:
+        return True
+    try:
+        return sightings.seen(store, user.id, "network", network_key(agent.policy,
+                                                                     device.network))
+    except ValueError:
+        return False
+
+
+def _choose_primary(agent: "Agent", user, requested: str | None, ctx=None) -> str | None:
+    """``requested``, else the preferred primary method, else the password, a key, a card;
+    a locked password is passed over for a key or card the user holds (a lock on one
+    method never blocks the others)."""
     store = agent.store
     have = {POLICY_NAMES[m.kind] for m in usable_methods(store, user.id)}
     if requested is not None:
         return requested
+    password_locked = False
+    if ctx is not None and "password" in have and have & {"key", "card"}:
+        from ..factors import lockout
+
+        scope = lockout.scope_for(lockout.password_scope(user.id), ctx.familiar)
+        if lockout.state(store, scope).locked(ctx.now()):
+            password_locked = True
+            have.discard("password")
     preferred = store.preferred_method(user.id)
-    if preferred is not None and POLICY_NAMES[preferred.kind] in PRIMARY_METHODS:
+    if preferred is not None and POLICY_NAMES[preferred.kind] in PRIMARY_METHODS \
+            and not (password_locked and preferred.kind == "password"):
         return POLICY_NAMES[preferred.kind]
     for name in PRIMARY_METHODS:
         if name in have:
@@ -193,8 +222,10 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
     from ..policy import decide
 
     store = agent.store
-    ctx = agent.factors()
-    first = _choose_primary(agent, user, primary)
+    # failures from a device or network this user never logged in from count apart
+    # (factors/lockout.py): a stranger's guesses do not lock the user out of their workstation
+    ctx = replace(agent.factors(), familiar=familiar(agent, user, device))
+    first = _choose_primary(agent, user, primary, ctx)
     if first is None:
         return fail(Reason.NO_CREDENTIAL, f"{user.username} has no password, key or card to "
                     "log in with: ask an administrator")
@@ -279,7 +310,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
         else:
             v = _second_factor(agent, user, interaction, decision, second=second,
                                key_login=key_login, card_login=card_login,
-                               push_timeout=push_timeout, cancel=cancel, device=device)
+                               push_timeout=push_timeout, cancel=cancel, device=device, ctx=ctx)
         if isinstance(v, LoginOutcome):  # a failure already recorded, or a device factor
             if not v.ok:
                 return v if v.method == "login" else fail(
@@ -324,15 +355,17 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
 
 
 def _offer(decision, user_methods: list[str], preferred: str | None, second: str | None,
-           interaction: Interaction) -> str | None:
+           interaction: Interaction, locked: set[str] = frozenset()) -> str | None:
     """Which second factor to use: ``second`` when given, else the preferred one (or the
-    strongest usable), with the others offered as "use a different method"."""
+    strongest usable), with the others offered as "use a different method"; a locked one
+    is not the default when another is not locked."""
     usable = [m for m in decision.usable_methods if m in user_methods]
     if second is not None:
         return second
     if not usable:
         return None
-    default = preferred if preferred in usable else usable[0]
+    open_ = [m for m in usable if m not in locked] or usable
+    default = preferred if preferred in open_ else open_[0]
     if len(usable) == 1:
         return default
     options = [(m, LABELS[KINDS[m]]) for m in usable]
@@ -340,11 +373,10 @@ def _offer(decision, user_methods: list[str], preferred: str | None, second: str
 
 
 def _second_factor(agent, user, interaction, decision, *, second, key_login, card_login,
-                   push_timeout, cancel, device) -> Verification | LoginOutcome:
+                   push_timeout, cancel, device, ctx) -> Verification | LoginOutcome:
     from ..factors import backup, codes, push, totp
 
     store = agent.store
-    ctx = agent.factors()
     mine = {POLICY_NAMES[m.kind]: m for m in reversed(usable_methods(store, user.id))}
     preferred = store.preferred_method(user.id)
     if second is None and not [m for m in decision.usable_methods if m in mine]:
@@ -352,7 +384,7 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
                             f"none of {user.username}'s methods is acceptable here (acceptable: "
                             f"{', '.join(decision.allowed_methods) or 'none'}): set one up")
     chosen = _offer(decision, list(mine), POLICY_NAMES[preferred.kind] if preferred else None,
-                    second, interaction)
+                    second, interaction, _locked(ctx, mine))
     if chosen is None:
         raise _Cancelled()
     if chosen not in decision.allowed_methods:
@@ -392,6 +424,19 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
         return runner(user.username)
     return Verification(False, KINDS.get(chosen, chosen), method, Reason.METHOD_NOT_ALLOWED,
                         f"{chosen} cannot be used as a second factor here")
+
+
+def _locked(ctx, methods: dict) -> set[str]:
+    """The names of ``methods`` (policy name -> method) locked now for this login."""
+    from ..factors import lockout
+
+    now = ctx.now()
+    out = set()
+    for name, m in methods.items():
+        scope = lockout.scope_for(lockout.method_scope(m.id), ctx.familiar)
+        if lockout.state(ctx.store, scope).locked(now):
+            out.add(name)
+    return out
 
 
 def _enrol_at_login(agent, user, interaction, decision) -> Verification:

@@ -306,7 +306,8 @@ def admin_lockouts(ctx: Context, username: str, as_json: bool) -> None:
     now = time.time()
     emit(as_json, [s.to_json() for s in states], lambda: "\n".join(
         f"{s.scope:<48} failures {s.failures}, level {s.level}"
-        + (f", locked until {_when(s.locked_until)}" if s.locked(now) else "")
+        + (", locked until an administrator unlocks it" if s.permanent
+           else f", locked until {_when(s.locked_until)}" if s.locked(now) else "")
         for s in states) or f"{user.username}: no failures recorded")
 
 

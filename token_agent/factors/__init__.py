@@ -15,7 +15,9 @@ migrations stay in ``token_agent.store``):
 Every verification goes through ``lockout``: an attempt counts before its result is known
 (so parallel guesses cannot exceed the limit, and a crash mid-check counts as a failure),
 a success clears the count, and ``max_failures`` failures lock the method for a time that
-doubles at each further lockout. Results are :class:`Verification` records with a stable
+doubles at each further lockout; ``limit`` consecutive failures lock it until an
+administrator unlocks it, and failures from unfamiliar devices or networks count apart
+(``lockout``). Results are :class:`Verification` records with a stable
 ``reason`` (``token_agent.outcome.Reason``) and a message for people; nothing secret is in
 them, in a log line or in the audit log.
 """
@@ -62,12 +64,17 @@ class CodeRules:
 
 @dataclass(frozen=True)
 class LockoutRules:
-    """How many failures lock a method, and for how long (doubling each time, capped)."""
+    """How many failures lock a method, and for how long (doubling each time, capped); how
+    many in a row lock it for good (of them, how many from unfamiliar devices or
+    networks); how fast the lock level decays (``lockout``)."""
 
     max_failures: int = 10
     base_seconds: int = 60
     max_seconds: int = 86400
     password_max_failures: int = 10
+    limit: int = 100
+    unfamiliar_limit: int = 50
+    decay_hours: float = 24.0
 
 
 @dataclass
@@ -83,6 +90,9 @@ class FactorContext:
     delivery: "Delivery | None" = None
     issuer: str = "token-agent"
     clock: Callable[[], float] = time.time
+    #: the attempt comes from a device and network the user logged in from before (the
+    #: login flow says; elsewhere, this machine): False counts failures apart
+    familiar: bool = True
 
     def now(self) -> float:
         return float(self.clock())
@@ -145,13 +155,13 @@ def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: st
     from . import lockout
 
     label = label or LABELS.get(kind, kind)
-    scope = scope or lockout.method_scope(method.id)
+    scope = lockout.scope_for(scope or lockout.method_scope(method.id), ctx.familiar)
     limit = max_failures or ctx.lockout.max_failures
     store = ctx.store
     name = {"method": method.name} if method is not None else {}
     now = ctx.now()
     try:
-        lockout.attempt(store, scope, user_id, now=now, label=label)
+        lockout.attempt(store, scope, user_id, now=now, label=label, rules=ctx.lockout)
     except lockout.Locked as e:
         store.record_event(f"verify.{kind}", user_id=user_id, outcome="refused",
                            detail={"reason": Reason.METHOD_LOCKED.value, **name})
@@ -172,8 +182,8 @@ def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: st
                             detail=detail)
     current = lockout.failed(store, scope, now=now, max_failures=limit,
                              base_seconds=ctx.lockout.base_seconds,
-                             max_seconds=ctx.lockout.max_seconds)
-    left = lockout.tries_left(current, limit)
+                             max_seconds=ctx.lockout.max_seconds, rules=ctx.lockout)
+    left = lockout.tries_left(current, limit, ctx.lockout)
     with store.transaction():
         store.record_event(f"verify.{kind}", user_id=user_id, outcome="failure",
                            detail={"reason": reason.value if reason else None, **name,
@@ -181,7 +191,9 @@ def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: st
         if current.locked(now):
             store.record_event(f"lockout.{kind}", user_id=user_id, outcome="locked",
                                detail={**name, "level": current.level,
-                                       "locked_until": current.locked_until})
+                                       "locked_until": current.locked_until,
+                                       "until_reset": current.permanent,
+                                       "unfamiliar": not ctx.familiar})
     if current.locked(now):
         message = (f"{message}; too many failed attempts: {label} locked "
                    f"{lockout.describe_until(current.locked_until, now)}")
