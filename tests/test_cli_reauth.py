@@ -10,6 +10,8 @@ as before (every other CLI test runs as root)."""
 
 from __future__ import annotations
 
+import grp
+import json
 import os
 import shutil
 import subprocess
@@ -111,7 +113,7 @@ def test_no_method_is_changed_without_a_login(cli):
     # with the password first: allowed
     made = cli.nobody("enrol", "backup-codes", "--user", "nobody", "--json",
                       input=PASSWORD + "\n")
-    assert len(__import__("json").loads(made.stdout)["backup_codes"]) == 10
+    assert len(json.loads(made.stdout)["backup_codes"]) == 10
     assert cli.kinds() == ["backup", "password"]
     cli.nobody("methods", "remove", "--user", "nobody", "backup", input=PASSWORD + "\n")
     assert cli.kinds() == ["password"]
@@ -138,7 +140,7 @@ def test_mfa_users_log_in_with_their_second_factor_first(cli):
 def test_administrators_are_not_asked(cli):
     cli("users", "add", "nobody")
     cli("enrol", "password", "--user", "nobody", "--password-stdin", input=PASSWORD + "\n")
-    group = __import__("grp").getgrgid(NOBODY).gr_name
-    (Path(cli.env["TOKEN_AGENT_CONFIG"])).write_text(f'[service]\nadmin_group = "{group}"\n')
+    group = grp.getgrgid(NOBODY).gr_name
+    Path(cli.env["TOKEN_AGENT_CONFIG"]).write_text(f'[service]\nadmin_group = "{group}"\n')
     cli.nobody("enrol", "backup-codes", "--user", "nobody", input="")
     assert cli.kinds() == ["backup", "password"]

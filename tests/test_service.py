@@ -258,7 +258,13 @@ def nobody(socket_path: Path, *requests: tuple[str, dict]) -> list[dict]:
                     out.append({{"ok": False, "code": e.code, "message": e.message}})
         print(json.dumps(out))
     """)
-    proc = subprocess.run([sys.executable, "-c", script, str(socket_path), json.dumps(requests)],
+    return run_script(script, str(socket_path), json.dumps(requests))
+
+
+def run_script(script: str, *args: str):
+    """Run a Python ``script`` (one that drops to ``nobody`` itself) in a child with ``args``;
+    the last line it prints, as JSON."""
+    proc = subprocess.run([sys.executable, "-c", script, *args],
                           cwd="/", capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in os.environ.items()
                                if not k.startswith("TOKEN_AGENT_")}

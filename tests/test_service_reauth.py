@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from conftest import REPO_ROOT
 from test_service import (  # noqa: F401  (fixtures)
-    NOBODY, NO_MFA_POLICY, PASSWORD, TotpCodes, services, socket_dir, world,
+    NOBODY, NO_MFA_POLICY, PASSWORD, run_script, services, socket_dir, world,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
@@ -66,13 +63,7 @@ def as_nobody(socket_path, steps: list) -> list[dict]:
             c.close()
         print(json.dumps(out))
     """)
-    proc = subprocess.run([sys.executable, "-c", script, str(socket_path), json.dumps(steps)],
-                          cwd="/", capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items()
-                               if not k.startswith("TOKEN_AGENT_")}
-                          | {"PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_script(script, str(socket_path), json.dumps(steps))
 
 
 def kinds(world, user) -> list[str]:
