@@ -22,15 +22,8 @@ import threading
 import time
 
 import pytest
-from fido2.ctap2 import Ctap2
-from fido2.ctap2.pin import ClientPin
-from fido2.hid import CtapHidDevice
-
 from conftest import REPO_ROOT
-from drivers.fido.sim import SocketHidConnection, sim_descriptor
-from key_helpers import PIN, Keyring
-from simulators.key.device import create_virtual_key
-from simulators.key.transport import KeyServer
+from key_helpers import PIN, Keyring, serve_key
 from test_service import KEY_PIN, NOBODY, WRONG_PIN, services, socket_dir, world  # noqa: F401
 from token_agent.ceremonies.key import KeySettings, enrol_key, login_with_key
 from token_agent.ceremonies.keypresence import LOW_PIN_RETRIES, PinGuard, PresenceRequired
@@ -204,14 +197,7 @@ def as_uid(uid: int, socket_path, *ceremonies) -> list[dict]:
 
 @pytest.fixture
 def served_key():
-    vkey = create_virtual_key(presence="auto")
-    server = KeyServer(vkey, port=0, control_port=None).__enter__()
-    dev = CtapHidDevice(sim_descriptor("127.0.0.1", server.port),
-                        SocketHidConnection("127.0.0.1", server.port))
-    try:
-        ClientPin(Ctap2(dev)).set_pin(KEY_PIN)
-    finally:
-        dev.close()
+    vkey, server = serve_key(KEY_PIN)
     yield vkey, server
     server.__exit__(None, None, None)
 

@@ -22,11 +22,11 @@ import time
 
 import pytest
 from fido2.ctap2 import Ctap2
-from fido2.ctap2.pin import ClientPin
 from fido2.hid import CtapHidDevice
 
 from conftest import REPO_ROOT, token_agent_command
 from drivers.fido.sim import SocketHidConnection, sim_descriptor
+from key_helpers import serve_key
 from simulators.key.device import create_virtual_key
 from simulators.key.transport import KeyServer
 from test_service import KEY_PIN, services, socket_dir, world  # noqa: F401
@@ -71,14 +71,7 @@ def keys_info(server) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def shared_key(world):
-    vkey = create_virtual_key(presence="auto")
-    server = KeyServer(vkey, port=0, control_port=None).__enter__()
-    dev = CtapHidDevice(sim_descriptor("127.0.0.1", server.port),
-                        SocketHidConnection("127.0.0.1", server.port))
-    try:
-        ClientPin(Ctap2(dev)).set_pin(KEY_PIN)
-    finally:
-        dev.close()
+    vkey, server = serve_key(KEY_PIN)
     world.user("alice", mfa=False)
     from drivers.fido.keys import open_single_key
 
