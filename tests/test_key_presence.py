@@ -210,17 +210,21 @@ def test_a_background_process_cannot_burn_the_keys_pin_tries(services, world, se
     from drivers.fido.keys import open_single_key
 
     env = {"TOKEN_AGENT_SIM_KEYS": f"127.0.0.1:{server.port}"}
-    with open_single_key(env, on_touch=None) as key:  # enrolled for both by an admin
-        for name in ("alice", "nobody"):
-            enrol_key(world.store, key, name, pin_provider=lambda: KEY_PIN)  # auto touch
+    with open_single_key(env, on_touch=None) as key:  # enrolled for alice by an admin
+        enrol_key(world.store, key, "alice", pin_provider=lambda: KEY_PIN)  # auto touch
     vkey.presence.set_mode("manual")  # from now on only the test's "person" touches it
     svc = services(f'[keys]\nsimulators = ["127.0.0.1:{server.port}"]\ntimeout = 2\n')
 
-    # the attack: enrol.key for itself, then a screen-locker login, wrong PINs, nobody there
-    attack = [("enrol.key", {"user": "nobody"}, WRONG_PIN)] * 3 + \
-        [("login.start", {"primary": "key"}, WRONG_PIN)]
+    # the attack: enrol.key for itself (nobody has no method yet, so its first one needs no
+    # login: issue 11 item 4), wrong PINs, nobody there
     started = time.monotonic()
-    results = as_uid(NOBODY, svc.socket, *attack)
+    results = as_uid(NOBODY, svc.socket, *[("enrol.key", {"user": "nobody"}, WRONG_PIN)] * 3)
+    # then, with a key of its own (an admin's enrolment, a person at the key), a
+    # screen-locker login with a wrong PIN, nobody there
+    with open_single_key(env, on_touch=None) as key, Toucher(vkey):
+        enrol_key(world.store, key, "nobody", pin_provider=lambda: KEY_PIN)
+    assert retries(vkey) == FULL
+    results += as_uid(NOBODY, svc.socket, ("login.start", {"primary": "key"}, WRONG_PIN))
     print(f"\n4 refused ceremonies as nobody: {time.monotonic() - started:.1f} s")
     for r in results:
         assert r["outcome"]["ok"] is False
@@ -228,6 +232,9 @@ def test_a_background_process_cannot_burn_the_keys_pin_tries(services, world, se
         assert "Touch your security key" in r["outcome"]["message"]
         assert r["prompts"] == []  # no PIN was even asked for
     assert retries(vkey) == FULL and not vkey.app._pin_auth_blocked
+    # and now that it has a method, enrol.key needs a login on the connection (item 4)
+    [again] = as_uid(NOBODY, svc.socket, ("enrol.key", {"user": "nobody"}, WRONG_PIN))
+    assert again["outcome"]["reason"] == "reauth-required" and again["prompts"] == []
 
     # alice's correct PIN at the login screen (root, the login service): unaffected
     with svc.client() as c, Toucher(vkey) as person:
@@ -237,7 +244,7 @@ def test_a_background_process_cannot_burn_the_keys_pin_tries(services, world, se
 
     # with a person at the key, nobody's wrong PIN is tried and reported with the count
     with Toucher(vkey):
-        [wrong] = as_uid(NOBODY, svc.socket, ("enrol.key", {"user": "nobody"}, WRONG_PIN))
+        [wrong] = as_uid(NOBODY, svc.socket, ("login.start", {"primary": "key"}, WRONG_PIN))
     assert wrong["outcome"]["reason"] == "wrong-pin", wrong
     assert f"{FULL - 1} tries left" in wrong["outcome"]["message"]
     assert retries(vkey) == FULL - 1
