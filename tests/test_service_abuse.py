@@ -432,7 +432,10 @@ def test_a_cancelled_key_ceremony_is_recorded_as_cancelled(services, world, sim_
             control = KeyControl(port=sim_key_server.control_port)
             done = threading.Event()
             threading.Thread(target=lambda: [time.sleep(0.3), control.touch(), done.set()]).start()
-            enrol_key(world.store, key, "alice", pin_provider=lambda: KEY_PIN)
+            from token_agent.ceremonies.keypresence import PinGuard
+
+            enrol_key(world.store, key, "alice", pin_provider=lambda: KEY_PIN,
+                      presence=PinGuard(trusted=True))
     c = svc.client()
     args = {"user": "alice", "primary": "key"} if op == "login.start" else {"user": "alice"}
     login = c.request(op, **args)["login"]
