@@ -47,6 +47,9 @@ DEFAULT_SOCKET = "/run/token-agent/agent.sock"
 DEFAULT_TIMEOUT = 180.0
 PROTOCOL_VERSION = 1
 MAX_LINE = 65536  # token_agent.service.protocol.MAX_LINE
+#: every send: a service gone away is an error (EPIPE), never SIGPIPE, which would kill the
+#: host process (a screen locker running PAM in-process); the host's signal handling is its own
+NOSIGNAL = socket.MSG_NOSIGNAL
 
 # what the module returns, by the name of the PAM constant (pamh.<name>)
 SUCCESS = "PAM_SUCCESS"
@@ -264,7 +267,7 @@ class _Connection:
                            "The answer is too long.", "answer too long")
         self.sock.settimeout(self.remaining())
         try:
-            self.sock.sendall(data)
+            self.sock.sendall(data, NOSIGNAL)
         except socket.timeout:
             raise _Failure(Result(AUTH_ERR, "timeout"), TIMED_OUT, "timed out sending")
         except OSError as exc:
@@ -374,7 +377,7 @@ def _cancel(connection):
     try:
         data = json.dumps({"id": CANCEL_ID, "op": "login.cancel", "login": connection.login})
         connection.sock.settimeout(0.5)
-        connection.sock.sendall(data.encode("utf-8") + b"\n")
+        connection.sock.sendall(data.encode("utf-8") + b"\n", NOSIGNAL)
     except (OSError, TypeError, ValueError):
         pass
 

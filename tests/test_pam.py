@@ -314,6 +314,15 @@ def closing_after_prompt(peer: Peer):
     # the service goes away: no result
 
 
+def closing_at_prompt(peer: Peer):
+    """The service goes away while the person is at the PIN prompt: the answer is sent to a
+    closed connection (EPIPE)."""
+    peer.hello()
+    peer.start()
+    peer.event("prompt", prompt=1, kind="secret", message="Enter the PIN for your security key")
+    peer.close()
+
+
 # -- 1. the logic, without PAM ---------------------------------------------------------------
 
 
@@ -917,7 +926,8 @@ def pamtester(service: str, user: str, script=(), items=(), capture: SyslogCaptu
               timeout: float = 60.0) -> Pamtester:
     """Run ``pamtester -v SERVICE USER authenticate`` on a pseudo-terminal. ``script``:
     ``(expected, typed)`` pairs: once ``expected`` has appeared in the output (after the
-    previous pair's), ``typed`` is written (``\\n`` added; ``"\\x04"`` alone is Ctrl-D)."""
+    previous pair's), ``typed`` is written (``\\n`` added; ``"\\x04"`` alone is Ctrl-D); a
+    callable ``typed`` is called then, and what it returns is typed."""
     command = ["pamtester", "-v", *[f"-I{item}" for item in items], service, user,
                "authenticate"]
     if capture is not None:
@@ -947,6 +957,8 @@ def pamtester(service: str, user: str, script=(), items=(), capture: SyslogCaptu
                 if at >= 0:
                     cursor = at + len(expected.encode())
                     steps.pop(0)
+                    if callable(typed):
+                        typed = typed()
                     os.write(master, typed.encode() + (b"" if typed == "\x04" else b"\n"))
             elif proc.poll() is not None and not ready:
                 break
@@ -1011,6 +1023,20 @@ def test_pam_service_closing_mid_conversation_fails(fake_agent, pam_service):
     run = pamtester(pam_service(agent.path), "alice", [(PIN_PROMPT, PIN)])
     assert run.returncode != 0 and run.pam_result == "PAM_AUTHINFO_UNAVAIL", run
     assert "closed the connection before the login finished" in run.output
+
+
+def test_pam_service_gone_at_the_prompt_is_an_error_not_sigpipe(fake_agent, pam_service):
+    """The service closes the connection while the person is at the PIN prompt: sending the
+    answer fails with EPIPE. The host process (pamtester here, a screen locker running PAM
+    in-process in real life) must get a PAM error, not be killed by SIGPIPE (signal 13)."""
+    agent = fake_agent(closing_at_prompt)
+    service = pam_service(agent.path)
+    for _ in range(3):
+        run = pamtester(service, "alice", [(PIN_PROMPT, PIN)], timeout=30)
+        assert run.returncode == 1, run  # pamtester's failure; -13 was death by SIGPIPE
+        assert run.pam_result == "PAM_AUTHINFO_UNAVAIL", run
+        assert pam_module.CLOSED in run.output, run
+    assert len(agent.ops("hello")) == 3 and not agent.errors
 
 
 def test_pam_choose_prompt(fake_agent, pam_service):
@@ -1273,6 +1299,22 @@ def test_real_unknown_user_fails(real_service, pam_service):
     run = pamtester(pam_service(real_service.socket), "mallory", [(PIN_PROMPT, PIN)])
     assert run.returncode != 0 and run.pam_result == "PAM_USER_UNKNOWN", \
         _report(run, real_service)
+
+
+def test_real_service_stopped_at_the_pin_prompt_is_an_error_not_sigpipe(real_service,
+                                                                        pam_service):
+    """The service is stopped while pamtester waits at the PIN prompt; the PIN is typed
+    after. pamtester must report a PAM error (exit 1), not die of SIGPIPE (-13)."""
+    service = pam_service(real_service.socket, "primary=key")
+
+    def stop_then_pin():
+        real_service.stop()
+        return PIN
+
+    run = pamtester(service, "alice", [(PIN_PROMPT, stop_then_pin)])
+    assert run.returncode == 1, _report(run, real_service)
+    assert run.pam_result == "PAM_AUTHINFO_UNAVAIL", _report(run, real_service)
+    assert "successfully" not in run.output
 
 
 def test_real_service_down_fails_closed(real_service, pam_service):
