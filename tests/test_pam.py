@@ -180,21 +180,23 @@ class FakeAgent:
     """A thread listening on ``path`` that plays ``script(peer)`` on every connection and
     records every message received (``.received``) and every script error (``.errors``)."""
 
-    def __init__(self, path: Path, script):
+    def __init__(self, path: Path, script, backlog: int = 8, accept_after: float = 0.0):
         self.path = path
         self.script = script
+        self.accept_after = accept_after
         self.received: list[dict] = []
         self.errors: list[BaseException] = []
         self.connections = 0
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
-        self.listener.listen(8)
+        self.listener.listen(backlog)
         self.threads: list[threading.Thread] = []
         self.peers: list[Peer] = []
         self.accepting = threading.Thread(target=self._accept, daemon=True)
         self.accepting.start()
 
     def _accept(self):
+        time.sleep(self.accept_after)  # a busy service: its backlog fills meanwhile
         while True:
             try:
                 sock, _ = self.listener.accept()
@@ -209,6 +211,8 @@ class FakeAgent:
 
     def _play(self, peer: Peer):
         try:
+            if not peer.sock.recv(1, socket.MSG_PEEK):
+                return  # closed before a word (a connection that filled the backlog)
             self.script(peer)
         except BaseException as exc:  # noqa: BLE001  (reported by the test)
             self.errors.append(exc)
@@ -243,8 +247,8 @@ def fake_agent(sockdir):
     """``fake_agent(script)``: a :class:`FakeAgent` on a fresh socket (stopped at teardown)."""
     agents = []
 
-    def start(script):
-        agent = FakeAgent(sockdir / f"agent{len(agents)}.sock", script)
+    def start(script, **kwargs):
+        agent = FakeAgent(sockdir / f"agent{len(agents)}.sock", script, **kwargs)
         agents.append(agent)
         return agent
 
@@ -353,7 +357,10 @@ class Log(list):
 
 def run_logic(agent_or_path, conversation, user="alice", service="login", rhost=None, log=None,
               **options):
+    """The module's logic against ``agent_or_path`` as its public socket; the login socket
+    is ``login_socket=`` (default: none there, so the machine's own is never used)."""
     path = str(getattr(agent_or_path, "path", agent_or_path))
+    options.setdefault("login_socket", str(Path(path).with_name("no-login.sock")))
     opts = pam_module.Options(socket_path=path, **options)
     return pam_module.authenticate(conversation, path, user=user, service=service, rhost=rhost,
                                    options=opts, log=log if log is not None else Log())
@@ -380,10 +387,11 @@ def test_logic_debug_logs_steps_but_no_value(fake_agent):
     chosen = []
     log = Log()
     conv = Conversation("correct horse", "2", "8765-4321")
-    result = run_logic(fake_agent(choose_login(chosen)), conv, log=log, debug=True)
+    agent = fake_agent(choose_login(chosen))
+    result = run_logic(agent, conv, log=log, debug=True)
     assert result.code == "PAM_SUCCESS"
     assert [line for _, line in log] == [
-        "login.start sent (primary=- device=- network=-)", "prompt (secret)",
+        f"connected to {agent.path}", "login.start sent (primary=- device=- network=-)", "prompt (secret)",
         "prompt (choose)", "prompt (text)", "result",
         "user=alice service=login outcome=ok user=alice"]
     assert all(p == 7 for p, _ in log[:-1])  # LOG_DEBUG
@@ -441,9 +449,135 @@ def test_logic_connection_refused_fails_closed(sockdir):
     stale.bind(str(path))
     stale.close()  # the file stays, nobody listens: ECONNREFUSED
     conv, log = Conversation(), Log()
-    result = run_logic(path, conv, log=log)
+    began = time.monotonic()
+    result = run_logic(path, conv, log=log, connect_timeout=0.5)
+    took = time.monotonic() - began
     assert result.code == "PAM_AUTHINFO_UNAVAIL" and "ECONNREFUSED" in log.text()
     assert conv.said("error") == [pam_module.NOT_RUNNING]
+    assert 0.4 < took < 3, took  # tried again (a restarting service) until the connect timeout
+
+
+def fill_backlog(path: Path) -> int:
+    """Connect to ``path`` without waiting until its accept backlog is full (EAGAIN), as an
+    unprivileged flood does; the connections are closed at once and stay queued until
+    accepted. Returns how many it took."""
+    count = 0
+    while count < 1000:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            return count
+        finally:
+            sock.close()
+        count += 1
+    raise AssertionError(f"the backlog of {path} never filled")
+
+
+@pytest.mark.parametrize("backlog", [0, 1])
+def test_logic_waits_for_a_service_with_a_full_backlog(fake_agent, backlog):
+    """The attack of issue 11: a flood keeps the accept backlog full. The module waits in
+    line (within connect_timeout) instead of failing at once with EAGAIN."""
+    agent = fake_agent(pin_login(), backlog=backlog, accept_after=1.0)
+    assert fill_backlog(agent.path) >= 1
+    conv, log = Conversation(PIN), Log()
+    began = time.monotonic()
+    result = run_logic(agent, conv, log=log)
+    took = time.monotonic() - began
+    assert result.code == "PAM_SUCCESS", (result, log)
+    assert 0.8 < took < 4, took
+    assert len(agent.ops("hello")) == 1 and not agent.errors
+
+
+def test_logic_a_service_that_never_accepts_fails_closed_in_time(sockdir):
+    path = sockdir / "stuck.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    try:
+        fill_backlog(path)
+        conv, log = Conversation(PIN), Log()
+        began = time.monotonic()
+        result = run_logic(path, conv, log=log, connect_timeout=1.5)
+        took = time.monotonic() - began
+    finally:
+        listener.close()
+    assert result.code == "PAM_AUTHINFO_UNAVAIL" and result.reason == "service-unavailable"
+    assert conv.calls == [("error", pam_module.NOT_RUNNING)]
+    assert "EAGAIN" in log.text(), log
+    assert 1.3 < took < 4, took
+
+
+def test_logic_connect_timeout_stays_within_the_timeout(sockdir):
+    path = sockdir / "stuck.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    try:
+        fill_backlog(path)
+        began = time.monotonic()
+        result = run_logic(path, Conversation(), timeout=0.7, connect_timeout=30)
+        took = time.monotonic() - began
+    finally:
+        listener.close()
+    assert result.code == "PAM_AUTHINFO_UNAVAIL" and 0.5 < took < 3, (result, took)
+
+
+def test_logic_prefers_the_login_socket(fake_agent):
+    public, login = fake_agent(pin_login()), fake_agent(pin_login())
+    log = Log()
+    result = run_logic(public, Conversation(PIN), login_socket=str(login.path), log=log,
+                       debug=True)
+    assert result.code == "PAM_SUCCESS"
+    assert len(login.ops("login.start")) == 1 and not public.ops("hello")
+    assert f"connected to {login.path}" in log.text()
+
+
+def test_logic_falls_back_to_the_public_socket_when_the_login_socket_is_missing(fake_agent,
+                                                                                 sockdir):
+    public = fake_agent(pin_login())
+    result = run_logic(public, Conversation(PIN), login_socket=str(sockdir / "login.sock"))
+    assert result.code == "PAM_SUCCESS" and len(public.ops("login.start")) == 1
+
+
+def test_logic_both_sockets_missing_says_which(sockdir):
+    log = Log()
+    result = run_logic(sockdir / "agent.sock", Conversation(),
+                       login_socket=str(sockdir / "login.sock"), log=log)
+    assert result.code == "PAM_AUTHINFO_UNAVAIL"
+    assert (f"cannot connect to {sockdir}/login.sock: ENOENT, {sockdir}/agent.sock: ENOENT"
+            in log.text()), log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the module as the user nobody: needs root")
+def test_logic_falls_back_to_the_public_socket_when_the_login_socket_is_not_ours(fake_agent,
+                                                                                  sockdir):
+    """A screen locker runs PAM as the user: the login socket (root and the login services
+    only) refuses it with EACCES, and the public socket is used."""
+    public, login = fake_agent(pin_login()), fake_agent(pin_login())
+    os.chmod(sockdir, 0o755)
+    os.chmod(public.path, 0o666)
+    os.chmod(login.path, 0o600)  # root's
+    shutil.copy(MODULE_PATH, sockdir / "module.py")
+    os.chmod(sockdir / "module.py", 0o644)
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('m', {str(sockdir / 'module.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "lines = []\n"
+        f"opts = m.Options(socket_path={str(public.path)!r}, login_socket={str(login.path)!r},"
+        " debug=True)\n"
+        f"r = m.authenticate(lambda style, text: {PIN!r} if style == 'secret' else None,"
+        " opts.socket, user='alice', options=opts, log=lambda p, l: lines.append(l))\n"
+        "print(r.code); print(*lines, sep='\\n')\n")
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    proc = subprocess.run([python, "-I", "-c", code], user=65534, group=65534,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "PAM_SUCCESS", proc.stdout
+    assert f"connected to {public.path}" in proc.stdout
+    assert len(public.ops("login.start")) == 1 and not login.ops("hello")
 
 
 def test_logic_service_closing_mid_conversation_fails_closed(fake_agent):
@@ -649,14 +783,20 @@ def test_logic_unknown_prompt_kind_fails_closed(fake_agent):
 
 def test_parse_args():
     default = pam_module.parse_args([])
-    assert (default.socket, default.primary, default.timeout, default.device, default.debug) == \
-        ("/run/token-agent/agent.sock", None, 180.0, None, False)
+    assert (default.socket, default.login_socket, default.primary, default.timeout,
+            default.connect_timeout, default.device, default.debug) == \
+        ("/run/token-agent/agent.sock", "/run/token-agent/login.sock", None, 180.0, 5.0, None,
+         False)
     opts = pam_module.parse_args(["socket=/tmp/a.sock", "primary=card", "timeout=30",
-                                  "device=managed", "debug"])
-    assert (opts.socket, opts.primary, opts.timeout, opts.device, opts.debug) == \
-        ("/tmp/a.sock", "card", 30.0, "managed", True)
+                                  "device=managed", "debug", "login_socket=/tmp/l.sock",
+                                  "connect_timeout=2.5"])
+    assert (opts.socket, opts.login_socket, opts.primary, opts.timeout, opts.connect_timeout,
+            opts.device, opts.debug) == \
+        ("/tmp/a.sock", "/tmp/l.sock", "card", 30.0, 2.5, "managed", True)
     for bad in (["primary=totp"], ["timeout=0"], ["timeout=soon"], ["device=phone"],
-                ["socket=relative.sock"], ["sokcet=/tmp/a.sock"], ["nodebug"]):
+                ["socket=relative.sock"], ["sokcet=/tmp/a.sock"], ["nodebug"],
+                ["login_socket=login.sock"], ["connect_timeout=0"], ["connect_timeout=-1"],
+                ["connect_timeout=never"], ["connect_timeout=601"]):
         with pytest.raises(pam_module.UsageError):
             pam_module.parse_args(bad)
 
@@ -716,15 +856,16 @@ class FakePamh:
 def test_entry_points_without_pam(fake_agent, sockdir):
     agent = fake_agent(pin_login())
     arg = f"socket={agent.path}"
+    no_login_socket = f"login_socket={sockdir / 'no-login.sock'}"
     pamh = FakePamh("alice", [PIN])
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg]) == pamh.PAM_SUCCESS
+    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg, no_login_socket]) == pamh.PAM_SUCCESS
     pamh = FakePamh(None, [PIN])  # usernameless: PAM_USER becomes whoever logged in
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg]) == pamh.PAM_SUCCESS
+    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg, no_login_socket]) == pamh.PAM_SUCCESS
     assert pamh.user == "alice"
     pamh = FakePamh("alice", [])  # the conversation fails: null answer, then failure
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg]) == pamh.PAM_AUTH_ERR
+    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg, no_login_socket]) == pamh.PAM_AUTH_ERR
     pamh = FakePamh("alice", [WRONG_PIN])  # PAM_SILENT: prompts, but no messages
-    assert pam_module.pam_sm_authenticate(pamh, pamh.PAM_SILENT, ["m", arg]) == pamh.PAM_AUTH_ERR
+    assert pam_module.pam_sm_authenticate(pamh, pamh.PAM_SILENT, ["m", arg, no_login_socket]) == pamh.PAM_AUTH_ERR
     assert [style for style, _ in pamh.messages] == [pamh.PAM_PROMPT_ECHO_OFF]
     pamh = FakePamh("alice")
     assert pam_module.pam_sm_authenticate(pamh, 0, ["m", "primary=totp"]) == pamh.PAM_SERVICE_ERR
@@ -735,7 +876,7 @@ def test_entry_points_without_pam(fake_agent, sockdir):
         raise FakePamh.exception("the application has no user name")
 
     pamh.get_user = no_user  # usernameless, as a display manager's key login
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["m", arg]) == pamh.PAM_SUCCESS
+    assert pam_module.pam_sm_authenticate(pamh, 0, ["m", arg, no_login_socket]) == pamh.PAM_SUCCESS
     assert pamh.user == "alice" and agent.ops("login.start")[-1]["user"] is None
     for name in ("acct_mgmt", "open_session", "close_session", "chauthtok"):
         assert getattr(pam_module, f"pam_sm_{name}")(pamh, 0, ["m"]) == pamh.PAM_IGNORE
@@ -981,6 +1122,8 @@ def pam_service(pam_services, sockdir):
     ``socket=socket_path`` and ``args``; returns its name."""
 
     def create(socket_path, *args, control="requisite"):
+        if not any(arg.startswith("login_socket=") for arg in args):
+            args = (f"login_socket={sockdir / 'no-login.sock'}", *args)
         return pam_services.create(f"socket={socket_path}", *args, control=control)
 
     return create
@@ -1039,6 +1182,30 @@ def test_pam_service_gone_at_the_prompt_is_an_error_not_sigpipe(fake_agent, pam_
     assert len(agent.ops("hello")) == 3 and not agent.errors
 
 
+def test_pam_waits_for_a_service_with_a_full_backlog(fake_agent, pam_service):
+    """Through the real PAM stack: the accept backlog is full (a flood) and the service
+    accepts only after 1 s: the login waits and succeeds (it failed at once with EAGAIN,
+    "token-agent is not running")."""
+    agent = fake_agent(pin_login(), backlog=0, accept_after=1.0)
+    service = pam_service(agent.path, "connect_timeout=5")
+    fill_backlog(agent.path)
+    run = pamtester(service, "alice", [(PIN_PROMPT, PIN)])
+    assert run.returncode == 0 and run.pam_result == "PAM_SUCCESS", run
+    assert not agent.errors
+
+
+def test_pam_login_socket_first_then_the_public_one(fake_agent, pam_service, sockdir):
+    public, login = fake_agent(pin_login()), fake_agent(pin_login())
+    run = pamtester(pam_service(public.path, f"login_socket={login.path}"), "alice",
+                    [(PIN_PROMPT, PIN)])
+    assert run.pam_result == "PAM_SUCCESS", run
+    assert len(login.ops("login.start")) == 1 and not public.ops("hello")
+    run = pamtester(pam_service(public.path, f"login_socket={sockdir / 'gone.sock'}"), "alice",
+                    [(PIN_PROMPT, PIN)])
+    assert run.pam_result == "PAM_SUCCESS", run
+    assert len(public.ops("login.start")) == 1
+
+
 def test_pam_choose_prompt(fake_agent, pam_service):
     chosen = []
     agent = fake_agent(choose_login(chosen))
@@ -1095,12 +1262,16 @@ def test_pam_bad_argument_is_a_service_error(pam_service, sockdir):
 
 
 def _example(name: str, socket_path: Path) -> str:
-    """An example stanza from pam/, with this checkout's module and the test's socket."""
+    """An example stanza from pam/, with this checkout's module and the test's socket (its
+    login socket: one that does not exist, beside it)."""
     text = (REPO_ROOT / "pam" / name).read_text()
     assert "/usr/lib/token-agent/pam_token_agent.py" in text
-    assert "socket=/run/token-agent/agent.sock" in text
+    assert " socket=/run/token-agent/agent.sock" in text
+    assert " login_socket=/run/token-agent/login.sock" in text
     return (text.replace("/usr/lib/token-agent/pam_token_agent.py", str(MODULE_PATH))
-            .replace("socket=/run/token-agent/agent.sock", f"socket={socket_path}"))
+            .replace(" socket=/run/token-agent/agent.sock", f" socket={socket_path}")
+            .replace(" login_socket=/run/token-agent/login.sock",
+                     f" login_socket={socket_path.with_name('no-login.sock')}"))
 
 
 def test_example_stanzas_work(fake_agent, pam_services):
