@@ -490,19 +490,26 @@ def test_logic_waits_for_a_service_with_a_full_backlog(fake_agent, backlog):
     assert len(agent.ops("hello")) == 1 and not agent.errors
 
 
-def test_logic_a_service_that_never_accepts_fails_closed_in_time(sockdir):
+def never_accepting(sockdir: Path, conversation, **options):
+    """The module's logic against a service whose backlog is full and which never accepts;
+    returns the result, the log and the seconds it took."""
     path = sockdir / "stuck.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(0)
+    log = Log()
     try:
         fill_backlog(path)
-        conv, log = Conversation(PIN), Log()
         began = time.monotonic()
-        result = run_logic(path, conv, log=log, connect_timeout=1.5)
-        took = time.monotonic() - began
+        result = run_logic(path, conversation, log=log, **options)
+        return result, log, time.monotonic() - began
     finally:
         listener.close()
+
+
+def test_logic_a_service_that_never_accepts_fails_closed_in_time(sockdir):
+    conv = Conversation(PIN)
+    result, log, took = never_accepting(sockdir, conv, connect_timeout=1.5)
     assert result.code == "PAM_AUTHINFO_UNAVAIL" and result.reason == "service-unavailable"
     assert conv.calls == [("error", pam_module.NOT_RUNNING)]
     assert "EAGAIN" in log.text(), log
@@ -510,17 +517,7 @@ def test_logic_a_service_that_never_accepts_fails_closed_in_time(sockdir):
 
 
 def test_logic_connect_timeout_stays_within_the_timeout(sockdir):
-    path = sockdir / "stuck.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(0)
-    try:
-        fill_backlog(path)
-        began = time.monotonic()
-        result = run_logic(path, Conversation(), timeout=0.7, connect_timeout=30)
-        took = time.monotonic() - began
-    finally:
-        listener.close()
+    result, _, took = never_accepting(sockdir, Conversation(), timeout=0.7, connect_timeout=30)
     assert result.code == "PAM_AUTHINFO_UNAVAIL" and 0.5 < took < 3, (result, took)
 
 
@@ -1323,6 +1320,8 @@ def test_pam_syslog_has_the_outcome_and_never_the_secret(fake_agent, pam_service
 # -- 3. the real PAM stack against the real service -----------------------------------------
 
 SERVICE_START_TIMEOUT = 30.0
+CAROL_PASSWORD = "carols own password"
+WRONG_PASSWORD = "not carols password"
 
 
 def _hello(path: Path) -> bool:
@@ -1410,7 +1409,7 @@ class RealService:
 @pytest.fixture
 def real_service(pam_stack, sim_key_server, tmp_path, sockdir):
     """The real service with a virtual key: alice (clinician) has the key enrolled with its
-    PIN, bob exists with no method at all."""
+    PIN, bob exists with no method at all, carol has a password."""
     service = RealService(tmp_path, sockdir / "agent.sock", sim_key_server.address)
     service.cli("keys", "pin", "set", "--pin-stdin", input=PIN + "\n")
     service.cli("users", "add", "alice", "--display-name", "Dr Alice Smith",
@@ -1418,6 +1417,9 @@ def real_service(pam_stack, sim_key_server, tmp_path, sockdir):
     service.cli("enrol", "key", "--user", "alice", "--name", "blue key", "--pin-stdin",
                 input=PIN + "\n")
     service.cli("users", "add", "bob")
+    service.cli("users", "add", "carol")
+    service.cli("enrol", "password", "--user", "carol", "--password-stdin",
+                input=CAROL_PASSWORD + "\n")
     service.start()
     yield service
     service.stop()
@@ -1450,11 +1452,85 @@ def test_real_wrong_pin_fails(real_service, pam_service):
     assert WRONG_PIN not in real_service.output()
 
 
+def _seen(run: Pamtester) -> str:
+    """What the person saw of a failed login: pamtester's output without its own lines (the
+    user name it starts with, the PAM code it ends with)."""
+    return "\n".join(line for line in run.output.splitlines()
+                     if not line.startswith("pamtester: "))
+
+
 def test_real_user_without_a_method_fails_closed(real_service, pam_service):
-    run = pamtester(pam_service(real_service.socket), "bob", [(PIN_PROMPT, PIN)])
+    """bob has no method at all: asked for a password like anyone (the policy's default
+    primary), then the same words as a stranger, not "bob has no password, key or card"."""
+    service = pam_service(real_service.socket)
+    run = pamtester(service, "bob", [("Password: ", WRONG_PASSWORD)])
     assert run.returncode != 0 and run.pam_result == "PAM_AUTH_ERR", _report(run, real_service)
-    assert "successfully" not in run.output
-    assert "bob has no" in run.output, _report(run, real_service)
+    assert "successfully" not in run.output and "bob has no" not in run.output
+    stranger = pamtester(service, "mallory", [("Password: ", WRONG_PASSWORD)])
+    assert _seen(run) == _seen(stranger) == \
+        "Password: \nAuthentication failed.", (run, stranger)
+
+
+def test_real_stranger_and_wrong_password_look_alike(real_service, pam_service):
+    """Issue 11, item 10, through the real PAM stack and service: an unknown user is asked for
+    a password exactly like carol, and both fail in the same words, in a similar time (the
+    unknown user's answer is checked against a decoy scrypt hash). Before, mallory was
+    refused at once (0.03 s), with no prompt."""
+    service = pam_service(real_service.socket, "primary=password")
+    seen: dict[str, set[str]] = {"carol": set(), "mallory": set()}
+    times: dict[str, list[float]] = {"carol": [], "mallory": []}
+    for _ in range(3):
+        for user in ("carol", "mallory"):
+            began = time.monotonic()
+            run = pamtester(service, user, [("Password: ", WRONG_PASSWORD)])
+            times[user].append(time.monotonic() - began)
+            assert run.returncode == 1 and "successfully" not in run.output, \
+                _report(run, real_service)
+            seen[user].add(_seen(run))
+    assert seen["carol"] == seen["mallory"] == {"Password: \nAuthentication failed."}, seen
+    median = {user: sorted(t)[1] for user, t in times.items()}
+    ratio = max(median.values()) / min(median.values())
+    print(f"\nmedian pamtester time: carol (wrong password) {median['carol']:.3f} s, "
+          f"mallory (unknown) {median['mallory']:.3f} s, ratio {ratio:.2f}")
+    assert ratio < 3, median
+    assert WRONG_PASSWORD not in real_service.output()
+
+
+def test_real_no_tries_left_or_lock_time_before_a_first_factor(real_service, pam_service):
+    """Wrong passwords until carol's password locks: PAM shows neither the tries left nor
+    the lock or its end; the service's outcome reasons (and audit log) still know."""
+    from token_agent.service.client import Client
+
+    reasons = []
+    with Client(real_service.socket) as client:
+        for _ in range(30):  # bounded: the password locks after a few (10 by default)
+            outcome = client.login("carol", lambda event: WRONG_PASSWORD,
+                                   primary="password")
+            reasons.append(outcome["reason"])
+            assert outcome["message"] == "Authentication failed.", outcome
+            assert "tries_left" not in outcome["detail"], outcome
+            if outcome["reason"] == "method-locked":
+                break
+    assert reasons[-1] == "method-locked" and reasons[0] == "wrong-password", reasons
+    run = pamtester(pam_service(real_service.socket, "primary=password"), "carol",
+                    [("Password: ", CAROL_PASSWORD)])  # even the right one, now
+    assert run.returncode == 1, _report(run, real_service)
+    assert _seen(run) == "Password: \nAuthentication failed.", run
+    for word in ("locked", "until", "tries left", "UTC"):
+        assert word not in run.output, run
+    assert CAROL_PASSWORD not in real_service.output()
+
+
+def test_real_key_login_of_a_user_without_a_key_says_nothing_of_it(real_service, pam_service):
+    """bob has no key: a key login for him fails like one for a stranger, without "bob has
+    no security key enrolled" (the virtual key is plugged in: it is opened for both)."""
+    service = pam_service(real_service.socket, "primary=key")
+    bob = pamtester(service, "bob")
+    stranger = pamtester(service, "mallory")
+    assert bob.returncode == stranger.returncode == 1, (bob, stranger)
+    assert "no security key enrolled" not in bob.output, _report(bob, real_service)
+    assert _seen(bob) == _seen(stranger) == "Authentication failed.", \
+        (bob, stranger)
 
 
 def test_real_user_spelt_otherwise_is_refused(real_service, pam_service):
@@ -1467,7 +1543,7 @@ def test_real_user_spelt_otherwise_is_refused(real_service, pam_service):
 
 
 def test_real_unknown_user_fails(real_service, pam_service):
-    run = pamtester(pam_service(real_service.socket), "mallory", [(PIN_PROMPT, PIN)])
+    run = pamtester(pam_service(real_service.socket), "mallory", [("Password: ", PIN)])
     assert run.returncode != 0 and run.pam_result == "PAM_USER_UNKNOWN", \
         _report(run, real_service)
 
