@@ -1575,3 +1575,61 @@ def test_real_service_down_fails_closed(real_service, pam_service):
     assert run.returncode != 0 and run.pam_result == "PAM_AUTHINFO_UNAVAIL", run
     assert "token-agent is not running: cannot authenticate (ask IT)" in run.output
     assert "successfully" not in run.output
+
+
+FLOOD = """
+import os, socket, sys, threading, time
+path, stop, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.monotonic() + seconds
+count = [0, 0]
+
+def flood(i):
+    while time.monotonic() < end and not os.path.exists(stop):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+            count[i] += 1
+        except OSError:
+            pass
+        s.close()
+
+threads = [threading.Thread(target=flood, args=(i,)) for i in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sum(count))
+"""
+
+
+def test_real_logins_during_a_connect_flood(real_service, pam_service, sockdir):
+    """The attack of issue 11, item 1, bounded: an account with no agent record (nobody)
+    floods the service's socket with connect/close in 2 threads (stopped after the logins,
+    at most 60 s) while 10 PAM logins run. Before, logins failed at once with EAGAIN
+    ("token-agent is not running"; 2 to 4 of these 10 with the old module here, 19 of 20 in the
+    review); the module now waits in line for the backlog (connect_timeout) and all succeed."""
+    service = pam_service(real_service.socket, "primary=key", "connect_timeout=10")
+    os.chmod(sockdir, 0o755)  # the public socket, reachable by other accounts
+    stop = sockdir / "stop-the-flood"
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    flood = subprocess.Popen([python, "-I", "-c", FLOOD, str(real_service.socket), str(stop),
+                              "60"], stdout=subprocess.PIPE, text=True, user=65534,
+                             group=65534)
+    try:
+        time.sleep(1.0)  # the flood is on
+        results = []
+        began = time.monotonic()
+        for _ in range(10):
+            run = pamtester(service, "alice", [(PIN_PROMPT, PIN)], timeout=60)
+            results.append(run.pam_result)
+        took = time.monotonic() - began
+        assert flood.poll() is None, "the flood ended before the logins"
+    finally:
+        stop.touch()
+        out, _ = flood.communicate(timeout=30)
+    connections = int(out.strip() or 0)
+    print(f"\n10 PAM logins during a connect flood ({connections} connections by nobody): "
+          f"{results.count('PAM_SUCCESS')} succeeded in {took:.1f} s")
+    assert connections > 100, "the flood did not reach the service"
+    assert results == ["PAM_SUCCESS"] * 10, (results, real_service.output()[-4000:])
