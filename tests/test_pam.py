@@ -391,7 +391,8 @@ def test_logic_debug_logs_steps_but_no_value(fake_agent):
     result = run_logic(agent, conv, log=log, debug=True)
     assert result.code == "PAM_SUCCESS"
     assert [line for _, line in log] == [
-        f"connected to {agent.path}", "login.start sent (primary=- device=- network=-)", "prompt (secret)",
+        f"connected to {agent.path}", "login.start sent (primary=- device=- network=-)",
+        "prompt (secret)",
         "prompt (choose)", "prompt (text)", "result",
         "user=alice service=login outcome=ok user=alice"]
     assert all(p == 7 for p, _ in log[:-1])  # LOG_DEBUG
@@ -853,16 +854,16 @@ class FakePamh:
 def test_entry_points_without_pam(fake_agent, sockdir):
     agent = fake_agent(pin_login())
     arg = f"socket={agent.path}"
-    no_login_socket = f"login_socket={sockdir / 'no-login.sock'}"
+    args = ["mod.py", arg, f"login_socket={sockdir / 'no-login.sock'}"]
     pamh = FakePamh("alice", [PIN])
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg, no_login_socket]) == pamh.PAM_SUCCESS
+    assert pam_module.pam_sm_authenticate(pamh, 0, args) == pamh.PAM_SUCCESS
     pamh = FakePamh(None, [PIN])  # usernameless: PAM_USER becomes whoever logged in
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg, no_login_socket]) == pamh.PAM_SUCCESS
+    assert pam_module.pam_sm_authenticate(pamh, 0, args) == pamh.PAM_SUCCESS
     assert pamh.user == "alice"
     pamh = FakePamh("alice", [])  # the conversation fails: null answer, then failure
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg, no_login_socket]) == pamh.PAM_AUTH_ERR
+    assert pam_module.pam_sm_authenticate(pamh, 0, args) == pamh.PAM_AUTH_ERR
     pamh = FakePamh("alice", [WRONG_PIN])  # PAM_SILENT: prompts, but no messages
-    assert pam_module.pam_sm_authenticate(pamh, pamh.PAM_SILENT, ["m", arg, no_login_socket]) == pamh.PAM_AUTH_ERR
+    assert pam_module.pam_sm_authenticate(pamh, pamh.PAM_SILENT, args) == pamh.PAM_AUTH_ERR
     assert [style for style, _ in pamh.messages] == [pamh.PAM_PROMPT_ECHO_OFF]
     pamh = FakePamh("alice")
     assert pam_module.pam_sm_authenticate(pamh, 0, ["m", "primary=totp"]) == pamh.PAM_SERVICE_ERR
@@ -873,7 +874,7 @@ def test_entry_points_without_pam(fake_agent, sockdir):
         raise FakePamh.exception("the application has no user name")
 
     pamh.get_user = no_user  # usernameless, as a display manager's key login
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["m", arg, no_login_socket]) == pamh.PAM_SUCCESS
+    assert pam_module.pam_sm_authenticate(pamh, 0, args) == pamh.PAM_SUCCESS
     assert pamh.user == "alice" and agent.ops("login.start")[-1]["user"] is None
     for name in ("acct_mgmt", "open_session", "close_session", "chauthtok"):
         assert getattr(pam_module, f"pam_sm_{name}")(pamh, 0, ["m"]) == pamh.PAM_IGNORE
