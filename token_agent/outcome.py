@@ -41,6 +41,7 @@ class Reason(str, enum.Enum):
     NO_DEVICE = "no-device"
     AMBIGUOUS = "ambiguous-account"
     DEVICE_ERROR = "device-error"
+    INTERNAL_ERROR = "internal-error"  # the agent's own failure (its log says what)
     # smartcards (token_agent/ceremonies/card.py)
     CERT_EXPIRED = "certificate-expired"
     CERT_NOT_YET_VALID = "certificate-not-yet-valid"

@@ -211,6 +211,8 @@ def enrol_key(
     if not check.user_verified:
         warnings.append("the key did not verify a PIN at enrolment: it counts as one factor")
     with store.transaction():
+        if cancel is not None and cancel.is_set():  # the person left: nobody to give it to
+            raise key_errors.Cancelled()
         store.add_fido_credential(
             user.id,
             name=name,

@@ -43,7 +43,7 @@ import datetime as _dt
 import logging
 import threading
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from .. import sightings
 from ..factors import LABELS, KINDS, POLICY_NAMES, FactorError, Verification, usable_methods
@@ -217,9 +217,12 @@ def _choose_primary(agent: "Agent", user, requested: str | None) -> str | None:
 def login(agent: "Agent", username: str, *, interaction: Interaction, device: Device,
           primary: str | None = None, second: str | None = None,
           key_login: KeyLogin | None = None, card_login: CardLogin | None = None,
-          push_timeout: float = 60.0, cancel: threading.Event | None = None) -> LoginOutcome:
+          push_timeout: float = 60.0, cancel: threading.Event | None = None,
+          on_success: Callable[[Any, str], None] | None = None) -> LoginOutcome:
     """Run the login the policy asks for. Always returns an outcome; every failure and the
-    success are recorded in the audit log."""
+    success are recorded in the audit log. ``on_success(user, method)`` runs inside the
+    transaction that records the success (the service records its session there: both
+    are written, or neither)."""
     store = agent.store
     if primary is not None and primary not in PRIMARY_METHODS:  # the request's mistake
         return LoginOutcome.failure("login", Reason.METHOD_NOT_ALLOWED, f"{primary} is not a "
@@ -245,7 +248,8 @@ def login(agent: "Agent", username: str, *, interaction: Interaction, device: De
     try:
         return _login(agent, user, interaction=interaction, device=device, primary=primary,
                       second=second, key_login=key_login, card_login=card_login,
-                      push_timeout=push_timeout, cancel=cancel, fail=fail)
+                      push_timeout=push_timeout, cancel=cancel, fail=fail,
+                      on_success=on_success)
     except _Cancelled:
         return fail(Reason.CANCELLED, CANCELLED_MESSAGE)
 
@@ -287,7 +291,7 @@ class _Fail:
 
 
 def _login(agent, user, *, interaction, device, primary, second, key_login, card_login,
-           push_timeout, cancel, fail) -> LoginOutcome:
+           push_timeout, cancel, fail, on_success) -> LoginOutcome:
     from ..factors import password as password_factor
     from ..policy import decide
 
@@ -396,6 +400,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
 
     # --- 6. success
     now = agent.now()
+    method = "+".join(m for m in (first, second_used) if m)
     with store.transaction():
         sightings.record_login(store, user.id, device_id=device.device_id, network=net, now=now)
         if second_used is not None or primary_multi:  # a second factor was completed here
@@ -405,10 +410,12 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                            detail={"primary": first, "second": second_used,
                                    "device": device.kind, "mfa_required": decision.mfa_required,
                                    "alert": decision.alert})
+        if on_success is not None:
+            on_success(user, method)
     detail = {"primary": first, "second": second_used, "decision": decision.to_json()}
     if primary_outcome is not None:
         detail["primary_credential"] = primary_outcome.credential
-    return LoginOutcome(ok=True, method="+".join(m for m in (first, second_used) if m),
+    return LoginOutcome(ok=True, method=method,
                         user=user.username, user_id=user.id, factors=tuple(factors),
                         credential=primary_outcome.credential if primary_outcome else None,
                         user_verified=bool(primary_outcome and primary_outcome.user_verified),
