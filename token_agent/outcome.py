@@ -35,6 +35,7 @@ class Reason(str, enum.Enum):
     PIN_AUTH_BLOCKED = "pin-auth-blocked"  # too many wrong PINs in a row: power-cycle the key
     PIN_BLOCKED = "pin-blocked"
     PIN_REQUIRED = "pin-required"
+    PRESENCE_REQUIRED = "presence-required"  # no touch before a PIN try (ceremonies/keypresence)
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     DEVICE_REMOVED = "device-removed"

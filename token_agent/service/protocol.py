@@ -113,6 +113,10 @@ Operations
     ``enrol.key`` {"user", "name"|null} -> {"login": ID}  (a ceremony: prompts and result
         events as for ``login.start``; the result's outcome is the enrolment's: {"ok",
         "method": "key", "reason", "message"} and, when ok, ``EnrolResult.to_json()``)
+        A key ceremony (this, or ``login.start``) from a caller that is not a login service
+        asks for a touch on the key before its PIN ("Touch your security key"), as does any
+        caller's when the key has 3 or fewer PIN tries left; without it the outcome's reason
+        is "presence-required" and no PIN was asked (ceremonies/keypresence.py).
     ``policy.explain`` {"user", "device"|null} -> Decision.to_json() + {"text", "user",
         "primary", "device"}
     ``admin.unlock`` {"user", "kind"|null} -> {"cleared": [...]}          (admins only)

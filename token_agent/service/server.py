@@ -564,7 +564,8 @@ class Service:
         runner = make_key_login(self.store, pin_provider=ui.key_pin, on_touch=ui.touch,
                                 timeout=timeout, cancel=c.cancel,
                                 open_key=lambda: self._open_key(c, ui, timeout,
-                                                                username=asked["user"]))
+                                                                username=asked["user"]),
+                                presence=self._pin_guard(c, ui, timeout))
 
         def run(name: str | None) -> LoginOutcome:
             asked["user"] = name
@@ -572,6 +573,15 @@ class Service:
                 return runner(name)
 
         return run
+
+    def _pin_guard(self, c: Ceremony, ui: SocketInteraction, timeout: float):
+        """Who must touch the key before its PIN is tried in this ceremony
+        (``ceremonies/keypresence.py``): a caller other than the login service (a user's own
+        screen locker, ``enrol.key``) always, the login service when few tries are left."""
+        from ..ceremonies.keypresence import PinGuard
+
+        return PinGuard(trusted=self.rules.is_login_service(c.conn.peer), on_touch=ui.touch,
+                        timeout=timeout, cancel=c.cancel)
 
     def _open_key(self, c: Ceremony, ui: SocketInteraction, timeout: float, *,
                   username: str | None = None):
@@ -917,7 +927,8 @@ class Service:
                     with c.unlocked():  # the key's wait for a touch holds no user lock
                         result = enrol_key(self.store, key, c.user, name=name,
                                            pin_provider=ui.key_pin, on_touch=ui.touch,
-                                           timeout=timeout, cancel=c.cancel)
+                                           timeout=timeout, cancel=c.cancel,
+                                           presence=self._pin_guard(c, ui, timeout))
             outcome = {"ok": True, "method": "key", "reason": None, "message": "enrolled",
                        **result.to_json()}
         except EnrolError as e:
