@@ -77,7 +77,10 @@ Operations
         {"event": "info", "login": ID, "message": "Touch your security key"}
         {"event": "qr", "login": ID, "uri": "otpauth://...", "text": "<terminal QR>"}
         {"event": "result", "login": ID, "outcome": {LoginOutcome.to_json()}}
-                                 (a successful login's outcome also has "session": SESSION_ID)
+                                 (a successful login's outcome also has "session": SESSION_ID;
+                                 a failure before any factor succeeded has the message
+                                 "Authentication failed." whatever its reason, no user_id and
+                                 no tries_left: ``ceremonies.login.shown_before_first_factor``)
 
         The login waits for each prompt's answer (``prompt_timeout``, default 120 s, then
         it is cancelled). Exactly one ``result`` event ends every login. The PIN prompts

@@ -653,7 +653,7 @@ class Service:
         return run
 
     def _run_login(self, c: Ceremony, a: dict, device) -> None:
-        from ..ceremonies.login import login
+        from ..ceremonies.login import login, shown_before_first_factor
 
         started = time.perf_counter()
         ui = SocketInteraction(c)
@@ -675,7 +675,7 @@ class Service:
             if username is None:
                 first = card_runner(None) if primary == "card" else key_runner(None)
                 if not first.ok:
-                    outcome = first
+                    outcome = shown_before_first_factor(first)  # no factor yet: no details
                 else:
                     username = c.user = first.user
                     primary = "card" if primary == "card" else "key"
