@@ -794,8 +794,7 @@ class TestAudit:
         assert check_detail({key: 1})
 
     def test_bad_details_and_fields(self, store):
-        for detail in ({"when": b"bytes"}, {1: "int key"}, ["not", "a", "dict"], {"x": float("nan")},
-                       {"pad": "x" * 20000}):
+        for detail in ({"when": b"bytes"}, {1: "int key"}, ["not", "a", "dict"], {"x": float("nan")}):
             with pytest.raises(ValueError):
                 store.record_event("login.key", outcome="failure", detail=detail)
         with pytest.raises(ValueError):
@@ -803,6 +802,12 @@ class TestAudit:
         with pytest.raises(ValueError):
             store.record_event("login.key", outcome="")
         assert store.list_events() == []
+        # too large: refused by check_detail, cut (never dropped) by record_event
+        with pytest.raises(ValueError, match="larger than"):
+            check_detail({"pad": "x" * 20000})
+        store.record_event("login.key", outcome="failure", detail={"pad": "x" * 20000})
+        [event] = store.list_events()
+        assert event.detail["pad"].endswith("...[truncated: 20000 characters]")
 
     def test_append_only(self, store):
         store.record_event("login.key", outcome="success")

@@ -32,6 +32,9 @@ max_connections = 256                   # connections at once (1 to 65536); more
 
 [store]
 data_dir = "/var/lib/token-agent"       # [the data directory rules: TOKEN_AGENT_DATA_DIR, XDG, ~]
+size_warning_mb = 1024                  # the service logs a warning (at most hourly) when the
+                                        # store (with its -wal) grows past this; 0 = never
+                                        # (0 to 1048576)
 
 [policy]
 file = "/etc/token-agent/policy.toml"   # [the policy's own lookup, else the built-in policy]
@@ -161,6 +164,7 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     data_dir: str | None = None  # None: token_agent.paths rules
+    size_warning_mb: int = 1024  # 0: never
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,7 @@ DEFAULT_CONFIG = Config()
 _KEYS: dict[str, tuple[str, ...]] = {
     "service": ("socket", "socket_mode", "login_service_users", "admin_group", "prompt_timeout",
                 "max_connections"),
-    "store": ("data_dir",),
+    "store": ("data_dir", "size_warning_mb"),
     "policy": ("file",),
     "workstation": ("device", "device_id", "network"),
     "keys": ("simulators", "timeout"),
@@ -446,7 +450,10 @@ def parse_config(text: str, source: str = "<config>", *,
             what = "table" if isinstance(value, dict) else "key"
             p.error(key, f"unknown {what} ({hint})")
     service = _parse_service(p, p.table(data, "service"))
-    store = StoreConfig(p.path(p.table(data, "store"), "data_dir", "store"))
+    t = p.table(data, "store")
+    store = StoreConfig(p.path(t, "data_dir", "store"),
+                        p.number(t, "size_warning_mb", "store", 1024, 0, 1048576, " MB",
+                                 integer=True))
     policy = PolicyConfig(p.path(p.table(data, "policy"), "file", "policy"))
     workstation = _parse_workstation(p, p.table(data, "workstation"))
     keys = _parse_keys(p, p.table(data, "keys"))

@@ -10,7 +10,7 @@ import click
 
 from .. import exitcodes
 from . import main
-from .common import Context, emit, fail, json_option, pass_ctx, say
+from .common import Context, emit, escape_controls, fail, json_option, pass_ctx, say
 
 device_options = [
     click.option("--device", "device_kind", type=click.Choice(["managed", "unmanaged"]),
@@ -200,7 +200,8 @@ def audit_verify(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def audit_tail(ctx: Context, count: int, username: str | None, kind: str | None,
                as_json: bool) -> None:
-    """Show the latest audit events, oldest first."""
+    """Show the latest audit events, oldest first (control characters in them escaped, as
+    \\n, \\x1b...: a recorded name cannot forge a line)."""
     store = ctx.store()
     user_id = None
     if username:
@@ -211,9 +212,9 @@ def audit_tail(ctx: Context, count: int, username: str | None, kind: str | None,
         except UnknownUser as e:
             fail(str(e), exitcodes.NOT_FOUND)
     events = list(reversed(store.list_events(user_id=user_id, kind=kind, limit=count)))
-    emit(as_json, [e.to_dict() for e in events], lambda: "\n".join(
+    emit(as_json, [e.to_dict() for e in events], lambda: "\n".join(escape_controls(
         f"{e.id:>6} {_when(e.at)} {e.kind:<22} {e.outcome:<8} {e.username or '-':<16} "
-        + " ".join(f"{k}={v}" for k, v in sorted(e.detail.items()))
+        + " ".join(f"{k}={v}" for k, v in sorted(e.detail.items())))
         for e in events) or "no events")
 
 

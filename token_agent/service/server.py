@@ -41,9 +41,12 @@ from drivers.fido.errors import FidoKeyError
 from .. import __version__
 from ..config import STALE_ENROLMENT_SECONDS, Config
 from ..outcome import LoginOutcome, Reason
+from ..usernames import RULE, is_username
 from . import protocol
 from .authz import Peer, Rules
 from .ceremony import Ceremony, NamedLocks, SocketInteraction, once
+from .refusals import Refusals
+from .storesize import StoreSizeAlarm
 
 log = logging.getLogger("token_agent.service")
 
@@ -268,6 +271,7 @@ class Service:
         self.rules = Rules(config.service.login_service_users, config.service.admin_group)
         self.agent = None
         self.user_locks = NamedLocks()
+        self.refusals = Refusals(lambda: self.store)
         self.device_locks = NamedLocks()
         self.started_at = time.time()
         self.stopping = threading.Event()
@@ -324,6 +328,9 @@ class Service:
                                     environ=self.environ)
         except Exception as e:
             raise ServiceStartError(str(e)) from e
+        alarm = StoreSizeAlarm(self.store.path, self.config.store.size_warning_mb)
+        self.store.after_event = alarm.check
+        alarm.check()
         try:
             self._cleanup()
             self._start_cards()
@@ -371,6 +378,7 @@ class Service:
         self._stop_cards()
         self.keys.close()
         if self.agent is not None:
+            self.refusals.close()
             self.agent.close()
         log.info("token-agent service stopped")
 
@@ -538,7 +546,8 @@ class Service:
     @staticmethod
     def _args(args: dict, spec: dict[str, tuple[type | tuple, bool]]) -> dict:
         """Check the arguments: ``spec`` name -> (types, required). Unknown, missing or
-        wrongly typed arguments are a bad-request naming them (never their values)."""
+        wrongly typed arguments, and a ``user`` that is not a user name
+        (``token_agent.usernames``), are a bad-request naming them (never their values)."""
         unknown = sorted(set(args) - set(spec))
         if unknown:
             raise RequestError("bad-request", f"unknown argument(s): {', '.join(unknown)}")
@@ -555,21 +564,15 @@ class Service:
                 raise RequestError("bad-request", f"argument {name!r} has the wrong type")
             if not isinstance(value, types):
                 raise RequestError("bad-request", f"argument {name!r} has the wrong type")
+            if name == "user" and not is_username(value):  # never audited, logged or echoed
+                raise RequestError("bad-request", f"argument 'user' is not a user name ({RULE})")
             out[name] = value
         return out
 
     def _refuse(self, conn: Connection, op: str, target: str | None, why: str) -> RequestError:
-        """Record a refusal (audit ``service.refused``, a log line) and return the error."""
-        peer = conn.peer
-        log.warning("request refused", extra={"op": op, "peer_uid": peer.uid,
-                                              "peer_user": peer.user, "target": target})
-        try:
-            self.store.record_event("service.refused", username=target, outcome="refused",
-                                    detail={"op": op, "peer_uid": peer.uid,
-                                            "peer_pid": peer.pid, "peer_user": peer.user,
-                                            "target": target})
-        except Exception as e:  # the refusal stands even if it cannot be recorded
-            log.error("cannot record a refusal: %s", e)
+        """Record a refusal (audit ``service.refused``, a log line; repeats are counted:
+        ``refusals.py``) and return the error."""
+        self.refusals.refused(conn.peer, op, target)
         return RequestError("forbidden", why)
 
     def _agent_user(self, username: str):
