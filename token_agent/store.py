@@ -6,7 +6,10 @@ One SQLite file (``paths.store_path(paths.data_dir(...))``), through the standar
 File and durability
     The file is created with mode 0600 whatever the umask (SQLite gives its ``-wal`` and
     ``-shm`` files the same mode); an existing file that group or others may read is
-    tightened to 0600 with a warning (or only the warning when that is not allowed).
+    tightened to 0600 with a warning (or only the warning when that is not allowed). The
+    directory and the files must be the running user's (or root's), not writable by group
+    or others, and not symbolic links (``filetrust.py``): otherwise ``StoreFileError``
+    (reason ``untrusted``), naming the path and the fix, before anything is touched.
     ``journal_mode=WAL``, ``synchronous=FULL`` (every commit is on disk when ``commit``
     returns: a login is rare and must survive a crash or power cut), ``foreign_keys=ON``,
     ``secure_delete=ON`` (deleted rows are overwritten), ``trusted_schema=OFF`` and a busy
@@ -92,6 +95,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .filetrust import UntrustedPath, check_private_dir, check_private_file
 from .usernames import MAX_USERNAME_LEN, username_problem
 
 log = logging.getLogger(__name__)
@@ -876,7 +880,8 @@ def _file_error(path: Path, exc: BaseException, action: str, busy_timeout: float
 def _new_file_0600(path: Path) -> None:
     """Create an empty file with mode 0600 (umask-independent) if it does not exist."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except FileExistsError:
         return
     try:
@@ -944,11 +949,21 @@ class Store:
                 f"token-agent store {path}: its directory {directory} does not exist: create it "
                 "(mode 0700) or use another data directory (--data-dir or TOKEN_AGENT_DATA_DIR)",
                 path=path, reason="no directory")
-        if path.exists() and not path.is_file():
+        if path.exists() and not path.is_symlink() and not path.is_file():
             raise StoreFileError(
                 f"token-agent store {path}: exists and is not a regular file: move it aside or use "
                 "another data directory (--data-dir or TOKEN_AGENT_DATA_DIR)",
                 path=path, reason="not a file")
+        # Owned by us or root, not writable by others, no symbolic links (filetrust.py):
+        # checked before anything is created, chmod-ed or opened.
+        try:
+            check_private_dir(directory, "data directory")
+            for p, what in ((path, "store"), (Path(f"{path}-wal"), "store's write-ahead log"),
+                            (Path(f"{path}-shm"), "store's shared-memory file")):
+                check_private_file(p, what)
+        except UntrustedPath as exc:
+            raise StoreFileError(f"token-agent store {path}: {exc}", path=path,
+                                 reason="untrusted") from None
         # Fail before SQLite creates -wal/-shm files or anything else: the directory must be
         # writable (SQLite creates its WAL and shared-memory files there) and so must the file.
         for target, mode, what in ((directory, os.W_OK | os.X_OK, "write into the directory"),

@@ -61,7 +61,8 @@ def policy() -> None:
 @json_option
 @pass_ctx
 def policy_check(ctx: Context, path: str | None, as_json: bool) -> None:
-    """Validate a policy file (default: the one in force) and say what is wrong.
+    """Validate a policy file (default: the one in force) and say what is wrong (writable by
+    others than root included: the service would refuse it).
 
     Exit 0 when it is valid (warnings are printed), 2 when it is not."""
     from ..policy import check_policy_text, default_policy_path
@@ -78,6 +79,9 @@ def policy_check(ctx: Context, path: str | None, as_json: bool) -> None:
     except UnicodeDecodeError:
         fail(f"the policy file {target} is not UTF-8 text", exitcodes.USAGE)
     parsed, errors, warnings = check_policy_text(text, str(target))
+    from ..filetrust import config_file_problems
+
+    errors = [f"{target}: {p}" for p in config_file_problems(target, "policy file")] + errors
     if not errors and parsed is not None and parsed.delivery:
         from ..delivery import DeliveryConfigError, parse_delivery_config
 

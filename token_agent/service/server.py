@@ -319,13 +319,14 @@ class Service:
     def start(self) -> "Service":
         from ..agent import Agent
         from ..ceremonies.login import Device
+        from ..policy import resolve_policy
 
         ws = self.config.workstation
         self._device = Device(ws.device, ws.effective_device_id(), ws.network)
         self._check_socket()  # another service on it: stop before touching the store
         try:
-            self.agent = Agent.open(self.data_dir, policy_path=self.policy_path,
-                                    environ=self.environ)
+            self.agent = Agent.open(self.data_dir, environ=self.environ, policy=resolve_policy(
+                self.policy_path, self.environ, strict=True))  # strict: filetrust.py
         except Exception as e:
             raise ServiceStartError(str(e)) from e
         alarm = StoreSizeAlarm(self.store.path, self.config.store.size_warning_mb)
@@ -390,7 +391,8 @@ class Service:
         not applied. A policy that does not load leaves everything as it was (PolicyError)."""
         from ..policy import resolve_policy
 
-        policy = resolve_policy(self._policy_override or config.policy.file, self.environ)
+        policy = resolve_policy(self._policy_override or config.policy.file, self.environ,
+                                strict=True)
         ws = config.workstation
         self._device = type(self._device)(ws.device, ws.effective_device_id(), ws.network)
         self.rules = Rules(config.service.login_service_users, config.service.admin_group)
