@@ -5,7 +5,8 @@
 * refused requests are counted per (caller, op), not recorded one by one
   (``token_agent/service/refusals.py``): a 2-second flood from ``nobody`` with 7 KB names
   and with valid ones grows the store by less than 100 KB, and the count comes out in one
-  summary event at stop;
+  summary event at stop; so are the logins of unknown users (``nobody`` logging itself in
+  again and again, with no agent user);
 * an oversize audit detail or user name is cut with a marker, never dropped, and the hash
   chain still verifies;
 * ``audit tail`` escapes control characters (a name with a newline and ESC forges nothing);
@@ -42,10 +43,9 @@ def store_bytes(data: Path) -> int:
                if p.exists())
 
 
-def flood_as_nobody(socket_path: Path, seconds: float) -> dict:
-    """For ``seconds``, as ``nobody`` on one connection: ``methods.list`` for a 7 KB name,
-    for alice, and for a new valid 64-character name each time (all refused). Returns the
-    answers' codes counted by (kind of name, code)."""
+def loop_as_nobody(socket_path: Path, seconds: float, body: str) -> dict:
+    """Run ``body`` again and again for ``seconds`` as ``nobody`` (a child that drops to uid
+    65534), on one connection ``c``; ``body`` sets ``key``, counted. Returns the counts."""
     script = textwrap.dedent(f"""
         import json, os, sys, time
         from token_agent.service.client import Client, ServiceError
@@ -58,17 +58,9 @@ def flood_as_nobody(socket_path: Path, seconds: float) -> dict:
         with Client(sys.argv[1], timeout=15) as c:
             while time.monotonic() < deadline:
                 i += 1
-                for kind, name in (("huge", "A" * 7000 + str(i)), ("alice", "alice"),
-                                   ("valid", "u" + str(i).zfill(63))):
-                    try:
-                        c.request("methods.list", user=name)
-                        code = "ok"
-                    except ServiceError as e:
-                        code = e.code
-                    key = kind + ":" + code
-                    counts[key] = counts.get(key, 0) + 1
+        BODY
         print(json.dumps(counts))
-    """)
+    """).replace("BODY", textwrap.indent(textwrap.dedent(body).strip("\n"), " " * 8))
     proc = subprocess.run([sys.executable, "-c", script, str(socket_path), str(seconds)],
                           cwd="/", capture_output=True, text=True, timeout=60 + seconds,
                           env={k: v for k, v in os.environ.items()
@@ -76,6 +68,34 @@ def flood_as_nobody(socket_path: Path, seconds: float) -> dict:
                           | {"PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def flood_as_nobody(socket_path: Path, seconds: float) -> dict:
+    """``methods.list`` for a 7 KB name, for alice, and for a new valid 64-character name
+    each time (all refused); the answers' codes counted by (kind of name, code)."""
+    return loop_as_nobody(socket_path, seconds, """
+        for kind, name in (("huge", "A" * 7000 + str(i)), ("alice", "alice"),
+                           ("valid", "u" + str(i).zfill(63))):
+            try:
+                c.request("methods.list", user=name)
+                code = "ok"
+            except ServiceError as e:
+                code = e.code
+            key = kind + ":" + code
+            counts[key] = counts.get(key, 0) + 1
+    """)
+
+
+def logins_as_nobody(socket_path: Path, seconds: float) -> dict:
+    """``nobody`` (no agent user) logging itself in with a password, again and again; the
+    results' reasons counted."""
+    return loop_as_nobody(socket_path, seconds, """
+        try:
+            key = c.login(None, lambda prompt: "x", primary="password").get("reason") or "ok"
+        except ServiceError as e:
+            key = e.code
+        counts[key] = counts.get(key, 0) + 1
+    """)
 
 
 # --------------------------------------------------------------------------- the flood
@@ -106,6 +126,28 @@ def test_a_flood_of_refused_requests_barely_grows_the_store(services, world):
     assert "alice" in summary.detail["targets"] and len(summary.detail["targets"]) <= 8
     assert not any(HUGE[:100] in json.dumps(e.to_dict()) for e in refused)
     assert HUGE[:100] not in svc.output()  # nor in the service's log
+    assert world.store.verify_events() >= 5
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to become nobody (SO_PEERCRED test)")
+def test_a_flood_of_logins_by_an_unknown_account_barely_grows_the_store(services, world):
+    svc = services()
+    world.store.record_event("test.mark", outcome="success")
+    before = store_bytes(svc.data)
+    counts = logins_as_nobody(svc.socket, FLOOD_SECONDS)
+    grown = store_bytes(svc.data) - before
+    print(f"logins: {counts}; store grew by {grown} bytes")
+    assert counts.get("unknown-user", 0) >= 50, counts   # the flood did happen
+    assert grown < 100_000, f"the store grew by {grown} bytes in {FLOOD_SECONDS:g} s: {counts}"
+    assert set(counts) == {"unknown-user"}, counts  # every login still answered as before
+
+    assert svc.signal(signal.SIGTERM) == 0
+    logins = world.store.list_events(kind="login", limit=100)
+    full = [e for e in logins if e.outcome == "failure"]
+    [summary] = [e for e in logins if e.outcome == "repeated"]
+    assert len(full) == 3 and all(e.detail == {"reason": "unknown-user"} for e in full)
+    assert summary.detail["count"] == counts["unknown-user"] - 3
+    assert summary.detail["users"] == ["nobody"] and summary.detail["reason"] == "unknown-user"
     assert world.store.verify_events() >= 5
 
 

@@ -925,6 +925,9 @@ class Store:
         self._depth = 0
         #: called (no arguments) after each ``record_event``, e.g. the service's size alarm
         self.after_event: Callable[[], None] | None = None
+        #: called ``(kind, outcome, username, detail)`` before each ``record_event``: False
+        #: means counted instead of recorded (the service's ``refusals.UnknownLogins``)
+        self.event_gate: Callable[[str, str, str | None, Any], bool] | None = None
 
     # ---------------------------------------------------------------- open / close
 
@@ -1861,13 +1864,16 @@ class Store:
         ``ValueError``) and nothing is written. Nothing is refused for its size: a detail
         too large is cut (``check_detail(..., truncate=True)``), and so are a ``username``
         or ``user_id`` longer than ``MAX_USERNAME_LEN`` characters, with the marker
-        ``...[truncated: N characters]``; the hash chain covers what is stored.
+        ``...[truncated: N characters]``; the hash chain covers what is stored. Returns 0,
+        writing nothing, when ``event_gate`` counts the event instead.
         """
         if not isinstance(kind, str) or not EVENT_KIND_RE.fullmatch(kind):
             raise InvalidValue(f"invalid event kind {kind!r}: lowercase letters, digits and . _ : -")
         if not isinstance(outcome, str) or not OUTCOME_RE.fullmatch(outcome):
             raise InvalidValue(f"invalid event outcome {outcome!r}: a lowercase word")
         detail_text = check_detail(detail, truncate=True)
+        if self.event_gate is not None and not self.event_gate(kind, outcome, username, detail):
+            return 0
         if user_id is not None:
             user_id = _cut(str(user_id), MAX_USERNAME_LEN)
         cred = None if credential_id is None else bytes(credential_id)

@@ -45,7 +45,7 @@ from ..usernames import RULE, is_username
 from . import protocol
 from .authz import Peer, Rules
 from .ceremony import Ceremony, NamedLocks, SocketInteraction, once
-from .refusals import Refusals
+from .refusals import Refusals, UnknownLogins
 from .storesize import StoreSizeAlarm
 
 log = logging.getLogger("token_agent.service")
@@ -272,6 +272,7 @@ class Service:
         self.agent = None
         self.user_locks = NamedLocks()
         self.refusals = Refusals(lambda: self.store)
+        self.unknown_logins = UnknownLogins(lambda: self.store)
         self.device_locks = NamedLocks()
         self.started_at = time.time()
         self.stopping = threading.Event()
@@ -331,6 +332,7 @@ class Service:
             raise ServiceStartError(str(e)) from e
         alarm = StoreSizeAlarm(self.store.path, self.config.store.size_warning_mb)
         self.store.after_event = alarm.check
+        self.store.event_gate = self.unknown_logins.gate  # counted: refusals.py
         alarm.check()
         try:
             self._cleanup()
@@ -380,6 +382,7 @@ class Service:
         self.keys.close()
         if self.agent is not None:
             self.refusals.close()
+            self.unknown_logins.close()
             self.agent.close()
         log.info("token-agent service stopped")
 
