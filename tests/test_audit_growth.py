@@ -137,7 +137,8 @@ def test_a_flood_of_logins_by_an_unknown_account_barely_grows_the_store(services
     counts = logins_as_nobody(svc.socket, FLOOD_SECONDS)
     grown = store_bytes(svc.data) - before
     print(f"logins: {counts}; store grew by {grown} bytes")
-    assert counts.get("unknown-user", 0) >= 50, counts   # the flood did happen
+    assert counts.get("unknown-user", 0) >= 10, counts   # the flood did happen (an unknown
+    # user's login takes as long as a known one's: not thousands a second any more)
     assert grown < 100_000, f"the store grew by {grown} bytes in {FLOOD_SECONDS:g} s: {counts}"
     assert set(counts) == {"unknown-user"}, counts  # every login still answered as before
 

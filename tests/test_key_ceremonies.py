@@ -16,6 +16,7 @@ from simulators.key.attestation import root_certificate
 from simulators.key.transport import open_in_process_device
 from token_agent import settings as org
 from token_agent.ceremonies.key import EnrolError, KeySettings, enrol_key, login_with_key
+from token_agent.ceremonies.keypresence import PinGuard
 from token_agent.outcome import Factor, Reason
 from token_agent.store import Store
 
@@ -221,8 +222,12 @@ def test_touch_timeout(store, keys):
     vkey, key, _ = keys.new()
     enrol(store, key)
     vkey.presence.set_mode("never")
-    outcome = login(store, key, timeout=0.5)
+    # the login service (trusted): the PIN goes first, then the assertion's touch times out
+    outcome = login(store, key, timeout=0.5, presence=PinGuard(trusted=True))
     assert outcome.reason is Reason.TIMEOUT
+    # anyone else must touch before the PIN is tried (ceremonies/keypresence.py)
+    outcome = login(store, key, timeout=0.5)
+    assert outcome.reason is Reason.PRESENCE_REQUIRED
 
 
 def test_cancel(store, keys):

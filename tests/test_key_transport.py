@@ -31,6 +31,7 @@ from drivers.fido.sim import (
     sim_descriptor,
 )
 from simulators.key.base import KeepaliveStatus
+from simulators.key.control import CONTROL_HEADER
 from simulators.key.ctaphid import MAX_MESSAGE, Cmd, HidError, frame_message
 from simulators.key.transport import KeyServer, open_in_process_device
 from sim_key_double import (
@@ -61,10 +62,14 @@ def tcp_device(server: KeyServer, **kwargs) -> CtapHidDevice:
     )
 
 
-def control(server: KeyServer, path: str, method: str = "POST", body=None) -> tuple[int, dict]:
+def control(
+    server: KeyServer, path: str, method: str = "POST", body=None, headers=None
+) -> tuple[int, dict]:
+    """One control request; by default with the header every state change needs."""
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     req = urllib.request.Request(
-        f"http://127.0.0.1:{server.control_port}{path}", data=data, method=method
+        f"http://127.0.0.1:{server.control_port}{path}", data=data, method=method,
+        headers={CONTROL_HEADER: "1"} if headers is None else headers,
     )
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
@@ -222,14 +227,14 @@ def test_unplug_mid_transaction_over_tcp(served):
     device = tcp_device(server)
     thread, outcome = call_in_thread(lambda: device.call(CTAPHID.CBOR, bytes((NEEDS_TOUCH,))))
     wait_until_waiting(app)
-    assert control(server, "/usb6/power/off", "GET")[0] == 200
+    assert control(server, "/usb6/power/off")[0] == 200
     thread.join(2)
     assert not thread.is_alive()
     assert isinstance(outcome[0], ConnectionError), outcome
     with pytest.raises(ConnectionRefusedError):
         connect(server)
     assert server.status()["powered"] is False
-    assert control(server, "/usb6/power/on", "GET")[0] == 200
+    assert control(server, "/usb6/power/on")[0] == 200
     device = tcp_device(server)
     assert device.ping(b"back") == b"back"
     device.close()
@@ -296,12 +301,12 @@ def test_control_touch_and_pico_button(served):
             )
             wait_until_waiting(app)
             assert control(server, "/", "GET")[1]["waiting_for_touch"] is True
-            assert control(server, approve, "GET" if "usb" in approve else "POST")[0] == 200
+            assert control(server, approve)[0] == 200
             thread.join(2)
             assert outcome == [b"\x00"]
         # the Pico button is held: approved at once, until released
         assert device.call(CTAPHID.CBOR, bytes((NEEDS_TOUCH,))) == b"\x00"
-        assert control(server, "/usb6/touch/off", "GET")[0] == 200
+        assert control(server, "/usb6/touch/off")[0] == 200
         assert control(server, "/press")[0] == 200
         assert device.call(CTAPHID.CBOR, bytes((NEEDS_TOUCH,))) == b"\x00"
         assert control(server, "/release")[0] == 200
@@ -350,7 +355,66 @@ def test_control_errors(served):
     assert control(server, "/", "POST")[0] == 405
     status, answer = control(server, "/presence/sometimes")
     assert status == 400 and "sometimes" in answer["error"]
-    assert control(server, "/usb6/power/sideways", "GET")[0] == 404
+    assert control(server, "/usb6/power/sideways")[0] == 404
+
+
+def raw_control(server: KeyServer, request: bytes) -> tuple[int, dict, dict]:
+    """Send one hand-written HTTP request (any Host, Origin); returns status, JSON, headers."""
+    import http.client
+
+    with socket.create_connection(("127.0.0.1", server.control_port), timeout=5) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read()), dict(response.getheaders())
+
+
+def test_control_refuses_what_a_web_page_can_send(served):
+    """Issue 11f: a page in the developer's browser must not unplug or reconfigure the key:
+    a GET (image, link), a plain form POST (no custom header), a rebound DNS name (Host), a
+    cross-site fetch (Origin). Bounded: each attempt once, on loopback, state checked after."""
+    server, _ = served
+    port = server.control_port
+    before = control(server, "/", "GET")[1]
+    # GET never changes state: 405 with Allow: POST, on every action path and Pico path
+    for path in ("/usb0/power/off", "/usb0/touch/on", "/unplug", "/power-cycle", "/presence/deny"):
+        status, answer, headers = raw_control(
+            server, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        )
+        assert (status, headers.get("Allow")) == (405, "POST"), (path, answer)
+    # POST without the header: what an HTML form or a no-cors fetch sends
+    for path in ("/usb0/power/off", "/unplug", "/presence/deny", "/faults/clear"):
+        assert control(server, path, headers={})[0] == 403, path
+    form = (f"POST /unplug HTTP/1.1\r\nHost: localhost:{port}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 0\r\n\r\n")
+    assert raw_control(server, form.encode())[0] == 403
+    # DNS rebinding: the browser sends the attacker's name (or another port) as Host
+    for host in (f"evil.example:{port}", f"127.0.0.1.nip.io:{port}", "127.0.0.1", f"127.0.0.1:{port + 1}",
+                 f"localhost:{port}x", ""):
+        request = (f"POST /unplug HTTP/1.1\r\nHost: {host}\r\n{CONTROL_HEADER}: 1\r\n"
+                   "Content-Length: 0\r\n\r\n")
+        status, answer, _ = raw_control(server, request.encode())
+        assert status == 403 and "Host" in answer["error"], host
+    no_host = f"POST /unplug HTTP/1.0\r\n{CONTROL_HEADER}: 1\r\nContent-Length: 0\r\n\r\n"
+    assert raw_control(server, no_host.encode())[0] == 403
+    # a cross-site Origin, even with the header (a CORS preflight would never be granted)
+    for origin in ("https://evil.example", "null", f"http://evil.example:{port}",
+                   "http://localhost:8080", f"https://127.0.0.1:{port}"):
+        headers = {CONTROL_HEADER: "1", "Origin": origin}
+        status, answer = control(server, "/unplug", headers=headers)
+        assert status == 403 and "origin" in answer["error"], origin
+    after = control(server, "/", "GET")[1]
+    assert after["powered"] is True and after["presence"] == before["presence"] == "manual"
+    assert after["faults"] == before["faults"]
+    # what the CLI and KeyControl send works; a same-origin Origin and IPv6/localhost names too
+    assert control(server, "/presence/deny")[1]["presence"] == "deny"
+    for host in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}"):
+        request = (f"POST /presence/auto HTTP/1.1\r\nHost: {host}\r\n{CONTROL_HEADER}: 1\r\n"
+                   f"Origin: http://{host}\r\nContent-Length: 0\r\n\r\n")
+        status, answer, _ = raw_control(server, request.encode())
+        assert (status, answer["presence"]) == (200, "auto"), host
+    assert control(server, "/usb0/power/off")[1]["powered"] is False
+    assert control(server, "/usb0/power/on")[1]["powered"] is True
 
 
 # -- driver and discovery -------------------------------------------------------------------

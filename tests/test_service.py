@@ -467,10 +467,20 @@ def test_password_and_totp_login_then_cancel(services, world):
             c.request("login.answer", login=login, prompt=prompt["prompt"], value=PASSWORD)
         assert info.value.code == "not-found"
 
-        # a wrong password: refused, with the tries left
-        wrong = c.login("alice", answers(WRONG_PASSWORD))
+        # a wrong password: refused in the same words as an unknown user, after the same
+        # prompt, and with no tries left: no factor has succeeded (issue 11, item 10)
+        asked: dict[str, list] = {"alice": [], "mallory": []}
+        results = {}
+        for name in asked:
+            results[name] = c.login(name, lambda event, name=name: asked[name].append(
+                (event["kind"], event["message"])) or WRONG_PASSWORD)
+        wrong, stranger = results["alice"], results["mallory"]
         assert not wrong["ok"] and wrong["reason"] == "wrong-password"
-        assert "tries left" in wrong["message"]
+        assert stranger["reason"] == "unknown-user"
+        assert asked["alice"] == asked["mallory"] == [("secret", "Password")]
+        assert wrong["message"] == stranger["message"] == "Authentication failed."
+        assert wrong["user_id"] is stranger["user_id"] is None
+        assert "tries_left" not in wrong["detail"]
     assert world.events("service.cancel", cause="login.cancel", login=login)
     text = svc.output()
     assert "login finished" in text and " INFO token_agent.service: " in text
@@ -526,28 +536,43 @@ def test_an_unanswered_prompt_times_out_and_connections_are_limited(services, wo
 
 
 def test_local_users_cannot_take_every_connection():
+    """``connections.admit``: per-uid caps, the eighth kept for root and the login services,
+    and, once the users' share is full, an idle connection of the heaviest holder given up
+    for a user holding fewer (connections cannot be pooled by a few accounts)."""
     from types import SimpleNamespace
 
-    from token_agent.config import parse_config
-    from token_agent.service.server import Service
+    from token_agent.service.connections import LOGIN, PUBLIC, admit
 
-    service = Service(parse_config('[service]\nmax_connections = 16\nlogin_service_users = ["gdm"]\n'),
-                      socket_path="/nonexistent/x.sock", environ={})
-    peer = lambda uid, name: Peer(pid=uid, uid=uid, gid=uid, user=name)  # noqa: E731
-    alice, bob, gdm, root = peer(1000, "alice"), peer(1001, "bob"), peer(120, "gdm"), peer(0, "root")
+    login_uids = frozenset({0, 120})
+    opened = iter(range(1000))
 
-    def holding(*peers):
-        service._connections = {i: SimpleNamespace(peer=p) for i, p in enumerate(peers)}
+    def conn(uid, *, busy=False, listener=PUBLIC):
+        return SimpleNamespace(peer=SimpleNamespace(uid=uid), listener=listener,
+                               ceremonies={"x": 1} if busy else {}, opened=next(opened))
 
-    holding(*[alice] * 3)
-    assert not service._over_limit(alice)          # a quarter of 16: 4 each
-    holding(*[alice] * 4)
-    assert service._over_limit(alice) and not service._over_limit(bob)
-    holding(*[alice] * 4, *[bob] * 4, *[peer(1002, "c")] * 4, *[peer(1003, "d")] * 2)
-    assert service._over_limit(peer(1004, "e"))    # 14 of 16: the rest is kept for logins
-    assert not service._over_limit(gdm) and not service._over_limit(root)
-    holding(*[gdm] * 16)
-    assert service._over_limit(root)               # 16 in all: nobody else
+    def check(conns, uid, listener=PUBLIC):
+        return admit(conns, uid, listener=listener, login_uids=login_uids, limit=16, per_user=4)
+
+    alice, bob, c, d, e = 1000, 1001, 1002, 1003, 1004
+    assert check([conn(alice)] * 3, alice) == (True, None)
+    assert check([conn(alice)] * 4, alice) == (False, None)    # the per-user cap
+    assert check([conn(alice)] * 4, bob) == (True, None)
+    # 14 of 16 held by users: their share is full; e holds none, alice (among others) 4:
+    # alice's oldest idle connection makes room
+    held = [conn(alice, busy=True), *[conn(alice) for _ in range(3)],
+            *[conn(bob) for _ in range(4)], *[conn(c) for _ in range(4)], conn(d), conn(d)]
+    ok, evicted = check(held, e)
+    assert ok and evicted is held[1]                            # not the busy one
+    # nobody holds more than d would after: refused
+    assert check([conn(u) for u in range(2000, 2014)], e) == (False, None)
+    # every connection of the heaviest busy: refused
+    assert check([*[conn(alice, busy=True) for _ in range(4)],
+                  *[conn(u) for u in range(2000, 2010)]], e) == (False, None)
+    assert check(held, 120) == (True, None) and check(held, 0) == (True, None)
+    assert check([conn(120)] * 16, 0) == (False, None)         # 16 in all: nobody else
+    # the login socket counts apart: a full public socket leaves it open
+    assert check([conn(alice)] * 16, 0, LOGIN) == (True, None)
+    assert check([conn(0, listener=LOGIN)] * 16, 0, LOGIN) == (False, None)
 
 
 # --------------------------------------------------------------------------- authorisation

@@ -68,3 +68,6 @@ def test_unit_runs_the_service_unprivileged():
     assert s["RuntimeDirectory"] == ["token-agent"]
     assert "TOKEN_AGENT_DATA_DIR=/var/lib/token-agent" in s["Environment"]
     assert s["UMask"] == ["0077"]
+    # a service alive but no longer serving is restarted (issue 11: the accept loop died)
+    assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
+    assert s["WatchdogSec"] == ["30s"] and s["Restart"] == ["on-failure"]

@@ -27,9 +27,24 @@ socket_mode = 0o666                     # anyone may connect: SO_PEERCRED decide
 login_service_users = ["gdm"]           # may start a login for any user (display managers, PAM) [none]
 admin_group = "token-agent-admin"       # members are administrators of the service
 prompt_timeout = 120                    # seconds a login waits for each answer (1 to 3600)
-max_connections = 256                   # connections at once (1 to 65536); more are refused;
-                                        # one local user may hold a quarter of them, and an
-                                        # eighth is kept for root and the login services
+max_connections = 256                   # connections at once on the socket (1 to 65536);
+                                        # more are refused, an eighth is kept for root and
+                                        # the login services; when it is full, a user holding
+                                        # fewer connections than another takes one of that
+                                        # other's idle ones (so users cannot pool them)
+max_connections_per_user = 16           # connections one local user may hold (1 to 65536)
+idle_timeout = 60                       # seconds a connection may stay without a request, a
+                                        # ceremony or a subscription before it is closed (1 to 3600)
+max_ceremonies = 64                     # logins and enrolments at once (1 to 4096): the worker
+                                        # pool's size; a quarter is kept for root and the login
+                                        # services; more are refused ("busy")
+max_ceremonies_per_user = 4             # ... started by one local user at once (1 to 4096)
+login_socket = "/run/token-agent/login.sock"  # a second socket for root and the login services
+                                        # only, so that no local user's flood on the first one
+                                        # can stop a login [login.sock beside the socket, or
+                                        # NAME-login.sock beside NAME.sock; "" = none]
+login_socket_group = "token-agent-login"  # its group (mode 0660; the service's user must be a
+                                        # member); the login services join it [none: 0600, root only]
 
 [store]
 data_dir = "/var/lib/token-agent"       # [the data directory rules: TOKEN_AGENT_DATA_DIR, XDG, ~]
@@ -90,6 +105,7 @@ SYSTEM_CONFIG_PATH = Path("/etc/token-agent/config.toml")
 ROOT_SOCKET = "/run/token-agent/agent.sock"
 CONFIG_FILENAME = "config.toml"
 SOCKET_FILENAME = "agent.sock"
+LOGIN_SOCKET_FILENAME = "login.sock"
 
 DEVICE_KINDS = ("managed", "unmanaged")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -135,6 +151,12 @@ class ServiceConfig:
     admin_group: str = DEFAULT_ADMIN_GROUP
     prompt_timeout: float = 120.0
     max_connections: int = 256
+    max_connections_per_user: int = 16
+    idle_timeout: float = 60.0
+    max_ceremonies: int = 64
+    max_ceremonies_per_user: int = 4
+    login_socket: str | None = None  # None: LOGIN_SOCKET_FILENAME beside the socket; "": none
+    login_socket_group: str | None = None  # None: mode 0600 (root and the service's user)
 
     def socket_path(self, environ: Mapping[str, str] | None = None,
                     explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -148,6 +170,18 @@ class ServiceConfig:
         if self.socket:
             return Path(self.socket)
         return Path(default_socket(env))
+
+    def login_socket_path(self, socket_path: Path) -> Path | None:
+        """The login services' socket (``login_socket``; by default ``login.sock`` beside
+        ``socket_path``, ``NAME-login.sock`` beside a socket not called ``agent.sock``), or
+        None when ``login_socket = ""`` turns it off."""
+        if self.login_socket == "":
+            return None
+        if self.login_socket:
+            return Path(self.login_socket)
+        if socket_path.name == SOCKET_FILENAME:
+            return socket_path.parent / LOGIN_SOCKET_FILENAME
+        return socket_path.parent / f"{socket_path.stem}-{LOGIN_SOCKET_FILENAME}"
 
     def client_socket_path(self, environ: Mapping[str, str] | None = None,
                            explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -241,7 +275,8 @@ DEFAULT_CONFIG = Config()
 
 _KEYS: dict[str, tuple[str, ...]] = {
     "service": ("socket", "socket_mode", "login_service_users", "admin_group", "prompt_timeout",
-                "max_connections"),
+                "max_connections", "max_connections_per_user", "idle_timeout", "max_ceremonies",
+                "max_ceremonies_per_user", "login_socket", "login_socket_group"),
     "store": ("data_dir", "size_warning_mb"),
     "policy": ("file",),
     "workstation": ("device", "device_id", "network"),
@@ -375,11 +410,27 @@ def _parse_service(p: _Parser, t: Mapping[str, Any]) -> ServiceConfig:
             p.error("service.login_service_users", f"{_show(name)} is not a user name")
     users = tuple(u for u in users if set(u) <= _USER_RE_CHARS)
     group = p.string(t, "admin_group", "service") or DEFAULT_ADMIN_GROUP
+    login_socket = None
+    if "login_socket" in t:
+        login_socket = "" if t["login_socket"] == "" else p.path(t, "login_socket", "service")
+    login_group = p.string(t, "login_socket_group", "service")
+    if login_group is not None and not set(login_group) <= _USER_RE_CHARS:
+        p.error("service.login_socket_group", f"{_show(login_group)} is not a group name")
+        login_group = None
+
+    def count(key: str, default: int) -> int:
+        return p.number(t, key, "service", default, 1, 65536 if "connections" in key else 4096,
+                        "", integer=True)
+
     return ServiceConfig(
         socket=socket, socket_mode=mode, login_service_users=users, admin_group=group,
         prompt_timeout=p.number(t, "prompt_timeout", "service", 120.0, 1, 3600, " seconds"),
-        max_connections=p.number(t, "max_connections", "service", 256, 1, 65536, "",
-                                 integer=True))
+        max_connections=count("max_connections", 256),
+        max_connections_per_user=count("max_connections_per_user", 16),
+        idle_timeout=p.number(t, "idle_timeout", "service", 60.0, 1, 3600, " seconds"),
+        max_ceremonies=count("max_ceremonies", 64),
+        max_ceremonies_per_user=count("max_ceremonies_per_user", 4),
+        login_socket=login_socket, login_socket_group=login_group)
 
 
 def _parse_workstation(p: _Parser, t: Mapping[str, Any]) -> WorkstationConfig:

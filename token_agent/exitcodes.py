@@ -9,7 +9,7 @@ ERROR = 1  # anything unexpected, or a refused request that fits no code below
 USAGE = 2  # bad arguments (click's own code)
 AUTH_FAILED = 3  # authentication refused: wrong PIN, unknown user or credential, bad signature...
 NO_DEVICE = 4  # no key, key removed, or the key failed
-TIMEOUT = 5  # no touch in time, or cancelled (Ctrl-C)
+TIMEOUT = 5  # no touch in time (also the touch asked before a PIN try), or cancelled (Ctrl-C)
 LOCKED = 6  # PIN blocked / too many wrong PINs: needs a power cycle, a reset or an administrator
 STORE = 7  # the credential store cannot be used (unwritable, corrupt, newer schema)
 NOT_FOUND = 8  # the user, credential or setting named does not exist
@@ -33,6 +33,7 @@ REASON_CODES: dict[Reason, int] = {
     Reason.PIN_BLOCKED: LOCKED,
     Reason.PIN_AUTH_BLOCKED: LOCKED,
     Reason.TIMEOUT: TIMEOUT,
+    Reason.PRESENCE_REQUIRED: TIMEOUT,
     Reason.CANCELLED: TIMEOUT,
     Reason.DEVICE_REMOVED: NO_DEVICE,
     Reason.NO_DEVICE: NO_DEVICE,

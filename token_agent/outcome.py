@@ -35,12 +35,14 @@ class Reason(str, enum.Enum):
     PIN_AUTH_BLOCKED = "pin-auth-blocked"  # too many wrong PINs in a row: power-cycle the key
     PIN_BLOCKED = "pin-blocked"
     PIN_REQUIRED = "pin-required"
+    PRESENCE_REQUIRED = "presence-required"  # no touch before a PIN try (ceremonies/keypresence)
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     DEVICE_REMOVED = "device-removed"
     NO_DEVICE = "no-device"
     AMBIGUOUS = "ambiguous-account"
     DEVICE_ERROR = "device-error"
+    INTERNAL_ERROR = "internal-error"  # the agent's own failure (its log says what)
     # smartcards (token_agent/ceremonies/card.py)
     CERT_EXPIRED = "certificate-expired"
     CERT_NOT_YET_VALID = "certificate-not-yet-valid"

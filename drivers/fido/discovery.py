@@ -14,6 +14,7 @@ import fido2.hid
 from fido2.hid import CtapHidDevice
 from fido2.hid.base import CtapHidConnection, HidDescriptor
 
+from .channel import SharedHidDevice
 from .sim import (
     is_sim_path,
     list_sim_descriptors,
@@ -64,10 +65,12 @@ def open_connection(descriptor: HidDescriptor) -> CtapHidConnection:
 
 
 def open_device(descriptor: HidDescriptor) -> CtapHidDevice:
-    """A python-fido2 device for a descriptor (its connection is closed if INIT fails)."""
+    """A python-fido2 device for a descriptor (its connection is closed if INIT fails),
+    that ignores other programs' reports and re-allocates a lost channel
+    (:class:`~drivers.fido.channel.SharedHidDevice`)."""
     connection = open_connection(descriptor)
     try:
-        return CtapHidDevice(descriptor, connection)
+        return SharedHidDevice(descriptor, connection)
     except Exception:
         connection.close()
         raise

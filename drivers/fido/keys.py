@@ -925,7 +925,9 @@ class FidoKey:
         )
         if watch.reason is not None and isinstance(error, (Cancelled, TouchTimeout)):
             return watch.error()  # our timer or the caller's cancel, not the key's doing
-        if isinstance(error, KeyRemoved):
+        if isinstance(error, KeyRemoved) or isinstance(exc, ConnectionFailure):
+            # a framing failure leaves the connection out of step with the key (unread
+            # reports of the answer): closed, so that its holder opens the key afresh
             self._died(error)
         return error
 

@@ -17,6 +17,10 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_HID_PORT = 35962
 #: default TCP port of its HTTP control interface
 DEFAULT_CONTROL_PORT = 35961
+#: header every state-changing control request must carry (with the value "1"): a web page
+#: cannot add a custom header to a cross-site request without a CORS preflight, which the
+#: control interface never grants
+CONTROL_HEADER = "X-Token-Agent-Sim"
 
 
 class ControlError(Exception):
@@ -55,6 +59,7 @@ class KeyControl:
 
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header(CONTROL_HEADER, "1")
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:

@@ -14,11 +14,14 @@ an HTTP control interface.
 Both servers bind to 127.0.0.1 by default. They have no authentication: whoever reaches the
 HID port can use the key and whoever reaches the control port can touch it, so never bind
 them to an address other machines can reach, and never run a simulator on a production
-workstation.
+workstation. The control port keeps web pages in the developer's own browser out (see
+:func:`refuse_request`): nothing changes on GET, a state change needs POST with the header
+``X-Token-Agent-Sim: 1``, and Host and Origin must be loopback with the control port.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -43,7 +46,7 @@ from drivers.fido.sim import (
 )
 
 from .base import PresenceMode
-from .control import DEFAULT_CONTROL_PORT, DEFAULT_HID_PORT, LOOPBACK
+from .control import CONTROL_HEADER, DEFAULT_CONTROL_PORT, DEFAULT_HID_PORT, LOOPBACK
 from .ctaphid import REPORT_SIZE
 from .device import KeyHandle, VirtualKey
 
@@ -357,10 +360,11 @@ class KeyServer:
 
         ``GET /`` status; ``GET /faults``; python-fido2's Pico controller paths
         ``/usbN/touch/on|off`` (hold / release the button) and ``/usbN/power/off|on``
-        (unplug / plug in; N is accepted and ignored: one key per server), GET or POST; and
-        POST ``/touch`` (a tap), ``/press``, ``/release``, ``/presence/<mode>``,
+        (unplug / plug in; N is accepted and ignored: one key per server); and POST
+        ``/touch`` (a tap), ``/press``, ``/release``, ``/presence/<mode>``,
         ``/power-cycle``, ``/unplug``, ``/plug``, ``/faults`` (JSON object of FaultPlan
-        fields), ``/faults/clear``.
+        fields), ``/faults/clear``. Nothing changes state on GET (405, ``Allow: POST``).
+        Over HTTP, :func:`refuse_request` also checks Host, Origin and :data:`CONTROL_HEADER`.
         """
         path = path.rstrip("/") or "/"
         key, presence = self.key, self.key.presence
@@ -370,6 +374,8 @@ class KeyServer:
             return HTTPStatus.OK, self.status() if path == "/" else {"ok": True, **key.faults.as_dict()}
         pico = self._PICO.fullmatch(path)
         if pico is not None:
+            if method != "POST":
+                return _method_not_allowed("POST")
             what, state = pico.group(2), pico.group(3)
             action = {
                 ("touch", "on"): presence.press,
@@ -430,6 +436,62 @@ class KeyServer:
         return HTTPStatus.OK, self.status()
 
 
+#: names a browser may use for this machine's loopback interface
+_LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+def _is_loopback_host(host: str, bound: str) -> bool:
+    host = host.lower()
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if address.is_loopback:
+        return True
+    try:  # an explicit, non-wildcard address the server was told to bind to
+        return not ipaddress.ip_address(bound).is_unspecified and address == ipaddress.ip_address(bound)
+    except ValueError:
+        return False
+
+
+def refuse_request(
+    method: str, headers: Any, port: int, bound: str = LOOPBACK
+) -> tuple[int, dict] | None:
+    """Why an HTTP control request must be refused, or None. Against a web page in the
+    developer's browser (CSRF, DNS rebinding): Host must name loopback (or the bound address)
+    with the control port; Origin, when sent, must be that same loopback origin; and every
+    request but GET must carry ``X-Token-Agent-Sim: 1``, a header a page cannot add to a
+    cross-site request without a CORS preflight, which this server never grants."""
+    host = headers.get("Host")
+    parts = urlsplit(f"//{host}") if host else None
+    try:
+        host_ok = (
+            parts is not None
+            and parts.port == port
+            and _is_loopback_host(parts.hostname or "", bound)
+        )
+    except ValueError:  # a port that is not a number
+        host_ok = False
+    if not host_ok:
+        return _error(HTTPStatus.FORBIDDEN, f"Host must be a loopback address with port {port}")
+    origin = headers.get("Origin")
+    if origin is not None:
+        o = urlsplit(origin)
+        try:
+            origin_ok = (
+                o.scheme == "http" and o.port == port and _is_loopback_host(o.hostname or "", bound)
+            )
+        except ValueError:
+            origin_ok = False
+        if not origin_ok:
+            return _error(HTTPStatus.FORBIDDEN, "cross-origin requests are refused")
+    if method != "GET" and headers.get(CONTROL_HEADER) != "1":
+        return _error(HTTPStatus.FORBIDDEN, f"state-changing requests need the header {CONTROL_HEADER}: 1")
+    return None
+
+
 def _error(status: HTTPStatus, message: str) -> tuple[int, dict]:
     return status, {"ok": False, "error": message}
 
@@ -466,6 +528,14 @@ class _ControlHandler(BaseHTTPRequestHandler):
         self._handle("DELETE")
 
     def _handle(self, method: str) -> None:
+        server = self.server
+        refusal = refuse_request(
+            method, self.headers, server.server_address[1], server.key_server.host
+        )
+        if refusal is not None:
+            logger.warning("control %s %s refused: %s", method, self.path[:200], refusal[1]["error"])
+            self._reply(*refusal)
+            return
         try:
             body = self._read_body()
         except ValueError as e:

@@ -10,11 +10,18 @@ pytest calls for ``-p`` plugins before it imports any conftest.
 It is loaded by its bare module name, not as ``tests.conformance...``: the sdist's own tests
 are the package ``tests``, and importing ours under that name first would shadow it.
 
+The suite's ``PicoController`` drives ``--controller`` with plain GETs (``urlopen(url)``),
+which the virtual key's control interface refuses for anything that changes state (a web page
+can send a GET). :func:`adapt_controller` makes its requests POSTs with the
+``X-Token-Agent-Sim`` header through ``simulators.key.control.KeyControl``, so the suite runs
+unchanged against a controller that stays strict for everyone else.
+
 Configuration: ``TOKEN_AGENT_CONFORMANCE_KEY=host:port`` (the virtual key's socket).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -74,11 +81,35 @@ def pytest_report_header(config):
     return f"token-agent conformance: fido2.hid discovery sees only the virtual key(s) {keys}"
 
 
+def adapt_controller() -> None:
+    """Send the suite's controller requests (``PicoController._request(path)``) as the
+    virtual key's control interface requires: GET for ``/`` (its reachability check), POST
+    with the custom header for the touch and power paths."""
+    from urllib.parse import urlsplit
+
+    suite = sys.modules.get("tests.device")
+    controller = getattr(suite, "PicoController", None)
+    if controller is None or not callable(getattr(controller, "_request", None)):
+        raise pytest.UsageError(
+            "the device suite's tests.device.PicoController._request was not found: "
+            "the fido2 sdist changed, adapt fido2_device_plugin.adapt_controller"
+        )
+    from simulators.key.control import KeyControl
+
+    def _request(self, path):
+        url = urlsplit(self.base_url)
+        control = KeyControl(port=url.port or 80, host=url.hostname or "127.0.0.1")
+        return json.dumps(control.request("GET" if path == "/" else "POST", path)).encode()
+
+    controller._request = _request
+
+
 def pytest_sessionstart(session):
-    """Fail fast if the virtual key is not discoverable: the suite itself would poll for a
-    device forever."""
+    """Adapt the suite's controller, and fail fast if the virtual key is not discoverable:
+    the suite itself would poll for a device forever."""
     if not _installed:
         return
+    adapt_controller()
     import fido2.hid
 
     deadline = time.monotonic() + PREFLIGHT_TIMEOUT

@@ -18,10 +18,12 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
                    on_touch: Callable[[], None] | None, timeout: float = 30.0,
                    cancel: threading.Event | None = None,
                    open_key: Callable[[], object] | None = None,
-                   environ: Mapping[str, str] | None = None) -> Callable[[str | None], LoginOutcome]:
+                   environ: Mapping[str, str] | None = None,
+                   presence=None) -> Callable[[str | None], LoginOutcome]:
     """``username -> outcome`` of a key login. ``open_key`` opens the key to use; by
     default, with several keys plugged in, the one holding the user's credential (asked
-    silently), else the one the user touches; ``environ`` names simulators too."""
+    silently), else the one the user touches; ``environ`` names simulators too.
+    ``presence``: the ceremony's ``keypresence.PinGuard`` (default: not the login service)."""
     from drivers.fido import errors as key_errors
     from drivers.fido.keys import open_key_for, open_single_key
 
@@ -54,7 +56,7 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
             with opener(username, settings) as key:
                 return login_with_key(store, key, username=username, pin_provider=pin_provider,
                                       on_touch=on_touch, timeout=timeout, cancel=cancel,
-                                      settings=settings)
+                                      settings=settings, presence=presence)
         except key_errors.FidoKeyError as e:
             return LoginOutcome.failure("key", device_failure(e), e.message)
 

@@ -34,6 +34,7 @@ from drivers.fido import errors as key_errors
 from drivers.fido.keys import FidoKey
 
 from .. import webauthn
+from .keypresence import PinGuard, PresenceRequired
 from ..outcome import Factor, LoginOutcome, Reason
 from ..store import SignCountRegression, Store, UnknownUser
 
@@ -149,9 +150,12 @@ def enrol_key(
     timeout: float = 30.0,
     cancel: threading.Event | None = None,
     settings: KeySettings | None = None,
+    presence: PinGuard | None = None,
 ) -> EnrolResult:
     """Register ``key`` for ``username``. Raises EnrolError, drivers' FidoKeyError, or the
-    store's errors; writes nothing unless every check passed."""
+    store's errors; writes nothing unless every check passed. ``presence``: who must touch
+    the key before its PIN is tried (:mod:`.keypresence`); by default, a caller that is not
+    the login service."""
     settings = settings or KeySettings.from_store(store)
     user = store.get_user(username)
     existing = store.list_fido_credentials(user.id)
@@ -181,7 +185,9 @@ def enrol_key(
         attestation=AttestationConveyancePreference.DIRECT,
         extensions={"credProps": True},
     )
-    pins = _PinTracker(pin_provider)
+    presence = presence or PinGuard(trusted=False, on_touch=on_touch, timeout=timeout,
+                                    cancel=cancel)
+    pins = _PinTracker(presence.pin_provider(key, pin_provider))
     response = key.make_credential(
         options, origin=settings.origin, pin_provider=pins, on_touch=on_touch,
         timeout=timeout, cancel=cancel,
@@ -211,6 +217,8 @@ def enrol_key(
     if not check.user_verified:
         warnings.append("the key did not verify a PIN at enrolment: it counts as one factor")
     with store.transaction():
+        if cancel is not None and cancel.is_set():  # the person left: nobody to give it to
+            raise key_errors.Cancelled()
         store.add_fido_credential(
             user.id,
             name=name,
@@ -251,6 +259,7 @@ _DEVICE_FAILURES: tuple[tuple[type, Reason], ...] = (
     (key_errors.KeyRemoved, Reason.DEVICE_REMOVED),
     (key_errors.NoKeyFound, Reason.NO_DEVICE),
     (key_errors.NoCredentials, Reason.UNKNOWN_CREDENTIAL),
+    (PresenceRequired, Reason.PRESENCE_REQUIRED),
 )
 
 
@@ -273,9 +282,11 @@ def login_with_key(
     cancel: threading.Event | None = None,
     settings: KeySettings | None = None,
     export: bool = False,
+    presence: PinGuard | None = None,
 ) -> LoginOutcome:
     """Authenticate with a key: for ``username``, or usernameless (a discoverable credential
-    says who it is). Always returns an outcome; failures are recorded in the audit log."""
+    says who it is). Always returns an outcome; failures are recorded in the audit log.
+    ``presence`` as for :func:`enrol_key`."""
     started = time.perf_counter()
     settings = settings or KeySettings.from_store(store)
 
@@ -308,7 +319,9 @@ def login_with_key(
         allow = [c.credential_id for c in creds]
 
     challenge = os.urandom(32)
-    pins = _PinTracker(pin_provider)
+    presence = presence or PinGuard(trusted=False, on_touch=on_touch, timeout=timeout,
+                                    cancel=cancel)
+    pins = _PinTracker(presence.pin_provider(key, pin_provider))
     try:
         responses = key.assert_credentials(
             rp_id=settings.rp_id, challenge=challenge, allow=allow,

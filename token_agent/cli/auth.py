@@ -11,7 +11,7 @@ from .. import exitcodes
 from . import main
 from .common import (
     Context, PinSource, TerminalInteraction, cancellable, device_errors, emit, fail, json_option,
-    pass_ctx, pin_options, say, touch_prompt,
+    pass_ctx, pin_guard, pin_options, say, touch_prompt,
 )
 from .keys import key_option, open_key, timeout_option
 from .policy_cmd import make_device, with_device
@@ -59,7 +59,8 @@ def enrol_key(ctx: Context, username: str, name: str | None, key_path: str | Non
         try:
             result = cancellable(lambda cancel: enrol(
                 store, key, username, name=name, pin_provider=PinSource(pin_stdin),
-                on_touch=touch_prompt, timeout=timeout, cancel=cancel))
+                on_touch=touch_prompt, timeout=timeout, cancel=cancel,
+                presence=pin_guard(timeout, cancel)))
         except EnrolError as e:
             fail(e.message, exitcodes.CONFLICT if e.reason == "name-taken"
                  else exitcodes.AUTH_FAILED)
@@ -128,9 +129,12 @@ def _policy_login(ctx: Context, username: str, primary: str | None, second: str 
     cancel_of: dict = {}  # Ctrl-C sets the flow's cancel event; the key ceremony shares it
 
     def key_login(name: str):
+        if "presence" not in cancel_of:  # one for the whole login: a touch counts once
+            cancel_of["presence"] = pin_guard(timeout, cancel_of.get("event"))
         return make_key_login(agent.store, pin_provider=pins, on_touch=touch_prompt,
                               timeout=timeout, cancel=cancel_of.get("event"),
-                              open_key=lambda: open_key(key_path, timeout))(name)
+                              open_key=lambda: open_key(key_path, timeout),
+                              presence=cancel_of["presence"])(name)
 
     card_login = make_card_login(agent.store, reader=reader, pin_provider=PinSource(
         pin_stdin or not sys.stdin.isatty(), "PIN for your smartcard"))
@@ -167,7 +171,8 @@ def _key_only_login(ctx: Context, username: str | None, key_path: str | None, ti
     with open_key(key_path, timeout) as key:
         outcome = cancellable(lambda cancel: login_with_key(
             store, key, username=username, pin_provider=PinSource(pin_stdin),
-            on_touch=touch_prompt, timeout=timeout, cancel=cancel, export=bool(export)))
+            on_touch=touch_prompt, timeout=timeout, cancel=cancel, export=bool(export),
+            presence=pin_guard(timeout, cancel)))
     data = outcome.to_json()
     if export and outcome.ok:
         _write_export(export, data["detail"].pop("webauthn"))

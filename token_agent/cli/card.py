@@ -233,7 +233,7 @@ def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool, ra_d
     key PIN (when the key asks), the PUK (with --puk-stdin), the card's new PIN."""
     from ..ceremonies.card import _certificate_subject, check_new_pin, unlock_card
     from ..ceremonies.key import login_with_key
-    from .common import cancellable, touch_prompt
+    from .common import cancellable, pin_guard, touch_prompt
     from .keys import open_key
 
     if puk_stdin == bool(ra_dir):
@@ -243,7 +243,7 @@ def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool, ra_d
     with open_key(key_path, 30.0) as key:
         sponsor_outcome = cancellable(lambda cancel: login_with_key(
             store, key, username=sponsor, pin_provider=PinSource(pin_stdin),
-            on_touch=touch_prompt, cancel=cancel))
+            on_touch=touch_prompt, cancel=cancel, presence=pin_guard(30.0, cancel)))
     if not sponsor_outcome.ok:
         fail(f"sponsor login failed: {sponsor_outcome.message}",
              exitcodes.REASON_CODES.get(sponsor_outcome.reason, exitcodes.ERROR))

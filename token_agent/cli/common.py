@@ -200,6 +200,18 @@ def touch_prompt() -> None:
     say("Touch your security key")
 
 
+def pin_guard(timeout: float = 30.0, cancel: threading.Event | None = None):
+    """Who must touch the key before its PIN is tried, for one CLI ceremony
+    (``token_agent.ceremonies.keypresence``): a background process running as the user can run
+    the CLI too, so only root is trusted to have a person at the key."""
+    import os
+
+    from ..ceremonies.keypresence import PinGuard
+
+    return PinGuard(trusted=os.geteuid() == 0, on_touch=touch_prompt, timeout=timeout,
+                    cancel=cancel)
+
+
 def cancellable(work: Callable[[threading.Event], T]) -> T:
     """Run ``work(cancel)`` on a worker thread; Ctrl-C sets ``cancel`` (the device layer sends
     CTAPHID_CANCEL) and waits for the work to end cleanly instead of tearing it down."""

@@ -7,8 +7,8 @@ import click
 from .. import exitcodes
 from . import main
 from .common import (
-    PinSource, cancellable, device_errors, emit, fail, json_option, new_pin, pin_options, say,
-    touch_prompt,
+    PinSource, cancellable, device_errors, emit, fail, json_option, new_pin, pin_guard,
+    pin_options, say, touch_prompt,
 )
 
 key_option = click.option("--key", "key_path", metavar="PATH",
@@ -79,6 +79,12 @@ def info(key_path: str | None, timeout: float, as_json: bool) -> None:
     emit(as_json, details.to_json(), lambda: _info_text(details))
 
 
+def _before_pin(key, timeout: float) -> None:
+    """A touch first when the rule of ``ceremonies.keypresence`` wants one (not root, or few
+    PIN tries left): these commands send the PIN the user types to the key."""
+    cancellable(lambda cancel: pin_guard(timeout, cancel).before_pin(key))
+
+
 @keys.group()
 def pin() -> None:
     """Set or change a key's PIN."""
@@ -107,6 +113,7 @@ def pin_set(key_path: str | None, timeout: float, pin_stdin: bool, as_json: bool
 def pin_change(key_path: str | None, timeout: float, pin_stdin: bool, as_json: bool) -> None:
     """Change the PIN (with --pin-stdin: the current PIN, then the new one, one per line)."""
     with open_key(key_path, timeout) as key:
+        _before_pin(key, timeout)
         current = PinSource(pin_stdin, "Current PIN")()
         if not current:
             fail("no PIN given", exitcodes.USAGE)
@@ -129,6 +136,7 @@ def credentials_list(key_path: str | None, timeout: float, pin_stdin: bool,
                      as_json: bool) -> None:
     """List the discoverable credentials on a key (needs its PIN)."""
     with open_key(key_path, timeout) as key:
+        _before_pin(key, timeout)
         creds = key.list_credentials(PinSource(pin_stdin)())
     data = [
         {"rp_id": c.rp_id, "user": c.user_name, "display_name": c.display_name,
@@ -155,6 +163,7 @@ def credentials_delete(credential_id: str, key_path: str | None, timeout: float,
     except ValueError:
         fail("CREDENTIAL_ID must be hexadecimal", exitcodes.USAGE)
     with open_key(key_path, timeout) as key:
+        _before_pin(key, timeout)
         key.delete_credential(PinSource(pin_stdin)(), raw)
     emit(as_json, {"deleted": credential_id}, "credential deleted")
 

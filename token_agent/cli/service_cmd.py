@@ -54,7 +54,9 @@ def _from_command_line(name: str) -> bool:
 def serve(ctx: Context, socket_path: str | None, config_path: str | None) -> None:
     """Run the service in the foreground: it owns the keys, the readers and the store, runs
     the policy, and serves the local API on a Unix socket. SIGTERM or SIGINT stop it
-    cleanly (exit 0); SIGHUP reads the configuration and the policy again."""
+    cleanly (exit 0); SIGHUP reads the configuration and the policy again. Under systemd
+    (Type=notify) it says when it is ready, and pings the watchdog while it serves; a service
+    that can no longer accept connections exits 1, so that it is restarted."""
     import signal
     import threading
 
@@ -89,14 +91,11 @@ def serve(ctx: Context, socket_path: str | None, config_path: str | None) -> Non
         elif isinstance(cause, (StoreError, SecretError, OSError)):
             code = exitcodes.STORE
         fail(str(e), code)
-    try:
-        while not stop.wait(0.2):
-            if hup.is_set():
-                hup.clear()
-                _reload(service, config_path)
-    finally:
-        service.stop()
-    sys.exit(exitcodes.OK)
+    from ..service.lifecycle import serve_until_stopped
+    from ..service.sdnotify import Notifier
+
+    sys.exit(serve_until_stopped(service, stop, hup, notifier=Notifier.from_environ(),
+                                 reload=lambda: _reload(service, config_path)))
 
 
 def _reload(service, config_path: str | None) -> None:

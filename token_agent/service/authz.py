@@ -21,6 +21,14 @@ ROLE_ADMIN = "admin"
 ROLE_USER = "user"
 
 
+def credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end (``SO_PEERCRED``: the kernel's
+    word, and no lookup: safe on the accept loop)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
 @dataclass(frozen=True)
 class Peer:
     """The process at the other end of a connection."""
@@ -33,8 +41,12 @@ class Peer:
 
     @classmethod
     def of(cls, sock: socket.socket) -> "Peer":
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", creds)
+        return cls.resolve(*credentials(sock))
+
+    @classmethod
+    def resolve(cls, pid: int, uid: int, gid: int) -> "Peer":
+        """The peer with its user name and groups (``pwd`` / ``os.getgrouplist``: may ask a
+        directory service, so never on the accept loop)."""
         try:
             entry = pwd.getpwuid(uid)
         except KeyError:
@@ -92,6 +104,17 @@ class Rules:
 
     def is_login_service(self, peer: Peer) -> bool:
         return peer.uid == 0 or (peer.user is not None and peer.user in self.login_service_users)
+
+    def login_service_uids(self) -> frozenset[int]:
+        """The uids of root and the login services (looked up now: for the accept loop's
+        limits, which must not look a name up per connection)."""
+        uids = {0}
+        for name in self.login_service_users:
+            try:
+                uids.add(pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                pass
+        return frozenset(uids)
 
     @staticmethod
     def is_self(peer: Peer, username: str | None) -> bool:

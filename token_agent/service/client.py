@@ -62,6 +62,39 @@ def default_socket_path() -> str:
         return "/run/token-agent/agent.sock"
 
 
+#: a full accept backlog (EAGAIN) is retried this long at most, whatever the timeout
+CONNECT_PATIENCE = 10.0
+
+
+def connect(path: str, timeout: float | None) -> socket.socket:
+    """A connected socket. A service whose accept backlog is full (another program flooding
+    its socket) answers EAGAIN at once: that is retried, with a growing pause, until
+    ``timeout`` (at most ``CONNECT_PATIENCE`` seconds) runs out, instead of failing at the
+    first try. A socket that is missing or refused fails at once."""
+    patience = CONNECT_PATIENCE if timeout is None else min(timeout, CONNECT_PATIENCE)
+    deadline = time.monotonic() + patience
+    pause = 0.005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            return sock
+        except (BlockingIOError, InterruptedError) as e:  # EAGAIN: the backlog is full
+            sock.close()
+            if time.monotonic() + pause > deadline:
+                raise ServiceUnavailable(f"cannot connect to the token-agent service at "
+                                         f"{path}: it is not accepting connections (tried "
+                                         f"{patience:g} s: {e.strerror or e})") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        except OSError as e:
+            sock.close()
+            raise ServiceUnavailable(f"cannot connect to the token-agent service at "
+                                     f"{path}: {e.strerror or e} (is `token-agent serve` "
+                                     "running?)") from None
+
+
 class Client:
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = 30.0) -> None:
@@ -69,15 +102,7 @@ class Client:
         :meth:`next_event`) waits for the service (None: for ever)."""
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.timeout = timeout
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(self.path)
-        except OSError as e:
-            self._sock.close()
-            raise ServiceUnavailable(f"cannot connect to the token-agent service at "
-                                     f"{self.path}: {e.strerror or e} (is `token-agent serve` "
-                                     "running?)") from None
+        self._sock = connect(self.path, timeout)
         self._buffer = b""
         self._ids = itertools.count(1)
         self._events: collections.deque[dict] = collections.deque()

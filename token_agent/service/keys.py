@@ -16,6 +16,11 @@ simulator counts a new connection as a plug-in).
   touches among several.
 * Each key serves one ceremony at a time (its lock, held until the ceremony ends); a
   ceremony's wait for a busy key ends at its timeout or when it is cancelled.
+* Other programs may use a key the pool holds (a browser, ``token-agent keys info``): the
+  driver's device (``drivers/fido/channel.py``) ignores their reports, which hidraw delivers
+  to every handle, and gets a new channel when the key forgot the pool's (a power cycle); a
+  key whose connection fell out of step is closed by the driver, dropped here, and reopened
+  at the next scan.
 """
 
 from __future__ import annotations

@@ -2,14 +2,21 @@
 
 Framing
     A Unix stream socket (default ``/run/token-agent/agent.sock``; ``config.toml``
-    ``[service] socket``, or ``TOKEN_AGENT_SOCKET``). Each message is one JSON object encoded
-    as UTF-8 on one line, ending with ``\\n``; a line longer than ``MAX_LINE`` bytes, or one
-    that is not a JSON object, is answered with the error ``bad-request`` and the connection
-    is closed. Either side may close at any time; the service survives a client that goes
-    away in the middle of a ceremony (the ceremony is cancelled and recorded). A connection
-    over the limit (``[service] max_connections``) gets the error ``unavailable`` and is
-    closed. Errors that belong to no request (framing, no integer id, too many
-    connections) carry ``"id": null``.
+    ``[service] socket``, or ``TOKEN_AGENT_SOCKET``), and a second one with the same
+    protocol for root and the login services only (``[service] login_socket``, default
+    ``login.sock`` beside the first, mode 0600 or 0660 with ``login_socket_group``; others
+    are turned away there with ``forbidden``): a local user's flood on the public socket
+    cannot reach it. Each message is one JSON object encoded as UTF-8 on one line, ending
+    with ``\\n``; a line longer than ``MAX_LINE`` bytes, one nested deeper than
+    ``MAX_DEPTH`` levels, or one that is not a JSON object, is answered with the error
+    ``bad-request`` and the connection is closed. Either side may close at any time; the
+    service survives a client that goes away in the middle of a ceremony (the ceremony is
+    cancelled and recorded). A connection over the limits (``[service] max_connections``,
+    ``max_connections_per_user``) gets the error ``unavailable`` and is closed; so is one
+    that sends no request for ``idle_timeout`` seconds while it runs no ceremony and
+    subscribed to no events, and an idle one of a user holding many connections when another
+    user needs room. Errors that belong to no request (framing, no integer id, too many
+    connections, idle) carry ``"id": null``.
 
 Requests and responses
     The client sends ``{"id": N, "op": "NAME", ...arguments}`` (N: an integer the client
@@ -23,7 +30,10 @@ Requests and responses
     a ``user`` that is not a user name: 1 to 64 ASCII letters, digits and . _ - @,
     ``token_agent/usernames.py``; never recorded, and the message does not repeat it),
     ``forbidden`` (the caller may not do this: recorded in the audit log), ``not-found``
-    (user, method, login), ``conflict``, ``unavailable`` (store, devices), ``internal``.
+    (user, method, login), ``conflict``, ``unavailable`` (store, devices), ``busy`` (over
+    a ceremony limit: two running on one connection, ``max_ceremonies_per_user`` for one
+    local user, or the share of ``max_ceremonies`` local users may take; root and the
+    login services keep a quarter of the pool), ``internal``.
 
 Events
     The service also sends messages without an ``id``: ``{"event": "NAME", ...}``, for the
@@ -73,7 +83,10 @@ Operations
         {"event": "info", "login": ID, "message": "Touch your security key"}
         {"event": "qr", "login": ID, "uri": "otpauth://...", "text": "<terminal QR>"}
         {"event": "result", "login": ID, "outcome": {LoginOutcome.to_json()}}
-                                 (a successful login's outcome also has "session": SESSION_ID)
+                                 (a successful login's outcome also has "session": SESSION_ID;
+                                 a failure before any factor succeeded has the message
+                                 "Authentication failed." whatever its reason, no user_id and
+                                 no tries_left: ``ceremonies.login.shown_before_first_factor``)
 
         The login waits for each prompt's answer (``prompt_timeout``, default 120 s, then
         it is cancelled). Exactly one ``result`` event ends every login. The PIN prompts
@@ -106,6 +119,10 @@ Operations
     ``enrol.key`` {"user", "name"|null} -> {"login": ID}  (a ceremony: prompts and result
         events as for ``login.start``; the result's outcome is the enrolment's: {"ok",
         "method": "key", "reason", "message"} and, when ok, ``EnrolResult.to_json()``)
+        A key ceremony (this, or ``login.start``) from a caller that is not a login service
+        asks for a touch on the key before its PIN ("Touch your security key"), as does any
+        caller's when the key has 3 or fewer PIN tries left; without it the outcome's reason
+        is "presence-required" and no PIN was asked (ceremonies/keypresence.py).
     ``policy.explain`` {"user", "device"|null} -> Decision.to_json() + {"text", "user",
         "primary", "device"}
     ``admin.unlock`` {"user", "kind"|null} -> {"cleared": [...]}          (admins only)
@@ -137,10 +154,13 @@ from typing import Any
 
 VERSION = 1
 MAX_LINE = 65536
+#: how deep a message's arrays and objects may nest (requests need 3)
+MAX_DEPTH = 16
 DEFAULT_SOCKET = "/run/token-agent/agent.sock"
 SOCKET_ENV = "TOKEN_AGENT_SOCKET"
 
-ERROR_CODES = ("bad-request", "forbidden", "not-found", "conflict", "unavailable", "internal")
+ERROR_CODES = ("bad-request", "forbidden", "not-found", "conflict", "unavailable", "busy",
+               "internal")
 PROMPT_KINDS = ("secret", "text", "choose")
 
 
@@ -157,10 +177,40 @@ def encode(message: dict[str, Any]) -> bytes:
     return data
 
 
+def nesting_depth(text: str) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not
+    count). Linear, no recursion: measured before the text is parsed."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def decode(line: bytes) -> dict[str, Any]:
     """One line (with or without its ``\\n``) back into a message."""
     if len(line) > MAX_LINE:
         raise ProtocolError(f"line longer than {MAX_LINE} bytes")
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH:  # only then is the scan needed
+        try:
+            depth = nesting_depth(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"not a JSON line: {exc}") from None
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
         message = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

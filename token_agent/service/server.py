@@ -8,10 +8,14 @@ Unix socket.
     service.reload(config)    # (SIGHUP) the policy read again, the rules and timeouts replaced
     service.stop()            # listener closed, ceremonies cancelled, devices and store closed
 
-Threads: one accepting connections; two per connection (reading and answering requests;
-writing, from a bounded queue, so that a client that does not read never stalls whoever
-sends to it: when its queue is full it is disconnected); one per ceremony; the PC/SC
-watcher's. The store is one ``Store`` shared by the threads (its calls are serialised and
+Threads: one accepting connections per socket (``connections.py``: the public socket and
+the login services' own); two per connection (reading and answering requests; writing, from
+a bounded queue, so that a client that does not read never stalls whoever sends to it: when
+its queue is full it is disconnected); a bounded pool of workers for the ceremonies
+(``workers.py``: a ceremony over the limits is refused as ``busy``, never queued); the
+PC/SC watcher's. Everything is bounded by ``[service]`` in config.toml: connections
+(``max_connections``, ``max_connections_per_user``, ``idle_timeout``) and ceremonies
+(``max_ceremonies``, ``max_ceremonies_per_user``, two per connection). The store is one ``Store`` shared by the threads (its calls are serialised and
 every transaction is short; nothing waits for a person or a device inside one).
 
 At start: half-done enrolments (methods still unconfirmed after
@@ -23,14 +27,9 @@ locked, with the lock command, when it is not.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
-import itertools
 import logging
 import os
-import queue
-import socket
-import stat
 import threading
 import time
 import uuid
@@ -43,17 +42,19 @@ from ..config import STALE_ENROLMENT_SECONDS, Config
 from ..outcome import LoginOutcome, Reason
 from ..usernames import RULE, is_username
 from . import protocol
-from .authz import Peer, Rules
+from .authz import Rules
 from .ceremony import Ceremony, NamedLocks, SocketInteraction, once
+from .connections import LOGIN, PUBLIC, Connection, Listener, ListenError, admit
 from .refusals import Refusals, UnknownLogins
 from .storesize import StoreSizeAlarm
+from .workers import WorkerPool
 
 log = logging.getLogger("token_agent.service")
 
-#: messages waiting for a client that does not read, before it is disconnected
-SEND_QUEUE = 1024
 #: seconds stop() waits for the ceremonies to end after cancelling them
 STOP_GRACE = 5.0
+#: logins and enrolments running at once on one connection (a PAM conversation needs one)
+CEREMONIES_PER_CONNECTION = 2
 #: card session end reasons that lock (all but a logout)
 _LOCK_REASONS = ("card-removed", "reader-removed", "card-swapped",
                  "card-gone-after-service-loss", "card-gone-while-stopped")
@@ -79,175 +80,16 @@ class RequestError(Exception):
         self.message = message
 
 
+class _Cancelled(Exception):
+    """A ceremony found cancelled at its commit: nothing of it is written."""
+
+
 class KeyBusy(FidoKeyError):
     """Every key is in use by other ceremonies (for longer than the touch timeout)."""
 
     code = "key_busy"
     default_message = ("The security key is in use by another login: finish that one, or try "
                        "again in a moment.")
-
-
-# --------------------------------------------------------------------------- connections
-
-
-class Connection:
-    """One client: its peer, its reader thread (requests) and writer thread (answers and
-    events, from a bounded queue)."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, service: "Service", sock: socket.socket, peer: Peer) -> None:
-        self.id = next(self._ids)
-        self.service = service
-        self.sock = sock
-        self.peer = peer
-        self.subscribed = False
-        self.subscribed_admin = False
-        self.ceremonies: dict[str, Ceremony] = {}
-        self.closed = threading.Event()
-        self._queue: "queue.Queue[bytes | None]" = queue.Queue(SEND_QUEUE)
-        self._close_lock = threading.Lock()
-        self.reader = threading.Thread(target=self._read_loop, daemon=True,
-                                       name=f"token-agent-conn-{self.id}")
-        self.writer = threading.Thread(target=self._write_loop, daemon=True,
-                                       name=f"token-agent-send-{self.id}")
-
-    def start(self) -> None:
-        self.writer.start()
-        self.reader.start()
-
-    # -- sending -------------------------------------------------------------------------------
-
-    def send(self, message: dict) -> bool:
-        """Queue a message; False when the connection is closed (or has just been closed
-        because its client stopped reading)."""
-        if self.closed.is_set():
-            return False
-        try:
-            data = protocol.encode(message)
-        except (protocol.ProtocolError, TypeError, ValueError) as e:
-            log.error("message not sent: %s", e, extra={"conn": self.id})
-            return False
-        try:
-            self._queue.put_nowait(data)
-        except queue.Full:
-            log.warning("client does not read its messages: disconnected",
-                        extra={"conn": self.id, "peer_uid": self.peer.uid})
-            self.close()
-            return False
-        return True
-
-    def _write_loop(self) -> None:
-        while True:
-            data = self._queue.get()
-            if data is None:
-                break
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                self.close()
-                break
-
-    # -- reading -------------------------------------------------------------------------------
-
-    def _read_loop(self) -> None:
-        buffer = b""
-        try:
-            while not self.closed.is_set():
-                try:
-                    chunk = self.sock.recv(65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if not line.strip():
-                        continue
-                    if not self._handle_line(line):
-                        return
-                if len(buffer) > protocol.MAX_LINE:
-                    self._bad_framing(f"line longer than {protocol.MAX_LINE} bytes")
-                    return
-        finally:
-            self.close()
-
-    def _bad_framing(self, why: str) -> None:
-        self.send({"id": None, "ok": False,
-                   "error": {"code": "bad-request", "message": why}})
-        log.info("bad message: connection closed", extra={"conn": self.id, "why": why})
-        self._drain_then_close()
-
-    def _drain_then_close(self) -> None:
-        try:
-            self._queue.put(None, timeout=1.0)
-        except queue.Full:
-            pass
-        self.writer.join(2.0)
-        self.close()
-
-    def _handle_line(self, line: bytes) -> bool:
-        try:
-            message = protocol.decode(line)
-        except protocol.ProtocolError as e:
-            self._bad_framing(str(e))
-            return False
-        rid = message.get("id")
-        if isinstance(rid, bool) or not isinstance(rid, int):
-            self.send({"id": None, "ok": False, "error": {
-                "code": "bad-request", "message": "every request needs an integer id"}})
-            return True
-        op = message.get("op")
-        try:
-            if not isinstance(op, str):
-                raise RequestError("bad-request", "every request needs an op (a string)")
-            args = {k: v for k, v in message.items() if k not in ("id", "op")}
-            result = self.service.dispatch(self, op, args)
-        except RequestError as e:
-            self.send({"id": rid, "ok": False, "error": {"code": e.code, "message": e.message}})
-            return True
-        except Exception as e:  # noqa: BLE001: answered, logged, the connection carries on
-            from ..store import StoreError
-
-            if isinstance(e, StoreError):
-                log.error("store error in %s: %s", op, e, extra={"conn": self.id})
-                error = {"code": "unavailable", "message": f"the store cannot be used: {e}"}
-            else:
-                log.exception("internal error in %s", op, extra={"conn": self.id})
-                error = {"code": "internal", "message": f"internal error ({type(e).__name__})"}
-            self.send({"id": rid, "ok": False, "error": error})
-            return True
-        self.send({"id": rid, "ok": True, "result": result})
-        return True
-
-    # -- closing -------------------------------------------------------------------------------
-
-    def close(self, flush: float = 0.0) -> None:
-        """Close; with ``flush`` seconds, let the writer send what is queued first."""
-        if flush and not self.closed.is_set() and threading.current_thread() is not self.writer:
-            try:
-                self._queue.put(None, timeout=flush)
-            except queue.Full:
-                pass
-            self.writer.join(flush)
-        with self._close_lock:
-            if self.closed.is_set():
-                return
-            self.closed.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
-        self.service._connection_closed(self)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------- the service
@@ -279,9 +121,14 @@ class Service:
         self._lock = threading.Lock()
         self._connections: dict[int, Connection] = {}
         self._ceremonies: dict[str, Ceremony] = {}
-        self._listener: socket.socket | None = None
-        self._socket_inode: int | None = None
-        self._accept_thread: threading.Thread | None = None
+        self._listeners: list[Listener] = []
+        self._login_uids = self.rules.login_service_uids()
+        cfg = config.service
+        # the registry's limits (_new_ceremony) keep it below its size; the slack covers a
+        # worker still returning from a ceremony that has just ended
+        self.workers = WorkerPool(cfg.max_ceremonies + CEREMONIES_PER_CONNECTION,
+                                  name="token-agent-worker")
+        self.login_socket_path = cfg.login_socket_path(self.socket_path)
         self._watcher = None
         self._cards = None  # CardSessionManager
         self._card_sessions: dict[str, str] = {}  # manager session id -> store session id
@@ -323,11 +170,20 @@ class Service:
         from ..policy import resolve_policy
 
         ws = self.config.workstation
+        cfg = self.config.service
         self._device = Device(ws.device, ws.effective_device_id(), ws.network)
-        self._check_socket()  # another service on it: stop before touching the store
+        self._listeners = [Listener(self, self.socket_path, kind=PUBLIC, mode=cfg.socket_mode)]
+        if self.login_socket_path is not None:
+            group = cfg.login_socket_group
+            self._listeners.append(Listener(self, self.login_socket_path, kind=LOGIN,
+                                            mode=0o660 if group else 0o600, group=group))
         try:
+            for listener in self._listeners:  # another service on it: stop before the store
+                listener.check()
             self.agent = Agent.open(self.data_dir, environ=self.environ, policy=resolve_policy(
                 self.policy_path, self.environ, strict=True))  # strict: filetrust.py
+        except ListenError as e:
+            raise ServiceStartError(str(e)) from None
         except Exception as e:
             raise ServiceStartError(str(e)) from e
         alarm = StoreSizeAlarm(self.store.path, self.config.store.size_warning_mb)
@@ -337,35 +193,55 @@ class Service:
         try:
             self._cleanup()
             self._start_cards()
-            self._listen()
-        except BaseException:
-            self._stop_cards()
-            self.agent.close()
+            for listener in self._listeners:
+                listener.open()
+            for listener in self._listeners:
+                listener.start()
+        except BaseException as e:
+            self.stop()
+            if isinstance(e, ListenError):
+                raise ServiceStartError(str(e)) from None
             raise
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                               name="token-agent-accept")
-        self._accept_thread.start()
         log.info("token-agent service listening", extra={
-            "socket": str(self.socket_path), "store": str(self.store.path),
+            "socket": str(self.socket_path),
+            "login_socket": str(self.login_socket_path) if self.login_socket_path else None,
+            "store": str(self.store.path),
             "policy": self.agent.policy.source or "built-in", "version": __version__,
             "pid": os.getpid()})
         return self
 
+    def healthy(self) -> str | None:
+        """None when the service serves; else what is wrong (an accept loop dead or stuck),
+        for the main loop, which then exits so that it is restarted, and for the watchdog,
+        which then stops its pings."""
+        if self.stopping.is_set():
+            return None
+        for listener in self._listeners:
+            if not listener.healthy():
+                return f"the accept loop of {listener.path} is not running"
+        return None
+
     def stop(self) -> None:
-        """Close the listener, cancel the ceremonies, stop watching, close the store."""
+        """Close the listeners, cancel the ceremonies, stop watching, close the store. Safe
+        from any state: before or during start, twice, from a signal's loop; each step's
+        failure is logged and the next step still runs."""
         if self.stopping.is_set():
             return
         self.stopping.set()
         log.info("token-agent service stopping")
-        listener, self._listener = self._listener, None
-        if listener is not None:
+        for step in (self._close_listeners, self._end_ceremonies, self._close_connections,
+                     self._stop_cards, self.keys.close, self._close_store):
             try:
-                listener.close()
-            except OSError:
-                pass
-        self._unlink_socket()
-        if self._accept_thread is not None:
-            self._accept_thread.join(2.0)
+                step()
+            except Exception:  # noqa: BLE001: stopping goes on whatever a step did
+                log.exception("while stopping (%s)", getattr(step, "__name__", step))
+        log.info("token-agent service stopped")
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+
+    def _end_ceremonies(self) -> None:
         with self._lock:
             ceremonies = list(self._ceremonies.values())
         for c in ceremonies:
@@ -374,23 +250,26 @@ class Service:
         deadline = time.monotonic() + STOP_GRACE
         for c in ceremonies:
             c.done.wait(max(0.0, deadline - time.monotonic()))
+        self.workers.shutdown(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _close_connections(self) -> None:
         with self._lock:
             connections = list(self._connections.values())
         for conn in connections:
             conn.close(flush=1.0)  # the results of the cancelled ceremonies go out first
-        self._stop_cards()
-        self.keys.close()
+
+    def _close_store(self) -> None:
         if self.agent is not None:
             self.refusals.close()
             self.unknown_logins.close()
             self.agent.close()
-        log.info("token-agent service stopped")
 
     def reload(self, config: Config) -> list[str]:
         """Apply a new configuration (SIGHUP) without a restart: the policy file is read
-        again, and the login services, admin group, prompt timeout, connection limit,
-        workstation and logging take effect for what starts from now on. The socket, the
-        store, the keys and the cards need a restart: returns the tables whose change was
+        again, and the login services, admin group, prompt and idle timeouts, connection
+        and per-user limits, workstation and logging take effect for what starts from now
+        on. The sockets, the worker pool's size, the store, the keys and the cards need a
+        restart: returns the tables whose change was
         not applied. A policy that does not load leaves everything as it was (PolicyError)."""
         from ..policy import resolve_policy
 
@@ -399,133 +278,43 @@ class Service:
         ws = config.workstation
         self._device = type(self._device)(ws.device, ws.effective_device_id(), ws.network)
         self.rules = Rules(config.service.login_service_users, config.service.admin_group)
+        self._login_uids = self.rules.login_service_uids()
         agent = self.agent
         agent.policy, agent._factors, agent._delivery_loaded = policy, None, False
         old = self.config
-        pending = [name for name, before, after in (
-            ("service.socket", old.service.socket, config.service.socket),
-            ("service.socket_mode", old.service.socket_mode, config.service.socket_mode),
+        fixed = ("socket", "socket_mode", "login_socket", "login_socket_group", "max_ceremonies")
+        pending = [f"service.{k}" for k in fixed
+                   if getattr(old.service, k) != getattr(config.service, k)]
+        pending += [name for name, before, after in (
             ("store", old.store, config.store), ("keys", old.keys, config.keys),
             ("cards", old.cards, config.cards)) if before != after]
         from dataclasses import replace
 
-        self.config = replace(config, service=replace(config.service, socket=old.service.socket,
-                                                      socket_mode=old.service.socket_mode),
+        self.config = replace(config, service=replace(config.service, **{
+                                  k: getattr(old.service, k) for k in fixed}),
                               store=old.store, keys=old.keys, cards=old.cards)
         log.info("configuration and policy reloaded", extra={
             "policy": policy.source or "built-in", "needs_restart": pending})
         return pending
 
-    # ------------------------------------------------------------------ the socket
+    # ------------------------------------------------------------------ connections
 
-    def _check_socket(self) -> None:
-        """Refuse a socket another service listens on; remove one left by a dead service."""
-        path = self.socket_path
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ServiceStartError(f"{path} exists and is not a socket: move it aside or "
-                                        "choose another socket ([service] socket)")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(1.0)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # a socket left by a service that died
-                log.info("removed a stale socket", extra={"socket": str(path)})
-            else:
-                raise ServiceStartError(f"another token-agent service is listening on {path}")
-            finally:
-                probe.close()
-
-    def _listen(self) -> None:
-        path = self.socket_path
-        parent = path.parent
-        if not parent.is_dir():
-            try:
-                parent.mkdir(parents=True, mode=0o755)
-                os.chmod(parent, 0o755)
-            except OSError as e:
-                raise ServiceStartError(f"cannot create the socket's directory {parent}: "
-                                        f"{e.strerror or e}") from None
-        self._check_socket()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(str(path))
-            os.chmod(path, self.config.service.socket_mode)
-            sock.listen(128)
-        except OSError as e:
-            sock.close()
-            raise ServiceStartError(f"cannot listen on {path}: {e.strerror or e}") from None
-        sock.settimeout(0.2)
-        self._socket_inode = path.stat().st_ino
-        self._listener = sock
-
-    def _unlink_socket(self) -> None:
-        try:
-            if self._socket_inode is not None and \
-                    self.socket_path.stat().st_ino == self._socket_inode:
-                self.socket_path.unlink()
-        except OSError:
-            pass
-
-    def _accept_loop(self) -> None:
-        while not self.stopping.is_set():
-            listener = self._listener
-            if listener is None:
-                break
-            try:
-                sock, _ = listener.accept()
-            except socket.timeout:
-                continue
-            except OSError as e:
-                if self.stopping.is_set():
-                    break
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept a connection: %s", e.strerror)
-                    time.sleep(0.1)
-                    continue
-                break
-            sock.settimeout(None)
-            try:
-                peer = Peer.of(sock)
-            except OSError as e:
-                log.warning("no peer credentials: connection refused (%s)", e)
-                sock.close()
-                continue
-            conn = Connection(self, sock, peer)
-            with self._lock:
-                full = self._over_limit(peer)
-                if not full:
-                    self._connections[conn.id] = conn
-            if full:
-                log.warning("too many connections: refused", extra={"peer_uid": peer.uid,
-                                                                   "peer_pid": peer.pid})
-                try:
-                    sock.sendall(protocol.encode({"id": None, "ok": False, "error": {
-                        "code": "unavailable", "message": "too many connections: try again"}}))
-                except OSError:
-                    pass
-                sock.close()
-                continue
-            log.debug("connection", extra={"conn": conn.id, "peer_uid": peer.uid,
-                                           "peer_pid": peer.pid, "peer_user": peer.user})
-            conn.start()
-
-    def _over_limit(self, peer: Peer) -> bool:
-        """Whether a new connection of ``peer`` would be one too many (under ``_lock``):
-        ``max_connections`` in all; one ordinary user at most a quarter of them, and all of
-        them together at most seven eighths (the rest is kept for root and the login
-        services, so that local users cannot lock the login screen out)."""
-        limit = self.config.service.max_connections
-        conns = list(self._connections.values())
-        if len(conns) >= limit:
-            return True
-        if self.rules.is_login_service(peer):
-            return False
-        ordinary = [c for c in conns if not self.rules.is_login_service(c.peer)]
-        if len(ordinary) >= max(1, limit - limit // 8):
-            return True
-        return sum(1 for c in ordinary if c.peer.uid == peer.uid) >= max(1, limit // 4)
+    def admit(self, conn: Connection) -> bool:
+        """The accept loops' admission (``connections.admit``): True and the connection is
+        registered; an idle connection may be closed to make room for it."""
+        cfg = self.config.service
+        with self._lock:
+            ok, evict = admit(list(self._connections.values()), conn.peer.uid,
+                              listener=conn.listener, login_uids=self._login_uids,
+                              limit=cfg.max_connections, per_user=cfg.max_connections_per_user)
+            if ok:
+                self._connections[conn.id] = conn
+        if evict is not None:
+            log.warning("connection closed to make room for another user's", extra={
+                "conn": evict.id, "peer_uid": evict.peer.uid, "for_uid": conn.peer.uid})
+            evict.close_soon("unavailable",
+                             "connection closed: another user needed room (connect again)")
+        return ok
 
     def _connection_closed(self, conn: Connection) -> None:
         with self._lock:
@@ -635,6 +424,7 @@ class Service:
                          "roles": self.rules.roles(peer, self.store)},
                 "service": {"pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 3),
                             "connections": connections, "ceremonies": ceremonies,
+                            "threads": threading.active_count(),
                             "subscribers": subscribers,
                             "sessions": counts, "readers": readers,
                             "watching_readers": self._watcher is not None}}
@@ -689,22 +479,53 @@ class Service:
             raise RequestError("bad-request", "a password login needs a user")
         device = self._device_of(conn, a["device"])
         c = self._new_ceremony(conn, "login", "login.start", user)
-        c.thread = threading.Thread(target=self._run_login, args=(c, a, device), daemon=True,
-                                    name=f"token-agent-login-{c.id}")
-        c.thread.start()
+        self._launch(c, self._run_login, a, device)
         log.info("login started", extra={"login": c.id, "user": user, "primary": a["primary"],
                                          "peer_uid": peer.uid, "service": a["service"]})
         return {"login": c.id}
 
     def _new_ceremony(self, conn: Connection, kind: str, op: str, user: str | None) -> Ceremony:
-        c = Ceremony(conn, kind, op, user, prompt_timeout=self.config.service.prompt_timeout)
+        """Register a ceremony, within the limits: ``CEREMONIES_PER_CONNECTION`` on one
+        connection; for callers who are not root or a login service,
+        ``max_ceremonies_per_user`` per uid and, all of them together, ``max_ceremonies``
+        less the quarter kept for root and the login services. Over a limit: ``busy``."""
+        cfg = self.config.service
+        c = Ceremony(conn, kind, op, user, prompt_timeout=cfg.prompt_timeout)
         c.on_timeout = lambda cause: self._record_cancel(c, cause)
+        privileged = conn.peer.uid in self._login_uids
         with self._lock:
             if conn.closed.is_set():
                 raise RequestError("unavailable", "the connection is closing")
+            if len(conn.ceremonies) >= CEREMONIES_PER_CONNECTION:
+                raise RequestError("busy", f"{CEREMONIES_PER_CONNECTION} logins or enrolments "
+                                           "are already running on this connection: wait for "
+                                           "their results")
+            if not privileged:
+                running = [x for x in self._ceremonies.values()
+                           if x.conn.peer.uid not in self._login_uids]
+                if sum(1 for x in running if x.conn.peer.uid == conn.peer.uid) \
+                        >= cfg.max_ceremonies_per_user:
+                    raise RequestError("busy", f"you have {cfg.max_ceremonies_per_user} logins "
+                                               "or enrolments running already: finish or "
+                                               "cancel one first")
+                if len(running) >= max(1, cfg.max_ceremonies - cfg.max_ceremonies // 4):
+                    raise RequestError("busy", "the service is running as many logins as it "
+                                               "may for local users: try again in a moment")
             self._ceremonies[c.id] = c
             conn.ceremonies[c.id] = c
         return c
+
+    def _launch(self, c: Ceremony, run: Callable[..., None], *args: Any) -> None:
+        """Run a registered ceremony on the worker pool, or unregister it and say busy."""
+        if self.workers.submit(run, c, *args):
+            return
+        with self._lock:
+            self._ceremonies.pop(c.id, None)
+            c.conn.ceremonies.pop(c.id, None)
+        c.done.set()
+        log.warning("no worker free for a ceremony: refused", extra={
+            "op": c.op, "peer_uid": c.conn.peer.uid})
+        raise RequestError("busy", "the service is busy: try again in a moment")
 
     def _find_ceremony(self, conn: Connection, login_id: str, *, any_if_admin: bool) -> Ceremony:
         with self._lock:
@@ -751,7 +572,8 @@ class Service:
         runner = make_key_login(self.store, pin_provider=ui.key_pin, on_touch=ui.touch,
                                 timeout=timeout, cancel=c.cancel,
                                 open_key=lambda: self._open_key(c, ui, timeout,
-                                                                username=asked["user"]))
+                                                                username=asked["user"]),
+                                presence=self._pin_guard(c, ui, timeout))
 
         def run(name: str | None) -> LoginOutcome:
             asked["user"] = name
@@ -759,6 +581,15 @@ class Service:
                 return runner(name)
 
         return run
+
+    def _pin_guard(self, c: Ceremony, ui: SocketInteraction, timeout: float):
+        """Who must touch the key before its PIN is tried in this ceremony
+        (``ceremonies/keypresence.py``): a caller other than the login service (a user's own
+        screen locker, ``enrol.key``) always, the login service when few tries are left."""
+        from ..ceremonies.keypresence import PinGuard
+
+        return PinGuard(trusted=self.rules.is_login_service(c.conn.peer), on_touch=ui.touch,
+                        timeout=timeout, cancel=c.cancel)
 
     def _open_key(self, c: Ceremony, ui: SocketInteraction, timeout: float, *,
                   username: str | None = None):
@@ -830,12 +661,20 @@ class Service:
         return run
 
     def _run_login(self, c: Ceremony, a: dict, device) -> None:
-        from ..ceremonies.login import login
+        from ..ceremonies.login import login, shown_before_first_factor
 
         started = time.perf_counter()
         ui = SocketInteraction(c)
         card_used: list = []
         outcome: LoginOutcome | None = None
+        session_id = uuid.uuid4().hex
+
+        def record_session(user, method: str) -> None:
+            # inside the transaction of the login's success: both are written, or neither
+            if c.cancel.is_set():  # the client left (or a cancel came) before the success
+                raise _Cancelled()
+            self._session_row(session_id, user.id, method, device, card_used)
+
         try:
             key_runner = self._key_runner(c, ui)
             card_runner = self._card_runner(c, ui, card_used)
@@ -844,7 +683,7 @@ class Service:
             if username is None:
                 first = card_runner(None) if primary == "card" else key_runner(None)
                 if not first.ok:
-                    outcome = first
+                    outcome = shown_before_first_factor(first)  # no factor yet: no details
                 else:
                     username = c.user = first.user
                     primary = "card" if primary == "card" else "key"
@@ -856,20 +695,38 @@ class Service:
                 with c.user_locked(self.user_locks.get(username)):
                     outcome = login(self.agent, username, interaction=ui, device=device,
                                     primary=primary, second=a["second"], key_login=key_runner,
-                                    card_login=card_runner, cancel=c.cancel)
-        except Exception:
-            log.exception("the login failed unexpectedly", extra={"login": c.id})
-            outcome = LoginOutcome.failure("login", Reason.DEVICE_ERROR,
-                                           "the login failed unexpectedly: see the service's log")
-        session_id = None
+                                    card_login=card_runner, cancel=c.cancel,
+                                    on_success=record_session)
+        except Exception as e:
+            outcome = self._unexpected(c, e, "login")
         if outcome.ok:
             try:
-                session_id = self._start_session(outcome, device, card_used)
+                self._bind_card_session(session_id, outcome, card_used)
             except Exception:
-                log.exception("cannot record the session", extra={"login": c.id})
-        self._finish(c, outcome.to_json() | ({"session": session_id} if session_id else {}),
+                log.exception("cannot bind the session to its card", extra={"login": c.id})
+        self._finish(c, outcome.to_json() | ({"session": session_id} if outcome.ok else {}),
                      ok=outcome.ok, user=outcome.user or c.user, method=outcome.method,
                      reason=outcome.reason.value if outcome.reason else None, started=started)
+
+    def _unexpected(self, c: Ceremony, e: Exception, method: str) -> LoginOutcome:
+        """The outcome of a ceremony that raised: cancelled when it was cancelled (whatever
+        the cancel broke on its way out), else the agent's own failure (logged, recorded)."""
+        if c.cancel.is_set() or isinstance(e, _Cancelled):
+            log.info("ceremony ended by its cancellation", extra={
+                "login": c.id, "cause": c.cancel_cause, "error": type(e).__name__})
+            reason, message = Reason.CANCELLED, "cancelled"
+        else:
+            log.exception("the %s failed unexpectedly", c.kind, extra={"login": c.id})
+            reason = Reason.INTERNAL_ERROR
+            message = f"the {c.kind} failed unexpectedly: see the service's log"
+        try:
+            user = self._agent_user(c.user) if c.user else None
+            self.store.record_event(c.op.replace(".start", ""), user_id=user.id if user else None,
+                                    username=None if user else c.user, outcome="failure",
+                                    detail={"reason": reason.value, "via": "service"})
+        except Exception as err:
+            log.error("cannot record the failure: %s", err)
+        return LoginOutcome.failure(method, reason, message, user=c.user)
 
     def _finish(self, c: Ceremony, outcome: dict, *, ok: bool, user: str | None,
                 method: str | None, reason: str | None, started: float) -> None:
@@ -890,20 +747,27 @@ class Service:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def _start_session(self, outcome: LoginOutcome, device, card_used: list) -> str:
-        """Record the session of a successful login; one that used a card is bound to it
-        (the store's row first, so that a removal racing with this finds it)."""
-        sid = uuid.uuid4().hex
+    def _session_row(self, sid: str, user_id: str, method: str, device, card_used: list) -> None:
+        """Record the session of a successful login (inside its transaction); one that used
+        a card is bound to it (reader, ATR, certificate serial)."""
         card = card_used[-1] if card_used else None
         if card is None or card[1] is None or self._cards is None:
-            self.store.add_session(sid, outcome.user_id, method=outcome.method,
-                                   device_id=device.device_id)
-            return sid
+            self.store.add_session(sid, user_id, method=method, device_id=device.device_id)
+            return
+        card_outcome, reader, atr = card
+        self.store.add_session(sid, user_id, method=method, device_id=device.device_id,
+                               card_reader=reader, card_atr=bytes(atr or b"").hex(),
+                               card_serial=card_outcome.credential_id)
+
+    def _bind_card_session(self, sid: str, outcome: LoginOutcome, card_used: list) -> None:
+        """After the session's row: a card-bound session joins the session manager, which
+        locks it when its card leaves (the row first, so that a removal racing with this
+        finds it)."""
+        card = card_used[-1] if card_used else None
+        if card is None or card[1] is None or self._cards is None:
+            return
         card_outcome, reader, atr = card
         atr = bytes(atr or b"")
-        self.store.add_session(sid, outcome.user_id, method=outcome.method,
-                               device_id=device.device_id, card_reader=reader,
-                               card_atr=atr.hex(), card_serial=card_outcome.credential_id)
         session = self._cards.start_session(card_outcome, reader=reader, atr=atr)
         self._card_sessions[session.id] = sid
         # the card may have left before the manager knew of the session
@@ -912,7 +776,6 @@ class Service:
             from drivers.pcsc.readers import ReaderEvent
 
             self._handle_cards(ReaderEvent("card-removed", reader, None, time.monotonic()))
-        return sid
 
     @staticmethod
     def _session_json(s) -> dict:
@@ -1048,9 +911,7 @@ class Service:
         a = self._args(args, {"user": (str, True), "name": (str, False)})
         user = self._user_op(conn, "enrol.key", a["user"])
         c = self._new_ceremony(conn, "enrol", "enrol.key", user.username)
-        c.thread = threading.Thread(target=self._run_enrol_key, args=(c, a["name"]), daemon=True,
-                                    name=f"token-agent-enrol-{c.id}")
-        c.thread.start()
+        self._launch(c, self._run_enrol_key, a["name"])
         log.info("key enrolment started", extra={"login": c.id, "user": user.username,
                                                  "peer_uid": conn.peer.uid})
         return {"login": c.id}
@@ -1074,7 +935,8 @@ class Service:
                     with c.unlocked():  # the key's wait for a touch holds no user lock
                         result = enrol_key(self.store, key, c.user, name=name,
                                            pin_provider=ui.key_pin, on_touch=ui.touch,
-                                           timeout=timeout, cancel=c.cancel)
+                                           timeout=timeout, cancel=c.cancel,
+                                           presence=self._pin_guard(c, ui, timeout))
             outcome = {"ok": True, "method": "key", "reason": None, "message": "enrolled",
                        **result.to_json()}
         except EnrolError as e:
@@ -1083,15 +945,16 @@ class Service:
         except CredentialExists as e:
             reason = "conflict"
             outcome = {"ok": False, "method": "key", "reason": reason, "message": str(e)}
-        except FidoKeyError as e:
-            reason = device_failure(e).value
-            outcome = {"ok": False, "method": "key", "reason": reason, "message": e.message}
-        except Exception:
-            log.exception("the key enrolment failed unexpectedly", extra={"login": c.id})
-            reason = Reason.DEVICE_ERROR.value
+        except FidoKeyError as e:  # a cancel may break the key's exchange on its way out
+            reason = (Reason.CANCELLED if c.cancel.is_set() else device_failure(e)).value
             outcome = {"ok": False, "method": "key", "reason": reason,
-                       "message": "the enrolment failed unexpectedly: see the service's log"}
-        if not outcome["ok"] and reason != "verification-failed":
+                       "message": "cancelled" if c.cancel.is_set() else e.message}
+        except Exception as e:
+            failed = self._unexpected(c, e, "key")  # recorded there
+            reason, outcome = "recorded", {"ok": False, "method": "key",
+                                           "reason": failed.reason.value,
+                                           "message": failed.message}
+        if not outcome["ok"] and reason not in ("verification-failed", "recorded"):
             try:
                 user = self._agent_user(c.user)
                 self.store.record_event("enrol.key", user_id=user.id if user else None,
@@ -1099,8 +962,8 @@ class Service:
                                         detail={"reason": reason, "via": "service"})
             except Exception as e:
                 log.error("cannot record the failed enrolment: %s", e)
-        self._finish(c, outcome, ok=outcome["ok"], user=c.user, method="key", reason=reason,
-                     started=started)
+        self._finish(c, outcome, ok=outcome["ok"], user=c.user, method="key",
+                     reason=outcome["reason"], started=started)
 
     # -- policy and administration -------------------------------------------------------------
 
