@@ -26,7 +26,9 @@ Requests and responses
         {"id": N, "ok": true, "result": {...}}
         {"id": N, "ok": false, "error": {"code": "CODE", "message": "for people"}}
 
-    Error codes: ``bad-request`` (malformed, unknown op, missing, unknown or wrong argument),
+    Error codes: ``bad-request`` (malformed, unknown op, missing, unknown or wrong argument,
+    a ``user`` that is not a user name: 1 to 64 ASCII letters, digits and . _ - @,
+    ``token_agent/usernames.py``; never recorded, and the message does not repeat it),
     ``forbidden`` (the caller may not do this: recorded in the audit log), ``not-found``
     (user, method, login), ``conflict``, ``unavailable`` (store, devices), ``busy`` (over
     a ceremony limit: two running on one connection, ``max_ceremonies_per_user`` for one
@@ -46,7 +48,11 @@ Who may ask what (the caller is known from ``SO_PEERCRED``, never from the messa
     * admins (uid 0, members of ``[service] admin_group``, or agent users with the role
       ``admin`` whose username is the caller's): every op, for any user.
     * everything else: ``forbidden``, recorded as a ``service.refused`` audit event
-      (detail: ``op``, ``peer_uid``, ``peer_pid``, ``peer_user``, ``target``).
+      (detail: ``op``, ``peer_uid``, ``peer_pid``, ``peer_user``, ``target``); past the
+      first 3 of one caller and op in a minute, refusals are counted and recorded as one
+      ``service.refused`` event with outcome ``repeated`` (detail ``op``, ``peer_uid``,
+      ``peer_user``, ``count``, ``targets``, ``first_at``, ``last_at``) when the minute
+      ends or the service stops (``refusals.py``).
 
     In detail: ``hello`` and ``events.subscribe`` are for anyone (``login.finished`` goes to
     admins only). ``login.start`` with ``user`` null from a caller who may only log
