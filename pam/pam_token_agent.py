@@ -1,7 +1,7 @@
 """PAM module for token-agent, run by libpam-python (``pam_python.so``).
 
     auth [success=done default=die] pam_python.so /usr/lib/token-agent/pam_token_agent.py \\
-        socket=/run/token-agent/agent.sock primary=key
+        login_socket=/run/token-agent/login.sock socket=/run/token-agent/agent.sock primary=key
 
 It is a thin relay between the PAM conversation (the login screen, the console, sshd's
 keyboard-interactive) and the token-agent service's Unix socket
@@ -15,7 +15,15 @@ connection before the login's result, or anything else goes wrong, the answer is
 (``PAM_AUTHINFO_UNAVAIL`` or ``PAM_AUTH_ERR``), never ``PAM_SUCCESS``.
 
 Module arguments
-    ``socket=PATH``         the service's socket (default ``/run/token-agent/agent.sock``)
+    ``login_socket=PATH``   the service's socket for root and the login services (default
+                            ``/run/token-agent/login.sock``), tried first
+    ``socket=PATH``         the service's public socket (default
+                            ``/run/token-agent/agent.sock``), used when the login socket is
+                            missing or not for this process (ENOENT, EACCES: a screen locker
+                            running PAM as the user)
+    ``connect_timeout=SECONDS``  how long to keep trying to connect while the service is busy
+                            (a full accept backlog, EAGAIN) or restarting (ECONNREFUSED):
+                            default 5, within ``timeout``
     ``primary=password|key|card``  the primary factor to ask for (default: the policy's)
     ``timeout=SECONDS``     the whole conversation (default 180)
     ``device=managed|unmanaged``   the kind of device the login happens on (default: the
@@ -40,13 +48,28 @@ import errno
 import ipaddress
 import json
 import socket
+import struct
 import syslog
 import time
 
 DEFAULT_SOCKET = "/run/token-agent/agent.sock"
+DEFAULT_LOGIN_SOCKET = "/run/token-agent/login.sock"
 DEFAULT_TIMEOUT = 180.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: connecting: errors meaning "no such socket, or not one this process may use": the login
+#: socket is then skipped for the public one; the public socket fails at once
+_NOT_FOR_US = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                         errno.ENOTSOCK})
+#: connecting: errors meaning "busy or restarting": tried again until the connect timeout
+_BUSY = frozenset({errno.EAGAIN, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EINTR})
+#: a blocking connect waits in line for a full backlog at most this long at a time
+_CONNECT_SLICE = 1.0
+_RETRY_FIRST, _RETRY_MAX = 0.02, 0.25
 PROTOCOL_VERSION = 1
 MAX_LINE = 65536  # token_agent.service.protocol.MAX_LINE
+#: every send: a service gone away is an error (EPIPE), never SIGPIPE, which would kill the
+#: host process (a screen locker running PAM in-process); the host's signal handling is its own
+NOSIGNAL = socket.MSG_NOSIGNAL
 
 # what the module returns, by the name of the PAM constant (pamh.<name>)
 SUCCESS = "PAM_SUCCESS"
@@ -88,16 +111,31 @@ class Options:
     """The module's arguments (``argv[1:]`` of ``pam_sm_authenticate``)."""
 
     def __init__(self, socket_path=DEFAULT_SOCKET, primary=None, timeout=DEFAULT_TIMEOUT,
-                 device=None, debug=False):
+                 device=None, debug=False, login_socket=DEFAULT_LOGIN_SOCKET,
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT):
         self.socket = socket_path
+        self.login_socket = login_socket
         self.primary = primary
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self.device = device
         self.debug = debug
 
     def __repr__(self):
-        return ("Options(socket=%r, primary=%r, timeout=%r, device=%r, debug=%r)"
-                % (self.socket, self.primary, self.timeout, self.device, self.debug))
+        return ("Options(socket=%r, login_socket=%r, primary=%r, timeout=%r, "
+                "connect_timeout=%r, device=%r, debug=%r)"
+                % (self.socket, self.login_socket, self.primary, self.timeout,
+                   self.connect_timeout, self.device, self.debug))
+
+
+def _seconds(name, value, limit):
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= limit:
+        raise UsageError("%s= is a number of seconds (at most %d)" % (name, limit))
+    return seconds
 
 
 def parse_args(args):
@@ -110,10 +148,10 @@ def parse_args(args):
             options.debug = True
         elif not sep:
             raise UsageError("unknown argument %r" % arg)
-        elif name == "socket":
+        elif name in ("socket", "login_socket"):
             if not value.startswith("/"):
-                raise UsageError("socket= needs an absolute path")
-            options.socket = value
+                raise UsageError("%s= needs an absolute path" % name)
+            setattr(options, name, value)
         elif name == "primary":
             if value not in PRIMARY_FACTORS:
                 raise UsageError("primary= is one of %s" % ", ".join(PRIMARY_FACTORS))
@@ -123,13 +161,9 @@ def parse_args(args):
                 raise UsageError("device= is one of %s" % ", ".join(DEVICE_KINDS))
             options.device = value
         elif name == "timeout":
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = 0.0
-            if not 0 < seconds <= 86400:
-                raise UsageError("timeout= is a number of seconds")
-            options.timeout = seconds
+            options.timeout = _seconds(name, value, 86400)
+        elif name == "connect_timeout":
+            options.connect_timeout = _seconds(name, value, 600)
         else:
             raise UsageError("unknown argument %r" % name)
     return options
@@ -264,7 +298,7 @@ class _Connection:
                            "The answer is too long.", "answer too long")
         self.sock.settimeout(self.remaining())
         try:
-            self.sock.sendall(data)
+            self.sock.sendall(data, NOSIGNAL)
         except socket.timeout:
             raise _Failure(Result(AUTH_ERR, "timeout"), TIMED_OUT, "timed out sending")
         except OSError as exc:
@@ -333,7 +367,8 @@ def authenticate(conversation, socket_path=DEFAULT_SOCKET, user=None, service=No
     who = "user=%s service=%s" % (clean(user), clean(service))
     sock = connection = None
     try:
-        sock = _connect(socket_path, deadline)
+        sock = _connect([options.login_socket, socket_path], deadline,
+                        min(deadline, time.monotonic() + options.connect_timeout), debug)
         connection = _Connection(sock, deadline)
         result = _login(connection, conversation, user=user, service=service,
                         network=network_of(rhost), options=options, debug=debug)
@@ -374,22 +409,68 @@ def _cancel(connection):
     try:
         data = json.dumps({"id": CANCEL_ID, "op": "login.cancel", "login": connection.login})
         connection.sock.settimeout(0.5)
-        connection.sock.sendall(data.encode("utf-8") + b"\n")
+        connection.sock.sendall(data.encode("utf-8") + b"\n", NOSIGNAL)
     except (OSError, TypeError, ValueError):
         pass
 
 
-def _connect(path, deadline):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(max(0.1, min(10.0, deadline - time.monotonic())))
-        sock.connect(path)
-    except (OSError, ValueError) as exc:  # refused, no such file, timeout, permission
-        sock.close()
-        detail = _errno_name(exc) if isinstance(exc, OSError) else "bad socket path"
-        raise _Failure(Result(AUTHINFO_UNAVAIL, "service-unavailable"), NOT_RUNNING,
-                       "cannot connect to %s: %s" % (clean(path, 200), detail))
-    return sock
+def _connect(paths, deadline, connect_deadline, debug):
+    """A connection to the first of ``paths`` (the login socket, then the public one) that
+    exists and is this process's to use. A busy service (a full accept backlog: EAGAIN) or
+    one restarting (ECONNREFUSED) is tried again, with a short backoff, until
+    ``connect_deadline``: an unprivileged flood of the public socket delays a login, it
+    does not fail it at once. Then it fails closed."""
+    failures = []
+    for path in [p for i, p in enumerate(paths) if p and p not in paths[:i]]:
+        try:
+            sock = _connect_one(path, connect_deadline)
+        except OSError as exc:
+            failures.append("%s: %s" % (clean(path, 200), _errno_name(exc)))
+            if exc.errno in _NOT_FOR_US:
+                continue  # not there, or not ours: the next socket
+            break  # busy until the connect timeout: fail closed
+        except ValueError:
+            failures.append("%s: bad socket path" % clean(path, 200))
+            break
+        debug("connected to %s" % clean(path, 200))
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        return sock
+    raise _Failure(Result(AUTHINFO_UNAVAIL, "service-unavailable"), NOT_RUNNING,
+                   "cannot connect to %s" % ", ".join(failures))
+
+
+def _connect_one(path, deadline):
+    """Connect to ``path``, waiting in line while its backlog is full, retrying EAGAIN and
+    ECONNREFUSED until ``deadline``. Raises the last ``OSError``."""
+    delay = _RETRY_FIRST
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # a blocking connect sleeps until the listener accepts or SO_SNDTIMEO runs out
+            # (then EAGAIN); a socket with a Python timeout would fail at once with EAGAIN
+            sock.settimeout(None)  # blocking, whatever the host's default timeout
+            wait = max(0.001, min(_CONNECT_SLICE, deadline - time.monotonic()))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(wait))
+            sock.connect(path)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc.errno if exc.errno is not None else errno.ETIMEDOUT
+            left = deadline - time.monotonic()
+            if error not in _BUSY or left <= 0:
+                raise
+            if error != errno.EAGAIN:  # EAGAIN has waited its slice already
+                time.sleep(min(delay, left))
+                delay = min(_RETRY_MAX, delay * 2)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _timeval(seconds):
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1000000))
 
 
 def _login(connection, conversation, user, service, network, options, debug):

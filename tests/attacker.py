@@ -102,10 +102,13 @@ def hold(path: str, seconds: float, count: int) -> dict:
 
 
 def pipeline(path: str, seconds: float, count: int, linger: float = 0.0) -> dict:
-    s = connect(path)
-    data = b"".join(json.dumps({"id": i, "op": "login.start"}).encode() + b"\n"
-                    for i in range(1, count + 1))
-    s.sendall(data)
+    try:
+        s = connect(path)
+        data = b"".join(json.dumps({"id": i, "op": "login.start"}).encode() + b"\n"
+                        for i in range(1, count + 1))
+        s.sendall(data)
+    except OSError as e:  # turned away (too many connections, the service overloaded)
+        return {"answered": 0, "codes": {}, "closed": str(e)}
     codes: dict[str, int] = {}
     answered = 0
     buffer = b""
@@ -116,6 +119,8 @@ def pipeline(path: str, seconds: float, count: int, linger: float = 0.0) -> dict
             chunk = s.recv(65536)
         except socket.timeout:
             continue
+        except OSError:
+            break
         if not chunk:
             break
         buffer += chunk

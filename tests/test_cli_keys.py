@@ -108,10 +108,13 @@ def test_login_failures_and_exit_codes(cli):
     assert "no security key enrolled" in cli("login", "--method", "key", "--user", "bob",
                                             "--pin-stdin", input=PIN + "\n",
                                             expect=exitcodes.AUTH_FAILED).stderr
-    # the policy login (no --method): bob has nothing to log in with at all
-    assert "bob has no password, key or card" in cli("login", "--user", "bob", "--pin-stdin",
-                                                     input=PIN + "\n",
-                                                     expect=exitcodes.AUTH_FAILED).stderr
+    # the policy login (no --method): bob has nothing to log in with at all, and is told no
+    # more than a stranger, after the same password prompt (issue 11, item 10)
+    nothing = cli("login", "--user", "bob", "--pin-stdin", input=PIN + "\n",
+                  expect=exitcodes.AUTH_FAILED).stderr
+    stranger = cli("login", "--user", "mallory", "--pin-stdin", input=PIN + "\n",
+                   expect=exitcodes.AUTH_FAILED).stderr
+    assert nothing == stranger == "Password:\ntoken-agent: login failed: Authentication failed.\n"
 
 
 def test_pin_blocked_exit_code(cli):

@@ -19,7 +19,8 @@ import pytest
 
 from token_agent import exitcodes
 from token_agent.agent import Agent
-from token_agent.ceremonies.login import Device, explain_for, facts_for, login
+from token_agent.ceremonies.login import (NOT_AUTHENTICATED, Device, explain_for, facts_for,
+                                          login)
 from token_agent.factors import apppasswords, backup, lockout, password, totp
 from token_agent.outcome import Factor, LoginOutcome, Reason
 from token_agent.policy import decide, parse_policy
@@ -240,10 +241,12 @@ def test_wrong_password_wrong_code_unknown_and_disabled_users(world):
 
     out, script = w.login("alice", WRONG_PASSWORD, w.code(secret))
     assert not out.ok and out.reason is Reason.WRONG_PASSWORD
-    assert "9 tries left" in out.message and out.detail["tries_left"] == 9
+    # no factor succeeded yet: the generic words, no tries left (issue 11, item 10)...
+    assert out.message == NOT_AUTHENTICATED and "tries_left" not in out.detail
     assert script.prompts == ["Password"]  # no second factor after a wrong password
-    event = w.events("login", alice)[0]
+    event = w.events("login", alice)[0]  # ...the audit log has them
     assert event.outcome == "failure" and event.detail["reason"] == "wrong-password"
+    assert event.detail["tries_left"] == 9
 
     out, script = w.login("alice", PASSWORD, w.wrong_code(secret))
     assert not out.ok and out.reason is Reason.WRONG_CODE
@@ -251,14 +254,17 @@ def test_wrong_password_wrong_code_unknown_and_disabled_users(world):
     assert "9 tries left" in out.message
     assert exitcodes.REASON_CODES[out.reason] == exitcodes.AUTH_FAILED
 
+    # an unknown or disabled user is asked for the password like anyone (issue 11, item 10)
     out, script = w.login("mallory", PASSWORD)
-    assert not out.ok and out.reason is Reason.UNKNOWN_USER and not script.asked_anything
+    assert not out.ok and out.reason is Reason.UNKNOWN_USER and script.prompts == ["Password"]
+    assert out.message == NOT_AUTHENTICATED
     unknown = w.events("login")[0]
     assert unknown.username == "mallory" and unknown.detail["reason"] == "unknown-user"
 
     w.store.update_user("alice", disabled=True)
     out, script = w.login("alice", PASSWORD, w.code(secret))
-    assert not out.ok and out.reason is Reason.USER_DISABLED and not script.asked_anything
+    assert not out.ok and out.reason is Reason.USER_DISABLED and script.prompts == ["Password"]
+    assert out.message == NOT_AUTHENTICATED
     assert w.events("login", alice)[0].detail["reason"] == "user-disabled"
     assert exitcodes.REASON_CODES[out.reason] == exitcodes.AUTH_FAILED
 
@@ -620,11 +626,60 @@ def test_ten_wrong_codes_lock_the_method_until_unlocked(world):
 def test_wrong_passwords_lock_the_password(world):
     w = world('[lockout]\npassword_max_failures = 3\n')
     w.add_user("alice")
+    alice = w.store.get_user("alice")
     for left in (2, 1, 0):
         out, _ = w.login("alice", WRONG_PASSWORD)
-        assert out.reason is Reason.WRONG_PASSWORD and out.detail["tries_left"] == left
+        assert out.reason is Reason.WRONG_PASSWORD and out.message == NOT_AUTHENTICATED
+        assert w.events("login", alice)[0].detail["tries_left"] == left
     out, script = w.login("alice", PASSWORD)
     assert out.reason is Reason.METHOD_LOCKED and script.prompts == ["Password"]
+    assert out.message == NOT_AUTHENTICATED  # not the lock or its end, before a factor
+
+
+def test_a_stranger_learns_nothing_before_the_first_factor(world):
+    """Issue 11, item 10: an unknown user, a known user with a wrong password, a user with
+    no method, a disabled user and a locked password: the same prompts and the same words,
+    in about the same time (the password checked against a decoy scrypt hash). The details
+    come after a first factor, and stay in the audit log."""
+    import time
+
+    w = world("[lockout]\npassword_max_failures = 2\n")
+    w.add_user("alice")
+    w.add_user("bob", pw=None)  # no method at all
+    w.add_user("carol")
+    w.store.update_user("carol", disabled=True)
+    w.add_user("dave")
+    for _ in range(2):
+        w.login("dave", WRONG_PASSWORD)  # dave's password is locked now
+
+    def attempt(name):
+        began = time.perf_counter()
+        out, script = w.login(name, WRONG_PASSWORD)
+        return out, script, time.perf_counter() - began
+
+    seen, times = {}, {}
+    for name in ("alice", "mallory", "bob", "carol", "dave"):
+        runs = [attempt(name) for _ in range(3)]
+        out, script, _ = runs[-1]
+        assert not out.ok
+        seen[name] = (script.prompts, script.infos, out.message, out.user, out.user_id,
+                      out.detail)
+        times[name] = sorted(t for _, _, t in runs)[1]
+    assert seen["mallory"] == (["Password"], [], NOT_AUTHENTICATED, "mallory", None, {})
+    for name in ("alice", "bob", "carol", "dave"):
+        assert seen[name] == (["Password"], [], NOT_AUTHENTICATED, name, None,
+                              {"primary": "password"} if name in ("alice", "dave") else {})
+    slowest, fastest = max(times.values()), min(times.values())
+    assert slowest / fastest < 3, times  # each did one scrypt
+    reasons = [e.detail["reason"] for e in w.events("login")][:15]
+    assert {"unknown-user", "no-credential-enrolled", "user-disabled", "method-locked",
+            "wrong-password"} <= set(reasons)
+
+    # after a first factor, the details: a wrong code says how many tries are left
+    secret = w.enrol_totp(w.store.get_user("alice"))
+    w.clock.advance(60)
+    out, _ = w.login("alice", PASSWORD, w.wrong_code(secret))
+    assert out.reason is Reason.WRONG_CODE and "tries left" in out.message
 
 
 # --------------------------------------------------------------------------- app passwords

@@ -180,21 +180,23 @@ class FakeAgent:
     """A thread listening on ``path`` that plays ``script(peer)`` on every connection and
     records every message received (``.received``) and every script error (``.errors``)."""
 
-    def __init__(self, path: Path, script):
+    def __init__(self, path: Path, script, backlog: int = 8, accept_after: float = 0.0):
         self.path = path
         self.script = script
+        self.accept_after = accept_after
         self.received: list[dict] = []
         self.errors: list[BaseException] = []
         self.connections = 0
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
-        self.listener.listen(8)
+        self.listener.listen(backlog)
         self.threads: list[threading.Thread] = []
         self.peers: list[Peer] = []
         self.accepting = threading.Thread(target=self._accept, daemon=True)
         self.accepting.start()
 
     def _accept(self):
+        time.sleep(self.accept_after)  # a busy service: its backlog fills meanwhile
         while True:
             try:
                 sock, _ = self.listener.accept()
@@ -209,6 +211,8 @@ class FakeAgent:
 
     def _play(self, peer: Peer):
         try:
+            if not peer.sock.recv(1, socket.MSG_PEEK):
+                return  # closed before a word (a connection that filled the backlog)
             self.script(peer)
         except BaseException as exc:  # noqa: BLE001  (reported by the test)
             self.errors.append(exc)
@@ -243,8 +247,8 @@ def fake_agent(sockdir):
     """``fake_agent(script)``: a :class:`FakeAgent` on a fresh socket (stopped at teardown)."""
     agents = []
 
-    def start(script):
-        agent = FakeAgent(sockdir / f"agent{len(agents)}.sock", script)
+    def start(script, **kwargs):
+        agent = FakeAgent(sockdir / f"agent{len(agents)}.sock", script, **kwargs)
         agents.append(agent)
         return agent
 
@@ -314,6 +318,15 @@ def closing_after_prompt(peer: Peer):
     # the service goes away: no result
 
 
+def closing_at_prompt(peer: Peer):
+    """The service goes away while the person is at the PIN prompt: the answer is sent to a
+    closed connection (EPIPE)."""
+    peer.hello()
+    peer.start()
+    peer.event("prompt", prompt=1, kind="secret", message="Enter the PIN for your security key")
+    peer.close()
+
+
 # -- 1. the logic, without PAM ---------------------------------------------------------------
 
 
@@ -344,7 +357,10 @@ class Log(list):
 
 def run_logic(agent_or_path, conversation, user="alice", service="login", rhost=None, log=None,
               **options):
+    """The module's logic against ``agent_or_path`` as its public socket; the login socket
+    is ``login_socket=`` (default: none there, so the machine's own is never used)."""
     path = str(getattr(agent_or_path, "path", agent_or_path))
+    options.setdefault("login_socket", str(Path(path).with_name("no-login.sock")))
     opts = pam_module.Options(socket_path=path, **options)
     return pam_module.authenticate(conversation, path, user=user, service=service, rhost=rhost,
                                    options=opts, log=log if log is not None else Log())
@@ -371,10 +387,12 @@ def test_logic_debug_logs_steps_but_no_value(fake_agent):
     chosen = []
     log = Log()
     conv = Conversation("correct horse", "2", "8765-4321")
-    result = run_logic(fake_agent(choose_login(chosen)), conv, log=log, debug=True)
+    agent = fake_agent(choose_login(chosen))
+    result = run_logic(agent, conv, log=log, debug=True)
     assert result.code == "PAM_SUCCESS"
     assert [line for _, line in log] == [
-        "login.start sent (primary=- device=- network=-)", "prompt (secret)",
+        f"connected to {agent.path}", "login.start sent (primary=- device=- network=-)",
+        "prompt (secret)",
         "prompt (choose)", "prompt (text)", "result",
         "user=alice service=login outcome=ok user=alice"]
     assert all(p == 7 for p, _ in log[:-1])  # LOG_DEBUG
@@ -432,9 +450,132 @@ def test_logic_connection_refused_fails_closed(sockdir):
     stale.bind(str(path))
     stale.close()  # the file stays, nobody listens: ECONNREFUSED
     conv, log = Conversation(), Log()
-    result = run_logic(path, conv, log=log)
+    began = time.monotonic()
+    result = run_logic(path, conv, log=log, connect_timeout=0.5)
+    took = time.monotonic() - began
     assert result.code == "PAM_AUTHINFO_UNAVAIL" and "ECONNREFUSED" in log.text()
     assert conv.said("error") == [pam_module.NOT_RUNNING]
+    assert 0.4 < took < 3, took  # tried again (a restarting service) until the connect timeout
+
+
+def fill_backlog(path: Path) -> int:
+    """Connect to ``path`` without waiting until its accept backlog is full (EAGAIN), as an
+    unprivileged flood does; the connections are closed at once and stay queued until
+    accepted. Returns how many it took."""
+    count = 0
+    while count < 1000:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            return count
+        finally:
+            sock.close()
+        count += 1
+    raise AssertionError(f"the backlog of {path} never filled")
+
+
+@pytest.mark.parametrize("backlog", [0, 1])
+def test_logic_waits_for_a_service_with_a_full_backlog(fake_agent, backlog):
+    """The attack of issue 11: a flood keeps the accept backlog full. The module waits in
+    line (within connect_timeout) instead of failing at once with EAGAIN."""
+    agent = fake_agent(pin_login(), backlog=backlog, accept_after=1.0)
+    assert fill_backlog(agent.path) >= 1
+    conv, log = Conversation(PIN), Log()
+    began = time.monotonic()
+    result = run_logic(agent, conv, log=log)
+    took = time.monotonic() - began
+    assert result.code == "PAM_SUCCESS", (result, log)
+    assert 0.8 < took < 4, took
+    assert len(agent.ops("hello")) == 1 and not agent.errors
+
+
+def never_accepting(sockdir: Path, conversation, **options):
+    """The module's logic against a service whose backlog is full and which never accepts;
+    returns the result, the log and the seconds it took."""
+    path = sockdir / "stuck.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    log = Log()
+    try:
+        fill_backlog(path)
+        began = time.monotonic()
+        result = run_logic(path, conversation, log=log, **options)
+        return result, log, time.monotonic() - began
+    finally:
+        listener.close()
+
+
+def test_logic_a_service_that_never_accepts_fails_closed_in_time(sockdir):
+    conv = Conversation(PIN)
+    result, log, took = never_accepting(sockdir, conv, connect_timeout=1.5)
+    assert result.code == "PAM_AUTHINFO_UNAVAIL" and result.reason == "service-unavailable"
+    assert conv.calls == [("error", pam_module.NOT_RUNNING)]
+    assert "EAGAIN" in log.text(), log
+    assert 1.3 < took < 4, took
+
+
+def test_logic_connect_timeout_stays_within_the_timeout(sockdir):
+    result, _, took = never_accepting(sockdir, Conversation(), timeout=0.7, connect_timeout=30)
+    assert result.code == "PAM_AUTHINFO_UNAVAIL" and 0.5 < took < 3, (result, took)
+
+
+def test_logic_prefers_the_login_socket(fake_agent):
+    public, login = fake_agent(pin_login()), fake_agent(pin_login())
+    log = Log()
+    result = run_logic(public, Conversation(PIN), login_socket=str(login.path), log=log,
+                       debug=True)
+    assert result.code == "PAM_SUCCESS"
+    assert len(login.ops("login.start")) == 1 and not public.ops("hello")
+    assert f"connected to {login.path}" in log.text()
+
+
+def test_logic_falls_back_to_the_public_socket_when_the_login_socket_is_missing(fake_agent,
+                                                                                 sockdir):
+    public = fake_agent(pin_login())
+    result = run_logic(public, Conversation(PIN), login_socket=str(sockdir / "login.sock"))
+    assert result.code == "PAM_SUCCESS" and len(public.ops("login.start")) == 1
+
+
+def test_logic_both_sockets_missing_says_which(sockdir):
+    log = Log()
+    result = run_logic(sockdir / "agent.sock", Conversation(),
+                       login_socket=str(sockdir / "login.sock"), log=log)
+    assert result.code == "PAM_AUTHINFO_UNAVAIL"
+    assert (f"cannot connect to {sockdir}/login.sock: ENOENT, {sockdir}/agent.sock: ENOENT"
+            in log.text()), log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the module as the user nobody: needs root")
+def test_logic_falls_back_to_the_public_socket_when_the_login_socket_is_not_ours(fake_agent,
+                                                                                  sockdir):
+    """A screen locker runs PAM as the user: the login socket (root and the login services
+    only) refuses it with EACCES, and the public socket is used."""
+    public, login = fake_agent(pin_login()), fake_agent(pin_login())
+    os.chmod(sockdir, 0o755)
+    os.chmod(public.path, 0o666)
+    os.chmod(login.path, 0o600)  # root's
+    shutil.copy(MODULE_PATH, sockdir / "module.py")
+    os.chmod(sockdir / "module.py", 0o644)
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('m', {str(sockdir / 'module.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "lines = []\n"
+        f"opts = m.Options(socket_path={str(public.path)!r}, login_socket={str(login.path)!r},"
+        " debug=True)\n"
+        f"r = m.authenticate(lambda style, text: {PIN!r} if style == 'secret' else None,"
+        " opts.socket, user='alice', options=opts, log=lambda p, l: lines.append(l))\n"
+        "print(r.code); print(*lines, sep='\\n')\n")
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    proc = subprocess.run([python, "-I", "-c", code], user=65534, group=65534,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "PAM_SUCCESS", proc.stdout
+    assert f"connected to {public.path}" in proc.stdout
+    assert len(public.ops("login.start")) == 1 and not login.ops("hello")
 
 
 def test_logic_service_closing_mid_conversation_fails_closed(fake_agent):
@@ -640,14 +781,20 @@ def test_logic_unknown_prompt_kind_fails_closed(fake_agent):
 
 def test_parse_args():
     default = pam_module.parse_args([])
-    assert (default.socket, default.primary, default.timeout, default.device, default.debug) == \
-        ("/run/token-agent/agent.sock", None, 180.0, None, False)
+    assert (default.socket, default.login_socket, default.primary, default.timeout,
+            default.connect_timeout, default.device, default.debug) == \
+        ("/run/token-agent/agent.sock", "/run/token-agent/login.sock", None, 180.0, 5.0, None,
+         False)
     opts = pam_module.parse_args(["socket=/tmp/a.sock", "primary=card", "timeout=30",
-                                  "device=managed", "debug"])
-    assert (opts.socket, opts.primary, opts.timeout, opts.device, opts.debug) == \
-        ("/tmp/a.sock", "card", 30.0, "managed", True)
+                                  "device=managed", "debug", "login_socket=/tmp/l.sock",
+                                  "connect_timeout=2.5"])
+    assert (opts.socket, opts.login_socket, opts.primary, opts.timeout, opts.connect_timeout,
+            opts.device, opts.debug) == \
+        ("/tmp/a.sock", "/tmp/l.sock", "card", 30.0, 2.5, "managed", True)
     for bad in (["primary=totp"], ["timeout=0"], ["timeout=soon"], ["device=phone"],
-                ["socket=relative.sock"], ["sokcet=/tmp/a.sock"], ["nodebug"]):
+                ["socket=relative.sock"], ["sokcet=/tmp/a.sock"], ["nodebug"],
+                ["login_socket=login.sock"], ["connect_timeout=0"], ["connect_timeout=-1"],
+                ["connect_timeout=never"], ["connect_timeout=601"]):
         with pytest.raises(pam_module.UsageError):
             pam_module.parse_args(bad)
 
@@ -707,15 +854,16 @@ class FakePamh:
 def test_entry_points_without_pam(fake_agent, sockdir):
     agent = fake_agent(pin_login())
     arg = f"socket={agent.path}"
+    args = ["mod.py", arg, f"login_socket={sockdir / 'no-login.sock'}"]
     pamh = FakePamh("alice", [PIN])
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg]) == pamh.PAM_SUCCESS
+    assert pam_module.pam_sm_authenticate(pamh, 0, args) == pamh.PAM_SUCCESS
     pamh = FakePamh(None, [PIN])  # usernameless: PAM_USER becomes whoever logged in
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg]) == pamh.PAM_SUCCESS
+    assert pam_module.pam_sm_authenticate(pamh, 0, args) == pamh.PAM_SUCCESS
     assert pamh.user == "alice"
     pamh = FakePamh("alice", [])  # the conversation fails: null answer, then failure
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["mod.py", arg]) == pamh.PAM_AUTH_ERR
+    assert pam_module.pam_sm_authenticate(pamh, 0, args) == pamh.PAM_AUTH_ERR
     pamh = FakePamh("alice", [WRONG_PIN])  # PAM_SILENT: prompts, but no messages
-    assert pam_module.pam_sm_authenticate(pamh, pamh.PAM_SILENT, ["m", arg]) == pamh.PAM_AUTH_ERR
+    assert pam_module.pam_sm_authenticate(pamh, pamh.PAM_SILENT, args) == pamh.PAM_AUTH_ERR
     assert [style for style, _ in pamh.messages] == [pamh.PAM_PROMPT_ECHO_OFF]
     pamh = FakePamh("alice")
     assert pam_module.pam_sm_authenticate(pamh, 0, ["m", "primary=totp"]) == pamh.PAM_SERVICE_ERR
@@ -726,7 +874,7 @@ def test_entry_points_without_pam(fake_agent, sockdir):
         raise FakePamh.exception("the application has no user name")
 
     pamh.get_user = no_user  # usernameless, as a display manager's key login
-    assert pam_module.pam_sm_authenticate(pamh, 0, ["m", arg]) == pamh.PAM_SUCCESS
+    assert pam_module.pam_sm_authenticate(pamh, 0, args) == pamh.PAM_SUCCESS
     assert pamh.user == "alice" and agent.ops("login.start")[-1]["user"] is None
     for name in ("acct_mgmt", "open_session", "close_session", "chauthtok"):
         assert getattr(pam_module, f"pam_sm_{name}")(pamh, 0, ["m"]) == pamh.PAM_IGNORE
@@ -917,7 +1065,8 @@ def pamtester(service: str, user: str, script=(), items=(), capture: SyslogCaptu
               timeout: float = 60.0) -> Pamtester:
     """Run ``pamtester -v SERVICE USER authenticate`` on a pseudo-terminal. ``script``:
     ``(expected, typed)`` pairs: once ``expected`` has appeared in the output (after the
-    previous pair's), ``typed`` is written (``\\n`` added; ``"\\x04"`` alone is Ctrl-D)."""
+    previous pair's), ``typed`` is written (``\\n`` added; ``"\\x04"`` alone is Ctrl-D); a
+    callable ``typed`` is called then, and what it returns is typed."""
     command = ["pamtester", "-v", *[f"-I{item}" for item in items], service, user,
                "authenticate"]
     if capture is not None:
@@ -947,6 +1096,8 @@ def pamtester(service: str, user: str, script=(), items=(), capture: SyslogCaptu
                 if at >= 0:
                     cursor = at + len(expected.encode())
                     steps.pop(0)
+                    if callable(typed):
+                        typed = typed()
                     os.write(master, typed.encode() + (b"" if typed == "\x04" else b"\n"))
             elif proc.poll() is not None and not ready:
                 break
@@ -969,6 +1120,8 @@ def pam_service(pam_services, sockdir):
     ``socket=socket_path`` and ``args``; returns its name."""
 
     def create(socket_path, *args, control="requisite"):
+        if not any(arg.startswith("login_socket=") for arg in args):
+            args = (f"login_socket={sockdir / 'no-login.sock'}", *args)
         return pam_services.create(f"socket={socket_path}", *args, control=control)
 
     return create
@@ -1011,6 +1164,44 @@ def test_pam_service_closing_mid_conversation_fails(fake_agent, pam_service):
     run = pamtester(pam_service(agent.path), "alice", [(PIN_PROMPT, PIN)])
     assert run.returncode != 0 and run.pam_result == "PAM_AUTHINFO_UNAVAIL", run
     assert "closed the connection before the login finished" in run.output
+
+
+def test_pam_service_gone_at_the_prompt_is_an_error_not_sigpipe(fake_agent, pam_service):
+    """The service closes the connection while the person is at the PIN prompt: sending the
+    answer fails with EPIPE. The host process (pamtester here, a screen locker running PAM
+    in-process in real life) must get a PAM error, not be killed by SIGPIPE (signal 13)."""
+    agent = fake_agent(closing_at_prompt)
+    service = pam_service(agent.path)
+    for _ in range(3):
+        run = pamtester(service, "alice", [(PIN_PROMPT, PIN)], timeout=30)
+        assert run.returncode == 1, run  # pamtester's failure; -13 was death by SIGPIPE
+        assert run.pam_result == "PAM_AUTHINFO_UNAVAIL", run
+        assert pam_module.CLOSED in run.output, run
+    assert len(agent.ops("hello")) == 3 and not agent.errors
+
+
+def test_pam_waits_for_a_service_with_a_full_backlog(fake_agent, pam_service):
+    """Through the real PAM stack: the accept backlog is full (a flood) and the service
+    accepts only after 1 s: the login waits and succeeds (it failed at once with EAGAIN,
+    "token-agent is not running")."""
+    agent = fake_agent(pin_login(), backlog=0, accept_after=1.0)
+    service = pam_service(agent.path, "connect_timeout=5")
+    fill_backlog(agent.path)
+    run = pamtester(service, "alice", [(PIN_PROMPT, PIN)])
+    assert run.returncode == 0 and run.pam_result == "PAM_SUCCESS", run
+    assert not agent.errors
+
+
+def test_pam_login_socket_first_then_the_public_one(fake_agent, pam_service, sockdir):
+    public, login = fake_agent(pin_login()), fake_agent(pin_login())
+    run = pamtester(pam_service(public.path, f"login_socket={login.path}"), "alice",
+                    [(PIN_PROMPT, PIN)])
+    assert run.pam_result == "PAM_SUCCESS", run
+    assert len(login.ops("login.start")) == 1 and not public.ops("hello")
+    run = pamtester(pam_service(public.path, f"login_socket={sockdir / 'gone.sock'}"), "alice",
+                    [(PIN_PROMPT, PIN)])
+    assert run.pam_result == "PAM_SUCCESS", run
+    assert len(public.ops("login.start")) == 1
 
 
 def test_pam_choose_prompt(fake_agent, pam_service):
@@ -1069,12 +1260,16 @@ def test_pam_bad_argument_is_a_service_error(pam_service, sockdir):
 
 
 def _example(name: str, socket_path: Path) -> str:
-    """An example stanza from pam/, with this checkout's module and the test's socket."""
+    """An example stanza from pam/, with this checkout's module and the test's socket (its
+    login socket: one that does not exist, beside it)."""
     text = (REPO_ROOT / "pam" / name).read_text()
     assert "/usr/lib/token-agent/pam_token_agent.py" in text
-    assert "socket=/run/token-agent/agent.sock" in text
+    assert " socket=/run/token-agent/agent.sock" in text
+    assert " login_socket=/run/token-agent/login.sock" in text
     return (text.replace("/usr/lib/token-agent/pam_token_agent.py", str(MODULE_PATH))
-            .replace("socket=/run/token-agent/agent.sock", f"socket={socket_path}"))
+            .replace(" socket=/run/token-agent/agent.sock", f" socket={socket_path}")
+            .replace(" login_socket=/run/token-agent/login.sock",
+                     f" login_socket={socket_path.with_name('no-login.sock')}"))
 
 
 def test_example_stanzas_work(fake_agent, pam_services):
@@ -1126,6 +1321,8 @@ def test_pam_syslog_has_the_outcome_and_never_the_secret(fake_agent, pam_service
 # -- 3. the real PAM stack against the real service -----------------------------------------
 
 SERVICE_START_TIMEOUT = 30.0
+CAROL_PASSWORD = "carols own password"
+WRONG_PASSWORD = "not carols password"
 
 
 def _hello(path: Path) -> bool:
@@ -1213,7 +1410,7 @@ class RealService:
 @pytest.fixture
 def real_service(pam_stack, sim_key_server, tmp_path, sockdir):
     """The real service with a virtual key: alice (clinician) has the key enrolled with its
-    PIN, bob exists with no method at all."""
+    PIN, bob exists with no method at all, carol has a password."""
     service = RealService(tmp_path, sockdir / "agent.sock", sim_key_server.address)
     service.cli("keys", "pin", "set", "--pin-stdin", input=PIN + "\n")
     service.cli("users", "add", "alice", "--display-name", "Dr Alice Smith",
@@ -1221,6 +1418,9 @@ def real_service(pam_stack, sim_key_server, tmp_path, sockdir):
     service.cli("enrol", "key", "--user", "alice", "--name", "blue key", "--pin-stdin",
                 input=PIN + "\n")
     service.cli("users", "add", "bob")
+    service.cli("users", "add", "carol")
+    service.cli("enrol", "password", "--user", "carol", "--password-stdin",
+                input=CAROL_PASSWORD + "\n")
     service.start()
     yield service
     service.stop()
@@ -1253,11 +1453,85 @@ def test_real_wrong_pin_fails(real_service, pam_service):
     assert WRONG_PIN not in real_service.output()
 
 
+def _seen(run: Pamtester) -> str:
+    """What the person saw of a failed login: pamtester's output without its own lines (the
+    user name it starts with, the PAM code it ends with)."""
+    return "\n".join(line for line in run.output.splitlines()
+                     if not line.startswith("pamtester: "))
+
+
 def test_real_user_without_a_method_fails_closed(real_service, pam_service):
-    run = pamtester(pam_service(real_service.socket), "bob", [(PIN_PROMPT, PIN)])
+    """bob has no method at all: asked for a password like anyone (the policy's default
+    primary), then the same words as a stranger, not "bob has no password, key or card"."""
+    service = pam_service(real_service.socket)
+    run = pamtester(service, "bob", [("Password: ", WRONG_PASSWORD)])
     assert run.returncode != 0 and run.pam_result == "PAM_AUTH_ERR", _report(run, real_service)
-    assert "successfully" not in run.output
-    assert "bob has no" in run.output, _report(run, real_service)
+    assert "successfully" not in run.output and "bob has no" not in run.output
+    stranger = pamtester(service, "mallory", [("Password: ", WRONG_PASSWORD)])
+    assert _seen(run) == _seen(stranger) == \
+        "Password: \nAuthentication failed.", (run, stranger)
+
+
+def test_real_stranger_and_wrong_password_look_alike(real_service, pam_service):
+    """Issue 11, item 10, through the real PAM stack and service: an unknown user is asked for
+    a password exactly like carol, and both fail in the same words, in a similar time (the
+    unknown user's answer is checked against a decoy scrypt hash). Before, mallory was
+    refused at once (0.03 s), with no prompt."""
+    service = pam_service(real_service.socket, "primary=password")
+    seen: dict[str, set[str]] = {"carol": set(), "mallory": set()}
+    times: dict[str, list[float]] = {"carol": [], "mallory": []}
+    for _ in range(3):
+        for user in ("carol", "mallory"):
+            began = time.monotonic()
+            run = pamtester(service, user, [("Password: ", WRONG_PASSWORD)])
+            times[user].append(time.monotonic() - began)
+            assert run.returncode == 1 and "successfully" not in run.output, \
+                _report(run, real_service)
+            seen[user].add(_seen(run))
+    assert seen["carol"] == seen["mallory"] == {"Password: \nAuthentication failed."}, seen
+    median = {user: sorted(t)[1] for user, t in times.items()}
+    ratio = max(median.values()) / min(median.values())
+    print(f"\nmedian pamtester time: carol (wrong password) {median['carol']:.3f} s, "
+          f"mallory (unknown) {median['mallory']:.3f} s, ratio {ratio:.2f}")
+    assert ratio < 3, median
+    assert WRONG_PASSWORD not in real_service.output()
+
+
+def test_real_no_tries_left_or_lock_time_before_a_first_factor(real_service, pam_service):
+    """Wrong passwords until carol's password locks: PAM shows neither the tries left nor
+    the lock or its end; the service's outcome reasons (and audit log) still know."""
+    from token_agent.service.client import Client
+
+    reasons = []
+    with Client(real_service.socket) as client:
+        for _ in range(30):  # bounded: the password locks after a few (10 by default)
+            outcome = client.login("carol", lambda event: WRONG_PASSWORD,
+                                   primary="password")
+            reasons.append(outcome["reason"])
+            assert outcome["message"] == "Authentication failed.", outcome
+            assert "tries_left" not in outcome["detail"], outcome
+            if outcome["reason"] == "method-locked":
+                break
+    assert reasons[-1] == "method-locked" and reasons[0] == "wrong-password", reasons
+    run = pamtester(pam_service(real_service.socket, "primary=password"), "carol",
+                    [("Password: ", CAROL_PASSWORD)])  # even the right one, now
+    assert run.returncode == 1, _report(run, real_service)
+    assert _seen(run) == "Password: \nAuthentication failed.", run
+    for word in ("locked", "until", "tries left", "UTC"):
+        assert word not in run.output, run
+    assert CAROL_PASSWORD not in real_service.output()
+
+
+def test_real_key_login_of_a_user_without_a_key_says_nothing_of_it(real_service, pam_service):
+    """bob has no key: a key login for him fails like one for a stranger, without "bob has
+    no security key enrolled" (the virtual key is plugged in: it is opened for both)."""
+    service = pam_service(real_service.socket, "primary=key")
+    bob = pamtester(service, "bob")
+    stranger = pamtester(service, "mallory")
+    assert bob.returncode == stranger.returncode == 1, (bob, stranger)
+    assert "no security key enrolled" not in bob.output, _report(bob, real_service)
+    assert _seen(bob) == _seen(stranger) == "Authentication failed.", \
+        (bob, stranger)
 
 
 def test_real_user_spelt_otherwise_is_refused(real_service, pam_service):
@@ -1270,9 +1544,25 @@ def test_real_user_spelt_otherwise_is_refused(real_service, pam_service):
 
 
 def test_real_unknown_user_fails(real_service, pam_service):
-    run = pamtester(pam_service(real_service.socket), "mallory", [(PIN_PROMPT, PIN)])
+    run = pamtester(pam_service(real_service.socket), "mallory", [("Password: ", PIN)])
     assert run.returncode != 0 and run.pam_result == "PAM_USER_UNKNOWN", \
         _report(run, real_service)
+
+
+def test_real_service_stopped_at_the_pin_prompt_is_an_error_not_sigpipe(real_service,
+                                                                        pam_service):
+    """The service is stopped while pamtester waits at the PIN prompt; the PIN is typed
+    after. pamtester must report a PAM error (exit 1), not die of SIGPIPE (-13)."""
+    service = pam_service(real_service.socket, "primary=key")
+
+    def stop_then_pin():
+        real_service.stop()
+        return PIN
+
+    run = pamtester(service, "alice", [(PIN_PROMPT, stop_then_pin)])
+    assert run.returncode == 1, _report(run, real_service)
+    assert run.pam_result == "PAM_AUTHINFO_UNAVAIL", _report(run, real_service)
+    assert "successfully" not in run.output
 
 
 def test_real_service_down_fails_closed(real_service, pam_service):
@@ -1286,3 +1576,73 @@ def test_real_service_down_fails_closed(real_service, pam_service):
     assert run.returncode != 0 and run.pam_result == "PAM_AUTHINFO_UNAVAIL", run
     assert "token-agent is not running: cannot authenticate (ask IT)" in run.output
     assert "successfully" not in run.output
+
+
+FLOOD = """
+import os, socket, sys, threading, time
+path, stop, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.monotonic() + seconds
+count = [0, 0]
+
+def flood(i):
+    while time.monotonic() < end and not os.path.exists(stop):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+            count[i] += 1
+        except OSError:
+            pass
+        s.close()
+
+threads = [threading.Thread(target=flood, args=(i,)) for i in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sum(count))
+"""
+
+
+@pytest.mark.parametrize("through", ["public", "login"])
+def test_real_logins_during_a_connect_flood(real_service, pam_service, sockdir, through):
+    """The attack of issue 11, item 1, bounded: an account with no agent record (nobody)
+    floods the service's public socket with connect/close in 2 threads (stopped after the
+    logins, at most 120 s) while PAM logins run (10; 5 through the public socket, where each
+    takes seconds under the flood). Before, logins failed at once with EAGAIN ("token-agent
+    is not running"; 2 to 4 of 10 with the old module here, 19 of 20 in the review). Now,
+    through the public socket (a screen locker's case: no login socket for it) the module
+    waits in line for the backlog (connect_timeout); through the service's login socket
+    (root's case) the flood is not in the way. All succeed."""
+    logins = 10 if through == "login" else 5
+    login_sock = real_service.socket.with_name("login.sock")
+    if through == "login":
+        assert login_sock.is_socket(), "the service has no login socket"
+        service = pam_service(real_service.socket, f"login_socket={login_sock}", "primary=key",
+                              "connect_timeout=10", "debug")
+    else:
+        service = pam_service(real_service.socket, "primary=key", "connect_timeout=10")
+    os.chmod(sockdir, 0o755)  # the public socket, reachable by other accounts
+    stop = sockdir / "stop-the-flood"
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    flood = subprocess.Popen([python, "-I", "-c", FLOOD, str(real_service.socket), str(stop),
+                              "120"], stdout=subprocess.PIPE, text=True, user=65534,
+                             group=65534)
+    try:
+        time.sleep(1.0)  # the flood is on
+        results = []
+        began = time.monotonic()
+        for _ in range(logins):
+            run = pamtester(service, "alice", [(PIN_PROMPT, PIN)], timeout=60)
+            results.append(run.pam_result)
+        took = time.monotonic() - began
+        assert flood.poll() is None, "the flood ended before the logins"
+    finally:
+        stop.touch()
+        out, _ = flood.communicate(timeout=30)
+    connections = int(out.strip() or 0)
+    print(f"\n{logins} PAM logins through the {through} socket during a connect flood "
+          f"({connections} connections by nobody): {results.count('PAM_SUCCESS')} succeeded "
+          f"in {took:.1f} s")
+    assert connections > 100, "the flood did not reach the service"
+    assert results == ["PAM_SUCCESS"] * logins, (results, real_service.output()[-4000:])

@@ -432,7 +432,10 @@ def test_a_cancelled_key_ceremony_is_recorded_as_cancelled(services, world, sim_
             control = KeyControl(port=sim_key_server.control_port)
             done = threading.Event()
             threading.Thread(target=lambda: [time.sleep(0.3), control.touch(), done.set()]).start()
-            enrol_key(world.store, key, "alice", pin_provider=lambda: KEY_PIN)
+            from token_agent.ceremonies.keypresence import PinGuard
+
+            enrol_key(world.store, key, "alice", pin_provider=lambda: KEY_PIN,
+                      presence=PinGuard(trusted=True))
     c = svc.client()
     args = {"user": "alice", "primary": "key"} if op == "login.start" else {"user": "alice"}
     login = c.request(op, **args)["login"]
@@ -495,3 +498,28 @@ def test_a_ceremony_broken_by_its_cancel_is_recorded_as_cancelled(tmp_path, monk
         assert sorted(reasons) == ["cancelled", "internal-error"], reasons
     finally:
         service.stop()
+
+
+def test_the_limits_in_config_toml_are_checked():
+    from pathlib import Path as P
+
+    from token_agent.config import ConfigError, parse_config
+
+    c = parse_config('[service]\nsocket = "/run/x/agent.sock"\nmax_connections_per_user = 8\n'
+                     'idle_timeout = 5\nmax_ceremonies = 10\nmax_ceremonies_per_user = 2\n'
+                     'login_socket_group = "gdm"\n')
+    s = c.service
+    assert (s.max_connections_per_user, s.idle_timeout, s.max_ceremonies,
+            s.max_ceremonies_per_user, s.login_socket_group) == (8, 5, 10, 2, "gdm")
+    assert s.login_socket_path(P("/run/x/agent.sock")) == P("/run/x/login.sock")
+    assert s.login_socket_path(P("/tmp/svc.sock")) == P("/tmp/svc-login.sock")
+    assert parse_config('[service]\nlogin_socket = ""\n').service.login_socket_path(
+        P("/run/x/agent.sock")) is None
+    assert parse_config('[service]\nlogin_socket = "/run/y/l.sock"\n').service \
+        .login_socket_path(P("/run/x/agent.sock")) == P("/run/y/l.sock")
+    with pytest.raises(ConfigError) as info:
+        parse_config('[service]\nidle_timeout = 0\nmax_ceremonies = "many"\n'
+                     'max_conections_per_user = 3\nlogin_socket_group = "a b"\n')
+    text = str(info.value)
+    assert "service.idle_timeout" in text and "service.max_ceremonies" in text
+    assert "max_connections_per_user" in text and "service.login_socket_group" in text

@@ -13,7 +13,8 @@ Where it is read from, first match wins:
 Every table and key is optional. The file is validated as a whole when the service starts
 (and by ``token-agent config check``): every problem is reported with its key path (an
 unknown key with a suggestion for a misspelt one, a wrong type, a value out of range), and
-the service does not start with a wrong file (exit 2). Relative paths are taken from the
+the service does not start with a wrong file (exit 2), nor with a file (or directory) that
+others than root or its own user can change (``filetrust.py``; other commands warn). Relative paths are taken from the
 directory of the file; ``~`` is the home directory.
 
 ```toml
@@ -47,6 +48,9 @@ login_socket_group = "token-agent-login"  # its group (mode 0660; the service's 
 
 [store]
 data_dir = "/var/lib/token-agent"       # [the data directory rules: TOKEN_AGENT_DATA_DIR, XDG, ~]
+size_warning_mb = 1024                  # the service logs a warning (at most hourly) when the
+                                        # store (with its -wal) grows past this; 0 = never
+                                        # (0 to 1048576)
 
 [policy]
 file = "/etc/token-agent/policy.toml"   # [the policy's own lookup, else the built-in policy]
@@ -91,6 +95,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .filetrust import check_config_file
 from .paths import APP_DIRNAME, config_file, expand_home, home
 from .tomlcheck import TableParser, kind as _kind, show as _show, suggest as _suggest
 
@@ -195,6 +200,7 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     data_dir: str | None = None  # None: token_agent.paths rules
+    size_warning_mb: int = 1024  # 0: never
 
 
 @dataclass(frozen=True)
@@ -271,7 +277,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "service": ("socket", "socket_mode", "login_service_users", "admin_group", "prompt_timeout",
                 "max_connections", "max_connections_per_user", "idle_timeout", "max_ceremonies",
                 "max_ceremonies_per_user", "login_socket", "login_socket_group"),
-    "store": ("data_dir",),
+    "store": ("data_dir", "size_warning_mb"),
     "policy": ("file",),
     "workstation": ("device", "device_id", "network"),
     "keys": ("simulators", "timeout"),
@@ -497,7 +503,10 @@ def parse_config(text: str, source: str = "<config>", *,
             what = "table" if isinstance(value, dict) else "key"
             p.error(key, f"unknown {what} ({hint})")
     service = _parse_service(p, p.table(data, "service"))
-    store = StoreConfig(p.path(p.table(data, "store"), "data_dir", "store"))
+    t = p.table(data, "store")
+    store = StoreConfig(p.path(t, "data_dir", "store"),
+                        p.number(t, "size_warning_mb", "store", 1024, 0, 1048576, " MB",
+                                 integer=True))
     policy = PolicyConfig(p.path(p.table(data, "policy"), "file", "policy"))
     workstation = _parse_workstation(p, p.table(data, "workstation"))
     keys = _parse_keys(p, p.table(data, "keys"))
@@ -547,9 +556,15 @@ def check_config_text(text: str, source: str = "<config>", *,
     return config, [], config_warnings(config)
 
 
-def read_config_file(path: str | os.PathLike[str]) -> str:
-    """The text of a configuration file; ``ConfigError`` when it cannot be read."""
+def read_config_file(path: str | os.PathLike[str], *, strict: bool = False) -> str:
+    """The text of a configuration file; ``ConfigError`` when it cannot be read. A file that
+    others than root (or the running user) can change (``filetrust.py``) is refused with
+    ``strict`` (the service), else warned about on stderr."""
     path = Path(path)
+    if path.exists():
+        problems = check_config_file(path, "configuration file", strict=strict)
+        if problems:
+            raise ConfigError([f"{path}: {p}" for p in problems])
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -586,10 +601,12 @@ def config_path(explicit: str | os.PathLike[str] | None = None,
 
 def load_config(explicit: str | os.PathLike[str] | None = None,
                 environ: Mapping[str, str] | None = None, *,
-                system_path: str | os.PathLike[str] = SYSTEM_CONFIG_PATH) -> Config:
+                system_path: str | os.PathLike[str] = SYSTEM_CONFIG_PATH,
+                strict: bool = False) -> Config:
     """The configuration in force (see the module docstring); ``ConfigError`` when the file
-    is missing (named explicitly or by ``TOKEN_AGENT_CONFIG``), unreadable or invalid."""
+    is missing (named explicitly or by ``TOKEN_AGENT_CONFIG``), unreadable or invalid, or
+    with ``strict`` (the service) writable by others (``read_config_file``)."""
     path = config_path(explicit, environ, system_path=system_path)
     if path is None:
         return DEFAULT_CONFIG
-    return parse_config(read_config_file(path), str(path), environ=environ)
+    return parse_config(read_config_file(path, strict=strict), str(path), environ=environ)

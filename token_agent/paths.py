@@ -10,7 +10,9 @@ files beside it). It is chosen, first match wins, from:
 4. ``~/.local/share/token-agent``.
 
 A directory that does not exist is created with mode 0700 whatever the umask (it will hold
-the credential store); the permissions of an existing directory are left as they are.
+the credential store); the permissions of an existing directory are left as they are, but
+the store and the key file refuse a directory that is a symbolic link, is another user's or
+is writable by others (``filetrust.py``).
 """
 
 from __future__ import annotations

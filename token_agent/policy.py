@@ -123,6 +123,7 @@ from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import Any, Union
 
+from .filetrust import check_config_file
 from .paths import config_file, expand_home
 from .store import USER_CLASSES
 from .tomlcheck import TableParser, kind as _kind, show as _show, suggest as _suggest
@@ -619,9 +620,15 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
                   legacy, dict(delivery), source)
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Read and parse a policy file; ``PolicyError`` when it is missing, unreadable or invalid."""
+def load_policy(path: str | os.PathLike[str], *, strict: bool = False) -> Policy:
+    """Read and parse a policy file; ``PolicyError`` when it is missing, unreadable or invalid.
+    A file that others than root (or the running user) can change (``filetrust.py``) is
+    refused with ``strict`` (the service), else warned about on stderr."""
     path = Path(path)
+    if path.exists():
+        problems = check_config_file(path, "policy file", strict=strict)
+        if problems:
+            raise PolicyError([f"{path}: {p}" for p in problems])
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -719,12 +726,14 @@ def default_policy_path(environ: Mapping[str, str] | None = None, *,
 
 def resolve_policy(explicit_path: str | os.PathLike[str] | None = None,
                    environ: Mapping[str, str] | None = None, *,
-                   system_path: str | os.PathLike[str] = SYSTEM_POLICY_PATH) -> Policy:
-    """The policy in force: the explicit file, else ``default_policy_path``, else the defaults."""
+                   system_path: str | os.PathLike[str] = SYSTEM_POLICY_PATH,
+                   strict: bool = False) -> Policy:
+    """The policy in force: the explicit file, else ``default_policy_path``, else the
+    defaults (``strict``: see ``load_policy``)."""
     if explicit_path is not None and str(explicit_path) != "":
-        return load_policy(explicit_path)
+        return load_policy(explicit_path, strict=strict)
     path = default_policy_path(environ, system_path=system_path)
-    return DEFAULT_POLICY if path is None else load_policy(path)
+    return DEFAULT_POLICY if path is None else load_policy(path, strict=strict)
 
 
 # --- decisions ----------------------------------------------------------------------------

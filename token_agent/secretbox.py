@@ -10,7 +10,9 @@ The key file
     the store without the key file gives away neither the secrets nor a way to test codes
     offline. Keep the key file out of backups that travel with the store, or back it up
     apart. ``TOKEN_AGENT_KEY_FILE`` points elsewhere (e.g. a file on a tmpfs filled from the
-    OS keyring or a TPM at boot).
+    OS keyring or a TPM at boot). The file and its directory must be the running user's (or
+    root's), not writable by group or others, and not symbolic links (``filetrust.py``):
+    otherwise ``SecretError`` naming the path and the fix, and nothing is read or created.
 
 Passwords
     scrypt (``hashlib.scrypt``), N=2**15, r=8, p=1 (32 MiB, about 0.1 s here), 16-byte salt,
@@ -36,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .atomicfile import write_private
+from .filetrust import UntrustedPath, check_private_dir, check_private_file, read_private_file
 
 KEY_FILENAME = "secrets.key"
 KEY_FILE_ENV = "TOKEN_AGENT_KEY_FILE"
@@ -153,9 +156,12 @@ class SecretKeys:
         """The keys of this data directory, creating the key file on first use."""
         path = key_file_path(data_dir, environ)
         try:
-            if not path.exists():
+            # its directory and the file: ours or root's, not writable by others, no links
+            check_private_dir(path.parent, "key file's directory")
+            st = check_private_file(path, "key file")
+            if st is None:
                 _create_key_file(path)
-            st = path.stat()
+                st = check_private_file(path, "key file")
             if st.st_mode & 0o077:
                 try:
                     os.chmod(path, 0o600)
@@ -163,7 +169,9 @@ class SecretKeys:
                     raise SecretError(f"key file {path} can be read by others (mode "
                                       f"{st.st_mode & 0o777:04o}) and cannot be tightened: "
                                       "chmod 600 it") from None
-            master = path.read_bytes()
+            master = read_private_file(path, "key file")
+        except UntrustedPath as exc:
+            raise SecretError(f"cannot use the key file: {exc}") from None
         except OSError as exc:
             raise SecretError(f"cannot use the key file {path}: {exc.strerror or exc}") from None
         if len(master) != KEY_LEN:

@@ -6,7 +6,10 @@ One SQLite file (``paths.store_path(paths.data_dir(...))``), through the standar
 File and durability
     The file is created with mode 0600 whatever the umask (SQLite gives its ``-wal`` and
     ``-shm`` files the same mode); an existing file that group or others may read is
-    tightened to 0600 with a warning (or only the warning when that is not allowed).
+    tightened to 0600 with a warning (or only the warning when that is not allowed). The
+    directory and the files must be the running user's (or root's), not writable by group
+    or others, and not symbolic links (``filetrust.py``): otherwise ``StoreFileError``
+    (reason ``untrusted``), naming the path and the fix, before anything is touched.
     ``journal_mode=WAL``, ``synchronous=FULL`` (every commit is on disk when ``commit``
     returns: a login is rare and must survive a crash or power cut), ``foreign_keys=ON``,
     ``secure_delete=ON`` (deleted rows are overwritten), ``trusted_schema=OFF`` and a busy
@@ -64,7 +67,10 @@ Audit events
     edited, removed or reordered record. A plain hash chain does not stop someone who can
     rewrite the whole file from rewriting the whole chain; anchoring it elsewhere is for
     later. Detail keys that look like secrets (PIN, password, code, secret, token, ...)
-    are refused (``check_detail``): secrets never reach the audit table.
+    are refused (``check_detail``): secrets never reach the audit table. An event is never
+    refused for its size: strings of its detail past ``MAX_DETAIL_STRING`` characters, a
+    detail past ``MAX_DETAIL_BYTES`` and a user name past ``MAX_USERNAME_LEN`` are cut, with
+    a marker giving the original length (``record_event``).
 """
 
 from __future__ import annotations
@@ -89,6 +95,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .filetrust import UntrustedPath, check_private_dir, check_private_file
+from .usernames import MAX_USERNAME_LEN, username_problem
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +139,6 @@ SETTING_ATTESTATION_ROOTS = "attestation_roots"
 #: setting: user verification policy: "required", "preferred" or "discouraged"
 SETTING_USER_VERIFICATION = "user_verification"
 
-USERNAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 ROLE_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 EVENT_KIND_RE = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 OUTCOME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -140,6 +147,8 @@ MAX_NAME_LEN = 64
 MAX_DISPLAY_NAME_LEN = 128
 MAX_CREDENTIAL_ID_LEN = 1023  # WebAuthn's limit
 MAX_DETAIL_BYTES = 16384
+#: longest string value of an audit detail recorded (characters); longer ones are cut
+MAX_DETAIL_STRING = 1024
 USER_HANDLE_LEN = 32
 _GENESIS_HASH = bytes(32)
 
@@ -443,20 +452,33 @@ def secret_looking(key: str) -> bool:
     return not any(w in METADATA_WORDS for w in words if w not in suspicious)
 
 
-def check_detail(detail: Mapping[str, Any] | None) -> str:
+def _cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and a marker giving its length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[truncated: {len(text)} characters]"
+
+
+def check_detail(detail: Mapping[str, Any] | None, *, truncate: bool = False) -> str:
     """Validate an audit detail and return its canonical JSON text.
 
     Raises ``InvalidValue`` (a ``ValueError``) when the detail is not a JSON object of JSON
-    values with string keys, is larger than ``MAX_DETAIL_BYTES``, or has a key at any depth
-    that looks like a secret (``secret_looking``): secrets never reach the audit table.
+    values with string keys, or has a key at any depth that looks like a secret
+    (``secret_looking``): secrets never reach the audit table. A detail larger than
+    ``MAX_DETAIL_BYTES`` raises too, unless ``truncate`` (what ``record_event`` does: an
+    event is never lost for its size): then every string longer than ``MAX_DETAIL_STRING``
+    characters is cut, with the marker ``...[truncated: N characters]``, and a detail still
+    too large becomes ``{"truncated": true, "original_bytes": N, "head": "<the start of
+    its JSON text>"}``.
     """
     if detail is None:
         return "{}"
     if not isinstance(detail, Mapping):
         raise InvalidValue(f"audit detail must be a dict, not {type(detail).__name__}")
 
-    def walk(value: Any, where: str) -> None:
+    def walk(value: Any, where: str) -> Any:
         if isinstance(value, Mapping):
+            out = {}
             for k, v in value.items():
                 if not isinstance(k, str):
                     raise InvalidValue(f"audit detail key {k!r} at {where or 'top level'} is not a string")
@@ -465,23 +487,30 @@ def check_detail(detail: Mapping[str, Any] | None) -> str:
                         f"audit detail key {k!r} looks like a secret (PIN, password, code, secret, "
                         "token): secrets must never be recorded; record a fact about it instead "
                         "(e.g. 'pin_retries', 'code_length')")
-                walk(v, f"{where}.{k}" if where else k)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(v, f"{where}[{i}]")
-        elif value is None or isinstance(value, (str, int, float, bool)):
-            return
-        else:
-            raise InvalidValue(
-                f"audit detail value at {where!r} is a {type(value).__name__}, not a JSON value")
+                out[k] = walk(v, f"{where}.{k}" if where else k)
+            return out
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str):
+            return _cut(value, MAX_DETAIL_STRING) if truncate else value
+        if value is None or isinstance(value, (int, float, bool)):
+            return value
+        raise InvalidValue(
+            f"audit detail value at {where!r} is a {type(value).__name__}, not a JSON value")
 
-    walk(detail, "")
-    try:
-        text = json.dumps(detail, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except ValueError as exc:
-        raise InvalidValue(f"audit detail is not valid JSON: {exc}") from None
-    if len(text.encode()) > MAX_DETAIL_BYTES:
-        raise InvalidValue(f"audit detail is larger than {MAX_DETAIL_BYTES} bytes")
+    def dumps(value: Any) -> str:
+        try:
+            return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except ValueError as exc:
+            raise InvalidValue(f"audit detail is not valid JSON: {exc}") from None
+
+    text = dumps(walk(detail, ""))
+    size = len(text.encode())
+    if size > MAX_DETAIL_BYTES:
+        if not truncate:
+            raise InvalidValue(f"audit detail is larger than {MAX_DETAIL_BYTES} bytes")
+        text = dumps({"truncated": True, "original_bytes": size,
+                      "head": text[:MAX_DETAIL_BYTES // 4]})
     return text
 
 
@@ -851,7 +880,8 @@ def _file_error(path: Path, exc: BaseException, action: str, busy_timeout: float
 def _new_file_0600(path: Path) -> None:
     """Create an empty file with mode 0600 (umask-independent) if it does not exist."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except FileExistsError:
         return
     try:
@@ -893,6 +923,11 @@ class Store:
         self._busy_timeout = busy_timeout
         self._lock = threading.RLock()
         self._depth = 0
+        #: called (no arguments) after each ``record_event``, e.g. the service's size alarm
+        self.after_event: Callable[[], None] | None = None
+        #: called ``(kind, outcome, username, detail)`` before each ``record_event``: False
+        #: means counted instead of recorded (the service's ``refusals.UnknownLogins``)
+        self.event_gate: Callable[[str, str, str | None, Any], bool] | None = None
 
     # ---------------------------------------------------------------- open / close
 
@@ -917,11 +952,21 @@ class Store:
                 f"token-agent store {path}: its directory {directory} does not exist: create it "
                 "(mode 0700) or use another data directory (--data-dir or TOKEN_AGENT_DATA_DIR)",
                 path=path, reason="no directory")
-        if path.exists() and not path.is_file():
+        if path.exists() and not path.is_symlink() and not path.is_file():
             raise StoreFileError(
                 f"token-agent store {path}: exists and is not a regular file: move it aside or use "
                 "another data directory (--data-dir or TOKEN_AGENT_DATA_DIR)",
                 path=path, reason="not a file")
+        # Owned by us or root, not writable by others, no symbolic links (filetrust.py):
+        # checked before anything is created, chmod-ed or opened.
+        try:
+            check_private_dir(directory, "data directory")
+            for p, what in ((path, "store"), (Path(f"{path}-wal"), "store's write-ahead log"),
+                            (Path(f"{path}-shm"), "store's shared-memory file")):
+                check_private_file(p, what)
+        except UntrustedPath as exc:
+            raise StoreFileError(f"token-agent store {path}: {exc}", path=path,
+                                 reason="untrusted") from None
         # Fail before SQLite creates -wal/-shm files or anything else: the directory must be
         # writable (SQLite creates its WAL and shared-memory files there) and so must the file.
         for target, mode, what in ((directory, os.W_OK | os.X_OK, "write into the directory"),
@@ -1212,9 +1257,9 @@ class Store:
 
     @staticmethod
     def _check_username(username: str) -> str:
-        if not isinstance(username, str) or not USERNAME_RE.fullmatch(username):
-            raise InvalidValue(
-                f"invalid username {username!r}: 1 to 64 characters, letters, digits and . _ - @ only")
+        problem = username_problem(username)
+        if problem is not None:
+            raise InvalidValue(f"invalid username: {problem}")
         return username
 
     @staticmethod
@@ -1816,18 +1861,28 @@ class Store:
         user's current username is stored with the event, unless ``username`` is given
         (e.g. the name typed for an unknown user). ``detail`` is a JSON object checked by
         ``check_detail``: a key that looks like a secret raises ``InvalidValue`` (a
-        ``ValueError``) and nothing is written.
+        ``ValueError``) and nothing is written. Nothing is refused for its size: a detail
+        too large is cut (``check_detail(..., truncate=True)``), and so are a ``username``
+        or ``user_id`` longer than ``MAX_USERNAME_LEN`` characters, with the marker
+        ``...[truncated: N characters]``; the hash chain covers what is stored. Returns 0,
+        writing nothing, when ``event_gate`` counts the event instead.
         """
         if not isinstance(kind, str) or not EVENT_KIND_RE.fullmatch(kind):
             raise InvalidValue(f"invalid event kind {kind!r}: lowercase letters, digits and . _ : -")
         if not isinstance(outcome, str) or not OUTCOME_RE.fullmatch(outcome):
             raise InvalidValue(f"invalid event outcome {outcome!r}: a lowercase word")
-        detail_text = check_detail(detail)
+        detail_text = check_detail(detail, truncate=True)
+        if self.event_gate is not None and not self.event_gate(kind, outcome, username, detail):
+            return 0
+        if user_id is not None:
+            user_id = _cut(str(user_id), MAX_USERNAME_LEN)
         cred = None if credential_id is None else bytes(credential_id)
         with self.transaction(), self._using("record an audit event") as conn:
             if username is None and user_id is not None:
                 row = conn.execute("SELECT username FROM users WHERE id = ?", (user_id,)).fetchone()
                 username = None if row is None else row["username"]
+            if username is not None:
+                username = _cut(str(username), MAX_USERNAME_LEN)
             last = conn.execute("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
             prev = _GENESIS_HASH if last is None else bytes(last["hash"])
             seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'").fetchone()
@@ -1838,7 +1893,9 @@ class Store:
                 "INSERT INTO audit_events (id, at, kind, outcome, user_id, username, credential_id, "
                 "detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (event_id, at, kind, outcome, user_id, username, cred, detail_text, prev, digest))
-            return event_id
+        if self.after_event is not None:
+            self.after_event()
+        return event_id
 
     def list_events(self, user_id: str | None = None, kind: str | None = None,
                     limit: int = 100, *, credential_id: bytes | None = None) -> list[AuditEvent]:

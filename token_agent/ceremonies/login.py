@@ -11,7 +11,9 @@ callables the caller gives (the CLI opens the key or the card through ``drivers/
 return the key or card ceremony's own :class:`~token_agent.outcome.LoginOutcome`.
 
 Order of a login
-1. the user: unknown or disabled users are refused (recorded);
+1. the user: unknown or disabled users are refused (recorded), after the same prompt a known
+   user would get (the password, checked against a decoy hash so that it takes as long; or
+   the key or card ceremony);
 2. the primary factor: ``primary`` if given, else the preferred method when it is a primary
    one (password, key, card), else the password, else a key, else a card;
 3. the policy decision (``token_agent.policy.decide``) from the user's class and methods,
@@ -25,6 +27,14 @@ Order of a login
 6. on success: the device and network are remembered, the second factor's time is recorded
    for re-verification, an unusual login is recorded as an alert, and one ``login`` audit
    event says what was used.
+
+What the person is told: until a first factor has succeeded, whoever is at the prompt may be
+a stranger, so every failure says the same :data:`NOT_AUTHENTICATED` ("Authentication
+failed.") whatever the reason: an unknown user, a wrong password, no key enrolled, tries left,
+a lock and its end time all look alike (:func:`shown_before_first_factor`). Only failures
+about the device in the person's hand or their own action (no key found, a wrong key PIN,
+cancelled) keep their words. After a first factor the messages are detailed again. The
+outcome's ``reason`` and the audit log keep the full story for administrators.
 """
 
 from __future__ import annotations
@@ -91,6 +101,59 @@ CardLogin = Callable[[str], LoginOutcome]
 
 class _Cancelled(Exception):
     pass
+
+
+#: a failure before any factor succeeded, whatever its reason (see the module docstring)
+NOT_AUTHENTICATED = "Authentication failed."
+CANCELLED_MESSAGE = "cancelled: no answer"
+#: failures about the device in the person's hand or their own action: their words help and
+#: say nothing about the account, so they are shown even before a factor succeeded
+DEVICE_REASONS = frozenset({
+    Reason.CANCELLED, Reason.TIMEOUT, Reason.NO_DEVICE, Reason.DEVICE_REMOVED,
+    Reason.DEVICE_ERROR, Reason.WRONG_PIN, Reason.PIN_BLOCKED, Reason.PIN_AUTH_BLOCKED,
+    Reason.PIN_REQUIRED, Reason.PCSC_UNAVAILABLE, Reason.NOT_SUPPORTED_CARD,
+    Reason.CERT_EXPIRED, Reason.CERT_NOT_YET_VALID, Reason.CERT_REVOKED, Reason.CERT_UNTRUSTED,
+    Reason.CERT_INVALID, Reason.REVOCATION_UNKNOWN, Reason.WRONG_PUK, Reason.PUK_BLOCKED,
+})
+
+
+def shown_before_first_factor(outcome: LoginOutcome, username: str | None = None
+                              ) -> LoginOutcome:
+    """A failed outcome as a caller that has not proved anything yet may see it: the generic
+    message (unless the failure is about the device or the person's action), no tries left,
+    lock times or user id, and the user name as asked. The ``reason`` stays."""
+    if outcome.ok:
+        return outcome
+    device = outcome.reason in DEVICE_REASONS
+    return LoginOutcome.failure(
+        outcome.method, outcome.reason, outcome.message if device else NOT_AUTHENTICATED,
+        user=username if username is not None else (outcome.user if device else None),
+        detail={k: v for k, v in outcome.detail.items() if k in ("primary", "second")})
+
+
+def _no_reader(name: str) -> str:
+    return f"no {LABELS[KINDS[name]]} reader is available here"
+
+
+def _decoy_primary(username: str, primary: str | None, interaction: Interaction,
+                   key_login: KeyLogin | None, card_login: CardLogin | None
+                   ) -> LoginOutcome | None:
+    """For a user who cannot log in (unknown, disabled, no primary method): the primary
+    factor's prompt all the same, so the person sees and waits what a known user would. Its
+    result is ignored but for what the person may be told: the device's outcome of a key or
+    card, a cancel (None otherwise)."""
+    from ..factors import password as password_factor
+
+    if primary in ("key", "card"):
+        runner = key_login if primary == "key" else card_login
+        if runner is None:
+            return LoginOutcome.failure(primary, Reason.NO_DEVICE, _no_reader(primary))
+        return runner(username)
+    typed = interaction.secret("Password")
+    if typed is None:
+        return LoginOutcome.failure("login", Reason.CANCELLED, CANCELLED_MESSAGE)
+    password_factor.decoy(typed)
+    return None
 
 
 def _ask(value: str | None) -> str:
@@ -193,30 +256,70 @@ def login(agent: "Agent", username: str, *, interaction: Interaction, device: De
     factor even where the policy would skip it (a trusted network, the re-verification
     window): the re-authentication before a method is changed (``token_agent/reauth.py``)."""
     store = agent.store
+    if primary is not None and primary not in PRIMARY_METHODS:  # the request's mistake
+        return LoginOutcome.failure("login", Reason.METHOD_NOT_ALLOWED, f"{primary} is not a "
+                                    f"primary factor ({', '.join(PRIMARY_METHODS)})")
     try:
         user = store.get_user(username)
     except UnknownUser:
-        store.record_event("login", username=username, outcome="failure",
-                           detail={"reason": Reason.UNKNOWN_USER.value})
-        return LoginOutcome.failure("login", Reason.UNKNOWN_USER, f"no user {username!r}")
-
-    def fail(reason: Reason, message: str, **detail) -> LoginOutcome:
-        store.record_event("login", user_id=user.id, outcome="failure",
-                           detail={"reason": reason.value, **detail})
-        log.info("login failed for %s: %s", user.username, reason.value)
-        return LoginOutcome.failure("login", reason, message, user=user.username, user_id=user.id,
-                                    detail=detail)
-
-    if user.disabled:
-        return fail(Reason.USER_DISABLED, f"{user.username} is disabled")
-
+        user = None
+    fail = _Fail(store, user, username)
+    if user is None or user.disabled or _choose_primary(agent, user, primary) is None:
+        # nothing this person types can log them in: the same prompt as for anyone, then the
+        # same failure (the audit log says why)
+        seen = _decoy_primary(username, primary or "password", interaction, key_login,
+                              card_login)
+        if user is None:
+            reason, message = Reason.UNKNOWN_USER, f"no user {username!r}"
+        elif user.disabled:
+            reason, message = Reason.USER_DISABLED, f"{user.username} is disabled"
+        else:
+            reason, message = Reason.NO_CREDENTIAL, (f"{user.username} has no password, key or "
+                                                     "card to log in with: ask an administrator")
+        return fail(reason, message, shown=seen)
     try:
         return _login(agent, user, interaction=interaction, device=device, primary=primary,
                       second=second, key_login=key_login, card_login=card_login,
                       push_timeout=push_timeout, cancel=cancel, fail=fail,
                       on_success=on_success, step_up=step_up)
     except _Cancelled:
-        return fail(Reason.CANCELLED, "cancelled: no answer")
+        return fail(Reason.CANCELLED, CANCELLED_MESSAGE)
+
+
+class _Fail:
+    """Ends a login: the failure recorded in full (the audit event ``login``, the service's
+    log), and the outcome the person is shown: before a first factor has succeeded
+    (``first_factor_done()``), :func:`shown_before_first_factor`."""
+
+    def __init__(self, store, user, username: str) -> None:
+        self.store, self.user, self.username = store, user, username
+        self.first_done = False
+
+    def first_factor_done(self) -> None:
+        self.first_done = True
+
+    def __call__(self, reason: Reason, message: str, *, shown: LoginOutcome | None = None,
+                 **detail) -> LoginOutcome:
+        """``shown``: for a login that could not succeed, what the person saw fail instead
+        (the device's outcome, a cancel)."""
+        user = self.user
+        if user is None:
+            self.store.record_event("login", username=self.username, outcome="failure",
+                                    detail={"reason": reason.value, **detail})
+        else:
+            self.store.record_event("login", user_id=user.id, outcome="failure",
+                                    detail={"reason": reason.value, **detail})
+        log.info("login failed for %s: %s", user.username if user else self.username,
+                 reason.value)
+        outcome = LoginOutcome.failure("login", reason, message,
+                                       user=user.username if user else None,
+                                       user_id=user.id if user else None, detail=detail)
+        if self.first_done:
+            return outcome
+        masked = shown_before_first_factor(outcome, self.username)
+        if shown is not None and shown.reason in DEVICE_REASONS:
+            return replace(masked, message=shown.message)
+        return masked
 
 
 def _login(agent, user, *, interaction, device, primary, second, key_login, card_login,
@@ -228,13 +331,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
     # failures from a device or network this user never logged in from count apart
     # (factors/lockout.py): a stranger's guesses do not lock the user out of their workstation
     ctx = replace(agent.factors(), familiar=familiar(agent, user, device))
-    first = _choose_primary(agent, user, primary, ctx)
-    if first is None:
-        return fail(Reason.NO_CREDENTIAL, f"{user.username} has no password, key or card to "
-                    "log in with: ask an administrator")
-    if first not in PRIMARY_METHODS:
-        return fail(Reason.METHOD_NOT_ALLOWED, f"{first} is not a primary factor "
-                    f"({', '.join(PRIMARY_METHODS)})")
+    first = _choose_primary(agent, user, primary, ctx)  # one: login() saw to it
 
     # --- 2. the primary factor
     factors: list[Factor] = []
@@ -248,16 +345,18 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
             return fail(result.reason or Reason.WRONG_PASSWORD, result.message, primary="password",
                         **({"tries_left": result.tries_left} if result.tries_left is not None else {}))
         factors.append(Factor.KNOWLEDGE)
+        fail.first_factor_done()
     else:
         runner = key_login if first == "key" else card_login
         if runner is None:
-            return fail(Reason.NO_DEVICE, f"no {LABELS[KINDS[first]]} reader is available here")
+            return fail(Reason.NO_DEVICE, _no_reader(first))
         primary_outcome = runner(user.username)
         if not primary_outcome.ok:
             return fail(primary_outcome.reason or Reason.VERIFICATION_FAILED,
                         primary_outcome.message, primary=first)
         factors.extend(primary_outcome.factors)
         primary_multi = primary_outcome.multi_factor
+        fail.first_factor_done()
         if not primary_multi:
             # a key that verified no PIN is one factor (something you have): the password is
             # the other, before any second factor the policy asks for (NIST SP 800-63B: two
@@ -426,7 +525,7 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
         runner = key_login if chosen == "key" else card_login
         if runner is None:
             return Verification(False, KINDS[chosen], method, Reason.NO_DEVICE,
-                                f"no {LABELS[KINDS[chosen]]} reader is available here")
+                                _no_reader(chosen))
         return runner(user.username)
     return Verification(False, KINDS.get(chosen, chosen), method, Reason.METHOD_NOT_ALLOWED,
                         f"{chosen} cannot be used as a second factor here")

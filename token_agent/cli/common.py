@@ -82,6 +82,17 @@ def emit(as_json: bool, data: Any, text: str | Callable[[], str]) -> None:
         click.echo(text() if callable(text) else text)
 
 
+def escape_controls(text: str) -> str:
+    """``text`` safe to print on one line: every character that is not printable (newline,
+    CR, tab, ESC and the other controls, Unicode format characters such as a right-to-left
+    override) written as its Python escape (``\\n``, ``\\x1b``, ``\\u202e``), so that
+    recorded text can neither start a forged line nor drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 

@@ -10,7 +10,7 @@ import click
 
 from .. import exitcodes
 from . import main
-from .common import Context, emit, fail, json_option, pass_ctx, say
+from .common import Context, emit, escape_controls, fail, json_option, pass_ctx, say
 
 device_options = [
     click.option("--device", "device_kind", type=click.Choice(["managed", "unmanaged"]),
@@ -61,7 +61,8 @@ def policy() -> None:
 @json_option
 @pass_ctx
 def policy_check(ctx: Context, path: str | None, as_json: bool) -> None:
-    """Validate a policy file (default: the one in force) and say what is wrong.
+    """Validate a policy file (default: the one in force) and say what is wrong (writable by
+    others than root included: the service would refuse it).
 
     Exit 0 when it is valid (warnings are printed), 2 when it is not."""
     from ..policy import check_policy_text, default_policy_path
@@ -78,6 +79,9 @@ def policy_check(ctx: Context, path: str | None, as_json: bool) -> None:
     except UnicodeDecodeError:
         fail(f"the policy file {target} is not UTF-8 text", exitcodes.USAGE)
     parsed, errors, warnings = check_policy_text(text, str(target))
+    from ..filetrust import config_file_problems
+
+    errors = [f"{target}: {p}" for p in config_file_problems(target, "policy file")] + errors
     if not errors and parsed is not None and parsed.delivery:
         from ..delivery import DeliveryConfigError, parse_delivery_config
 
@@ -200,7 +204,8 @@ def audit_verify(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def audit_tail(ctx: Context, count: int, username: str | None, kind: str | None,
                as_json: bool) -> None:
-    """Show the latest audit events, oldest first."""
+    """Show the latest audit events, oldest first (control characters in them escaped, as
+    \\n, \\x1b...: a recorded name cannot forge a line)."""
     store = ctx.store()
     user_id = None
     if username:
@@ -211,9 +216,9 @@ def audit_tail(ctx: Context, count: int, username: str | None, kind: str | None,
         except UnknownUser as e:
             fail(str(e), exitcodes.NOT_FOUND)
     events = list(reversed(store.list_events(user_id=user_id, kind=kind, limit=count)))
-    emit(as_json, [e.to_dict() for e in events], lambda: "\n".join(
+    emit(as_json, [e.to_dict() for e in events], lambda: "\n".join(escape_controls(
         f"{e.id:>6} {_when(e.at)} {e.kind:<22} {e.outcome:<8} {e.username or '-':<16} "
-        + " ".join(f"{k}={v}" for k, v in sorted(e.detail.items()))
+        + " ".join(f"{k}={v}" for k, v in sorted(e.detail.items())))
         for e in events) or "no events")
 
 

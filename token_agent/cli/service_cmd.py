@@ -22,11 +22,12 @@ socket_option = click.option(
          "[service] socket, /run/token-agent/agent.sock for root).")
 
 
-def _load_config(config_path: str | None):
+def _load_config(config_path: str | None, *, strict: bool = False):
+    """The configuration, or exit 2 (``strict``: the service's, see ``filetrust.py``)."""
     from ..config import ConfigError, load_config
 
     try:
-        return load_config(config_path)
+        return load_config(config_path, strict=strict)
     except ConfigError as e:
         for line in e.errors:
             click.echo(f"token-agent: {line}", err=True)
@@ -62,7 +63,7 @@ def serve(ctx: Context, socket_path: str | None, config_path: str | None) -> Non
     from ..service.logs import setup_logging
     from ..service.server import Service, ServiceStartError
 
-    config = _load_config(config_path)
+    config = _load_config(config_path, strict=True)
     setup_logging(config.logging.level, config.logging.format)
     data_dir = ctx.data_dir if _from_command_line("data_dir") else None
     policy_path = ctx.policy_path if _from_command_line("policy_path") else None
@@ -107,7 +108,7 @@ def _reload(service, config_path: str | None) -> None:
 
     log = logging.getLogger("token_agent.service")
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, strict=True)
         service.reload(config)
     except (ConfigError, PolicyError) as e:
         log.error("reload refused, nothing changed: %s", e, extra={"errors": e.errors})
@@ -137,7 +138,7 @@ def config_check(path: str | None, as_json: bool) -> None:
              "no configuration file: the built-in defaults apply")
         return
     try:
-        text = read_config_file(target)
+        text = read_config_file(target, strict=True)  # what the service would refuse
     except ConfigError as e:
         config, errors, warnings = None, e.errors, []
     else:

@@ -5,13 +5,23 @@ hash (``token_agent.secretbox``). Failures count against the user's password loc
 from __future__ import annotations
 
 from ..outcome import Reason
-from ..secretbox import hash_password, needs_rehash, verify_password as _verify_hash
+from ..secretbox import SCRYPT_N, SCRYPT_P, SCRYPT_R, hash_password, needs_rehash
+from ..secretbox import verify_password as _verify_hash
 from ..store import KIND_PASSWORD, Method
 from . import FactorContext, FactorError, Verification, checked, lockout, refused
 
 MIN_LENGTH = 8  # NIST SP 800-63B: at least 8 characters when chosen by the user
 MAX_LENGTH = 128
 NAME = "password"
+#: checked when there is no hash to check (an unknown or disabled user, no password set, the
+#: password locked): the same scrypt work as a real check, and it never matches
+_DECOY_HASH = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${'A' * 22}${'A' * 43}"
+
+
+def decoy(password: str | None) -> None:
+    """Spend the time of a password check without one, so that how long an answer takes
+    says nothing about whether the user exists or has a password."""
+    _verify_hash(password or "", _DECOY_HASH)
 
 
 def check_new_password(password: str, username: str) -> str:
@@ -57,6 +67,7 @@ def verify(ctx: FactorContext, user_id: str, password: str) -> Verification:
     store = ctx.store
     method = get(ctx, user_id)
     if method is None:
+        decoy(password)
         return refused(ctx, KIND_PASSWORD, user_id, Reason.NO_CREDENTIAL,
                        "no password is set for this user")
     with store.connection("read a password") as conn:
@@ -71,6 +82,8 @@ def verify(ctx: FactorContext, user_id: str, password: str) -> Verification:
     result = checked(ctx, kind=KIND_PASSWORD, method=method, user_id=user_id, check=check,
                      scope=lockout.password_scope(user_id),
                      max_failures=ctx.lockout.password_max_failures)
+    if result.reason is Reason.METHOD_LOCKED:
+        decoy(password)  # refused unchecked: as slow as a check all the same
     if result.ok and needs_rehash(stored):
         new = hash_password(password)
         with store.transaction(), store.connection("rehash a password") as conn:

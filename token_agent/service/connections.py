@@ -267,14 +267,7 @@ class Connection:
 
     def client_gone(self) -> bool:
         """Whether the client has closed its end (checked without reading a request)."""
-        if self.closed.is_set():
-            return True
-        try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
+        return self.closed.is_set() or _hung_up(self.sock)
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -486,6 +479,9 @@ class Listener:
                 _close_quietly(sock)
 
     def _take(self, sock: socket.socket) -> None:
+        if _hung_up(sock):  # a connect/close flood: nothing to serve, no thread spent on it
+            _close_quietly(sock)
+            return
         try:
             creds = credentials(sock)
         except OSError as e:
@@ -508,6 +504,16 @@ class Listener:
             return
         log.debug("connection", extra={"conn": conn.id, "peer_uid": creds[1],
                                        "peer_pid": creds[0], "socket": self.kind})
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the client already closed its end (EOF waiting), without blocking."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _close_quietly(sock: socket.socket) -> None:

@@ -26,7 +26,9 @@ Requests and responses
         {"id": N, "ok": true, "result": {...}}
         {"id": N, "ok": false, "error": {"code": "CODE", "message": "for people"}}
 
-    Error codes: ``bad-request`` (malformed, unknown op, missing, unknown or wrong argument),
+    Error codes: ``bad-request`` (malformed, unknown op, missing, unknown or wrong argument,
+    a ``user`` that is not a user name: 1 to 64 ASCII letters, digits and . _ - @,
+    ``token_agent/usernames.py``; never recorded, and the message does not repeat it),
     ``forbidden`` (the caller may not do this: recorded in the audit log),
     ``reauth-required`` (a change of methods needs a recent login on this connection first:
     see "Changing methods"; recorded as ``forbidden`` is), ``not-found`` (user, method,
@@ -48,7 +50,11 @@ Who may ask what (the caller is known from ``SO_PEERCRED``, never from the messa
     * admins (uid 0, members of ``[service] admin_group``, or agent users with the role
       ``admin`` whose username is the caller's): every op, for any user.
     * everything else: ``forbidden``, recorded as a ``service.refused`` audit event
-      (detail: ``op``, ``peer_uid``, ``peer_pid``, ``peer_user``, ``target``).
+      (detail: ``op``, ``peer_uid``, ``peer_pid``, ``peer_user``, ``target``); past the
+      first 3 of one caller and op in a minute, refusals are counted and recorded as one
+      ``service.refused`` event with outcome ``repeated`` (detail ``op``, ``peer_uid``,
+      ``peer_user``, ``count``, ``targets``, ``first_at``, ``last_at``) when the minute
+      ends or the service stops (``refusals.py``).
 
     In detail: ``hello`` and ``events.subscribe`` are for anyone (``login.finished`` goes to
     admins only). ``login.start`` with ``user`` null from a caller who may only log
@@ -96,7 +102,10 @@ Operations
         {"event": "info", "login": ID, "message": "Touch your security key"}
         {"event": "qr", "login": ID, "uri": "otpauth://...", "text": "<terminal QR>"}
         {"event": "result", "login": ID, "outcome": {LoginOutcome.to_json()}}
-                                 (a successful login's outcome also has "session": SESSION_ID)
+                                 (a successful login's outcome also has "session": SESSION_ID;
+                                 a failure before any factor succeeded has the message
+                                 "Authentication failed." whatever its reason, no user_id and
+                                 no tries_left: ``ceremonies.login.shown_before_first_factor``)
 
         The login waits for each prompt's answer (``prompt_timeout``, default 120 s, then
         it is cancelled). Exactly one ``result`` event ends every login. The PIN prompts

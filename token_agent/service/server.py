@@ -40,10 +40,13 @@ from drivers.fido.errors import FidoKeyError
 from .. import __version__
 from ..config import STALE_ENROLMENT_SECONDS, Config
 from ..outcome import LoginOutcome, Reason
+from ..usernames import RULE, is_username
 from . import protocol
 from .authz import Rules
 from .ceremony import Ceremony, NamedLocks, SocketInteraction, once
 from .connections import LOGIN, PUBLIC, Connection, Listener, ListenError, admit
+from .refusals import Refusals, UnknownLogins
+from .storesize import StoreSizeAlarm
 from .workers import WorkerPool
 
 log = logging.getLogger("token_agent.service")
@@ -110,6 +113,8 @@ class Service:
         self.rules = Rules(config.service.login_service_users, config.service.admin_group)
         self.agent = None
         self.user_locks = NamedLocks()
+        self.refusals = Refusals(lambda: self.store)
+        self.unknown_logins = UnknownLogins(lambda: self.store)
         self.device_locks = NamedLocks()
         self.started_at = time.time()
         self.stopping = threading.Event()
@@ -162,6 +167,7 @@ class Service:
     def start(self) -> "Service":
         from ..agent import Agent
         from ..ceremonies.login import Device
+        from ..policy import resolve_policy
 
         ws = self.config.workstation
         cfg = self.config.service
@@ -174,12 +180,16 @@ class Service:
         try:
             for listener in self._listeners:  # another service on it: stop before the store
                 listener.check()
-            self.agent = Agent.open(self.data_dir, policy_path=self.policy_path,
-                                    environ=self.environ)
+            self.agent = Agent.open(self.data_dir, environ=self.environ, policy=resolve_policy(
+                self.policy_path, self.environ, strict=True))  # strict: filetrust.py
         except ListenError as e:
             raise ServiceStartError(str(e)) from None
         except Exception as e:
             raise ServiceStartError(str(e)) from e
+        alarm = StoreSizeAlarm(self.store.path, self.config.store.size_warning_mb)
+        self.store.after_event = alarm.check
+        self.store.event_gate = self.unknown_logins.gate  # counted: refusals.py
+        alarm.check()
         try:
             self._cleanup()
             self._start_cards()
@@ -250,6 +260,8 @@ class Service:
 
     def _close_store(self) -> None:
         if self.agent is not None:
+            self.refusals.close()
+            self.unknown_logins.close()
             self.agent.close()
 
     def reload(self, config: Config) -> list[str]:
@@ -261,7 +273,8 @@ class Service:
         not applied. A policy that does not load leaves everything as it was (PolicyError)."""
         from ..policy import resolve_policy
 
-        policy = resolve_policy(self._policy_override or config.policy.file, self.environ)
+        policy = resolve_policy(self._policy_override or config.policy.file, self.environ,
+                                strict=True)
         ws = config.workstation
         self._device = type(self._device)(ws.device, ws.effective_device_id(), ws.network)
         self.rules = Rules(config.service.login_service_users, config.service.admin_group)
@@ -327,7 +340,8 @@ class Service:
     @staticmethod
     def _args(args: dict, spec: dict[str, tuple[type | tuple, bool]]) -> dict:
         """Check the arguments: ``spec`` name -> (types, required). Unknown, missing or
-        wrongly typed arguments are a bad-request naming them (never their values)."""
+        wrongly typed arguments, and a ``user`` that is not a user name
+        (``token_agent.usernames``), are a bad-request naming them (never their values)."""
         unknown = sorted(set(args) - set(spec))
         if unknown:
             raise RequestError("bad-request", f"unknown argument(s): {', '.join(unknown)}")
@@ -344,23 +358,16 @@ class Service:
                 raise RequestError("bad-request", f"argument {name!r} has the wrong type")
             if not isinstance(value, types):
                 raise RequestError("bad-request", f"argument {name!r} has the wrong type")
+            if name == "user" and not is_username(value):  # never audited, logged or echoed
+                raise RequestError("bad-request", f"argument 'user' is not a user name ({RULE})")
             out[name] = value
         return out
 
     def _refuse(self, conn: Connection, op: str, target: str | None, why: str,
                 code: str = "forbidden", **detail) -> RequestError:
-        """Record a refusal (audit ``service.refused``, a log line) and return the error."""
-        peer = conn.peer
-        log.warning("request refused", extra={"op": op, "peer_uid": peer.uid,
-                                              "peer_user": peer.user, "target": target,
-                                              **detail})
-        try:
-            self.store.record_event("service.refused", username=target, outcome="refused",
-                                    detail={"op": op, "peer_uid": peer.uid,
-                                            "peer_pid": peer.pid, "peer_user": peer.user,
-                                            "target": target, **detail})
-        except Exception as e:  # the refusal stands even if it cannot be recorded
-            log.error("cannot record a refusal: %s", e)
+        """Record a refusal (audit ``service.refused``, a log line; repeats are counted:
+        ``refusals.py``) and return the error (``code``: forbidden, reauth-required)."""
+        self.refusals.refused(conn.peer, op, target, **detail)
         return RequestError(code, why)
 
     def _agent_user(self, username: str):
@@ -672,7 +679,7 @@ class Service:
         return run
 
     def _run_login(self, c: Ceremony, a: dict, device) -> None:
-        from ..ceremonies.login import login
+        from ..ceremonies.login import login, shown_before_first_factor
 
         started = time.perf_counter()
         ui = SocketInteraction(c)
@@ -694,7 +701,7 @@ class Service:
             if username is None:
                 first = card_runner(None) if primary == "card" else key_runner(None)
                 if not first.ok:
-                    outcome = first
+                    outcome = shown_before_first_factor(first)  # no factor yet: no details
                 else:
                     username = c.user = first.user
                     primary = "card" if primary == "card" else "key"
