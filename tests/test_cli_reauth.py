@@ -49,7 +49,8 @@ AS_NOBODY = textwrap.dedent(f"""
 
 class NobodyCli(Cli):
     """``Cli`` on a store in a directory ``nobody`` can reach; ``.nobody(...)`` runs a
-    command as nobody (the store is handed to nobody first), ``(...)`` as root."""
+    command as nobody (the store is handed to nobody first), ``(...)`` as root (and the
+    store back to root)."""
 
     def __init__(self, tmp_path: Path, top: Path) -> None:
         super().__init__(tmp_path)
@@ -60,10 +61,18 @@ class NobodyCli(Cli):
                         TOKEN_AGENT_CONFIG=str(top / "config.toml"), HOME=str(top))
         (top / "config.toml").write_text("")
 
-    def nobody(self, *args, input: str = "", expect: int | None = 0):
+    def _own(self, uid: int) -> None:
+        """The store to ``uid`` (the agent refuses a store another user owns)."""
         for root, dirs, files in os.walk(self.data):
             for name in [root, *(os.path.join(root, f) for f in files)]:
-                os.chown(name, NOBODY, NOBODY)
+                os.chown(name, uid, uid)
+
+    def __call__(self, *args, **kw):
+        self._own(0)
+        return super().__call__(*args, **kw)
+
+    def nobody(self, *args, input: str = "", expect: int | None = 0):
+        self._own(NOBODY)
         argv = [str(a) for a in args]
         proc = subprocess.run([sys.executable, "-c", AS_NOBODY, *argv], input=input,
                               capture_output=True, text=True, cwd="/", timeout=60,

@@ -47,12 +47,12 @@ def guess_until_locked_for_good(w, guess) -> int:
     raise AssertionError(f"not locked for good after {MAX_TRIES} guesses ({failures} counted)")
 
 
-def wrong_login(w, device):
+def wrong_login(w, user, device):
     def run():
-        out, _ = w.login("alice", WRONG_PASSWORD, device=device)
+        out, _ = w.login(user.username, WRONG_PASSWORD, device=device)
         assert not out.ok
         state = lockout.state(w.store, lockout.scope_for(
-            lockout.password_scope(out.user_id), device is WORKSTATION))
+            lockout.password_scope(user.id), device is WORKSTATION))
         out.detail["locked_until"] = state.locked_until if state.locked(w.clock()) else None
         return out
     return run
@@ -109,14 +109,14 @@ def test_a_stranger_cannot_lock_the_user_out_of_their_workstation(world):
 
     # ten guesses from a stranger's laptop lock the stranger out, not alice
     for _ in range(10):
-        wrong_login(w, STRANGER)()
+        wrong_login(w, alice, STRANGER)()
     out, _ = w.login("alice", PASSWORD, device=STRANGER)
     assert out.reason is Reason.METHOD_LOCKED
     out, _ = w.login("alice", PASSWORD, device=WORKSTATION)
     assert out.ok, out  # before: method-locked (one count for every device)
 
     # the stranger gets at most half of the 100 (then locked for good), alice still logs in
-    assert guess_until_locked_for_good(w, wrong_login(w, STRANGER)) == 40  # 10 above
+    assert guess_until_locked_for_good(w, wrong_login(w, alice, STRANGER)) == 40  # 10 above
     w.clock.advance(365 * DAY)
     out, _ = w.login("alice", PASSWORD, device=STRANGER)
     assert out.reason is Reason.METHOD_LOCKED
@@ -124,7 +124,7 @@ def test_a_stranger_cannot_lock_the_user_out_of_their_workstation(world):
     assert out.ok, out
 
     # and both together never exceed the limit: 50 more from the workstation lock both
-    assert guess_until_locked_for_good(w, wrong_login(w, WORKSTATION)) == 50
+    assert guess_until_locked_for_good(w, wrong_login(w, alice, WORKSTATION)) == 50
     out, _ = w.login("alice", PASSWORD, device=WORKSTATION)
     assert out.reason is Reason.METHOD_LOCKED
     locks = lockout.user_locks(w.store, alice.id)
