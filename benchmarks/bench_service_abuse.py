@@ -175,6 +175,7 @@ def main() -> int:
         service.send_signal(signal.SIGTERM)
         stopped = service.wait(30)
         service = None
+        store_closed = _store_bytes(data)  # the WAL checkpointed into the database at close
         audit = subprocess.run([sys.executable, "-m", "token_agent", "--data-dir", str(data),
                                 "audit", "verify"], capture_output=True, text=True, env=env,
                                cwd=ROOT)
@@ -196,8 +197,9 @@ def main() -> int:
                 print(f"    failures: {failed[:3]}")
         print(f"  service threads        {baseline_threads} at rest, at most "
               f"{max(threads_seen, default=0)} under attack ({len(threads_seen)} samples)")
-        print(f"  store growth           {(store_after - store_before) / 1024:.0f} KiB "
-              f"({store_before / 1024:.0f} -> {store_after / 1024:.0f} KiB, database + WAL)")
+        print(f"  store growth           {(store_closed - store_before) / 1024:.0f} KiB once "
+              f"closed ({store_before / 1024:.0f} -> {store_closed / 1024:.0f} KiB); "
+              f"{store_after / 1024:.0f} KiB with its WAL while running")
         flood = attackers["flood"]
         print(f"  flood                  {sum(f.get('connected', 0) for f in flood)} connects, "
               f"{sum(f.get('failed', 0) for f in flood)} refused by the kernel")
@@ -217,6 +219,10 @@ def main() -> int:
         print(f"  refused requests       {sum(refused.values())} answered: {refused}")
         print(f"  service                {'alive' if alive else 'DEAD'} through it; SIGTERM "
               f"exit {stopped}; audit verify: {audit.stdout.strip() or audit.stderr.strip()}")
+        with __import__("sqlite3").connect(data / "token-agent.db") as db:
+            rows = db.execute("SELECT kind, outcome, COUNT(*) FROM audit_events GROUP BY 1, 2 "
+                              "ORDER BY 3 DESC").fetchall()
+        print("  audit events           " + ", ".join(f"{k} {o}: {n}" for k, o, n in rows))
         return 0 if all_ok and alive and stopped == 0 and audit.returncode == 0 else 1
     finally:
         if service is not None and service.poll() is None:
