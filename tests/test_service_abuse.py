@@ -523,3 +523,28 @@ def test_the_limits_in_config_toml_are_checked():
     text = str(info.value)
     assert "service.idle_timeout" in text and "service.max_ceremonies" in text
     assert "max_connections_per_user" in text and "service.login_socket_group" in text
+
+
+def test_backup_codes_asked_for_by_a_client_that_left_change_nothing(services, world):
+    """A client asks for a new set of backup codes and leaves at once: the set it will never
+    see does not replace the user's codes (they were shown once and may be on paper)."""
+    from token_agent.factors import backup
+
+    alice = world.user("alice", password=True)
+    ctx = world.agent.factors()
+    old, old_codes = backup.generate(ctx, alice.id)
+    svc = services()
+    for _ in range(3):
+        c = svc.client()  # root: an administrator, who may act for alice
+        c._sock.sendall(json.dumps({"id": 1, "op": "enrol.backup-codes",
+                                    "user": "alice"}).encode() + b"\n")
+        c.close()
+    with svc.client() as probe:
+        assert probe.request("hello")
+    time.sleep(0.5)
+    assert backup.get(ctx, alice.id).id == old.id and backup.remaining(ctx, alice.id) == 10
+    assert [e.detail.get("replaced") for e in world.store.list_events(
+        kind="enrol.backup_codes")] == [False]
+    with svc.client() as c:  # a client that stays gets its codes
+        assert len(c.request("enrol.backup-codes", user="alice")["codes"]) == 10
+    assert backup.get(ctx, alice.id).id != old.id

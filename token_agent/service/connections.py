@@ -32,6 +32,7 @@ import itertools
 import logging
 import os
 import queue
+import select
 import socket
 import stat
 import threading
@@ -507,12 +508,17 @@ class Listener:
 
 
 def _hung_up(sock: socket.socket) -> bool:
-    """Whether the client already closed its end (EOF waiting), without blocking."""
+    """Whether the client already closed its end (EOF waiting), without waiting: poll(2)
+    first, since a socket with a timeout would make even a MSG_DONTWAIT recv wait for it."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLHUP)
+        if not poller.poll(0):
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
         return False
-    except OSError:
+    except (OSError, ValueError):
         return True
 
 

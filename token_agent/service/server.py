@@ -924,8 +924,11 @@ class Service:
 
         a = self._args(args, {"user": (str, True)})
         user = self._binding_op(conn, "enrol.backup-codes", a["user"])
-        with self.user_locks.holding(user.username):
+        with self.user_locks.holding(user.username), self.store.transaction():
             _method, codes = backup.generate(self.agent.factors(), user.id)
+            if conn.client_gone():  # nobody to show them to: the old codes stay
+                raise RequestError("unavailable", "the client left before it got its codes: "
+                                                  "nothing was changed")
         return {"codes": codes}
 
     def op_enrol_key(self, conn: Connection, args: dict) -> dict:
