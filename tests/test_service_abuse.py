@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,6 +69,21 @@ def with_service_keys(svc, *lines: str):
     return svc
 
 
+def config_text(tmp_path: Path, *, policy: Path | None = None) -> tuple[str, Path]:
+    """config.toml for a service run in this process: its text and the socket directory."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="token-agent-abuse-"))
+    text = (f'[service]\nsocket = "{sock_dir}/a.sock"\n[store]\ndata_dir = "{tmp_path}/data"\n'
+            + (f'[policy]\nfile = "{policy}"\n' if policy else "")
+            + '[cards]\nlock_command = "true"\n')
+    return text, sock_dir
+
+
+def with_password_users(world, services, *names: str) -> None:
+    for name in names:
+        world.user(name, password=True, mfa=False)
+    services.policy.write_text(NO_MFA_POLICY)
+
+
 def password_login(path: Path, user: str = "alice", timeout: float = 15.0) -> dict:
     with Client(path, timeout=timeout) as c:
         return c.login(user, answers(PASSWORD))
@@ -77,8 +93,7 @@ def password_login(path: Path, user: str = "alice", timeout: float = 15.0) -> di
 
 
 def test_a_connect_flood_on_the_public_socket_stops_no_login(services, world):
-    world.user("alice", password=True, mfa=False)
-    services.policy.write_text(NO_MFA_POLICY)
+    with_password_users(world, services, "alice")
     svc = services()
     flooders = [attack(NOBODY, svc.socket, "flood", seconds=4, threads=2) for _ in range(2)]
     time.sleep(0.5)
@@ -94,8 +109,7 @@ def test_a_connect_flood_on_the_public_socket_stops_no_login(services, world):
 
 
 def test_the_login_socket_is_for_root_and_the_login_services(services, world):
-    world.user("alice", password=True, mfa=False)
-    services.policy.write_text(NO_MFA_POLICY)
+    with_password_users(world, services, "alice")
     svc = services()
     path = login_socket(svc)
     assert (path.stat().st_mode & 0o777) == 0o600
@@ -122,8 +136,7 @@ def test_the_login_socket_is_for_root_and_the_login_services(services, world):
 
 
 def test_idle_connections_are_closed_and_cannot_be_pooled(services, world):
-    world.user("alice", password=True, mfa=False)
-    services.policy.write_text(NO_MFA_POLICY)
+    with_password_users(world, services, "alice")
     svc = with_service_keys(services(start=False, max_connections=16),
                             "max_connections_per_user = 4", "idle_timeout = 30").start()
     # four accounts each hold their cap of idle connections: the users' share (14) is full
@@ -152,9 +165,7 @@ def test_idle_connections_are_closed_and_cannot_be_pooled(services, world):
 
 
 def test_pipelined_logins_are_refused_beyond_the_limits(services, world):
-    world.user("nobody", password=True, mfa=False)
-    world.user("alice", password=True, mfa=False)
-    services.policy.write_text(NO_MFA_POLICY)
+    with_password_users(world, services, "nobody", "alice")
     svc = services()
     with svc.client() as root:
         before = root.request("hello")["service"]["threads"]
@@ -193,9 +204,7 @@ def cgroup_for(pid: int, max_tasks: int) -> Path:
 
 
 def test_a_task_limit_never_kills_the_accept_loop(services, world):
-    world.user("nobody", password=True, mfa=False)
-    world.user("alice", password=True, mfa=False)
-    services.policy.write_text(NO_MFA_POLICY)
+    with_password_users(world, services, "nobody", "alice")
     svc = services()
     with svc.client() as c:
         threads = c.request("hello")["service"]["threads"]
@@ -258,10 +267,8 @@ def test_a_wedged_accept_loop_stops_the_watchdog_and_the_service(tmp_path, monke
     from token_agent.service.sdnotify import Notifier
     from token_agent.service.server import Service
 
-    sock_dir = Path(__import__("tempfile").mkdtemp(prefix="token-agent-wedge-"))
-    config = parse_config(f'[service]\nsocket = "{sock_dir}/a.sock"\n[store]\n'
-                          f'data_dir = "{tmp_path}/data"\n[cards]\nlock_command = "true"\n')
-    service = Service(config, environ={}).start()
+    text, sock_dir = config_text(tmp_path)
+    service = Service(parse_config(text), environ={}).start()
     monkeypatch.setattr(connections, "HEARTBEAT_LIMIT", 0.5)
     wedge = threading.Event()
     monkeypatch.setattr(connections.Listener, "_take", lambda self, sock: wedge.wait(30))
@@ -293,9 +300,7 @@ def test_stop_is_clean_from_any_state(tmp_path):
     from token_agent.config import parse_config
     from token_agent.service.server import Service, ServiceStartError
 
-    sock_dir = Path(__import__("tempfile").mkdtemp(prefix="token-agent-stop-"))
-    text = (f'[service]\nsocket = "{sock_dir}/a.sock"\n[store]\ndata_dir = "{tmp_path}/d"\n'
-            '[cards]\nlock_command = "true"\n')
+    text, sock_dir = config_text(tmp_path)
     Service(parse_config(text), environ={}).stop()                     # never started
     first = Service(parse_config(text), environ={}).start()
     second = Service(parse_config(text), environ={})
@@ -330,13 +335,10 @@ def test_a_login_is_recorded_with_its_session_or_not_at_all(tmp_path, monkeypatc
     from token_agent.service.server import Service
     from token_agent.store import Store, StoreError
 
-    sock_dir = Path(__import__("tempfile").mkdtemp(prefix="token-agent-session-"))
     policy = tmp_path / "policy.toml"
     policy.write_text(NO_MFA_POLICY)
-    config = parse_config(f'[service]\nsocket = "{sock_dir}/a.sock"\n[store]\n'
-                          f'data_dir = "{tmp_path}/data"\n[policy]\nfile = "{policy}"\n'
-                          '[cards]\nlock_command = "true"\n')
-    service = Service(config, environ={}).start()
+    text, sock_dir = config_text(tmp_path, policy=policy)
+    service = Service(parse_config(text), environ={}).start()
     try:
         store = service.store
         user = store.add_user("alice")
@@ -469,10 +471,8 @@ def test_a_ceremony_broken_by_its_cancel_is_recorded_as_cancelled(tmp_path, monk
     from token_agent.config import parse_config
     from token_agent.service.server import Service
 
-    sock_dir = Path(__import__("tempfile").mkdtemp(prefix="token-agent-cancel-"))
-    config = parse_config(f'[service]\nsocket = "{sock_dir}/a.sock"\n[store]\n'
-                          f'data_dir = "{tmp_path}/data"\n[cards]\nlock_command = "true"\n')
-    service = Service(config, environ={}).start()
+    text, sock_dir = config_text(tmp_path)
+    service = Service(parse_config(text), environ={}).start()
     try:
         service.store.add_user("alice")
 
