@@ -15,8 +15,10 @@ its queue is full it is disconnected); a bounded pool of workers for the ceremon
 (``workers.py``: a ceremony over the limits is refused as ``busy``, never queued); the
 PC/SC watcher's. Everything is bounded by ``[service]`` in config.toml: connections
 (``max_connections``, ``max_connections_per_user``, ``idle_timeout``) and ceremonies
-(``max_ceremonies``, ``max_ceremonies_per_user``, two per connection). The store is one ``Store`` shared by the threads (its calls are serialised and
-every transaction is short; nothing waits for a person or a device inside one).
+(``max_ceremonies``, ``max_ceremonies_per_user``, two per connection). The store is one
+``Store`` shared by the threads (its calls are serialised and every transaction is short;
+nothing waits for a person or a device inside one). The readers, card logins and card-bound
+sessions are ``cards.py``'s.
 
 At start: half-done enrolments (methods still unconfirmed after
 ``config.STALE_ENROLMENT_SECONDS``, left by a crash or an abandoned enrolment) are removed
@@ -43,6 +45,7 @@ from ..outcome import LoginOutcome, Reason
 from ..usernames import RULE, is_username
 from . import protocol
 from .authz import Rules
+from .cards import CardWatch
 from .ceremony import Ceremony, NamedLocks, SocketInteraction, once
 from .connections import LOGIN, PUBLIC, Connection, Listener, ListenError, admit
 from .refusals import Refusals, UnknownLogins
@@ -55,9 +58,6 @@ log = logging.getLogger("token_agent.service")
 STOP_GRACE = 5.0
 #: logins and enrolments running at once on one connection (a PAM conversation needs one)
 CEREMONIES_PER_CONNECTION = 2
-#: card session end reasons that lock (all but a logout)
-_LOCK_REASONS = ("card-removed", "reader-removed", "card-swapped",
-                 "card-gone-after-service-loss", "card-gone-while-stopped")
 #: the policy's second-factor names a login may ask for
 SECOND_METHODS = ("totp", "push", "email", "sms", "voice", "messaging", "backup", "key", "card")
 #: the CLI's method names (``methods prefer|remove KIND``) -> store kinds
@@ -129,15 +129,7 @@ class Service:
         self.workers = WorkerPool(cfg.max_ceremonies + CEREMONIES_PER_CONNECTION,
                                   name="token-agent-worker")
         self.login_socket_path = cfg.login_socket_path(self.socket_path)
-        self._watcher = None
-        self._cards = None  # CardSessionManager
-        self._card_sessions: dict[str, str] = {}  # manager session id -> store session id
-        self._pending_locks: list[dict] = []
-        self._session_events: list = []
-        self._pending_guard = threading.Lock()
-        self._deferring = threading.local()
-        self._flush_lock = threading.Lock()
-        self._has_lock_action = False
+        self.cards = CardWatch(self)  # the readers, card logins, card-bound sessions
         self._device = None
         self._ops: dict[str, Callable[[Connection, dict], dict]] = {
             "hello": self.op_hello,
@@ -192,7 +184,7 @@ class Service:
         alarm.check()
         try:
             self._cleanup()
-            self._start_cards()
+            self.cards.start()
             for listener in self._listeners:
                 listener.open()
             for listener in self._listeners:
@@ -230,7 +222,7 @@ class Service:
         self.stopping.set()
         log.info("token-agent service stopping")
         for step in (self._close_listeners, self._end_ceremonies, self._close_connections,
-                     self._stop_cards, self.keys.close, self._close_store):
+                     self.cards.stop, self.keys.close, self._close_store):
             try:
                 step()
             except Exception:  # noqa: BLE001: stopping goes on whatever a step did
@@ -434,9 +426,6 @@ class Service:
         counts: dict[str, int] = {"active": 0, "locked": 0, "ended": 0}
         for s in self.store.list_sessions():
             counts[s.state] = counts.get(s.state, 0) + 1
-        readers = {}
-        if self._watcher is not None:
-            readers = {name: st.present for name, st in self._watcher.snapshot().items()}
         return {"version": protocol.VERSION, "agent": __version__,
                 "peer": {"uid": peer.uid, "pid": peer.pid, "user": peer.user,
                          "roles": self.rules.roles(peer, self.store)},
@@ -444,8 +433,8 @@ class Service:
                             "connections": connections, "ceremonies": ceremonies,
                             "threads": threading.active_count(),
                             "subscribers": subscribers,
-                            "sessions": counts, "readers": readers,
-                            "watching_readers": self._watcher is not None}}
+                            "sessions": counts, "readers": self.cards.readers(),
+                            "watching_readers": self.cards.watcher is not None}}
 
     # -- logins --------------------------------------------------------------------------------
 
@@ -640,43 +629,7 @@ class Service:
 
     def _card_runner(self, c: Ceremony, ui: SocketInteraction, used: list
                      ) -> Callable[[str | None], LoginOutcome]:
-        """A card login on a reader holding a card (its reader lock held), remembering the
-        card's outcome, reader and ATR in ``used`` (for the session's binding)."""
-        from ..ceremonies.devices import make_card_login
-
-        def run(name: str | None) -> LoginOutcome:
-            candidates: list[tuple[str | None, bytes | None]] = []
-            if self._watcher is not None:
-                candidates = [(r, st.atr) for r, st in sorted(self._watcher.snapshot().items())
-                              if st.present]
-                if not candidates:
-                    return LoginOutcome.failure("card", Reason.NO_DEVICE,
-                                                "no card is in a reader: insert your card")
-            else:
-                candidates = [(None, None)]
-            deadline = time.monotonic() + self.config.keys.timeout
-            with c.unlocked():
-                while True:
-                    for reader, atr in candidates:
-                        lock = self.device_locks.get(f"reader:{reader}")
-                        if not lock.acquire(blocking=False):
-                            continue
-                        try:
-                            outcome = make_card_login(self.store, pin_provider=ui.card_pin,
-                                                      reader=reader)(name)
-                        finally:
-                            lock.release()
-                        if outcome.ok:
-                            used.append((outcome, reader, atr))
-                        return outcome
-                    if c.cancel.is_set():
-                        return LoginOutcome.failure("card", Reason.CANCELLED, "cancelled")
-                    if time.monotonic() > deadline:
-                        return LoginOutcome.failure("card", Reason.DEVICE_ERROR,
-                                                    "the card reader is in use by another login")
-                    time.sleep(0.05)
-
-        return run
+        return self.cards.runner(c, ui, used)
 
     def _run_login(self, c: Ceremony, a: dict, device) -> None:
         from ..ceremonies.login import login, shown_before_first_factor
@@ -722,7 +675,7 @@ class Service:
 
             c.conn.authenticated = Authenticated.of(outcome)  # before its result goes out
             try:
-                self._bind_card_session(session_id, outcome, card_used)
+                self.cards.bind_session(session_id, outcome, card_used)
             except Exception:
                 log.exception("cannot bind the session to its card", extra={"login": c.id})
         self._finish(c, outcome.to_json() | ({"session": session_id} if outcome.ok else {}),
@@ -772,31 +725,13 @@ class Service:
         """Record the session of a successful login (inside its transaction); one that used
         a card is bound to it (reader, ATR, certificate serial)."""
         card = card_used[-1] if card_used else None
-        if card is None or card[1] is None or self._cards is None:
+        if card is None or card[1] is None or self.cards.manager is None:
             self.store.add_session(sid, user_id, method=method, device_id=device.device_id)
             return
         card_outcome, reader, atr = card
         self.store.add_session(sid, user_id, method=method, device_id=device.device_id,
                                card_reader=reader, card_atr=bytes(atr or b"").hex(),
                                card_serial=card_outcome.credential_id)
-
-    def _bind_card_session(self, sid: str, outcome: LoginOutcome, card_used: list) -> None:
-        """After the session's row: a card-bound session joins the session manager, which
-        locks it when its card leaves (the row first, so that a removal racing with this
-        finds it)."""
-        card = card_used[-1] if card_used else None
-        if card is None or card[1] is None or self._cards is None:
-            return
-        card_outcome, reader, atr = card
-        atr = bytes(atr or b"")
-        session = self._cards.start_session(card_outcome, reader=reader, atr=atr)
-        self._card_sessions[session.id] = sid
-        # the card may have left before the manager knew of the session
-        state = self._watcher.snapshot().get(reader) if self._watcher is not None else None
-        if state is None or not state.present or bytes(state.atr or b"") != atr:
-            from drivers.pcsc.readers import ReaderEvent
-
-            self._handle_cards(ReaderEvent("card-removed", reader, None, time.monotonic()))
 
     @staticmethod
     def _session_json(s) -> dict:
@@ -1061,180 +996,6 @@ class Service:
                        if c.subscribed and (c.subscribed_admin or not admins_only)]
         for conn in targets:
             conn.send(event)
-
-    # ------------------------------------------------------------------ cards
-
-    def _lock_spec(self) -> str | None:
-        spec = self.config.cards.lock_command
-        if spec is None:
-            from ..ceremonies.card import CardSettings
-
-            try:
-                spec = CardSettings.from_store(self.store).lock_command
-            except ValueError as e:
-                log.error("card settings: %s", e)
-                spec = None
-        return spec or None
-
-    def _start_cards(self) -> None:
-        from ..cardsession import CardSessionManager
-
-        lock_spec = self._lock_spec()
-        self._has_lock_action = lock_spec is not None
-        self._cards = CardSessionManager(lock_spec, on_event=self._on_session_event,
-                                         store=self.store)
-        restored = self._restore_card_sessions()  # known to the manager before any event
-        try:
-            from drivers.pcsc.readers import ReaderWatcher, list_readers
-
-            self._watcher = ReaderWatcher(self._on_reader_event,
-                                          readers_filter=self.config.cards.readers)
-            self._watcher.start()
-        except Exception as e:  # no pyscard, no PC/SC library: keys only
-            log.warning("smartcard readers are not watched: %s", e)
-            self._watcher = None
-            return
-        try:
-            list_readers()
-        except Exception:  # pcscd is not there now: its return re-reads every card
-            return
-        self._check_restored(restored)
-
-    def _stop_cards(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            try:
-                watcher.stop()
-            except Exception as e:
-                log.error("stopping the reader watcher: %s", e)
-
-    def _restore_card_sessions(self) -> list:
-        """The active card-bound sessions of the store, bound again in the session manager."""
-        restored = []
-        for s in self.store.list_sessions(states=["active"]):
-            if not s.card_bound:
-                continue
-            outcome = LoginOutcome(ok=True, method="card", user=s.username, user_id=s.user_id,
-                                   credential_id=s.card_serial, detail={})
-            session = self._cards.start_session(outcome, reader=s.card_reader,
-                                                atr=bytes.fromhex(s.card_atr or ""))
-            self._card_sessions[session.id] = s.id
-            restored.append(session)
-        return restored
-
-    def _check_restored(self, restored: list) -> None:
-        """Lock the restored sessions whose card is not in its reader now; read the
-        certificate of the others again (on a thread) and lock those with another card."""
-        from drivers.pcsc.readers import ReaderEvent
-
-        snapshot = self._watcher.snapshot()
-        to_check = []
-        for session in restored:
-            binding = session.binding
-            state = snapshot.get(binding.reader)
-            if state is None or not state.present or bytes(state.atr or b"") != binding.atr:
-                log.info("the card of a session left while the service was stopped",
-                         extra={"session": self._card_sessions.get(session.id),
-                                "user": session.user, "reader": binding.reader})
-                self._handle_cards(ReaderEvent("card-removed", binding.reader, None,
-                                               time.monotonic()))
-            else:
-                to_check.append(session)
-        if to_check:
-            threading.Thread(target=self._recheck_cards, args=(to_check,), daemon=True,
-                             name="token-agent-card-restore").start()
-
-    def _recheck_cards(self, sessions) -> None:
-        from drivers.pcsc.readers import ReaderEvent
-
-        from ..cardsession import default_reprobe
-
-        for s in sessions:
-            try:
-                same = default_reprobe(s.binding)
-            except Exception as e:
-                log.info("cannot read the card of a restored session: %s", e)
-                same = False
-            if not same:
-                self._handle_cards(ReaderEvent("card-removed", s.binding.reader, None,
-                                               time.monotonic()))
-            else:
-                log.info("session restored: its card is still in", extra={
-                    "session": self._card_sessions.get(s.id), "reader": s.binding.reader})
-
-    def _on_reader_event(self, event) -> None:
-        """The watcher's thread: the session manager first (it starts the lock action at
-        once), then the subscribers, who see the card's event before the session.locked it
-        caused."""
-        self._handle_cards(event, announce=event)
-        log.info("reader event", extra={"event": event.kind, "reader": event.reader})
-
-    def _handle_cards(self, event, announce=None) -> None:
-        """``CardSessionManager.handle``, its session events dealt with afterwards (their
-        store writes and broadcasts never delay the lock action)."""
-        self._deferring.active = True
-        try:
-            if self._cards is not None:
-                self._cards.handle(event)
-        finally:
-            self._deferring.active = False
-        if announce is not None:
-            at = time.time() - max(0.0, time.monotonic() - announce.at)
-            if announce.kind == "card-inserted":
-                self.broadcast({"event": "card.inserted", "reader": announce.reader,
-                                "atr": (announce.atr or b"").hex(), "at": at})
-            elif announce.kind == "card-removed":
-                self.broadcast({"event": "card.removed", "reader": announce.reader, "at": at})
-            elif announce.kind in ("service-lost", "service-back"):
-                self.broadcast({"event": "service.readers",
-                                "state": "lost" if announce.kind == "service-lost" else "back",
-                                "at": at})
-        self._flush_session_events()
-
-    def _on_session_event(self, event) -> None:
-        with self._pending_guard:
-            self._session_events.append(event)
-        if not getattr(self._deferring, "active", False):  # from the manager's own threads
-            self._flush_session_events()
-
-    def _flush_session_events(self) -> None:
-        with self._flush_lock:
-            with self._pending_guard:
-                events, self._session_events = self._session_events, []
-            for event in events:
-                self._session_event(event)
-
-    def _session_event(self, event) -> None:
-        """One session event of the manager: the store, then the subscribers."""
-        kind = event.kind
-        if kind == "session-ended":
-            sid = self._card_sessions.get(event.session_id, event.session_id)
-            locking = event.reason in _LOCK_REASONS
-            try:
-                self.store.set_session_state(sid, "locked" if locking else "ended",
-                                             event.reason)
-            except Exception as e:
-                log.error("cannot record the session's end: %s", e)
-            if not locking:
-                return
-            item = {"event": "session.locked", "session": sid, "user": event.user,
-                    "reader": event.reader, "reason": event.reason}
-            if self._has_lock_action:
-                self._pending_locks.append(item)  # its latency comes with lock-started
-            else:
-                self._emit_locked(item, None)
-        elif kind in ("lock-started", "lock-failed"):
-            pending, self._pending_locks = self._pending_locks, []
-            for item in pending:
-                self._emit_locked(item, event.latency_ms,
-                                  error=event.detail.get("error") if kind == "lock-failed"
-                                  else None)
-
-    def _emit_locked(self, item: dict, latency_ms: float | None, error: str | None = None) -> None:
-        log.info("session locked: its card left", extra={
-            "session": item["session"], "user": item["user"], "reader": item["reader"],
-            "reason": item["reason"], "latency_ms": latency_ms, "lock_error": error})
-        self.broadcast({**item, "latency_ms": latency_ms, "at": time.time()})
 
     # ------------------------------------------------------------------ cleanup at start
 
