@@ -80,9 +80,9 @@ Changing methods (NIST SP 800-63B §6.1.2.1; ``token_agent/reauth.py``)
 
 Operations
     ``hello`` {} -> {"version": 1, "agent": "0.1.0", "peer": {"uid", "pid", "user",
-    "roles": [...]}, "service": {"pid", "uptime_s", "connections", "ceremonies", "subscribers",
-    "sessions": {"active": N, "locked": N, "ended": N}, "readers": {READER: card_present},
-    "watching_readers": bool}}  (roles: "root", "login-service", "admin", "user")
+    "roles": [...]}, "service": {"pid", "uptime_s", "connections", "ceremonies", "threads",
+    "subscribers", "sessions": {"active": N, "locked": N, "ended": N},
+    "readers": {READER: card_present}, "watching_readers": bool}}  (roles: "root", "login-service", "admin", "user")
 
     ``login.start`` {"user": str | null, "primary": "password"|"key"|"card"|null,
     "second": METHOD | null, "device": {"kind": "managed"|"unmanaged", "device_id": str|null,
