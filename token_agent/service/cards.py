@@ -266,15 +266,24 @@ class CardWatch:
 
         return run
 
+    def card_of(self, card_used: list) -> tuple[LoginOutcome, str, bytes] | None:
+        """The card a login used, as ``(outcome, reader, ATR)`` (what ``runner`` put in
+        ``card_used``), when its session is to be bound to it: a reader watched, a card
+        seen in it; else None."""
+        card = card_used[-1] if card_used else None
+        if card is None or card[1] is None or self.manager is None:
+            return None
+        card_outcome, reader, atr = card
+        return card_outcome, reader, bytes(atr or b"")
+
     def bind_session(self, sid: str, outcome: LoginOutcome, card_used: list) -> None:
         """After the session's row: a card-bound session joins the session manager, which
         locks it when its card leaves (the row first, so that a removal racing with this
         finds it)."""
-        card = card_used[-1] if card_used else None
-        if card is None or card[1] is None or self.manager is None:
+        card = self.card_of(card_used)
+        if card is None:
             return
         card_outcome, reader, atr = card
-        atr = bytes(atr or b"")
         session = self.manager.start_session(card_outcome, reader=reader, atr=atr)
         self.sessions[session.id] = sid
         # the card may have left before the manager knew of the session

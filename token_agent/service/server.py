@@ -261,8 +261,8 @@ class Service:
         again, and the login services, admin group, prompt and idle timeouts, connection
         and per-user limits, workstation and logging take effect for what starts from now
         on. The sockets, the worker pool's size, the store, the keys and the cards need a
-        restart: returns the tables whose change was
-        not applied. A policy that does not load leaves everything as it was (PolicyError)."""
+        restart: returns the tables whose change was not applied. A policy that does not
+        load leaves everything as it was (PolicyError)."""
         from ..policy import resolve_policy
 
         policy = resolve_policy(self._policy_override or config.policy.file, self.environ,
@@ -499,7 +499,8 @@ class Service:
         cfg = self.config.service
         c = Ceremony(conn, kind, op, user, prompt_timeout=cfg.prompt_timeout)
         c.on_timeout = lambda cause: self._record_cancel(c, cause)
-        privileged = conn.peer.uid in self._login_uids
+        is_login_service = self.rules.is_login_service
+        privileged = is_login_service(conn.peer)
         with self._lock:
             if conn.closed.is_set():
                 raise RequestError("unavailable", "the connection is closing")
@@ -509,7 +510,7 @@ class Service:
                                            "their results")
             if not privileged:
                 running = [x for x in self._ceremonies.values()
-                           if x.conn.peer.uid not in self._login_uids]
+                           if not is_login_service(x.conn.peer)]
                 if sum(1 for x in running if x.conn.peer.uid == conn.peer.uid) \
                         >= cfg.max_ceremonies_per_user:
                     raise RequestError("busy", f"you have {cfg.max_ceremonies_per_user} logins "
@@ -627,10 +628,6 @@ class Service:
         return [cr.credential_id for cr in self.store.list_fido_credentials(user.id)
                 if cr.rp_id == rp_id], rp_id
 
-    def _card_runner(self, c: Ceremony, ui: SocketInteraction, used: list
-                     ) -> Callable[[str | None], LoginOutcome]:
-        return self.cards.runner(c, ui, used)
-
     def _run_login(self, c: Ceremony, a: dict, device) -> None:
         from ..ceremonies.login import login, shown_before_first_factor
 
@@ -648,7 +645,7 @@ class Service:
 
         try:
             key_runner = self._key_runner(c, ui)
-            card_runner = self._card_runner(c, ui, card_used)
+            card_runner = self.cards.runner(c, ui, card_used)
             username = c.user
             primary = a["primary"]
             if username is None:
@@ -724,13 +721,13 @@ class Service:
     def _session_row(self, sid: str, user_id: str, method: str, device, card_used: list) -> None:
         """Record the session of a successful login (inside its transaction); one that used
         a card is bound to it (reader, ATR, certificate serial)."""
-        card = card_used[-1] if card_used else None
-        if card is None or card[1] is None or self.cards.manager is None:
+        card = self.cards.card_of(card_used)
+        if card is None:
             self.store.add_session(sid, user_id, method=method, device_id=device.device_id)
             return
         card_outcome, reader, atr = card
         self.store.add_session(sid, user_id, method=method, device_id=device.device_id,
-                               card_reader=reader, card_atr=bytes(atr or b"").hex(),
+                               card_reader=reader, card_atr=atr.hex(),
                                card_serial=card_outcome.credential_id)
 
     @staticmethod
