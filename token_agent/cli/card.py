@@ -394,7 +394,7 @@ def settings_set(ctx: Context, key: str, values: tuple[str, ...]) -> None:
 
     value = list(values) if key in _LIST_SETTINGS else " ".join(values)
     try:
-        stored = set_card_setting(ctx.store(), key, value)
+        stored = set_card_setting(ctx.store(create=True), key, value)
     except ValueError as e:
         fail(str(e), exitcodes.USAGE)
     say(f"{key} = {stored}")

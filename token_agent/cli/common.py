@@ -19,37 +19,56 @@ T = TypeVar("T")
 class Context:
     """Per-invocation options (set on the root group)."""
 
-    def __init__(self, data_dir: str | None, policy_path: str | None = None) -> None:
-        self.data_dir = data_dir
+    def __init__(self, data_dir: str | None, policy_path: str | None = None,
+                 config_path: str | None = None) -> None:
+        self.data_dir = data_dir  # --data-dir only; TOKEN_AGENT_DATA_DIR: token_agent.datadir
         self.policy_path = policy_path
+        self.config_path = config_path
         self._store = None
         self._agent = None
 
-    def agent(self):
+    def agent(self, create: bool = False):
         """The store, key file and policy together (``token_agent.agent.Agent``): exit 7 when
-        the store or key file cannot be used, exit 2 when the policy file is wrong."""
+        the store or key file cannot be used, exit 2 when the policy file is wrong.
+        ``create``: as for ``store``."""
         if self._agent is None:
             from ..agent import Agent
-            from ..policy import PolicyError
             from ..secretbox import SecretError
 
-            store = self.store()
+            policy = self.policy()  # a wrong policy file is exit 2, store or none
+            store = self.store(create)
             try:
-                self._agent = Agent.open(store=store, policy_path=self.policy_path)
-            except PolicyError as e:
-                fail(str(e), exitcodes.USAGE)
+                self._agent = Agent.open(store=store, policy=policy)
             except SecretError as e:
                 fail(str(e), exitcodes.STORE)
         return self._agent
 
-    def store(self):
-        """The credential store, opened on first use (StoreError -> exit 7)."""
+    def policy(self):
+        """The policy in force (exit 2 when its file is wrong); needs no store."""
+        from ..policy import PolicyError, resolve_policy
+
+        try:
+            return resolve_policy(self.policy_path)
+        except PolicyError as e:
+            fail(str(e), exitcodes.USAGE)
+
+    def store(self, create: bool = False):
+        """The credential store, opened on first use (``token_agent.datadir``). Only a
+        command that writes passes ``create``: for the others a missing store is exit 8,
+        saying where it was looked for, and nothing is created. StoreError -> exit 7, a
+        wrong config.toml (read for its [store] data_dir) -> exit 2."""
         if self._store is None:
-            from ..paths import data_dir, store_path
-            from ..store import Store, StoreError
+            from ..config import ConfigError
+            from ..datadir import locate, open_store
+            from ..store import StoreError, StoreMissing
 
             try:
-                self._store = Store.open(store_path(data_dir(self.data_dir)))
+                where = locate(self.data_dir, config_path=self.config_path)
+                self._store = open_store(where, create=create)
+            except ConfigError as e:
+                fail("; ".join(e.errors), exitcodes.USAGE)
+            except StoreMissing as e:
+                fail(str(e), exitcodes.NOT_FOUND)
             except StoreError as e:
                 fail(str(e), exitcodes.STORE)
             except OSError as e:

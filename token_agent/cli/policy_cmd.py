@@ -144,7 +144,7 @@ def policy_show(ctx: Context, as_json: bool) -> None:
     """Show the policy in force (and which file it came from)."""
     from ..policy import policy_warnings
 
-    pol = ctx.agent().policy
+    pol = ctx.policy()  # no store needed
     data = _policy_json(pol)
     data["warnings"] = policy_warnings(pol)
     emit(as_json, data, lambda: "\n".join(f"{k:<16} {v}" for k, v in data.items()))

@@ -59,7 +59,7 @@ def add(ctx: Context, username: str, display_name: str | None, roles: tuple[str,
     from ..store import StoreError, UserExists
 
     try:
-        store = ctx.store()
+        store = ctx.store(create=True)  # the first user starts the store
         with store.transaction():
             user = store.add_user(username, display_name=display_name, roles=roles,
                                   user_class=user_class)

@@ -1,0 +1,166 @@
+"""Issue 12, "The data directory", through the real ``token-agent`` command:
+
+1. a command that only reads creates no store and no directory: it says there is none, where
+   it looked and why (exit 8); a command that writes still creates it;
+2. one lookup for the command line and the service: ``--data-dir``, ``TOKEN_AGENT_DATA_DIR``,
+   config.toml's ``[store] data_dir`` (``--config``, ``TOKEN_AGENT_CONFIG``, ...), then the
+   XDG and home defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, token_agent_command
+from test_service import services, socket_dir  # noqa: F401  (fixtures)
+from token_agent import exitcodes
+from token_agent.service.client import ServiceError
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict:
+    """No TOKEN_AGENT_* or XDG_* of the caller's; HOME in the test's directory; an empty
+    config.toml and policy unless the test names others."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TOKEN_AGENT_", "XDG_")) and k != "STATE_DIRECTORY"}
+    (tmp_path / "empty.toml").write_text("")
+    env.update(HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1",
+               TOKEN_AGENT_CONFIG=str(tmp_path / "empty.toml"),
+               TOKEN_AGENT_POLICY=str(tmp_path / "empty.toml"))
+    env.update(extra)
+    return env
+
+
+def run(env: dict, *args, expect: int | None = 0, input: str = "") -> subprocess.CompletedProcess:
+    argv = [str(a) for a in args]
+    proc = subprocess.run(token_agent_command() + argv, input=input, capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT, timeout=60)
+    if expect is not None:
+        assert proc.returncode == expect, (argv, proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+# --------------------------------------------------------------------------- 1. read-only
+
+
+READ_ONLY = [
+    ("users", "list"),
+    ("users", "show", "alice"),
+    ("audit", "verify"),
+    ("audit", "tail"),
+    ("settings", "show"),
+    ("trust", "list"),
+    ("card", "settings", "show"),
+    ("methods", "list", "--user", "alice"),
+    ("policy", "explain", "--user", "alice"),
+    ("admin", "lockouts", "alice"),
+    ("login", "--user", "alice"),
+]
+
+
+def test_a_command_that_only_reads_creates_no_store(tmp_path):
+    env = clean_env(tmp_path)
+    missing = tmp_path / "mistyped" / "dir"
+    existing = tmp_path / "etc"  # like `--data-dir /etc`: a directory with other things in it
+    existing.mkdir()
+    (existing / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    for data in (missing, existing):
+        before = files_under(tmp_path)
+        for command in READ_ONLY:
+            proc = run(env, "--data-dir", data, *command, expect=exitcodes.NOT_FOUND)
+            assert f"no token-agent store at {data / 'token-agent.db'}" in proc.stderr, command
+            assert "because of --data-dir" in proc.stderr and "users add" in proc.stderr
+            assert proc.stdout == "", command
+        assert files_under(tmp_path) == before, "a read-only command created something"
+    assert not missing.parent.exists()
+
+    # the policy needs no store
+    assert "enforcement" in run(env, "--data-dir", missing, "policy", "show").stdout
+    assert not missing.parent.exists()
+
+    # commands that write create it (the directory 0700)
+    run(env, "--data-dir", missing, "users", "add", "alice")
+    assert (missing / "token-agent.db").is_file() and oct(missing.stat().st_mode & 0o777) == "0o700"
+    assert [u["username"] for u in json.loads(run(env, "--data-dir", missing, "users", "list",
+                                                  "--json").stdout)] == ["alice"]
+    run(env, "--data-dir", existing, "settings", "set", "rp_id", "trust.example")
+    assert (existing / "token-agent.db").is_file()
+
+
+def test_the_message_says_why_it_looked_there(tmp_path):
+    env = clean_env(tmp_path, TOKEN_AGENT_DATA_DIR=str(tmp_path / "from-env"))
+    proc = run(env, "users", "list", expect=exitcodes.NOT_FOUND)
+    assert f"no token-agent store at {tmp_path / 'from-env' / 'token-agent.db'} (looked there " \
+           "because of TOKEN_AGENT_DATA_DIR)" in proc.stderr
+
+    default = tmp_path / "home" / ".local" / "share" / "token-agent"
+    proc = run(clean_env(tmp_path), "users", "list", expect=exitcodes.NOT_FOUND)
+    assert f"no token-agent store at {default / 'token-agent.db'} (looked there by default" \
+        in proc.stderr
+    assert not (tmp_path / "home").exists()
+
+
+# --------------------------------------------------------------------------- 2. one lookup
+
+
+def test_the_cli_uses_config_toml_store_data_dir(tmp_path):
+    configured = tmp_path / "from-config"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\ndata_dir = "{configured}"\n')
+    env = clean_env(tmp_path, TOKEN_AGENT_CONFIG=str(config))
+    run(env, "users", "add", "alice")
+    assert (configured / "token-agent.db").is_file()
+    assert not (tmp_path / "home").exists(), "the store went to ~/.local/share"
+    proc = run(env, "users", "show", "bob", expect=exitcodes.NOT_FOUND)
+    assert "bob" in proc.stderr  # the store was found: the user is not
+
+    # --config, as `serve --config` takes it
+    env = clean_env(tmp_path)
+    assert "alice" in run(env, "--config", config, "users", "list").stdout
+    proc = run(env, "--config", tmp_path / "other.toml", "users", "list", expect=exitcodes.USAGE)
+    assert "other.toml: configuration file not found" in proc.stderr
+
+    # TOKEN_AGENT_DATA_DIR beats the file, --data-dir beats both
+    env = clean_env(tmp_path, TOKEN_AGENT_CONFIG=str(config),
+                    TOKEN_AGENT_DATA_DIR=str(tmp_path / "from-env"))
+    proc = run(env, "users", "list", expect=exitcodes.NOT_FOUND)
+    assert "because of TOKEN_AGENT_DATA_DIR" in proc.stderr
+    assert "alice" in run(env, "--data-dir", configured, "users", "list").stdout
+
+    # a store the file names but that is not there yet: said so, with the file
+    config.write_text(f'[store]\ndata_dir = "{tmp_path / "not-yet"}"\n')
+    proc = run(clean_env(tmp_path, TOKEN_AGENT_CONFIG=str(config)), "users", "list",
+               expect=exitcodes.NOT_FOUND)
+    assert f"because of [store] data_dir in {config}" in proc.stderr
+    assert not (tmp_path / "not-yet").exists()
+
+
+def test_the_service_and_the_cli_find_the_same_store(services, tmp_path):  # noqa: F811
+    services.policy.write_text("[classes.internal]\nenforce = false\n")
+    svc = services()
+    # the service's own config.toml names its data directory; the CLI reads it too
+    env = clean_env(tmp_path, TOKEN_AGENT_POLICY=str(services.policy))
+    run(env, "--config", svc.config, "users", "add", "alice")
+    assert (services.data / "token-agent.db").is_file()
+    with svc.client() as c:
+        assert c.request("methods.list", user="alice")["methods"] == []
+    svc.stop()
+
+    # TOKEN_AGENT_DATA_DIR beats config.toml for both
+    other = tmp_path / "other"
+    svc = services(start=False, name="svc2")
+    svc.env["TOKEN_AGENT_DATA_DIR"] = str(other)
+    svc.start()
+    run(env | {"TOKEN_AGENT_DATA_DIR": str(other)}, "--config", svc.config, "users", "add", "bob")
+    with svc.client() as c:
+        assert c.request("methods.list", user="bob")["methods"] == []
+        with pytest.raises(ServiceError, match="no user 'alice'"):
+            c.request("methods.list", user="alice")
