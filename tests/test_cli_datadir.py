@@ -4,22 +4,30 @@
    it looked and why (exit 8); a command that writes still creates it;
 2. one lookup for the command line and the service: ``--data-dir``, ``TOKEN_AGENT_DATA_DIR``,
    config.toml's ``[store] data_dir`` (``--config``, ``TOKEN_AGENT_CONFIG``, ...), then the
-   XDG and home defaults.
+   XDG and home defaults;
+3. root never takes the service's store: against a data directory of another user it
+   refuses, says how to run as that user, and creates nothing; the store stays that user's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT, token_agent_command
+from test_cli_reauth import as_user
 from test_service import services, socket_dir  # noqa: F401  (fixtures)
 from token_agent import exitcodes
 from token_agent.service.client import ServiceError
+
+SERVICE_UID = 61010  # the service's user: no passwd entry (sudo -u '#61010')
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict:
@@ -164,3 +172,65 @@ def test_the_service_and_the_cli_find_the_same_store(services, tmp_path):  # noq
         assert c.request("methods.list", user="bob")["methods"] == []
         with pytest.raises(ServiceError, match="no user 'alice'"):
             c.request("methods.list", user="alice")
+
+
+# --------------------------------------------------------------------------- 3. root
+
+
+@pytest.fixture
+def service_dir():
+    """A data directory of the service's user (uid 61010, mode 0700), in a directory that
+    user can reach."""
+    if os.geteuid() != 0:
+        pytest.fail("this test must run as root (it is root's mistake it checks)")
+    top = Path(tempfile.mkdtemp(prefix="token-agent-datadir-"))
+    top.chmod(0o755)
+    data = top / "token-agent"
+    data.mkdir(mode=0o700)
+    os.chown(data, SERVICE_UID, SERVICE_UID)
+    yield data
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def as_service_user(env: dict, *args, expect: int | None = 0) -> subprocess.CompletedProcess:
+    argv = [str(a) for a in args]
+    proc = subprocess.run([sys.executable, "-c", as_user(SERVICE_UID), *argv],
+                          capture_output=True, text=True, cwd="/", timeout=60,
+                          env=env | {"PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
+    if expect is not None:
+        assert proc.returncode == expect, (argv, proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def owners(path: Path) -> set[int]:
+    return {p.lstat().st_uid for p in [path, *path.iterdir()]}
+
+
+@pytest.mark.parametrize("first", ["root", "service"])
+def test_root_does_not_take_the_service_store(service_dir, first):
+    top = service_dir.parent
+    (top / "empty.toml").write_text("")
+    env = clean_env(top, HOME=str(top))
+    if first == "service":  # the service's store exists already
+        as_service_user(env, "--data-dir", service_dir, "users", "add", "alice")
+    before = {p.name: p.stat().st_mtime_ns for p in service_dir.iterdir()}
+    for command in (("users", "add", "bob"), ("users", "list"), ("settings", "set", "rp_id", "x")):
+        proc = run(env, "--data-dir", service_dir, *command,
+                   expect=exitcodes.NOT_FOUND if command == ("users", "list") and first == "root"
+                   else exitcodes.STORE)
+        if proc.returncode == exitcodes.STORE:
+            assert f"data directory {service_dir} is {SERVICE_UID}'s, not root's" in proc.stderr
+            assert "do not chown the directory to root" in proc.stderr
+            # the exact command to run instead
+            assert f"here: sudo -u '#{SERVICE_UID}' " in proc.stderr
+            assert f"--data-dir {service_dir} {' '.join(command)}" in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in service_dir.iterdir()} == before
+    assert owners(service_dir) == {SERVICE_UID}
+
+    # run as its user, as said: the store is that user's, and it accepts it
+    as_service_user(env, "--data-dir", service_dir, "users", "add", "bob")
+    listed = json.loads(as_service_user(env, "--data-dir", service_dir, "users", "list",
+                                        "--json").stdout)
+    assert sorted(u["username"] for u in listed) == (["alice", "bob"] if first == "service"
+                                                     else ["bob"])
+    assert owners(service_dir) == {SERVICE_UID}

@@ -168,10 +168,13 @@ class StoreFileError(StoreError):
     ``path`` is the file, ``reason`` a short description (``"not writable"``, ...).
     """
 
-    def __init__(self, message: str, *, path: Path, reason: str) -> None:
+    def __init__(self, message: str, *, path: Path, reason: str,
+                 run_as: str | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.reason = reason
+        #: root met another user's data directory: the user to run as (``filetrust.py``)
+        self.run_as = run_as
 
 
 class StoreMissing(StoreFileError):
@@ -979,7 +982,7 @@ class Store:
                 check_private_file(p, what)
         except UntrustedPath as exc:
             raise StoreFileError(f"token-agent store {path}: {exc}", path=path,
-                                 reason="untrusted") from None
+                                 reason="untrusted", run_as=exc.run_as) from None
         # Fail before SQLite creates -wal/-shm files or anything else: the directory must be
         # writable (SQLite creates its WAL and shared-memory files there) and so must the file.
         for target, mode, what in ((directory, os.W_OK | os.X_OK, "write into the directory"),

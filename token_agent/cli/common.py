@@ -70,7 +70,7 @@ class Context:
             except StoreMissing as e:
                 fail(str(e), exitcodes.NOT_FOUND)
             except StoreError as e:
-                fail(str(e), exitcodes.STORE)
+                fail(str(e) + _run_as_owner(e), exitcodes.STORE)
             except OSError as e:
                 fail(f"cannot open the credential store: {e}", exitcodes.STORE)
         return self._store
@@ -81,6 +81,18 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def _run_as_owner(e) -> str:
+    """Root refused another user's data directory (``filetrust.py``): this very command as
+    that user, to copy (the command line holds no secret: they are never taken there)."""
+    if not getattr(e, "run_as", None):
+        return ""
+    import shlex
+
+    prog = [sys.executable, "-m", "token_agent"] if sys.argv[0].endswith("__main__.py") \
+        else sys.argv[:1]
+    return f"; here: sudo -u {shlex.quote(e.run_as)} {shlex.join(prog + sys.argv[1:])}"
 
 
 def say(message: str) -> None:
