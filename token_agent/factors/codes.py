@@ -267,7 +267,7 @@ def send_code(ctx: FactorContext, method: Method, *, purpose: str = "login") -> 
 
 
 def prompt_for(method: Method, receipt: "Receipt | None" = None) -> str:
-    """What to tell the person after a code was sent ("Enter the code sent to 07•••••123")."""
+    """What to tell the person after a code was sent ("Enter the code sent to +44•••••123")."""
     if receipt is None:
         if method.kind == "voice":
             return f"Answer the call ({method.name}) and enter the code it reads out"
@@ -365,7 +365,7 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
                 name: str | None = None) -> "tuple[Method, Receipt]":
     """Add an email address or phone number (not usable until ``confirm_contact``) and send
     it an enrolment code. ``name`` defaults to the channel and the masked destination
-    ("sms 07•••••123"). Re-adding a pending one replaces it (its code stops working; the
+    ("sms +44•••••123"). Re-adding a pending one replaces it (its code stops working; the
     resend limits still apply). ``FactorError``: bad destination (``METHOD_NOT_ALLOWED``),
     already enrolled (``AMBIGUOUS``), or what ``send_code`` raises (then nothing is added)."""
     from ..delivery import validate_destination
