@@ -78,6 +78,15 @@ class PromptNotAnswered(AssertionError):
     pass
 
 
+def _kill(pid: int) -> None:
+    """End the script's process group (bash and the command it runs) and reap bash."""
+    try:
+        os.killpg(pid, signal.SIGKILL)  # pty.fork made the child a session (and group) leader
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
 @dataclass
 class Answers:
     """What the person at the keyboard knows or has in hand, for one sandbox."""
@@ -192,12 +201,12 @@ class Typist:
                 os._exit(127)
         out = b""
         answered = 0  # the output up to here has been answered
-        self._last, count, status = "", 0, None
+        self._last, count, last_output = "", 0, time.monotonic()
         deadline = time.monotonic() + timeout
         try:
             while True:
                 if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
+                    _kill(pid)
                     raise PromptNotAnswered(f"still running after {timeout:.0f} s:\n"
                                             f"{out.decode(errors='replace')[-3000:]}")
                 ready, _, _ = select.select([fd], [], [], 0.05)
@@ -209,6 +218,7 @@ class Typist:
                     if not chunk:
                         break
                     out += chunk
+                    last_output = time.monotonic()
                     continue
                 # quiet for 50 ms: is it waiting at a prompt?
                 text = out.decode(errors="replace").replace("\r\n", "\n")
@@ -220,7 +230,9 @@ class Typist:
                 commands = re.findall(r"^\++ (.*)$", text, re.M)
                 reply = self.answer(prompt, pending, commands[-1] if commands else "")
                 if reply is None:
-                    os.kill(pid, signal.SIGKILL)
+                    if time.monotonic() - last_output < 2:  # a line written in two parts?
+                        continue
+                    _kill(pid)
                     raise PromptNotAnswered(f"a prompt this test cannot answer: {prompt!r}\n"
                                             f"{text[-3000:]}")
                 typed, hidden = reply
@@ -230,7 +242,7 @@ class Typist:
                 self._last, answered = typed, len(text)
                 count += 1
                 if count > self.MAX_ANSWERS:
-                    os.kill(pid, signal.SIGKILL)
+                    _kill(pid)
                     raise PromptNotAnswered(f"more than {self.MAX_ANSWERS} prompts answered: a "
                                             f"loop?\n{text[-3000:]}")
         finally:
