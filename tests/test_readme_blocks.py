@@ -70,6 +70,8 @@ def _id(block: Block) -> str:
 
 
 def test_every_shell_block_is_named_and_the_skip_list_matches():
+    other = [(b.line, b.lang) for b in ALL if b.lang in ("bash", "shell", "console", "zsh")]
+    assert not other, f"shell blocks this test would not see (use ```sh): {other}"
     unnamed = [b.line for b in SHELL if not b.name]
     assert not unnamed, (f"README.md lines {unnamed}: a ```sh block without "
                          "`<!-- readme-block: NAME [needs=...] -->` just before it")
