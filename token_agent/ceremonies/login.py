@@ -182,7 +182,8 @@ def facts_for(agent: "Agent", user, *, device: Device, primary: str | None,
     last = sightings.last_verified(store, user.id, device.device_id)
     now = agent.now()
     return LoginFacts(
-        user_class=user.user_class, mfa_enabled=user.mfa_enabled, methods=methods,
+        user_class=user.user_class, mfa_enabled=user.mfa_enabled,
+        mfa_source=user.mfa_source, methods=methods,
         primary=primary, primary_multi_factor=primary_multi_factor, device=device.kind,
         network=device.network, device_id=device.device_id,
         now=_dt.datetime.fromtimestamp(now, _dt.timezone.utc),
