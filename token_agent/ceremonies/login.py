@@ -26,7 +26,9 @@ Order of a login
 5. otherwise, when a second factor is required: the chosen method's challenge;
 6. on success: the device and network are remembered, the second factor's time is recorded
    for re-verification, an unusual login is recorded as an alert, and one ``login`` audit
-   event says what was used.
+   event says what was used; the warnings of the key or card ceremonies used (a smartcard
+   certificate to renew: ``card_expiry_warning_days``) are told to the person
+   (``Interaction.info``) and carried in the outcome's ``warnings``.
 
 What the person is told: until a first factor has succeeded, whoever is at the prompt may be
 a stranger, so every failure says the same :data:`NOT_AUTHENTICATED` ("Authentication
@@ -180,7 +182,8 @@ def facts_for(agent: "Agent", user, *, device: Device, primary: str | None,
     last = sightings.last_verified(store, user.id, device.device_id)
     now = agent.now()
     return LoginFacts(
-        user_class=user.user_class, mfa_enabled=user.mfa_enabled, methods=methods,
+        user_class=user.user_class, mfa_enabled=user.mfa_enabled,
+        mfa_source=user.mfa_source, methods=methods,
         primary=primary, primary_multi_factor=primary_multi_factor, device=device.kind,
         network=device.network, device_id=device.device_id,
         now=_dt.datetime.fromtimestamp(now, _dt.timezone.utc),
@@ -393,6 +396,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                                    "device_seen": facts.device_seen,
                                    "network_seen": facts.network_seen})
     second_used: str | None = None
+    devices_used = [primary_outcome]  # the device ceremonies' outcomes, for their warnings
     if decision.invite_enrol:
         interaction.info("Your organisation asks you to set up a second factor: "
                          "token-agent enrol totp (or sms, email, key)")
@@ -420,6 +424,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                     v.reason or Reason.VERIFICATION_FAILED, v.message, primary=first,
                     second=v.method)
             second_used = v.method
+            devices_used.append(v)
             factors.extend(f for f in v.factors if f not in factors)
         elif not v.ok:
             return fail(v.reason or Reason.VERIFICATION_FAILED, v.message, primary=first,
@@ -453,11 +458,14 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
     detail = {"primary": first, "second": second_used, "decision": decision.to_json()}
     if primary_outcome is not None:
         detail["primary_credential"] = primary_outcome.credential
+    warnings = tuple(dict.fromkeys(w for o in devices_used if o is not None for w in o.warnings))
+    for warning in warnings:
+        interaction.info(warning)
     return LoginOutcome(ok=True, method=method,
                         user=user.username, user_id=user.id, factors=tuple(factors),
                         credential=primary_outcome.credential if primary_outcome else None,
                         user_verified=bool(primary_outcome and primary_outcome.user_verified),
-                        message="logged in", detail=detail)
+                        message="logged in", detail=detail, warnings=warnings)
 
 
 def _offer(decision, user_methods: list[str], preferred: str | None, second: str | None,

@@ -105,7 +105,13 @@ Operations
                                  (a successful login's outcome also has "session": SESSION_ID;
                                  a failure before any factor succeeded has the message
                                  "Authentication failed." whatever its reason, no user_id and
-                                 no tries_left: ``ceremonies.login.shown_before_first_factor``)
+                                 no tries_left: ``ceremonies.login.shown_before_first_factor``;
+                                 every outcome has "warnings": [str], for the person, e.g.
+                                 "Your card's certificate expires on 21 November 2026 (in 20
+                                 days): ask your registration authority to renew it" when it
+                                 ends within the card setting ``card_expiry_warning_days``
+                                 (default 90); a success sends each warning as an "info"
+                                 event first, so that PAM shows it as PAM_TEXT_INFO)
 
         The login waits for each prompt's answer (``prompt_timeout``, default 120 s, then
         it is cancelled). Exactly one ``result`` event ends every login. The PIN prompts
