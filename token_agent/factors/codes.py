@@ -367,7 +367,8 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
     it an enrolment code. ``name`` defaults to the channel and the masked destination
     ("sms 07•••••123"). Re-adding a pending one replaces it (its code stops working; the
     resend limits still apply). ``FactorError``: bad destination (``METHOD_NOT_ALLOWED``),
-    already enrolled (``AMBIGUOUS``), or what ``send_code`` raises (then nothing is added)."""
+    that destination already enrolled or that name taken (``ALREADY_ENROLLED``), or what
+    ``send_code`` raises (then nothing is added)."""
     from ..delivery import validate_destination
 
     _check_channel(channel)
@@ -383,7 +384,7 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
             if c.channel == channel and c.destination == destination]
     confirmed = [c for c in same if c.method.confirmed]
     if confirmed:
-        raise FactorError(Reason.AMBIGUOUS,
+        raise FactorError(Reason.ALREADY_ENROLLED,
                           f"{hint} is already enrolled for {label}s as {confirmed[0].method.name!r}")
     old = same[-1].method if same else None
     if old is not None:  # re-adding gets round neither the resend limits nor a lockout
@@ -407,8 +408,10 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
             name = _default_name(ctx, user.id, channel, hint, None)
         try:
             method = store.add_method(user.id, channel, name, confirmed=False)
-        except CredentialExists as e:
-            raise FactorError(Reason.AMBIGUOUS, f"{e}: choose another name") from None
+        except CredentialExists:
+            raise FactorError(Reason.ALREADY_ENROLLED,
+                              f"{user.username} already has a {label} contact named {name!r}: "
+                              "choose another name with --name") from None
         conn.execute("INSERT INTO contact_methods (method_id, channel, destination) VALUES (?, ?, ?)",
                      (method.id, channel, destination))
         conn.executemany(
