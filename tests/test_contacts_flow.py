@@ -143,6 +143,23 @@ def login_with_text(cli: Cli, gateway: GatewayServer, *args: str) -> tuple[int, 
     return code, out, run.err, text.body["to"]
 
 
+# --------------------------------------------------------------------------- item 3
+
+
+def test_the_first_login_code_after_enrolment_is_not_throttled(cli, gateway):
+    cli.policy.write_text(delivery_policy(gateway))  # the default: 30 s between two codes
+    cli("users", "add", "alice")
+    cli("enrol", "password", "--user", "alice", "--password-stdin", input=PASSWORD + "\n")
+    add_contact(cli, gateway, MOBILE, "mobile")  # the enrolment's code, seconds ago
+    code, _, err, to = login_with_text(cli, gateway)
+    assert code == 0, err
+    assert to == MOBILE_E164
+    # a resend within 30 s of that login code is still refused
+    proc = cli("send-code", "sms", "--user", "alice", expect=exitcodes.DELIVERY)
+    assert re.search(r"a code was sent \d+ s ago: wait \d+ s", proc.stderr), proc.stderr
+    assert len(gateway.requests) == 2
+
+
 # --------------------------------------------------------------------------- item 4
 
 
