@@ -143,6 +143,142 @@ def login_with_text(cli: Cli, gateway: GatewayServer, *args: str) -> tuple[int, 
     return code, out, run.err, text.body["to"]
 
 
+# --------------------------------------------------------------------------- item 1: the menu
+
+
+def test_the_preferred_alternate_phone_gets_the_code_through_the_cli(cli, gateway):
+    alice_with_two_phones(cli, gateway)
+    cli("methods", "prefer", "--user", "alice", "sms", "--name", "alternate phone")
+
+    code, out, err, to = login_with_text(cli, gateway, "--json")
+    assert code == 0, err
+    assert to == ALTERNATE_E164  # not the first number enrolled
+    assert json.loads(out)["method"] == "password+sms"
+    # without a terminal the default (the preferred contact) is taken; the others are named
+    assert "Second factor (or use a different method): sms:alternate phone (others: " \
+           "sms:mobile" in err
+
+    # --second sms: the preferred sms contact; --second sms:NAME: that one
+    code, _, err, to = login_with_text(cli, gateway, "--second", "sms:mobile")
+    assert code == 0, err
+    assert to == MOBILE_E164
+
+
+def test_second_names_a_contact_or_says_what_is_wrong(cli, gateway):
+    alice_with_two_phones(cli, gateway)
+    cli("methods", "prefer", "--user", "alice", "sms", "--name", "alternate phone")
+    code, _, err, to = login_with_text(cli, gateway, "--second", "sms")
+    assert code == 0, err
+    assert to == ALTERNATE_E164
+
+    # a contact she does not have, a name on something that is not a contact
+    proc = cli("login", "--user", "alice", "--device", "unmanaged", "--second", "sms:pager",
+               input=PASSWORD + "\n", expect=exitcodes.AUTH_FAILED)
+    assert "has no sms method set up named 'pager'" in proc.stderr
+    proc = cli("login", "--user", "alice", "--second", "totp:phone", expect=exitcodes.USAGE)
+    assert "only a contact is chosen by name" in proc.stderr
+
+
+def _pty_login(cli: Cli, gateway: GatewayServer, choose: str) -> tuple[int, str, str]:
+    """`token-agent login` on a pty: the password, the menu's answer ``choose``, the code."""
+    sent = len(gateway.requests)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(token_agent_command() + ["login", "--user", "alice", "--device",
+                                                     "unmanaged", "--device-id", next(DEVICES)],
+                            stdin=slave, stdout=slave, stderr=slave, env=cli.env, cwd=REPO_ROOT,
+                            start_new_session=True)
+    os.close(slave)
+    seen = b""
+
+    def until(pattern: bytes, timeout: float = 30) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, seen):
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+
+    try:
+        until(b"Password")
+        os.write(master, PASSWORD.encode() + b"\r")
+        until(rb"Second factor \(or use a different method\) \[\d\]:")
+        os.write(master, choose.encode() + b"\r")
+        until(b"Enter the code sent to")
+        os.write(master, code_of(wait_for_text(gateway, sent + 1)).encode() + b"\r")
+        until(b"logged in|login failed")
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return proc.returncode, seen.decode(errors="replace"), gateway.requests[-1].body["to"]
+
+
+def test_each_contact_is_its_own_choice_on_the_terminal(cli, gateway):
+    alice_with_two_phones(cli, gateway)
+    cli("methods", "prefer", "--user", "alice", "sms", "--name", "alternate phone")
+    code, screen, to = _pty_login(cli, gateway, "")  # Enter: the default
+    assert code == 0, screen
+    assert "1. text message code: mobile (+44•••••123)\r\n" in screen
+    assert "2. text message code: alternate phone (+44•••••456)  (preferred)" in screen
+    assert "[2]:" in screen
+    assert to == ALTERNATE_E164
+
+    code, screen, to = _pty_login(cli, gateway, "1")  # "use a different method"
+    assert code == 0, screen
+    assert to == MOBILE_E164
+
+
+def test_each_contact_is_its_own_choice_over_the_socket(services, gateway):  # noqa: F811
+    from token_agent.factors import codes, password
+
+    services.policy.write_text(delivery_policy(gateway, NO_RESEND_GAP))
+    world = World(services)
+    try:
+        user = world.user("alice", password=True)
+        ctx = world.agent.factors()
+        for number, name in ((MOBILE, "mobile"), (ALTERNATE, "alternate phone")):
+            codes.add_contact(ctx, user.id, "sms", number, name=name)
+            assert codes.confirm_contact(ctx, user.id, "sms",
+                                         code_of(gateway.requests[-1]), name=name).ok
+    finally:
+        world.close()
+    svc = services()
+    with svc.client() as c:
+        c.request("methods.prefer", user="alice", kind="sms", name="alternate phone")
+        menus: list[dict] = []
+
+        def reply(event):
+            if event["kind"] == "choose":
+                menus.append(event)
+                return event["default"]
+            if event["message"] == "Password":
+                return PASSWORD
+            return code_of(gateway.requests[-1])
+
+        outcome = c.login("alice", reply, device={"kind": "unmanaged", "device_id": next(DEVICES)})
+        assert outcome["ok"], outcome
+        assert gateway.requests[-1].body["to"] == ALTERNATE_E164
+        [menu] = menus
+        assert menu["options"] == [
+            ["sms:mobile", "text message code: mobile (+44•••••123)"],
+            ["sms:alternate phone", "text message code: alternate phone (+44•••••456)"]]
+        assert menu["default"] == "sms:alternate phone"
+
+        # login.start's second: a contact by name
+        outcome = c.login("alice", reply, device={"kind": "unmanaged", "device_id": next(DEVICES)}, second="sms:mobile")
+        assert outcome["ok"], outcome
+        assert gateway.requests[-1].body["to"] == MOBILE_E164
+        with pytest.raises(Exception) as e:
+            c.request("login.start", user="alice", second="fax:mobile")
+        assert getattr(e.value, "code", None) == "bad-request"
+
+
 # --------------------------------------------------------------------------- item 3
 
 
