@@ -279,6 +279,29 @@ def test_each_contact_is_its_own_choice_over_the_socket(services, gateway):  # n
         assert getattr(e.value, "code", None) == "bad-request"
 
 
+# --------------------------------------------------------------------------- item 2
+
+
+def test_scripted_first_login_enrolment_honours_second_sms(cli, gateway):
+    cli.policy.write_text(delivery_policy(gateway))
+    cli("users", "add", "alice")
+    cli("enrol", "password", "--user", "alice", "--password-stdin", input=PASSWORD + "\n")
+    run = Login(cli, "--second", "sms", "--json")
+    run.send(PASSWORD)
+    run.wait_for(r"Phone number")
+    run.send(MOBILE)
+    run.wait_for(r"Enter the code sent to")
+    run.send(code_of(wait_for_text(gateway, 1)))
+    code, out = run.finish()
+    assert code == 0, run.err
+    assert "authenticator app" not in run.err
+    assert gateway.requests[0].body["to"] == MOBILE_E164
+    methods = cli.json("methods", "list", "--user", "alice")
+    assert [(m["kind"], m["confirmed"]) for m in methods if m["kind"] != "password"] == [
+        ("sms", True)]
+    assert json.loads(out)["method"] == "password+sms"
+
+
 # --------------------------------------------------------------------------- item 3
 
 

@@ -407,9 +407,9 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
             v = backup.verify(ctx, user.id, _ask(interaction.secret("Backup code")))
             if v.ok:
                 interaction.info(v.message)
-                v = _enrol_at_login(agent, user, interaction, decision)
+                v = _enrol_at_login(agent, user, interaction, decision, second)
         elif decision.must_enrol:
-            v = _enrol_at_login(agent, user, interaction, decision)
+            v = _enrol_at_login(agent, user, interaction, decision, second)
         else:
             v = _second_factor(agent, user, interaction, decision, second=second,
                                key_login=key_login, card_login=card_login,
@@ -542,13 +542,14 @@ def _locked(ctx, methods: list) -> set[int]:
     return out
 
 
-def _enrol_at_login(agent, user, interaction, decision) -> Verification:
-    """First login after enforcement with no second factor: choose one and set it up now.
-    Left unanswered, nothing stays half-enrolled and the login ends as enrolment-required."""
+def _enrol_at_login(agent, user, interaction, decision, second=None) -> Verification:
+    """First login after enforcement with no second factor: choose one (``second`` when
+    given: a method, or ``CHANNEL:NAME`` naming the new contact) and set it up now. Left
+    unanswered, nothing stays half-enrolled and the login ends as enrolment-required."""
     store = agent.store
     before = {m.id for m in store.list_methods(user.id)}
     try:
-        return _enrol_now(agent, user, interaction, decision)
+        return _enrol_now(agent, user, interaction, decision, second)
     except _Cancelled:
         for m in store.list_methods(user.id):
             if m.id not in before and not m.confirmed:
@@ -559,8 +560,9 @@ def _enrol_at_login(agent, user, interaction, decision) -> Verification:
                             "terminal to set one up")
 
 
-def _enrol_now(agent, user, interaction, decision) -> Verification:
+def _enrol_now(agent, user, interaction, decision, second) -> Verification:
     from ..factors import codes, totp
+    from .choices import parse_second
 
     ctx = agent.factors()
     options = [m for m in ENROLLABLE_AT_LOGIN if m in decision.allowed_methods
@@ -570,9 +572,20 @@ def _enrol_now(agent, user, interaction, decision) -> Verification:
         return Verification(False, "totp", None, Reason.ENROLMENT_REQUIRED,
                             "your organisation requires a second factor and none can be set up "
                             "here: ask your administrator")
-    interaction.info("Your organisation requires a second factor. Choose one and set it up now.")
-    chosen = _ask(interaction.choose("Second factor to set up",
-                                     [(m, LABELS[KINDS[m]]) for m in options], options[0]))
+    name = None
+    if second is not None:  # scripts: `login --second sms`
+        try:
+            chosen, name = parse_second(second)
+        except ValueError as e:
+            return Verification(False, "totp", None, Reason.METHOD_NOT_ALLOWED, str(e))
+        if chosen in options:
+            interaction.info(f"Your organisation requires a second factor: setting up "
+                             f"{LABELS[KINDS[chosen]]} now.")
+    else:
+        interaction.info("Your organisation requires a second factor. Choose one and set it "
+                         "up now.")
+        chosen = _ask(interaction.choose("Second factor to set up",
+                                         [(m, LABELS[KINDS[m]]) for m in options], options[0]))
     if chosen not in options:
         return Verification(False, KINDS.get(chosen, chosen), None, Reason.METHOD_NOT_ALLOWED,
                             f"{chosen} cannot be set up here (choose from {', '.join(options)})")
@@ -585,9 +598,9 @@ def _enrol_now(agent, user, interaction, decision) -> Verification:
             "Code shown by your authenticator app")))
     destination = _ask(interaction.text("Email address" if chosen == "email" else "Phone number"))
     try:
-        method, receipt = codes.add_contact(ctx, user.id, chosen, destination)
+        method, receipt = codes.add_contact(ctx, user.id, chosen, destination, name=name)
     except (FactorError, ValueError) as e:
         return Verification(False, chosen, None, getattr(e, "reason", Reason.DELIVERY_FAILED),
                             getattr(e, "message", str(e)))
     typed = _ask(interaction.secret(codes.prompt_for(method, receipt)))
-    return codes.confirm_contact(ctx, user.id, chosen, typed)
+    return codes.confirm_contact(ctx, user.id, chosen, typed, name=method.name)
