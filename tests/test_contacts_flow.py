@@ -28,6 +28,7 @@ from test_cli_mfa import PASSWORD, Cli
 from test_delivery import GatewayServer
 from test_service import World, services, socket_dir  # noqa: F401 (fixtures)
 from token_agent import exitcodes
+from token_agent.service.client import ServiceError
 
 #: a new device for each login: the policy asks for the second factor every time
 DEVICES = (f"ward-pc-{n}" for n in itertools.count(1))
@@ -271,12 +272,14 @@ def test_each_contact_is_its_own_choice_over_the_socket(services, gateway):  # n
         assert menu["default"] == "sms:alternate phone"
 
         # login.start's second: a contact by name
-        outcome = c.login("alice", reply, device={"kind": "unmanaged", "device_id": next(DEVICES)}, second="sms:mobile")
+        outcome = c.login("alice", reply, device={"kind": "unmanaged",
+                                                  "device_id": next(DEVICES)},
+                          second="sms:mobile")
         assert outcome["ok"], outcome
         assert gateway.requests[-1].body["to"] == MOBILE_E164
-        with pytest.raises(Exception) as e:
+        with pytest.raises(ServiceError) as e:
             c.request("login.start", user="alice", second="fax:mobile")
-        assert getattr(e.value, "code", None) == "bad-request"
+        assert e.value.code == "bad-request"
 
 
 # --------------------------------------------------------------------------- item 2
