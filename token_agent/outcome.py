@@ -65,6 +65,7 @@ class Reason(str, enum.Enum):
     METHOD_LOCKED = "method-locked"
     METHOD_NOT_ALLOWED = "method-not-allowed"
     NOT_CONFIRMED = "method-not-confirmed"
+    ALREADY_ENROLLED = "already-enrolled"  # that destination, or a method of that name, exists
     ENROLMENT_REQUIRED = "enrolment-required"
     DELIVERY_FAILED = "delivery-failed"
     RESEND_THROTTLED = "resend-throttled"

@@ -85,12 +85,16 @@ Operations
     "readers": {READER: card_present}, "watching_readers": bool}}  (roles: "root", "login-service", "admin", "user")
 
     ``login.start`` {"user": str | null, "primary": "password"|"key"|"card"|null,
-    "second": METHOD | null, "device": {"kind": "managed"|"unmanaged", "device_id": str|null,
-    "network": str|null} | null, "service": str|null, "step_up": bool|null}
+    "second": METHOD | "CHANNEL:NAME" | null, "device": {"kind": "managed"|"unmanaged",
+    "device_id": str|null, "network": str|null} | null, "service": str|null,
+    "step_up": bool|null}
     -> {"login": LOGIN_ID}
-        (LOGIN_ID: a string; ``service``: the PAM service name, for the logs; ``step_up``:
-        ask for the second factor when MFA applies even where the policy would skip it, to
-        re-authenticate before changing methods)
+        (LOGIN_ID: a string; ``second``: a second factor instead of the preferred one, a
+        channel meaning its preferred contact, or one contact by name, e.g. "sms:alternate
+        phone" (``ceremonies/choices.py``; the second factor's "choose" prompt has one
+        option per contact, keyed so when a channel has several); ``service``: the PAM
+        service name, for the logs; ``step_up``: ask for the second factor when MFA applies
+        even where the policy would skip it, to re-authenticate before changing methods)
         Starts the login the policy asks for (``token_agent.ceremonies.login``), at once,
         on a worker thread. With no user: whoever taps a key (usernameless, ``primary`` key
         or null) or inserts a card (``primary`` card). The device defaults to the
