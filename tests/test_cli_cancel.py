@@ -104,25 +104,34 @@ def test_ctrl_c_at_a_new_password_prompt(env, terminal):
     assert_cancelled(session)
 
 
-def test_ctrl_c_at_the_pin_prompt_then_at_the_touch_of_a_key_login(env, terminal,
-                                                                  sim_key_factory):
+def enrolled_key(sim_key_factory, env):
+    """A key with its PIN, enrolled for alice, then waiting for real touches."""
     server, control = key_with_pin(sim_key_factory, env, presence="auto")
     run(env, "users", "add", "alice")
     run(env, "enrol", "key", "--user", "alice", "--pin-stdin", input=PIN + "\n")
     control.set_presence("manual")
+    return server, control
 
-    session = terminal("login", "--method", "key", "--user", "alice")
-    session.wait_for_hidden_prompt("PIN for your security key:")
-    session.type(CTRL_C)
-    assert_cancelled(session)
 
-    session = terminal("login", "--method", "key", "--user", "alice")
+def cancel_at_the_touch(session: PtySession, control: KeyControl) -> None:
+    """Type the PIN, then Ctrl-C while the key waits for its touch."""
     session.wait_for_hidden_prompt("PIN for your security key:")
     session.type(PIN.encode() + b"\r")
     wait_until_touch_wanted(session, control)
     session.type(CTRL_C)
     assert_cancelled(session)
     assert_key_released(control)
+
+
+def test_ctrl_c_at_the_pin_prompt_then_at_the_touch_of_a_key_login(env, terminal,
+                                                                  sim_key_factory):
+    server, control = enrolled_key(sim_key_factory, env)
+    session = terminal("login", "--method", "key", "--user", "alice")
+    session.wait_for_hidden_prompt("PIN for your security key:")
+    session.type(CTRL_C)
+    assert_cancelled(session)
+
+    cancel_at_the_touch(terminal("login", "--method", "key", "--user", "alice"), control)
 
     control.set_presence("auto")  # the key works on: the next login succeeds
     ok = run(env, "login", "--method", "key", "--user", "alice", "--pin-stdin",
@@ -133,13 +142,8 @@ def test_ctrl_c_at_the_pin_prompt_then_at_the_touch_of_a_key_login(env, terminal
 def test_ctrl_c_at_the_touch_of_a_key_enrolment(env, terminal, sim_key_factory):
     server, control = key_with_pin(sim_key_factory, env)
     run(env, "users", "add", "alice")
-    session = terminal("enrol", "key", "--user", "alice", "--name", "blue key")
-    session.wait_for_hidden_prompt("PIN for your security key:")
-    session.type(PIN.encode() + b"\r")
-    wait_until_touch_wanted(session, control)
-    session.type(CTRL_C)
-    assert_cancelled(session)
-    assert_key_released(control)
+    cancel_at_the_touch(terminal("enrol", "key", "--user", "alice", "--name", "blue key"),
+                        control)
     assert json.loads(run(env, "users", "show", "alice", "--json").stdout)["keys"] == []
 
     control.set_presence("auto")  # nothing half done: the same name enrols now
@@ -147,31 +151,31 @@ def test_ctrl_c_at_the_touch_of_a_key_enrolment(env, terminal, sim_key_factory):
         input=PIN + "\n")
 
 
+def cancel_the_choice(session: PtySession, *controls: KeyControl) -> None:
+    """Ctrl-C while every key waits to be touched as the one to use."""
+    session.wait_for_text("touch the one to use")
+    wait_until_touch_wanted(session, *controls)
+    session.type(CTRL_C)
+    assert_cancelled(session)
+    assert_key_released(*controls)
+
+
 def test_ctrl_c_while_choosing_among_several_keys(env, terminal, sim_key_factory):
     first, first_control = key_with_pin(sim_key_factory, env)
     second, second_control = key_with_pin(sim_key_factory, env)
-    session = terminal("keys", "info")
-    session.wait_for_text("touch the one to use")
-    wait_until_touch_wanted(session, first_control, second_control)
-    session.type(CTRL_C)
-    assert_cancelled(session)
-    assert_key_released(first_control, second_control)
+    cancel_the_choice(terminal("keys", "info"), first_control, second_control)
 
     first_control.set_presence("auto")
     second_control.set_presence("auto")
     assert "PIN         set" in run(env, "keys", "info", "--key", f"sim:{first.address}").stdout
 
 
-def test_ctrl_c_during_a_policy_login_with_a_key_as_primary(env, terminal, sim_key_factory):
-    """The policy flow opens the key from its worker: Ctrl-C still reaches the key."""
-    server, control = key_with_pin(sim_key_factory, env, presence="auto")
-    run(env, "users", "add", "alice")
-    run(env, "enrol", "key", "--user", "alice", "--pin-stdin", input=PIN + "\n")
-    control.set_presence("manual")
-    session = terminal("login", "--user", "alice", "--primary", "key", "--device", "unmanaged")
-    session.wait_for_hidden_prompt("PIN for your security key:")
-    session.type(PIN.encode() + b"\r")
-    wait_until_touch_wanted(session, control)
-    session.type(CTRL_C)
-    assert_cancelled(session)
-    assert_key_released(control)
+def test_ctrl_c_in_a_policy_login_with_a_key_as_primary(env, terminal, sim_key_factory):
+    """The policy flow opens the key from its worker thread: Ctrl-C reaches the keys there
+    too, at the choice among several and at the touch."""
+    server, control = enrolled_key(sim_key_factory, env)
+    cancel_at_the_touch(terminal("login", "--user", "alice", "--primary", "key", "--device",
+                                 "unmanaged"), control)
+    second, second_control = key_with_pin(sim_key_factory, env)
+    cancel_the_choice(terminal("login", "--user", "alice", "--primary", "key", "--device",
+                               "unmanaged"), control, second_control)
