@@ -88,12 +88,22 @@ def assert_key_released(*controls: KeyControl) -> None:
     raise AssertionError(f"a key still waits after the cancel: {states}")
 
 
+def last_login(env, kind: str = "login") -> dict:
+    """The audit log's latest event of ``kind``."""
+    return json.loads(run(env, "audit", "tail", "-n", "1", "--kind", kind, "--json")
+                      .stdout)[0]
+
+
 def test_ctrl_c_at_the_password_prompt(env, terminal):
     run(env, "users", "add", "alice")
+    run(env, "enrol", "password", "--user", "alice", "--password-stdin",
+        input="correct horse battery\n")
     session = terminal("login", "--user", "alice")
     session.wait_for_hidden_prompt("Password:")
     session.type(CTRL_C)
     assert_cancelled(session)
+    login = last_login(env)  # the attempt is in the audit log, as cancelled
+    assert login["username"] == "alice" and login["detail"]["reason"] == "cancelled", login
 
 
 def test_ctrl_c_at_a_new_password_prompt(env, terminal):
@@ -130,6 +140,7 @@ def test_ctrl_c_at_the_pin_prompt_then_at_the_touch_of_a_key_login(env, terminal
     session.wait_for_hidden_prompt("PIN for your security key:")
     session.type(CTRL_C)
     assert_cancelled(session)
+    assert last_login(env, "login.key")["detail"]["reason"] == "cancelled"
 
     cancel_at_the_touch(terminal("login", "--method", "key", "--user", "alice"), control)
 

@@ -8,7 +8,8 @@ puts the terminal's echo back, instead of leaving a reader behind with echo off.
 
 On Ctrl-C the main thread sets the ceremony's ``cancel`` event (the device layer then sends
 CTAPHID_CANCEL and the key stops waiting for its touch), answers the worker's prompt, if it
-is at one, with KeyboardInterrupt, and waits for the worker to end. The root group
+is at one, with no answer (:func:`answer`: the ceremony ends as cancelled), and waits for
+the worker to end. The root group
 (:class:`CancellingGroup`) turns the KeyboardInterrupt (or click's Abort raised from one)
 into "Cancelled." on stderr and exit 5 (``exitcodes.TIMEOUT``), and restores the terminal's
 attributes saved at start on the way out, whatever else happened."""
@@ -100,6 +101,19 @@ def ask(text: str, **options: Any) -> Any:
             raise
 
     return on_main_thread(ask)
+
+
+def answer(text: str, **options: Any) -> Any:
+    """:func:`ask`, for a ceremony's questions (PIN, password, code, choice): in its worker,
+    Ctrl-C answers None, "no answer", with which the ceremony ends as cancelled, recorded so
+    in the audit log, before :func:`cancellable` raises the KeyboardInterrupt. On the main
+    thread, Ctrl-C raises KeyboardInterrupt as in :func:`ask`."""
+    try:
+        return ask(text, **options)
+    except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            raise
+        return None
 
 
 def is_ctrl_c(error: BaseException) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import click
 
 from .. import exitcodes
-from .cancel import ask, cancellable  # noqa: F401  (cancellable: for the commands)
+from .cancel import answer, ask, cancellable  # noqa: F401  (cancellable: for the commands)
 
 
 class Context:
@@ -119,8 +119,8 @@ class PinSource:
                 self._stdin_pin = line.rstrip("\r\n")
             return self._stdin_pin or None
         if not sys.stdin.isatty():
-            return ask(self.prompt, hide_input=True, default="", show_default=False) or None
-        return ask(self.prompt, hide_input=True) or None
+            return answer(self.prompt, hide_input=True, default="", show_default=False) or None
+        return answer(self.prompt, hide_input=True) or None
 
 
 def read_line(prompt: str, *, hidden: bool) -> str | None:
@@ -130,7 +130,7 @@ def read_line(prompt: str, *, hidden: bool) -> str | None:
         return None
     if sys.stdin.isatty():
         try:
-            return ask(prompt, hide_input=hidden, default="", show_default=False)
+            return answer(prompt, hide_input=hidden, default="", show_default=False)
         except click.Abort:  # end of input (Ctrl-D); Ctrl-C cancels (KeyboardInterrupt)
             return None
     line = sys.stdin.readline()
@@ -169,11 +169,13 @@ class TerminalInteraction:
         for i, (key, label) in enumerate(options, 1):
             say(f"  {i}. {label}{'  (preferred)' if key == default else ''}")
         keys = [k for k, _ in options]
-        answer = ask(prompt, default=str(keys.index(default) + 1))
-        answer = answer.strip()
-        if answer.isdigit() and 1 <= int(answer) <= len(keys):
-            return keys[int(answer) - 1]
-        return answer if answer in keys else None
+        chosen = answer(prompt, default=str(keys.index(default) + 1))
+        if chosen is None:  # Ctrl-C
+            return None
+        chosen = chosen.strip()
+        if chosen.isdigit() and 1 <= int(chosen) <= len(keys):
+            return keys[int(chosen) - 1]
+        return chosen if chosen in keys else None
 
     def show_qr(self, uri: str) -> None:
         if self.quiet_qr:
