@@ -90,17 +90,17 @@ def ask(text: str, **options: Any) -> Any:
     """``click.prompt`` on stderr, on the main thread. Ctrl-C raises KeyboardInterrupt (the
     cancel); end of input (Ctrl-D) raises ``click.Abort`` as click does."""
 
-    def ask() -> Any:
+    def prompt_here() -> Any:
+        global _line_ended
         try:
             return click.prompt(text, err=True, **options)
         except click.Abort as e:
             if is_ctrl_c(e):
-                global _line_ended
                 _line_ended = bool(options.get("hide_input"))  # click ended the line
                 raise KeyboardInterrupt() from None
             raise
 
-    return on_main_thread(ask)
+    return on_main_thread(prompt_here)
 
 
 def answer(text: str, **options: Any) -> Any:
@@ -125,7 +125,8 @@ def is_ctrl_c(error: BaseException) -> bool:
 def cancellable(work: Callable[[threading.Event], T]) -> T:
     """Run ``work(cancel)`` on a worker thread, its prompts on this one (see the module's
     docstring). Ctrl-C sets ``cancel`` (the device layer sends CTAPHID_CANCEL), waits for the
-    work to end, and raises KeyboardInterrupt, unless the work had succeeded all the same.
+    work to end, and raises KeyboardInterrupt, unless the work's result says it succeeded all
+    the same (``result.ok``: a login the key had already signed for).
     Called from within a ceremony's worker, ``work`` runs there, under that ceremony's
     cancel."""
     global _current
@@ -153,8 +154,8 @@ def cancellable(work: Callable[[threading.Event], T]) -> T:
         except KeyboardInterrupt:
             ceremony.cancel.set()
             _wind_down(ceremony)  # a second Ctrl-C stops waiting (the cancel is sent)
-            if "error" in box or not getattr(box["result"], "ok", True):
-                raise KeyboardInterrupt() from None
+            if "error" in box or getattr(box["result"], "ok", None) is not True:
+                raise KeyboardInterrupt() from None  # unless a login succeeded all the same
     finally:
         _current = outer
     if "error" in box:

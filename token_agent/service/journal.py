@@ -27,7 +27,7 @@ import socket
 import struct
 import sys
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import TextIO
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SOCKET_ENV = "TOKEN_AGENT_JOURNAL_SOCKET"
