@@ -95,6 +95,7 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        old.close()  # a journal handler's socket (a stream handler leaves its stream open)
     root.addHandler(handler)
     numeric = getattr(logging, level.upper(), logging.INFO)
     root.setLevel(numeric)
