@@ -859,7 +859,7 @@ def test_service_commands(services, world):
         assert events.wait(10) == 0
 
     sessions = cli("sessions", "--json")
-    assert [s["user"] for s in json.loads(sessions.stdout)] == ["alice"]
+    assert [s["user"] for s in json.loads(sessions.stdout)["sessions"]] == ["alice"]
     assert "alice" in cli("sessions").stdout
     gone = subprocess.run(token_agent_command() + ["service", "status", "--socket",
                                                    str(svc.socket) + ".nope"],

@@ -9,9 +9,10 @@ import click
 
 from .. import __version__
 from .common import Context
+from .jsonout import JsonGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=JsonGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="token-agent")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="TOKEN_AGENT_DATA_DIR",
               help="Where the credential store lives (default: $XDG_DATA_HOME/token-agent; "

@@ -90,17 +90,15 @@ def policy_check(ctx: Context, path: str | None, as_json: bool) -> None:
         except DeliveryConfigError as e:
             errors = [f"{target}: delivery: {m}" for m in e.errors]
     data = {"path": str(target), "valid": not errors, "errors": errors, "warnings": warnings}
-    if as_json:
-        emit(True, data, "")
-    else:
+    if not as_json:
         for w in warnings:
             say(f"warning: {w}")
         for e in errors:
             say(f"error: {e}")
-        if not errors:
-            click.echo(f"{target}: valid" + (f" ({len(warnings)} warnings)" if warnings else ""))
     if errors:
-        raise SystemExit(exitcodes.USAGE)
+        fail(f"{target}: not valid ({len(errors)} errors)", exitcodes.USAGE, reason="invalid",
+             data=data)
+    emit(as_json, data, f"{target}: valid" + (f" ({len(warnings)} warnings)" if warnings else ""))
 
 
 @policy.command("explain")
@@ -190,9 +188,8 @@ def audit_verify(ctx: Context, as_json: bool) -> None:
     try:
         count = ctx.store().verify_events()
     except AuditChainBroken as e:
-        if as_json:
-            emit(True, {"intact": False, "event_id": e.event_id, "error": str(e)}, "")
-        fail(f"audit log damaged: {e}", exitcodes.ERROR)
+        fail(f"audit log damaged: {e}", exitcodes.ERROR, reason="audit-chain-broken",
+             data={"intact": False, "event_id": e.event_id})
     emit(as_json, {"intact": True, "events": count}, f"audit log intact: {count} events verified")
 
 
@@ -216,7 +213,7 @@ def audit_tail(ctx: Context, count: int, username: str | None, kind: str | None,
         except UnknownUser as e:
             fail(str(e), exitcodes.NOT_FOUND)
     events = list(reversed(store.list_events(user_id=user_id, kind=kind, limit=count)))
-    emit(as_json, [e.to_dict() for e in events], lambda: "\n".join(escape_controls(
+    emit(as_json, {"events": [e.to_dict() for e in events]}, lambda: "\n".join(escape_controls(
         f"{e.id:>6} {_when(e.at)} {e.kind:<22} {e.outcome:<8} {e.username or '-':<16} "
         + " ".join(f"{k}={v}" for k, v in sorted(e.detail.items())))
         for e in events) or "no events")
@@ -309,7 +306,7 @@ def admin_lockouts(ctx: Context, username: str, as_json: bool) -> None:
     user = _admin_user(ctx, username)
     states = lockout.user_locks(ctx.store(), user.id)
     now = time.time()
-    emit(as_json, [s.to_json() for s in states], lambda: "\n".join(
+    emit(as_json, {"user": user.username, "lockouts": [s.to_json() for s in states]}, lambda: "\n".join(
         f"{s.scope:<48} failures {s.failures}, level {s.level}"
         + (", locked until an administrator unlocks it" if s.permanent
            else f", locked until {_when(s.locked_until)}" if s.locked(now) else "")
