@@ -16,6 +16,7 @@ from drivers.fido.sim import SocketHidConnection, sim_descriptor
 
 from simulators.key import KeyServer, create_virtual_key
 from token_agent import exitcodes
+from json_shapes import check_output
 from token_agent.cli import main
 
 PIN = "246810"
@@ -48,6 +49,8 @@ def cli(tmp_path, sim):
     def run(*args, input=None, expect=0):
         result = runner.invoke(main, list(args), input=input, env=env, catch_exceptions=False)
         assert result.exit_code == expect, (result.exit_code, result.output, result.stderr)
+        if "--json" in args:  # what README "JSON output" documents
+            check_output(args, result.stdout, result.exit_code)
         return result
 
     run("keys", "pin", "set", "--pin-stdin", input=PIN + "\n")

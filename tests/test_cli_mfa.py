@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import REPO_ROOT, token_agent_command
+from json_shapes import check_output
 from token_agent import exitcodes
 
 PASSWORD = "correct horse battery"
@@ -96,6 +97,8 @@ class Cli:
         self.runs.append((argv, proc))
         if expect is not None:
             assert proc.returncode == expect, (argv, proc.returncode, proc.stdout, proc.stderr)
+        if "--json" in argv:  # what README "JSON output" documents
+            check_output(argv, proc.stdout, proc.returncode)
         return proc
 
     def json(self, *args, **kw):
@@ -391,7 +394,7 @@ def test_audit_verify_tail_and_tampering(cli):
         expect=exitcodes.AUTH_FAILED)
     cli("users", "add", "bob")
     intact = cli.json("audit", "verify")
-    assert intact == {"intact": True, "events": 5}
+    assert intact == {"intact": True, "events": 5, "ok": True, "version": 1}
     assert "audit log intact: 5 events" in cli("audit", "verify").stdout
 
     tail = cli.json("audit", "tail", "-n", "3")["events"]
