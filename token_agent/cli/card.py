@@ -385,8 +385,14 @@ def settings_group() -> None:
 @json_option
 @pass_ctx
 def settings_show(ctx: Context, as_json: bool) -> None:
-    data = _settings(ctx).to_json()
-    emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
+    """The smartcard settings in force, by the names `card settings set` takes (TOML)."""
+    from .tomlout import dumps
+
+    settings = _settings(ctx)
+    data = settings.to_settings()
+    emit(as_json, {**data, "crl_cache_dir": settings.crl_cache_dir}, lambda: dumps(data, header=[
+        "smartcard settings (token-agent card settings set KEY VALUE...)",
+        f"CRL cache (follows the store): {settings.crl_cache_dir}"]))
 
 
 @settings_group.command("set")
@@ -396,9 +402,10 @@ def settings_show(ctx: Context, as_json: bool) -> None:
 def settings_set(ctx: Context, key: str, values: tuple[str, ...]) -> None:
     """Set KEY (e.g. card_trust_anchors ROOT.pem [MORE.pem], card_provision_on_first_use
     true, card_lock_command "loginctl lock-session")."""
-    from ..ceremonies.card import _LIST_SETTINGS, set_card_setting
+    from ..ceremonies.card import card_setting_name, is_list_setting, set_card_setting
 
-    value = list(values) if key in _LIST_SETTINGS else " ".join(values)
+    key = card_setting_name(key)
+    value = list(values) if is_list_setting(key) else " ".join(values)
     try:
         stored = set_card_setting(ctx.store(), key, value)
     except ValueError as e:

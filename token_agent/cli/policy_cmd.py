@@ -139,34 +139,30 @@ def policy_explain(ctx: Context, username: str, device_kind: str, device_id: str
 @json_option
 @pass_ctx
 def policy_show(ctx: Context, as_json: bool) -> None:
-    """Show the policy in force (and which file it came from)."""
+    """Show the policy in force, defaults filled in, as a policy file (TOML: the same keys as
+    the file; it can be saved as one) and which file it came from. The [delivery] table is
+    not shown (it may hold gateway credentials): only the names of its channels."""
     from ..policy import policy_warnings
 
     pol = ctx.agent().policy
-    data = _policy_json(pol)
-    data["warnings"] = policy_warnings(pol)
-    emit(as_json, data, lambda: "\n".join(f"{k:<16} {v}" for k, v in data.items()))
+    data = pol.to_json()
+    channels = sorted(k for k in (data.pop("delivery") or {}) if k not in
+                      ("fallback", "sender_name", "outbox"))
+    source = data.pop("source")
+    warnings = policy_warnings(pol)
 
+    def text() -> str:
+        from .tomlout import dumps
 
-def _policy_json(pol) -> dict:
-    import dataclasses
+        toml = {**data, "enforcement": {**data["enforcement"], "from": pol.enforcement.start}}
+        header = [f"the policy in force: {source or 'built-in defaults (no policy file)'}",
+                  "[delivery]: " + (f"channels {', '.join(channels)} (not shown)" if channels
+                                    else "none configured")]
+        header += [f"warning: {w}" for w in warnings]
+        return dumps(toml, header=header)
 
-    def plain(value):
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            return value
-        return str(value)
-
-    data = plain(pol)
-    data.pop("delivery", None)
-    data["delivery_channels"] = sorted(k for k in (pol.delivery or {}) if k not in
-                                       ("fallback", "sender_name", "outbox"))
-    return data
+    emit(as_json, {**data, "source": source, "delivery_channels": channels,
+                   "warnings": warnings}, text)
 
 
 # --------------------------------------------------------------------------- audit
