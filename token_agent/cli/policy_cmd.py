@@ -154,7 +154,13 @@ def policy_show(ctx: Context, as_json: bool) -> None:
     def text() -> str:
         from .tomlout import dumps
 
-        toml = {**data, "enforcement": {**data["enforcement"], "from": pol.enforcement.start}}
+        allowed = set(data["methods"]["allowed"])
+        # a class's default minimum (email) that the methods leave out is not written: the
+        # file could not say it (policy check refuses it) and means the same without it
+        classes = {name: {**c, "minimum": c["minimum"] if c["minimum"] in allowed else None}
+                   for name, c in data["classes"].items()}
+        toml = {**data, "enforcement": {**data["enforcement"], "from": pol.enforcement.start},
+                "classes": classes}
         header = [f"the policy in force: {source or 'built-in defaults (no policy file)'}",
                   "[delivery]: " + (f"channels {', '.join(channels)} (not shown)" if channels
                                     else "none configured")]
