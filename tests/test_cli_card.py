@@ -172,7 +172,7 @@ def test_watch_prints_insert_remove_and_lock(env, insert, pcscd, tmp_path):
             except queue.Empty:
                 continue
             assert line, f"watch ended; saw {seen}"
-            seen += check_output(["card", "watch", "--json"], line, 0, lines=True)
+            seen.extend(check_output(["card", "watch", "--json"], line, 0, lines=True))
             if seen[-1]["event"] == kind:
                 return seen[-1]
         raise AssertionError(f"no {kind} event; saw {seen}")

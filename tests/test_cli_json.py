@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import click
@@ -110,6 +112,21 @@ def test_errors_are_one_json_object_too(cli, tmp_path):
 
     status = cli.json("service", "status", expect=exitcodes.ERROR)
     assert status["error"]["message"]
+
+
+def test_ctrl_c_under_json_is_one_object_and_exit_5(cli, tmp_path):
+    cli.run("users", "add", "alice")
+    companion = tmp_path / "phone.json"
+    cli.json("enrol", "push", "--user", "alice", "--companion", companion)
+    argv = ["approve", "--companion", str(companion), "--wait", "60", "--json"]
+    proc = subprocess.Popen(token_agent_command() + argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli.env, cwd=REPO_ROOT)
+    time.sleep(2)  # waiting for a sign-in to approve
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == exitcodes.TIMEOUT, (out, err)
+    [obj] = check_output(argv, out, proc.returncode)
+    assert obj["error"]["reason"] == "cancelled" and "Traceback" not in err
 
 
 def test_times_are_iso_utc(cli):

@@ -124,11 +124,9 @@ class JsonOutput:
         """Print the command's object (exit status ``code``), once."""
         if code == exitcodes.OK and self.streaming:
             return
-        err_code, reason, message = self.error or (code, None, None)
-        if code == exitcodes.OK:
-            err_code = exitcodes.OK
-        click.echo(render(document(self.data, code=err_code or code, reason=reason,
-                                   message=message), line=self.streaming))
+        _, reason, message = self.error or (code, None, None)
+        click.echo(render(document(self.data, code=code, reason=reason, message=message),
+                          line=self.streaming))
         sys.stdout.flush()
 
 
@@ -173,9 +171,13 @@ def json_command(func=None, *, always: bool = False, stream: bool = False):
             out.finish(e.exit_code)
             setattr(e, _SHOWN, True)
             raise
-        except (click.Abort, KeyboardInterrupt):
-            out.error = out.error or (exitcodes.TIMEOUT, "cancelled", "cancelled")
-            out.finish(out.error[0])
+        except KeyboardInterrupt:  # Ctrl-C: cancelled, exit 5 (README "Exit codes")
+            out.error = (exitcodes.TIMEOUT, "cancelled", "cancelled")
+            out.finish(exitcodes.TIMEOUT)
+            raise SystemExit(exitcodes.TIMEOUT) from None
+        except click.Abort:  # click's own: an answer refused, or none (exit 1)
+            out.error = (exitcodes.ERROR, "aborted", "aborted")
+            out.finish(exitcodes.ERROR)
             raise
         except Exception as e:
             out.error = (exitcodes.ERROR, "internal-error", f"{type(e).__name__}: {e}")
