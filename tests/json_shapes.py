@@ -177,11 +177,18 @@ def command_of(argv: list[str], commands: dict) -> str:
     raise AssertionError(f"no documented JSON shape for {argv}")
 
 
-def check_object(obj, command: str, returncode: int, names: dict, commands: dict) -> None:
-    """One object of ``command``'s output against the rules and its documented shape."""
+def check_object(obj, command: str, returncode: int, names: dict, commands: dict, *,
+                 event: bool = False) -> None:
+    """One object of ``command``'s output against the rules and its documented shape
+    (``event``: a line of a stream, whose ``ok``, if any, is the event's own)."""
     problems = []
     if obj.get("version") != 1:
         problems.append(f"version is {obj.get('version')!r}")
+    if event:
+        body = {k: v for k, v in obj.items() if k != "version"}
+        problems += validate(body, commands[command], names)
+        assert not problems, f"{command}: {obj}\n" + "\n".join(problems)
+        return
     if obj.get("ok") is not (returncode == 0):
         problems.append(f"ok is {obj.get('ok')!r} with exit code {returncode}")
     body = {k: v for k, v in obj.items() if k not in ("ok", "version", "error")}
@@ -205,9 +212,11 @@ def check_output(argv, stdout: str, returncode: int, *, lines: bool = False) -> 
     if lines:
         objects = [json.loads(line) for line in stdout.splitlines() if line.strip()]
         for i, obj in enumerate(objects):
-            last = i == len(objects) - 1
-            check_object(obj, command, returncode if last and not obj.get("ok") else 0,
-                         names, commands)
+            if "error" in obj:  # the line that ends a failed stream: the last one
+                assert i == len(objects) - 1, objects
+                check_object(obj, command, returncode, names, commands)
+            else:
+                check_object(obj, command, 0, names, commands, event=True)
         return objects
     obj = json.loads(stdout)  # exactly one object: nothing before or after it
     assert isinstance(obj, dict), stdout

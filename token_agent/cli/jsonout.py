@@ -3,7 +3,8 @@
 The rules every command's object follows, whatever the command:
 
 - exactly one object on stdout (commands that stream, ``card watch --json`` and
-  ``service events``, print one object per line instead, each following these rules);
+  ``service events``, print one object per line instead, each with ``version``, and end a
+  failed stream with one line holding ``ok`` and ``error``);
 - ``"version"``: the output format's version (``FORMAT_VERSION``): it changes only when a
   key is removed or changes meaning, never when one is added;
 - ``"ok"``: true exactly when the exit status is 0;
@@ -234,7 +235,9 @@ def start_stream() -> None:
 
 
 def emit_line(data: dict) -> None:
-    """One object of a stream (JSON lines: ``card watch --json``, ``service events``)."""
+    """One object of a stream (JSON lines: ``card watch --json``, ``service events``): the
+    event as it is (its own ``ok``, a login's, included) with ``version``; no ``ok`` of the
+    command's (only the line with ``error`` that ends a failed stream has one)."""
     start_stream()
-    click.echo(render(document(data), line=True))
+    click.echo(render({**json_ready(data), "version": FORMAT_VERSION}, line=True))
     sys.stdout.flush()
