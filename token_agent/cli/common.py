@@ -6,14 +6,13 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, Callable, NoReturn
 
 import click
 
 from .. import exitcodes
 from . import jsonout
-
-T = TypeVar("T")
+from .cancel import answer, ask, cancellable  # noqa: F401  (cancellable: for the commands)
 
 
 class Context:
@@ -138,9 +137,8 @@ class PinSource:
                 self._stdin_pin = line.rstrip("\r\n")
             return self._stdin_pin or None
         if not sys.stdin.isatty():
-            return click.prompt(self.prompt, hide_input=True, err=True, default="",
-                                show_default=False) or None
-        return click.prompt(self.prompt, hide_input=True, err=True) or None
+            return answer(self.prompt, hide_input=True, default="", show_default=False) or None
+        return answer(self.prompt, hide_input=True) or None
 
 
 def read_line(prompt: str, *, hidden: bool) -> str | None:
@@ -150,9 +148,8 @@ def read_line(prompt: str, *, hidden: bool) -> str | None:
         return None
     if sys.stdin.isatty():
         try:
-            return click.prompt(prompt, hide_input=hidden, err=True, default="",
-                                show_default=False)
-        except click.Abort:
+            return answer(prompt, hide_input=hidden, default="", show_default=False)
+        except click.Abort:  # end of input (Ctrl-D); Ctrl-C cancels (KeyboardInterrupt)
             return None
     line = sys.stdin.readline()
     if not line:
@@ -190,11 +187,13 @@ class TerminalInteraction:
         for i, (key, label) in enumerate(options, 1):
             say(f"  {i}. {label}{'  (preferred)' if key == default else ''}")
         keys = [k for k, _ in options]
-        answer = click.prompt(prompt, default=str(keys.index(default) + 1), err=True)
-        answer = answer.strip()
-        if answer.isdigit() and 1 <= int(answer) <= len(keys):
-            return keys[int(answer) - 1]
-        return answer if answer in keys else None
+        chosen = answer(prompt, default=str(keys.index(default) + 1))
+        if chosen is None:  # Ctrl-C
+            return None
+        chosen = chosen.strip()
+        if chosen.isdigit() and 1 <= int(chosen) <= len(keys):
+            return keys[int(chosen) - 1]
+        return chosen if chosen in keys else None
 
     def show_qr(self, uri: str) -> None:
         if self.quiet_qr:
@@ -211,7 +210,7 @@ def new_pin(from_stdin: bool, label: str = "New PIN") -> str:
         if not pin:
             fail("no PIN on standard input", exitcodes.USAGE)
         return pin
-    return click.prompt(label, hide_input=True, confirmation_prompt=True, err=True)
+    return ask(label, hide_input=True, confirmation_prompt=True)
 
 
 def touch_prompt() -> None:
@@ -228,32 +227,6 @@ def pin_guard(timeout: float = 30.0, cancel: threading.Event | None = None):
 
     return PinGuard(trusted=os.geteuid() == 0, on_touch=touch_prompt, timeout=timeout,
                     cancel=cancel)
-
-
-def cancellable(work: Callable[[threading.Event], T]) -> T:
-    """Run ``work(cancel)`` on a worker thread; Ctrl-C sets ``cancel`` (the device layer sends
-    CTAPHID_CANCEL) and waits for the work to end cleanly instead of tearing it down."""
-    cancel = threading.Event()
-    result: list = []
-    error: list = []
-
-    def run() -> None:
-        try:
-            result.append(work(cancel))
-        except BaseException as e:  # re-raised in the caller's thread
-            error.append(e)
-
-    thread = threading.Thread(target=run, name="token-agent-ceremony", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        try:
-            thread.join(0.1)
-        except KeyboardInterrupt:
-            say("Cancelling...")
-            cancel.set()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def device_errors(func):

@@ -18,8 +18,9 @@ The rules every command's object follows, whatever the command:
   ``{"items": [...]}``).
 
 Commands only call ``emit`` and ``fail`` (``common.py``): this module collects what they give
-and prints the object when the command ends (``json_command``), and turns click's own usage
-errors into the same object when ``--json`` is on the command line (``JsonGroup``).
+(``json_command``) and prints the object once, when the root group's run ends, with the exit
+code it ends with (``JsonGroup.main``); click's own usage errors give the same object when
+``--json`` is on the command line.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from .. import exitcodes
 #: the version of the JSON output's format (see the module docstring)
 FORMAT_VERSION = 1
 _META = "token_agent.json"  # click's ctx.meta: the JsonOutput of this invocation
-_SHOWN = "_token_agent_json_shown"  # set on an exception already printed as JSON
 
 
 def exit_name(code: int) -> str:
@@ -112,8 +112,9 @@ class JsonOutput:
 
     def __init__(self) -> None:
         self.data: dict | list | None = None
-        self.error: tuple[int, str | None, str] | None = None
+        self.error: tuple[int, str | None, str | None] | None = None
         self.streaming = False  # lines were printed: print only an error at the end
+        self.printed = False
 
     def add(self, data: Any) -> None:
         if isinstance(self.data, dict) and isinstance(data, dict):
@@ -122,19 +123,34 @@ class JsonOutput:
             self.data = data
 
     def finish(self, code: int) -> None:
-        """Print the command's object (exit status ``code``), once."""
-        if code == exitcodes.OK and self.streaming:
+        """Print the command's object for exit status ``code``, once: ``error`` says the
+        ``reason`` and ``message`` recorded for that code (else the code's name)."""
+        if self.printed or (code == exitcodes.OK and self.streaming):
             return
-        _, reason, message = self.error or (code, None, None)
+        self.printed = True
+        _, reason, message = self.error if self.error and self.error[0] == code else (
+            code, None, None)
         click.echo(render(document(self.data, code=code, reason=reason, message=message),
                           line=self.streaming))
         sys.stdout.flush()
 
 
+class _Run:
+    """One run of the root group (``JsonGroup.main``): the JSON output it owes, if any."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.wanted = wanted  # --json on the command line
+        self.out: JsonOutput | None = None
+
+
+_run: _Run | None = None  # the root group's run in progress
+
+
 def current() -> JsonOutput | None:
     """The JSON output of the command running, when it runs with --json."""
     ctx = click.get_current_context(silent=True)
-    return None if ctx is None else ctx.meta.get(_META)
+    out = None if ctx is None else ctx.meta.get(_META)
+    return out if out is not None else (_run.out if _run is not None else None)
 
 
 def _exit_code(e: SystemExit) -> int:
@@ -145,8 +161,8 @@ def _exit_code(e: SystemExit) -> int:
 
 def json_command(func=None, *, always: bool = False, stream: bool = False):
     """Wrap a command's callback: with --json (``as_json``; ``always`` for commands whose
-    output is JSON anyway), collect its ``emit``/``fail`` and print one object at its end,
-    whatever way it ends (an exception too: then the traceback follows on stderr).
+    output is JSON anyway), collect its ``emit``/``fail`` for the one object printed when
+    the root group's run ends (``JsonGroup.main``: whatever way it ends, with its exit code).
     ``stream``: the command prints JSON lines (``emit_line``); at its end only an error
     gets a line."""
     if func is None:
@@ -159,70 +175,86 @@ def json_command(func=None, *, always: bool = False, stream: bool = False):
         ctx = click.get_current_context()
         out = ctx.meta[_META] = JsonOutput()
         out.streaming = stream
+        if _run is not None:
+            _run.out = out
         try:
             result = func(*args, **kwargs)
-        except SystemExit as e:
-            out.finish(_exit_code(e))
-            raise
-        except click.exceptions.Exit as e:
-            out.finish(e.exit_code)
+        except (SystemExit, click.exceptions.Exit):
             raise
         except click.ClickException as e:
             out.error = (e.exit_code, None, e.format_message())
-            out.finish(e.exit_code)
-            setattr(e, _SHOWN, True)
             raise
-        except KeyboardInterrupt:  # Ctrl-C: cancelled, exit 5 (README "Exit codes")
-            out.error = (exitcodes.TIMEOUT, "cancelled", "cancelled")
-            out.finish(exitcodes.TIMEOUT)
-            raise SystemExit(exitcodes.TIMEOUT) from None
-        except click.Abort:  # click's own: an answer refused, or none (exit 1)
-            out.error = (exitcodes.ERROR, "aborted", "aborted")
-            out.finish(exitcodes.ERROR)
+        except (KeyboardInterrupt, click.Abort) as e:
+            from .cancel import is_ctrl_c
+
+            if is_ctrl_c(e):  # the root group: "Cancelled.", exit 5
+                out.error = (exitcodes.TIMEOUT, "cancelled", "Cancelled.")
+            else:  # click's own: an answer refused, or none (exit 1)
+                out.error = (exitcodes.ERROR, "aborted", "Aborted!")
             raise
-        except Exception as e:
+        except Exception as e:  # a bug: the traceback follows on stderr
             out.error = (exitcodes.ERROR, "internal-error", f"{type(e).__name__}: {e}")
-            out.finish(exitcodes.ERROR)
             raise
-        out.finish(exitcodes.OK)
+        finally:
+            if _run is None:  # not run by the root group (a command invoked alone)
+                code = sys.exc_info()[1]
+                out.finish(_exit_code(code) if isinstance(code, SystemExit) else
+                           exitcodes.OK if code is None else
+                           out.error[0] if out.error else exitcodes.ERROR)
         return result
 
     return wrapper
 
 
 def _wants_json(args) -> bool:
-    args = list(args or ())
+    args = list(sys.argv[1:] if args is None else args)
     if "--" in args:
         args = args[:args.index("--")]
     return "--json" in args
 
 
-def _usage_error(e: click.ClickException, wanted: bool) -> None:
-    if wanted and not getattr(e, _SHOWN, False):
-        click.echo(render(document(code=e.exit_code, reason=exit_name(e.exit_code),
-                                   message=e.format_message())))
-        setattr(e, _SHOWN, True)
-
-
 class JsonGroup(click.Group):
-    """The root group: click's own errors (a bad option, a missing argument: exit 2) also
-    print the JSON error object when ``--json`` is on the command line."""
+    """The root group: with --json, the one object is printed here when the run ends, with
+    its real exit code, whatever ended it (``fail``, ``sys.exit``, Ctrl-C, a bug); click's
+    own errors (a bad option, a missing argument: exit 2) give it too when ``--json`` is on
+    the command line."""
+
+    def main(self, args=None, *rest, **kwargs):
+        global _run
+        outer, _run = _run, _Run(_wants_json(args))
+        run = _run
+        code = exitcodes.ERROR
+        try:
+            result = super().main(args, *rest, **kwargs)
+            code = result if isinstance(result, int) and not isinstance(result, bool) else 0
+            return result
+        except SystemExit as e:
+            code = _exit_code(e)
+            raise
+        finally:
+            _run = outer
+            if run.out is None and run.wanted and code != exitcodes.OK:
+                run.out = JsonOutput()  # failed before any command ran: usage errors
+            if run.out is not None:
+                run.out.finish(code)
+
+    def _usage_error(self, e: click.ClickException) -> None:
+        if _run is not None and _run.wanted and _run.out is None:
+            _run.out = JsonOutput()
+            _run.out.error = (e.exit_code, None, e.format_message())
 
     def make_context(self, info_name, args, parent=None, **extra):
-        wanted = _wants_json(args)
         try:
-            ctx = super().make_context(info_name, args, parent=parent, **extra)
+            return super().make_context(info_name, args, parent=parent, **extra)
         except click.ClickException as e:
-            _usage_error(e, wanted)
+            self._usage_error(e)
             raise
-        ctx.meta["token_agent.json_wanted"] = wanted
-        return ctx
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except click.ClickException as e:
-            _usage_error(e, ctx.meta.get("token_agent.json_wanted", False))
+            self._usage_error(e)
             raise
 
 
