@@ -90,7 +90,7 @@ class NobodyCli(Cli):
         return proc
 
     def kinds(self) -> list[str]:
-        return sorted(m["kind"] for m in self.json("methods", "list", "--user", "nobody"))
+        return sorted(m["kind"] for m in self.json("methods", "list", "--user", "nobody")["methods"])
 
 
 @pytest.fixture

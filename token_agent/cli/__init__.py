@@ -11,10 +11,12 @@ from .. import __version__
 from .. import exitcodes
 from .cancel import CancellingGroup
 from .common import Context, fail
+from .jsonout import JsonGroup
 
 
-class RootGroup(CancellingGroup):
-    """Ctrl-C is "Cancelled." and exit 5 (:class:`CancellingGroup`); a malformed
+class RootGroup(JsonGroup, CancellingGroup):
+    """--json errors as one object (:class:`JsonGroup`, click's usage errors included); Ctrl-C
+    is "Cancelled." and exit 5 (:class:`CancellingGroup`); a malformed
     TOKEN_AGENT_SIM_KEYS, met by whichever command looks for keys, is a usage error."""
 
     def invoke(self, ctx: click.Context):

@@ -4,14 +4,14 @@ entry that never echoes, the store, Ctrl-C as a clean cancel, and exit codes."""
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
 from .. import exitcodes
+from . import jsonout
 from .cancel import answer, ask, cancellable  # noqa: F401  (cancellable: for the commands)
 
 
@@ -99,17 +99,31 @@ def say(message: str) -> None:
     click.echo(message, err=True)
 
 
-def fail(message: str, code: int = exitcodes.ERROR) -> None:
+def fail(message: str, code: int = exitcodes.ERROR, *, reason: str | None = None,
+         data: dict | None = None) -> NoReturn:
+    """Say what went wrong on stderr and exit with ``code``. With --json, stdout gets the
+    error object too (``jsonout``): ``reason`` (a stable code such as ``wrong-pin``; default:
+    the exit status's name) and ``data`` (what the command knows, e.g. a login's outcome)."""
     click.echo(f"token-agent: {message}", err=True)
+    out = jsonout.current()
+    if out is not None:
+        if data is not None:
+            out.add(data)
+        out.error = (code, reason, message)
     sys.exit(code)
 
 
 def emit(as_json: bool, data: Any, text: str | Callable[[], str]) -> None:
-    """Print the result: JSON on stdout for scripts, or the text for people."""
-    if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-    else:
+    """Print the result: the JSON object on stdout for scripts (``jsonout``: printed when
+    the command ends, with ``version`` and ``ok``; give a dict), or the text for people."""
+    if not as_json:
         click.echo(text() if callable(text) else text)
+        return
+    out = jsonout.current()
+    if out is not None:
+        out.add(data)
+    else:  # not inside a json_option command: print at once
+        click.echo(jsonout.render(jsonout.document(data)))
 
 
 def escape_controls(text: str) -> str:
@@ -123,7 +137,11 @@ def escape_controls(text: str) -> str:
                    for c in text)
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def json_option(func):
+    """--json: one JSON object on stdout, errors included (``jsonout``, README "JSON output")."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Machine-readable output: one JSON object on stdout, errors "
+                             "included (README \"JSON output\").")(jsonout.json_command(func))
 
 
 def pin_options(func):

@@ -78,7 +78,7 @@ def add(ctx: Context, username: str, display_name: str | None, roles: tuple[str,
 def list_(ctx: Context, as_json: bool) -> None:
     """List users."""
     all_users = ctx.store().list_users()
-    emit(as_json, [_user_json(u) for u in all_users],
+    emit(as_json, {"users": [_user_json(u) for u in all_users]},
          lambda: "\n".join(f"{u.username:<24} {u.display_name or '':<28} {','.join(u.roles)}"
                            for u in all_users) or "no users")
 
