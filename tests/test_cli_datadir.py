@@ -98,7 +98,7 @@ def test_a_command_that_only_reads_creates_no_store(tmp_path):
     run(env, "--data-dir", missing, "users", "add", "alice")
     assert (missing / "token-agent.db").is_file() and oct(missing.stat().st_mode & 0o777) == "0o700"
     assert [u["username"] for u in json.loads(run(env, "--data-dir", missing, "users", "list",
-                                                  "--json").stdout)] == ["alice"]
+                                                  "--json").stdout)["users"]] == ["alice"]
     run(env, "--data-dir", existing, "settings", "set", "rp_id", "trust.example")
     assert (existing / "token-agent.db").is_file()
 
@@ -230,7 +230,7 @@ def test_root_does_not_take_the_service_store(service_dir, first):
     # run as its user, as said: the store is that user's, and it accepts it
     as_service_user(env, "--data-dir", service_dir, "users", "add", "bob")
     listed = json.loads(as_service_user(env, "--data-dir", service_dir, "users", "list",
-                                        "--json").stdout)
+                                        "--json").stdout)["users"]
     assert sorted(u["username"] for u in listed) == (["alice", "bob"] if first == "service"
                                                      else ["bob"])
     assert owners(service_dir) == {SERVICE_UID}

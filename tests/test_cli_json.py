@@ -80,6 +80,11 @@ def test_every_json_command_has_its_shape_in_the_readme():
 
 
 def test_errors_are_one_json_object_too(cli, tmp_path):
+    no_store = cli.json("users", "show", "nobody", expect=exitcodes.NOT_FOUND)
+    assert no_store["error"]["reason"] == "no-store", no_store
+    assert "no token-agent store at" in no_store["error"]["message"]
+
+    cli.run("users", "add", "alice")
     missing = cli.json("users", "show", "nobody", expect=exitcodes.NOT_FOUND)
     assert missing["error"] == {"code": 8, "reason": "not-found",
                                 "message": "unknown user 'nobody'"}
@@ -104,7 +109,6 @@ def test_errors_are_one_json_object_too(cli, tmp_path):
     assert cli.run("users", "show", expect=exitcodes.USAGE).stdout == ""  # without --json
 
     # a failed login: the outcome and the error in the one object
-    cli.run("users", "add", "alice")
     failed = cli.json("login", "--user", "alice", "--primary", "password", input="nope\n",
                       expect=exitcodes.AUTH_FAILED)
     assert failed["error"]["code"] == 3 and failed["reason"] == failed["error"]["reason"]

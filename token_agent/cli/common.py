@@ -67,7 +67,7 @@ class Context:
             except ConfigError as e:
                 fail("; ".join(e.errors), exitcodes.USAGE)
             except StoreMissing as e:
-                fail(str(e), exitcodes.NOT_FOUND)
+                fail(str(e), exitcodes.NOT_FOUND, reason="no-store")
             except StoreError as e:
                 fail(str(e) + _run_as_owner(e), exitcodes.STORE)
             except OSError as e:
