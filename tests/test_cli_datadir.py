@@ -174,6 +174,38 @@ def test_the_service_and_the_cli_find_the_same_store(services, tmp_path):  # noq
             c.request("methods.list", user="alice")
 
 
+def test_the_cli_and_the_service_agree_on_the_policy_of_config_toml(services, tmp_path):  # noqa: F811
+    """config.toml's [policy] file is the policy in force for the service and for the CLI
+    given the same config.toml; TOKEN_AGENT_POLICY and --policy still come first."""
+    services.policy.write_text("[classes.internal]\nenforce = false\n")
+    svc = services()
+    env = clean_env(tmp_path)
+    del env["TOKEN_AGENT_POLICY"]  # the file comes from config.toml
+    run(env, "--config", svc.config, "users", "add", "alice")
+    shown = json.loads(run(env, "--config", svc.config, "policy", "show", "--json").stdout)
+    assert shown["source"] == str(services.policy)
+    assert shown["classes"]["internal"]["enforce"] is False
+    explained = json.loads(run(env, "--config", svc.config, "policy", "explain", "--user", "alice",
+                               "--json").stdout)
+    with svc.client() as c:
+        remote = c.request("policy.explain", user="alice")
+    assert explained["mfa_required"] is remote["mfa_required"] is False
+    checked = json.loads(run(env, "--config", svc.config, "policy", "check", "--json").stdout)
+    assert checked["path"] == str(services.policy)
+
+    # the environment's file comes before config.toml's, for both
+    other = tmp_path / "other-policy.toml"
+    other.write_text("")
+    named = json.loads(run(env | {"TOKEN_AGENT_POLICY": str(other)}, "--config", svc.config,
+                           "policy", "show", "--json").stdout)
+    assert named["source"] == str(other) and named["classes"]["internal"]["enforce"] is True
+    # a config.toml naming a policy file that is not there is an error, not the defaults
+    broken = tmp_path / "broken.toml"
+    broken.write_text(f'[policy]\nfile = "{tmp_path / "missing.toml"}"\n')
+    proc = run(env, "--config", broken, "policy", "show", expect=exitcodes.USAGE)
+    assert "missing.toml" in proc.stderr
+
+
 # --------------------------------------------------------------------------- 3. root
 
 

@@ -55,7 +55,7 @@ size_warning_mb = 1024                  # the service logs a warning (at most ho
                                         # (0 to 1048576)
 
 [policy]
-file = "/etc/token-agent/policy.toml"   # [the policy's own lookup, else the built-in policy]
+file = "/etc/token-agent/policy.toml"   # [--policy, TOKEN_AGENT_POLICY, this, /etc, ~/.config]
 
 [workstation]
 device = "managed"                      # managed | unmanaged: what the policy is told [managed]

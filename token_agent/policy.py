@@ -4,10 +4,13 @@ The policy is a TOML file. token-agent looks for it, first match wins:
 
 1. the command line's explicit path;
 2. ``TOKEN_AGENT_POLICY`` (a path; it must then exist);
-3. ``/etc/token-agent/policy.toml``, if it exists;
-4. ``$XDG_CONFIG_HOME/token-agent/policy.toml`` (only an absolute ``XDG_CONFIG_HOME`` counts)
+3. ``[policy] file`` in config.toml (``config.py``; it must then exist);
+4. ``/etc/token-agent/policy.toml``, if it exists;
+5. ``$XDG_CONFIG_HOME/token-agent/policy.toml`` (only an absolute ``XDG_CONFIG_HOME`` counts)
    or ``~/.config/token-agent/policy.toml``, if it exists;
-5. otherwise the built-in defaults below.
+6. otherwise the built-in defaults below.
+
+The command line and the service use this one lookup, so they agree on the policy in force.
 
 Every table and key is optional; the defaults are in brackets. Unknown tables and keys are
 errors (with a suggestion for a likely misspelling), as are values of the wrong type or out
@@ -730,31 +733,45 @@ def check_policy_text(text: str, source: str = "<policy>"
 
 
 def default_policy_path(environ: Mapping[str, str] | None = None, *,
-                        system_path: str | os.PathLike[str] = SYSTEM_POLICY_PATH) -> Path | None:
+                        system_path: str | os.PathLike[str] = SYSTEM_POLICY_PATH,
+                        configured: str | os.PathLike[str] | None = None) -> Path | None:
     """The policy file to use when none is given, or None for the built-in defaults.
 
     ``TOKEN_AGENT_POLICY`` if set (whether or not the file exists: a named file that is
-    missing is an error, not a silent fallback); else ``system_path``
-    (``/etc/token-agent/policy.toml``) if it exists; else the user's
-    ``$XDG_CONFIG_HOME/token-agent/policy.toml`` (absolute ``XDG_CONFIG_HOME`` only) or
-    ``~/.config/token-agent/policy.toml`` if it exists. Empty variables count as unset.
+    missing is an error, not a silent fallback); else ``configured`` (config.toml's
+    ``[policy] file``, named so too); else ``system_path`` (``/etc/token-agent/policy.toml``)
+    if it exists; else the user's ``$XDG_CONFIG_HOME/token-agent/policy.toml`` (absolute
+    ``XDG_CONFIG_HOME`` only) or ``~/.config/token-agent/policy.toml`` if it exists. Empty
+    variables count as unset.
     """
     env = os.environ if environ is None else environ
     named = env.get(POLICY_ENV)
     if named:
         return expand_home(named, env)
+    if configured is not None and str(configured) != "":
+        return expand_home(configured, env)
     return config_file(_POLICY_FILENAME, system_path, env)
+
+
+def policy_path_in_force(explicit_path: str | os.PathLike[str] | None = None,
+                         environ: Mapping[str, str] | None = None, *,
+                         system_path: str | os.PathLike[str] = SYSTEM_POLICY_PATH,
+                         configured: str | os.PathLike[str] | None = None) -> Path | None:
+    """The policy file in force (the module docstring's order), or None for the defaults."""
+    if explicit_path is not None and str(explicit_path) != "":
+        return Path(explicit_path)
+    return default_policy_path(environ, system_path=system_path, configured=configured)
 
 
 def resolve_policy(explicit_path: str | os.PathLike[str] | None = None,
                    environ: Mapping[str, str] | None = None, *,
                    system_path: str | os.PathLike[str] = SYSTEM_POLICY_PATH,
-                   strict: bool = False) -> Policy:
-    """The policy in force: the explicit file, else ``default_policy_path``, else the
-    defaults (``strict``: see ``load_policy``)."""
-    if explicit_path is not None and str(explicit_path) != "":
-        return load_policy(explicit_path, strict=strict)
-    path = default_policy_path(environ, system_path=system_path)
+                   strict: bool = False,
+                   configured: str | os.PathLike[str] | None = None) -> Policy:
+    """The policy in force: the explicit file, else ``default_policy_path`` (``configured``:
+    config.toml's ``[policy] file``), else the defaults (``strict``: see ``load_policy``)."""
+    path = policy_path_in_force(explicit_path, environ, system_path=system_path,
+                                configured=configured)
     return DEFAULT_POLICY if path is None else load_policy(path, strict=strict)
 
 

@@ -38,13 +38,14 @@ class RootGroup(JsonGroup, CancellingGroup):
                    "[store] data_dir of config.toml, else $XDG_DATA_HOME/token-agent, else "
                    "~/.local/share/token-agent).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="PATH",
-              help="The configuration file, for its [store] data_dir (default: as `serve` "
+              help="The configuration file, for its [store] data_dir and [policy] file "
+                   "(default: as `serve` "
                    "finds it: TOKEN_AGENT_CONFIG, /etc/token-agent/config.toml, "
                    "~/.config/token-agent/config.toml).")
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False), envvar="TOKEN_AGENT_POLICY",
-              help="The MFA policy file (TOML; default: /etc/token-agent/policy.toml, then "
-                   "~/.config/token-agent/policy.toml, else built-in defaults; env "
-                   "TOKEN_AGENT_POLICY).")
+              help="The MFA policy file (TOML; default: config.toml's [policy] file, then "
+                   "/etc/token-agent/policy.toml, then ~/.config/token-agent/policy.toml, else "
+                   "built-in defaults; env TOKEN_AGENT_POLICY).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
 @click.pass_context
 def main(ctx: click.Context, data_dir: str | None, config_path: str | None,

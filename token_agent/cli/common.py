@@ -4,6 +4,7 @@ entry that never echoes, the store, Ctrl-C as a clean cancel, and exit codes."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 from typing import Any, Callable, NoReturn
@@ -42,12 +43,34 @@ class Context:
                 fail(str(e), exitcodes.STORE)
         return self._agent
 
-    def policy(self):
-        """The policy in force (exit 2 when its file is wrong); needs no store."""
-        from ..policy import PolicyError, resolve_policy
+    def policy_file(self):
+        """The policy file in force, found as the service finds it (``policy.py``: --policy,
+        TOKEN_AGENT_POLICY, config.toml's [policy] file, /etc, ~/.config), or None for the
+        built-in defaults. A wrong config.toml is exit 2."""
+        from ..policy import POLICY_ENV, policy_path_in_force
+
+        configured = None
+        if not self.policy_path and not os.environ.get(POLICY_ENV):
+            configured = self.config().policy.file
+        return policy_path_in_force(self.policy_path, configured=configured)
+
+    def config(self):
+        """config.toml (``--config``, TOKEN_AGENT_CONFIG, /etc, ~/.config; the defaults when
+        there is none): exit 2 when it is wrong."""
+        from ..config import ConfigError, load_config
 
         try:
-            return resolve_policy(self.policy_path)
+            return load_config(self.config_path)
+        except ConfigError as e:
+            fail("; ".join(e.errors), exitcodes.USAGE)
+
+    def policy(self):
+        """The policy in force (exit 2 when its file is wrong); needs no store."""
+        from ..policy import DEFAULT_POLICY, PolicyError, load_policy
+
+        path = self.policy_file()
+        try:
+            return DEFAULT_POLICY if path is None else load_policy(path)
         except PolicyError as e:
             fail(str(e), exitcodes.USAGE)
 

@@ -65,9 +65,9 @@ def policy_check(ctx: Context, path: str | None, as_json: bool) -> None:
     others than root included: the service would refuse it).
 
     Exit 0 when it is valid (warnings are printed), 2 when it is not."""
-    from ..policy import check_policy_text, default_policy_path
+    from ..policy import check_policy_text
 
-    target = path or ctx.policy_path or default_policy_path()
+    target = path or ctx.policy_file()
     if target is None:
         emit(as_json, {"path": None, "valid": True, "errors": [], "warnings": []},
              "no policy file: the built-in defaults are in force")

@@ -106,8 +106,7 @@ class Service:
         # the command line's lookup (token_agent/paths.py): --data-dir, TOKEN_AGENT_DATA_DIR,
         # [store] data_dir, STATE_DIRECTORY, XDG_DATA_HOME, ~/.local/share
         self.data_dir = locate(data_dir, self.environ, config=config).path
-        self._policy_override = policy_path
-        self.policy_path = policy_path if policy_path is not None else config.policy.file
+        self._policy_override = policy_path  # --policy; else the lookup of policy.py
         self.device_env = config.keys.environ(self.environ)
         from .keys import KeyPool
 
@@ -175,7 +174,8 @@ class Service:
             for listener in self._listeners:  # another service on it: stop before the store
                 listener.check()
             self.agent = Agent.open(self.data_dir, environ=self.environ, policy=resolve_policy(
-                self.policy_path, self.environ, strict=True))  # strict: filetrust.py
+                self._policy_override, self.environ, configured=self.config.policy.file,
+                strict=True))  # strict: filetrust.py
         except ListenError as e:
             raise ServiceStartError(str(e)) from None
         except Exception as e:
@@ -267,8 +267,8 @@ class Service:
         load leaves everything as it was (PolicyError)."""
         from ..policy import resolve_policy
 
-        policy = resolve_policy(self._policy_override or config.policy.file, self.environ,
-                                strict=True)
+        policy = resolve_policy(self._policy_override, self.environ,
+                                configured=config.policy.file, strict=True)
         ws = config.workstation
         self._device = type(self._device)(ws.device, ws.effective_device_id(), ws.network)
         self.rules = Rules(config.service.login_service_users, config.service.admin_group)
