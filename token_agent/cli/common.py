@@ -186,14 +186,37 @@ class TerminalInteraction:
         click.echo(qr_terminal(uri), err=True)
 
 
-def new_pin(from_stdin: bool, label: str = "New PIN") -> str:
-    """A new PIN, typed twice (or one line of stdin)."""
+def new_pin(from_stdin: bool, label: str = "New PIN", *, min_length: int | None = None,
+            optional: bool = False) -> str | None:
+    """A new PIN: one line of stdin, or typed twice (three attempts). With ``min_length``
+    (a security key's minimum, from its getInfo) the first entry is checked against the
+    key's rules before the second is asked for. ``optional``: an empty first entry gives
+    None (the person declined) instead of failing."""
     if from_stdin:
         pin = sys.stdin.readline().rstrip("\r\n")
         if not pin:
             fail("no PIN on standard input", exitcodes.USAGE)
         return pin
-    return click.prompt(label, hide_input=True, confirmation_prompt=True, err=True)
+    for _ in range(3):
+        first = click.prompt(label, hide_input=True, err=True, default="", show_default=False)
+        if not first:
+            if optional:
+                return None
+            fail("no PIN given", exitcodes.USAGE)
+        if min_length is not None:
+            from drivers.fido.errors import PinPolicyViolation
+            from drivers.fido.keys import check_new_pin
+
+            try:
+                check_new_pin(first, min_length)
+            except PinPolicyViolation as e:
+                say(e.message)
+                continue
+        if click.prompt("Repeat for confirmation", hide_input=True, err=True, default="",
+                        show_default=False) == first:
+            return first
+        say("The two entries differ.")
+    fail("no PIN set: three attempts", exitcodes.USAGE)
 
 
 def touch_prompt() -> None:

@@ -33,6 +33,17 @@ def open_key(key_path: str | None, timeout: float):
         "Several keys found: touch the one to use"), timeout=timeout, cancel=cancel))
 
 
+def first_pin(min_length: int) -> str | None:
+    """Offered by `enrol key` at a terminal when the key has no PIN yet (as browsers do):
+    the new PIN, typed twice, its length checked before the second entry; None when the
+    person declines (an empty entry)."""
+    say("This key has no PIN yet. Choose one now: this enrolment uses it, and so will "
+        f"every login with the key (at least {min_length} characters; Enter alone: stop "
+        "here).")
+    return new_pin(False, "New PIN for your security key", min_length=min_length,
+                   optional=True)
+
+
 def _info_text(info) -> str:
     pin = ("not set" if not info.pin_set
            else f"set, {info.pin_retries} tries left")
@@ -99,7 +110,8 @@ def pin() -> None:
 def pin_set(key_path: str | None, timeout: float, pin_stdin: bool, as_json: bool) -> None:
     """Set the PIN of a key that has none."""
     with open_key(key_path, timeout) as key:
-        key.set_pin(new_pin(pin_stdin))
+        details = key.info()
+        key.set_pin(new_pin(pin_stdin, min_length=details.min_pin_length))
         retries = key.pin_retries()
     emit(as_json, {"pin_set": True, "retries": retries}, "PIN set")
 

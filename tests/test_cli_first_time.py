@@ -1,0 +1,175 @@
+"""Issue 12, "First-time keys and first-time mistakes": a new key without a PIN, a wrong
+first authenticator-app code, `--confirm` without `--name`, `keys pin set` on a key that has
+a PIN, and a key this account may not open. Every test drives the real `token-agent` in a
+subprocess (a pseudo-terminal where a terminal matters) against virtual keys served as
+processes (`token-agent sim key serve`, which starts with no PIN)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO_ROOT, token_agent_command
+from test_service import KEY_PIN, services, socket_dir, world  # noqa: F401
+from token_agent import exitcodes
+
+PIN = "246810"
+
+
+class Terminal:
+    """`token-agent ARGS` on a pseudo-terminal (stdin, stdout and stderr all on it, as in a
+    terminal window): ``expect`` waits for text, ``send`` types a line."""
+
+    def __init__(self, args, env: dict) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(token_agent_command() + list(args), stdin=slave,
+                                     stdout=slave, stderr=slave, env=env, cwd=REPO_ROOT,
+                                     start_new_session=True)
+        os.close(slave)
+        self.output = ""
+        self._seen = 0  # what ``expect`` has consumed
+
+    def _read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            data = os.read(self.master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            return False
+        if not data:
+            return False
+        self.output += data.decode(errors="replace")
+        return True
+
+    def expect(self, text: str, timeout: float = 30) -> str:
+        """Wait for ``text`` after what was already expected; returns the output between."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output[self._seen:]:
+            if time.monotonic() > deadline or not self._read(0.2):
+                raise AssertionError(f"{text!r} did not come; the terminal shows:\n"
+                                     f"{self.output}")
+        start = self._seen
+        self._seen = self.output.index(text, self._seen) + len(text)
+        return self.output[start:self._seen]
+
+    def send(self, line: str) -> None:
+        os.write(self.master, line.encode() + b"\r")
+
+    def wait(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._read(0.1)
+        while self._read(0.05) and select.select([self.master], [], [], 0)[0]:
+            pass
+        code = self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        os.close(self.master)
+        return code
+
+
+@pytest.fixture
+def env(tmp_path, sim_key_server) -> dict:
+    """A developer's shell: the store in tmp_path, the virtual key (no PIN yet) named by
+    TOKEN_AGENT_SIM_KEYS."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")},
+            "TOKEN_AGENT_SIM_KEYS": sim_key_server.address,
+            "TOKEN_AGENT_DATA_DIR": str(tmp_path / "data"), "TERM": "dumb"}
+
+
+def run(env: dict, *args: str, stdin: str | None = None, expect: int | None = 0):
+    proc = subprocess.run(token_agent_command() + list(args), input=stdin, env=env,
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
+    if expect is not None:
+        assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def key_info(env: dict) -> dict:
+    return json.loads(run(env, "keys", "info", "--json").stdout)
+
+
+# --------------------------------------------------------------------------- a key without a PIN
+
+
+def test_enrol_key_offers_a_pin_for_a_new_key(env):
+    """Under the default `preferred`, a key that has no PIN gets one at enrolment: asked
+    twice, a PIN shorter than the key's minimum refused before the second entry; then the
+    enrolment goes on with it."""
+    run(env, "users", "add", "alice")
+    assert key_info(env)["pin_set"] is False and key_info(env)["min_pin_length"] == 4
+    term = Terminal(["enrol", "key", "--user", "alice", "--name", "first key"], env)
+    term.expect("This key has no PIN yet")
+    term.expect("New PIN for your security key: ")
+    term.send("12")  # too short for the key (4)
+    between = term.expect("New PIN for your security key: ")
+    assert "at least 4 characters" in between
+    assert "Repeat for confirmation" not in between  # refused before the second entry
+    term.send(PIN)
+    term.expect("Repeat for confirmation: ")
+    term.send("135799")  # typed differently: asked again from the start
+    assert "The two entries differ" in term.expect("New PIN for your security key: ")
+    term.send(PIN)
+    term.expect("Repeat for confirmation: ")
+    term.send(PIN)
+    code = term.wait()
+    assert code == 0, term.output
+    assert "enrolled 'first key' for alice" in term.output
+    assert PIN not in term.output  # never echoed
+    assert term.output.count("PIN for your security key:") == 3  # not asked a third time
+    info = key_info(env)
+    assert info["pin_set"] and info["pin_retries"] == 8
+    shown = json.loads(run(env, "users", "show", "alice", "--json").stdout)
+    assert [k["name"] for k in shown["keys"]] == ["first key"]
+    outcome = json.loads(run(env, "login", "--method", "key", "--user", "alice", "--pin-stdin",
+                             "--json", stdin=PIN + "\n").stdout)
+    assert outcome["ok"] and outcome["multi_factor"]  # the PIN set there is the key's PIN
+
+
+def test_enrol_key_without_a_terminal_prints_the_command(env, sim_key_server):
+    """With --pin-stdin, or without a terminal, nothing is set: the exact command that sets
+    the PIN is printed, with the documented exit code (4); it works as printed."""
+    run(env, "users", "add", "alice")
+    command = f"token-agent keys pin set --key sim:{sim_key_server.address}"
+    for args, stdin in (((), None), (("--pin-stdin",), PIN + "\n")):
+        refused = run(env, "enrol", "key", "--user", "alice", *args, stdin=stdin,
+                      expect=exitcodes.NO_DEVICE)
+        assert command in refused.stderr, refused.stderr
+        assert "New PIN" not in refused.stderr
+        assert key_info(env)["pin_set"] is False
+    printed = re.search(r"token-agent keys pin set --key \S+", refused.stderr).group(0)
+    run(env, *shlex.split(printed)[1:], "--pin-stdin", stdin=PIN + "\n")
+    enrolled = json.loads(run(env, "enrol", "key", "--user", "alice", "--pin-stdin", "--json",
+                              stdin=PIN + "\n").stdout)
+    assert enrolled["user_verified"]
+    # an empty first entry on the terminal declines: the same command, nothing set
+    run(env, "users", "add", "bob")
+    run(env, "keys", "reset", "--yes")  # within 10 s of the key's power-up (a new connection)
+    term = Terminal(["enrol", "key", "--user", "bob"], env)
+    term.expect("New PIN for your security key: ")
+    term.send("")
+    assert term.wait() == exitcodes.NO_DEVICE
+    assert command in term.output and key_info(env)["pin_set"] is False
+
+
+@pytest.mark.sim_key(presence="manual")
+def test_service_enrolment_on_a_key_without_a_pin_names_the_command(services, world,
+                                                                   sim_key_server):
+    """The service asks for no new PIN over its socket: its enrolment says the same as the
+    CLI, with the command."""
+    world.user("alice")
+    svc = services(f'[keys]\nsimulators = ["{sim_key_server.address}"]\ntimeout = 10\n')
+    with svc.client() as c:
+        login = c.request("enrol.key", user="alice")["login"]
+        outcome = c.run_ceremony(login, lambda event: KEY_PIN)
+    assert not outcome["ok"]
+    assert f"token-agent keys pin set --key sim:{sim_key_server.address}" in outcome["message"]
+    assert "no PIN yet" in outcome["message"]
