@@ -173,3 +173,20 @@ def test_service_enrolment_on_a_key_without_a_pin_names_the_command(services, wo
     assert not outcome["ok"]
     assert f"token-agent keys pin set --key sim:{sim_key_server.address}" in outcome["message"]
     assert "no PIN yet" in outcome["message"]
+
+
+# --------------------------------------------------------------------------- keys pin set, twice
+
+
+def test_pin_set_on_a_key_with_a_pin_is_exit_9(env, sim_key_server):
+    """README "Exit codes": 9 is "it exists already"; the message points at `pin change`,
+    and a terminal is not asked for a new PIN it could not use."""
+    run(env, "keys", "pin", "set", "--pin-stdin", stdin=PIN + "\n")
+    again = run(env, "keys", "pin", "set", "--pin-stdin", stdin="13572468\n",
+                expect=exitcodes.CONFLICT)
+    assert f"token-agent keys pin change --key sim:{sim_key_server.address}" in again.stderr
+    term = Terminal(["keys", "pin", "set"], env)
+    assert term.wait() == exitcodes.CONFLICT
+    assert "keys pin change" in term.output and "New PIN" not in term.output
+    # the PIN is still the first one
+    run(env, "keys", "pin", "change", "--pin-stdin", stdin=f"{PIN}\n13572468\n")

@@ -278,14 +278,16 @@ def device_errors(func):
 
 def device_exit_code(e) -> int:
     """The exit code for an error of the key: what a login failing with it would give, but
-    for those only management commands meet (a bad new PIN, a key already enrolled, a
-    credential to delete that is not there)."""
+    for those only management commands meet (a bad new PIN, a key already enrolled or
+    with a PIN already, a credential to delete that is not there)."""
     from drivers.fido import errors as key_errors
 
     from ..ceremonies.key import device_failure
 
     if isinstance(e, key_errors.PinPolicyViolation):
         return exitcodes.USAGE
+    if isinstance(e, key_errors.PinAlreadySet):
+        return exitcodes.CONFLICT
     if isinstance(e, key_errors.CredentialExcluded):
         return exitcodes.CONFLICT
     if isinstance(e, key_errors.NoCredentials):

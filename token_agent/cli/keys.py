@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from .. import exitcodes
@@ -108,9 +110,13 @@ def pin() -> None:
 @json_option
 @device_errors
 def pin_set(key_path: str | None, timeout: float, pin_stdin: bool, as_json: bool) -> None:
-    """Set the PIN of a key that has none."""
+    """Set the PIN of a key that has none (one that has a PIN: `keys pin change`)."""
     with open_key(key_path, timeout) as key:
         details = key.info()
+        if details.pin_set:
+            fail("This key already has a PIN: change it with "
+                 f"`token-agent keys pin change --key {shlex.quote(key.path)}`",
+                 exitcodes.CONFLICT)
         key.set_pin(new_pin(pin_stdin, min_length=details.min_pin_length))
         retries = key.pin_retries()
     emit(as_json, {"pin_set": True, "retries": retries}, "PIN set")
