@@ -135,8 +135,8 @@ def pin_not_set(key_path: str) -> key_errors.PinNotSet:
     """The key's PinNotSet as enrolment says it: with the exact command that sets the PIN
     (the CLI without a terminal, the service: neither sets a PIN itself)."""
     return key_errors.PinNotSet(
-        "This key has no PIN yet, and enrolling it needs one. Set its PIN first, then enrol "
-        f"it again: token-agent keys pin set --key {shlex.quote(key_path)}")
+        "This key has no PIN yet, and enrolling it needs one. Set a PIN on it first, then "
+        f"enrol it again: token-agent keys pin set --key {shlex.quote(key_path)}")
 
 
 class EnrolError(Exception):
