@@ -190,3 +190,67 @@ def test_pin_set_on_a_key_with_a_pin_is_exit_9(env, sim_key_server):
     assert "keys pin change" in term.output and "New PIN" not in term.output
     # the PIN is still the first one
     run(env, "keys", "pin", "change", "--pin-stdin", stdin=f"{PIN}\n13572468\n")
+
+
+# --------------------------------------------------------------------------- the first TOTP code
+
+
+def _codes(secret: str) -> tuple[str, str]:
+    """(a code the app shows now, a code that is wrong in every step the agent accepts)."""
+    from token_agent.factors.totp import code_at
+
+    now = time.time()
+    if now % 30 > 26:  # too near the end of a step: the right code may expire while typed
+        time.sleep(30 - now % 30 + 0.2)
+        now = time.time()
+    accepted = {code_at(secret, now + d) for d in (-30, 0, 30)}
+    wrong = next(c for c in ("000000", "111111", "222222", "333333") if c not in accepted)
+    return code_at(secret, now), wrong
+
+
+def _lockouts(env: dict, user: str) -> dict:
+    return {s["scope"]: s["failures"]
+            for s in json.loads(run(env, "admin", "lockouts", user, "--json").stdout)}
+
+
+def test_enrol_totp_asks_again_after_a_wrong_first_code(env):
+    """A mistyped first code is asked for again (up to 3 codes); the wrong ones count against
+    the pending app alone, and its count is cleared when it is confirmed."""
+    run(env, "users", "add", "alice")
+    run(env, "enrol", "password", "--user", "alice", "--password-stdin",
+        stdin="correct horse battery\n")
+    term = Terminal(["enrol", "totp", "--user", "alice"], env)
+    secret = re.search(r"enter the key ([A-Z2-7]+)", term.expect("Code shown by the app"))[1]
+    right, wrong = _codes(secret)
+    term.send(wrong)
+    assert "wrong code" in term.expect("Code shown by the app")
+    term.send(wrong)
+    assert "type the code the app shows now" in term.expect("Code shown by the app")
+    right, _ = _codes(secret)
+    term.send(right)
+    assert term.wait() == 0, term.output
+    assert "authenticator app 'authenticator app' set up for alice" in term.output
+    app, = [m for m in json.loads(run(env, "methods", "list", "--user", "alice",
+                                      "--json").stdout) if m["kind"] == "totp"]
+    assert app["confirmed"] and app["failures"] == 0
+    assert all(failures == 0 for failures in _lockouts(env, "alice").values())
+
+
+def test_enrol_totp_gives_up_after_three_wrong_codes(env):
+    run(env, "users", "add", "alice")
+    term = Terminal(["enrol", "totp", "--user", "alice", "--name", "work phone"], env)
+    secret = re.search(r"enter the key ([A-Z2-7]+)", term.expect("Code shown by the app"))[1]
+    _, wrong = _codes(secret)
+    for _ in range(3):
+        term.send(wrong)
+        time.sleep(0.2)
+    assert term.wait() == exitcodes.AUTH_FAILED, term.output
+    assert term.output.count("Code shown by the app") == 3
+    assert ("--confirm CODE" in term.output and "--name 'work phone'" in term.output)
+    app, = json.loads(run(env, "methods", "list", "--user", "alice", "--json").stdout)
+    assert not app["confirmed"] and app["failures"] == 3  # its own count, nobody else's
+    assert set(_lockouts(env, "alice")) == {f"method:{app['id']}"}
+    right, _ = _codes(secret)  # still waiting: confirmed later, the count cleared
+    run(env, "enrol", "totp", "--user", "alice", "--name", "work phone", "--confirm", right)
+    assert json.loads(run(env, "methods", "list", "--user", "alice",
+                          "--json").stdout)[0]["failures"] == 0
