@@ -254,3 +254,48 @@ def test_enrol_totp_gives_up_after_three_wrong_codes(env):
     run(env, "enrol", "totp", "--user", "alice", "--name", "work phone", "--confirm", right)
     assert json.loads(run(env, "methods", "list", "--user", "alice",
                           "--json").stdout)[0]["failures"] == 0
+
+
+# --------------------------------------------------------------------------- --confirm, no --name
+
+
+def _start_app(env: dict, name: str) -> str:
+    return json.loads(run(env, "enrol", "totp", "--user", "alice", "--name", name,
+                          "--json").stdout)["secret"]
+
+
+def _apps(env: dict) -> dict:
+    return {m["name"]: m for m in json.loads(run(env, "methods", "list", "--user", "alice",
+                                                 "--json").stdout)}
+
+
+def test_confirm_without_name_takes_the_only_waiting_app(env):
+    run(env, "users", "add", "alice")
+    secret = _start_app(env, "work phone")
+    right, _ = _codes(secret)
+    run(env, "enrol", "totp", "--user", "alice", "--confirm", right)
+    assert _apps(env)["work phone"]["confirmed"]
+
+
+def test_confirm_without_name_with_several_waiting(env):
+    """Several waiting: a script gets the names and exit 2, with no code checked; a person
+    at a terminal picks one."""
+    run(env, "users", "add", "alice")
+    phone, tablet = _start_app(env, "work phone"), _start_app(env, "tablet")
+    right, _ = _codes(phone)
+    refused = run(env, "enrol", "totp", "--user", "alice", "--confirm", right,
+                  expect=exitcodes.USAGE)
+    assert "'work phone', 'tablet'" in refused.stderr and "--name" in refused.stderr
+    assert all(m["failures"] == 0 and not m["confirmed"] for m in _apps(env).values())
+    term = Terminal(["enrol", "totp", "--user", "alice", "--confirm", right], env)
+    menu = term.expect("Which one")
+    assert "1. work phone" in menu and "2. tablet" in menu
+    term.send("1")
+    assert term.wait() == 0, term.output
+    assert "'work phone' confirmed" in term.output
+    apps = _apps(env)
+    assert apps["work phone"]["confirmed"] and not apps["tablet"]["confirmed"]
+    assert apps["tablet"]["failures"] == 0
+    right, _ = _codes(tablet)  # one left waiting: no question
+    run(env, "enrol", "totp", "--user", "alice", "--confirm", right)
+    assert _apps(env)["tablet"]["confirmed"]

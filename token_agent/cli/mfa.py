@@ -87,6 +87,27 @@ def with_code(func):
 # --------------------------------------------------------------------------- enrol
 
 
+def _waiting(ctx: Context, user, kind: str) -> str | None:
+    """`--confirm` without `--name`: the name of the only ``kind`` enrolment (``totp``, a
+    channel: the command's and the store's name alike) waiting for its code, or the one
+    the person picks at a terminal; without a terminal, several waiting is a usage error
+    naming them (exit 2). None when none is waiting (the factor says so)."""
+    from ..factors import LABELS
+
+    names = [m.name for m in ctx.store().list_methods(user.id, kind) if not m.confirmed]
+    if len(names) <= 1:
+        return names[0] if names else None
+    label = LABELS.get(kind, kind)
+    if sys.stdin.isatty():
+        say(f"Several {label} enrolments are waiting for their code:")
+        chosen = TerminalInteraction().choose("Which one", [(n, n) for n in names], names[-1])
+        if chosen is not None:
+            return chosen
+    fail(f"several {label} enrolments are waiting for their code: say which with --name ("
+         + ", ".join(repr(n) for n in names) + f"), e.g. `token-agent enrol {kind} --user "
+         f"{user.username} --name {shlex.quote(names[-1])} --confirm CODE`", exitcodes.USAGE)
+
+
 @enrol.command("password")
 @user_option
 @click.option("--password-stdin", is_flag=True, help="Read the new password from standard input.")
@@ -113,14 +134,15 @@ def enrol_password(ctx: Context, username: str, password_stdin: bool, as_json: b
 
 @enrol.command("totp")
 @user_option
-@click.option("--name", default="authenticator app", show_default=True, help="A name for this app.")
+@click.option("--name", help="A name for this app (default: 'authenticator app'); with "
+                             "--confirm, which waiting enrolment (default: the only one).")
 @click.option("--qr", "qr_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also write the QR code to FILE (.png or .svg), for a web page.")
 @click.option("--confirm", "confirm_code", metavar="CODE",
               help="Confirm a waiting enrolment with the first code the app shows.")
 @json_option
 @pass_ctx
-def enrol_totp(ctx: Context, username: str, name: str, qr_path: str | None,
+def enrol_totp(ctx: Context, username: str, name: str | None, qr_path: str | None,
                confirm_code: str | None, as_json: bool) -> None:
     """Set up an authenticator app (TOTP): shows the QR code, then asks for the first code.
 
@@ -132,6 +154,7 @@ def enrol_totp(ctx: Context, username: str, name: str, qr_path: str | None,
     require_login(ctx, user)
     fctx = ctx.agent().factors()
     if confirm_code is not None:
+        name = name or _waiting(ctx, user, "totp")
         try:
             result = totp.confirm_enrol(fctx, user.id, confirm_code, name=name)
         except FactorError as e:
@@ -139,6 +162,8 @@ def enrol_totp(ctx: Context, username: str, name: str, qr_path: str | None,
         _finish(result, as_json, f"authenticator app {name!r} confirmed for {user.username}")
         return
     from ..store import CredentialExists
+
+    name = name or totp.NAME
 
     try:
         pending = totp.begin_enrol(fctx, user.id, name=name)
@@ -220,11 +245,14 @@ def _enrol_contact(channel: str):
                             "confirmed": False}, "")
                 return
             say(prompt)
+            name = method.name
             confirm_code = read_line("Code", hidden=True)
             if not confirm_code:
                 say(f"not confirmed yet: run `token-agent enrol {channel} --user {user.username} "
                     "--confirm CODE` with the code you received")
                 sys.exit(exitcodes.ERROR)
+        else:
+            name = name or _waiting(ctx, user, channel)
         try:
             result = codes.confirm_contact(fctx, user.id, channel, confirm_code, name=name)
         except FactorError as e:
