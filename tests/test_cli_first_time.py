@@ -12,8 +12,10 @@ import pty
 import re
 import select
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -299,3 +301,109 @@ def test_confirm_without_name_with_several_waiting(env):
     right, _ = _codes(tablet)  # one left waiting: no question
     run(env, "enrol", "totp", "--user", "alice", "--confirm", right)
     assert _apps(env)["tablet"]["confirmed"]
+
+
+# --------------------------------------------------------------------------- a key we may not open
+
+#: HID report descriptors, as sysfs shows them: a FIDO key's (usage page 0xF1D0, 64-byte
+#: reports) and a keyboard's
+FIDO_DESCRIPTOR = bytes.fromhex("06d0f10901a1010920150026ff007508954081020921150026ff00750895409102c0")
+KEYBOARD_DESCRIPTOR = bytes.fromhex("05010906a101050719e029e715002501750195088102c0")
+
+#: In a mount namespace of its own (nothing outside sees it): a /dev holding what a process
+#: needs plus hidraw character devices (major 245) that only root may open, as on a
+#: workstation without the udev rule, and, over sysfs' empty /sys/class/hidraw (this
+#: container has no USB and no uhid), each node's report descriptor; then the command runs
+#: as nobody.
+SANDBOX = r"""
+set -e
+work=$1; shift
+mkdir -p "$work/dev"
+mount --bind /dev "$work/dev"
+mount -t tmpfs -o mode=755 tmpfs /dev
+for n in null zero full random urandom tty; do touch /dev/$n; mount --bind "$work/dev/$n" /dev/$n; done
+mkdir /dev/pts /dev/shm
+mount --bind "$work/dev/pts" /dev/pts
+ln -s pts/ptmx /dev/ptmx
+ln -s /proc/self/fd /dev/fd
+mount -t tmpfs tmpfs /sys/class/hidraw
+minor=0
+for descriptor in "$work"/descriptors/*; do
+    node=hidraw$minor
+    mknod -m 600 /dev/$node c 245 $minor
+    mkdir -p /sys/class/hidraw/$node/device
+    cp "$descriptor" /sys/class/hidraw/$node/device/report_descriptor
+    minor=$((minor + 1))
+done
+exec setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"
+"""
+
+
+def as_nobody_with_hidraw(tmp_path, descriptors: list[bytes], *args: str, env: dict):
+    """`token-agent ARGS` as nobody, with a hidraw node (root's alone) for each descriptor
+    (/dev/hidraw0, 1, ...)."""
+    work = tmp_path / "sandbox"
+    (work / "descriptors").mkdir(parents=True)
+    for i, data in enumerate(descriptors):
+        (work / "descriptors" / f"{i:02d}").write_bytes(data)
+    return subprocess.run(["unshare", "--mount", "sh", "-c", SANDBOX, "sh", str(work),
+                           *token_agent_command(), *args],
+                          env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, cwd="/",
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+
+
+UDEV = ("a security key is present but this account may not open it: install the udev rule "
+        "(README §udev)")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a mount namespace and mknod")
+def test_a_key_this_account_may_not_open(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    both = [FIDO_DESCRIPTOR, KEYBOARD_DESCRIPTOR]
+    info = as_nobody_with_hidraw(tmp_path, both, "keys", "info", env=env)
+    assert info.returncode == exitcodes.NO_DEVICE, info
+    assert UDEV.lower() in info.stderr.lower() and "/dev/hidraw0" in info.stderr
+    assert "hidraw1" not in info.stderr  # the keyboard is no key
+    assert "account nobody" in info.stderr
+    listed = as_nobody_with_hidraw(tmp_path / "2", both, "keys", "list", env=env)
+    assert listed.returncode == 0 and UDEV.lower() in listed.stderr.lower()
+    named = as_nobody_with_hidraw(tmp_path / "3", both, "keys", "info", "--key", "/dev/hidraw0",
+                                  env=env)
+    assert named.returncode == exitcodes.NO_DEVICE and UDEV.lower() in named.stderr.lower()
+    other = as_nobody_with_hidraw(tmp_path / "5", both, "keys", "info", "--key", "/dev/hidraw5",
+                                  env=env)
+    assert other.returncode == exitcodes.NO_DEVICE
+    assert ("No security key at /dev/hidraw5. The keys here: /dev/hidraw0 (this account may "
+            "not open it)") in other.stderr
+    # the policy login with a key as the primary factor (ceremonies/devices.py) says it too
+    data = tempfile.mkdtemp(prefix="token-agent-nobody-")  # where nobody may write
+    try:
+        policy = os.path.join(data, "policy.toml")
+        with open(policy, "w") as f:
+            f.write("")
+        store_env = {**env, "TOKEN_AGENT_DATA_DIR": data, "TOKEN_AGENT_POLICY": policy,
+                     "HOME": data}
+        run(store_env, "users", "add", "alice")
+        for path in [data, *(os.path.join(data, f) for f in os.listdir(data))]:
+            os.chown(path, 65534, 65534)
+        login = as_nobody_with_hidraw(tmp_path / "6", both, "login", "--user", "alice",
+                                      "--primary", "key", env=store_env)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    assert login.returncode == exitcodes.NO_DEVICE, login
+    assert UDEV.lower() in login.stderr.lower()
+    # only the keyboard there: no key, as before
+    keyboard = as_nobody_with_hidraw(tmp_path / "4", [KEYBOARD_DESCRIPTOR], "keys", "info",
+                                     env=env)
+    assert keyboard.returncode == exitcodes.NO_DEVICE
+    assert "No security key found" in keyboard.stderr and "udev" not in keyboard.stderr
+
+
+def test_key_path_that_is_not_there(env, sim_key_server):
+    """`--key PATH` naming no key: said so, with the keys that are there."""
+    missing = run(env, "keys", "info", "--key", "/dev/hidraw7", expect=exitcodes.NO_DEVICE)
+    assert (f"No security key at /dev/hidraw7. The keys here: sim:{sim_key_server.address}."
+            in missing.stderr), missing.stderr
+    alone = run({**env, "TOKEN_AGENT_SIM_KEYS": ""}, "keys", "info", "--key", "/dev/hidraw7",
+                expect=exitcodes.NO_DEVICE)
+    assert "No security key at /dev/hidraw7. No security key is plugged in." in alone.stderr

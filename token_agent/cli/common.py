@@ -268,9 +268,12 @@ def device_errors(func):
     def wrapper(*args, **kwargs):
         from drivers.fido import errors as key_errors
 
+        from ..ceremonies.keyfinding import explain
+
         try:
             return func(*args, **kwargs)
         except key_errors.FidoKeyError as e:
+            e = explain(e)
             fail(e.message, device_exit_code(e))
 
     return wrapper

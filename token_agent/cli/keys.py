@@ -23,14 +23,16 @@ timeout_option = click.option("--timeout", type=click.FloatRange(1, 300), defaul
 def open_key(key_path: str | None, timeout: float):
     """The key to use: the named one, the only one, or the one the user touches."""
     from drivers.fido.discovery import list_descriptors
-    from drivers.fido.errors import NoKeyFound
     from drivers.fido.keys import FidoKey, open_single_key
 
+    from ..ceremonies.keyfinding import key_not_at
+
     if key_path:
-        for descriptor in list_descriptors():
+        found = list_descriptors()
+        for descriptor in found:
             if str(descriptor.path) == key_path:
                 return FidoKey.open(descriptor)
-        raise NoKeyFound()
+        raise key_not_at(key_path, [str(d.path) for d in found])
     return cancellable(lambda cancel: open_single_key(on_touch=lambda: say(
         "Several keys found: touch the one to use"), timeout=timeout, cancel=cancel))
 
@@ -71,7 +73,12 @@ def list_(as_json: bool) -> None:
     """List the FIDO2 keys plugged in (and configured simulators)."""
     from drivers.fido.keys import list_keys
 
+    from ..ceremonies.keyfinding import KeyNotPermitted, no_key_found
+
     found = list_keys()
+    unusable = no_key_found()
+    if isinstance(unusable, KeyNotPermitted):  # plugged in, but left out of the list
+        say(unusable.message)
     emit(as_json, [k.to_json() for k in found],
          lambda: "\n".join(
              f"{k.path}  {k.product}  aaguid {k.aaguid}  "
