@@ -407,3 +407,16 @@ def test_key_path_that_is_not_there(env, sim_key_server):
     alone = run({**env, "TOKEN_AGENT_SIM_KEYS": ""}, "keys", "info", "--key", "/dev/hidraw7",
                 expect=exitcodes.NO_DEVICE)
     assert "No security key at /dev/hidraw7. No security key is plugged in." in alone.stderr
+
+
+# --------------------------------------------------------------------------- a reader not there
+
+
+def test_card_status_with_a_reader_that_is_not_there(pcscd, tmp_path):
+    """`card status --reader X` naming no reader: said so, with the readers there are."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")},
+           "TOKEN_AGENT_DATA_DIR": str(tmp_path / "data")}
+    missing = run(env, "card", "status", "--reader", "Reader That Is Not There 9",
+                  expect=exitcodes.NO_DEVICE)
+    assert "No smartcard reader named 'Reader That Is Not There 9'" in missing.stderr
+    assert f"'{pcscd.reader(0)}'" in missing.stderr and f"'{pcscd.reader(1)}'" in missing.stderr
