@@ -10,7 +10,6 @@ import sys
 import click
 
 from .. import exitcodes
-from ..outcome import Reason
 from . import main
 from .auth import enrol
 from .common import (
@@ -26,12 +25,6 @@ SECRET_KINDS = ("password", "app-password")
 CLI_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
              "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
              "push": "push", "app-password": "app_password", "backup": "backup_codes"}
-
-#: how many codes `enrol totp` takes at its prompt before it gives up (each wrong one counts
-#: against the pending app alone: its own lockout count, cleared when it is confirmed)
-CONFIRM_ATTEMPTS = 3
-#: the failures worth another code (a lock, or no enrolment waiting, is not)
-RETRY_REASONS = (Reason.WRONG_CODE, Reason.CODE_REPLAYED)
 
 user_option = click.option("--user", "username", required=True, help="The user.")
 name_option = click.option("--name", help="Which one, when the user has several (by name).")
@@ -185,23 +178,20 @@ def enrol_totp(ctx: Context, username: str, name: str | None, qr_path: str | Non
         say(f"QR code written to {qr_path}")
     later = (f"not confirmed yet: run `token-agent enrol totp --user {user.username} "
              f"--name {shlex.quote(name)} --confirm CODE` with the code the app shows")
-    result = None
-    for attempt in range(1, CONFIRM_ATTEMPTS + 1):  # a mistyped first code is asked again
-        code = read_line("Code shown by the app", hidden=False)
-        if not code:
-            if result is None:
-                say(later)
-                sys.exit(exitcodes.ERROR)
-            break
-        try:
-            result = totp.confirm_enrol(fctx, user.id, code, name=name)
-        except FactorError as e:
-            _factor_error(e)
-        if result.ok or result.reason not in RETRY_REASONS:
-            break
-        if attempt < CONFIRM_ATTEMPTS:
-            say(f"{result.message}: type the code the app shows now")
-    if not result.ok and result.reason in RETRY_REASONS:  # still waiting for its code
+
+    def ask(previous) -> str | None:  # a mistyped first code is asked for again
+        if previous is not None:
+            say(f"{previous.message}: type the code the app shows now")
+        return read_line("Code shown by the app", hidden=False)
+
+    try:
+        result = totp.confirm_enrol_asking(fctx, user.id, ask, name=name)
+    except FactorError as e:
+        _factor_error(e)
+    if result is None:
+        say(later)
+        sys.exit(exitcodes.ERROR)
+    if not result.ok and result.reason in totp.RETRY_REASONS:  # still waiting for its code
         fail(f"{result.message}; {later}", exitcodes.REASON_CODES[result.reason])
     _finish(result, False, f"authenticator app {name!r} set up for {user.username}")
 
