@@ -1,6 +1,6 @@
 """PAM module for token-agent, run by libpam-python (``pam_python.so``).
 
-    auth [success=done default=die] pam_python.so /usr/lib/token-agent/pam_token_agent.py \\
+    auth required pam_python.so /usr/lib/token-agent/pam_token_agent.py \\
         login_socket=/run/token-agent/login.sock socket=/run/token-agent/agent.sock primary=key
 
 It is a thin relay between the PAM conversation (the login screen, the console, sshd's

@@ -400,7 +400,7 @@ def test_readding_a_pending_contact_replaces_it(ctx, store, user, outbox):
     ctx.clock.advance(31)
     with pytest.raises(FactorError) as e:
         codes.add_contact(ctx, user.id, "sms", PHONE)
-    assert e.value.reason is Reason.AMBIGUOUS and "already enrolled" in e.value.message
+    assert e.value.reason is Reason.ALREADY_ENROLLED and "already enrolled" in e.value.message
 
 
 def test_confirm_without_a_pending_contact(ctx, user):

@@ -541,7 +541,7 @@ def test_optional_class_not_opted_in():
     d = decide(DEFAULT_POLICY, facts(user_class="contributor", methods=("totp",),
                                      last_verified_at=None))
     assert not d.enforced and not d.mfa_required and not d.invite_enrol
-    assert d.rules == ("class contributor: MFA optional and not turned on by the user: "
+    assert d.rules == ("class contributor: MFA optional and not turned on for this account: "
                        "no second factor",)
     d = decide(DEFAULT_POLICY, facts(user_class="contributor", methods=()))
     assert d.invite_enrol and not d.must_enrol
@@ -549,15 +549,56 @@ def test_optional_class_not_opted_in():
 
 @pytest.mark.parametrize("new_accounts_mfa", [True, False])
 def test_new_accounts(new_accounts_mfa):
-    """A new account's mfa_enabled comes from the policy; it decides for optional classes."""
-    p = parse_policy(f"[enforcement]\nnew_accounts_mfa = {str(new_accounts_mfa).lower()}\n")
-    mfa_enabled = p.enforcement.new_accounts_mfa
+    """A new account's mfa_enabled comes from the policy's default for its class; it decides
+    for optional classes."""
+    p = parse_policy(f"[classes.external]\nnew_accounts_mfa = {str(new_accounts_mfa).lower()}\n")
+    mfa_enabled = p.new_account_mfa("external")
     d = decide(p, facts(user_class="external", mfa_enabled=mfa_enabled, methods=(),
-                        has_history=False, device_seen=False, network_seen=False))
+                        has_history=False, device_seen=False, network_seen=False,
+                        mfa_source="new-account"))
     assert d.enforced is new_accounts_mfa
     assert d.must_enrol is new_accounts_mfa and d.mfa_required is new_accounts_mfa
     assert d.invite_enrol is not new_accounts_mfa
     assert not d.alert
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", {"internal": True, "external": False, "contributor": False}),
+    ("[enforcement]\nnew_accounts_mfa = false\n",
+     {"internal": False, "external": False, "contributor": False}),
+    ("[classes.external]\nenforce = true\n",
+     {"internal": True, "external": True, "contributor": False}),
+    ("[classes.contributor]\nnew_accounts_mfa = true\n[classes.internal]\n"
+     "new_accounts_mfa = false\n", {"internal": False, "external": False, "contributor": True}),
+])
+def test_new_account_mfa_follows_the_class(text, expected):
+    """New accounts start with MFA on where their class enforces it (a requester, class
+    external, does not), unless the class or [enforcement] says otherwise."""
+    p = parse_policy(text)
+    assert {c: p.new_account_mfa(c) for c in expected} == expected
+    assert {c: v["new_accounts_mfa"] for c, v in p.to_json()["classes"].items()} == expected
+
+
+@pytest.mark.parametrize("source, words", [
+    ("new-account", "on since the account was created"),
+    ("admin", "turned on by an administrator"),
+    ("user", "turned on by the user"),
+    (None, "turned on for this account"),
+])
+def test_explain_names_who_turned_mfa_on(source, words):
+    d = decide(DEFAULT_POLICY, facts(user_class="external", mfa_enabled=True, methods=("totp",),
+                                     mfa_source=source))
+    assert d.rules[0] == f"class external: MFA optional, {words}" + (
+        " (new_accounts_mfa for its class)" if source == "new-account" else "")
+
+
+def test_explain_says_the_class_enforces_mfa_whatever_the_account_setting():
+    d = decide(DEFAULT_POLICY, facts(user_class="internal", mfa_enabled=False, methods=("totp",),
+                                     mfa_source="admin"))
+    assert d.enforced and d.rules[:2] == (
+        "class internal: MFA enforced",
+        "the account's own MFA setting is off (turned off by an administrator): class internal "
+        "enforces MFA regardless")
 
 
 @pytest.mark.parametrize("primary, rule", [

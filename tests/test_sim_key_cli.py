@@ -142,15 +142,21 @@ def test_serve_runs_until_signalled(sim_key_factory, signum):
     assert "virtual FIDO2 key: stopped" in output
 
 
-def test_serve_reports_a_taken_port(tmp_path):
+@pytest.mark.parametrize("option, other, role", [("--port", "--control-port", "HID"),
+                                                  ("--control-port", "--port", "control")])
+def test_serve_reports_a_taken_port(tmp_path, option, other, role):
+    """The taken address:port is named, with the option that changes it (issue 12)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "token_agent", "sim", "key", "serve", "--port", str(port),
-             "--control-port", "0"],
+            [sys.executable, "-m", "token_agent", "sim", "key", "serve", option, str(port),
+             other, "0"],
             cwd=REPO, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
-    assert result.returncode == 1
-    assert "already in use" in result.stderr.lower()
+    assert result.returncode == 9  # exitcodes.CONFLICT, as for a card slot already taken
+    assert (f"token-agent: 127.0.0.1:{port} (the {role} port) is already in use" in
+            result.stderr), result.stderr
+    assert f"choose another with {option} PORT" in result.stderr
+    assert "Traceback" not in result.stderr

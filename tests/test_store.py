@@ -328,10 +328,11 @@ class TestMigrations:
                     created_at REAL NOT NULL,
                     disabled INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1)),
                     user_class TEXT NOT NULL DEFAULT 'internal',
-                    mfa_enabled INTEGER NOT NULL DEFAULT 0
+                    mfa_enabled INTEGER NOT NULL DEFAULT 0,
+                    mfa_source TEXT
                 );
                 INSERT INTO users_new SELECT id, username, display_name, user_handle, created_at,
-                    disabled, user_class, mfa_enabled FROM users;
+                    disabled, user_class, mfa_enabled, mfa_source FROM users;
                 DROP TABLE users;
                 ALTER TABLE users_new RENAME TO users;
             """)

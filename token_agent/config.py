@@ -72,7 +72,8 @@ lock_command = "loginctl lock-session"  # run when a session's card leaves; "" =
 [logging]
 level = "info"                          # debug | info | warning | error
 format = "text"                         # text | json (one object per line: ts, level, logger,
-                                        # message and the record's fields; journald-friendly)
+                                        # message and the record's fields; under systemd,
+                                        # sent to journald as journal fields)
 ```
 
 ``token-agent config check [PATH]`` prints the problems (exit 2) or "ok" with warnings

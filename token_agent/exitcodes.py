@@ -13,7 +13,7 @@ TIMEOUT = 5  # no touch in time (also the touch asked before a PIN try), or canc
 LOCKED = 6  # PIN blocked / too many wrong PINs: needs a power cycle, a reset or an administrator
 STORE = 7  # the credential store cannot be used (unwritable, corrupt, newer schema)
 NOT_FOUND = 8  # the user, credential or setting named does not exist
-CONFLICT = 9  # it exists already (user, key name, key already enrolled)
+CONFLICT = 9  # it exists already (user, key name, key or contact already enrolled)
 ENROL_REQUIRED = 10  # the policy requires a second factor and the user has none set up yet
 DELIVERY = 11  # a one-time code could not be sent (gateway down, not configured), or sent too often
 
@@ -56,6 +56,7 @@ REASON_CODES: dict[Reason, int] = {
     Reason.METHOD_LOCKED: LOCKED,
     Reason.METHOD_NOT_ALLOWED: AUTH_FAILED,
     Reason.NOT_CONFIRMED: AUTH_FAILED,
+    Reason.ALREADY_ENROLLED: CONFLICT,
     Reason.ENROLMENT_REQUIRED: ENROL_REQUIRED,
     Reason.DELIVERY_FAILED: DELIVERY,
     Reason.RESEND_THROTTLED: DELIVERY,

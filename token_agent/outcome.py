@@ -2,7 +2,9 @@
 
 A login either identifies a user and says which authentication factors were satisfied, or
 says why it failed with a stable ``reason`` code (for scripts, exit codes and the audit log)
-and a ``message`` for people. Nothing secret is ever part of an outcome.
+and a ``message`` for people. A success may carry ``warnings`` for the person who logged in
+(a smartcard certificate that must be renewed soon: ``card_expiry_warning_days``, a CRL
+accepted under a "warn" setting). Nothing secret is ever part of an outcome.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Reason(str, enum.Enum):
     METHOD_LOCKED = "method-locked"
     METHOD_NOT_ALLOWED = "method-not-allowed"
     NOT_CONFIRMED = "method-not-confirmed"
+    ALREADY_ENROLLED = "already-enrolled"  # that destination, or a method of that name, exists
     ENROLMENT_REQUIRED = "enrolment-required"
     DELIVERY_FAILED = "delivery-failed"
     RESEND_THROTTLED = "resend-throttled"
@@ -85,6 +88,9 @@ class LoginOutcome:
     reason: Reason | None = None
     message: str = ""
     detail: dict = field(default_factory=dict)
+    #: messages for the person, shown by every front end (the CLI, the service's result and
+    #: info events, PAM's info text): e.g. "Your card's certificate expires on ..."
+    warnings: tuple[str, ...] = ()
 
     @property
     def multi_factor(self) -> bool:
@@ -96,6 +102,7 @@ class LoginOutcome:
         data["factors"] = [f.value for f in self.factors]
         data["reason"] = self.reason.value if self.reason else None
         data["multi_factor"] = self.multi_factor
+        data["warnings"] = list(self.warnings)
         return data
 
     @classmethod

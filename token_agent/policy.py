@@ -20,14 +20,17 @@ is accepted but weaker than the standards advise.
     from = 2024-07-16            # TOML date or datetime, or an ISO 8601 string [none: enforced
                                  # since always]; a date is midnight UTC, a datetime without
                                  # an offset is UTC
-    new_accounts_mfa = true      # [true] new accounts start with MFA turned on
+    new_accounts_mfa = true      # [true] new accounts of a class that enforces MFA start
+                                 # with MFA turned on (so it applies before the from date)
 
     [classes.internal]           # request handlers, admins
     enforce = true               # [internal: true; external, contributor: false, so MFA is
                                  # optional: the user's own choice]
     minimum = "email"            # [email] weakest method accepted for this class; when set,
                                  # it must be one of methods.allowed
-    [classes.external]           # requesters
+    new_accounts_mfa = true      # [the class's enforce, when enforcement.new_accounts_mfa is
+                                 # true; else false] MFA on for the class's new accounts
+    [classes.external]           # requesters: their new accounts start without MFA
     [classes.contributor]
 
     [methods]
@@ -95,8 +98,10 @@ than /8 for IPv4 or /32 for IPv6); app passwords on (they bypass MFA).
 
 How a login is decided (``decide``), in this order:
 
-1. MFA applies when the user's class enforces it or the user turned it on, and the
-   enforcement date has been reached. Before it, or when it does not apply, no second factor
+1. MFA applies when the user's class enforces it or it is on for the account itself (the
+   class's default for new accounts, an administrator or the user turned it on: the rule says
+   which, from ``LoginFacts.mfa_source``), and the enforcement date has been reached (an
+   account's own MFA applies at once). Before it, or when it does not apply, no second factor
    is asked; a user with no usable method is invited to enrol.
 2. MFA applies and the user holds no usable method: they must enrol one first.
 3. A primary factor that is multi-factor by itself (a key with user verification, a card with
@@ -125,7 +130,7 @@ from typing import Any, Union
 
 from .filetrust import check_config_file
 from .paths import config_file, expand_home
-from .store import USER_CLASSES
+from .store import MFA_SOURCES, USER_CLASSES
 from .tomlcheck import TableParser, kind as _kind, show as _show, suggest as _suggest
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -183,7 +188,8 @@ def _order(methods: Iterable[str]) -> tuple[str, ...]:
 class Enforcement:
     #: when MFA enforcement starts (aware, UTC); None: enforced since always
     start: datetime | None = None
-    #: new accounts start with MFA turned on
+    #: new accounts of a class that enforces MFA start with MFA turned on (a class's own
+    #: ``new_accounts_mfa`` overrides it: ``Policy.new_account_mfa``)
     new_accounts_mfa: bool = True
 
 
@@ -194,6 +200,12 @@ class ClassPolicy:
     enforce: bool
     #: the weakest method accepted for this class
     minimum: str = "email"
+    #: MFA on for the class's new accounts (None: as the class's ``enforce``)
+    new_accounts_mfa: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.new_accounts_mfa is None:
+            object.__setattr__(self, "new_accounts_mfa", self.enforce)
 
 
 @dataclass(frozen=True)
@@ -303,6 +315,10 @@ class Policy:
             return ClassPolicy(user_class, DEFAULT_ENFORCE.get(user_class, False))
         raise ValueError(f"unknown user class {user_class!r}: one of {', '.join(USER_CLASSES)}")
 
+    def new_account_mfa(self, user_class: str) -> bool:
+        """Whether a new account of ``user_class`` starts with MFA turned on."""
+        return bool(self.class_policy(user_class).new_accounts_mfa)
+
     def allowed_for(self, user_class: str) -> tuple[str, ...]:
         """Second-factor methods acceptable for a class, strongest first (no backup codes)."""
         floor = STRENGTH[self.class_policy(user_class).minimum]
@@ -315,7 +331,8 @@ class Policy:
             "source": self.source,
             "enforcement": {"from": _when(start) if start else None,
                             "new_accounts_mfa": self.enforcement.new_accounts_mfa},
-            "classes": {cp.name: {"enforce": cp.enforce, "minimum": cp.minimum}
+            "classes": {cp.name: {"enforce": cp.enforce, "minimum": cp.minimum,
+                                  "new_accounts_mfa": cp.new_accounts_mfa}
                         for cp in self.classes},
             "methods": {"allowed": list(self.methods.allowed),
                         "allow_backup_codes": self.methods.allow_backup_codes},
@@ -369,7 +386,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "legacy": ("app_passwords",),
     "delivery": (),
 }
-_CLASS_KEYS = ("enforce", "minimum")
+_CLASS_KEYS = ("enforce", "minimum", "new_accounts_mfa")
 
 
 def _when(moment: datetime) -> str:
@@ -494,8 +511,11 @@ def _parse_networks(p: _Parser, value: Any) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-def _parse_classes(p: _Parser, tbl: Mapping[str, Any]) -> tuple[tuple[ClassPolicy, ...], set[str]]:
-    """The classes, and the names of those whose minimum was written explicitly."""
+def _parse_classes(p: _Parser, tbl: Mapping[str, Any], new_accounts_mfa: bool = True
+                   ) -> tuple[tuple[ClassPolicy, ...], set[str]]:
+    """The classes, and the names of those whose minimum was written explicitly.
+    ``new_accounts_mfa``: ``[enforcement] new_accounts_mfa`` (a class without its own: MFA on
+    for its new accounts when this is true and the class enforces MFA)."""
     explicit: set[str] = set()
     for name in tbl:
         if name not in USER_CLASSES:
@@ -526,7 +546,8 @@ def _parse_classes(p: _Parser, tbl: Mapping[str, Any]) -> tuple[tuple[ClassPolic
                 hint = (_suggest(value, SECOND_FACTORS) if isinstance(value, str) else "") \
                     or f"one of {', '.join(SECOND_FACTORS)}"
                 p.error(f"{path}.minimum", f"{_show(value)} is not a method ({hint})")
-        result.append(ClassPolicy(name, enforce, minimum))
+        new_mfa = p.boolean(sub, "new_accounts_mfa", path, enforce and new_accounts_mfa)
+        result.append(ClassPolicy(name, enforce, minimum, new_mfa))
     return tuple(result), explicit
 
 
@@ -545,7 +566,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     start = _parse_start(p, t["from"]) if "from" in t else None
     enforcement = Enforcement(start, p.boolean(t, "new_accounts_mfa", "enforcement", True))
 
-    classes, explicit_minimum = _parse_classes(p, p.table(data, "classes"))
+    classes, explicit_minimum = _parse_classes(p, p.table(data, "classes"),
+                                               enforcement.new_accounts_mfa)
 
     t = p.table(data, "methods")
     allowed = _parse_allowed(p, t["allowed"]) if "allowed" in t else SECOND_FACTORS
@@ -772,7 +794,7 @@ class LoginFacts:
 
     #: internal | external | contributor
     user_class: str
-    #: the user's own choice (matters only where the class does not enforce MFA)
+    #: MFA on for the account itself (matters only where the class does not enforce MFA)
     mfa_enabled: bool
     #: method names the user holds, confirmed and usable
     methods: tuple[str, ...]
@@ -796,11 +818,17 @@ class LoginFacts:
     has_history: bool = False
     #: a legacy application is asking (app password)
     legacy: bool = False
+    #: who set ``mfa_enabled`` (``store.MFA_SOURCES``: new-account, admin, user; None: not
+    #: recorded), for the rule's words
+    mfa_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.user_class not in USER_CLASSES:
             raise ValueError(f"unknown user class {self.user_class!r}: one of "
                              f"{', '.join(USER_CLASSES)}")
+        if self.mfa_source is not None and self.mfa_source not in MFA_SOURCES:
+            raise ValueError(f"unknown MFA source {self.mfa_source!r}: one of "
+                             f"{', '.join(MFA_SOURCES)} or None")
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
         for m in methods:
             if m not in METHODS:
@@ -862,6 +890,22 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+#: an account's own MFA flag, on or off, in words, by who set it (``LoginFacts.mfa_source``)
+_OWN_MFA = {
+    True: {"user": "turned on by the user", "admin": "turned on by an administrator",
+           "new-account": "on since the account was created (new_accounts_mfa for its class)",
+           None: "turned on for this account"},
+    False: {"user": "turned off by the user", "admin": "turned off by an administrator",
+            "new-account": "off since the account was created (new_accounts_mfa for its class)",
+            None: "not turned on for this account"},
+}
+
+
+def own_mfa(enabled: bool, source: str | None) -> str:
+    """The account's own MFA flag and who set it, in words ("turned on by an administrator")."""
+    return _OWN_MFA[bool(enabled)].get(source, _OWN_MFA[bool(enabled)][None])
+
+
 def decide(policy: Policy, facts: LoginFacts) -> Decision:
     """Apply the policy to one login; every rule that applied is in ``Decision.rules``."""
     rules: list[str] = []
@@ -892,12 +936,13 @@ def decide(policy: Policy, facts: LoginFacts) -> Decision:
     start = policy.enforcement.start
     started = start is None or facts.now >= start
     applies = cp.enforce or facts.mfa_enabled
+    own = own_mfa(facts.mfa_enabled, facts.mfa_source)
     if cp.enforce:
         why = f"class {cls}: MFA enforced"
     elif facts.mfa_enabled:
-        why = f"class {cls}: MFA optional, turned on by the user"
+        why = f"class {cls}: MFA optional, {own}"
     else:
-        why = f"class {cls}: MFA optional and not turned on by the user: no second factor"
+        why = f"class {cls}: MFA optional and {own}: no second factor"
     if not normal and applies:
         enforced = False
         rules.append(f"{why}, but the policy allows no second-factor method for this class: "
@@ -911,13 +956,17 @@ def decide(policy: Policy, facts: LoginFacts) -> Decision:
     elif applies and not started:
         enforced = True
         rules.append(f"class {cls}: MFA from {_when(start)} for the class, but already on for "
-                     "this account (new accounts have MFA on, or the user turned it on)")
+                     f"this account ({own})")
     elif applies:
         enforced = True
         rules.append(f"{why} since {_when(start)}" if start else why)
     else:
         enforced = False
         rules.append(why)
+    if cp.enforce and normal and not facts.mfa_enabled and facts.mfa_source in ("admin", "user"):
+        # somebody turned it off: say that it changes nothing while the class enforces it
+        rules.append(f"the account's own MFA setting is off ({own}): class {cls} enforces MFA "
+                     f"regardless{f' from {_when(start)}' if not started else ''}")
 
     if not enforced:
         if not usable_normal and normal:

@@ -124,6 +124,9 @@ METHOD_KINDS = (KIND_PASSWORD, KIND_FIDO2, KIND_SMARTCARD, KIND_TOTP, KIND_EMAIL
                 KIND_VOICE, KIND_MESSAGING, KIND_PUSH, KIND_APP_PASSWORD, KIND_BACKUP_CODES)
 #: user classes (``users.user_class``) of the MFA policy
 USER_CLASSES = ("internal", "external", "contributor")
+#: who set a user's own MFA flag (``users.mfa_source``): the policy's new-accounts default,
+#: an administrator, the user themself
+MFA_SOURCES = ("new-account", "admin", "user")
 #: a smartcard holder's UUID (NHS: 12 digits; other PKIs: letters, digits and . _ : -)
 CARD_UUID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -251,8 +254,12 @@ class User:
     disabled: bool
     #: the MFA policy's user class: internal (request handlers, admins), external, contributor
     user_class: str = "internal"
-    #: whether the user asked for MFA (where the policy leaves it optional); new accounts: on
+    #: whether MFA is on for the account itself (it matters where the class leaves MFA
+    #: optional); new accounts: as the policy's new-accounts default for their class says
     mfa_enabled: bool = True
+    #: who set ``mfa_enabled``: one of :data:`MFA_SOURCES`, or None (an account older than
+    #: the record)
+    mfa_source: str | None = "new-account"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``user_handle`` as unpadded base64url)."""
@@ -808,6 +815,19 @@ def _migration_4(conn: sqlite3.Connection) -> None:
     run_script(conn, _SCHEMA_V4)
 
 
+_SCHEMA_V5 = """
+-- Who set the account's own MFA flag, for `policy explain`: 'new-account' (the policy's
+-- default for new accounts of the user's class), 'admin', 'user' (their own choice); NULL for
+-- accounts from before this migration (not known).
+ALTER TABLE users ADD COLUMN mfa_source TEXT
+    CHECK (mfa_source IS NULL OR mfa_source IN ('new-account', 'admin', 'user'));
+"""
+
+
+def _migration_5(conn: sqlite3.Connection) -> None:
+    run_script(conn, _SCHEMA_V5)
+
+
 #: the schema, in order: ``MIGRATIONS[n-1]`` brings a store to version ``n``. Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "users, roles, methods, FIDO2 credentials, audit events, settings", _migration_1),
@@ -815,6 +835,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "user classes, preferred methods, second factors, lockouts, sightings",
               _migration_3),
     Migration(4, "the service's sessions", _migration_4),
+    Migration(5, "who set a user's MFA flag", _migration_5),
 )
 #: the schema version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1243,7 +1264,7 @@ class Store:
 
     _USER_SELECT = (
         "SELECT u.id, u.username, u.display_name, u.user_handle, u.created_at, u.disabled, "
-        "u.user_class, u.mfa_enabled, "
+        "u.user_class, u.mfa_enabled, u.mfa_source, "
         "(SELECT group_concat(r.role, ',') FROM user_roles r WHERE r.user_id = u.id) AS roles "
         "FROM users u ")
 
@@ -1253,7 +1274,7 @@ class Store:
                     roles=sorted(row["roles"].split(",")) if row["roles"] else [],
                     user_handle=bytes(row["user_handle"]), created_at=row["created_at"],
                     disabled=bool(row["disabled"]), user_class=row["user_class"],
-                    mfa_enabled=bool(row["mfa_enabled"]))
+                    mfa_enabled=bool(row["mfa_enabled"]), mfa_source=row["mfa_source"])
 
     @staticmethod
     def _check_username(username: str) -> str:
@@ -1289,11 +1310,14 @@ class Store:
         return user_class
 
     def add_user(self, username: str, display_name: str | None = None,
-                 roles: Iterable[str] = (), *, user_class: str = "internal") -> User:
+                 roles: Iterable[str] = (), *, user_class: str = "internal",
+                 mfa_enabled: bool = True) -> User:
         """Add a user with a new UUID4 id and a new random 32-byte user handle.
 
         ``username``: 1-64 letters, digits, ``.``, ``_``, ``-``, ``@``; unique regardless
-        of case (``UserExists``). ``display_name`` defaults to the username.
+        of case (``UserExists``). ``display_name`` defaults to the username. ``mfa_enabled``:
+        the new account's own MFA flag (its source: ``new-account``; the policy's default for
+        the class is ``Policy.new_account_mfa``).
         """
         self._check_username(username)
         display = self._check_display_name(username if display_name is None else display_name)
@@ -1308,9 +1332,9 @@ class Store:
             user_id = str(uuid.uuid4())
             conn.execute(
                 "INSERT INTO users (id, username, display_name, user_handle, created_at, disabled, "
-                "user_class, mfa_enabled) VALUES (?, ?, ?, ?, ?, 0, ?, 1)",
+                "user_class, mfa_enabled, mfa_source) VALUES (?, ?, ?, ?, ?, 0, ?, ?, 'new-account')",
                 (user_id, username, display, secrets.token_bytes(USER_HANDLE_LEN), self._now(),
-                 user_class))
+                 user_class, int(bool(mfa_enabled))))
             conn.executemany("INSERT INTO user_roles (user_id, role) VALUES (?, ?)",
                              [(user_id, r) for r in role_list])
             return self.get_user_by_id(user_id)
@@ -1346,13 +1370,16 @@ class Store:
 
     def update_user(self, username: str, *, display_name: str | None = None,
                     roles: Iterable[str] | None = None, disabled: bool | None = None,
-                    user_class: str | None = None, mfa_enabled: bool | None = None) -> User:
+                    user_class: str | None = None, mfa_enabled: bool | None = None,
+                    mfa_source: str = "admin") -> User:
         """Change a user's display name, roles (replaced), disabled flag, user class or MFA
-        choice; ``None`` keeps it."""
+        flag (set by ``mfa_source``: ``admin`` or ``user``); ``None`` keeps it."""
         display = None if display_name is None else self._check_display_name(display_name)
         role_list = None if roles is None else self._check_roles(roles)
         if user_class is not None:
             self._check_user_class(user_class)
+        if mfa_source not in MFA_SOURCES:
+            raise InvalidValue(f"invalid MFA source {mfa_source!r}: one of {', '.join(MFA_SOURCES)}")
         with self.transaction(), self._using("update a user") as conn:
             user = self.get_user(username)
             if display is not None:
@@ -1362,8 +1389,8 @@ class Store:
             if user_class is not None:
                 conn.execute("UPDATE users SET user_class = ? WHERE id = ?", (user_class, user.id))
             if mfa_enabled is not None:
-                conn.execute("UPDATE users SET mfa_enabled = ? WHERE id = ?",
-                             (int(bool(mfa_enabled)), user.id))
+                conn.execute("UPDATE users SET mfa_enabled = ?, mfa_source = ? WHERE id = ?",
+                             (int(bool(mfa_enabled)), mfa_source, user.id))
             if role_list is not None:
                 conn.execute("DELETE FROM user_roles WHERE user_id = ?", (user.id,))
                 conn.executemany("INSERT INTO user_roles (user_id, role) VALUES (?, ?)",

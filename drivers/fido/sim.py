@@ -97,19 +97,24 @@ def parse_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class SimKeysError(ValueError):
+    """``TOKEN_AGENT_SIM_KEYS`` is malformed; the message names the variable and the entry."""
+
+
 def parse_sim_keys(value: str) -> list[tuple[str, int]]:
     """Parse ``TOKEN_AGENT_SIM_KEYS``: comma-separated ``host:port`` entries (duplicates
-    dropped, order kept). An empty or blank value is no keys. ValueError names the bad entry."""
+    dropped, order kept). An empty or blank value is no keys. SimKeysError (a ValueError)
+    names the bad entry."""
     if not value.strip():
         return []
     addresses: list[tuple[str, int]] = []
     for index, entry in enumerate(value.split(","), 1):
         if not entry.strip():
-            raise ValueError(f"TOKEN_AGENT_SIM_KEYS entry {index} is empty in {value!r}")
+            raise SimKeysError(f"TOKEN_AGENT_SIM_KEYS entry {index} is empty in {value!r}")
         try:
             address = parse_address(entry)
         except ValueError as e:
-            raise ValueError(f"TOKEN_AGENT_SIM_KEYS entry {index}: {e}") from None
+            raise SimKeysError(f"TOKEN_AGENT_SIM_KEYS entry {index}: {e}") from None
         if address not in addresses:
             addresses.append(address)
     return addresses

@@ -168,6 +168,16 @@ class _Connection:
             pass
 
 
+class ListenError(OSError):
+    """A port of the key server cannot be bound (taken, or not allowed): ``role`` is "HID"
+    or "control", ``host`` and ``port`` what was asked for; ``errno`` the bind's."""
+
+    def __init__(self, error: OSError, role: str, host: str, port: int) -> None:
+        super().__init__(error.errno, f"cannot listen on {format_address(host, port)} "
+                                      f"({role} port): {error.strerror}")
+        self.role, self.host, self.port = role, host, port
+
+
 class KeyServer:
     """Serve a :class:`VirtualKey` on TCP, with an HTTP control interface.
 
@@ -214,7 +224,10 @@ class KeyServer:
             if not self.key.powered:
                 self._stop_listening()  # the port is known; it opens on plug()
             if self.control_port is not None:
-                self._http = _ControlServer((self.host, self.control_port), self)
+                try:
+                    self._http = _ControlServer((self.host, self.control_port), self)
+                except OSError as e:
+                    raise ListenError(e, "control", self.host, self.control_port) from e
                 self.control_port = self._http.server_address[1]
                 self._http_thread = threading.Thread(
                     target=self._http.serve_forever,
@@ -292,9 +305,7 @@ class KeyServer:
                 sock.listen(16)
             except OSError as e:
                 sock.close()
-                raise OSError(
-                    e.errno, f"cannot listen on {format_address(self.host, self.port)}: {e.strerror}"
-                ) from e
+                raise ListenError(e, "HID", self.host, self.port) from e
             self.port = sock.getsockname()[1]
             waker, wake = socket.socketpair()
             self._listener, self._waker = sock, wake

@@ -455,7 +455,7 @@ def login_with_card(
         ok=True, method=METHOD, user=user.username, user_id=user.id,
         factors=(Factor.POSSESSION, Factor.KNOWLEDGE), credential=ident.name,
         credential_id=serial, user_verified=True, detail=detail,
-        message="; ".join(warnings),
+        message="; ".join(warnings), warnings=tuple(warnings),
     )
 
 

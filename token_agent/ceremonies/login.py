@@ -26,7 +26,9 @@ Order of a login
 5. otherwise, when a second factor is required: the chosen method's challenge;
 6. on success: the device and network are remembered, the second factor's time is recorded
    for re-verification, an unusual login is recorded as an alert, and one ``login`` audit
-   event says what was used.
+   event says what was used; the warnings of the key or card ceremonies used (a smartcard
+   certificate to renew: ``card_expiry_warning_days``) are told to the person
+   (``Interaction.info``) and carried in the outcome's ``warnings``.
 
 What the person is told: until a first factor has succeeded, whoever is at the prompt may be
 a stranger, so every failure says the same :data:`NOT_AUTHENTICATED` ("Authentication
@@ -180,7 +182,8 @@ def facts_for(agent: "Agent", user, *, device: Device, primary: str | None,
     last = sightings.last_verified(store, user.id, device.device_id)
     now = agent.now()
     return LoginFacts(
-        user_class=user.user_class, mfa_enabled=user.mfa_enabled, methods=methods,
+        user_class=user.user_class, mfa_enabled=user.mfa_enabled,
+        mfa_source=user.mfa_source, methods=methods,
         primary=primary, primary_multi_factor=primary_multi_factor, device=device.kind,
         network=device.network, device_id=device.device_id,
         now=_dt.datetime.fromtimestamp(now, _dt.timezone.utc),
@@ -393,6 +396,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                                    "device_seen": facts.device_seen,
                                    "network_seen": facts.network_seen})
     second_used: str | None = None
+    devices_used = [primary_outcome]  # the device ceremonies' outcomes, for their warnings
     if decision.invite_enrol:
         interaction.info("Your organisation asks you to set up a second factor: "
                          "token-agent enrol totp (or sms, email, key)")
@@ -407,9 +411,9 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
             v = backup.verify(ctx, user.id, _ask(interaction.secret("Backup code")))
             if v.ok:
                 interaction.info(v.message)
-                v = _enrol_at_login(agent, user, interaction, decision)
+                v = _enrol_at_login(agent, user, interaction, decision, second)
         elif decision.must_enrol:
-            v = _enrol_at_login(agent, user, interaction, decision)
+            v = _enrol_at_login(agent, user, interaction, decision, second)
         else:
             v = _second_factor(agent, user, interaction, decision, second=second,
                                key_login=key_login, card_login=card_login,
@@ -420,6 +424,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                     v.reason or Reason.VERIFICATION_FAILED, v.message, primary=first,
                     second=v.method)
             second_used = v.method
+            devices_used.append(v)
             factors.extend(f for f in v.factors if f not in factors)
         elif not v.ok:
             return fail(v.reason or Reason.VERIFICATION_FAILED, v.message, primary=first,
@@ -453,54 +458,54 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
     detail = {"primary": first, "second": second_used, "decision": decision.to_json()}
     if primary_outcome is not None:
         detail["primary_credential"] = primary_outcome.credential
+    warnings = tuple(dict.fromkeys(w for o in devices_used if o is not None for w in o.warnings))
+    for warning in warnings:
+        interaction.info(warning)
     return LoginOutcome(ok=True, method=method,
                         user=user.username, user_id=user.id, factors=tuple(factors),
                         credential=primary_outcome.credential if primary_outcome else None,
                         user_verified=bool(primary_outcome and primary_outcome.user_verified),
-                        message="logged in", detail=detail)
-
-
-def _offer(decision, user_methods: list[str], preferred: str | None, second: str | None,
-           interaction: Interaction, locked: set[str] = frozenset()) -> str | None:
-    """Which second factor to use: ``second`` when given, else the preferred one (or the
-    strongest usable), with the others offered as "use a different method"; a locked one
-    is not the default when another is not locked."""
-    usable = [m for m in decision.usable_methods if m in user_methods]
-    if second is not None:
-        return second
-    if not usable:
-        return None
-    open_ = [m for m in usable if m not in locked] or usable
-    default = preferred if preferred in open_ else open_[0]
-    if len(usable) == 1:
-        return default
-    options = [(m, LABELS[KINDS[m]]) for m in usable]
-    return interaction.choose("Second factor (or use a different method)", options, default)
+                        message="logged in", detail=detail, warnings=warnings)
 
 
 def _second_factor(agent, user, interaction, decision, *, second, key_login, card_login,
                    push_timeout, cancel, device, ctx) -> Verification | LoginOutcome:
+    """The second factor: ``second`` when given (``choices``: a method, or one contact by
+    name), else the preferred one, with the others offered as "use a different method" (one
+    choice per contact); a locked one is not the default when another is not locked."""
     from ..factors import backup, codes, push, totp
+    from . import choices
 
     store = agent.store
-    mine = {POLICY_NAMES[m.kind]: m for m in reversed(usable_methods(store, user.id))}
+    held = usable_methods(store, user.id)
+    menu = choices.menu(ctx, held, decision.usable_methods)
     preferred = store.preferred_method(user.id)
-    if second is None and not [m for m in decision.usable_methods if m in mine]:
+    if second is None and not menu:
         return Verification(False, "totp", None, Reason.ENROLMENT_REQUIRED,
                             f"none of {user.username}'s methods is acceptable here (acceptable: "
                             f"{', '.join(decision.allowed_methods) or 'none'}): set one up")
-    chosen = _offer(decision, list(mine), POLICY_NAMES[preferred.kind] if preferred else None,
-                    second, interaction, _locked(ctx, mine))
-    if chosen is None:
-        raise _Cancelled()
+    if second is None:
+        first = choices.default(menu, preferred, _locked(ctx, [c.method for c in menu]))
+        key = first.key if len(menu) == 1 else _ask(interaction.choose(
+            "Second factor (or use a different method)",
+            [(c.key, c.label) for c in menu], first.key))
+    else:
+        key = second
+    try:
+        chosen, contact = choices.parse_second(key)
+    except ValueError as e:
+        return Verification(False, "totp", None, Reason.METHOD_NOT_ALLOWED, str(e))
     if chosen not in decision.allowed_methods:
         return Verification(False, KINDS.get(chosen, chosen), None, Reason.METHOD_NOT_ALLOWED,
                             f"{chosen} is not allowed as a second factor for {user.username} "
                             f"(allowed: {', '.join(decision.allowed_methods) or 'none'})")
-    if chosen not in mine:
+    everything = choices.menu(ctx, held, [chosen])  # held, even where the policy says no
+    picked = choices.find(menu, key, preferred) or choices.find(everything, key, preferred)
+    if picked is None:
         return Verification(False, KINDS.get(chosen, chosen), None, Reason.NO_CREDENTIAL,
-                            f"{user.username} has no {chosen} method set up")
-    method = mine[chosen]
+                            f"{user.username} has no {chosen} method set up"
+                            + (f" named {contact!r}" if contact else ""))
+    method = picked.method
     if chosen == "totp":
         return totp.verify(ctx, user.id, _ask(interaction.secret("Code from your authenticator app")))
     if chosen == "backup":
@@ -532,26 +537,27 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
                         f"{chosen} cannot be used as a second factor here")
 
 
-def _locked(ctx, methods: dict) -> set[str]:
-    """The names of ``methods`` (policy name -> method) locked now for this login."""
+def _locked(ctx, methods: list) -> set[int]:
+    """The ids of ``methods`` locked now for this login."""
     from ..factors import lockout
 
     now = ctx.now()
     out = set()
-    for name, m in methods.items():
+    for m in methods:
         scope = lockout.scope_for(lockout.method_scope(m.id), ctx.familiar)
         if lockout.state(ctx.store, scope).locked(now):
-            out.add(name)
+            out.add(m.id)
     return out
 
 
-def _enrol_at_login(agent, user, interaction, decision) -> Verification:
-    """First login after enforcement with no second factor: choose one and set it up now.
-    Left unanswered, nothing stays half-enrolled and the login ends as enrolment-required."""
+def _enrol_at_login(agent, user, interaction, decision, second=None) -> Verification:
+    """First login after enforcement with no second factor: choose one (``second`` when
+    given: a method, or ``CHANNEL:NAME`` naming the new contact) and set it up now. Left
+    unanswered, nothing stays half-enrolled and the login ends as enrolment-required."""
     store = agent.store
     before = {m.id for m in store.list_methods(user.id)}
     try:
-        return _enrol_now(agent, user, interaction, decision)
+        return _enrol_now(agent, user, interaction, decision, second)
     except _Cancelled:
         for m in store.list_methods(user.id):
             if m.id not in before and not m.confirmed:
@@ -562,8 +568,9 @@ def _enrol_at_login(agent, user, interaction, decision) -> Verification:
                             "terminal to set one up")
 
 
-def _enrol_now(agent, user, interaction, decision) -> Verification:
+def _enrol_now(agent, user, interaction, decision, second) -> Verification:
     from ..factors import codes, totp
+    from .choices import parse_second
 
     ctx = agent.factors()
     options = [m for m in ENROLLABLE_AT_LOGIN if m in decision.allowed_methods
@@ -573,9 +580,20 @@ def _enrol_now(agent, user, interaction, decision) -> Verification:
         return Verification(False, "totp", None, Reason.ENROLMENT_REQUIRED,
                             "your organisation requires a second factor and none can be set up "
                             "here: ask your administrator")
-    interaction.info("Your organisation requires a second factor. Choose one and set it up now.")
-    chosen = _ask(interaction.choose("Second factor to set up",
-                                     [(m, LABELS[KINDS[m]]) for m in options], options[0]))
+    name = None
+    if second is not None:  # scripts: `login --second sms`
+        try:
+            chosen, name = parse_second(second)
+        except ValueError as e:
+            return Verification(False, "totp", None, Reason.METHOD_NOT_ALLOWED, str(e))
+        if chosen in options:
+            interaction.info(f"Your organisation requires a second factor: setting up "
+                             f"{LABELS[KINDS[chosen]]} now.")
+    else:
+        interaction.info("Your organisation requires a second factor. Choose one and set it "
+                         "up now.")
+        chosen = _ask(interaction.choose("Second factor to set up",
+                                         [(m, LABELS[KINDS[m]]) for m in options], options[0]))
     if chosen not in options:
         return Verification(False, KINDS.get(chosen, chosen), None, Reason.METHOD_NOT_ALLOWED,
                             f"{chosen} cannot be set up here (choose from {', '.join(options)})")
@@ -588,9 +606,9 @@ def _enrol_now(agent, user, interaction, decision) -> Verification:
             "Code shown by your authenticator app")))
     destination = _ask(interaction.text("Email address" if chosen == "email" else "Phone number"))
     try:
-        method, receipt = codes.add_contact(ctx, user.id, chosen, destination)
+        method, receipt = codes.add_contact(ctx, user.id, chosen, destination, name=name)
     except (FactorError, ValueError) as e:
         return Verification(False, chosen, None, getattr(e, "reason", Reason.DELIVERY_FAILED),
                             getattr(e, "message", str(e)))
     typed = _ask(interaction.secret(codes.prompt_for(method, receipt)))
-    return codes.confirm_contact(ctx, user.id, chosen, typed)
+    return codes.confirm_contact(ctx, user.id, chosen, typed, name=method.name)

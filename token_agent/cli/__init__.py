@@ -8,10 +8,28 @@ import logging
 import click
 
 from .. import __version__
-from .common import Context
+from .. import exitcodes
+from .cancel import CancellingGroup
+from .common import Context, fail
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class RootGroup(CancellingGroup):
+    """Ctrl-C is "Cancelled." and exit 5 (:class:`CancellingGroup`); a malformed
+    TOKEN_AGENT_SIM_KEYS, met by whichever command looks for keys, is a usage error."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ValueError as e:
+            from drivers.fido.sim import SimKeysError
+
+            if not isinstance(e, SimKeysError):
+                raise
+            fail(f"{e} (expected comma-separated host:port entries, e.g. "
+                 "TOKEN_AGENT_SIM_KEYS=127.0.0.1:35962,127.0.0.1:35964)", exitcodes.USAGE)
+
+
+@click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="token-agent")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="TOKEN_AGENT_DATA_DIR",
               help="Where the credential store lives (default: $XDG_DATA_HOME/token-agent; "

@@ -80,6 +80,17 @@ def enrol_key(ctx: Context, username: str, name: str | None, key_path: str | Non
          f"{'trusted' if result.attestation_trusted else 'not checked against a trust list'})")
 
 
+def _second_option(_ctx, _param, value: str | None) -> str | None:
+    from ..ceremonies.choices import parse_second
+
+    if value is not None:
+        try:
+            parse_second(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
 @main.command("login")
 @click.option("--method", type=click.Choice(["key"]), default=None,
               help="Only this method, no policy flow: `key` logs in with a security key alone "
@@ -87,9 +98,10 @@ def enrol_key(ctx: Context, username: str, name: str | None, key_path: str | Non
 @click.option("--user", "username", help="Who is logging in (default: whoever the key says).")
 @click.option("--primary", type=click.Choice(["password", "key", "card"]),
               help="The primary factor (default: the user's preferred method).")
-@click.option("--second", type=click.Choice(["totp", "push", "email", "sms", "voice", "messaging",
-                                             "backup", "key", "card"]),
-              help="Use this second factor instead of the preferred one.")
+@click.option("--second", callback=_second_option, metavar="METHOD[:NAME]",
+              help="Use this second factor instead of the preferred one: totp, push, email, "
+                   "sms, voice, messaging, backup, key or card (a channel: its preferred "
+                   "contact), or one contact by name, e.g. 'sms:alternate phone'.")
 @click.option("--reader", help="The smartcard reader, for a card login.")
 @click.option("--push-timeout", type=click.FloatRange(1, 300), default=60.0, show_default=True,
               help="Seconds to wait for the companion app's answer.")

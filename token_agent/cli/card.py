@@ -13,7 +13,7 @@ import click
 from .. import exitcodes
 from . import main
 from .common import (
-    Context, PinSource, device_errors, emit, fail, json_option, new_pin, pass_ctx, say,
+    Context, PinSource, ask, device_errors, emit, fail, json_option, new_pin, pass_ctx, say,
 )
 
 reader_option = click.option("--reader", help="The reader to use (default: the first one "
@@ -272,7 +272,7 @@ def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool, ra_d
     try:
         if puk_stdin:
             puk = sys.stdin.readline().rstrip("\r\n") if pin_stdin or not sys.stdin.isatty() \
-                else click.prompt("Card PUK", hide_input=True, err=True)
+                else ask("Card PUK", hide_input=True)
         else:
             from simulators.card.pki import PkiError, admin_credentials
 

@@ -7,13 +7,12 @@ import functools
 import json
 import sys
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import click
 
 from .. import exitcodes
-
-T = TypeVar("T")
+from .cancel import answer, ask, cancellable  # noqa: F401  (cancellable: for the commands)
 
 
 class Context:
@@ -120,9 +119,8 @@ class PinSource:
                 self._stdin_pin = line.rstrip("\r\n")
             return self._stdin_pin or None
         if not sys.stdin.isatty():
-            return click.prompt(self.prompt, hide_input=True, err=True, default="",
-                                show_default=False) or None
-        return click.prompt(self.prompt, hide_input=True, err=True) or None
+            return answer(self.prompt, hide_input=True, default="", show_default=False) or None
+        return answer(self.prompt, hide_input=True) or None
 
 
 def read_line(prompt: str, *, hidden: bool) -> str | None:
@@ -132,9 +130,8 @@ def read_line(prompt: str, *, hidden: bool) -> str | None:
         return None
     if sys.stdin.isatty():
         try:
-            return click.prompt(prompt, hide_input=hidden, err=True, default="",
-                                show_default=False)
-        except click.Abort:
+            return answer(prompt, hide_input=hidden, default="", show_default=False)
+        except click.Abort:  # end of input (Ctrl-D); Ctrl-C cancels (KeyboardInterrupt)
             return None
     line = sys.stdin.readline()
     if not line:
@@ -172,11 +169,13 @@ class TerminalInteraction:
         for i, (key, label) in enumerate(options, 1):
             say(f"  {i}. {label}{'  (preferred)' if key == default else ''}")
         keys = [k for k, _ in options]
-        answer = click.prompt(prompt, default=str(keys.index(default) + 1), err=True)
-        answer = answer.strip()
-        if answer.isdigit() and 1 <= int(answer) <= len(keys):
-            return keys[int(answer) - 1]
-        return answer if answer in keys else None
+        chosen = answer(prompt, default=str(keys.index(default) + 1))
+        if chosen is None:  # Ctrl-C
+            return None
+        chosen = chosen.strip()
+        if chosen.isdigit() and 1 <= int(chosen) <= len(keys):
+            return keys[int(chosen) - 1]
+        return chosen if chosen in keys else None
 
     def show_qr(self, uri: str) -> None:
         if self.quiet_qr:
@@ -198,9 +197,9 @@ def new_pin(from_stdin: bool, label: str = "New PIN", *, min_length: int | None 
             fail("no PIN on standard input", exitcodes.USAGE)
         return pin
     for _ in range(3):
-        first = click.prompt(label, hide_input=True, err=True, default="", show_default=False)
-        if not first:
-            if optional:
+        first = answer(label, hide_input=True, default="", show_default=False)
+        if not first:  # declined, or Ctrl-C in a ceremony (it ends as cancelled)
+            if optional or first is None:
                 return None
             fail("no PIN given", exitcodes.USAGE)
         if min_length is not None:
@@ -212,8 +211,11 @@ def new_pin(from_stdin: bool, label: str = "New PIN", *, min_length: int | None 
             except PinPolicyViolation as e:
                 say(e.message)
                 continue
-        if click.prompt("Repeat for confirmation", hide_input=True, err=True, default="",
-                        show_default=False) == first:
+        again = answer("Repeat for confirmation", hide_input=True, default="",
+                       show_default=False)
+        if again is None:  # Ctrl-C in a ceremony
+            return None
+        if again == first:
             return first
         say("The two entries differ.")
     fail("no PIN set: three attempts", exitcodes.USAGE)
@@ -233,32 +235,6 @@ def pin_guard(timeout: float = 30.0, cancel: threading.Event | None = None):
 
     return PinGuard(trusted=os.geteuid() == 0, on_touch=touch_prompt, timeout=timeout,
                     cancel=cancel)
-
-
-def cancellable(work: Callable[[threading.Event], T]) -> T:
-    """Run ``work(cancel)`` on a worker thread; Ctrl-C sets ``cancel`` (the device layer sends
-    CTAPHID_CANCEL) and waits for the work to end cleanly instead of tearing it down."""
-    cancel = threading.Event()
-    result: list = []
-    error: list = []
-
-    def run() -> None:
-        try:
-            result.append(work(cancel))
-        except BaseException as e:  # re-raised in the caller's thread
-            error.append(e)
-
-    thread = threading.Thread(target=run, name="token-agent-ceremony", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        try:
-            thread.join(0.1)
-        except KeyboardInterrupt:
-            say("Cancelling...")
-            cancel.set()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def device_errors(func):

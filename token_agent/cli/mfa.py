@@ -13,7 +13,7 @@ from .. import exitcodes
 from . import main
 from .auth import enrol
 from .common import (
-    Context, TerminalInteraction, emit, fail, json_option, pass_ctx, read_line, say,
+    Context, TerminalInteraction, ask, emit, fail, json_option, pass_ctx, read_line, say,
 )
 from .reauth import require_login
 
@@ -58,7 +58,7 @@ def _code_arg(code: str | None, code_stdin: bool, prompt: str) -> str:
     if code is not None:
         return code
     value = read_line(prompt, hidden=True) if (code_stdin or not sys.stdin.isatty()) else \
-        click.prompt(prompt, hide_input=True, err=True)
+        ask(prompt, hide_input=True)
     if not value:
         fail("no code given", exitcodes.USAGE)
     return value
@@ -115,7 +115,7 @@ def enrol_password(ctx: Context, username: str, password_stdin: bool, as_json: b
     if password_stdin or not sys.stdin.isatty():
         new = read_line("New password", hidden=True)
     else:
-        new = click.prompt("New password", hide_input=True, confirmation_prompt=True, err=True)
+        new = ask("New password", hide_input=True, confirmation_prompt=True)
     if not new:
         fail("no password given", exitcodes.USAGE)
     try:

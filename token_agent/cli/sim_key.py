@@ -4,6 +4,7 @@ arguments and prints."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import signal
@@ -15,7 +16,9 @@ import click
 
 from simulators.key.control import DEFAULT_CONTROL_PORT, DEFAULT_HID_PORT
 
+from .. import exitcodes
 from . import sim
+from .common import fail
 
 PRESENCE_MODES = ("auto", "manual", "deny", "never")
 
@@ -54,7 +57,7 @@ def serve(port: int, control_port: int, state_file: str | None, presence: str,
     """
     from simulators.key.device import create_virtual_key
     from simulators.key.state import StateFileError
-    from simulators.key.transport import KeyServer
+    from simulators.key.transport import KeyServer, ListenError
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
@@ -75,6 +78,9 @@ def serve(port: int, control_port: int, state_file: str | None, presence: str,
     server = KeyServer(virtual_key, port=port, control_port=control_port)
     try:
         server.start()
+    except ListenError as e:
+        virtual_key.close()
+        _listen_failed(e)
     except OSError as e:
         virtual_key.close()
         raise click.ClickException(str(e)) from None
@@ -91,6 +97,20 @@ def serve(port: int, control_port: int, state_file: str | None, presence: str,
         server.stop()
         virtual_key.close()
     click.echo("virtual FIDO2 key: stopped")
+
+
+def _listen_failed(e) -> None:
+    """A port is taken (exit 9) or cannot be bound (exit 1): name it and its option."""
+    from drivers.fido.sim import format_address
+
+    where = f"{format_address(e.host, e.port)} (the {e.role} port)"
+    option = "--port" if e.role == "HID" else "--control-port"
+    if e.errno == errno.EADDRINUSE:
+        fail(f"{where} is already in use, perhaps by another `token-agent sim key serve`: "
+             f"choose another with {option} PORT ({option} 0: any free port)",
+             exitcodes.CONFLICT)
+    fail(f"cannot listen on {where}: {e.strerror}; choose another with {option} PORT",
+         exitcodes.ERROR)
 
 
 def _run(action: Callable[[], dict], message: str | None = None) -> dict:

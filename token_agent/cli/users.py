@@ -6,7 +6,7 @@ import click
 
 from .. import exitcodes
 from . import main
-from .common import Context, emit, fail, json_option, pass_ctx
+from .common import Context, emit, fail, json_option, pass_ctx, say
 
 
 def _user_json(user, credentials=None) -> dict:
@@ -17,6 +17,7 @@ def _user_json(user, credentials=None) -> dict:
         "roles": list(user.roles),
         "user_class": user.user_class,
         "mfa_enabled": user.mfa_enabled,
+        "mfa_source": user.mfa_source,
         "disabled": user.disabled,
         "created_at": user.created_at,
     }
@@ -55,19 +56,15 @@ def users() -> None:
 @pass_ctx
 def add(ctx: Context, username: str, display_name: str | None, roles: tuple[str, ...],
         user_class: str, as_json: bool) -> None:
-    """Add a user (MFA on for the new account when the policy says so: the default)."""
+    """Add a user. MFA is on for the new account as the policy's new-accounts default for
+    the class says (by default: on for a class that enforces MFA, internal; off for
+    external and contributor)."""
+    from ..accounts import add_account
     from ..store import StoreError, UserExists
 
     try:
-        store = ctx.store()
-        with store.transaction():
-            user = store.add_user(username, display_name=display_name, roles=roles,
-                                  user_class=user_class)
-            if not ctx.agent().policy.enforcement.new_accounts_mfa:
-                user = store.update_user(user.username, mfa_enabled=False)
-            store.record_event("user.added", user_id=user.id, outcome="success",
-                               detail={"user_class": user.user_class,
-                                       "mfa_enabled": user.mfa_enabled})
+        user = add_account(ctx.agent(), username, display_name=display_name, roles=roles,
+                           user_class=user_class)
     except UserExists as e:
         fail(str(e), exitcodes.CONFLICT)
     except (StoreError, ValueError) as e:
@@ -90,30 +87,43 @@ def list_(ctx: Context, as_json: bool) -> None:
 @click.argument("username")
 @click.option("--class", "user_class", type=click.Choice(["internal", "external", "contributor"]))
 @click.option("--mfa", type=click.Choice(["on", "off"]),
-              help="The user's own choice where the policy leaves MFA optional for their class.")
+              help="MFA for the account itself, where the policy leaves it optional for the "
+                   "class (a class that enforces MFA still does: a warning says so).")
 @click.option("--disable/--enable", "disabled", default=None, help="Refuse (or allow) their logins.")
 @click.option("--display-name")
 @json_option
 @pass_ctx
 def set_(ctx: Context, username: str, user_class: str | None, mfa: str | None,
          disabled: bool | None, display_name: str | None, as_json: bool) -> None:
-    """Change a user's class, MFA choice, display name, or disable them. Recorded."""
+    """Change a user's class, MFA setting, display name, or disable them. Recorded, with who
+    set the MFA setting (the user, when they run it for themself; else an administrator)."""
+    from ..accounts import change_account
     from ..store import UnknownUser
 
-    store = ctx.store()
     try:
-        with store.transaction():
-            user = store.update_user(username, user_class=user_class, display_name=display_name,
-                                     mfa_enabled=None if mfa is None else mfa == "on",
-                                     disabled=disabled)
-            store.record_event("user.changed", user_id=user.id, outcome="success",
-                               detail={k: v for k, v in (("user_class", user_class), ("mfa", mfa),
-                                                         ("disabled", disabled)) if v is not None})
+        user, warnings = change_account(
+            ctx.agent(), username, user_class=user_class, display_name=display_name,
+            mfa=None if mfa is None else mfa == "on", disabled=disabled,
+            by="user" if _running_as(username) else "admin")
     except UnknownUser as e:
         fail(str(e), exitcodes.NOT_FOUND)
-    emit(as_json, _user_json(user), f"{user.username}: class {user.user_class}, MFA "
-                                    f"{'on' if user.mfa_enabled else 'off'}"
-                                    f"{', disabled' if user.disabled else ''}")
+    for warning in warnings:
+        say(f"warning: {warning}")
+    emit(as_json, {**_user_json(user), "warnings": warnings},
+         f"{user.username}: class {user.user_class}, MFA {'on' if user.mfa_enabled else 'off'}"
+         f"{', disabled' if user.disabled else ''}")
+
+
+def _running_as(username: str) -> bool:
+    """Whether this command runs as the (non-root) local account of ``username``."""
+    import os
+    import pwd
+
+    uid = os.getuid()
+    try:
+        return uid != 0 and pwd.getpwuid(uid).pw_name.lower() == username.lower()
+    except KeyError:
+        return False
 
 
 @users.command("show")
@@ -131,13 +141,15 @@ def show(ctx: Context, username: str, as_json: bool) -> None:
         fail(str(e), exitcodes.NOT_FOUND)
     creds = store.list_fido_credentials(user.id)
     from ..factors import LABELS
+    from ..policy import own_mfa
 
     others = [m for m in store.list_methods(user.id) if m.kind != "fido2"]
 
     def text() -> str:
         lines = [f"{user.username}  {user.display_name or ''}",
                  f"  id     {user.id}", f"  roles  {', '.join(user.roles) or '-'}",
-                 f"  class  {user.user_class}, MFA {'on' if user.mfa_enabled else 'off'}"
+                 f"  class  {user.user_class}, MFA "
+                 f"{own_mfa(user.mfa_enabled, user.mfa_source)}"
                  f"{', DISABLED' if user.disabled else ''}"]
         for m in others:
             lines.append(f"  {LABELS.get(m.kind, m.kind):<18} {m.name!r}"

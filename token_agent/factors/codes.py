@@ -17,9 +17,10 @@ Codes (``send_code``)
     e.g. messaging -> sms) is recorded with it. Nothing is written when delivery fails.
 
 Throttling
-    A method gets at most one code every ``resend_seconds`` (30 s) and at most
-    ``max_sends`` (5) codes within ``ttl_seconds``: beyond that, ``RESEND_THROTTLED`` says
-    how long to wait. Only successful sends count. (This also bounds what an attacker can
+    A method gets at most one code of a purpose every ``resend_seconds`` (30 s: the
+    enrolment's own code does not delay the first login code) and at most ``max_sends`` (5)
+    codes of any purpose within ``ttl_seconds``: beyond that, ``RESEND_THROTTLED`` says how
+    long to wait. Only successful sends count. (This also bounds what an attacker can
     cost the organisation in text messages and calls: "SMS pumping".) A locked method gets
     no codes.
 
@@ -161,18 +162,21 @@ def list_contacts(ctx: FactorContext, user_id: str) -> list[Contact]:
     return out
 
 
-def _throttle(ctx: FactorContext, method: Method, now: float) -> None:
-    """``FactorError(RESEND_THROTTLED)`` when this method got a code too recently or too
-    often."""
+def _throttle(ctx: FactorContext, method: Method, now: float, purpose: str) -> None:
+    """``FactorError(RESEND_THROTTLED)`` when this method got a code for ``purpose`` too
+    recently, or codes too often."""
     rules = ctx.codes
     with ctx.store.connection("read the codes sent") as conn:
-        rows = conn.execute("SELECT created_at FROM otp_challenges WHERE method_id = ? "
+        rows = conn.execute("SELECT created_at, purpose FROM otp_challenges WHERE method_id = ? "
                             "AND created_at > ? ORDER BY created_at",
                             (method.id, now - rules.ttl_seconds)).fetchall()
     times = [r["created_at"] for r in rows]
-    if times and now - times[-1] < rules.resend_seconds:
-        ago = max(0, int(now - times[-1]))
-        wait = rules.resend_seconds - (now - times[-1])
+    # the resend interval is between codes of one purpose: the enrolment's own code does
+    # not delay the first login code (max_sends still counts every code)
+    same = [r["created_at"] for r in rows if r["purpose"] == purpose]
+    if same and now - same[-1] < rules.resend_seconds:
+        ago = max(0, int(now - same[-1]))
+        wait = rules.resend_seconds - (now - same[-1])
         raise FactorError(Reason.RESEND_THROTTLED,
                           f"a code was sent {ago} s ago: wait {_span(wait)} before asking for "
                           "another")
@@ -229,7 +233,7 @@ def send_code(ctx: FactorContext, method: Method, *, purpose: str = "login") -> 
                      f"{lockout.describe_until(current.locked_until, now)}; an administrator "
                      "can unlock it")
     try:
-        _throttle(ctx, method, now)
+        _throttle(ctx, method, now, purpose)
     except FactorError as e:
         raise refuse(e.reason, e.message) from None
     if ctx.delivery is None:
@@ -267,7 +271,7 @@ def send_code(ctx: FactorContext, method: Method, *, purpose: str = "login") -> 
 
 
 def prompt_for(method: Method, receipt: "Receipt | None" = None) -> str:
-    """What to tell the person after a code was sent ("Enter the code sent to 07•••••123")."""
+    """What to tell the person after a code was sent ("Enter the code sent to +44•••••123")."""
     if receipt is None:
         if method.kind == "voice":
             return f"Answer the call ({method.name}) and enter the code it reads out"
@@ -365,9 +369,10 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
                 name: str | None = None) -> "tuple[Method, Receipt]":
     """Add an email address or phone number (not usable until ``confirm_contact``) and send
     it an enrolment code. ``name`` defaults to the channel and the masked destination
-    ("sms 07•••••123"). Re-adding a pending one replaces it (its code stops working; the
+    ("sms +44•••••123"). Re-adding a pending one replaces it (its code stops working; the
     resend limits still apply). ``FactorError``: bad destination (``METHOD_NOT_ALLOWED``),
-    already enrolled (``AMBIGUOUS``), or what ``send_code`` raises (then nothing is added)."""
+    that destination already enrolled or that name taken (``ALREADY_ENROLLED``), or what
+    ``send_code`` raises (then nothing is added)."""
     from ..delivery import validate_destination
 
     _check_channel(channel)
@@ -383,7 +388,7 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
             if c.channel == channel and c.destination == destination]
     confirmed = [c for c in same if c.method.confirmed]
     if confirmed:
-        raise FactorError(Reason.AMBIGUOUS,
+        raise FactorError(Reason.ALREADY_ENROLLED,
                           f"{hint} is already enrolled for {label}s as {confirmed[0].method.name!r}")
     old = same[-1].method if same else None
     if old is not None:  # re-adding gets round neither the resend limits nor a lockout
@@ -394,7 +399,7 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
                               f"too many failed attempts: {old.name!r} locked "
                               f"{lockout.describe_until(current.locked_until, now)}; an "
                               "administrator can unlock it")
-        _throttle(ctx, old, now)
+        _throttle(ctx, old, now, "enrol")
     now = ctx.now()
     with store.transaction(), store.connection("add a contact") as conn:
         history = []
@@ -407,8 +412,10 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
             name = _default_name(ctx, user.id, channel, hint, None)
         try:
             method = store.add_method(user.id, channel, name, confirmed=False)
-        except CredentialExists as e:
-            raise FactorError(Reason.AMBIGUOUS, f"{e}: choose another name") from None
+        except CredentialExists:
+            raise FactorError(Reason.ALREADY_ENROLLED,
+                              f"{user.username} already has a {label} contact named {name!r}: "
+                              "choose another name with --name") from None
         conn.execute("INSERT INTO contact_methods (method_id, channel, destination) VALUES (?, ?, ?)",
                      (method.id, channel, destination))
         conn.executemany(

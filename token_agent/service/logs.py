@@ -3,7 +3,8 @@
 ``text``: ``2026-12-01T09:00:00.123Z INFO token_agent.service: login finished login=3 user=alice``
 (the record's fields after the message, ``key=value``); ``json``: one object per line with
 ``ts``, ``level``, ``logger``, ``message`` and the record's fields (what ``extra=`` gave),
-which journald and log shippers take as they are.
+for log shippers. Under systemd, each line starts with its priority (``<3>``...), and JSON
+records are sent to journald as journal fields (:mod:`token_agent.service.journal`).
 
 Nothing secret is logged: the service never passes a PIN, password, code, TOTP secret or a
 prompt's answer to a log call, and as a second line of defence a field whose name looks like
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from typing import Any, TextIO
 
@@ -85,12 +85,17 @@ def _text(value: Any) -> str:
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None
                   ) -> logging.Handler:
     """Send the root logger's records to ``stream`` (stderr) as ``fmt`` (text | json) at
-    ``level``; replaces the handlers set before. Returns the handler."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    ``level``; replaces the handlers set before. Returns the handler. Under systemd, the
+    lines carry their priority, and JSON records go to the journal as fields
+    (:mod:`token_agent.service.journal`)."""
+    from .journal import handler_for
+
+    handler = handler_for(JsonFormatter() if fmt == "json" else TextFormatter(), stream,
+                          native=fmt == "json")
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        old.close()  # a journal handler's socket (a stream handler leaves its stream open)
     root.addHandler(handler)
     numeric = getattr(logging, level.upper(), logging.INFO)
     root.setLevel(numeric)

@@ -85,12 +85,16 @@ Operations
     "readers": {READER: card_present}, "watching_readers": bool}}  (roles: "root", "login-service", "admin", "user")
 
     ``login.start`` {"user": str | null, "primary": "password"|"key"|"card"|null,
-    "second": METHOD | null, "device": {"kind": "managed"|"unmanaged", "device_id": str|null,
-    "network": str|null} | null, "service": str|null, "step_up": bool|null}
+    "second": METHOD | "CHANNEL:NAME" | null, "device": {"kind": "managed"|"unmanaged",
+    "device_id": str|null, "network": str|null} | null, "service": str|null,
+    "step_up": bool|null}
     -> {"login": LOGIN_ID}
-        (LOGIN_ID: a string; ``service``: the PAM service name, for the logs; ``step_up``:
-        ask for the second factor when MFA applies even where the policy would skip it, to
-        re-authenticate before changing methods)
+        (LOGIN_ID: a string; ``second``: a second factor instead of the preferred one, a
+        channel meaning its preferred contact, or one contact by name, e.g. "sms:alternate
+        phone" (``ceremonies/choices.py``; the second factor's "choose" prompt has one
+        option per contact, keyed so when a channel has several); ``service``: the PAM
+        service name, for the logs; ``step_up``: ask for the second factor when MFA applies
+        even where the policy would skip it, to re-authenticate before changing methods)
         Starts the login the policy asks for (``token_agent.ceremonies.login``), at once,
         on a worker thread. With no user: whoever taps a key (usernameless, ``primary`` key
         or null) or inserts a card (``primary`` card). The device defaults to the
@@ -105,7 +109,13 @@ Operations
                                  (a successful login's outcome also has "session": SESSION_ID;
                                  a failure before any factor succeeded has the message
                                  "Authentication failed." whatever its reason, no user_id and
-                                 no tries_left: ``ceremonies.login.shown_before_first_factor``)
+                                 no tries_left: ``ceremonies.login.shown_before_first_factor``;
+                                 every outcome has "warnings": [str], for the person, e.g.
+                                 "Your card's certificate expires on 21 November 2026 (in 20
+                                 days): ask your registration authority to renew it" when it
+                                 ends within the card setting ``card_expiry_warning_days``
+                                 (default 90); a success sends each warning as an "info"
+                                 event first, so that PAM shows it as PAM_TEXT_INFO)
 
         The login waits for each prompt's answer (``prompt_timeout``, default 120 s, then
         it is cancelled). Exactly one ``result`` event ends every login. The PIN prompts

@@ -40,6 +40,7 @@ from typing import Any, Callable
 from drivers.fido.errors import FidoKeyError
 
 from .. import __version__
+from ..ceremonies.choices import parse_second
 from ..config import STALE_ENROLMENT_SECONDS, Config
 from ..outcome import LoginOutcome, Reason
 from ..usernames import RULE, is_username
@@ -58,8 +59,6 @@ log = logging.getLogger("token_agent.service")
 STOP_GRACE = 5.0
 #: logins and enrolments running at once on one connection (a PAM conversation needs one)
 CEREMONIES_PER_CONNECTION = 2
-#: the policy's second-factor names a login may ask for
-SECOND_METHODS = ("totp", "push", "email", "sms", "voice", "messaging", "backup", "key", "card")
 #: the CLI's method names (``methods prefer|remove KIND``) -> store kinds
 METHOD_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
                 "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
@@ -466,8 +465,11 @@ class Service:
         peer = conn.peer
         if a["primary"] is not None and a["primary"] not in ("password", "key", "card"):
             raise RequestError("bad-request", "primary must be password, key or card")
-        if a["second"] is not None and a["second"] not in SECOND_METHODS:
-            raise RequestError("bad-request", f"second must be one of {', '.join(SECOND_METHODS)}")
+        if a["second"] is not None:
+            try:
+                parse_second(a["second"])
+            except ValueError as e:
+                raise RequestError("bad-request", f"second: {e}") from None
         privileged = self.rules.is_login_service(peer) or self.rules.is_admin(peer, self.store)
         user = a["user"]
         if user is None and not privileged:
