@@ -179,13 +179,13 @@ def enrol_totp(ctx: Context, username: str, name: str | None, qr_path: str | Non
     later = (f"not confirmed yet: run `token-agent enrol totp --user {user.username} "
              f"--name {shlex.quote(name)} --confirm CODE` with the code the app shows")
 
-    def ask(previous) -> str | None:  # a mistyped first code is asked for again
+    def next_code(previous) -> str | None:  # a mistyped first code is asked for again
         if previous is not None:
             say(f"{previous.message}: type the code the app shows now")
         return read_line("Code shown by the app", hidden=False)
 
     try:
-        result = totp.confirm_enrol_asking(fctx, user.id, ask, name=name)
+        result = totp.confirm_enrol_asking(fctx, user.id, next_code, name=name)
     except FactorError as e:
         _factor_error(e)
     if result is None:
