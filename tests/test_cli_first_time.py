@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import shlex
 import shutil
 import subprocess
@@ -20,60 +18,38 @@ import time
 
 import pytest
 from conftest import REPO_ROOT, token_agent_command
+from pty_helpers import CTRL_C, PtySession
 from test_service import KEY_PIN, services, socket_dir, world  # noqa: F401
 from token_agent import exitcodes
 
 PIN = "246810"
 
 
-class Terminal:
-    """`token-agent ARGS` on a pseudo-terminal (stdin, stdout and stderr all on it, as in a
-    terminal window): ``expect`` waits for text, ``send`` types a line."""
+class Terminal(PtySession):
+    """:class:`PtySession` as these tests read it: ``expect`` waits for text after what was
+    expected before and returns the output in between; ``send`` types a line; after
+    ``wait``, ``output`` holds all of it (the terminal, then stdout)."""
 
     def __init__(self, args, env: dict) -> None:
-        self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(token_agent_command() + list(args), stdin=slave,
-                                     stdout=slave, stderr=slave, env=env, cwd=REPO_ROOT,
-                                     start_new_session=True)
-        os.close(slave)
+        super().__init__(list(args), env)
+        self._seen = 0
         self.output = ""
-        self._seen = 0  # what ``expect`` has consumed
-
-    def _read(self, timeout: float) -> bool:
-        ready, _, _ = select.select([self.master], [], [], timeout)
-        if not ready:
-            return True
-        try:
-            data = os.read(self.master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            return False
-        if not data:
-            return False
-        self.output += data.decode(errors="replace")
-        return True
 
     def expect(self, text: str, timeout: float = 30) -> str:
-        """Wait for ``text`` after what was already expected; returns the output between."""
-        deadline = time.monotonic() + timeout
-        while text not in self.output[self._seen:]:
-            if time.monotonic() > deadline or not self._read(0.2):
-                raise AssertionError(f"{text!r} did not come; the terminal shows:\n"
-                                     f"{self.output}")
-        start = self._seen
-        self._seen = self.output.index(text, self._seen) + len(text)
-        return self.output[start:self._seen]
+        self.wait_for(lambda: text in self.terminal[self._seen:], repr(text), timeout)
+        shown, start = self.terminal, self._seen
+        self._seen = shown.index(text, start) + len(text)
+        return shown[start:self._seen]
 
     def send(self, line: str) -> None:
-        os.write(self.master, line.encode() + b"\r")
+        self.type(line.encode() + b"\r")
 
     def wait(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            self._read(0.1)
-        while self._read(0.05) and select.select([self.master], [], [], 0)[0]:
-            pass
-        code = self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        os.close(self.master)
+        try:
+            code, stdout, terminal = self.finish(timeout)
+        finally:
+            self.close()
+        self.output = terminal + stdout
         return code
 
 
@@ -160,6 +136,23 @@ def test_enrol_key_without_a_terminal_prints_the_command(env, sim_key_server):
     term.send("")
     assert term.wait() == exitcodes.NO_DEVICE
     assert command in term.output and key_info(env)["pin_set"] is False
+
+
+def test_ctrl_c_at_the_new_pin_prompt(env):
+    """Ctrl-C at the offered PIN: "Cancelled.", exit 5, echo back on, no PIN set."""
+    run(env, "users", "add", "alice")
+    term = Terminal(["enrol", "key", "--user", "alice"], env)
+    term.wait_for_hidden_prompt("New PIN for your security key")
+    term.type(CTRL_C)
+    echo = None
+    try:
+        code, _, shown = term.finish()
+        echo = term.echo_on()
+    finally:
+        term.close()
+    assert code == exitcodes.TIMEOUT and "Cancelled." in shown, shown
+    assert echo
+    assert key_info(env)["pin_set"] is False
 
 
 @pytest.mark.sim_key(presence="manual")
