@@ -413,3 +413,27 @@ def test_card_status_with_a_reader_that_is_not_there(pcscd, tmp_path):
                   expect=exitcodes.NO_DEVICE)
     assert "No smartcard reader named 'Reader That Is Not There 9'" in missing.stderr
     assert f"'{pcscd.reader(0)}'" in missing.stderr and f"'{pcscd.reader(1)}'" in missing.stderr
+
+
+def test_first_login_enrolment_asks_again_after_a_wrong_code(env, tmp_path):
+    """The authenticator app set up during a login (MFA enforced, none yet) asks again too."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("")  # the defaults: MFA enforced for internal users
+    env = {**env, "TOKEN_AGENT_POLICY": str(policy)}
+    run(env, "users", "add", "bob")
+    run(env, "enrol", "password", "--user", "bob", "--password-stdin",
+        stdin="correct horse battery\n")
+    term = Terminal(["login", "--user", "bob", "--device", "unmanaged"], env)
+    term.expect("Password")
+    term.send("correct horse battery")
+    term.expect("Second factor to set up")
+    term.send("")  # the default: the authenticator app
+    shown = term.expect("Code shown by your authenticator app")
+    secret = re.search(r"type the key ([A-Z2-7]+)", shown)[1]
+    right, wrong = _codes(secret)
+    term.send(wrong)
+    assert "type the code the app shows now" in term.expect("Code shown by your authenticator app")
+    right, _ = _codes(secret)
+    term.send(right)
+    assert term.wait() == 0, term.output
+    assert "logged in: bob" in term.output
