@@ -78,18 +78,35 @@ def key_info(env: dict) -> dict:
 # --------------------------------------------------------------------------- a key without a PIN
 
 
-def test_enrol_key_offers_a_pin_for_a_new_key(env):
+def _set_min_pin_length(server, length: int) -> None:
+    """authenticatorConfig setMinPINLength on the virtual key (no PIN yet: no token needed)."""
+    from fido2.ctap2 import Ctap2
+    from fido2.ctap2.config import Config
+    from fido2.hid import CtapHidDevice
+
+    from drivers.fido.sim import SocketHidConnection, sim_descriptor
+
+    device = CtapHidDevice(sim_descriptor(server.host, server.port),
+                           SocketHidConnection(server.host, server.port))
+    try:
+        Config(Ctap2(device)).set_min_pin_length(length)
+    finally:
+        device.close()
+
+
+def test_enrol_key_offers_a_pin_for_a_new_key(env, sim_key_server):
     """Under the default `preferred`, a key that has no PIN gets one at enrolment: asked
-    twice, a PIN shorter than the key's minimum refused before the second entry; then the
-    enrolment goes on with it."""
+    twice, a PIN shorter than the key's minimum (its getInfo minPINLength, here raised to 6)
+    refused before the second entry; then the enrolment goes on with it."""
     run(env, "users", "add", "alice")
-    assert key_info(env)["pin_set"] is False and key_info(env)["min_pin_length"] == 4
+    _set_min_pin_length(sim_key_server, 6)
+    assert key_info(env)["pin_set"] is False and key_info(env)["min_pin_length"] == 6
     term = Terminal(["enrol", "key", "--user", "alice", "--name", "first key"], env)
     term.expect("This key has no PIN yet")
     term.expect("New PIN for your security key: ")
-    term.send("12")  # too short for the key (4)
+    term.send("12345")  # long enough for CTAP's default (4), not for this key
     between = term.expect("New PIN for your security key: ")
-    assert "at least 4 characters" in between
+    assert "at least 6 characters" in between
     assert "Repeat for confirmation" not in between  # refused before the second entry
     term.send(PIN)
     term.expect("Repeat for confirmation: ")
