@@ -220,6 +220,25 @@ def _codes(secret: str) -> tuple[str, str]:
     return code_at(secret, now), wrong
 
 
+PASSWORD = "correct horse battery"
+
+
+def _password(env: dict, user: str) -> None:
+    run(env, "enrol", "password", "--user", user, "--password-stdin", stdin=PASSWORD + "\n")
+
+
+def _wrong_codes_then_the_right_one(term: Terminal, secret: str, prompt: str, *,
+                                    wrong: int) -> None:
+    """At ``prompt``: ``wrong`` wrong codes, each answered by the prompt again, then the
+    right one; the command then ends with exit 0."""
+    for _ in range(wrong):
+        term.send(_codes(secret)[1])
+        again = term.expect(prompt)
+        assert "wrong code" in again and "type the code the app shows now" in again
+    term.send(_codes(secret)[0])
+    assert term.wait() == 0, term.output
+
+
 def _lockouts(env: dict, user: str) -> dict:
     return {s["scope"]: s["failures"]
             for s in json.loads(run(env, "admin", "lockouts", user, "--json").stdout)}
@@ -229,18 +248,10 @@ def test_enrol_totp_asks_again_after_a_wrong_first_code(env):
     """A mistyped first code is asked for again (up to 3 codes); the wrong ones count against
     the pending app alone, and its count is cleared when it is confirmed."""
     run(env, "users", "add", "alice")
-    run(env, "enrol", "password", "--user", "alice", "--password-stdin",
-        stdin="correct horse battery\n")
+    _password(env, "alice")
     term = Terminal(["enrol", "totp", "--user", "alice"], env)
     secret = re.search(r"enter the key ([A-Z2-7]+)", term.expect("Code shown by the app"))[1]
-    right, wrong = _codes(secret)
-    term.send(wrong)
-    assert "wrong code" in term.expect("Code shown by the app")
-    term.send(wrong)
-    assert "type the code the app shows now" in term.expect("Code shown by the app")
-    right, _ = _codes(secret)
-    term.send(right)
-    assert term.wait() == 0, term.output
+    _wrong_codes_then_the_right_one(term, secret, "Code shown by the app", wrong=2)
     assert "authenticator app 'authenticator app' set up for alice" in term.output
     app, = [m for m in json.loads(run(env, "methods", "list", "--user", "alice",
                                       "--json").stdout) if m["kind"] == "totp"]
@@ -438,19 +449,14 @@ def test_first_login_enrolment_asks_again_after_a_wrong_code(env, tmp_path):
     policy.write_text("")  # the defaults: MFA enforced for internal users
     env = {**env, "TOKEN_AGENT_POLICY": str(policy)}
     run(env, "users", "add", "bob")
-    run(env, "enrol", "password", "--user", "bob", "--password-stdin",
-        stdin="correct horse battery\n")
+    _password(env, "bob")
     term = Terminal(["login", "--user", "bob", "--device", "unmanaged"], env)
     term.expect("Password")
-    term.send("correct horse battery")
+    term.send(PASSWORD)
     term.expect("Second factor to set up")
     term.send("")  # the default: the authenticator app
     shown = term.expect("Code shown by your authenticator app")
     secret = re.search(r"type the key ([A-Z2-7]+)", shown)[1]
-    right, wrong = _codes(secret)
-    term.send(wrong)
-    assert "type the code the app shows now" in term.expect("Code shown by your authenticator app")
-    right, _ = _codes(secret)
-    term.send(right)
-    assert term.wait() == 0, term.output
+    _wrong_codes_then_the_right_one(term, secret, "Code shown by your authenticator app",
+                                    wrong=1)
     assert "logged in: bob" in term.output
