@@ -182,7 +182,7 @@ def test_service_enrolment_on_a_key_without_a_pin_names_the_command(services, wo
     with svc.client() as c:
         login = c.request("enrol.key", user="alice")["login"]
         outcome = c.run_ceremony(login, lambda event: KEY_PIN)
-    assert not outcome["ok"]
+    assert not outcome["ok"] and outcome["reason"] == "device-error"
     assert f"token-agent keys pin set --key sim:{sim_key_server.address}" in outcome["message"]
     assert "no PIN yet" in outcome["message"]
 
