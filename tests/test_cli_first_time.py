@@ -181,7 +181,9 @@ def test_service_enrolment_on_a_key_without_a_pin_names_the_command(services, wo
     svc = services(f'[keys]\nsimulators = ["{sim_key_server.address}"]\ntimeout = 10\n')
     with svc.client() as c:
         login = c.request("enrol.key", user="alice")["login"]
-        outcome = c.run_ceremony(login, lambda event: KEY_PIN)
+        prompts = []
+        outcome = c.run_ceremony(login, lambda event: prompts.append(event) or KEY_PIN)
+    assert prompts == []  # no PIN asked for, new or old
     assert not outcome["ok"] and outcome["reason"] == "device-error"
     assert f"token-agent keys pin set --key sim:{sim_key_server.address}" in outcome["message"]
     assert "no PIN yet" in outcome["message"]
