@@ -278,7 +278,7 @@ def test_audit_tail_escapes_control_characters(cli):  # noqa: F811
     assert "\\u202etxt.exe" in lines[1]
     # --json keeps the exact text (JSON escapes it)
     data = json.loads(cli("audit", "tail", "--json").stdout)
-    assert data[-1]["username"] == forged
+    assert data["events"][-1]["username"] == forged
 
 
 # --------------------------------------------------------------------------- the size alarm

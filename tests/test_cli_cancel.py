@@ -91,7 +91,7 @@ def assert_key_released(*controls: KeyControl) -> None:
 def last_login(env, kind: str = "login") -> dict:
     """The audit log's latest event of ``kind``."""
     return json.loads(run(env, "audit", "tail", "-n", "1", "--kind", kind, "--json")
-                      .stdout)[0]
+                      .stdout)["events"][0]
 
 
 def test_ctrl_c_at_the_password_prompt(env, terminal):

@@ -17,6 +17,7 @@ from fido2.hid import CtapHidDevice
 
 from conftest import token_agent_command
 from drivers.fido.sim import SocketHidConnection, sim_descriptor
+from json_shapes import check_output
 from pcsc_helpers import wait_for_card
 from simulators.card.card import VirtualCard
 from simulators.card.pki import issuing_cert_path, root_cert_path
@@ -52,6 +53,8 @@ def cli(env, pki):
     def run(*args, input=None, expect=0):
         result = runner.invoke(main, list(args), input=input, env=env, catch_exceptions=False)
         assert result.exit_code == expect, (result.exit_code, result.output, result.stderr)
+        if "--json" in args:  # what README "JSON output" documents
+            check_output(args, result.stdout, result.exit_code)
         return result
 
     run("card", "settings", "set", "card_trust_anchors", str(root_cert_path(pki["ca"])))
@@ -143,8 +146,8 @@ def test_settings(cli):
     cli("card", "settings", "set", "card_provision_on_first_use", "true")
     cli("card", "settings", "set", "card_lock_command", "xdg-screensaver", "lock")
     shown = json.loads(cli("card", "settings", "show", "--json").stdout)
-    assert shown["provision_on_first_use"] is True
-    assert shown["lock_command"] == "xdg-screensaver lock"
+    assert shown["card_provision_on_first_use"] is True
+    assert shown["card_lock_command"] == "xdg-screensaver lock"
 
 
 def test_watch_prints_insert_remove_and_lock(env, insert, pcscd, tmp_path):
@@ -169,7 +172,7 @@ def test_watch_prints_insert_remove_and_lock(env, insert, pcscd, tmp_path):
             except queue.Empty:
                 continue
             assert line, f"watch ended; saw {seen}"
-            seen.append(json.loads(line))
+            seen.extend(check_output(["card", "watch", "--json"], line, 0, lines=True))
             if seen[-1]["event"] == kind:
                 return seen[-1]
         raise AssertionError(f"no {kind} event; saw {seen}")

@@ -16,6 +16,7 @@ from drivers.fido.sim import SocketHidConnection, sim_descriptor
 
 from simulators.key import KeyServer, create_virtual_key
 from token_agent import exitcodes
+from json_shapes import check_output
 from token_agent.cli import main
 
 PIN = "246810"
@@ -48,6 +49,8 @@ def cli(tmp_path, sim):
     def run(*args, input=None, expect=0):
         result = runner.invoke(main, list(args), input=input, env=env, catch_exceptions=False)
         assert result.exit_code == expect, (result.exit_code, result.output, result.stderr)
+        if "--json" in args:  # what README "JSON output" documents
+            check_output(args, result.stdout, result.exit_code)
         return result
 
     run("keys", "pin", "set", "--pin-stdin", input=PIN + "\n")
@@ -57,7 +60,7 @@ def cli(tmp_path, sim):
 
 def test_users_commands(cli):
     cli("users", "add", "bob")
-    listed = json.loads(cli("users", "list", "--json").stdout)
+    listed = json.loads(cli("users", "list", "--json").stdout)["users"]
     assert [u["username"] for u in listed] == ["alice", "bob"]
     assert "already" in cli("users", "add", "alice", expect=exitcodes.CONFLICT).stderr
     shown = json.loads(cli("users", "show", "alice", "--json").stdout)
@@ -68,7 +71,7 @@ def test_users_commands(cli):
 
 
 def test_keys_list_and_info(cli, sim):
-    listed = json.loads(cli("keys", "list", "--json").stdout)
+    listed = json.loads(cli("keys", "list", "--json").stdout)["keys"]
     assert len(listed) == 1 and listed[0]["path"] == f"sim:{sim[1]}"
     assert listed[0]["pin_set"] and listed[0]["pin_retries"] == 8
     info = json.loads(cli("keys", "info", "--json").stdout)
@@ -127,7 +130,7 @@ def test_pin_blocked_exit_code(cli):
 def test_key_pin_change_and_credentials(cli):
     cli("enrol", "key", "--user", "alice", "--pin-stdin", input=PIN + "\n")
     listed = json.loads(cli("keys", "credentials", "list", "--pin-stdin", "--json",
-                            input=PIN + "\n").stdout)
+                            input=PIN + "\n").stdout)["credentials"]
     assert [c["user"] for c in listed] == ["alice"]
     cli("keys", "pin", "change", "--pin-stdin", input=f"{PIN}\n13572468\n")
     cli("keys", "credentials", "delete", listed[0]["credential_id"], "--pin-stdin",

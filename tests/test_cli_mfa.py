@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import REPO_ROOT, token_agent_command
+from json_shapes import check_output
 from token_agent import exitcodes
 
 PASSWORD = "correct horse battery"
@@ -96,6 +97,8 @@ class Cli:
         self.runs.append((argv, proc))
         if expect is not None:
             assert proc.returncode == expect, (argv, proc.returncode, proc.stdout, proc.stderr)
+        if "--json" in argv:  # what README "JSON output" documents
+            check_output(argv, proc.stdout, proc.returncode)
         return proc
 
     def json(self, *args, **kw):
@@ -146,7 +149,7 @@ def test_password_totp_verify_and_login(cli, tmp_path):
     codes = Codes(secret)
     cli("verify", "totp", "--user", "alice", "--code", "123456", expect=exitcodes.AUTH_FAILED)
     cli("enrol", "totp", "--user", "alice", "--confirm", codes.next())
-    app, = [m for m in cli.json("methods", "list", "--user", "alice") if m["kind"] == "totp"]
+    app, = [m for m in cli.json("methods", "list", "--user", "alice")["methods"] if m["kind"] == "totp"]
     assert app["confirmed"] and app["preferred"]
 
     code = codes.next()
@@ -213,7 +216,7 @@ def test_verify_refuses_passwords_in_argv(cli):
     app_pw = cli.json("enrol", "app-password", "--user", "alice", "--name", "printer")[
         "app_password"]
     legacy = cli.write("legacy.toml", "[legacy]\napp_passwords = true\n")
-    before = cli.json("audit", "tail", "-n", "1000")
+    before = cli.json("audit", "tail", "-n", "1000")["events"]
     for kind, secret in (("password", PASSWORD), ("app-password", app_pw),
                          ("password", "wrong password")):
         refused = cli("--policy", legacy, "verify", kind, "--user", "alice", "--code", secret,
@@ -221,7 +224,7 @@ def test_verify_refuses_passwords_in_argv(cli):
         assert "never taken on the command line" in refused.stderr
         assert "--code-stdin" in refused.stderr
         assert secret not in refused.stdout + refused.stderr
-    assert cli.json("audit", "tail", "-n", "1000") == before  # nothing was checked
+    assert cli.json("audit", "tail", "-n", "1000")["events"] == before  # nothing was checked
     cli("--policy", legacy, "verify", "password", "--user", "alice", "--code-stdin",
         input=PASSWORD + "\n")
     cli("--policy", legacy, "verify", "app-password", "--user", "alice", input=app_pw + "\n")
@@ -328,23 +331,23 @@ def test_admin_lockouts_unlock_and_reset(cli):
         cli("verify", "totp", "--user", "alice", "--code", "000000", expect=exitcodes.AUTH_FAILED)
     cli("verify", "password", "--user", "alice", "--code-stdin", input="wrong password\n",
         expect=exitcodes.AUTH_FAILED)
-    locks = {s["scope"].split(":")[0]: s for s in cli.json("admin", "lockouts", "alice")}
+    locks = {s["scope"].split(":")[0]: s for s in cli.json("admin", "lockouts", "alice")["lockouts"]}
     assert locks["method"]["failures"] == 3 and locks["password"]["failures"] == 1
     assert "failures 3" in cli("admin", "lockouts", "alice").stdout
 
     cleared = cli.json("admin", "unlock", "alice", "--method", "totp")["cleared"]
     assert [c["scope"].split(":")[0] for c in cleared] == ["method"]
-    assert [s["scope"].split(":")[0] for s in cli.json("admin", "lockouts", "alice")] == ["password"]
+    assert [s["scope"].split(":")[0] for s in cli.json("admin", "lockouts", "alice")["lockouts"]] == ["password"]
     cli("admin", "unlock", "alice")
-    assert cli.json("admin", "lockouts", "alice") == []
+    assert cli.json("admin", "lockouts", "alice")["lockouts"] == []
     assert "no failures recorded" in cli("admin", "lockouts", "alice").stdout
-    unlocks = cli.json("audit", "tail", "--kind", "admin.unlock")
+    unlocks = cli.json("audit", "tail", "--kind", "admin.unlock")["events"]
     assert len(unlocks) == 2 and all(e["outcome"] == "success" for e in unlocks)
 
     removed = cli.json("admin", "reset-methods", "alice", "--yes")["removed"]
     assert sorted(m["kind"] for m in removed) == ["backup_codes", "totp"]
-    assert [m["kind"] for m in cli.json("methods", "list", "--user", "alice")] == ["password"]
-    event, = cli.json("audit", "tail", "--kind", "admin.reset-methods")
+    assert [m["kind"] for m in cli.json("methods", "list", "--user", "alice")["methods"]] == ["password"]
+    event, = cli.json("audit", "tail", "--kind", "admin.reset-methods")["events"]
     assert event["username"] == "alice" and event["detail"]["removed"] == 2
     assert event["detail"]["kinds"] == ["backup_codes", "totp"]
     cli("verify", "totp", "--user", "alice", "--code", codes.next(), expect=exitcodes.AUTH_FAILED)
@@ -362,7 +365,7 @@ def test_admin_lockouts_unlock_and_reset(cli):
 def test_admin_reset_needs_confirmation(cli):
     cli.alice_with_totp()
     cli("admin", "reset-methods", "alice", input="n\n", expect=exitcodes.ERROR)
-    assert len(cli.json("methods", "list", "--user", "alice")) == 2
+    assert len(cli.json("methods", "list", "--user", "alice")["methods"]) == 2
     cli("admin", "reset-methods", "nobody", "--yes", expect=exitcodes.NOT_FOUND)
 
 
@@ -391,10 +394,10 @@ def test_audit_verify_tail_and_tampering(cli):
         expect=exitcodes.AUTH_FAILED)
     cli("users", "add", "bob")
     intact = cli.json("audit", "verify")
-    assert intact == {"intact": True, "events": 5}
+    assert intact == {"intact": True, "events": 5, "ok": True, "version": 1}
     assert "audit log intact: 5 events" in cli("audit", "verify").stdout
 
-    tail = cli.json("audit", "tail", "-n", "3")
+    tail = cli.json("audit", "tail", "-n", "3")["events"]
     assert [e["id"] for e in tail] == [3, 4, 5]  # the latest, oldest first
     assert [e["kind"] for e in tail] == ["verify.password", "verify.password", "user.added"]
     assert len(cli("audit", "tail", "-n", "3").stdout.strip().splitlines()) == 3

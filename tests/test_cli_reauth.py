@@ -29,7 +29,11 @@ from token_agent import exitcodes
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
 
-AS_NOBODY = textwrap.dedent(f"""
+
+def as_user(uid: int) -> str:
+    """A ``python -c`` script: the CLI (``sys.argv[1:]``) run as ``uid``, its modules imported
+    while root (the interpreter lives where others cannot read)."""
+    return textwrap.dedent(f"""
     import importlib, os, pkgutil, sys
     import drivers, token_agent
     for pkg in (token_agent, drivers):  # everything the command may import, while root
@@ -41,10 +45,13 @@ AS_NOBODY = textwrap.dedent(f"""
                     pass
     import encodings.idna, getpass, secrets, sqlite3, uuid, xml.sax.saxutils  # noqa: F401
     from token_agent.cli import main
-    os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
-    assert os.geteuid() == {NOBODY}
+    os.setgroups([]); os.setgid({uid}); os.setuid({uid})
+    assert os.geteuid() == {uid}
     main(sys.argv[1:], prog_name="token-agent")
 """)
+
+
+AS_NOBODY = as_user(NOBODY)
 
 
 class NobodyCli(Cli):
@@ -83,7 +90,7 @@ class NobodyCli(Cli):
         return proc
 
     def kinds(self) -> list[str]:
-        return sorted(m["kind"] for m in self.json("methods", "list", "--user", "nobody"))
+        return sorted(m["kind"] for m in self.json("methods", "list", "--user", "nobody")["methods"])
 
 
 @pytest.fixture

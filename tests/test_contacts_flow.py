@@ -299,7 +299,7 @@ def test_scripted_first_login_enrolment_honours_second_sms(cli, gateway):
     assert code == 0, run.err
     assert "authenticator app" not in run.err
     assert gateway.requests[0].body["to"] == MOBILE_E164
-    methods = cli.json("methods", "list", "--user", "alice")
+    methods = cli.json("methods", "list", "--user", "alice")["methods"]
     assert [(m["kind"], m["confirmed"]) for m in methods if m["kind"] != "password"] == [
         ("sms", True)]
     assert json.loads(out)["method"] == "password+sms"

@@ -52,7 +52,7 @@ def planted_dir(tmp_path: Path, *, owner: int = 0, dir_mode: int = 0o700) -> Pat
 
 @pytest.mark.parametrize("owner, dir_mode, fix", [
     (0, 0o777, "chmod 700"),          # root's directory, but anyone may write in it
-    (NOBODY, 0o700, "chown root"),    # a user's directory
+    (NOBODY, 0o700, "sudo -u nobody"),  # a user's directory: run as them, never take it
     (NOBODY, 0o777, "chown root"),    # the review's: a user-owned 0777 directory
 ])
 def test_a_data_directory_others_control_is_refused(tmp_path, owner, dir_mode, fix):
@@ -81,11 +81,11 @@ def test_the_cli_refuses_a_planted_data_directory(cli, tmp_path):  # noqa: F811
     os.chmod(cli.data, 0o700)
     key = cli.data / "secrets.key"
     os.chown(key, NOBODY, NOBODY)   # a key file of someone else
-    proc = cli("policy", "show", expect=7)
+    proc = cli("policy", "explain", "--user", "alice", expect=7)  # opens the key file
     assert f"key file {key} is owned by nobody" in proc.stderr and f"chown root {key}" in \
         proc.stderr
     os.chown(key, 0, 0)
-    cli("policy", "show")
+    cli("policy", "explain", "--user", "alice")
 
 
 # --------------------------------------------------------------------------- symbolic links

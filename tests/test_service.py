@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, token_agent_command
+from json_shapes import check_output
 from token_agent.service.authz import Peer, Rules
 from token_agent.service.client import Client, ServiceError, answers, wait_until_serving
 
@@ -835,7 +836,8 @@ def test_service_commands(services, world):
 
     status = cli("status", "--json")
     assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["peer"]["roles"][0] == "root"
+    [shown] = check_output(["service", "status", "--json"], status.stdout, 0)
+    assert shown["peer"]["roles"][0] == "root" and shown["protocol_version"] >= 1
     assert "token-agent service 0.1.0" in cli("status").stdout
 
     events = subprocess.Popen(token_agent_command() + ["service", "events", "--socket",
@@ -850,16 +852,21 @@ def test_service_commands(services, world):
         wait_for(subscribed, what="the events command subscribed")
         with svc.client() as c:
             assert c.login("alice", answers(PASSWORD))["ok"]
-        line = json.loads(events.stdout.readline())
+        def next_line() -> dict:  # checked against README "JSON output"
+            return check_output(["service", "events"], events.stdout.readline(), 0,
+                                lines=True)[0]
+
+        line = next_line()
         while line["event"] != "login.finished":  # e.g. service.readers: pcscd came or went
-            line = json.loads(events.stdout.readline())
+            line = next_line()
         assert line["user"] == "alice" and line["ok"]
     finally:
         events.send_signal(signal.SIGINT)
         assert events.wait(10) == 0
 
     sessions = cli("sessions", "--json")
-    assert [s["user"] for s in json.loads(sessions.stdout)] == ["alice"]
+    [listed] = check_output(["service", "sessions", "--json"], sessions.stdout, 0)
+    assert [s["user"] for s in listed["sessions"]] == ["alice"]
     assert "alice" in cli("sessions").stdout
     gone = subprocess.run(token_agent_command() + ["service", "status", "--socket",
                                                    str(svc.socket) + ".nope"],

@@ -40,6 +40,7 @@ from token_agent.store import (
     Store,
     StoreError,
     StoreFileError,
+    StoreMissing,
     UnknownCredential,
     UnknownUser,
     UserExists,
@@ -102,6 +103,13 @@ class TestPaths:
         assert paths.data_dir(tmp_path / "explicit", env) == tmp_path / "explicit"
         assert paths.data_dir(None, env) == tmp_path / "envdir"
         del env["TOKEN_AGENT_DATA_DIR"]
+        # then config.toml's [store] data_dir, then systemd's StateDirectory=
+        env["STATE_DIRECTORY"] = str(tmp_path / "state")
+        assert paths.choose_data_dir(None, env, configured=tmp_path / "cfg",
+                                     config_source="/etc/c.toml") == \
+            (tmp_path / "cfg", "[store] data_dir in /etc/c.toml")
+        assert paths.choose_data_dir(None, env) == (tmp_path / "state", "STATE_DIRECTORY")
+        del env["STATE_DIRECTORY"]
         assert paths.data_dir(None, env) == tmp_path / "xdg" / "token-agent"
         del env["XDG_DATA_HOME"]
         assert paths.data_dir(None, env) == tmp_path / "home" / ".local" / "share" / "token-agent"
@@ -113,6 +121,15 @@ class TestPaths:
     def test_tilde_expands_with_the_given_home(self, tmp_path):
         env = {"HOME": str(tmp_path), "TOKEN_AGENT_DATA_DIR": "~/agent"}
         assert paths.data_dir(None, env) == tmp_path / "agent"
+
+    def test_not_created_for_a_reader(self, tmp_path):
+        assert paths.data_dir(tmp_path / "a" / "b", {}, create=False) == tmp_path / "a" / "b"
+        assert not (tmp_path / "a").exists()
+        with pytest.raises(StoreMissing):
+            Store.open(tmp_path / "a" / "b" / "token-agent.db", create=False)
+        with pytest.raises(StoreMissing):
+            Store.open(tmp_path / "token-agent.db", create=False)
+        assert not (tmp_path / "a").exists() and not (tmp_path / "token-agent.db").exists()
 
     def test_created_0700_whatever_the_umask(self, tmp_path):
         old = os.umask(0o022)

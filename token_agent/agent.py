@@ -40,11 +40,15 @@ class Agent:
              policy: Policy | None = None, clock: Callable[[], float] = time.time) -> "Agent":
         """Open the store of the data directory (or use ``store``), its key file, and the
         policy (``policy``, else ``policy_path``, else the default policy file, else the
-        built-in defaults). Raises ``StoreError``, ``SecretError``, ``PolicyError``."""
+        built-in defaults). The data directory is ``data_dir``, else found as the command
+        line and the service find it (``datadir.locate``), created when missing. Raises
+        ``StoreError``, ``SecretError``, ``PolicyError``, ``ConfigError``."""
+        from .datadir import locate
         from .paths import data_dir as resolve_dir, store_path
 
         env = os.environ if environ is None else environ
-        directory = Path(store.path).parent if store is not None else resolve_dir(data_dir, env)
+        directory = Path(store.path).parent if store is not None else \
+            resolve_dir(locate(data_dir, env).path, env)
         pol = policy if policy is not None else resolve_policy(policy_path, env)
         keys = SecretKeys.load_or_create(directory, dict(env))
         if store is None:

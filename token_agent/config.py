@@ -47,7 +47,9 @@ login_socket_group = "token-agent-login"  # its group (mode 0660; the service's 
                                         # member); the login services join it [none: 0600, root only]
 
 [store]
-data_dir = "/var/lib/token-agent"       # [the data directory rules: TOKEN_AGENT_DATA_DIR, XDG, ~]
+data_dir = "/var/lib/token-agent"       # the command line reads it too; --data-dir and
+                                        # TOKEN_AGENT_DATA_DIR win over it [STATE_DIRECTORY
+                                        # (systemd), $XDG_DATA_HOME/token-agent, ~/.local/share/...]
 size_warning_mb = 1024                  # the service logs a warning (at most hourly) when the
                                         # store (with its -wal) grows past this; 0 = never
                                         # (0 to 1048576)

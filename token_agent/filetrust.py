@@ -12,6 +12,9 @@ key file's directory must be
 Anything else is refused (``UntrustedPath``) with the path and the command that fixes it
 (``chmod 700 DIR``, ``chown USER FILE``, ``rm LINK``): nothing is created, changed or read
 first. The store turns it into a ``StoreFileError``, the key file into a ``SecretError``.
+Root meeting another user's private directory (the service's ``/var/lib/token-agent``) is
+told to run token-agent as that user (``sudo -u USER``), never to chown it to root: the
+service would then be refused its own store.
 
 Configuration and policy files (``config.toml``, ``policy.toml``) and their directory must
 not be writable by others: not group- or world-writable (a directory with the sticky bit
@@ -27,6 +30,7 @@ import errno
 import logging
 import os
 import pwd
+import shlex
 import stat
 from pathlib import Path
 
@@ -36,12 +40,15 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 class UntrustedPath(Exception):
-    """A file or directory the agent must not use; the message says why and how to fix it."""
+    """A file or directory the agent must not use; the message says why and how to fix it.
+    ``run_as``: the user (for ``sudo -u``) to run token-agent as instead, when root meets a
+    directory of another user (``_check_stat``)."""
 
-    def __init__(self, message: str, *, path: Path, fix: str) -> None:
+    def __init__(self, message: str, *, path: Path, fix: str, run_as: str | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.fix = fix
+        self.run_as = run_as
 
 
 def _name(uid: int) -> str:
@@ -64,7 +71,22 @@ def _owners() -> str:
 
 
 def _check_stat(path: Path, st: os.stat_result, what: str, private_mode: str) -> None:
-    """Owner and mode of an agent's own file or directory (not a link: checked before)."""
+    """Owner and mode of an agent's own file or directory (not a link: checked before).
+
+    Root meeting a private directory (not writable by group or others) of another user (the
+    service's ``/var/lib/token-agent``) is told to run token-agent as that user, not to take
+    the directory: a file root created there, or a directory chown-ed to root, would be
+    refused to its user (the service)."""
+    if os.geteuid() == 0 and st.st_uid != 0 and stat.S_ISDIR(st.st_mode) \
+            and not stat.S_IMODE(st.st_mode) & 0o022:
+        name = _name(st.st_uid)
+        run_as = name if name != str(st.st_uid) else f"#{st.st_uid}"
+        fix = f"sudo -u {shlex.quote(run_as)} token-agent ..."
+        raise UntrustedPath(
+            f"{what} {path} is {name}'s, not root's: files root made in it would be root's, "
+            f"and {name} (the service, if it runs as {name}) would refuse them; run token-agent "
+            f"as {name} ({fix}), and do not chown the directory to root",
+            path=path, fix=fix, run_as=run_as)
     if not _trusted_owner(st.st_uid):
         fix = f"chown {_me()} {path}"
         raise UntrustedPath(

@@ -10,6 +10,8 @@ File and durability
     directory and the files must be the running user's (or root's), not writable by group
     or others, and not symbolic links (``filetrust.py``): otherwise ``StoreFileError``
     (reason ``untrusted``), naming the path and the fix, before anything is touched.
+    ``Store.open(path, create=False)`` (for commands that only read) creates nothing: a
+    missing store is ``StoreMissing``.
     ``journal_mode=WAL``, ``synchronous=FULL`` (every commit is on disk when ``commit``
     returns: a login is rare and must survive a crash or power cut), ``foreign_keys=ON``,
     ``secure_delete=ON`` (deleted rows are overwritten), ``trusted_schema=OFF`` and a busy
@@ -169,10 +171,21 @@ class StoreFileError(StoreError):
     ``path`` is the file, ``reason`` a short description (``"not writable"``, ...).
     """
 
-    def __init__(self, message: str, *, path: Path, reason: str) -> None:
+    def __init__(self, message: str, *, path: Path, reason: str,
+                 run_as: str | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.reason = reason
+        #: root met another user's data directory: the user to run as (``filetrust.py``)
+        self.run_as = run_as
+
+
+class StoreMissing(StoreFileError):
+    """There is no store at ``path`` and the caller asked not to create one
+    (``Store.open(..., create=False)``: a command that only reads); nothing was created."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message, path=path, reason="missing")
 
 
 class SchemaTooNew(StoreError):
@@ -955,12 +968,13 @@ class Store:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
              clock: Callable[[], float] = time.time,
-             migrations: Sequence[Migration] = MIGRATIONS) -> Store:
+             migrations: Sequence[Migration] = MIGRATIONS, create: bool = True) -> Store:
         """Open (creating it if needed) the store at ``path`` and bring its schema up to date.
 
-        The file's directory must exist. Raises ``StoreFileError`` when the file cannot be
-        created, opened or written, is not a SQLite database, is corrupt, or belongs to
-        another program; ``SchemaTooNew`` when it was written by a newer token-agent; in
+        The file's directory must exist. Without ``create`` (a command that only reads) a
+        missing file (or directory) is ``StoreMissing`` and nothing is created. Raises
+        ``StoreFileError`` when the file cannot be created, opened or written, is not a
+        SQLite database, is corrupt, or belongs to another program; ``SchemaTooNew`` when it was written by a newer token-agent; in
         every case without changing the file. Writability is checked here, before any
         ceremony starts, not at the first write. ``migrations`` is for tests of the
         migration mechanism.
@@ -968,6 +982,8 @@ class Store:
         _check_migrations(migrations)
         path = Path(os.path.abspath(os.fspath(path)))
         directory = path.parent
+        if not create and not os.path.lexists(path):
+            raise StoreMissing(f"no token-agent store at {path}", path=path)
         if not directory.is_dir():
             raise StoreFileError(
                 f"token-agent store {path}: its directory {directory} does not exist: create it "
@@ -987,7 +1003,7 @@ class Store:
                 check_private_file(p, what)
         except UntrustedPath as exc:
             raise StoreFileError(f"token-agent store {path}: {exc}", path=path,
-                                 reason="untrusted") from None
+                                 reason="untrusted", run_as=exc.run_as) from None
         # Fail before SQLite creates -wal/-shm files or anything else: the directory must be
         # writable (SQLite creates its WAL and shared-memory files there) and so must the file.
         for target, mode, what in ((directory, os.W_OK | os.X_OK, "write into the directory"),

@@ -80,6 +80,16 @@ CARD_SETTINGS: dict[str, tuple[Any, str]] = {
 _LIST_SETTINGS = ("card_trust_anchors", "card_intermediates", "card_crl_sources")
 
 
+def card_setting_name(key: str) -> str:
+    """A setting's one name (``card_trust_anchors``): the name without ``card_``
+    (``trust_anchors``, what `card settings show` printed before) is accepted too."""
+    return key if key in CARD_SETTINGS or f"card_{key}" not in CARD_SETTINGS else f"card_{key}"
+
+
+def is_list_setting(key: str) -> bool:
+    return card_setting_name(key) in _LIST_SETTINGS
+
+
 def _parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -142,6 +152,7 @@ def check_card_setting(key: str, value: Any) -> Any:
 
 def set_card_setting(store: Store, key: str, value: Any) -> Any:
     """Validate and store one card setting; returns the stored value."""
+    key = card_setting_name(key)
     value = check_card_setting(key, value)
     store.set_setting(key, value)
     return value
@@ -187,6 +198,13 @@ class CardSettings:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def to_settings(self) -> dict[str, Any]:
+        """The settings by the names `card settings set` takes (``card_trust_anchors``...),
+        lists as lists; ``crl_cache_dir`` is not one of them (it follows the store)."""
+        data = self.to_json()
+        data.pop("crl_cache_dir")
+        return {f"card_{k}": list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     @property
     def lock_argv(self) -> list[str]:

@@ -11,10 +11,12 @@ from .. import __version__
 from .. import exitcodes
 from .cancel import CancellingGroup
 from .common import Context, fail
+from .jsonout import JsonGroup
 
 
-class RootGroup(CancellingGroup):
-    """Ctrl-C is "Cancelled." and exit 5 (:class:`CancellingGroup`); a malformed
+class RootGroup(JsonGroup, CancellingGroup):
+    """--json errors as one object (:class:`JsonGroup`, click's usage errors included); Ctrl-C
+    is "Cancelled." and exit 5 (:class:`CancellingGroup`); a malformed
     TOKEN_AGENT_SIM_KEYS, met by whichever command looks for keys, is a usage error."""
 
     def invoke(self, ctx: click.Context):
@@ -31,20 +33,26 @@ class RootGroup(CancellingGroup):
 
 @click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="token-agent")
-@click.option("--data-dir", type=click.Path(file_okay=False), envvar="TOKEN_AGENT_DATA_DIR",
-              help="Where the credential store lives (default: $XDG_DATA_HOME/token-agent; "
-                   "env TOKEN_AGENT_DATA_DIR).")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Where the credential store lives (default: TOKEN_AGENT_DATA_DIR, else "
+                   "[store] data_dir of config.toml, else $XDG_DATA_HOME/token-agent, else "
+                   "~/.local/share/token-agent).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="The configuration file, for its [store] data_dir (default: as `serve` "
+                   "finds it: TOKEN_AGENT_CONFIG, /etc/token-agent/config.toml, "
+                   "~/.config/token-agent/config.toml).")
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False), envvar="TOKEN_AGENT_POLICY",
               help="The MFA policy file (TOML; default: /etc/token-agent/policy.toml, then "
                    "~/.config/token-agent/policy.toml, else built-in defaults; env "
                    "TOKEN_AGENT_POLICY).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
 @click.pass_context
-def main(ctx: click.Context, data_dir: str | None, policy_path: str | None, verbose: bool) -> None:
+def main(ctx: click.Context, data_dir: str | None, config_path: str | None,
+         policy_path: str | None, verbose: bool) -> None:
     """Local authentication agent: FIDO2 keys, smartcards, MFA policy, simulators."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx.obj = Context(data_dir, policy_path)
+    ctx.obj = Context(data_dir, policy_path, config_path)
     ctx.call_on_close(ctx.obj.close)
 
 

@@ -33,7 +33,7 @@ def settings_show(ctx: Context, as_json: bool) -> None:
 def settings_set(ctx: Context, key: str, value: str, as_json: bool) -> None:
     """Set a setting."""
     try:
-        stored = org_settings.set_setting(ctx.store(), key, value)
+        stored = org_settings.set_setting(ctx.store(create=True), key, value)
     except ValueError as e:
         fail(str(e), exitcodes.USAGE)
     emit(as_json, {key: stored}, f"{key} = {stored}")
@@ -63,7 +63,7 @@ def trust_list(ctx: Context, as_json: bool) -> None:
 def trust_add_root(ctx: Context, certificate, as_json: bool) -> None:
     """Trust keys whose attestation chains to CERTIFICATE (PEM or DER file, - for stdin)."""
     try:
-        fingerprint = org_settings.add_trusted_root(ctx.store(), certificate.read())
+        fingerprint = org_settings.add_trusted_root(ctx.store(create=True), certificate.read())
     except ValueError as e:
         fail(str(e), exitcodes.USAGE)
     emit(as_json, {"added_root": fingerprint}, f"trusted root {fingerprint}")
@@ -89,7 +89,7 @@ def trust_remove_root(ctx: Context, fingerprint: str, as_json: bool) -> None:
 def trust_add_aaguid(ctx: Context, aaguid: str, as_json: bool) -> None:
     """Accept a key model by its AAGUID (its attestation must still verify)."""
     try:
-        value = org_settings.add_allowed_aaguid(ctx.store(), aaguid)
+        value = org_settings.add_allowed_aaguid(ctx.store(create=True), aaguid)
     except ValueError:
         fail(f"{aaguid!r} is not an AAGUID (a UUID)", exitcodes.USAGE)
     emit(as_json, {"added_aaguid": value}, f"allowed {value}")

@@ -184,10 +184,9 @@ def _finish_login(outcome, data: dict, as_json: bool, what: str) -> None:
         emit(as_json, data, f"logged in: {outcome.user} with {what} "
                             f"({factors}{'; multi-factor' if outcome.multi_factor else ''})")
         return
-    if as_json:
-        emit(True, data, "")
-    fail(f"login failed: {outcome.message}", exitcodes.REASON_CODES.get(outcome.reason,
-                                                                        exitcodes.ERROR))
+    fail(f"login failed: {outcome.message}",
+         exitcodes.REASON_CODES.get(outcome.reason, exitcodes.ERROR),
+         reason=data.get("reason"), data=data)
 
 
 @device_errors

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import signal
 import sys
 import time
@@ -15,6 +14,7 @@ from . import main
 from .common import (
     Context, PinSource, ask, device_errors, emit, fail, json_option, new_pin, pass_ctx, say,
 )
+from .jsonout import emit_line, start_stream
 
 reader_option = click.option("--reader", help="The reader to use (default: the first one "
                                               "holding a card).")
@@ -31,7 +31,16 @@ def card() -> None:
 def _card_fail(e) -> None:
     from ..ceremonies.card import device_failure
 
-    fail(e.message, exitcodes.REASON_CODES.get(device_failure(e), exitcodes.NO_DEVICE))
+    reason = device_failure(e)
+    fail(e.message, exitcodes.REASON_CODES.get(reason, exitcodes.NO_DEVICE),
+         reason=getattr(reason, "value", None))
+
+
+def _action_failed(result) -> None:
+    """A card action (PIN change, unlock) refused: its message, exit code and outcome."""
+    data = result.to_json()
+    fail(result.message, exitcodes.REASON_CODES.get(result.reason, exitcodes.ERROR),
+         reason=data.get("reason"), data=data)
 
 
 def _open(reader: str | None):
@@ -198,10 +207,9 @@ def login(ctx: Context, reader: str | None, pin_stdin: bool, as_json: bool) -> N
                             f"{outcome.detail.get('holder_name')} (something-you-have + "
                             f"something-you-know; multi-factor)")
         return
-    if as_json:
-        emit(True, data, "")
     fail(f"login failed: {outcome.message}",
-         exitcodes.REASON_CODES.get(outcome.reason, exitcodes.ERROR))
+         exitcodes.REASON_CODES.get(outcome.reason, exitcodes.ERROR),
+         reason=data.get("reason"), data=data)
 
 
 @card.command("change-pin")
@@ -228,9 +236,7 @@ def change_pin(ctx: Context, reader: str | None, pin_stdin: bool, as_json: bool)
     finally:
         session.close()
     if not result.ok:
-        if as_json:
-            emit(True, result.to_json(), "")
-        fail(result.message, exitcodes.REASON_CODES.get(result.reason, exitcodes.ERROR))
+        _action_failed(result)
     emit(as_json, result.to_json(), "PIN changed")
 
 
@@ -291,9 +297,7 @@ def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool, ra_d
     finally:
         session.close()
     if not result.ok:
-        if as_json:
-            emit(True, result.to_json(), "")
-        fail(result.message, exitcodes.REASON_CODES.get(result.reason, exitcodes.ERROR))
+        _action_failed(result)
     emit(as_json, result.to_json(), result.message)
 
 
@@ -323,6 +327,8 @@ def watch(ctx: Context, readers: tuple[str, ...], lock_on_remove: bool,
         action = make_lock_action(command)
         if action is None:
             fail("--lock-on-remove: no lock command is configured", exitcodes.USAGE)
+    if as_json:
+        start_stream()
     events: "queue.Queue" = queue.Queue()
     held: set[str] = set()  # readers holding a card that will lock when removed
 
@@ -342,8 +348,7 @@ def watch(ctx: Context, readers: tuple[str, ...], lock_on_remove: bool,
         events.put((event.kind, event.reader, event.atr, None, None))
 
     def show(kind, reader, atr, latency, error) -> None:
-        record = {"event": kind, "reader": reader,
-                  "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")}
+        record = {"event": kind, "reader": reader, "at": time.time()}
         if atr:
             record["atr"] = bytes(atr).hex()
         if latency is not None:
@@ -351,12 +356,13 @@ def watch(ctx: Context, readers: tuple[str, ...], lock_on_remove: bool,
         if error:
             record["error"] = error
         if as_json:
-            click.echo(json.dumps(record, sort_keys=True))
+            emit_line(record)
         else:
             extra = f" (ATR {record['atr']})" if atr else ""
             extra += f" {latency} ms after the removal was seen" if latency is not None else ""
             extra += f": {error}" if error else ""
-            click.echo(f"{record['time']} {kind} {reader or ''}{extra}")
+            stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+            click.echo(f"{stamp} {kind} {reader or ''}{extra}")
         sys.stdout.flush()
 
     def stop(_signum, _frame):
@@ -397,8 +403,14 @@ def settings_group() -> None:
 @json_option
 @pass_ctx
 def settings_show(ctx: Context, as_json: bool) -> None:
-    data = _settings(ctx).to_json()
-    emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
+    """The smartcard settings in force, by the names `card settings set` takes (TOML)."""
+    from .tomlout import dumps
+
+    settings = _settings(ctx)
+    data = settings.to_settings()
+    emit(as_json, {**data, "crl_cache_dir": settings.crl_cache_dir}, lambda: dumps(data, header=[
+        "smartcard settings (token-agent card settings set KEY VALUE...)",
+        f"CRL cache (follows the store): {settings.crl_cache_dir}"]))
 
 
 @settings_group.command("set")
@@ -408,11 +420,12 @@ def settings_show(ctx: Context, as_json: bool) -> None:
 def settings_set(ctx: Context, key: str, values: tuple[str, ...]) -> None:
     """Set KEY (e.g. card_trust_anchors ROOT.pem [MORE.pem], card_provision_on_first_use
     true, card_lock_command "loginctl lock-session")."""
-    from ..ceremonies.card import _LIST_SETTINGS, set_card_setting
+    from ..ceremonies.card import card_setting_name, is_list_setting, set_card_setting
 
-    value = list(values) if key in _LIST_SETTINGS else " ".join(values)
+    key = card_setting_name(key)
+    value = list(values) if is_list_setting(key) else " ".join(values)
     try:
-        stored = set_card_setting(ctx.store(), key, value)
+        stored = set_card_setting(ctx.store(create=True), key, value)
     except ValueError as e:
         fail(str(e), exitcodes.USAGE)
     say(f"{key} = {stored}")

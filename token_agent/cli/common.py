@@ -4,53 +4,72 @@ entry that never echoes, the store, Ctrl-C as a clean cancel, and exit codes."""
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
 from .. import exitcodes
+from . import jsonout
 from .cancel import answer, ask, cancellable  # noqa: F401  (cancellable: for the commands)
 
 
 class Context:
     """Per-invocation options (set on the root group)."""
 
-    def __init__(self, data_dir: str | None, policy_path: str | None = None) -> None:
-        self.data_dir = data_dir
+    def __init__(self, data_dir: str | None, policy_path: str | None = None,
+                 config_path: str | None = None) -> None:
+        self.data_dir = data_dir  # --data-dir only; TOKEN_AGENT_DATA_DIR: token_agent.datadir
         self.policy_path = policy_path
+        self.config_path = config_path
         self._store = None
         self._agent = None
 
-    def agent(self):
+    def agent(self, create: bool = False):
         """The store, key file and policy together (``token_agent.agent.Agent``): exit 7 when
-        the store or key file cannot be used, exit 2 when the policy file is wrong."""
+        the store or key file cannot be used, exit 2 when the policy file is wrong.
+        ``create``: as for ``store``."""
         if self._agent is None:
             from ..agent import Agent
-            from ..policy import PolicyError
             from ..secretbox import SecretError
 
-            store = self.store()
+            policy = self.policy()  # a wrong policy file is exit 2, store or none
+            store = self.store(create)
             try:
-                self._agent = Agent.open(store=store, policy_path=self.policy_path)
-            except PolicyError as e:
-                fail(str(e), exitcodes.USAGE)
+                self._agent = Agent.open(store=store, policy=policy)
             except SecretError as e:
                 fail(str(e), exitcodes.STORE)
         return self._agent
 
-    def store(self):
-        """The credential store, opened on first use (StoreError -> exit 7)."""
+    def policy(self):
+        """The policy in force (exit 2 when its file is wrong); needs no store."""
+        from ..policy import PolicyError, resolve_policy
+
+        try:
+            return resolve_policy(self.policy_path)
+        except PolicyError as e:
+            fail(str(e), exitcodes.USAGE)
+
+    def store(self, create: bool = False):
+        """The credential store, opened on first use (``token_agent.datadir``). Only a
+        command that writes passes ``create``: for the others a missing store is exit 8,
+        saying where it was looked for, and nothing is created. StoreError -> exit 7, a
+        wrong config.toml (read for its [store] data_dir) -> exit 2."""
         if self._store is None:
-            from ..paths import data_dir, store_path
-            from ..store import Store, StoreError
+            from ..config import ConfigError
+            from ..datadir import locate, open_store
+            from ..store import StoreError, StoreMissing
 
             try:
-                self._store = Store.open(store_path(data_dir(self.data_dir)))
+                where = locate(self.data_dir, config_path=self.config_path)
+                self._store = open_store(where, create=create)
+            except ConfigError as e:
+                fail("; ".join(e.errors), exitcodes.USAGE)
+            except StoreMissing as e:
+                fail(str(e), exitcodes.NOT_FOUND, reason="no-store")
             except StoreError as e:
-                fail(str(e), exitcodes.STORE)
+                fail(str(e) + _run_as_owner(e), exitcodes.STORE)
             except OSError as e:
                 fail(f"cannot open the credential store: {e}", exitcodes.STORE)
         return self._store
@@ -63,22 +82,48 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
+def _run_as_owner(e) -> str:
+    """Root refused another user's data directory (``filetrust.py``): this very command as
+    that user, to copy (the command line holds no secret: they are never taken there)."""
+    if not getattr(e, "run_as", None):
+        return ""
+    import shlex
+
+    prog = [sys.executable, "-m", "token_agent"] if sys.argv[0].endswith("__main__.py") \
+        else sys.argv[:1]
+    return f"; here: sudo -u {shlex.quote(e.run_as)} {shlex.join(prog + sys.argv[1:])}"
+
+
 def say(message: str) -> None:
     """A prompt or progress line for the person: always stderr, so stdout stays data."""
     click.echo(message, err=True)
 
 
-def fail(message: str, code: int = exitcodes.ERROR) -> None:
+def fail(message: str, code: int = exitcodes.ERROR, *, reason: str | None = None,
+         data: dict | None = None) -> NoReturn:
+    """Say what went wrong on stderr and exit with ``code``. With --json, stdout gets the
+    error object too (``jsonout``): ``reason`` (a stable code such as ``wrong-pin``; default:
+    the exit status's name) and ``data`` (what the command knows, e.g. a login's outcome)."""
     click.echo(f"token-agent: {message}", err=True)
+    out = jsonout.current()
+    if out is not None:
+        if data is not None:
+            out.add(data)
+        out.error = (code, reason, message)
     sys.exit(code)
 
 
 def emit(as_json: bool, data: Any, text: str | Callable[[], str]) -> None:
-    """Print the result: JSON on stdout for scripts, or the text for people."""
-    if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-    else:
+    """Print the result: the JSON object on stdout for scripts (``jsonout``: printed when
+    the command ends, with ``version`` and ``ok``; give a dict), or the text for people."""
+    if not as_json:
         click.echo(text() if callable(text) else text)
+        return
+    out = jsonout.current()
+    if out is not None:
+        out.add(data)
+    else:  # not inside a json_option command: print at once
+        click.echo(jsonout.render(jsonout.document(data)))
 
 
 def escape_controls(text: str) -> str:
@@ -92,7 +137,11 @@ def escape_controls(text: str) -> str:
                    for c in text)
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def json_option(func):
+    """--json: one JSON object on stdout, errors included (``jsonout``, README "JSON output")."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Machine-readable output: one JSON object on stdout, errors "
+                             "included (README \"JSON output\").")(jsonout.json_command(func))
 
 
 def pin_options(func):

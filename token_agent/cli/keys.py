@@ -79,7 +79,7 @@ def list_(as_json: bool) -> None:
     unusable = no_key_found()
     if isinstance(unusable, KeyNotPermitted):  # plugged in, but left out of the list
         say(unusable.message)
-    emit(as_json, [k.to_json() for k in found],
+    emit(as_json, {"keys": [k.to_json() for k in found]},
          lambda: "\n".join(
              f"{k.path}  {k.product}  aaguid {k.aaguid}  "
              f"PIN {'set' if k.pin_set else 'not set'}"
@@ -168,7 +168,7 @@ def credentials_list(key_path: str | None, timeout: float, pin_stdin: bool,
          "user_id": c.user_id.hex(), "credential_id": c.credential_id.hex()}
         for c in creds
     ]
-    emit(as_json, data, lambda: "\n".join(
+    emit(as_json, {"credentials": data}, lambda: "\n".join(
         f"{c['rp_id']:<28} {c['user'] or '':<20} {c['credential_id']}" for c in data)
         or "no discoverable credentials")
 

@@ -40,7 +40,8 @@ def _user(ctx: Context, username: str):
 
 
 def _factor_error(e) -> None:
-    fail(e.message, exitcodes.REASON_CODES.get(e.reason, exitcodes.ERROR))
+    fail(e.message, exitcodes.REASON_CODES.get(e.reason, exitcodes.ERROR),
+         reason=e.reason.value if e.reason else None)
 
 
 def _finish(result, as_json: bool, success: str | None = None) -> None:
@@ -49,9 +50,8 @@ def _finish(result, as_json: bool, success: str | None = None) -> None:
     if result.ok:
         emit(as_json, data, success or result.message)
         return
-    if as_json:
-        emit(True, data, "")
-    fail(result.message, exitcodes.REASON_CODES.get(result.reason, exitcodes.AUTH_FAILED))
+    fail(result.message, exitcodes.REASON_CODES.get(result.reason, exitcodes.AUTH_FAILED),
+         reason=data.get("reason"), data=data)
 
 
 def _code_arg(code: str | None, code_stdin: bool, prompt: str) -> str:
@@ -444,7 +444,7 @@ def methods_list(ctx: Context, username: str, as_json: bool) -> None:
             lines.append(f"{d['kind']:<13} {d['name']!r:<32} {', '.join(flags)}")
         return "\n".join(lines) or f"{user.username} has no methods"
 
-    emit(as_json, data, text)
+    emit(as_json, {"user": user.username, "methods": data}, text)
 
 
 def _find(ctx: Context, user, kind: str, name: str | None):
@@ -550,9 +550,10 @@ def approve(ctx: Context, companion_path: str, number: int | None, deny: bool,
         state = push.submit(fctx, signed)
     except FactorError as e:
         _factor_error(e)
-    emit(as_json, {"request": request.id, "state": state}, {
-        "approved": "approved", "denied": "denied: the sign-in is refused",
-        "wrong-number": "wrong number: the sign-in is refused",
-        "expired": "too late: the request had expired"}.get(state, state))
+    said = {"approved": "approved", "denied": "denied: the sign-in is refused",
+            "wrong-number": "wrong number: the sign-in is refused",
+            "expired": "too late: the request had expired"}.get(state, state)
     if state not in ("approved", "denied"):
-        sys.exit(exitcodes.AUTH_FAILED)
+        fail(said, exitcodes.AUTH_FAILED, reason=state,
+             data={"request": request.id, "state": state})
+    emit(as_json, {"request": request.id, "state": state}, said)

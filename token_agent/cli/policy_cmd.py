@@ -90,17 +90,15 @@ def policy_check(ctx: Context, path: str | None, as_json: bool) -> None:
         except DeliveryConfigError as e:
             errors = [f"{target}: delivery: {m}" for m in e.errors]
     data = {"path": str(target), "valid": not errors, "errors": errors, "warnings": warnings}
-    if as_json:
-        emit(True, data, "")
-    else:
+    if not as_json:
         for w in warnings:
             say(f"warning: {w}")
         for e in errors:
             say(f"error: {e}")
-        if not errors:
-            click.echo(f"{target}: valid" + (f" ({len(warnings)} warnings)" if warnings else ""))
     if errors:
-        raise SystemExit(exitcodes.USAGE)
+        fail(f"{target}: not valid ({len(errors)} errors)", exitcodes.USAGE, reason="invalid",
+             data=data)
+    emit(as_json, data, f"{target}: valid" + (f" ({len(warnings)} warnings)" if warnings else ""))
 
 
 @policy.command("explain")
@@ -141,34 +139,36 @@ def policy_explain(ctx: Context, username: str, device_kind: str, device_id: str
 @json_option
 @pass_ctx
 def policy_show(ctx: Context, as_json: bool) -> None:
-    """Show the policy in force (and which file it came from)."""
+    """Show the policy in force, defaults filled in, as a policy file (TOML: the same keys as
+    the file; it can be saved as one) and which file it came from. The [delivery] table is
+    not shown (it may hold gateway credentials): only the names of its channels."""
     from ..policy import policy_warnings
 
-    pol = ctx.agent().policy
-    data = _policy_json(pol)
-    data["warnings"] = policy_warnings(pol)
-    emit(as_json, data, lambda: "\n".join(f"{k:<16} {v}" for k, v in data.items()))
+    pol = ctx.policy()  # no store needed
+    data = pol.to_json()
+    channels = sorted(k for k in (data.pop("delivery") or {}) if k not in
+                      ("fallback", "sender_name", "outbox"))
+    source = data.pop("source")
+    warnings = policy_warnings(pol)
 
+    def text() -> str:
+        from .tomlout import dumps
 
-def _policy_json(pol) -> dict:
-    import dataclasses
+        allowed = set(data["methods"]["allowed"])
+        # a class's default minimum (email) that the methods leave out is not written: the
+        # file could not say it (policy check refuses it) and means the same without it
+        classes = {name: {**c, "minimum": c["minimum"] if c["minimum"] in allowed else None}
+                   for name, c in data["classes"].items()}
+        toml = {**data, "enforcement": {**data["enforcement"], "from": pol.enforcement.start},
+                "classes": classes}
+        header = [f"the policy in force: {source or 'built-in defaults (no policy file)'}",
+                  "[delivery]: " + (f"channels {', '.join(channels)} (not shown)" if channels
+                                    else "none configured")]
+        header += [f"warning: {w}" for w in warnings]
+        return dumps(toml, header=header)
 
-    def plain(value):
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            return value
-        return str(value)
-
-    data = plain(pol)
-    data.pop("delivery", None)
-    data["delivery_channels"] = sorted(k for k in (pol.delivery or {}) if k not in
-                                       ("fallback", "sender_name", "outbox"))
-    return data
+    emit(as_json, {**data, "source": source, "delivery_channels": channels,
+                   "warnings": warnings}, text)
 
 
 # --------------------------------------------------------------------------- audit
@@ -190,9 +190,8 @@ def audit_verify(ctx: Context, as_json: bool) -> None:
     try:
         count = ctx.store().verify_events()
     except AuditChainBroken as e:
-        if as_json:
-            emit(True, {"intact": False, "event_id": e.event_id, "error": str(e)}, "")
-        fail(f"audit log damaged: {e}", exitcodes.ERROR)
+        fail(f"audit log damaged: {e}", exitcodes.ERROR, reason="audit-chain-broken",
+             data={"intact": False, "event_id": e.event_id})
     emit(as_json, {"intact": True, "events": count}, f"audit log intact: {count} events verified")
 
 
@@ -216,7 +215,7 @@ def audit_tail(ctx: Context, count: int, username: str | None, kind: str | None,
         except UnknownUser as e:
             fail(str(e), exitcodes.NOT_FOUND)
     events = list(reversed(store.list_events(user_id=user_id, kind=kind, limit=count)))
-    emit(as_json, [e.to_dict() for e in events], lambda: "\n".join(escape_controls(
+    emit(as_json, {"events": [e.to_dict() for e in events]}, lambda: "\n".join(escape_controls(
         f"{e.id:>6} {_when(e.at)} {e.kind:<22} {e.outcome:<8} {e.username or '-':<16} "
         + " ".join(f"{k}={v}" for k, v in sorted(e.detail.items())))
         for e in events) or "no events")
@@ -309,7 +308,7 @@ def admin_lockouts(ctx: Context, username: str, as_json: bool) -> None:
     user = _admin_user(ctx, username)
     states = lockout.user_locks(ctx.store(), user.id)
     now = time.time()
-    emit(as_json, [s.to_json() for s in states], lambda: "\n".join(
+    emit(as_json, {"user": user.username, "lockouts": [s.to_json() for s in states]}, lambda: "\n".join(
         f"{s.scope:<48} failures {s.failures}, level {s.level}"
         + (", locked until an administrator unlocks it" if s.permanent
            else f", locked until {_when(s.locked_until)}" if s.locked(now) else "")

@@ -24,7 +24,7 @@ def caller_is_admin(ctx: Context) -> bool:
     if os.getuid() == 0:
         return True
     try:
-        service = load_config().service
+        service = load_config(ctx.config_path).service  # token-agent --config, else as serve
         rules = Rules(service.login_service_users, service.admin_group)
     except ConfigError as e:
         say(f"warning: config.toml cannot be read ({e}): the default admin group applies")

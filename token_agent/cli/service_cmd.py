@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -10,7 +9,8 @@ import click
 
 from .. import exitcodes
 from . import main
-from .common import Context, emit, fail, json_option, pass_ctx, say
+from .common import Context, emit, fail, json_option, pass_ctx
+from .jsonout import emit_line, json_command
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), metavar="PATH",
@@ -29,9 +29,9 @@ def _load_config(config_path: str | None, *, strict: bool = False):
     try:
         return load_config(config_path, strict=strict)
     except ConfigError as e:
-        for line in e.errors:
+        for line in e.errors[:-1]:
             click.echo(f"token-agent: {line}", err=True)
-        sys.exit(exitcodes.USAGE)
+        fail(e.errors[-1] if e.errors else str(e), exitcodes.USAGE, reason="invalid-config")
 
 
 def _from_command_line(name: str) -> bool:
@@ -63,11 +63,11 @@ def serve(ctx: Context, socket_path: str | None, config_path: str | None) -> Non
     from ..service.logs import setup_logging
     from ..service.server import Service, ServiceStartError
 
+    config_path = config_path or ctx.config_path  # `serve --config` or `token-agent --config`
     config = _load_config(config_path, strict=True)
     setup_logging(config.logging.level, config.logging.format)
-    data_dir = ctx.data_dir if _from_command_line("data_dir") else None
     policy_path = ctx.policy_path if _from_command_line("policy_path") else None
-    service = Service(config, socket_path=socket_path, data_dir=data_dir,
+    service = Service(config, socket_path=socket_path, data_dir=ctx.data_dir,
                       policy_path=policy_path)
     stop = threading.Event()
     hup = threading.Event()
@@ -134,7 +134,7 @@ def config_check(path: str | None, as_json: bool) -> None:
 
     target = config_path(path)
     if target is None:
-        emit(as_json, {"file": None, "ok": True, "errors": [], "warnings": []},
+        emit(as_json, {"file": None, "errors": [], "warnings": []},
              "no configuration file: the built-in defaults apply")
         return
     try:
@@ -143,20 +143,18 @@ def config_check(path: str | None, as_json: bool) -> None:
         config, errors, warnings = None, e.errors, []
     else:
         config, errors, warnings = check_config_text(text, str(target))
-    data = {"file": str(target), "ok": not errors, "errors": errors, "warnings": warnings}
+    data = {"file": str(target), "errors": errors, "warnings": warnings}
     if config is not None:
         data["config"] = config.to_json()
-    if as_json:
-        emit(True, data, "")
-    else:
+    if not as_json:
         for line in errors:
             click.echo(f"error: {line}", err=True)
         for line in warnings:
             click.echo(f"warning: {line}", err=True)
-        if not errors:
-            click.echo(f"{target}: ok")
     if errors:
-        sys.exit(exitcodes.USAGE)
+        fail(f"{target}: cannot be used ({len(errors)} errors)", exitcodes.USAGE,
+             reason="invalid-config", data=data)
+    emit(as_json, data, f"{target}: ok")
 
 
 # --------------------------------------------------------------------------- service (client)
@@ -175,7 +173,7 @@ def _client(socket_path: str | None, config_path: str | None):
     try:
         return Client(socket_path)
     except ServiceError as e:
-        fail(e.message, exitcodes.ERROR)
+        fail(e.message, exitcodes.ERROR, reason=e.code)
 
 
 def _call(client, op: str, **args):
@@ -184,7 +182,7 @@ def _call(client, op: str, **args):
     try:
         return client.request(op, **args)
     except ServiceError as e:
-        fail(f"{op}: {e.message} ({e.code})", exitcodes.ERROR)
+        fail(f"{op}: {e.message} ({e.code})", exitcodes.ERROR, reason=e.code)
 
 
 def _when(ts: float | None) -> str:
@@ -220,7 +218,9 @@ def service_status(socket_path: str | None, config_path: str | None, as_json: bo
                            or ("none" if service.get("watching_readers") else "not watched")),
         ])
 
-    emit(as_json, hello, text)
+    # "version" of the output is the JSON format's: the protocol's is protocol_version
+    emit(as_json, {**{k: v for k, v in hello.items() if k != "version"},
+                   "protocol_version": hello.get("version")}, text)
 
 
 @service_group.command("sessions")
@@ -233,7 +233,7 @@ def service_sessions(username: str | None, socket_path: str | None, config_path:
     """The sessions the service holds (kept across its restarts)."""
     with _client(socket_path, config_path) as client:
         sessions = _call(client, "session.state", user=username)["sessions"]
-    emit(as_json, sessions, lambda: "\n".join(
+    emit(as_json, {"sessions": sessions}, lambda: "\n".join(
         f"{s['id'][:12]}  {s['user']:<16} {s['method']:<14} {s['state']:<7} "
         f"{_when(s['created_at'])}"
         + (f"  card in {s['card']['reader']}" if s.get("card") else "")
@@ -243,6 +243,7 @@ def service_sessions(username: str | None, socket_path: str | None, config_path:
 @service_group.command("events")
 @socket_option
 @config_option
+@json_command(always=True, stream=True)
 def service_events(socket_path: str | None, config_path: str | None) -> None:
     """Print the service's events (cards, sessions locked, logins) as JSON lines until
     Ctrl-C."""
@@ -252,11 +253,10 @@ def service_events(socket_path: str | None, config_path: str | None) -> None:
     try:
         _call(client, "events.subscribe")
         for event in client.events():
-            click.echo(json.dumps(event, sort_keys=True))
+            emit_line(event)
     except KeyboardInterrupt:
         pass
     except ServiceError as e:
-        say(f"token-agent: {e.message}")
-        sys.exit(exitcodes.ERROR)
+        fail(e.message, exitcodes.ERROR, reason=e.code)
     finally:
         client.close()

@@ -113,7 +113,7 @@ def ca_revoke(directory: str, uuid: str | None, serial: str | None, reason: str,
         raise click.UsageError("give exactly one of --uuid and --serial")
     revoked = pki.revoke(directory, uuid=uuid, serial=serial, reason=reason,
                          publish_crl=not no_crl)  # fmt: skip
-    emit(as_json, [asdict(r) for r in revoked], lambda: "\n".join(
+    emit(as_json, {"revoked": [asdict(r) for r in revoked]}, lambda: "\n".join(
         [f"revoked certificate {r.certificate_serial} (card {r.card_serial}, slot {r.slot}, "
          f"UUID {r.uuid}): {r.reason}" for r in revoked]
         + ([] if no_crl else [f"CRL published: {pki.crl_path(directory)}"])))  # fmt: skip

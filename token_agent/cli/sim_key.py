@@ -5,7 +5,6 @@ arguments and prints."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import signal
 import sys
@@ -18,7 +17,7 @@ from simulators.key.control import DEFAULT_CONTROL_PORT, DEFAULT_HID_PORT
 
 from .. import exitcodes
 from . import sim
-from .common import fail
+from .common import emit, fail, json_option
 
 PRESENCE_MODES = ("auto", "manual", "deny", "never")
 
@@ -119,11 +118,9 @@ def _run(action: Callable[[], dict], message: str | None = None) -> dict:
     try:
         result = action()
     except SimulatorNotRunning as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
+        fail(str(e), 2, reason="simulator-not-running")
     except ControlError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+        fail(str(e), 1, reason="control-error")
     if message:
         click.echo(message)
     return result
@@ -187,12 +184,12 @@ def plug(control_port: int) -> None:
 
 @key.command()
 @control_port_option
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+@json_option
 def status(control_port: int, as_json: bool) -> None:
     """Show the running key's state."""
     state = _run(_control(control_port).status)
     if as_json:
-        click.echo(json.dumps(state, indent=2, sort_keys=True))
+        emit(True, state, "")
         return
     faults = {k: v for k, v in state.get("faults", {}).items() if v not in (0, 0.0, None)}
     if faults.get("fail_status") == 0x7F and "fail_next" not in faults:

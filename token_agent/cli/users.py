@@ -63,8 +63,8 @@ def add(ctx: Context, username: str, display_name: str | None, roles: tuple[str,
     from ..store import StoreError, UserExists
 
     try:
-        user = add_account(ctx.agent(), username, display_name=display_name, roles=roles,
-                           user_class=user_class)
+        user = add_account(ctx.agent(create=True), username, display_name=display_name,
+                           roles=roles, user_class=user_class)  # the first user starts the store
     except UserExists as e:
         fail(str(e), exitcodes.CONFLICT)
     except (StoreError, ValueError) as e:
@@ -78,7 +78,7 @@ def add(ctx: Context, username: str, display_name: str | None, roles: tuple[str,
 def list_(ctx: Context, as_json: bool) -> None:
     """List users."""
     all_users = ctx.store().list_users()
-    emit(as_json, [_user_json(u) for u in all_users],
+    emit(as_json, {"users": [_user_json(u) for u in all_users]},
          lambda: "\n".join(f"{u.username:<24} {u.display_name or '':<28} {','.join(u.roles)}"
                            for u in all_users) or "no users")
 

@@ -42,6 +42,7 @@ from drivers.fido.errors import FidoKeyError
 from .. import __version__
 from ..ceremonies.choices import parse_second
 from ..config import STALE_ENROLMENT_SECONDS, Config
+from ..datadir import locate
 from ..outcome import LoginOutcome, Reason
 from ..usernames import RULE, is_username
 from . import protocol
@@ -102,7 +103,9 @@ class Service:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
         self.socket_path = config.service.socket_path(self.environ, socket_path)
-        self.data_dir = data_dir if data_dir is not None else config.store.data_dir
+        # the command line's lookup (token_agent/paths.py): --data-dir, TOKEN_AGENT_DATA_DIR,
+        # [store] data_dir, STATE_DIRECTORY, XDG_DATA_HOME, ~/.local/share
+        self.data_dir = locate(data_dir, self.environ, config=config).path
         self._policy_override = policy_path
         self.policy_path = policy_path if policy_path is not None else config.policy.file
         self.device_env = config.keys.environ(self.environ)
