@@ -241,9 +241,13 @@ def _wrong_codes_then_the_right_one(term: Terminal, secret: str, prompt: str, *,
     assert term.wait() == 0, term.output
 
 
+def _methods(env: dict, user: str = "alice") -> list[dict]:
+    return json.loads(run(env, "methods", "list", "--user", user, "--json").stdout)["methods"]
+
+
 def _lockouts(env: dict, user: str) -> dict:
     return {s["scope"]: s["failures"]
-            for s in json.loads(run(env, "admin", "lockouts", user, "--json").stdout)}
+            for s in json.loads(run(env, "admin", "lockouts", user, "--json").stdout)["lockouts"]}
 
 
 def test_enrol_totp_asks_again_after_a_wrong_first_code(env):
@@ -255,8 +259,7 @@ def test_enrol_totp_asks_again_after_a_wrong_first_code(env):
     secret = re.search(r"enter the key ([A-Z2-7]+)", term.expect("Code shown by the app"))[1]
     _wrong_codes_then_the_right_one(term, secret, "Code shown by the app", wrong=2)
     assert "authenticator app 'authenticator app' set up for alice" in term.output
-    app, = [m for m in json.loads(run(env, "methods", "list", "--user", "alice",
-                                      "--json").stdout) if m["kind"] == "totp"]
+    app, = [m for m in _methods(env) if m["kind"] == "totp"]
     assert app["confirmed"] and app["failures"] == 0
     assert all(failures == 0 for failures in _lockouts(env, "alice").values())
 
@@ -272,13 +275,12 @@ def test_enrol_totp_gives_up_after_three_wrong_codes(env):
     assert term.wait() == exitcodes.AUTH_FAILED, term.output
     assert term.output.count("Code shown by the app") == 3
     assert ("--confirm CODE" in term.output and "--name 'work phone'" in term.output)
-    app, = json.loads(run(env, "methods", "list", "--user", "alice", "--json").stdout)
+    app, = _methods(env)
     assert not app["confirmed"] and app["failures"] == 3  # its own count, nobody else's
     assert set(_lockouts(env, "alice")) == {f"method:{app['id']}"}
     right, _ = _codes(secret)  # still waiting: confirmed later, the count cleared
     run(env, "enrol", "totp", "--user", "alice", "--name", "work phone", "--confirm", right)
-    assert json.loads(run(env, "methods", "list", "--user", "alice",
-                          "--json").stdout)[0]["failures"] == 0
+    assert _methods(env)[0]["failures"] == 0
 
 
 # --------------------------------------------------------------------------- --confirm, no --name
@@ -290,8 +292,7 @@ def _start_app(env: dict, name: str) -> str:
 
 
 def _apps(env: dict) -> dict:
-    return {m["name"]: m for m in json.loads(run(env, "methods", "list", "--user", "alice",
-                                                 "--json").stdout)}
+    return {m["name"]: m for m in _methods(env)}
 
 
 def test_confirm_without_name_takes_the_only_waiting_app(env):
@@ -439,6 +440,7 @@ def test_card_status_with_a_reader_that_is_not_there(pcscd, tmp_path):
     """`card status --reader X` naming no reader: said so, with the readers there are."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")},
            "TOKEN_AGENT_DATA_DIR": str(tmp_path / "data")}
+    run(env, "users", "add", "alice")  # a store: card status reads its trust settings
     missing = run(env, "card", "status", "--reader", "Reader That Is Not There 9",
                   expect=exitcodes.NO_DEVICE)
     assert "No smartcard reader named 'Reader That Is Not There 9'" in missing.stderr
