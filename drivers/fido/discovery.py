@@ -6,13 +6,15 @@ No policy here: which key to use, and what to do when there is none, is the call
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import struct
 from collections.abc import Callable, Iterable, Mapping
 
 import fido2.hid
 from fido2.hid import CtapHidDevice
-from fido2.hid.base import CtapHidConnection, HidDescriptor
+from fido2.hid.base import CtapHidConnection, HidDescriptor, parse_report_descriptor
 
 from .channel import SharedHidDevice
 from .sim import (
@@ -49,6 +51,31 @@ def list_usb_descriptors() -> list[HidDescriptor]:
     except OSError as e:
         logger.debug("no hidraw FIDO devices listed: %s", e)
         return []
+
+
+#: where Linux puts the hidraw nodes, and what sysfs says about each (readable by everyone)
+HIDRAW_NODES = "/dev/hidraw*"
+SYSFS_HIDRAW = "/sys/class/hidraw"
+
+
+def _is_fido_hidraw(node: str) -> bool:
+    """Whether the hidraw ``node`` is a FIDO device, from its HID report descriptor in sysfs
+    (usage page 0xF1D0), which needs no access to the node itself."""
+    sysfs = os.path.join(SYSFS_HIDRAW, os.path.basename(node), "device", "report_descriptor")
+    try:
+        with open(sysfs, "rb") as f:
+            parse_report_descriptor(f.read())
+    except (OSError, ValueError, struct.error):
+        return False
+    return True
+
+
+def unopenable_usb_keys() -> list[str]:
+    """The hidraw nodes of FIDO keys that are plugged in but that this process may not open
+    for reading and writing (their permissions or ACL leave it out): the keys python-fido2's
+    listing passes over in silence. [] where there is no hidraw."""
+    return [node for node in sorted(glob.glob(HIDRAW_NODES))
+            if _is_fido_hidraw(node) and not os.access(node, os.R_OK | os.W_OK)]
 
 
 def list_descriptors(environ: Mapping[str, str] | None = None) -> list[HidDescriptor]:

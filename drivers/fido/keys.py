@@ -86,6 +86,7 @@ __all__ = [
     "FidoKey",
     "KeyInfo",
     "ResidentCredential",
+    "check_new_pin",
     "list_keys",
     "open_single_key",
     "select_key",
@@ -558,7 +559,7 @@ class FidoKey:
             self._need_pin_support(info)
             if info.options.get("clientPin") is True:
                 raise PinAlreadySet()
-            _check_new_pin(new, info.min_pin_length)
+            check_new_pin(new, info.min_pin_length)
             ClientPin(ctap2).set_pin(new)
 
     def change_pin(self, old: str, new: str) -> None:
@@ -569,7 +570,7 @@ class FidoKey:
             self._need_pin_support(info)
             if not old:
                 raise PinRequired()
-            _check_new_pin(new, info.min_pin_length)
+            check_new_pin(new, info.min_pin_length)
             ClientPin(ctap2).change_pin(old, new)
 
     # -- credential management ----------------------------------------------------------
@@ -1029,7 +1030,10 @@ def _assertion(answer: Mapping[int, Any], client_data_json: bytes,
     )
 
 
-def _check_new_pin(pin: str, min_length: int) -> None:
+def check_new_pin(pin: str, min_length: int) -> None:
+    """The CTAP rules for a new PIN (at least ``min_length`` code points, the key's
+    getInfo minPINLength; at most 63 bytes of UTF-8): :class:`PinPolicyViolation` if
+    ``pin`` breaks them. The key may still refuse it."""
     if not isinstance(pin, str):
         raise TypeError("the PIN must be a str")
     if len(pin) < min_length or len(pin.encode("utf-8")) > MAX_PIN_BYTES:

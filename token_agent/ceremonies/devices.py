@@ -28,6 +28,7 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
     from drivers.fido.keys import open_key_for, open_single_key
 
     from .key import KeySettings, device_failure, login_with_key
+    from .keyfinding import explain
 
     def touched() -> None:
         if on_touch is not None:
@@ -58,6 +59,7 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
                                       on_touch=on_touch, timeout=timeout, cancel=cancel,
                                       settings=settings, presence=presence)
         except key_errors.FidoKeyError as e:
+            e = explain(e)
             return LoginOutcome.failure("key", device_failure(e), e.message)
 
     return run

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
 import threading
 from dataclasses import dataclass, field
@@ -130,6 +131,14 @@ class EnrolResult:
         return data
 
 
+def pin_not_set(key_path: str) -> key_errors.PinNotSet:
+    """The key's PinNotSet as enrolment says it: with the exact command that sets the PIN
+    (the CLI without a terminal, the service: neither sets a PIN itself)."""
+    return key_errors.PinNotSet(
+        "This key has no PIN yet, and enrolling it needs one. Set a PIN on it first, then "
+        f"enrol it again: token-agent keys pin set --key {shlex.quote(key_path)}")
+
+
 class EnrolError(Exception):
     """Enrolment refused; ``reason`` is a stable code, the message is for people."""
 
@@ -151,11 +160,19 @@ def enrol_key(
     cancel: threading.Event | None = None,
     settings: KeySettings | None = None,
     presence: PinGuard | None = None,
+    new_pin: Callable[[int], str | None] | None = None,
 ) -> EnrolResult:
     """Register ``key`` for ``username``. Raises EnrolError, drivers' FidoKeyError, or the
     store's errors; writes nothing unless every check passed. ``presence``: who must touch
     the key before its PIN is tried (:mod:`.keypresence`); by default, a caller that is not
-    the login service."""
+    the login service.
+
+    A key that can have a PIN but has none yet cannot verify its user, which ``preferred``
+    (the default) and ``required`` want: the key gets its first PIN here, as a browser does.
+    ``new_pin(min_length)`` (a person at a terminal: the key's minimum PIN length checked,
+    the PIN typed twice) gives it; the PIN is set on the key and used for this enrolment.
+    Without ``new_pin``, or when it gives None, :class:`~drivers.fido.errors.PinNotSet`
+    says which command sets the PIN (:func:`pin_not_set`)."""
     settings = settings or KeySettings.from_store(store)
     user = store.get_user(username)
     existing = store.list_fido_credentials(user.id)
@@ -187,11 +204,21 @@ def enrol_key(
     )
     presence = presence or PinGuard(trusted=False, on_touch=on_touch, timeout=timeout,
                                     cancel=cancel)
-    pins = _PinTracker(presence.pin_provider(key, pin_provider))
-    response = key.make_credential(
-        options, origin=settings.origin, pin_provider=pins, on_touch=on_touch,
-        timeout=timeout, cancel=cancel,
-    )
+
+    def register(provider: Callable[[], str | None]):
+        pins = _PinTracker(presence.pin_provider(key, provider))
+        return key.make_credential(options, origin=settings.origin, pin_provider=pins,
+                                   on_touch=on_touch, timeout=timeout, cancel=cancel)
+
+    try:
+        response = register(pin_provider)
+    except key_errors.PinNotSet:
+        first = new_pin(key.info().min_pin_length) if new_pin is not None else None
+        if not first:
+            raise pin_not_set(key.path) from None
+        key.set_pin(first)
+        log.info("first PIN set on key %s for the enrolment of %s", key.path, username)
+        response = register(lambda: first)
     try:
         check = webauthn.verify_registration(
             rp_id=settings.rp_id,

@@ -602,8 +602,14 @@ def _enrol_now(agent, user, interaction, decision, second) -> Verification:
         interaction.info("Scan this QR code with your authenticator app "
                          f"(or type the key {pending.secret}):")
         interaction.show_qr(pending.uri)
-        return totp.confirm_enrol(ctx, user.id, _ask(interaction.secret(
-            "Code shown by your authenticator app")))
+
+        def code(previous: Verification | None) -> str | None:
+            if previous is None:
+                return _ask(interaction.secret("Code shown by your authenticator app"))
+            interaction.info(f"{previous.message}: type the code the app shows now")
+            return interaction.secret("Code shown by your authenticator app")  # None: stop
+
+        return totp.confirm_enrol_asking(ctx, user.id, code, name=pending.method.name)
     destination = _ask(interaction.text("Email address" if chosen == "email" else "Phone number"))
     try:
         method, receipt = codes.add_contact(ctx, user.id, chosen, destination, name=name)

@@ -13,7 +13,7 @@ from .common import (
     Context, PinSource, TerminalInteraction, cancellable, device_errors, emit, fail, json_option,
     pass_ctx, pin_guard, pin_options, say, touch_prompt,
 )
-from .keys import key_option, open_key, timeout_option
+from .keys import first_pin, key_option, open_key, timeout_option
 from .policy_cmd import make_device, with_device
 
 export_option = click.option(
@@ -63,7 +63,8 @@ def enrol_key(ctx: Context, username: str, name: str | None, key_path: str | Non
             result = cancellable(lambda cancel: enrol(
                 store, key, username, name=name, pin_provider=PinSource(pin_stdin),
                 on_touch=touch_prompt, timeout=timeout, cancel=cancel,
-                presence=pin_guard(timeout, cancel)))
+                presence=pin_guard(timeout, cancel),
+                new_pin=None if pin_stdin or not sys.stdin.isatty() else first_pin))
         except EnrolError as e:
             fail(e.message, exitcodes.CONFLICT if e.reason == "name-taken"
                  else exitcodes.AUTH_FAILED)

@@ -51,7 +51,25 @@ def _open(reader: str | None):
     try:
         return open_card(reader)
     except card_errors.PcscError as e:
+        if reader and isinstance(e, card_errors.NoReader):
+            _no_reader_named(reader)
         _card_fail(e)
+
+
+def _no_reader_named(reader: str) -> None:
+    """`--reader R` names no reader: say so, and which readers there are (exit 4)."""
+    from drivers.pcsc.errors import PcscError
+    from drivers.pcsc.readers import list_readers
+
+    try:
+        present = list_readers()
+    except PcscError:
+        return  # pcscd's own error says more
+    if reader in present:
+        return
+    fail(f"No smartcard reader named {reader!r}. "
+         + (f"The readers here: {', '.join(repr(r) for r in present)}." if present
+            else "No reader is connected."), exitcodes.NO_DEVICE)
 
 
 def _settings(ctx: Context):

@@ -257,14 +257,40 @@ class TerminalInteraction:
         click.echo(qr_terminal(uri), err=True)
 
 
-def new_pin(from_stdin: bool, label: str = "New PIN") -> str:
-    """A new PIN, typed twice (or one line of stdin)."""
+def new_pin(from_stdin: bool, label: str = "New PIN", *, min_length: int | None = None,
+            optional: bool = False) -> str | None:
+    """A new PIN: one line of stdin, or typed twice (three attempts). With ``min_length``
+    (a security key's minimum, from its getInfo) the first entry is checked against the
+    key's rules before the second is asked for. ``optional``: an empty first entry gives
+    None (the person declined) instead of failing."""
     if from_stdin:
         pin = sys.stdin.readline().rstrip("\r\n")
         if not pin:
             fail("no PIN on standard input", exitcodes.USAGE)
         return pin
-    return ask(label, hide_input=True, confirmation_prompt=True)
+    for _ in range(3):
+        first = answer(label, hide_input=True, default="", show_default=False)
+        if not first:  # declined, or Ctrl-C in a ceremony (it ends as cancelled)
+            if optional or first is None:
+                return None
+            fail("no PIN given", exitcodes.USAGE)
+        if min_length is not None:
+            from drivers.fido.errors import PinPolicyViolation
+            from drivers.fido.keys import check_new_pin
+
+            try:
+                check_new_pin(first, min_length)
+            except PinPolicyViolation as e:
+                say(e.message)
+                continue
+        again = answer("Repeat for confirmation", hide_input=True, default="",
+                       show_default=False)
+        if again is None:  # Ctrl-C in a ceremony
+            return None
+        if again == first:
+            return first
+        say("The two entries differ.")
+    fail("no PIN set: three attempts", exitcodes.USAGE)
 
 
 def touch_prompt() -> None:
@@ -290,9 +316,12 @@ def device_errors(func):
     def wrapper(*args, **kwargs):
         from drivers.fido import errors as key_errors
 
+        from ..ceremonies.keyfinding import explain
+
         try:
             return func(*args, **kwargs)
         except key_errors.FidoKeyError as e:
+            e = explain(e)
             fail(e.message, device_exit_code(e))
 
     return wrapper
@@ -300,14 +329,16 @@ def device_errors(func):
 
 def device_exit_code(e) -> int:
     """The exit code for an error of the key: what a login failing with it would give, but
-    for those only management commands meet (a bad new PIN, a key already enrolled, a
-    credential to delete that is not there)."""
+    for those only management commands meet (a bad new PIN, a key already enrolled or
+    with a PIN already, a credential to delete that is not there)."""
     from drivers.fido import errors as key_errors
 
     from ..ceremonies.key import device_failure
 
     if isinstance(e, key_errors.PinPolicyViolation):
         return exitcodes.USAGE
+    if isinstance(e, key_errors.PinAlreadySet):
+        return exitcodes.CONFLICT
     if isinstance(e, key_errors.CredentialExcluded):
         return exitcodes.CONFLICT
     if isinstance(e, key_errors.NoCredentials):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from .. import exitcodes
@@ -21,16 +23,29 @@ timeout_option = click.option("--timeout", type=click.FloatRange(1, 300), defaul
 def open_key(key_path: str | None, timeout: float):
     """The key to use: the named one, the only one, or the one the user touches."""
     from drivers.fido.discovery import list_descriptors
-    from drivers.fido.errors import NoKeyFound
     from drivers.fido.keys import FidoKey, open_single_key
 
+    from ..ceremonies.keyfinding import key_not_at
+
     if key_path:
-        for descriptor in list_descriptors():
+        found = list_descriptors()
+        for descriptor in found:
             if str(descriptor.path) == key_path:
                 return FidoKey.open(descriptor)
-        raise NoKeyFound()
+        raise key_not_at(key_path, [str(d.path) for d in found])
     return cancellable(lambda cancel: open_single_key(on_touch=lambda: say(
         "Several keys found: touch the one to use"), timeout=timeout, cancel=cancel))
+
+
+def first_pin(min_length: int) -> str | None:
+    """Offered by `enrol key` at a terminal when the key has no PIN yet (as browsers do):
+    the new PIN, typed twice, its length checked before the second entry; None when the
+    person declines (an empty entry)."""
+    say("This key has no PIN yet. Choose one now: this enrolment uses it, and so will "
+        f"every login with the key (at least {min_length} characters; Enter alone: stop "
+        "here).")
+    return new_pin(False, "New PIN for your security key", min_length=min_length,
+                   optional=True)
 
 
 def _info_text(info) -> str:
@@ -58,7 +73,12 @@ def list_(as_json: bool) -> None:
     """List the FIDO2 keys plugged in (and configured simulators)."""
     from drivers.fido.keys import list_keys
 
+    from ..ceremonies.keyfinding import KeyNotPermitted, no_key_found
+
     found = list_keys()
+    unusable = no_key_found()
+    if isinstance(unusable, KeyNotPermitted):  # plugged in, but left out of the list
+        say(unusable.message)
     emit(as_json, {"keys": [k.to_json() for k in found]},
          lambda: "\n".join(
              f"{k.path}  {k.product}  aaguid {k.aaguid}  "
@@ -97,9 +117,14 @@ def pin() -> None:
 @json_option
 @device_errors
 def pin_set(key_path: str | None, timeout: float, pin_stdin: bool, as_json: bool) -> None:
-    """Set the PIN of a key that has none."""
+    """Set the PIN of a key that has none (one that has a PIN: `keys pin change`)."""
     with open_key(key_path, timeout) as key:
-        key.set_pin(new_pin(pin_stdin))
+        details = key.info()
+        if details.pin_set:
+            fail("This key already has a PIN: change it with "
+                 f"`token-agent keys pin change --key {shlex.quote(key.path)}`",
+                 exitcodes.CONFLICT)
+        key.set_pin(new_pin(pin_stdin, min_length=details.min_pin_length))
         retries = key.pin_retries()
     emit(as_json, {"pin_set": True, "retries": retries}, "PIN set")
 

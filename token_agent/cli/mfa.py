@@ -4,6 +4,7 @@ companion app, `token-agent approve`."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import click
@@ -79,6 +80,27 @@ def with_code(func):
 # --------------------------------------------------------------------------- enrol
 
 
+def _waiting(ctx: Context, user, kind: str) -> str | None:
+    """`--confirm` without `--name`: the name of the only ``kind`` enrolment (``totp``, a
+    channel: the command's and the store's name alike) waiting for its code, or the one
+    the person picks at a terminal; without a terminal, several waiting is a usage error
+    naming them (exit 2). None when none is waiting (the factor says so)."""
+    from ..factors import LABELS
+
+    names = [m.name for m in ctx.store().list_methods(user.id, kind) if not m.confirmed]
+    if len(names) <= 1:
+        return names[0] if names else None
+    label = LABELS.get(kind, kind)
+    if sys.stdin.isatty():
+        say(f"Several {label} enrolments are waiting for their code:")
+        chosen = TerminalInteraction().choose("Which one", [(n, n) for n in names], names[-1])
+        if chosen is not None:
+            return chosen
+    fail(f"several {label} enrolments are waiting for their code: say which with --name ("
+         + ", ".join(repr(n) for n in names) + f"), e.g. `token-agent enrol {kind} --user "
+         f"{user.username} --name {shlex.quote(names[-1])} --confirm CODE`", exitcodes.USAGE)
+
+
 @enrol.command("password")
 @user_option
 @click.option("--password-stdin", is_flag=True, help="Read the new password from standard input.")
@@ -105,14 +127,15 @@ def enrol_password(ctx: Context, username: str, password_stdin: bool, as_json: b
 
 @enrol.command("totp")
 @user_option
-@click.option("--name", default="authenticator app", show_default=True, help="A name for this app.")
+@click.option("--name", help="A name for this app (default: 'authenticator app'); with "
+                             "--confirm, which waiting enrolment (default: the only one).")
 @click.option("--qr", "qr_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also write the QR code to FILE (.png or .svg), for a web page.")
 @click.option("--confirm", "confirm_code", metavar="CODE",
               help="Confirm a waiting enrolment with the first code the app shows.")
 @json_option
 @pass_ctx
-def enrol_totp(ctx: Context, username: str, name: str, qr_path: str | None,
+def enrol_totp(ctx: Context, username: str, name: str | None, qr_path: str | None,
                confirm_code: str | None, as_json: bool) -> None:
     """Set up an authenticator app (TOTP): shows the QR code, then asks for the first code.
 
@@ -124,6 +147,7 @@ def enrol_totp(ctx: Context, username: str, name: str, qr_path: str | None,
     require_login(ctx, user)
     fctx = ctx.agent().factors()
     if confirm_code is not None:
+        name = name or _waiting(ctx, user, "totp")
         try:
             result = totp.confirm_enrol(fctx, user.id, confirm_code, name=name)
         except FactorError as e:
@@ -131,6 +155,8 @@ def enrol_totp(ctx: Context, username: str, name: str, qr_path: str | None,
         _finish(result, as_json, f"authenticator app {name!r} confirmed for {user.username}")
         return
     from ..store import CredentialExists
+
+    name = name or totp.NAME
 
     try:
         pending = totp.begin_enrol(fctx, user.id, name=name)
@@ -150,15 +176,23 @@ def enrol_totp(ctx: Context, username: str, name: str, qr_path: str | None,
     TerminalInteraction().show_qr(pending.uri)
     if qr_path:
         say(f"QR code written to {qr_path}")
-    code = read_line("Code shown by the app", hidden=False)
-    if not code:
-        say("not confirmed yet: run `token-agent enrol totp --user "
-            f"{user.username} --confirm CODE` with the code the app shows")
-        sys.exit(exitcodes.ERROR)
+    later = (f"not confirmed yet: run `token-agent enrol totp --user {user.username} "
+             f"--name {shlex.quote(name)} --confirm CODE` with the code the app shows")
+
+    def next_code(previous) -> str | None:  # a mistyped first code is asked for again
+        if previous is not None:
+            say(f"{previous.message}: type the code the app shows now")
+        return read_line("Code shown by the app", hidden=False)
+
     try:
-        result = totp.confirm_enrol(fctx, user.id, code, name=name)
+        result = totp.confirm_enrol_asking(fctx, user.id, next_code, name=name)
     except FactorError as e:
         _factor_error(e)
+    if result is None:
+        say(later)
+        sys.exit(exitcodes.ERROR)
+    if not result.ok and result.reason in totp.RETRY_REASONS:  # still waiting for its code
+        fail(f"{result.message}; {later}", exitcodes.REASON_CODES[result.reason])
     _finish(result, False, f"authenticator app {name!r} set up for {user.username}")
 
 
@@ -201,11 +235,14 @@ def _enrol_contact(channel: str):
                             "confirmed": False}, "")
                 return
             say(prompt)
+            name = method.name
             confirm_code = read_line("Code", hidden=True)
             if not confirm_code:
                 say(f"not confirmed yet: run `token-agent enrol {channel} --user {user.username} "
                     "--confirm CODE` with the code you received")
                 sys.exit(exitcodes.ERROR)
+        else:
+            name = name or _waiting(ctx, user, channel)
         try:
             result = codes.confirm_contact(fctx, user.id, channel, confirm_code, name=name)
         except FactorError as e:

@@ -348,6 +348,33 @@ def confirm_enrol(ctx: FactorContext, user_id: str, code: str, *,
     return dataclasses.replace(result, method=store.get_method(method.id))
 
 
+#: codes a person may type to confirm an enrolment before it stops asking (each wrong one
+#: counts against the pending app's own lockout, which its confirmation clears: never
+#: against the password or the user's other methods)
+CONFIRM_ATTEMPTS = 3
+#: the failures worth asking for another code (a lock, or no enrolment waiting, is not)
+RETRY_REASONS = (Reason.WRONG_CODE, Reason.CODE_REPLAYED)
+
+
+def confirm_enrol_asking(ctx: FactorContext, user_id: str,
+                         ask: Callable[[Verification | None], str | None], *,
+                         name: str | None = None,
+                         attempts: int = CONFIRM_ATTEMPTS) -> Verification | None:
+    """:func:`confirm_enrol` with the codes ``ask(previous)`` gives (``previous``: None the
+    first time, then the failed result, to show): a mistyped or replayed code is asked
+    again, up to ``attempts`` codes. The last result; None when no code was given at all
+    (``ask`` returned None: the person stopped)."""
+    result = None
+    for _ in range(attempts):
+        code = ask(result)
+        if not code:
+            break
+        result = confirm_enrol(ctx, user_id, code, name=name)
+        if result.ok or result.reason not in RETRY_REASONS:
+            break
+    return result
+
+
 # --------------------------------------------------------------------------- verification
 
 

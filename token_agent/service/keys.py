@@ -182,10 +182,13 @@ class KeyPool:
     def acquire(self, *, rp_id: str | None = None, credential_ids: Sequence[bytes] = (),
                 timeout: float = 30.0, cancel: threading.Event | None = None,
                 on_touch: Callable[[], None] | None = None) -> PooledKey:
-        """A key for one ceremony (see the module docstring). ``NoKeyFound`` with no key,
+        """A key for one ceremony (see the module docstring). ``NoKeyFound`` with no key
+        (``KeyNotPermitted`` when one is plugged in that the service may not open),
         ``NoCredentials`` when no key holds the credentials, :class:`Busy` at the timeout."""
-        from drivers.fido.errors import NoCredentials, NoKeyFound
+        from drivers.fido.errors import NoCredentials
         from drivers.fido.keys import select_key
+
+        from ..ceremonies.keyfinding import no_key_found
 
         deadline = time.monotonic() + timeout
         self.scan()
@@ -196,7 +199,7 @@ class KeyPool:
             with self._guard:
                 entries = list(self._entries.items())
             if not entries:
-                raise NoKeyFound()
+                raise no_key_found()
         ids = tuple(sorted(bytes(c) for c in credential_ids))
         if ids and rp_id is not None:
             with self._guard:

@@ -152,7 +152,10 @@ Operations
         A key ceremony (this, or ``login.start``) from a caller that is not a login service
         asks for a touch on the key before its PIN ("Touch your security key"), as does any
         caller's when the key has 3 or fewer PIN tries left; without it the outcome's reason
-        is "presence-required" and no PIN was asked (ceremonies/keypresence.py).
+        is "presence-required" and no PIN was asked (ceremonies/keypresence.py). A key with
+        no PIN yet is given none over the socket: the outcome fails (reason "device-error")
+        and its message gives the command that sets one (`token-agent keys pin set --key
+        PATH`), as the CLI does without a terminal.
     ``policy.explain`` {"user", "device"|null} -> Decision.to_json() + {"text", "user",
         "primary", "device"}
     ``admin.unlock`` {"user", "kind"|null} -> {"cleared": [...]}          (admins only)
