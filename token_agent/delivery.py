@@ -34,6 +34,10 @@ url = "https://gateway.example/v1/messages"      # required with gateway = "http
 token_file = "/etc/token-agent/sms.token"        # optional: sent as "Authorization: Bearer ..."
 timeout = 10                       # seconds                                       [10]
 
+[delivery.messaging]               # the channel `fallback` above sends on to SMS
+url = "https://messaging.example/v1/messages"
+token_file = "/etc/token-agent/messaging.token"
+
 [delivery.outbox]                  # development machines only, see below
 dir = "/var/lib/token-agent/outbox"
 ```
