@@ -809,3 +809,15 @@ def test_no_code_token_or_password_is_logged(caplog, smtp_with_auth, http_factor
     for text in texts:
         for secret_text in (CODE, SPOKEN, TOKEN, PASSWORD, PHONE, E164, ADDRESS):
             assert secret_text not in text, (secret_text, text)
+
+
+def test_the_module_docstring_example_is_a_valid_delivery_table():
+    """The `[delivery]` example in token_agent/delivery.py's docstring is accepted on its own
+    (its fallback names a channel it configures)."""
+    import re
+
+    import token_agent.delivery as module
+
+    example = re.search(r"```toml\n(.*?)```", module.__doc__, re.S).group(1)
+    parsed = config(example)
+    assert parsed.fallback_chain("messaging") == ("messaging", "sms")
