@@ -59,8 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("token_agent.login")
 
 PRIMARY_METHODS = ("password", "key", "card")
-#: second factors that can be set up at the login prompt, strongest first
-ENROLLABLE_AT_LOGIN = ("totp", "sms", "voice", "messaging", "email")
 #: what each second factor proves
 SECOND_FACTOR_FACTORS = {
     "totp": Factor.POSSESSION, "push": Factor.POSSESSION, "email": Factor.POSSESSION,
@@ -403,6 +401,8 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
     if decision.mfa_required and device_then_password and first in decision.allowed_methods:
         second_used = "password"  # the key was the possession factor, the password the other
     elif decision.mfa_required:
+        from .firstlogin import enrol_at_login
+
         if decision.must_enrol and "backup" in decision.usable_methods:
             # the user's only acceptable factor is their backup codes: one of them proves it
             # is them, then they must set up a real second factor before anything else
@@ -411,9 +411,9 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
             v = backup.verify(ctx, user.id, _ask(interaction.secret("Backup code")))
             if v.ok:
                 interaction.info(v.message)
-                v = _enrol_at_login(agent, user, interaction, decision, second)
+                v = enrol_at_login(agent, user, interaction, decision, second)
         elif decision.must_enrol:
-            v = _enrol_at_login(agent, user, interaction, decision, second)
+            v = enrol_at_login(agent, user, interaction, decision, second)
         else:
             v = _second_factor(agent, user, interaction, decision, second=second,
                                key_login=key_login, card_login=card_login,
@@ -548,73 +548,3 @@ def _locked(ctx, methods: list) -> set[int]:
         if lockout.state(ctx.store, scope).locked(now):
             out.add(m.id)
     return out
-
-
-def _enrol_at_login(agent, user, interaction, decision, second=None) -> Verification:
-    """First login after enforcement with no second factor: choose one (``second`` when
-    given: a method, or ``CHANNEL:NAME`` naming the new contact) and set it up now. Left
-    unanswered, nothing stays half-enrolled and the login ends as enrolment-required."""
-    store = agent.store
-    before = {m.id for m in store.list_methods(user.id)}
-    try:
-        return _enrol_now(agent, user, interaction, decision, second)
-    except _Cancelled:
-        for m in store.list_methods(user.id):
-            if m.id not in before and not m.confirmed:
-                store.remove_method(m.id)
-        return Verification(False, "totp", None, Reason.ENROLMENT_REQUIRED,
-                            "your organisation requires a second factor and none was set up: "
-                            "run token-agent enrol totp (or sms, email, key) or log in at a "
-                            "terminal to set one up")
-
-
-def _enrol_now(agent, user, interaction, decision, second) -> Verification:
-    from ..factors import codes, totp
-    from .choices import parse_second
-
-    ctx = agent.factors()
-    options = [m for m in ENROLLABLE_AT_LOGIN if m in decision.allowed_methods
-               and (m == "totp" or (agent.delivery is not None
-                                    and m in agent.delivery.configured_channels()))]
-    if not options:
-        return Verification(False, "totp", None, Reason.ENROLMENT_REQUIRED,
-                            "your organisation requires a second factor and none can be set up "
-                            "here: ask your administrator")
-    name = None
-    if second is not None:  # scripts: `login --second sms`
-        try:
-            chosen, name = parse_second(second)
-        except ValueError as e:
-            return Verification(False, "totp", None, Reason.METHOD_NOT_ALLOWED, str(e))
-        if chosen in options:
-            interaction.info(f"Your organisation requires a second factor: setting up "
-                             f"{LABELS[KINDS[chosen]]} now.")
-    else:
-        interaction.info("Your organisation requires a second factor. Choose one and set it "
-                         "up now.")
-        chosen = _ask(interaction.choose("Second factor to set up",
-                                         [(m, LABELS[KINDS[m]]) for m in options], options[0]))
-    if chosen not in options:
-        return Verification(False, KINDS.get(chosen, chosen), None, Reason.METHOD_NOT_ALLOWED,
-                            f"{chosen} cannot be set up here (choose from {', '.join(options)})")
-    if chosen == "totp":
-        pending = totp.begin_enrol(ctx, user.id)
-        interaction.info("Scan this QR code with your authenticator app "
-                         f"(or type the key {pending.secret}):")
-        interaction.show_qr(pending.uri)
-
-        def code(previous: Verification | None) -> str | None:
-            if previous is None:
-                return _ask(interaction.secret("Code shown by your authenticator app"))
-            interaction.info(f"{previous.message}: type the code the app shows now")
-            return interaction.secret("Code shown by your authenticator app")  # None: stop
-
-        return totp.confirm_enrol_asking(ctx, user.id, code, name=pending.method.name)
-    destination = _ask(interaction.text("Email address" if chosen == "email" else "Phone number"))
-    try:
-        method, receipt = codes.add_contact(ctx, user.id, chosen, destination, name=name)
-    except (FactorError, ValueError) as e:
-        return Verification(False, chosen, None, getattr(e, "reason", Reason.DELIVERY_FAILED),
-                            getattr(e, "message", str(e)))
-    typed = _ask(interaction.secret(codes.prompt_for(method, receipt)))
-    return codes.confirm_contact(ctx, user.id, chosen, typed, name=method.name)
