@@ -36,16 +36,12 @@ def serve_key(pin: str, presence: str = "auto"):
     """A virtual key served on TCP by this process (a ``KeyServer``, no control port), its
     PIN set over a connection of its own, closed again: ``(vkey, server)``; the caller
     stops the server (``server.__exit__(None, None, None)``)."""
-    from fido2.hid import CtapHidDevice
-
-    from drivers.fido.sim import SocketHidConnection, sim_descriptor
     from simulators.key.device import create_virtual_key
-    from simulators.key.transport import KeyServer
+    from simulators.key.transport import KeyServer, open_tcp_device
 
     vkey = create_virtual_key(presence=presence)
     server = KeyServer(vkey, port=0, control_port=None).__enter__()
-    device = CtapHidDevice(sim_descriptor("127.0.0.1", server.port),
-                           SocketHidConnection("127.0.0.1", server.port))
+    device = open_tcp_device("127.0.0.1", server.port)
     try:
         ClientPin(Ctap2(device)).set_pin(pin)
     finally:

@@ -6,20 +6,26 @@ started by socket activation, or started here (``pcscd --foreground --auto-exit`
     ...
     pcscd.stop()                                    # stops it only if it was started here
 
-Used by the demonstration (``token_agent.demo``) and by the test suite's pcscd fixture.
-pcscd is one per machine (its socket is /run/pcscd/pcscd.comm) and so are vpcd's slots.
+Used by the demonstration (``token_agent.demo``), by the test suite's pcscd fixture and by the
+pytest plugin (:mod:`simulators.pytest_plugin`). pcscd is one per machine (its socket is
+/run/pcscd/pcscd.comm) and so are vpcd's slots: :class:`LockedPcscd` takes turns with other
+test sessions through an exclusive ``flock`` on :data:`LOCK_FILE`; :func:`insert_card` and
+:func:`remove_card` put virtual cards into vpcd's readers the way pcscd notices reliably.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-from .vpcd import find_reader
+from .vpcd import VpcdBridge, find_reader
 
 #: vpcd's reader configuration as Debian's vsmartcard-vpcd installs it
 VPCD_CONF = Path("/etc/reader.conf.d/vpcd")
@@ -171,3 +177,149 @@ class Pcscd:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+# -- taking turns with other test sessions ------------------------------------------------------
+
+#: serialises the machine's pcscd and vpcd slots between concurrent test sessions
+LOCK_FILE = Path(tempfile.gettempdir()) / "token-agent-pcsc-tests.lock"
+LOCK_TIMEOUT = 900.0
+#: names a file descriptor, open on :data:`LOCK_FILE` and holding its lock, that a test session
+#: hands to a test session it runs itself (``subprocess.Popen(..., pass_fds=[fd])``): the child
+#: uses that lock instead of waiting for its parent to let go
+LOCK_FD_ENV = "TOKEN_AGENT_PCSC_LOCK_FD"
+
+
+def _inherited_lock_fd() -> int | None:
+    """The descriptor named by :data:`LOCK_FD_ENV`, if it is open on :data:`LOCK_FILE`."""
+    value = os.environ.get(LOCK_FD_ENV, "")
+    if not value.isdigit():
+        return None
+    try:
+        held, lock = os.fstat(int(value)), os.stat(LOCK_FILE)
+    except OSError:
+        return None
+    if (held.st_dev, held.st_ino) != (lock.st_dev, lock.st_ino):
+        return None
+    return os.dup(int(value))  # the same open file description: it holds the lock already
+
+
+class LockedPcscd(Pcscd):
+    """:class:`Pcscd` for a test session: started under an exclusive lock on
+    :data:`LOCK_FILE` (another session using pcscd and vpcd's slots is waited for, up to
+    :data:`LOCK_TIMEOUT` seconds), released by :meth:`stop`. ``log_dir`` gets pcscd.log."""
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__(log=Path(log_dir) / "pcscd.log")
+        self.log_dir = Path(log_dir)
+        self._lock_fd: int | None = None
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the lock while started (see :data:`LOCK_FD_ENV`)."""
+        return self._lock_fd
+
+    def start(self) -> "LockedPcscd":
+        self._take_lock()
+        super().start()
+        return self
+
+    def _take_lock(self) -> None:
+        fd = _inherited_lock_fd()
+        if fd is None:
+            fd = os.open(LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise PcscdUnavailable(
+                        f"another test session has held {LOCK_FILE} (the machine's pcscd and "
+                        f"vpcd slots) for {LOCK_TIMEOUT:g} s") from None
+                if not told:
+                    print(f"\n[pcscd] waiting for another test session's card tests "
+                          f"({LOCK_FILE})", file=sys.stderr)
+                    told = True
+                time.sleep(0.5)
+        self._lock_fd = fd
+
+    def stop(self) -> None:
+        super().stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock (unless a child still holds a copy)
+            self._lock_fd = None
+
+
+# -- cards in vpcd's readers ----------------------------------------------------------------------
+
+
+def reader_state(context, reader: str) -> tuple[int, bytes]:
+    """(event state flags, ATR) of ``reader`` right now."""
+    scard = _scard()
+    hresult, states = scard.SCardGetStatusChange(context, 0, [(reader, scard.SCARD_STATE_UNAWARE)])
+    if hresult != scard.SCARD_S_SUCCESS:
+        raise RuntimeError(f"SCardGetStatusChange: {scard.SCardGetErrorMessage(hresult)}")
+    return states[0][1], bytes(states[0][2])
+
+
+def wait_for_card(context, reader: str, present: bool = True, timeout: float = 5.0
+                  ) -> tuple[float, bytes]:  # fmt: skip
+    """Wait, with SCardGetStatusChange, until ``reader`` reports a card present (or absent);
+    returns (seconds waited, ATR). Raises TimeoutError."""
+    scard = _scard()
+    start = time.monotonic()
+    deadline = start + timeout
+    state, atr = reader_state(context, reader)
+    want = scard.SCARD_STATE_PRESENT if present else scard.SCARD_STATE_EMPTY
+    while not state & want:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{reader}: card still {'absent' if present else 'present'} "
+                               f"after {timeout:g} s (state 0x{state:x})")
+        hresult, states = scard.SCardGetStatusChange(
+            context, max(1, int(left * 1000)), [(reader, state & ~scard.SCARD_STATE_CHANGED)])
+        if hresult == scard.SCARD_E_TIMEOUT:
+            continue
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise RuntimeError(f"SCardGetStatusChange: {scard.SCardGetErrorMessage(hresult)}")
+        state, atr = states[0][1], bytes(states[0][2])
+    return time.monotonic() - start, atr
+
+
+#: seconds between a slot's last removal and the next insertion (see insert_card)
+REINSERT_GAP = 1.2
+_last_removal: dict[int, float] = {}
+
+
+def insert_card(pcscd: Pcscd, card, slot: int = 0, **options) -> VpcdBridge:
+    """Put ``card`` (a :class:`simulators.card.card.VirtualCard`) into vpcd's reader ``slot``:
+    a :class:`VpcdBridge` (``options`` go to it), inserted. Take it out with
+    :func:`remove_card`.
+
+    Before inserting, it waits until pcscd has seen the slot empty: a card taken out just
+    before is only noticed at pcscd's next presence poll (up to 400 ms), and a card put in
+    before that poll is never reported as a new insertion. It also leaves
+    :data:`REINSERT_GAP` seconds after the slot's last removal: seen here, pcscd (1.9.9 with
+    vpcd) can miss a card put back about a second after one was pulled out mid-transaction."""
+    wait_for_card(pcscd.context, pcscd.reader(slot), present=False)
+    gap = _last_removal.get(slot, 0.0) + REINSERT_GAP - time.monotonic()
+    if gap > 0:
+        time.sleep(gap)
+    bridge = VpcdBridge(card, slot=slot, **options)
+    bridge.requested_at = time.monotonic()  # for tests that time what follows insertion
+    bridge.insert()
+    return bridge
+
+
+def remove_card(bridge: VpcdBridge) -> None:
+    """Take the card out (its state saved) and note when, for the next :func:`insert_card`.
+    A card whose state cannot be saved (a test broke its file) is out regardless."""
+    try:
+        bridge.remove()
+    except Exception:
+        pass
+    _last_removal[bridge.slot if bridge.slot is not None else 0] = time.monotonic()

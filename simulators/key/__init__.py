@@ -5,7 +5,8 @@
     key = create_virtual_key(presence="auto")          # in memory; state_file=... to persist
     device = open_in_process_device(key)               # a python-fido2 CtapHidDevice
     with KeyServer(key, port=0, control_port=0) as s:  # or over TCP, as its own process would
-        ...
+        device = open_tcp_device(s.host, s.port)       # a CtapHidDevice over the socket
+        KeyControl(s.control_port).touch()             # its HTTP control interface
 
 See README.md, "The virtual FIDO2 key", for the command line, the control interface and the
 fault injection. The names are imported on first use, so that importing a submodule (as the
@@ -20,8 +21,10 @@ _EXPORTS = {
     "UserPresence": ".base",
     "VirtualKey": ".device",
     "create_virtual_key": ".device",
+    "KeyControl": ".control",
     "KeyServer": ".transport",
     "open_in_process_device": ".transport",
+    "open_tcp_device": ".transport",
 }
 __all__ = sorted(_EXPORTS)
 

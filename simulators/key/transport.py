@@ -4,6 +4,7 @@ an HTTP control interface.
 * :class:`InProcessConnection` / :func:`open_in_process_device`: python-fido2's real
   :class:`fido2.hid.CtapHidDevice` framing code drives a :class:`VirtualKey` in the same
   process (no sockets, no threads of its own).
+* :func:`open_tcp_device`: the same python-fido2 device over TCP, to a :class:`KeyServer`.
 * :class:`KeyServer`: the key on TCP (frames as in :mod:`drivers.fido.sim`: 2-byte length 64,
   then the 64-byte report, both directions). A TCP connection becomes a handle of the key
   when its first report arrives, so a connection that only probes reachability (connect,
@@ -98,6 +99,22 @@ def open_in_process_device(
     connection = InProcessConnection(key.open(), read_timeout)
     try:
         return CtapHidDevice(in_process_descriptor(key), connection)
+    except Exception:
+        connection.close()
+        raise
+
+
+def open_tcp_device(
+    host: str = LOOPBACK, port: int = DEFAULT_HID_PORT, *, read_timeout: float | None = None
+) -> CtapHidDevice:
+    """Connect to a key served on TCP (a :class:`KeyServer`, or ``token-agent sim key
+    serve``) and wrap the connection in python-fido2's :class:`CtapHidDevice`, as
+    :func:`open_in_process_device` does in process. Close it with ``device.close()``."""
+    from drivers.fido.sim import SocketHidConnection, sim_descriptor
+
+    connection = SocketHidConnection(host, port, read_timeout=read_timeout)
+    try:
+        return CtapHidDevice(sim_descriptor(host, port), connection)
     except Exception:
         connection.close()
         raise
