@@ -220,59 +220,47 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
-def pcscd(tmp_path_factory):
+def pcscd_service(tmp_path_factory):
     """The machine's pcscd with vpcd's readers, for the whole session (started here when none
     runs and we are root; stopped at the end if started here). Without it the card tests fail
-    in CI (``CI`` set) and skip elsewhere, saying what to install or run."""
-    from pcsc_helpers import PcscdService, PcscdUnavailable, unavailable
+    in CI (``CI`` set) and skip elsewhere, saying what to install or run.
 
-    service = PcscdService(tmp_path_factory.mktemp("pcscd"))
-    try:
-        service.start()
-    except PcscdUnavailable as e:
-        unavailable(str(e))
+    It overrides the fixture of the same name in token-agent's pytest plugin
+    (simulators/pytest_plugin.py, which always fails), so that the plugin's ``pcscd_card``
+    and this suite's card tests share one pcscd and one session lock."""
+    from pcsc_helpers import unavailable
+
+    from simulators.pytest_plugin import start_pcscd
+
+    service = start_pcscd(tmp_path_factory.mktemp("pcscd"), unavailable)
     yield service
     service.stop()
 
 
-#: seconds between a slot's last removal and the next insertion (see vpcd_insert)
-REINSERT_GAP = 1.2
-_last_removal: dict[int, float] = {}
+@pytest.fixture(scope="session")
+def pcscd(pcscd_service):
+    """This suite's name for ``pcscd_service`` (a :class:`simulators.card.pcscd.LockedPcscd`)."""
+    return pcscd_service
 
 
 @pytest.fixture
 def vpcd_insert(pcscd):
     """``vpcd_insert(card, slot=0, **bridge_options)``: the card in vpcd's reader (a
-    :class:`simulators.card.vpcd.VpcdBridge`, inserted); every card is removed at teardown.
-
-    Before inserting, it waits until pcscd has seen the slot empty: a card taken out (by the
-    test before) is only noticed at pcscd's next presence poll (up to 400 ms), and a card put
-    in before that poll is never reported as a new insertion. It also leaves
-    :data:`REINSERT_GAP` seconds after the slot's last removal: seen here, pcscd (1.9.9 with
-    vpcd) can miss a card put back about a second after one was pulled out mid-transaction."""
-    from pcsc_helpers import wait_for_card
-    from simulators.card.vpcd import VpcdBridge
+    :class:`simulators.card.vpcd.VpcdBridge`, inserted, with ``requested_at``); every card is
+    removed at teardown. Insertion waits until pcscd can notice it
+    (:func:`simulators.card.pcscd.insert_card`)."""
+    from simulators.card.pcscd import insert_card, remove_card
 
     bridges = []
 
     def insert(card, slot: int = 0, **options):
-        wait_for_card(pcscd.context, pcscd.reader(slot), present=False)
-        gap = _last_removal.get(slot, 0.0) + REINSERT_GAP - time.monotonic()
-        if gap > 0:
-            time.sleep(gap)
-        bridge = VpcdBridge(card, slot=slot, **options)
-        bridge.requested_at = time.monotonic()  # for tests that time what follows insertion
-        bridge.insert()
+        bridge = insert_card(pcscd, card, slot, **options)
         bridges.append(bridge)
         return bridge
 
     yield insert
     for bridge in bridges:
-        try:
-            bridge.remove()
-        except Exception:  # a test that broke the card's file; the card is out regardless
-            pass
-        _last_removal[bridge.slot if bridge.slot is not None else 0] = time.monotonic()
+        remove_card(bridge)
 
 
 @pytest.fixture(scope="session")
