@@ -125,3 +125,19 @@ def test_without_pcscd_the_fixture_fails_with_the_packages_to_install(tmp_path):
     assert "1 error" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
     assert "sudo apt-get install -y pcscd vsmartcard-vpcd" in proc.stdout, proc.stdout
     assert "pcscd is not installed" in proc.stdout, proc.stdout
+
+
+def test_the_readmes_example_test_file_passes(tmp_path):
+    """README.md, "Testing your own login code": its test file, as it stands, in a directory
+    of its own, run by pytest with this venv (where token-agent is installed)."""
+    from readme_blocks import blocks
+
+    (example,) = [b for b in blocks() if b.section == "Testing your own login code"
+                  and b.lang == "python"]
+    assert example.text.startswith("# test_login.py\n")
+    (tmp_path / "test_login.py").write_text(example.text)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
+                           str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 passed" in proc.stdout.splitlines()[-1], proc.stdout
