@@ -41,7 +41,7 @@ from drivers.fido.errors import (
 )
 from drivers.fido.keys import FidoKey, KeyInfo, list_keys, open_single_key, select_key
 from drivers.fido.sim import SIM_PRODUCT_NAME
-from simulators.key import KeyServer, create_virtual_key, open_in_process_device
+from simulators.key import KeyServer, open_in_process_device
 from simulators.key.attestation import MODELS
 from simulators.key.authenticator import VirtualAuthenticator
 from simulators.key.base import Presence, UserPresence
@@ -69,18 +69,10 @@ class Clock:
 
 
 @pytest.fixture
-def make_key():
-    """``make_key(presence="auto", **kw)``: an in-process virtual key; all closed at the end."""
-    made: list = []
-
-    def make(presence: str = "auto", **kw):
-        key = create_virtual_key(presence=presence, **kw)
-        made.append(key)
-        return key
-
-    yield make
-    for key in made:
-        key.close()
+def make_key(virtual_key_factory):
+    """``make_key(presence="auto", **kw)``: an in-process virtual key (the pytest plugin's
+    ``virtual_key_factory``); all closed at the end."""
+    return lambda presence="auto", **kw: virtual_key_factory(presence=presence, **kw)
 
 
 @pytest.fixture
