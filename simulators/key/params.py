@@ -1,0 +1,59 @@
+"""Checks of CTAP2 command parameters, as CTAP 2.1 asks an authenticator to make them.
+
+A failed check raises :class:`CtapFailure` with the status the specification names:
+CTAP2_ERR_MISSING_PARAMETER for a required parameter or member that is absent,
+CTAP2_ERR_CBOR_UNEXPECTED_TYPE for one of the wrong CBOR type, and the specific codes noted
+below.
+"""
+
+from __future__ import annotations
+
+from fido2.ctap import CtapError
+
+ERR = CtapError.ERR
+
+
+class CtapFailure(Exception):
+    """Ends a command with a CTAP status code."""
+
+    def __init__(self, status: int, why: str = "") -> None:
+        super().__init__(f"{ERR(status).name if status in ERR._value2member_map_ else status}: {why}")
+        self.status = status
+
+
+def need(params: dict, key: int, typ: type | tuple[type, ...], required: bool = True):
+    value = params.get(key)
+    if value is None:
+        if required:
+            raise CtapFailure(ERR.MISSING_PARAMETER, f"parameter 0x{key:02x} missing")
+        return None
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, f"parameter 0x{key:02x} has the wrong type")
+    return value
+
+
+def check_entity(entity: dict, what: str, id_type: type, text_members: tuple[str, ...]) -> None:
+    """A PublicKeyCredentialRpEntity or ...UserEntity (section 6.1, rp and user): ``id`` is
+    required and of ``id_type``; the members in ``text_members``, when present, are text
+    strings. A missing id is CTAP2_ERR_MISSING_PARAMETER, a wrong type
+    CTAP2_ERR_CBOR_UNEXPECTED_TYPE."""
+    if "id" not in entity:
+        raise CtapFailure(ERR.MISSING_PARAMETER, f"{what}.id missing")
+    if not isinstance(entity["id"], id_type):
+        raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, f"{what}.id has the wrong type")
+    for name in text_members:
+        if name in entity and not isinstance(entity[name], str):
+            raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, f"{what}.{name} is not a text string")
+
+
+def check_descriptor_list(value: object) -> list[dict]:
+    if not isinstance(value, list):
+        raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "credential list is not an array")
+    for d in value:
+        if not isinstance(d, dict):
+            raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "credential descriptor is not a map")
+        if "type" not in d or "id" not in d:
+            raise CtapFailure(ERR.MISSING_PARAMETER, "credential descriptor incomplete")
+        if not isinstance(d["type"], str) or not isinstance(d["id"], bytes):
+            raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "credential descriptor malformed")
+    return value
