@@ -8,6 +8,7 @@ import pytest
 from fido2 import cbor
 from fido2.ctap import CtapError
 from fido2.hid import CTAPHID, CtapHidDevice
+from fido2.webauthn import AuthenticatorData
 
 from simulators.key.authenticator import VirtualAuthenticator
 from simulators.key.base import UserPresence
@@ -82,3 +83,41 @@ def test_entity_without_id_is_missing_parameter(device):
         ERR.MISSING_PARAMETER
     assert send(device, MAKE_CREDENTIAL, make_credential({3: {"name": "x"}}))[0] == \
         ERR.MISSING_PARAMETER
+
+
+# ---------------------------------------------------------------- pubKeyCredParams
+@pytest.mark.parametrize(
+    "cred_params, status",
+    [
+        ([{"alg": -7}], ERR.INVALID_CBOR),
+        ([{"type": "public-key"}], ERR.INVALID_CBOR),
+        ([*ES256, {"type": "public-key"}], ERR.INVALID_CBOR),
+        ([*ES256, {"alg": -8}], ERR.INVALID_CBOR),
+        ([{"type": "public-key", "alg": "-7"}], ERR.CBOR_UNEXPECTED_TYPE),
+        ([{"type": "public-key", "alg": True}], ERR.CBOR_UNEXPECTED_TYPE),
+        ([*ES256, {"type": "public-key", "alg": [-8]}], ERR.CBOR_UNEXPECTED_TYPE),
+        ([*ES256, {"type": b"public-key", "alg": -8}], ERR.CBOR_UNEXPECTED_TYPE),
+        ([*ES256, {"type": 1, "alg": -8}], ERR.CBOR_UNEXPECTED_TYPE),
+        ([*ES256, "public-key"], ERR.CBOR_UNEXPECTED_TYPE),
+        ([], ERR.UNSUPPORTED_ALGORITHM),
+        ([{"type": "public-key", "alg": -257}], ERR.UNSUPPORTED_ALGORITHM),
+    ],
+    ids=["no-type", "no-alg", "no-alg-after-a-good-one", "no-type-after-a-good-one",
+         "alg-text", "alg-bool", "alg-array-after-a-good-one", "type-bytes-after-a-good-one",
+         "type-int-after-a-good-one", "element-not-a-map", "empty", "only-unsupported"],
+)
+def test_every_pub_key_cred_param_is_checked(device, cred_params, status):
+    assert send(device, MAKE_CREDENTIAL, make_credential({4: cred_params}))[0] == status
+
+
+def test_first_supported_algorithm_is_chosen_and_unknown_types_are_passed_over(device):
+    cred_params = [
+        {"type": "public-key", "alg": -257},  # RS256: not supported
+        {"type": "future-key-type", "alg": -7},  # a type this key does not know
+        {"type": "public-key", "alg": -8},  # EdDSA: chosen
+        {"type": "public-key", "alg": -7},
+    ]
+    status, answer = send(device, MAKE_CREDENTIAL, make_credential({4: cred_params}))
+    assert status == OK
+    auth_data = AuthenticatorData(answer[2])
+    assert auth_data.credential_data.public_key[3] == -8

@@ -29,6 +29,7 @@ from .params import (
     CtapFailure,
     check_descriptor_list,
     check_entity,
+    choose_algorithm,
     need,
 )
 from .pinproto import PROTOCOLS, AuthenticatorPinProtocol, PinProtocolError
@@ -351,15 +352,7 @@ class VirtualAuthenticator(CtapApp):
         if params.get(0x0A) is not None:
             raise CtapFailure(ERR.INVALID_PARAMETER, "enterprise attestation not supported")
 
-        alg = None
-        for p in cred_params:
-            if not isinstance(p, dict) or not isinstance(p.get("type"), str):
-                raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "pubKeyCredParams malformed")
-            if p["type"] == "public-key" and p.get("alg") in ALGORITHMS:
-                alg = p["alg"]
-                break
-        if alg is None:
-            raise CtapFailure(ERR.UNSUPPORTED_ALGORITHM, "no supported algorithm offered")
+        alg = choose_algorithm(cred_params, ALGORITHMS)
 
         for name in ("rk", "up", "uv"):
             if name in options and not isinstance(options[name], bool):

@@ -13,6 +13,10 @@ from fido2.ctap import CtapError
 ERR = CtapError.ERR
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class CtapFailure(Exception):
     """Ends a command with a CTAP status code."""
 
@@ -44,6 +48,26 @@ def check_entity(entity: dict, what: str, id_type: type, text_members: tuple[str
     for name in text_members:
         if name in entity and not isinstance(entity[name], str):
             raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, f"{what}.{name} is not a text string")
+
+
+def choose_algorithm(cred_params: list, supported: tuple[int, ...]) -> int:
+    """makeCredential step 3 (section 6.1.2): every element of pubKeyCredParams is checked,
+    then the first supported algorithm is chosen. An element lacking ``type`` or ``alg`` is
+    CTAP2_ERR_INVALID_CBOR, one whose members have the wrong type
+    CTAP2_ERR_CBOR_UNEXPECTED_TYPE; no supported algorithm is CTAP2_ERR_UNSUPPORTED_ALGORITHM."""
+    chosen = None
+    for p in cred_params:
+        if not isinstance(p, dict):
+            raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "pubKeyCredParams element is not a map")
+        if "type" not in p or "alg" not in p:
+            raise CtapFailure(ERR.INVALID_CBOR, "pubKeyCredParams element lacks type or alg")
+        if not isinstance(p["type"], str) or not _is_int(p["alg"]):
+            raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "pubKeyCredParams element malformed")
+        if chosen is None and p["type"] == "public-key" and p["alg"] in supported:
+            chosen = p["alg"]
+    if chosen is None:
+        raise CtapFailure(ERR.UNSUPPORTED_ALGORITHM, "no supported algorithm offered")
+    return chosen
 
 
 def check_descriptor_list(value: object) -> list[dict]:
