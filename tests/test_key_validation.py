@@ -121,3 +121,18 @@ def test_first_supported_algorithm_is_chosen_and_unknown_types_are_passed_over(d
     assert status == OK
     auth_data = AuthenticatorData(answer[2])
     assert auth_data.credential_data.public_key[3] == -8
+
+
+# ---------------------------------------------------------------- clientDataHash
+@pytest.mark.parametrize("length", [0, 16, 31, 33, 64])
+def test_client_data_hash_not_32_bytes_is_invalid_length(device, length):
+    status, answer = send(device, MAKE_CREDENTIAL, make_credential({2: RP}))
+    assert status == OK
+    cred_id = AuthenticatorData(answer[2]).credential_data.credential_id
+    assertion = {1: RP["id"], 2: b"\x02" * 32, 3: [{"type": "public-key", "id": cred_id}]}
+    assert send(device, GET_ASSERTION, assertion)[0] == OK
+
+    bad_hash = b"\x03" * length
+    assert send(device, MAKE_CREDENTIAL, make_credential({1: bad_hash}))[0] == \
+        ERR.INVALID_LENGTH
+    assert send(device, GET_ASSERTION, {**assertion, 2: bad_hash})[0] == ERR.INVALID_LENGTH

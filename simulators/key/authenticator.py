@@ -31,6 +31,7 @@ from .params import (
     check_entity,
     choose_algorithm,
     need,
+    need_client_data_hash,
 )
 from .pinproto import PROTOCOLS, AuthenticatorPinProtocol, PinProtocolError
 from .state import DEFAULT_CAPACITY, PIN_RETRIES, PersistentState, StateStore
@@ -337,7 +338,7 @@ class VirtualAuthenticator(CtapApp):
     def _make_credential(self, params: dict, request: Request) -> dict:
         st = self.state
         auth_param = self._pin_uv_auth_prelude(params.get(0x08), params.get(0x09), request)
-        client_data_hash = need(params, 0x01, bytes)
+        client_data_hash = need_client_data_hash(params, 0x01)
         rp = need(params, 0x02, dict)
         user = need(params, 0x03, dict)
         cred_params = need(params, 0x04, list)
@@ -446,7 +447,7 @@ class VirtualAuthenticator(CtapApp):
         st = self.state
         auth_param = self._pin_uv_auth_prelude(params.get(0x06), params.get(0x07), request)
         rp_id = need(params, 0x01, str)
-        client_data_hash = need(params, 0x02, bytes)
+        client_data_hash = need_client_data_hash(params, 0x02)
         allow = check_descriptor_list(params.get(0x03) or [])
         extensions = need(params, 0x04, dict, required=False) or {}
         options = need(params, 0x05, dict, required=False) or {}

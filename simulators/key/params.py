@@ -3,7 +3,7 @@
 A failed check raises :class:`CtapFailure` with the status the specification names:
 CTAP2_ERR_MISSING_PARAMETER for a required parameter or member that is absent,
 CTAP2_ERR_CBOR_UNEXPECTED_TYPE for one of the wrong CBOR type, and the specific codes noted
-below.
+below (clientDataHash length, pubKeyCredParams elements).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from fido2.ctap import CtapError
 
 ERR = CtapError.ERR
+
+CLIENT_DATA_HASH_LENGTH = 32  # SHA-256 (section 6.1, clientDataHash)
 
 
 def _is_int(value: object) -> bool:
@@ -33,6 +35,14 @@ def need(params: dict, key: int, typ: type | tuple[type, ...], required: bool = 
         return None
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, f"parameter 0x{key:02x} has the wrong type")
+    return value
+
+
+def need_client_data_hash(params: dict, key: int) -> bytes:
+    """The clientDataHash parameter: a byte string of 32 bytes, else CTAP1_ERR_INVALID_LENGTH."""
+    value = need(params, key, bytes)
+    if len(value) != CLIENT_DATA_HASH_LENGTH:
+        raise CtapFailure(ERR.INVALID_LENGTH, f"clientDataHash of {len(value)} bytes, not 32")
     return value
 
 
