@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from fido2 import cbor
 from fido2.ctap import CtapError
+from fido2.ctap2 import Ctap2
+from fido2.ctap2.pin import ClientPin
 from fido2.hid import CTAPHID, CtapHidDevice
 from fido2.webauthn import AuthenticatorData
 
@@ -17,8 +19,10 @@ from simulators.key.transport import open_in_process_device
 
 ERR = CtapError.ERR
 OK = 0x00
-MAKE_CREDENTIAL, GET_ASSERTION = 0x01, 0x02
+MAKE_CREDENTIAL, GET_ASSERTION, GET_INFO, CONFIG = 0x01, 0x02, 0x04, 0x0D
+SET_MIN_PIN_LENGTH = 0x03  # authenticatorConfig subcommand
 
+PIN = "4829-ward"
 RP = {"id": "trust.nhs.example", "name": "Example Trust"}
 USER = {"id": b"user-alice", "name": "alice", "displayName": "Dr Alice Smith"}
 ES256 = [{"type": "public-key", "alg": -7}]
@@ -136,3 +140,33 @@ def test_client_data_hash_not_32_bytes_is_invalid_length(device, length):
     assert send(device, MAKE_CREDENTIAL, make_credential({1: bad_hash}))[0] == \
         ERR.INVALID_LENGTH
     assert send(device, GET_ASSERTION, {**assertion, 2: bad_hash})[0] == ERR.INVALID_LENGTH
+
+
+# ---------------------------------------------------------------- setMinPINLength
+def set_min_pin_length(device, rp_ids: list[str], pin_token=None) -> int:
+    """authenticatorConfig setMinPINLength with minPinLengthRPIDs, authenticated with a
+    (protocol, token) pair when given (the message of CTAP 2.1 section 6.11)."""
+    sub_params = {2: rp_ids}
+    params = {1: SET_MIN_PIN_LENGTH, 2: sub_params}
+    if pin_token is not None:
+        protocol, token = pin_token
+        message = b"\xff" * 32 + bytes([CONFIG, SET_MIN_PIN_LENGTH]) + cbor.encode(sub_params)
+        params.update({3: protocol.VERSION, 4: protocol.authenticate(token, message)})
+    return send(device, CONFIG, params)[0]
+
+
+@pytest.mark.parametrize("with_pin", [False, True], ids=["no-pin", "pin"])
+def test_min_pin_length_rp_ids_beyond_the_announced_maximum_is_key_store_full(device, with_pin):
+    status, info = send(device, GET_INFO)
+    assert status == OK
+    maximum = info[0x10]  # maxRPIDsForSetMinPINLength
+    assert maximum >= 1
+    pin_token = None
+    if with_pin:
+        client_pin = ClientPin(Ctap2(device))
+        client_pin.set_pin(PIN)
+        token = client_pin.get_pin_token(PIN, ClientPin.PERMISSION.AUTHENTICATOR_CFG)
+        pin_token = (client_pin.protocol, token)
+    rp_ids = [f"rp{i}.nhs.example" for i in range(maximum + 1)]
+    assert set_min_pin_length(device, rp_ids, pin_token) == ERR.KEY_STORE_FULL
+    assert set_min_pin_length(device, rp_ids[:maximum], pin_token) == OK

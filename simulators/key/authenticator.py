@@ -894,8 +894,8 @@ class VirtualAuthenticator(CtapApp):
             if rp_ids is not None:
                 if not isinstance(rp_ids, list) or not all(isinstance(r, str) for r in rp_ids):
                     raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "minPinLengthRPIDs")
-                if len(rp_ids) > MAX_RPIDS_FOR_MIN_PIN:
-                    raise CtapFailure(ERR.PIN_POLICY_VIOLATION, "too many RP IDs")
+                if len(rp_ids) > MAX_RPIDS_FOR_MIN_PIN:  # maxRPIDsForSetMinPINLength
+                    raise CtapFailure(ERR.KEY_STORE_FULL, "too many RP IDs")
             if force and not self._pin_set():
                 raise CtapFailure(ERR.PIN_NOT_SET, "forceChangePin without a PIN")
             st.min_pin_length = new_len
