@@ -4,6 +4,8 @@ framing (in-process handle), and the CTAP status byte of the answer is checked."
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from fido2 import cbor
 from fido2.ctap import CtapError
@@ -14,13 +16,19 @@ from fido2.webauthn import AuthenticatorData
 
 from simulators.key.authenticator import VirtualAuthenticator
 from simulators.key.base import UserPresence
+from simulators.key.ctaphid import Cmd
 from simulators.key.device import VirtualKey
 from simulators.key.transport import open_in_process_device
+from sim_key_double import RawHost
 
 ERR = CtapError.ERR
 OK = 0x00
-MAKE_CREDENTIAL, GET_ASSERTION, GET_INFO, CONFIG = 0x01, 0x02, 0x04, 0x0D
+MAKE_CREDENTIAL, GET_ASSERTION, GET_INFO, GET_NEXT_ASSERTION = 0x01, 0x02, 0x04, 0x08
+CRED_MGMT, CONFIG = 0x0A, 0x0D
 SET_MIN_PIN_LENGTH = 0x03  # authenticatorConfig subcommand
+# credentialManagement subcommands
+ENUMERATE_RPS_BEGIN, ENUMERATE_RPS_NEXT = 0x02, 0x03
+ENUMERATE_CREDS_BEGIN, ENUMERATE_CREDS_NEXT = 0x04, 0x05
 
 PIN = "4829-ward"
 RP = {"id": "trust.nhs.example", "name": "Example Trust"}
@@ -170,3 +178,109 @@ def test_min_pin_length_rp_ids_beyond_the_announced_maximum_is_key_store_full(de
     rp_ids = [f"rp{i}.nhs.example" for i in range(maximum + 1)]
     assert set_min_pin_length(device, rp_ids, pin_token) == ERR.KEY_STORE_FULL
     assert set_min_pin_length(device, rp_ids[:maximum], pin_token) == OK
+
+
+# ---------------------------------------------------------------- continuation and channels
+class Channel:
+    """One CTAPHID channel of a raw host: a handle shared by several channels gets every
+    report, so python-fido2's CtapHidDevice (which takes another channel's report for an
+    error) cannot share it; :class:`RawHost` reads only its channel's reports, as a host on
+    hidraw must."""
+
+    def __init__(self, host: RawHost) -> None:
+        self.host = host
+        self.cid = host.allocate()  # CTAPHID_INIT on the broadcast channel
+
+    def send(self, cmd: int, params: dict | None = None) -> tuple[int, object]:
+        payload = bytes([cmd]) + (cbor.encode(params) if params is not None else b"")
+        self.host.send(self.cid, Cmd.CBOR, payload)
+        reply, data = self.host.receive(self.cid)
+        assert reply == Cmd.CBOR, f"CTAPHID answer 0x{reply:02x} {data.hex()}"
+        return data[0], (cbor.decode(data[1:]) if len(data) > 1 else None)
+
+
+@pytest.fixture
+def two_channels(key, device):
+    """Opens, when called, two channels from two CTAPHID_INIT allocations on one raw handle.
+    Call it after the set-up through ``device``: every handle gets every report, so
+    ``device`` is not used afterwards. (It stays open, so the key does not power up again
+    when the raw handle opens.)"""
+    hosts = []
+
+    def open_channels() -> tuple[Channel, Channel]:
+        host = RawHost(key)
+        hosts.append(host)
+        a, b = Channel(host), Channel(host)
+        assert a.cid != b.cid
+        return a, b
+
+    yield open_channels
+    for host in hosts:
+        host.close()
+
+
+def make_discoverable(device, rp: dict, user_id: bytes) -> None:
+    user = {"id": user_id, "name": user_id.decode(), "displayName": user_id.decode()}
+    params = make_credential({2: rp, 3: user, 7: {"rk": True}})
+    assert send(device, MAKE_CREDENTIAL, params)[0] == OK
+
+
+def test_get_next_assertion_continues_only_on_the_channel_of_get_assertion(device, two_channels):
+    for user_id in (b"alice", b"bob", b"carol"):
+        make_discoverable(device, RP, user_id)
+    a, b = two_channels()
+    status, first = a.send(GET_ASSERTION, {1: RP["id"], 2: b"\x04" * 32})
+    assert status == OK and first[5] == 3  # numberOfCredentials
+    seen = {first[4]["id"]}
+
+    assert b.send(GET_NEXT_ASSERTION)[0] == ERR.NOT_ALLOWED
+    status, second = a.send(GET_NEXT_ASSERTION)  # the other channel's try did not end it
+    assert status == OK
+    seen.add(second[4]["id"])
+    assert b.send(GET_NEXT_ASSERTION)[0] == ERR.NOT_ALLOWED
+    status, third = a.send(GET_NEXT_ASSERTION)
+    assert status == OK
+    seen.add(third[4]["id"])
+    assert seen == {b"alice", b"bob", b"carol"}
+    assert a.send(GET_NEXT_ASSERTION)[0] == ERR.NOT_ALLOWED  # all three given
+
+    # And the other way round: what the second channel begins, the first cannot continue.
+    assert b.send(GET_ASSERTION, {1: RP["id"], 2: b"\x05" * 32})[0] == OK
+    assert a.send(GET_NEXT_ASSERTION)[0] == ERR.NOT_ALLOWED
+    assert b.send(GET_NEXT_ASSERTION)[0] == OK
+
+
+def test_credential_enumerations_continue_only_on_the_channel_that_began_them(
+    device, two_channels
+):
+    other_rp = {"id": "gp.nhs.example", "name": "Example Practice"}
+    make_discoverable(device, RP, b"alice")
+    make_discoverable(device, RP, b"bob")
+    make_discoverable(device, other_rp, b"alice")
+    client_pin = ClientPin(Ctap2(device))
+    client_pin.set_pin(PIN)
+    protocol = client_pin.protocol
+    token = client_pin.get_pin_token(PIN, ClientPin.PERMISSION.CREDENTIAL_MGMT)
+
+    def authenticated(sub: int, sub_params: dict | None = None) -> dict:
+        message = bytes([sub]) + (cbor.encode(sub_params) if sub_params is not None else b"")
+        params = {1: sub, 3: protocol.VERSION, 4: protocol.authenticate(token, message)}
+        if sub_params is not None:
+            params[2] = sub_params
+        return params
+
+    a, b = two_channels()
+    status, first_rp = a.send(CRED_MGMT, authenticated(ENUMERATE_RPS_BEGIN))
+    assert status == OK and first_rp[5] == 2  # totalRPs
+    assert b.send(CRED_MGMT, {1: ENUMERATE_RPS_NEXT})[0] == ERR.NOT_ALLOWED
+    status, second_rp = a.send(CRED_MGMT, {1: ENUMERATE_RPS_NEXT})
+    assert status == OK
+    assert {first_rp[3]["id"], second_rp[3]["id"]} == {RP["id"], other_rp["id"]}
+
+    rp_hash = hashlib.sha256(RP["id"].encode()).digest()
+    status, first_cred = a.send(CRED_MGMT, authenticated(ENUMERATE_CREDS_BEGIN, {1: rp_hash}))
+    assert status == OK and first_cred[9] == 2  # totalCredentials
+    assert b.send(CRED_MGMT, {1: ENUMERATE_CREDS_NEXT})[0] == ERR.NOT_ALLOWED
+    status, second_cred = a.send(CRED_MGMT, {1: ENUMERATE_CREDS_NEXT})
+    assert status == OK
+    assert {first_cred[6]["id"], second_cred[6]["id"]} == {b"alice", b"bob"}

@@ -114,6 +114,7 @@ class _Token:
 class _AssertionBatch:
     """What getNextAssertion needs from the getAssertion that started it."""
 
+    channel: int  # the CTAPHID channel of that getAssertion: the only one that may continue
     remaining: list[Credential]
     rp_id: str
     client_data_hash: bytes
@@ -165,8 +166,9 @@ class VirtualAuthenticator(CtapApp):
             self._consecutive_pin_failures = 0
             self._pin_auth_blocked = False
             self._next: _AssertionBatch | None = None
-            self._credman_rps: list[bytes] | None = None
-            self._credman_creds: list[Credential] | None = None
+            # credentialManagement enumerations in progress: (CTAPHID channel, what is left)
+            self._credman_rps: tuple[int, list[bytes]] | None = None
+            self._credman_creds: tuple[int, list[Credential]] | None = None
             self._blob_upload: bytearray | None = None  # a largeBlobs write in progress
             self._blob_expected = 0
             self._wrapper = KeyWrapper(self.state.wrap_key)
@@ -505,8 +507,8 @@ class VirtualAuthenticator(CtapApp):
         if not allow and rest:
             response[0x05] = len(creds)
             self._next = _AssertionBatch(
-                rest, rp_id, client_data_hash, flags, uv, hmac_input, self.clock(),
-                bool(want_blob_key),
+                request.channel, rest, rp_id, client_data_hash, flags, uv, hmac_input,
+                self.clock(), bool(want_blob_key),
             )
         return response
 
@@ -559,6 +561,8 @@ class VirtualAuthenticator(CtapApp):
         batch = self._next
         if batch is None or not batch.remaining:
             raise CtapFailure(ERR.NOT_ALLOWED, "no assertion pending")
+        if batch.channel != request.channel:
+            raise CtapFailure(ERR.NOT_ALLOWED, "getAssertion was sent on another channel")
         if self.clock() - batch.started > NEXT_ASSERTION_TIMEOUT:
             self._next = None
             raise CtapFailure(ERR.NOT_ALLOWED, "getNextAssertion timed out")
@@ -746,12 +750,11 @@ class VirtualAuthenticator(CtapApp):
                     rps.append(c.rp_id_hash)
             if not rps:
                 raise CtapFailure(ERR.NO_CREDENTIALS, "no discoverable credentials")
-            self._credman_rps = rps[1:]
+            self._credman_rps = (request.channel, rps[1:])
             return {**self._rp_entry(rps[0]), 0x05: len(rps)}
         if sub == 0x03:  # enumerateRPsGetNextRP
-            if not self._credman_rps:
-                raise CtapFailure(ERR.NOT_ALLOWED, "no RP enumeration pending")
-            return self._rp_entry(self._credman_rps.pop(0))
+            rps = self._continuation(self._credman_rps, request, "RP enumeration")
+            return self._rp_entry(rps.pop(0))
         if sub == 0x04:  # enumerateCredentialsBegin
             sp = sub_params or {}
             rp_hash = sp.get(0x01)
@@ -764,12 +767,11 @@ class VirtualAuthenticator(CtapApp):
             )
             if not creds:
                 raise CtapFailure(ERR.NO_CREDENTIALS, "no credentials for that RP")
-            self._credman_creds = creds[1:]
+            self._credman_creds = (request.channel, creds[1:])
             return {**self._cred_entry(creds[0]), 0x09: len(creds)}
         if sub == 0x05:  # enumerateCredentialsGetNextCredential
-            if not self._credman_creds:
-                raise CtapFailure(ERR.NOT_ALLOWED, "no credential enumeration pending")
-            return self._cred_entry(self._credman_creds.pop(0))
+            creds = self._continuation(self._credman_creds, request, "credential enumeration")
+            return self._cred_entry(creds.pop(0))
         if sub in (0x06, 0x07):  # deleteCredential, updateUserInformation
             sp = sub_params or {}
             descriptor = sp.get(0x02)
@@ -793,6 +795,17 @@ class VirtualAuthenticator(CtapApp):
             self.store.save()
             return None
         raise CtapFailure(ERR.INVALID_SUBCOMMAND, f"credentialManagement 0x{sub:02x}")
+
+    @staticmethod
+    def _continuation(pending: tuple[int, list] | None, request: Request, what: str) -> list:
+        """What is left of an enumeration, for its next item: only on the CTAPHID channel
+        that began it (else, or when nothing is left, CTAP2_ERR_NOT_ALLOWED)."""
+        if pending is None or not pending[1]:
+            raise CtapFailure(ERR.NOT_ALLOWED, f"no {what} pending")
+        channel, left = pending
+        if channel != request.channel:
+            raise CtapFailure(ERR.NOT_ALLOWED, f"{what} was begun on another channel")
+        return left
 
     def _rp_entry(self, rp_hash: bytes) -> dict:
         cred = next(c for c in self.state.credentials if c.rp_id_hash == rp_hash)
