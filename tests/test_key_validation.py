@@ -1,6 +1,7 @@
 """The virtual key checks its input as CTAP 2.1 asks (issue 13): each malformed command is
 sent as raw CBOR through python-fido2's CtapHidDevice, so it crosses the key's real CTAPHID
-framing (in-process handle), and the CTAP status byte of the answer is checked."""
+framing (in-process handle), and the CTAP status byte of the answer is checked. Where two
+channels are needed, a raw CTAPHID host allocates them with two CTAPHID_INITs."""
 
 from __future__ import annotations
 
