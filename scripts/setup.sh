@@ -27,11 +27,13 @@ export DEBIAN_FRONTEND=noninteractive
 # --- 1. Debian packages -------------------------------------------------------------------------
 # python3-*: the interpreter and venv; gcc, swig, python3-dev, libpcsclite-dev: pyscard builds
 # from source (no Linux wheel); pcscd, vsmartcard-vpcd, opensc, pcsc-tools: the PC/SC stack the
-# smartcard simulator and its tests run against; oathtool: an independent TOTP implementation
+# smartcard simulator and its tests run against; yubico-piv-tool: Yubico's PIV tool, which the
+# card tests run against the virtual card (it needs the card to answer as the T=1 card its ATR
+# announces); oathtool: an independent TOTP implementation
 # the authenticator-app tests check codes against; libpam-python, pamtester: the PAM module
 # (pam/pam_token_agent.py) and its tests with the real PAM stack.
 APT_PACKAGES=(python3 python3-venv python3-dev gcc swig libpcsclite-dev pcscd vsmartcard-vpcd
-              opensc pcsc-tools oathtool libpam-python pamtester)
+              opensc pcsc-tools yubico-piv-tool oathtool libpam-python pamtester)
 
 if [[ "${TOKEN_AGENT_SKIP_APT:-}" == 1 ]]; then
     log "skipping Debian packages (TOKEN_AGENT_SKIP_APT=1)"

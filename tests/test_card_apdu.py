@@ -9,6 +9,8 @@ import pytest
 
 from card_helpers import make_card_file, object_content
 from simulators.card.apdu import (
+    PROTOCOL_T0,
+    PROTOCOL_T1,
     SW,
     ApduError,
     CommandApdu,
@@ -24,6 +26,7 @@ from simulators.card.apdu import (
     tlv,
 )
 from simulators.card.card import CardConnectionError, InProcessCardConnection, VirtualCard
+from simulators.card.cardfile import NHS_ATR, NHS_T0_ATR, CardFile, CardFileError
 from simulators.card.piv import PIV_AID
 
 
@@ -171,14 +174,68 @@ def test_response_chaining_through_get_response(echo):
     assert sw_of(proc.process(bytes.fromhex("00C0000000"))) == SW.CONDITIONS_NOT_SATISFIED
 
 
-def test_response_smaller_le_and_no_le(echo):
+@pytest.fixture
+def echo_t0():
+    app = Echo()
+    return app, CommandProcessor(app, max_command_data=1000, protocol=PROTOCOL_T0)
+
+
+def test_response_smaller_le(echo, echo_t0):
+    for _, proc in (echo, echo_t0):
+        part = proc.process(bytes.fromhex("00020014 10"))  # 20 bytes, Le 16
+        assert part[:-2] == bytes(range(16)) and sw_of(part) == 0x6104
+        assert proc.process(bytes.fromhex("00C00000 04")) == bytes(range(16, 20)) + b"\x90\x00"
+
+
+def test_t1_no_le_gets_up_to_256_bytes_with_the_status_word(echo):
     _, proc = echo
-    part = proc.process(bytes.fromhex("00020014 10"))  # 20 bytes, Le 16
-    assert part[:-2] == bytes(range(16)) and sw_of(part) == 0x6104
-    assert proc.process(bytes.fromhex("00C00000 04")) == bytes(range(16, 20)) + b"\x90\x00"
+    assert proc.protocol == PROTOCOL_T1  # the default
+    # case 1 and case 3 without Le: the data comes at once, with 90 00 (as YubiKeys answer)
+    assert proc.process(bytes.fromhex("00020005")) == bytes(range(5)) + b"\x90\x00"
+    assert proc.process(bytes.fromhex("00020100")) == bytes(range(256)) + b"\x90\x00"
+    assert proc.process(bytes.fromhex("00010000 03 414243")) == b"ABC\x90\x00"
+    assert proc.process(bytes.fromhex("00030000")) == b"abc\x62\x83"
+    # beyond 256 bytes: the first 256, then 61xx and GET RESPONSE for the rest
+    first = proc.process(bytes.fromhex("00020258"))  # 600 bytes
+    assert first[:-2] == bytes(range(256)) and sw_of(first) == 0x6100
+    second = proc.process(bytes.fromhex("00C00000 00"))
+    assert sw_of(second) == 0x6158
+    third = proc.process(bytes.fromhex("00C00000 58"))
+    assert sw_of(third) == 0x9000
+    assert first[:-2] + second[:-2] + third[:-2] == bytes(i & 0xFF for i in range(600))
+
+
+def test_t1_extended_no_le_gets_up_to_65536_bytes(echo):
+    _, proc = echo
+    data = bytes(i & 0xFF for i in range(300))
+    out = proc.process(bytes.fromhex("00010000 00012C") + data)  # extended case 3, no Le
+    assert out == data + b"\x90\x00"
+    # the same 300 bytes by a short chain without Le: 256 at once, the rest by GET RESPONSE
+    assert proc.process(bytes.fromhex("10010000 FF") + data[:255]) == b"\x90\x00"
+    out = proc.process(bytes.fromhex("00010000 2D") + data[255:])
+    assert out[:-2] == data[:256] and sw_of(out) == 0x612C
+    assert proc.process(bytes.fromhex("00C00000 2C")) == data[256:] + b"\x90\x00"
+
+
+def test_t0_no_le_hands_the_data_out_with_61xx(echo_t0):
+    _, proc = echo_t0
     # case 1: no Le at all, the data waits for GET RESPONSE
     assert proc.process(bytes.fromhex("00020005")) == b"\x61\x05"
     assert proc.process(bytes.fromhex("00C00000 05")) == bytes(range(5)) + b"\x90\x00"
+    # case 3 (data, no Le), short or extended: the same
+    assert proc.process(bytes.fromhex("00010000 03 414243")) == b"\x61\x03"
+    assert proc.process(bytes.fromhex("00C00000 03")) == b"ABC\x90\x00"
+    assert proc.process(bytes.fromhex("00010000 000003 414243")) == b"\x61\x03"
+    assert proc.process(bytes.fromhex("00C00000 00")) == b"ABC\x90\x00"
+    assert proc.process(bytes.fromhex("00030000")) == b"\x61\x03"
+    assert proc.process(bytes.fromhex("00C00000 03")) == b"abc\x62\x83"
+    # no data: just the status word
+    assert proc.process(bytes.fromhex("00020000")) == b"\x90\x00"
+
+
+def test_unknown_protocol_is_refused():
+    with pytest.raises(ValueError):
+        CommandProcessor(Echo(), protocol="t2")
 
 
 def test_get_response_carries_the_commands_own_status_word(echo):
@@ -383,3 +440,25 @@ def test_in_process_connection(card_file):
     assert not card.powered
     with InProcessCardConnection(card) as again:
         assert again.transmit([0, 0xCB, 0x3F, 0xFF, 3, 0x5C, 1, 0x7E, 0]) == ([], 0x6D, 0x00)
+
+
+def test_the_card_follows_its_protocol_option(card_file):
+    """T=1 by default (SELECT without Le answers the template with 90 00); the option "t0"
+    hands the same answer out with 61xx + GET RESPONSE. The protocol is kept in the card
+    file; a file from before the option is a T=1 card."""
+    select = bytes.fromhex("00A4040009") + PIV_AID[:9]
+    t1 = VirtualCard(card_file, autosave=False)
+    assert t1.protocol == "t1" and card_file.atr == NHS_ATR
+    answer = t1.transmit(select)
+    assert answer[:1] == b"\x61" and answer[-2:] == b"\x90\x00"
+    data = card_file.to_json()
+    data.update(protocol="t0", atr=NHS_T0_ATR.hex())
+    t0 = VirtualCard(CardFile.from_json(data), autosave=False)
+    assert t0.protocol == "t0" and t0.power_on() == NHS_T0_ATR
+    more = t0.transmit(select)
+    assert more == bytes((0x61, len(answer) - 2))
+    assert t0.transmit(bytes.fromhex("00C00000") + more[1:]) == answer
+    del data["protocol"]
+    assert CardFile.from_json(data).protocol == "t1"
+    with pytest.raises(CardFileError):
+        CardFile.from_json({**data, "protocol": "t2"})

@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from simulators.card import issuance, pki
+from simulators.card.apdu import PROTOCOLS
 from simulators.card.cardfile import CardFile
 from token_agent import exitcodes
 from token_agent.cli import main
@@ -490,6 +491,7 @@ def cli():
 def test_cli_lists_match_the_library():
     assert sim_card_cli.ALGORITHMS == issuance.ALGORITHMS
     assert sim_card_cli.VARIANTS == issuance.VARIANTS
+    assert sim_card_cli.PROTOCOLS == PROTOCOLS
     assert sim_card_cli.REVOCATION_REASONS == tuple(pki.REVOCATION_REASONS)
 
 

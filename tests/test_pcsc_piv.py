@@ -36,7 +36,7 @@ from drivers.pcsc.errors import (
 )
 from drivers.pcsc.piv import Chuid, PivSession, _parse_tlvs, _tlv
 from simulators.card.card import InProcessCardConnection, VirtualCard
-from simulators.card.cardfile import CardFile
+from simulators.card.cardfile import NHS_ATR, NHS_T0_ATR, PROTOCOL_ATRS, CardFile
 from simulators.card.issuance import card_guid, issue_card
 from simulators.card.pki import admin_credentials, init_ca
 
@@ -54,9 +54,14 @@ def verify_signature(cert: x509.Certificate, signature: bytes, message: bytes) -
 # -- in-process ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def built():
-    return build_card()
+@pytest.fixture(params=["t1", "t0"])
+def built(request):
+    """A card answering as T=1 (the default) or as T=0 (61xx + GET RESPONSE): the driver
+    gets the same results from both."""
+    card = build_card()
+    card.card_file.protocol = request.param
+    card.card_file.atr = PROTOCOL_ATRS[request.param]
+    return card
 
 
 def session_for(built_card, **options) -> tuple[PivSession, VirtualCard]:
@@ -239,11 +244,12 @@ def ca_and_cards(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     directory = tmp_path_factory.mktemp("pcsc-piv")
     init_ca(directory / "ca")
     cards = {}
-    for name, uuid, algorithm in (("alice", "555123456789", "RSA2048"),
-                                  ("erin", "555111222333", "ECCP256")):
+    for name, uuid, algorithm, protocol in (("alice", "555123456789", "RSA2048", "t1"),
+                                            ("erin", "555111222333", "ECCP256", "t1"),
+                                            ("tara", "555444555666", "RSA2048", "t0")):
         cards[name] = directory / f"{name}.card"
         issue_card(directory / "ca", name=f"Dr {name.title()} Smith", uuid=uuid, pin="123456",
-                   out=cards[name], algorithm=algorithm)  # fmt: skip
+                   out=cards[name], algorithm=algorithm, protocol=protocol)  # fmt: skip
     return directory / "ca", cards
 
 
@@ -272,12 +278,14 @@ def card_cert(path: Path, slot: str = "9a") -> x509.Certificate:
     return card_certificate(CardFile.load(path), slot)
 
 
-def test_pcsc_session(pcscd, empty_reader, vpcd_insert, ca_and_cards, tmp_path):
+@pytest.mark.parametrize("holder,atr", [("alice", NHS_ATR), ("tara", NHS_T0_ATR)])
+def test_pcsc_session(pcscd, empty_reader, vpcd_insert, ca_and_cards, tmp_path, holder, atr):
+    """The same session on a T=1 card and on a T=0 one (61xx + GET RESPONSE)."""
     ca, cards = ca_and_cards
-    path, _ = insert(vpcd_insert, pcscd, cards["alice"], tmp_path)
+    path, _ = insert(vpcd_insert, pcscd, cards[holder], tmp_path)
     cert = card_cert(path)
     with PivSession.open(pcscd.reader(0)) as piv:
-        assert piv.atr == CardFile.load(path).atr
+        assert piv.atr == CardFile.load(path).atr == atr
         assert piv.certificate() == cert.public_bytes(serialization.Encoding.DER)
         assert x509.load_der_x509_certificate(piv.certificate("9c")) == card_cert(path, "9c")
         chuid = piv.chuid()

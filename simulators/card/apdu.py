@@ -1,5 +1,6 @@
 """ISO/IEC 7816-4 APDUs for the virtual smartcard: commands, responses, status words, BER-TLV,
-and the transmission layer (command chaining, response chaining with GET RESPONSE).
+and the transmission layer (command chaining, response chaining with GET RESPONSE) for the
+two transmission protocols a card can announce in its ATR.
 
 A command APDU is ``CLA INS P1 P2 [Lc data] [Le]`` in one of four cases (ISO 7816-4 5.1):
 
@@ -13,11 +14,21 @@ case  short                   extended
 ====  ======================  =====================================================
 
 :class:`CommandProcessor` is the one place where chaining is handled: command chaining
-(CLA bit 0x10) is reassembled before the application sees a command, and a response longer
-than the command's Le (or any response to a command without Le) is handed out in pieces:
-``61xx`` then ``GET RESPONSE`` (``00 C0 00 00 Le``) until the last piece, which carries the
-command's own status word. Malformed APDUs are answered with a status word, never an
-exception.
+(CLA bit 0x10) is reassembled before the application sees a command, and a response the
+host cannot take in one piece is handed out in pieces: ``61xx`` then ``GET RESPONSE``
+(``00 C0 00 00 Le``) until the last piece, which carries the command's own status word.
+What "cannot take in one piece" means depends on the protocol the card announces:
+
+* T=1 (:data:`PROTOCOL_T1`, the default, as PIV cards and YubiKeys): a block carries a whole
+  response APDU, so the answer comes with the data and its status word up to the command's
+  Le; a command without Le gets up to 256 bytes (65,536 for an extended APDU). Only what goes
+  beyond is handed out with ``61xx``. yubico-piv-tool relies on this: it SELECTs without Le
+  and accepts only ``90 00``.
+* T=0 (:data:`PROTOCOL_T0`): a command TPDU cannot carry both data and Le, so a command
+  without Le gets no data at once: any response data waits behind ``61xx`` for GET RESPONSE
+  (ISO 7816-3 12.2, 7816-4 5.3.3); so does what goes beyond the Le of a command that had one.
+
+Malformed APDUs are answered with a status word, never an exception.
 """
 
 from __future__ import annotations
@@ -37,6 +48,14 @@ CLA_CHAINING = 0x10
 
 #: the most command data the processor reassembles from a chain (extended Lc's maximum)
 MAX_COMMAND_DATA = 0xFFFF
+
+#: transmission protocols (ISO 7816-3): "t1" block transmission, "t0" character transmission
+PROTOCOL_T1 = "t1"
+PROTOCOL_T0 = "t0"
+PROTOCOLS = (PROTOCOL_T1, PROTOCOL_T0)
+#: what a T=1 card answers at once to a command without Le (short / extended APDU)
+T1_DEFAULT_NE = 256
+T1_DEFAULT_NE_EXTENDED = 65536
 
 
 class SW(IntEnum):
@@ -313,10 +332,16 @@ class CommandProcessor:
 
     The handler receives whole commands (chains reassembled, CLA without the chaining bit)
     and returns a :class:`ResponseApdu` or raises :class:`ApduError`; any other exception is
-    logged and answered 6F00. Not thread-safe by itself: the card serialises calls.
+    logged and answered 6F00. ``protocol`` (:data:`PROTOCOL_T1` or :data:`PROTOCOL_T0`)
+    decides when a response is held back for GET RESPONSE (see the module's docstring).
+    Not thread-safe by itself: the card serialises calls.
     """
 
-    def __init__(self, handler: Handler, *, max_command_data: int = MAX_COMMAND_DATA) -> None:
+    def __init__(self, handler: Handler, *, max_command_data: int = MAX_COMMAND_DATA,
+                 protocol: str = PROTOCOL_T1) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown transmission protocol {protocol!r}")
+        self.protocol = protocol
         self._handler = handler
         self._max_command_data = max_command_data
         self._chain_header: tuple[int, int, int, int] | None = None
@@ -370,7 +395,7 @@ class CommandProcessor:
             response = self._handler(cmd)
         except ApduError as e:
             response = ResponseApdu(b"", e.sw)
-        return self._respond(response, cmd.ne)
+        return self._respond(response, self._answer_limit(cmd))
 
     def _reassemble(self, cmd: CommandApdu) -> CommandApdu | None:
         header = (cmd.cla & ~CLA_CHAINING, cmd.ins, cmd.p1, cmd.p2)
@@ -391,14 +416,21 @@ class CommandProcessor:
         self.reset()
         return CommandApdu(header[0], cmd.ins, cmd.p1, cmd.p2, data, cmd.ne, cmd.extended)
 
-    def _respond(self, response: ResponseApdu, ne: int | None) -> bytes:
+    def _answer_limit(self, cmd: CommandApdu) -> int:
+        """How many response bytes go out with the answer itself (the rest waits for GET
+        RESPONSE): the command's Ne; without Le, none on T=0 and 256 / 65,536 on T=1."""
+        if cmd.ne is not None:
+            return cmd.ne
+        if self.protocol == PROTOCOL_T0:
+            return 0
+        return T1_DEFAULT_NE_EXTENDED if cmd.extended else T1_DEFAULT_NE
+
+    def _respond(self, response: ResponseApdu, limit: int) -> bytes:
         data = bytes(response.data)
-        if not data:
-            return int(response.sw).to_bytes(2, "big")
-        if ne is not None and len(data) <= ne:
+        if len(data) <= limit:
             return data + int(response.sw).to_bytes(2, "big")
-        # more than the host asked for (or it asked for nothing): hand out in pieces
-        head = data[:ne] if ne is not None else b""
+        # more than the host can take at once: hand out in pieces
+        head = data[:limit]
         self._pending = data[len(head):]
         self._pending_sw = response.sw
         return head + sw_more_data(len(self._pending)).to_bytes(2, "big")

@@ -5,7 +5,9 @@ The card is what a reader sees: power on/off and warm reset (each answers with t
 clears the volatile state: security status, selected application, command chains, response
 data not yet fetched), and ``transmit``, which takes any bytes and always answers with a
 response APDU (data + SW1 SW2). Chaining is handled once, by
-:class:`~simulators.card.apdu.CommandProcessor`; SELECT by AID is routed here; everything else
+:class:`~simulators.card.apdu.CommandProcessor`, following the transmission protocol of the
+card file (``CardFile.protocol``, the one its ATR announces: T=1 by default, T=0 as an
+option); SELECT by AID is routed here; everything else
 goes to the selected application. A card that is transmitted to while unpowered is powered up
 first, as a reader would.
 
@@ -42,7 +44,7 @@ class VirtualCard:
         self._lock = threading.RLock()
         self._piv = PivApplication(card, persist=self._persistent_state_changed)
         self._selected: PivApplication | None = None
-        self._processor = CommandProcessor(self._dispatch)
+        self._processor = CommandProcessor(self._dispatch, protocol=card.protocol)
         self._powered = False
 
     @classmethod
@@ -53,6 +55,11 @@ class VirtualCard:
     @property
     def atr(self) -> bytes:
         return self.card.atr
+
+    @property
+    def protocol(self) -> str:
+        """The transmission protocol the card follows ("t1" or "t0")."""
+        return self._processor.protocol
 
     @property
     def powered(self) -> bool:

@@ -21,12 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomicfile import write_private
+from .apdu import PROTOCOL_T0, PROTOCOL_T1, PROTOCOLS
 
 FORMAT_VERSION = 1
 PIN_MAX_RETRIES = 3
 PUK_MAX_RETRIES = 5
-#: NHS smartcard ATR (JCOP41 V2.2), from public sources; the virtual card presents it.
+#: NHS smartcard ATR (JCOP41 V2.2), from public sources; the virtual card presents it. It
+#: announces T=1 only (TD1 81, TD2 31: IFSC 254), and the card then answers as a T=1 card.
 NHS_ATR = bytes.fromhex("3BF91800008131FE454A434F503431563232AF")
+#: the same card announcing T=0 only (T0 79: TA1 18, TB1 00, TC1 00, no TD1 and so no TCK;
+#: the same historical bytes), for the card option "t0": it answers with the 61xx convention.
+NHS_T0_ATR = bytes.fromhex("3B791800004A434F503431563232")
+#: the ATR a card presents for each transmission protocol
+PROTOCOL_ATRS = {PROTOCOL_T1: NHS_ATR, PROTOCOL_T0: NHS_T0_ATR}
 
 
 class CardFileError(Exception):
@@ -119,6 +126,8 @@ class CardFile:
     keys: dict[str, KeySlot] = field(default_factory=dict)  # "9a", "9c", ...
     objects: dict[str, bytes] = field(default_factory=dict)  # PIV object tag (hex) -> value
     atr: bytes = NHS_ATR
+    #: the transmission protocol the ATR announces and the card follows: "t1" or "t0"
+    protocol: str = PROTOCOL_T1
     path: Path | None = field(default=None, compare=False)
 
     def to_json(self) -> dict:
@@ -128,6 +137,7 @@ class CardFile:
             "holder_name": self.holder_name,
             "holder_uuid": self.holder_uuid,
             "atr": self.atr.hex(),
+            "protocol": self.protocol,
             "pin": self.pin.to_json(),
             "puk": self.puk.to_json(),
             "management_key_algorithm": self.management_key_algorithm,
@@ -146,6 +156,7 @@ class CardFile:
                 holder_name=str(data["holder_name"]),
                 holder_uuid=str(data["holder_uuid"]),
                 atr=bytes.fromhex(data["atr"]),
+                protocol=str(data.get("protocol", PROTOCOL_T1)),  # older files: T=1
                 pin=Secret.from_json(data["pin"]),
                 puk=Secret.from_json(data["puk"]),
                 management_key_algorithm=str(data["management_key_algorithm"]),
@@ -156,6 +167,8 @@ class CardFile:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CardFileError(f"card file malformed: {e!r}") from None
+        if card.protocol not in PROTOCOLS:
+            raise CardFileError(f"unknown transmission protocol {card.protocol!r}")
         if card.management_key_algorithm not in ("AES128", "3DES"):
             raise CardFileError(f"unknown management key algorithm {card.management_key_algorithm}")
         return card

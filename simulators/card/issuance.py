@@ -63,8 +63,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from . import piv, pki
-from .apdu import TlvError, parse_tlvs, tlv
-from .cardfile import PIN_MAX_RETRIES, PUK_MAX_RETRIES, CardFile, KeySlot, Secret
+from .apdu import PROTOCOL_T1, PROTOCOLS, TlvError, parse_tlvs, tlv
+from .cardfile import (
+    PIN_MAX_RETRIES,
+    PROTOCOL_ATRS,
+    PUK_MAX_RETRIES,
+    CardFile,
+    KeySlot,
+    Secret,
+)
 
 ALGORITHMS = pki.ALGORITHMS
 VARIANTS = ("expired", "revoked", "untrusted", "blocked", "expiring")
@@ -277,11 +284,15 @@ def issue_card(
     variant: str | None = None,
     validity_days: int = 730,
     overwrite: bool = False,
+    protocol: str = PROTOCOL_T1,
 ) -> CardFile:
     """Issue a card for ``name`` (UUID ``uuid``) from the CA in ``ca_dir``, save it to ``out``
-    (0600) and record it with the RA. Returns the saved :class:`CardFile`.
+    (0600) and record it with the RA. Returns the saved :class:`CardFile`. ``protocol`` is the
+    transmission protocol the card announces in its ATR and follows: "t1" (the default, as
+    PIV cards) or "t0" (the ``61xx`` + GET RESPONSE convention, for clients that must handle
+    both).
 
-    ValueError for bad input (name, UUID, PIN, algorithm, variant, validity),
+    ValueError for bad input (name, UUID, PIN, algorithm, variant, validity, protocol),
     FileExistsError when ``out`` exists and ``overwrite`` is false, :class:`pki.PkiError` for
     the CA directory."""
     name = validate_name(name)
@@ -294,6 +305,9 @@ def issue_card(
         raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
     if not isinstance(validity_days, int) or not 1 <= validity_days <= 3650:
         raise ValueError("validity_days must be 1 to 3650")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown transmission protocol {protocol!r} "
+                         f"(choose from {', '.join(PROTOCOLS)})")  # fmt: skip
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists already (overwrite it explicitly)")
@@ -345,7 +359,8 @@ def issue_card(
         card = CardFile(
             serial=card_serial, holder_name=name, holder_uuid=uuid, pin=pin_secret,
             puk=Secret.new(puk, PUK_MAX_RETRIES), management_key_algorithm="AES128",
-            management_key=management_key, keys=keys, objects=objects)  # fmt: skip
+            management_key=management_key, keys=keys, objects=objects,
+            atr=PROTOCOL_ATRS[protocol], protocol=protocol)  # fmt: skip
         ca.record_card(pki.IssuedCard(
             card_serial=card_serial, holder_name=name, uuid=uuid, algorithm=algorithm,
             certificate_serials={slot: f"{c.serial_number:x}" for slot, c in certs.items()},
@@ -397,7 +412,8 @@ def card_guid(card: CardFile) -> str | None:
 
 
 def describe_card(card: CardFile, now: dt.datetime | None = None) -> dict:
-    """What may be shown about a card: holder, UUID, serial, GUID, certificates (subject,
+    """What may be shown about a card: holder, UUID, serial, GUID, transmission protocol and
+    ATR, certificates (subject,
     issuer, serial, validity, key usage), PIN and PUK tries left. Never a PIN, PUK or key."""
     now = now or pki.utcnow()
     certificates = {}
@@ -426,6 +442,8 @@ def describe_card(card: CardFile, now: dt.datetime | None = None) -> dict:
         "holder_name": card.holder_name,
         "uuid": card.holder_uuid,
         "guid": card_guid(card),
+        "protocol": card.protocol,
+        "atr": card.atr.hex(),
         "certificates": certificates,
         "pin_retries_left": card.pin.retries_left,
         "pin_max_retries": card.pin.max_retries,

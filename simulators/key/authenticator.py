@@ -25,6 +25,14 @@ from fido2.ctap import CtapError
 from .attestation import DEFAULT_MODEL, MODELS, load_identity
 from .base import CtapApp, Presence, Request, UserPresence
 from .credentials import ALGORITHMS, ID_LENGTH, Credential, KeyWrapper
+from .params import (
+    CtapFailure,
+    check_descriptor_list,
+    check_entity,
+    choose_algorithm,
+    need,
+    need_client_data_hash,
+)
 from .pinproto import PROTOCOLS, AuthenticatorPinProtocol, PinProtocolError
 from .state import DEFAULT_CAPACITY, PIN_RETRIES, PersistentState, StateStore
 
@@ -82,14 +90,6 @@ SUPPORTED_PERMISSIONS = (
 )
 
 
-class CtapFailure(Exception):
-    """Ends a command with a CTAP status code."""
-
-    def __init__(self, status: int, why: str = "") -> None:
-        super().__init__(f"{ERR(status).name if status in ERR._value2member_map_ else status}: {why}")
-        self.status = status
-
-
 @dataclass
 class _Token:
     """The pinUvAuthToken and its state (section 6.5.2.1)."""
@@ -114,6 +114,7 @@ class _Token:
 class _AssertionBatch:
     """What getNextAssertion needs from the getAssertion that started it."""
 
+    channel: int  # the CTAPHID channel of that getAssertion: the only one that may continue
     remaining: list[Credential]
     rp_id: str
     client_data_hash: bytes
@@ -122,30 +123,6 @@ class _AssertionBatch:
     hmac_input: dict | None
     started: float
     blob_key: bool = False
-
-
-def _need(params: dict, key: int, typ: type | tuple[type, ...], required: bool = True):
-    value = params.get(key)
-    if value is None:
-        if required:
-            raise CtapFailure(ERR.MISSING_PARAMETER, f"parameter 0x{key:02x} missing")
-        return None
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, f"parameter 0x{key:02x} has the wrong type")
-    return value
-
-
-def _check_descriptor_list(value: object) -> list[dict]:
-    if not isinstance(value, list):
-        raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "credential list is not an array")
-    for d in value:
-        if not isinstance(d, dict):
-            raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "credential descriptor is not a map")
-        if "type" not in d or "id" not in d:
-            raise CtapFailure(ERR.MISSING_PARAMETER, "credential descriptor incomplete")
-        if not isinstance(d["type"], str) or not isinstance(d["id"], bytes):
-            raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "credential descriptor malformed")
-    return value
 
 
 class VirtualAuthenticator(CtapApp):
@@ -189,8 +166,9 @@ class VirtualAuthenticator(CtapApp):
             self._consecutive_pin_failures = 0
             self._pin_auth_blocked = False
             self._next: _AssertionBatch | None = None
-            self._credman_rps: list[bytes] | None = None
-            self._credman_creds: list[Credential] | None = None
+            # credentialManagement enumerations in progress: (CTAPHID channel, what is left)
+            self._credman_rps: tuple[int, list[bytes]] | None = None
+            self._credman_creds: tuple[int, list[Credential]] | None = None
             self._blob_upload: bytearray | None = None  # a largeBlobs write in progress
             self._blob_expected = 0
             self._wrapper = KeyWrapper(self.state.wrap_key)
@@ -362,32 +340,22 @@ class VirtualAuthenticator(CtapApp):
     def _make_credential(self, params: dict, request: Request) -> dict:
         st = self.state
         auth_param = self._pin_uv_auth_prelude(params.get(0x08), params.get(0x09), request)
-        client_data_hash = _need(params, 0x01, bytes)
-        rp = _need(params, 0x02, dict)
-        user = _need(params, 0x03, dict)
-        cred_params = _need(params, 0x04, list)
-        exclude = _check_descriptor_list(params.get(0x05) or [])
-        extensions = _need(params, 0x06, dict, required=False) or {}
-        options = _need(params, 0x07, dict, required=False) or {}
-        rp_id = rp.get("id")
-        if not isinstance(rp_id, str):
-            raise CtapFailure(ERR.MISSING_PARAMETER, "rp.id missing")
-        if not isinstance(user.get("id"), bytes):
-            raise CtapFailure(ERR.MISSING_PARAMETER, "user.id missing")
+        client_data_hash = need_client_data_hash(params, 0x01)
+        rp = need(params, 0x02, dict)
+        user = need(params, 0x03, dict)
+        cred_params = need(params, 0x04, list)
+        exclude = check_descriptor_list(params.get(0x05) or [])
+        extensions = need(params, 0x06, dict, required=False) or {}
+        options = need(params, 0x07, dict, required=False) or {}
+        check_entity(rp, "rp", str, ("name",))
+        check_entity(user, "user", bytes, ("name", "displayName"))
+        rp_id = rp["id"]
         if len(user["id"]) > 64:
             raise CtapFailure(ERR.INVALID_LENGTH, "user.id longer than 64 bytes")
         if params.get(0x0A) is not None:
             raise CtapFailure(ERR.INVALID_PARAMETER, "enterprise attestation not supported")
 
-        alg = None
-        for p in cred_params:
-            if not isinstance(p, dict) or not isinstance(p.get("type"), str):
-                raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "pubKeyCredParams malformed")
-            if p["type"] == "public-key" and p.get("alg") in ALGORITHMS:
-                alg = p["alg"]
-                break
-        if alg is None:
-            raise CtapFailure(ERR.UNSUPPORTED_ALGORITHM, "no supported algorithm offered")
+        alg = choose_algorithm(cred_params, ALGORITHMS)
 
         for name in ("rk", "up", "uv"):
             if name in options and not isinstance(options[name], bool):
@@ -480,11 +448,11 @@ class VirtualAuthenticator(CtapApp):
     def _get_assertion(self, params: dict, request: Request) -> dict:
         st = self.state
         auth_param = self._pin_uv_auth_prelude(params.get(0x06), params.get(0x07), request)
-        rp_id = _need(params, 0x01, str)
-        client_data_hash = _need(params, 0x02, bytes)
-        allow = _check_descriptor_list(params.get(0x03) or [])
-        extensions = _need(params, 0x04, dict, required=False) or {}
-        options = _need(params, 0x05, dict, required=False) or {}
+        rp_id = need(params, 0x01, str)
+        client_data_hash = need_client_data_hash(params, 0x02)
+        allow = check_descriptor_list(params.get(0x03) or [])
+        extensions = need(params, 0x04, dict, required=False) or {}
+        options = need(params, 0x05, dict, required=False) or {}
         for name in ("up", "uv", "rk"):
             if name in options and not isinstance(options[name], bool):
                 raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, f"option {name} not a boolean")
@@ -539,8 +507,8 @@ class VirtualAuthenticator(CtapApp):
         if not allow and rest:
             response[0x05] = len(creds)
             self._next = _AssertionBatch(
-                rest, rp_id, client_data_hash, flags, uv, hmac_input, self.clock(),
-                bool(want_blob_key),
+                request.channel, rest, rp_id, client_data_hash, flags, uv, hmac_input,
+                self.clock(), bool(want_blob_key),
             )
         return response
 
@@ -593,6 +561,8 @@ class VirtualAuthenticator(CtapApp):
         batch = self._next
         if batch is None or not batch.remaining:
             raise CtapFailure(ERR.NOT_ALLOWED, "no assertion pending")
+        if batch.channel != request.channel:
+            raise CtapFailure(ERR.NOT_ALLOWED, "getAssertion was sent on another channel")
         if self.clock() - batch.started > NEXT_ASSERTION_TIMEOUT:
             self._next = None
             raise CtapFailure(ERR.NOT_ALLOWED, "getNextAssertion timed out")
@@ -603,7 +573,7 @@ class VirtualAuthenticator(CtapApp):
 
     # ------------------------------------------------------------------ clientPIN
     def _client_pin(self, params: dict, request: Request) -> dict | None:
-        sub = _need(params, 0x02, int)
+        sub = need(params, 0x02, int)
         if sub == 0x01:  # getPINRetries
             if not self._pin_set():
                 raise CtapFailure(ERR.PIN_NOT_SET, "no PIN set")
@@ -615,7 +585,7 @@ class VirtualAuthenticator(CtapApp):
         proto = self._protocol(params.get(0x01))
         if sub == 0x02:  # getKeyAgreement
             return {0x01: proto.key_agreement()}
-        peer = _need(params, 0x03, dict)
+        peer = need(params, 0x03, dict)
         try:
             shared = proto.decapsulate(peer)
         except PinProtocolError as e:
@@ -645,8 +615,8 @@ class VirtualAuthenticator(CtapApp):
         return pin_bytes, pin
 
     def _set_pin(self, proto, shared: bytes, params: dict) -> None:
-        auth = _need(params, 0x04, bytes)
-        new_pin_enc = _need(params, 0x05, bytes)
+        auth = need(params, 0x04, bytes)
+        new_pin_enc = need(params, 0x05, bytes)
         if self._pin_set():
             raise CtapFailure(ERR.NOT_ALLOWED, "a PIN is already set")
         if not proto.verify(shared, new_pin_enc, auth):
@@ -688,9 +658,9 @@ class VirtualAuthenticator(CtapApp):
         self.store.save()
 
     def _change_pin(self, proto, shared: bytes, params: dict) -> None:
-        auth = _need(params, 0x04, bytes)
-        new_pin_enc = _need(params, 0x05, bytes)
-        pin_hash_enc = _need(params, 0x06, bytes)
+        auth = need(params, 0x04, bytes)
+        new_pin_enc = need(params, 0x05, bytes)
+        pin_hash_enc = need(params, 0x06, bytes)
         if not self._pin_set():
             raise CtapFailure(ERR.PIN_NOT_SET, "no PIN to change")
         if self.state.pin_retries <= 0:
@@ -712,10 +682,10 @@ class VirtualAuthenticator(CtapApp):
         return None
 
     def _get_pin_token(self, proto, shared: bytes, params: dict, with_permissions: bool) -> dict:
-        pin_hash_enc = _need(params, 0x06, bytes)
+        pin_hash_enc = need(params, 0x06, bytes)
         if with_permissions:
-            permissions = _need(params, 0x09, int)
-            rp_id = _need(params, 0x0A, str, required=False)
+            permissions = need(params, 0x09, int)
+            rp_id = need(params, 0x0A, str, required=False)
             if permissions == 0:
                 raise CtapFailure(ERR.INVALID_PARAMETER, "no permissions asked for")
             if permissions & ~SUPPORTED_PERMISSIONS:
@@ -756,8 +726,8 @@ class VirtualAuthenticator(CtapApp):
 
     # ------------------------------------------------------------------ credential management
     def _cred_mgmt(self, params: dict, request: Request) -> dict | None:
-        sub = _need(params, 0x01, int)
-        sub_params = _need(params, 0x02, dict, required=False)
+        sub = need(params, 0x01, int)
+        sub_params = need(params, 0x02, dict, required=False)
         st = self.state
         if sub in (0x01, 0x02, 0x04, 0x06, 0x07):
             message = bytes([sub]) + (cbor.encode(sub_params) if sub_params is not None else b"")
@@ -780,12 +750,11 @@ class VirtualAuthenticator(CtapApp):
                     rps.append(c.rp_id_hash)
             if not rps:
                 raise CtapFailure(ERR.NO_CREDENTIALS, "no discoverable credentials")
-            self._credman_rps = rps[1:]
+            self._credman_rps = (request.channel, rps[1:])
             return {**self._rp_entry(rps[0]), 0x05: len(rps)}
         if sub == 0x03:  # enumerateRPsGetNextRP
-            if not self._credman_rps:
-                raise CtapFailure(ERR.NOT_ALLOWED, "no RP enumeration pending")
-            return self._rp_entry(self._credman_rps.pop(0))
+            rps = self._continuation(self._credman_rps, request, "RP enumeration")
+            return self._rp_entry(rps.pop(0))
         if sub == 0x04:  # enumerateCredentialsBegin
             sp = sub_params or {}
             rp_hash = sp.get(0x01)
@@ -798,12 +767,11 @@ class VirtualAuthenticator(CtapApp):
             )
             if not creds:
                 raise CtapFailure(ERR.NO_CREDENTIALS, "no credentials for that RP")
-            self._credman_creds = creds[1:]
+            self._credman_creds = (request.channel, creds[1:])
             return {**self._cred_entry(creds[0]), 0x09: len(creds)}
         if sub == 0x05:  # enumerateCredentialsGetNextCredential
-            if not self._credman_creds:
-                raise CtapFailure(ERR.NOT_ALLOWED, "no credential enumeration pending")
-            return self._cred_entry(self._credman_creds.pop(0))
+            creds = self._continuation(self._credman_creds, request, "credential enumeration")
+            return self._cred_entry(creds.pop(0))
         if sub in (0x06, 0x07):  # deleteCredential, updateUserInformation
             sp = sub_params or {}
             descriptor = sp.get(0x02)
@@ -828,6 +796,17 @@ class VirtualAuthenticator(CtapApp):
             return None
         raise CtapFailure(ERR.INVALID_SUBCOMMAND, f"credentialManagement 0x{sub:02x}")
 
+    @staticmethod
+    def _continuation(pending: tuple[int, list] | None, request: Request, what: str) -> list:
+        """What is left of an enumeration, for its next item: only on the CTAPHID channel
+        that began it (else, or when nothing is left, CTAP2_ERR_NOT_ALLOWED)."""
+        if pending is None or not pending[1]:
+            raise CtapFailure(ERR.NOT_ALLOWED, f"no {what} pending")
+        channel, left = pending
+        if channel != request.channel:
+            raise CtapFailure(ERR.NOT_ALLOWED, f"{what} was begun on another channel")
+        return left
+
     def _rp_entry(self, rp_hash: bytes) -> dict:
         cred = next(c for c in self.state.credentials if c.rp_id_hash == rp_hash)
         return {0x03: dict(cred.rp), 0x04: rp_hash}
@@ -848,10 +827,10 @@ class VirtualAuthenticator(CtapApp):
     def _large_blobs(self, params: dict, request: Request) -> dict | None:
         """authenticatorLargeBlobs (section 6.10): a serialized array, read and written in
         fragments, whose last 16 bytes are LEFT(SHA-256(the rest), 16)."""
-        get = _need(params, 0x01, int, required=False)
-        fragment = _need(params, 0x02, bytes, required=False)
-        offset = _need(params, 0x03, int)
-        length = _need(params, 0x04, int, required=False)
+        get = need(params, 0x01, int, required=False)
+        fragment = need(params, 0x02, bytes, required=False)
+        offset = need(params, 0x03, int)
+        length = need(params, 0x04, int, required=False)
         st = self.state
         if (get is None) == (fragment is None):
             raise CtapFailure(ERR.INVALID_PARAMETER, "exactly one of get and set")
@@ -899,8 +878,8 @@ class VirtualAuthenticator(CtapApp):
 
     # ------------------------------------------------------------------ authenticatorConfig
     def _config(self, params: dict, request: Request) -> None:
-        sub = _need(params, 0x01, int)
-        sub_params = _need(params, 0x02, dict, required=False)
+        sub = need(params, 0x01, int)
+        sub_params = need(params, 0x02, dict, required=False)
         st = self.state
         auth = params.get(0x04)
         if self._pin_set() or st.always_uv:
@@ -928,8 +907,8 @@ class VirtualAuthenticator(CtapApp):
             if rp_ids is not None:
                 if not isinstance(rp_ids, list) or not all(isinstance(r, str) for r in rp_ids):
                     raise CtapFailure(ERR.CBOR_UNEXPECTED_TYPE, "minPinLengthRPIDs")
-                if len(rp_ids) > MAX_RPIDS_FOR_MIN_PIN:
-                    raise CtapFailure(ERR.PIN_POLICY_VIOLATION, "too many RP IDs")
+                if len(rp_ids) > MAX_RPIDS_FOR_MIN_PIN:  # maxRPIDsForSetMinPINLength
+                    raise CtapFailure(ERR.KEY_STORE_FULL, "too many RP IDs")
             if force and not self._pin_set():
                 raise CtapFailure(ERR.PIN_NOT_SET, "forceChangePin without a PIN")
             st.min_pin_length = new_len

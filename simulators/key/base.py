@@ -30,6 +30,10 @@ class Request:
     The framing layer creates it, hands it to :class:`CtapApp`, and while the app works it
     sends a KEEPALIVE carrying :attr:`status` about every 100 ms (and at once when the status
     changes). A CTAPHID_CANCEL on the transaction's channel sets :attr:`cancelled`.
+
+    :attr:`channel` is the CTAPHID channel (CID) the command came on: the authenticator binds
+    continuation state to it (getNextAssertion and the credential-management enumerations
+    go on only on the channel that began them). Callers outside CTAPHID leave it 0.
     """
 
     def __init__(self, channel: int = 0, on_status=None) -> None:

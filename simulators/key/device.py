@@ -7,6 +7,10 @@ Semantics modelled on Linux hidraw, which is how python-fido2 and libfido2 reach
   goes to all of them, and hosts keep the ones for their own channel;
 * opening the first handle while none is open is a plug-in: the key powers up
   (``app.power_up()``: volatile state cleared, the reset window opens);
+* unless the key is *single-host* (``single_host=True``, ``sim key serve --single-host``), as
+  the emulated keys some authenticator test suites were written for: then opening a handle
+  first closes every other one (as an unplug closes them), so the new handle is the only one
+  and opening it is that same plug-in, whatever was open before;
 * :meth:`VirtualKey.unplug` is a key pulled out: every handle is closed, reads and writes on
   it fail with ``OSError(ENODEV)``, and no handle can be opened until :meth:`VirtualKey.plug`;
 * :meth:`VirtualKey.power_cycle` reboots the key in place: handles stay open, every channel
@@ -47,7 +51,7 @@ class KeyHandle:
     Reports the key sends are queued for :meth:`read`, or, if the handle was opened with
     ``on_report``, passed to that callback instead (it must not block: it is called while the
     key's framing layer holds its lock). ``on_close`` is called once when the key closes the
-    handle (unplug), not when the owner calls :meth:`close`.
+    handle (unplug, or a new host on a single-host key), not when the owner calls :meth:`close`.
     """
 
     def __init__(
@@ -117,8 +121,8 @@ class KeyHandle:
             self._ready.notify_all()
         return True
 
-    def _unplugged(self) -> None:
-        if self._shut("was unplugged") and self._on_close is not None:
+    def _dropped(self, reason: str) -> None:
+        if self._shut(reason) and self._on_close is not None:
             try:
                 self._on_close()
             except Exception:
@@ -133,6 +137,8 @@ class VirtualKey:
     :param faults: faults to inject (shared with the control interface); a fresh plan if None.
     :param msg_timeout: CTAPHID message timeout, seconds.
     :param serial_number: reported in HID descriptors.
+    :param single_host: a new handle closes the others and powers the key up (see the module
+        docstring); a plain attribute, which ``KeyServer(single_host=True)`` also sets.
     """
 
     def __init__(
@@ -143,6 +149,7 @@ class VirtualKey:
         *,
         msg_timeout: float = DEFAULT_MSG_TIMEOUT,
         serial_number: str | None = None,
+        single_host: bool = False,
     ) -> None:
         if presence is None:
             presence = getattr(app, "presence", None)
@@ -153,6 +160,7 @@ class VirtualKey:
         self.faults = faults if faults is not None else FaultPlan()
         self.product_name = SIM_PRODUCT_NAME
         self.serial_number = serial_number
+        self.single_host = single_host
         self._handles: tuple[KeyHandle, ...] = ()  # replaced, never mutated: read lock-free
         self._handles_lock = threading.Lock()
         self._power_lock = threading.RLock()  # open / close / plug / unplug / power_cycle
@@ -187,12 +195,20 @@ class VirtualKey:
         self, on_report: ReportCallback | None = None, on_close: CloseCallback | None = None
     ) -> KeyHandle:
         """Open a handle (see :class:`KeyHandle`). The first handle opened while none is open
-        powers the key up. Raises ``OSError(ENODEV)`` while the key is unplugged."""
+        powers the key up; on a single-host key every open handle is closed first, so each
+        open powers it up. Raises ``OSError(ENODEV)`` while the key is unplugged."""
         with self._power_lock:
             if self._closed:
                 raise _no_device("is closed")
             if not self._plugged:
                 raise _no_device("is unplugged")
+            if self.single_host and self._handles:
+                with self._handles_lock:
+                    earlier, self._handles = self._handles, ()
+                logger.info("virtual key: a new host (single-host mode): closing %d earlier "
+                            "handle(s)", len(earlier))  # fmt: skip
+                for old in earlier:
+                    old._dropped("was closed: a new host connected (single-host mode)")
             handle = KeyHandle(self, on_report, on_close)
             if not self._handles:
                 logger.info("virtual key: plugged in (first handle opened), powering up")
@@ -215,7 +231,7 @@ class VirtualKey:
                 self._notify(False)  # first, so a host that sees its handle fail finds no key
             finally:
                 for handle in handles:
-                    handle._unplugged()
+                    handle._dropped("was unplugged")
             logger.info("virtual key: unplugged (%d handle(s) dropped)", len(handles))
 
     def plug(self) -> None:
@@ -294,6 +310,7 @@ class VirtualKey:
         return {
             "powered": self._plugged,
             "handles": len(self._handles),
+            "single_host": self.single_host,
             "presence": PresenceMode(self.presence.mode).value,
             "waiting_for_touch": bool(self.presence.waiting),
             "busy": self.hid.busy,
@@ -337,6 +354,7 @@ def create_virtual_key(
     msg_timeout: float = DEFAULT_MSG_TIMEOUT,
     touch_timeout: float | None = None,
     serial_number: str | None = None,
+    single_host: bool = False,
 ) -> VirtualKey:
     """A :class:`VirtualKey` around the real authenticator
     (:class:`simulators.key.authenticator.VirtualAuthenticator`).
@@ -345,6 +363,9 @@ def create_virtual_key(
     :param presence: a :class:`UserPresence`, or a mode for a new one
         (``auto``, ``manual``, ``deny``, ``never``).
     :param touch_timeout: seconds a request waits for a touch (default: UserPresence's 30 s).
+    :param single_host: every new handle (over TCP: a new connection's first report) closes
+        the others and powers the key up, as the emulated keys some test suites expect;
+        default False: several handles at once, as with hidraw.
     """
     from .authenticator import VirtualAuthenticator  # imported late: a heavier module
 
@@ -354,5 +375,6 @@ def create_virtual_key(
         presence.timeout = touch_timeout
     app = VirtualAuthenticator(state_file=state_file, presence=presence)
     return VirtualKey(
-        app, presence, faults, msg_timeout=msg_timeout, serial_number=serial_number
+        app, presence, faults, msg_timeout=msg_timeout, serial_number=serial_number,
+        single_host=single_host,
     )

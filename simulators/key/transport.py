@@ -9,6 +9,9 @@ an HTTP control interface.
   then the 64-byte report, both directions). A TCP connection becomes a handle of the key
   when its first report arrives, so a connection that only probes reachability (connect,
   close) is not a plug-in; the first handle while none is open is (the key powers up).
+  With ``single_host=True`` a connection's first report closes every earlier handle's
+  connection (their hosts read EOF) and so is always that plug-in (see
+  :mod:`simulators.key.device`).
   Plus an HTTP control interface compatible with python-fido2's device-test "Pico
   controller" (``/usbN/touch/on`` ...), see :meth:`KeyServer.control`.
 
@@ -202,6 +205,11 @@ class KeyServer:
     :param host: address both servers bind to; loopback by default, keep it so (no auth).
     :param port: HID port (0: an ephemeral port, read it back from :attr:`port`).
     :param control_port: HTTP control port (0: ephemeral; None: no control interface).
+    :param single_host: if True, make the key single-host (``key.single_host``): a new
+        connection, at its first report, closes the earlier ones and powers the key up, as
+        the emulated keys some authenticator test suites expect. None (default): leave the key
+        as it was made (``create_virtual_key(single_host=...)``); a plain key takes several
+        connections at once, as hidraw does.
 
     While the key is unplugged the HID port is closed, so a connect is refused, as a
     removed key is absent; plugging it back in listens again on the same port.
@@ -214,8 +222,11 @@ class KeyServer:
         host: str = LOOPBACK,
         port: int = DEFAULT_HID_PORT,
         control_port: int | None = DEFAULT_CONTROL_PORT,
+        single_host: bool | None = None,
     ) -> None:
         self.key = key
+        if single_host is not None:
+            key.single_host = single_host
         self.host = host
         self.port = port
         self.control_port = control_port

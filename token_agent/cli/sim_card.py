@@ -24,6 +24,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Mirrors of the library's lists (the library is imported lazily; a test checks they agree).
 ALGORITHMS = ("RSA2048", "ECCP256")
 VARIANTS = ("expired", "revoked", "untrusted", "blocked", "expiring")
+PROTOCOLS = ("t1", "t0")
 REVOCATION_REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged",
                       "superseded", "cessationOfOperation", "certificateHold",
                       "privilegeWithdrawn", "aACompromise")  # fmt: skip
@@ -211,12 +212,16 @@ def card() -> None:
               help="A faulty card for tests: expired, revoked, untrusted, blocked, expiring.")
 @click.option("--validity-days", type=click.IntRange(1, 3650), default=730, show_default=True,
               help="Certificate lifetime (NHS cards: renewed every 2-3 years).")  # fmt: skip
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="t1", show_default=True,
+              help="Transmission protocol the card's ATR announces and the card follows: t1 "
+                   "answers with the data and 90 00 (as PIV cards); t0 hands response data "
+                   "out with 61xx + GET RESPONSE.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite an existing card file.")
 @json_option
 @_errors
 def card_issue(ca_dir: str, name: str, uuid: str, pin: str | None, pin_stdin: bool, out: str,
-               algorithm: str, variant: str | None, validity_days: int, force: bool,
-               as_json: bool) -> None:  # fmt: skip
+               algorithm: str, variant: str | None, validity_days: int, protocol: str,
+               force: bool, as_json: bool) -> None:  # fmt: skip
     """Issue a card for a person: keys, certificates, PIV objects, PIN; the PUK and the
     management key stay with the registration authority (the CA directory)."""
     from simulators.card import issuance
@@ -236,7 +241,8 @@ def card_issue(ca_dir: str, name: str, uuid: str, pin: str | None, pin_stdin: bo
             "models an older card")
     issued = issuance.issue_card(ca_dir, name=name, uuid=uuid, pin=pin, out=out,
                                  algorithm=algorithm, variant=variant,
-                                 validity_days=validity_days, overwrite=force)  # fmt: skip
+                                 validity_days=validity_days, overwrite=force,
+                                 protocol=protocol)  # fmt: skip
     info = issuance.describe_card(issued)
     info["file"] = out
     info["variant"] = variant
@@ -270,6 +276,7 @@ def _card_text(info: dict) -> str:
         f"UUID:         {info['uuid']}",
         f"card serial:  {info['serial']}",
         f"GUID:         {info['guid']}",
+        f"protocol:     T={info['protocol'][1]} (ATR {info['atr']})",
         f"PIN:          {'BLOCKED' if info['pin_blocked'] else 'ok'}, "
         f"{info['pin_retries_left']} of {info['pin_max_retries']} tries left",
     ]  # fmt: skip

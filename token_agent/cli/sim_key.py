@@ -46,9 +46,12 @@ def key() -> None:
               show_default=True, help="How the simulated user answers touch requests.")
 @click.option("--msg-timeout", type=click.FloatRange(0.01, 60), default=0.5,
               show_default=True, help="CTAPHID message timeout, seconds.")
+@click.option("--single-host", is_flag=True,
+              help="A new connection closes the earlier ones and powers the key up (for test "
+                   "suites written for emulated keys); default: several at once, as hidraw.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (default: the key's events).")
 def serve(port: int, control_port: int, state_file: str | None, presence: str,
-          msg_timeout: float, verbose: bool) -> None:  # fmt: skip
+          msg_timeout: float, single_host: bool, verbose: bool) -> None:  # fmt: skip
     """Run a virtual key in the foreground until SIGINT or SIGTERM.
 
     Both ports are bound to 127.0.0.1 only: the simulator has no authentication, and belongs
@@ -71,7 +74,8 @@ def serve(port: int, control_port: int, state_file: str | None, presence: str,
 
     try:
         virtual_key = create_virtual_key(state_file=state_file, presence=presence,
-                                         msg_timeout=msg_timeout)  # fmt: skip
+                                         msg_timeout=msg_timeout,
+                                         single_host=single_host)  # fmt: skip
     except (OSError, StateFileError) as e:
         raise click.ClickException(f"cannot create the virtual key: {e}") from None
     server = KeyServer(virtual_key, port=port, control_port=control_port)
@@ -86,7 +90,8 @@ def serve(port: int, control_port: int, state_file: str | None, presence: str,
     click.echo(
         f"virtual FIDO2 key: HID reports on 127.0.0.1:{server.port}, "
         f"control http://127.0.0.1:{server.control_port}/ "
-        f"(presence {presence}, state {state_file or 'in memory'})"
+        f"(presence {presence}, state {state_file or 'in memory'}"
+        f"{', single host' if single_host else ''})"
     )
     click.echo(f"  use it with: TOKEN_AGENT_SIM_KEYS=127.0.0.1:{server.port}")
     sys.stdout.flush()
@@ -198,7 +203,8 @@ def status(control_port: int, as_json: bool) -> None:
     click.echo(f"powered:           {'yes' if state.get('powered') else 'no (unplugged)'}")
     click.echo(f"HID port:          {hid.get('host')}:{hid.get('port')}"
                f"{'' if hid.get('listening') else ' (not listening)'}")  # fmt: skip
-    click.echo(f"connections:       {state.get('connections')} ({state.get('handles')} open)")
+    click.echo(f"connections:       {state.get('connections')} ({state.get('handles')} open)"
+               f"{'; single host' if state.get('single_host') else ''}")  # fmt: skip
     click.echo(f"presence:          {state.get('presence')}")
     click.echo(f"waiting for touch: {'yes' if state.get('waiting_for_touch') else 'no'}")
     click.echo(f"busy:              {'yes' if state.get('busy') else 'no'}")
