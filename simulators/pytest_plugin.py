@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "virtual_key(**options): options for the virtual_key fixture, as create_virtual_key "
-        "takes them (presence, touch_timeout, state_file, msg_timeout, serial_number)",
+        "takes them (presence, touch_timeout, state_file, msg_timeout, serial_number, single_host)",
     )
     config.addinivalue_line(
         "markers",
