@@ -220,7 +220,8 @@ class SimulatedPki:
         return VirtualCard.load(card_file)
 
     def revoke(self, uuid: str, reason: str = "keyCompromise") -> None:
-        """Revoke every card of ``uuid`` and publish a new CRL (:func:`simulators.card.pki.revoke`)."""
+        """Revoke every card of ``uuid`` and publish a new CRL
+        (:func:`simulators.card.pki.revoke`)."""
         from simulators.card import pki
 
         pki.revoke(self.directory, uuid=uuid, reason=reason)

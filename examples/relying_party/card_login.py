@@ -31,7 +31,12 @@ class CardLoginError(Exception):
 
 def _tlv(tag: int, value: bytes) -> bytes:
     n = len(value)
-    length = bytes([n]) if n < 0x80 else bytes([0x81, n]) if n < 0x100 else bytes([0x82]) + n.to_bytes(2, "big")
+    if n < 0x80:
+        length = bytes([n])
+    elif n < 0x100:
+        length = bytes([0x81, n])
+    else:
+        length = bytes([0x82]) + n.to_bytes(2, "big")
     return bytes([tag]) + length + value
 
 
@@ -46,7 +51,8 @@ def _read_tlv(data: bytes, tag: int) -> bytes:
     return data[at:at + n]
 
 
-def transmit(connection, cla: int, ins: int, p1: int, p2: int, data: bytes = b"") -> tuple[bytes, int]:
+def transmit(connection, cla: int, ins: int, p1: int, p2: int,
+             data: bytes = b"") -> tuple[bytes, int]:
     """One command (chained in 255-byte pieces when longer), its whole response (61xx
     answered with GET RESPONSE) and status word."""
     while len(data) > 255:
