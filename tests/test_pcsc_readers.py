@@ -195,7 +195,8 @@ def restart_pcscd(service) -> None:
 def test_watcher_survives_pcscd_restart(pcscd, empty_readers, vpcd_insert, issued_cards, tmp_path):
     if not pcscd.started_here:
         pytest.skip("pcscd is the machine's own (not started by this test session): "
-                    "the test does not kill it")
+                    "the test does not kill it; found running: "
+                    + ("; ".join(pcscd.found_running) or "none seen in /proc"))
     reader = pcscd.reader(0)
     at_loss: list = []  # the watcher's snapshot when it reports the loss (on its own thread)
 

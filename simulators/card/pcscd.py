@@ -48,6 +48,26 @@ def find_pcscd() -> str | None:
         (p for p in ("/usr/sbin/pcscd", "/sbin/pcscd") if os.path.exists(p)), None)
 
 
+def running_pcscd() -> list[str]:
+    """The pcscd processes running now, as "pid N (parent M: its command, started T s after
+    boot)": for messages about a pcscd this session did not start."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "pcscd":
+                continue
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            ppid, started = stat[1], int(stat[19]) / os.sysconf("SC_CLK_TCK")
+            parent = (Path("/proc") / ppid / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError, ValueError):
+            continue
+        found.append(f"pid {entry.name} (parent {ppid}: {parent.decode(errors='replace')[:120].strip()}"
+                     f", started {started:.0f} s after boot)")
+    return found
+
+
 def vpcd_configured() -> bool:
     return VPCD_CONF.exists()
 
@@ -87,6 +107,8 @@ class Pcscd:
     def __init__(self, log: Path | None = None) -> None:
         self.log = log
         self.process: subprocess.Popen | None = None  # set when started here
+        #: the pcscd found running at start (``running_pcscd``), when not started here
+        self.found_running: list[str] = []
         self.context = None
 
     @property
@@ -116,6 +138,8 @@ class Pcscd:
 
     def _start(self) -> None:
         context = establish_context()  # also starts a socket-activated pcscd
+        if context is not None:
+            self.found_running = running_pcscd()
         if context is None:
             pcscd = find_pcscd()
             if pcscd is None:
