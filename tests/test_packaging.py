@@ -140,3 +140,18 @@ def test_simulator_data_is_package_data():
     patterns = config["tool"]["setuptools"]["package-data"]["simulators.key"]
     data = list((root / "simulators" / "key" / "data").iterdir())
     assert data and all(any(p.match(pattern) for pattern in patterns) for p in data)
+
+
+def test_readme_lists_the_packages_setup_installs():
+    """The README's two package lists (what set-up installs, and the line for a non-root
+    user) are setup.sh's APT_PACKAGES, no more and no fewer."""
+    import re
+
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    packages = re.search(r"APT_PACKAGES=\(([^)]*)\)", setup).group(1).split()
+    readme = (ROOT / "README.md").read_text()
+    listed = re.search(r"running as root:\n\s*`([^`]*)`", readme).group(1).split()
+    command = re.search(r"sudo apt-get install -y --no-install-recommends (.*?)\n```", readme,
+                        re.S).group(1).replace("\\\n", " ").split()
+    assert listed == packages
+    assert command == packages
