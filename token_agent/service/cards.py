@@ -25,7 +25,7 @@ from ..outcome import LoginOutcome, Reason
 
 if TYPE_CHECKING:
     from .ceremony import Ceremony, SocketInteraction
-    from .server import Service
+    from .host import Host
 
 log = logging.getLogger("token_agent.service")
 
@@ -35,7 +35,7 @@ LOCK_REASONS = ("card-removed", "reader-removed", "card-swapped",
 
 
 class CardWatch:
-    def __init__(self, service: "Service") -> None:
+    def __init__(self, service: "Host") -> None:
         self.service = service
         self.watcher = None  # ReaderWatcher, while readers are watched
         self.manager = None  # CardSessionManager

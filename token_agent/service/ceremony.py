@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .server import Connection
+    from .connections import Connection
 
 log = logging.getLogger("token_agent.service")
 

@@ -1,6 +1,7 @@
 """The service's sockets and connections: listening, accepting, admitting, reading and
-writing. What a request *does* is the service's (``server.py``); this module only gets
-messages in and out, and keeps the sockets usable whatever a local user throws at them.
+writing. What a request *does* is the request handlers' (``handlers/``, dispatched by
+``server.py``); this module only gets messages in and out, and keeps the sockets usable
+whatever a local user throws at them. It knows the service only as ``host.Host``.
 
 Two sockets (``protocol.py``, Framing): the public one, for every local user, and the login
 socket, for root and the login services only (its mode and group keep the others out; a
@@ -38,14 +39,14 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .authz import Peer, credentials
+from .errors import RequestError
 
 if TYPE_CHECKING:
-    from .ceremony import Ceremony
-    from .server import Service
+    from .host import Host
 
 log = logging.getLogger("token_agent.service")
 
@@ -77,7 +78,7 @@ class Connection:
 
     _ids = itertools.count(1)
 
-    def __init__(self, service: "Service", sock: socket.socket, creds: tuple[int, int, int],
+    def __init__(self, service: "Host", sock: socket.socket, creds: tuple[int, int, int],
                  listener: str = PUBLIC) -> None:
         self.id = next(self._ids)
         self.service = service
@@ -92,7 +93,7 @@ class Connection:
         self.subscribed_admin = False
         #: the last successful login on this connection (``reauth.Authenticated``)
         self.authenticated = None
-        self.ceremonies: dict[str, "Ceremony"] = {}
+        self.ceremonies: dict[str, Any] = {}  # id -> ceremony.Ceremony
         self.closed = threading.Event()
         self._queue: "queue.Queue[bytes | None]" = queue.Queue(SEND_QUEUE)
         self._close_lock = threading.Lock()
@@ -231,8 +232,6 @@ class Connection:
         self.close()
 
     def _handle_line(self, line: bytes) -> bool:
-        from .server import RequestError
-
         try:
             message = protocol.decode(line)
         except protocol.ProtocolError as e:
@@ -293,7 +292,7 @@ class Connection:
             self._queue.put_nowait(None)
         except queue.Full:
             pass
-        self.service._connection_closed(self)
+        self.service.connection_closed(self)
         try:
             self.sock.close()
         except OSError:
@@ -341,7 +340,7 @@ def admit(conns: list[Connection], uid: int, *, listener: str, login_uids: froze
 class Listener:
     """One listening socket and its accept loop."""
 
-    def __init__(self, service: "Service", path: Path, *, kind: str, mode: int,
+    def __init__(self, service: "Host", path: Path, *, kind: str, mode: int,
                  group: str | None = None) -> None:
         self.service = service
         self.path = path

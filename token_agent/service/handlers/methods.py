@@ -1,0 +1,197 @@
+"""A user's methods: ``methods.list|prefer|remove`` and the enrolments (``enrol.totp``,
+``enrol.totp.confirm``, ``enrol.backup-codes``, ``enrol.key``, a ceremony)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from ...outcome import Reason
+from ..ceremony import SocketInteraction
+from ..errors import RequestError
+from .common import actor, agent_user, binding_op, check_args, user_op
+from .login import open_key, pin_guard
+
+if TYPE_CHECKING:
+    from ..ceremony import Ceremony
+    from ..connections import Connection
+    from ..host import Host
+
+log = logging.getLogger("token_agent.service")
+
+#: the CLI's method names (``methods prefer|remove KIND``) -> store kinds
+METHOD_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
+                "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
+                "push": "push", "app-password": "app_password", "backup": "backup_codes"}
+
+
+def op_methods_list(svc: Host, conn: Connection, args: dict) -> dict:
+    from ...factors import LABELS, POLICY_NAMES, lockout
+
+    a = check_args(args, {"user": (str, True)})
+    user = user_op(svc, conn, "methods.list", a["user"])
+    with svc.user_locks.holding(user.username):
+        locks = {s.scope: s for s in lockout.user_locks(svc.store, user.id)}
+        methods = []
+        for m in svc.store.list_methods(user.id):  # as `token-agent methods list --json`
+            lock = locks.get(f"method:{m.id}")
+            methods.append({
+                "id": m.id, "kind": POLICY_NAMES.get(m.kind, m.kind),
+                "label": LABELS.get(m.kind, m.kind), "name": m.name,
+                "preferred": m.preferred, "confirmed": m.confirmed,
+                "created_at": m.created_at, "last_used_at": m.last_used_at,
+                "flagged": m.flagged, "flag_reason": m.flag_reason,
+                "locked_until": lock.locked_until if lock else None,
+                "failures": lock.failures if lock else 0})
+    return {"methods": methods}
+
+
+def _method_of(svc: Host, user, kind: str, name: str | None):
+    if kind not in METHOD_KINDS:
+        raise RequestError("bad-request", f"kind must be one of {', '.join(METHOD_KINDS)}")
+    method = svc.store.find_method(user.id, METHOD_KINDS[kind], name)
+    if method is None:
+        raise RequestError("not-found", f"{user.username} has no {kind} method"
+                           + (f" named {name!r}" if name else ""))
+    return method
+
+
+def op_methods_prefer(svc: Host, conn: Connection, args: dict) -> dict:
+    from ...store import InvalidValue
+
+    a = check_args(args, {"user": (str, True), "kind": (str, True), "name": (str, False)})
+    user = binding_op(svc, conn, "methods.prefer", a["user"])
+    with svc.user_locks.holding(user.username):
+        method = _method_of(svc, user, a["kind"], a["name"])
+        try:
+            with svc.store.transaction():
+                svc.store.set_preferred_method(user.id, method.id)
+                svc.store.record_event("method.preferred", user_id=user.id,
+                                       outcome="success",
+                                       detail={"kind": method.kind, "name": method.name,
+                                               "actor": actor(conn)})
+        except InvalidValue as e:
+            raise RequestError("conflict", str(e)) from None
+    return {}
+
+
+def op_methods_remove(svc: Host, conn: Connection, args: dict) -> dict:
+    a = check_args(args, {"user": (str, True), "kind": (str, True), "name": (str, False)})
+    user = binding_op(svc, conn, "methods.remove", a["user"])
+    with svc.user_locks.holding(user.username):
+        method = _method_of(svc, user, a["kind"], a["name"])
+        with svc.store.transaction():
+            svc.store.remove_method(method.id)
+            svc.store.record_event("method.removed", user_id=user.id, outcome="success",
+                                   detail={"kind": method.kind, "name": method.name,
+                                           "actor": actor(conn)})
+    return {}
+
+
+def op_enrol_totp(svc: Host, conn: Connection, args: dict) -> dict:
+    from ...factors import FactorError, totp
+    from ...store import CredentialExists
+
+    a = check_args(args, {"user": (str, True), "name": (str, False)})
+    user = binding_op(svc, conn, "enrol.totp", a["user"])
+    with svc.user_locks.holding(user.username):
+        try:
+            pending = totp.begin_enrol(svc.agent.factors(), user.id,
+                                       **({"name": a["name"]} if a["name"] else {}))
+        except CredentialExists as e:
+            raise RequestError("conflict", str(e)) from None
+        except FactorError as e:
+            raise RequestError("bad-request", e.message) from None
+    # the secret goes to the client only; never to a log
+    return {"uri": pending.uri, "secret": pending.secret, "text": totp.qr_terminal(pending.uri),
+            "method": pending.method.name}
+
+
+def op_enrol_totp_confirm(svc: Host, conn: Connection, args: dict) -> dict:
+    from ...factors import FactorError, totp
+
+    a = check_args(args, {"user": (str, True), "code": (str, True), "name": (str, False)})
+    user = binding_op(svc, conn, "enrol.totp.confirm", a["user"])
+    with svc.user_locks.holding(user.username):
+        try:
+            result = totp.confirm_enrol(svc.agent.factors(), user.id, a["code"],
+                                        name=a["name"])
+        except FactorError as e:
+            raise RequestError("not-found", e.message) from None
+    return {"ok": result.ok, "message": result.message,
+            "reason": result.reason.value if result.reason else None}
+
+
+def op_enrol_backup_codes(svc: Host, conn: Connection, args: dict) -> dict:
+    from ...factors import backup
+
+    a = check_args(args, {"user": (str, True)})
+    user = binding_op(svc, conn, "enrol.backup-codes", a["user"])
+    with svc.user_locks.holding(user.username), svc.store.transaction():
+        _method, codes = backup.generate(svc.agent.factors(), user.id)
+        if conn.client_gone():  # nobody to show them to: the old codes stay
+            raise RequestError("unavailable", "the client left before it got its codes: "
+                                              "nothing was changed")
+    return {"codes": codes}
+
+
+def op_enrol_key(svc: Host, conn: Connection, args: dict) -> dict:
+    a = check_args(args, {"user": (str, True), "name": (str, False)})
+    user = binding_op(svc, conn, "enrol.key", a["user"])
+    c = svc.new_ceremony(conn, "enrol", "enrol.key", user.username)
+    svc.launch(c, partial(_run_enrol_key, svc), a["name"])
+    log.info("key enrolment started", extra={"login": c.id, "user": user.username,
+                                             "peer_uid": conn.peer.uid})
+    return {"login": c.id}
+
+
+def _run_enrol_key(svc: Host, c: Ceremony, name: str | None) -> None:
+    from drivers.fido.errors import FidoKeyError
+
+    from ...ceremonies.key import EnrolError, device_failure, enrol_key
+    from ...store import CredentialExists
+
+    started = time.perf_counter()
+    ui = SocketInteraction(c)
+    timeout = svc.config.keys.timeout
+    outcome: dict[str, Any]
+    reason = None
+    try:
+        with c.user_locked(svc.user_locks.get(c.user)):
+            with c.unlocked():
+                held = open_key(svc, c, ui, timeout)
+            with held as key:
+                with c.unlocked():  # the key's wait for a touch holds no user lock
+                    result = enrol_key(svc.store, key, c.user, name=name,
+                                       pin_provider=ui.key_pin, on_touch=ui.touch,
+                                       timeout=timeout, cancel=c.cancel,
+                                       presence=pin_guard(svc, c, ui, timeout))
+        outcome = {"ok": True, "method": "key", "reason": None, "message": "enrolled",
+                   **result.to_json()}
+    except EnrolError as e:
+        reason = e.reason
+        outcome = {"ok": False, "method": "key", "reason": e.reason, "message": e.message}
+    except CredentialExists as e:
+        reason = "conflict"
+        outcome = {"ok": False, "method": "key", "reason": reason, "message": str(e)}
+    except FidoKeyError as e:  # a cancel may break the key's exchange on its way out
+        reason = (Reason.CANCELLED if c.cancel.is_set() else device_failure(e)).value
+        outcome = {"ok": False, "method": "key", "reason": reason,
+                   "message": "cancelled" if c.cancel.is_set() else e.message}
+    except Exception as e:
+        failed = svc.unexpected(c, e, "key")  # recorded there
+        reason, outcome = "recorded", {"ok": False, "method": "key",
+                                       "reason": failed.reason.value,
+                                       "message": failed.message}
+    if not outcome["ok"] and reason not in ("verification-failed", "recorded"):
+        try:
+            user = agent_user(svc, c.user)
+            svc.store.record_event("enrol.key", user_id=user.id if user else None,
+                                   username=None if user else c.user, outcome="failure",
+                                   detail={"reason": reason, "via": "service"})
+        except Exception as e:
+            log.error("cannot record the failed enrolment: %s", e)
+    svc.finish(c, outcome, ok=outcome["ok"], user=c.user, method="key",
+               reason=outcome["reason"], started=started)
