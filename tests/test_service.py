@@ -642,6 +642,27 @@ def test_who_may_ask_what(services, world):
     assert [m.kind for m in world.store.list_methods(alice.id)] == ["password"]
 
 
+
+def test_admin_reset_methods_include_password_over_the_socket(services, world):
+    """The service's admin.reset-methods takes include_password, as the CLI's
+    --include-password: without it the password stays, with it the password goes too."""
+    alice = world.user("alice", password=True)
+    bob = world.user("bob", password=True)
+    svc = services()
+    with svc.client() as c:
+        for user in ("alice", "bob"):
+            services.secrets.extend(c.request("enrol.backup-codes", user=user)["codes"])
+        assert c.request("admin.reset-methods", user="alice") == {"removed": 1}
+        assert c.request("admin.reset-methods", user="bob", include_password=True) == \
+            {"removed": 2}
+        with pytest.raises(ServiceError) as info:
+            c.request("admin.reset-methods", user="bob", include_password="yes")
+        assert info.value.code == "bad-request"
+    assert [m.kind for m in world.store.list_methods(alice.id)] == ["password"]
+    assert world.store.list_methods(bob.id) == []
+    assert world.events("admin.reset-methods", actor="root", removed=2,
+                        kinds=["backup_codes", "password"])
+
 def test_methods_enrolment_and_policy_over_the_socket(services, world):
     world.user("alice", password=True)
     svc = services()

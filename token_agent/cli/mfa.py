@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .. import exitcodes
+from .. import admin_ops, exitcodes
 from . import main
 from .auth import enrol
 from .common import (
@@ -22,9 +22,7 @@ VERIFY_KINDS = ("password", "totp", "email", "sms", "voice", "messaging", "backu
 #: what `verify` refuses in argv (--code): long-lived secrets, as PINs are (--pin-stdin only)
 SECRET_KINDS = ("password", "app-password")
 #: CLI method names -> store kinds
-CLI_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
-             "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
-             "push": "push", "app-password": "app_password", "backup": "backup_codes"}
+CLI_KINDS = admin_ops.METHOD_KINDS
 
 user_option = click.option("--user", "username", required=True, help="The user.")
 name_option = click.option("--name", help="Which one, when the user has several (by name).")
@@ -410,30 +408,14 @@ def methods() -> None:
     """A user's authentication methods: list, choose the preferred one, remove."""
 
 
-def _method_json(m, locks) -> dict:
-    from ..factors import LABELS, POLICY_NAMES
-
-    lock = locks.get(f"method:{m.id}")
-    return {"id": m.id, "kind": POLICY_NAMES.get(m.kind, m.kind), "label": LABELS.get(m.kind, m.kind),
-            "name": m.name, "preferred": m.preferred, "confirmed": m.confirmed,
-            "created_at": m.created_at, "last_used_at": m.last_used_at, "flagged": m.flagged,
-            "flag_reason": m.flag_reason,
-            "locked_until": lock.locked_until if lock else None,
-            "failures": lock.failures if lock else 0}
-
-
 @methods.command("list")
 @user_option
 @json_option
 @pass_ctx
 def methods_list(ctx: Context, username: str, as_json: bool) -> None:
     """List the user's methods."""
-    from ..factors import lockout
-
     user = _user(ctx, username)
-    store = ctx.store()
-    locks = {s.scope: s for s in lockout.user_locks(store, user.id)}
-    data = [_method_json(m, locks) for m in store.list_methods(user.id)]
+    data = admin_ops.list_methods(ctx.store(), user)
 
     def text() -> str:
         lines = []
@@ -448,10 +430,9 @@ def methods_list(ctx: Context, username: str, as_json: bool) -> None:
 
 
 def _find(ctx: Context, user, kind: str, name: str | None):
-    method = ctx.store().find_method(user.id, CLI_KINDS[kind], name)
+    method = admin_ops.find_method(ctx.store(), user, kind, name)
     if method is None:
-        fail(f"{user.username} has no {kind} method" + (f" named {name!r}" if name else ""),
-             exitcodes.NOT_FOUND)
+        fail(admin_ops.missing_method(user, kind, name), exitcodes.NOT_FOUND)
     return method
 
 
@@ -469,11 +450,9 @@ def methods_prefer(ctx: Context, username: str, kind: str, name: str | None, as_
     require_login(ctx, user)
     method = _find(ctx, user, kind, name)
     try:
-        ctx.store().set_preferred_method(user.id, method.id)
+        admin_ops.prefer_method(ctx.store(), user, method, None)
     except InvalidValue as e:
         fail(str(e), exitcodes.USAGE)
-    ctx.store().record_event("method.preferred", user_id=user.id, outcome="success",
-                             detail={"kind": method.kind, "name": method.name})
     emit(as_json, {"user": user.username, "preferred": kind, "name": method.name},
          f"{user.username} now signs in with {kind} {method.name!r} by default")
 
@@ -489,11 +468,7 @@ def methods_remove(ctx: Context, username: str, kind: str, name: str | None, as_
     user = _user(ctx, username)
     require_login(ctx, user)
     method = _find(ctx, user, kind, name)
-    store = ctx.store()
-    with store.transaction():
-        store.remove_method(method.id)
-        store.record_event("method.removed", user_id=user.id, outcome="success",
-                           detail={"kind": method.kind, "name": method.name})
+    admin_ops.remove_method(ctx.store(), user, method, None)
     emit(as_json, {"user": user.username, "removed": kind, "name": method.name},
          f"removed {kind} {method.name!r} of {user.username}")
 

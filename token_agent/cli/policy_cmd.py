@@ -8,7 +8,7 @@ import os
 
 import click
 
-from .. import exitcodes
+from .. import admin_ops, exitcodes
 from . import main
 from .common import Context, emit, escape_controls, fail, json_option, pass_ctx, say
 
@@ -114,7 +114,6 @@ def policy_explain(ctx: Context, username: str, device_kind: str, device_id: str
                    network: str | None, primary: str | None, primary_uv: bool,
                    as_json: bool) -> None:
     """Print what the policy decides for a user's login, and the rules that made it."""
-    from ..ceremonies.login import _choose_primary, explain_for
     from ..policy import explain
     from ..store import UnknownUser
 
@@ -124,9 +123,7 @@ def policy_explain(ctx: Context, username: str, device_kind: str, device_id: str
         user = agent.store.get_user(username)
     except UnknownUser as e:
         fail(str(e), exitcodes.NOT_FOUND)
-    first = primary or _choose_primary(agent, user, None) or "password"
-    decision = explain_for(agent, username, device=device, primary=first,
-                           primary_multi_factor=first in ("key", "card") and primary_uv)
+    first, decision = admin_ops.explain_login(agent, user, device, primary, primary_uv)
     data = {"user": user.username, "user_class": user.user_class, "primary": first,
             "device": device.to_json(), "policy_file": agent.policy.source,
             **decision.to_json()}
@@ -257,12 +254,8 @@ def admin_reset_methods(ctx: Context, username: str, include_password: bool, yes
     if not yes and not click.confirm(f"Remove every authentication method of {user.username}?",
                                      err=True):
         fail("nothing removed", exitcodes.ERROR)
-    store = ctx.store()
-    with store.transaction():
-        removed = store.remove_all_methods(user.id, keep_password=not include_password)
-        store.record_event("admin.reset-methods", user_id=user.id, outcome="success",
-                           detail={"actor": _actor(), "removed": len(removed),
-                                   "kinds": sorted({m.kind for m in removed})})
+    removed = admin_ops.reset_methods(ctx.store(), user, _actor(),
+                                      include_password=include_password)
     emit(as_json, {"user": user.username, "removed": [m.to_dict() for m in removed]},
          f"removed {len(removed)} methods of {user.username}: they must set up new ones")
 
@@ -274,23 +267,8 @@ def admin_reset_methods(ctx: Context, username: str, include_password: bool, yes
 @pass_ctx
 def admin_unlock(ctx: Context, username: str, kind: str | None, as_json: bool) -> None:
     """Clear a user's lockouts (all, or of one method kind). Recorded."""
-    from ..factors import KINDS, lockout
-
     user = _admin_user(ctx, username)
-    store = ctx.store()
-    scopes = None
-    if kind:
-        store_kind = KINDS.get(kind, kind.replace("-", "_"))
-        if store_kind == "password":
-            scopes = {lockout.password_scope(user.id)}
-        elif store_kind == "app_password":
-            scopes = {f"app_password:{user.id}"}
-        else:
-            scopes = {lockout.method_scope(m.id) for m in store.list_methods(user.id, store_kind)}
-    with store.transaction():
-        cleared = [c for s in (scopes or [None]) for c in lockout.unlock(store, user.id, s)]
-        store.record_event("admin.unlock", user_id=user.id, outcome="success",
-                           detail={"actor": _actor(), "scopes": [c.scope for c in cleared]})
+    cleared = admin_ops.unlock(ctx.store(), user, kind, _actor())
     emit(as_json, {"user": user.username, "cleared": [c.to_json() for c in cleared]},
          f"unlocked {user.username}: {len(cleared)} lockouts cleared")
 

@@ -159,7 +159,9 @@ Operations
     ``policy.explain`` {"user", "device"|null} -> Decision.to_json() + {"text", "user",
         "primary", "device"}
     ``admin.unlock`` {"user", "kind"|null} -> {"cleared": [...]}          (admins only)
-    ``admin.reset-methods`` {"user"} -> {"removed": N}                   (admins only)
+    ``admin.reset-methods`` {"user", "include_password"|null} -> {"removed": N}  (admins only)
+        every method of the user but the password; the password too when
+        "include_password" is true (as `token-agent admin reset-methods --include-password`)
 
     ``events.subscribe`` {} -> {}   then, on this connection, for as long as it is open:
         {"event": "card.inserted", "reader", "atr", "at"}

@@ -8,6 +8,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from ... import admin_ops
 from ...outcome import Reason
 from ..ceremony import SocketInteraction
 from ..errors import RequestError
@@ -21,40 +22,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("token_agent.service")
 
-#: the CLI's method names (``methods prefer|remove KIND``) -> store kinds
-METHOD_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
-                "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
-                "push": "push", "app-password": "app_password", "backup": "backup_codes"}
-
-
 def op_methods_list(svc: Host, conn: Connection, args: dict) -> dict:
-    from ...factors import LABELS, POLICY_NAMES, lockout
-
     a = check_args(args, {"user": (str, True)})
     user = user_op(svc, conn, "methods.list", a["user"])
     with svc.user_locks.holding(user.username):
-        locks = {s.scope: s for s in lockout.user_locks(svc.store, user.id)}
-        methods = []
-        for m in svc.store.list_methods(user.id):  # as `token-agent methods list --json`
-            lock = locks.get(f"method:{m.id}")
-            methods.append({
-                "id": m.id, "kind": POLICY_NAMES.get(m.kind, m.kind),
-                "label": LABELS.get(m.kind, m.kind), "name": m.name,
-                "preferred": m.preferred, "confirmed": m.confirmed,
-                "created_at": m.created_at, "last_used_at": m.last_used_at,
-                "flagged": m.flagged, "flag_reason": m.flag_reason,
-                "locked_until": lock.locked_until if lock else None,
-                "failures": lock.failures if lock else 0})
-    return {"methods": methods}
+        return {"methods": admin_ops.list_methods(svc.store, user)}
 
 
 def _method_of(svc: Host, user, kind: str, name: str | None):
-    if kind not in METHOD_KINDS:
-        raise RequestError("bad-request", f"kind must be one of {', '.join(METHOD_KINDS)}")
-    method = svc.store.find_method(user.id, METHOD_KINDS[kind], name)
+    if kind not in admin_ops.METHOD_KINDS:
+        raise RequestError("bad-request",
+                           f"kind must be one of {', '.join(admin_ops.METHOD_KINDS)}")
+    method = admin_ops.find_method(svc.store, user, kind, name)
     if method is None:
-        raise RequestError("not-found", f"{user.username} has no {kind} method"
-                           + (f" named {name!r}" if name else ""))
+        raise RequestError("not-found", admin_ops.missing_method(user, kind, name))
     return method
 
 
@@ -66,12 +47,7 @@ def op_methods_prefer(svc: Host, conn: Connection, args: dict) -> dict:
     with svc.user_locks.holding(user.username):
         method = _method_of(svc, user, a["kind"], a["name"])
         try:
-            with svc.store.transaction():
-                svc.store.set_preferred_method(user.id, method.id)
-                svc.store.record_event("method.preferred", user_id=user.id,
-                                       outcome="success",
-                                       detail={"kind": method.kind, "name": method.name,
-                                               "actor": actor(conn)})
+            admin_ops.prefer_method(svc.store, user, method, actor(conn))
         except InvalidValue as e:
             raise RequestError("conflict", str(e)) from None
     return {}
@@ -81,12 +57,8 @@ def op_methods_remove(svc: Host, conn: Connection, args: dict) -> dict:
     a = check_args(args, {"user": (str, True), "kind": (str, True), "name": (str, False)})
     user = binding_op(svc, conn, "methods.remove", a["user"])
     with svc.user_locks.holding(user.username):
-        method = _method_of(svc, user, a["kind"], a["name"])
-        with svc.store.transaction():
-            svc.store.remove_method(method.id)
-            svc.store.record_event("method.removed", user_id=user.id, outcome="success",
-                                   detail={"kind": method.kind, "name": method.name,
-                                           "actor": actor(conn)})
+        admin_ops.remove_method(svc.store, user, _method_of(svc, user, a["kind"], a["name"]),
+                                actor(conn))
     return {}
 
 

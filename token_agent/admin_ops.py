@@ -1,0 +1,122 @@
+"""The administrators' and the users' own operations on methods, written once for every front
+end: ``token-agent admin unlock|reset-methods`` and ``token-agent methods list|prefer|remove``
+call them, and so do the service's ``admin.unlock``, ``admin.reset-methods`` and
+``methods.list|prefer|remove``. Each function does the store changes and records the audit
+event; the front ends keep only who may call it, argument parsing and output.
+
+``actor``: who made the change, recorded in the event's detail (``None``: not recorded, as for
+the CLI's own ``methods prefer|remove``, run by the user at their terminal).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .agent import Agent
+    from .ceremonies.login import Device
+    from .factors.lockout import LockState
+    from .policy import Decision
+    from .store import Method, Store, User
+
+#: the front ends' method names (``methods prefer|remove KIND``) -> store kinds
+METHOD_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
+                "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
+                "push": "push", "app-password": "app_password", "backup": "backup_codes"}
+
+
+def _with_actor(detail: dict, actor: str | None) -> dict:
+    return detail if actor is None else {**detail, "actor": actor}
+
+
+def unlock(store: "Store", user: "User", kind: str | None, actor: str) -> list["LockState"]:
+    """Clear ``user``'s lockouts (all, or those of one method ``kind``: a front-end or store
+    name). Records ``admin.unlock``. Returns the cleared states."""
+    from .factors import KINDS, lockout
+
+    scopes = None
+    if kind:
+        store_kind = KINDS.get(kind, kind.replace("-", "_"))
+        if store_kind == "password":
+            scopes = {lockout.password_scope(user.id)}
+        elif store_kind == "app_password":
+            scopes = {f"app_password:{user.id}"}
+        else:
+            scopes = {lockout.method_scope(m.id) for m in store.list_methods(user.id, store_kind)}
+    with store.transaction():
+        cleared = [c for s in (scopes or [None]) for c in lockout.unlock(store, user.id, s)]
+        store.record_event("admin.unlock", user_id=user.id, outcome="success",
+                           detail={"actor": actor, "scopes": [c.scope for c in cleared]})
+    return cleared
+
+
+def reset_methods(store: "Store", user: "User", actor: str, *,
+                  include_password: bool = False) -> list["Method"]:
+    """A lost or stolen device: remove every method of ``user`` (the password too when
+    ``include_password``). Records ``admin.reset-methods``. Returns the removed methods."""
+    with store.transaction():
+        removed = store.remove_all_methods(user.id, keep_password=not include_password)
+        store.record_event("admin.reset-methods", user_id=user.id, outcome="success",
+                           detail={"actor": actor, "removed": len(removed),
+                                   "kinds": sorted({m.kind for m in removed})})
+    return removed
+
+
+def list_methods(store: "Store", user: "User") -> list[dict]:
+    """``user``'s methods as ``methods list --json`` and ``methods.list`` give them."""
+    from .factors import LABELS, POLICY_NAMES, lockout
+
+    locks = {s.scope: s for s in lockout.user_locks(store, user.id)}
+    methods = []
+    for m in store.list_methods(user.id):
+        lock = locks.get(f"method:{m.id}")
+        methods.append({
+            "id": m.id, "kind": POLICY_NAMES.get(m.kind, m.kind),
+            "label": LABELS.get(m.kind, m.kind), "name": m.name,
+            "preferred": m.preferred, "confirmed": m.confirmed,
+            "created_at": m.created_at, "last_used_at": m.last_used_at,
+            "flagged": m.flagged, "flag_reason": m.flag_reason,
+            "locked_until": lock.locked_until if lock else None,
+            "failures": lock.failures if lock else 0})
+    return methods
+
+
+def find_method(store: "Store", user: "User", kind: str, name: str | None) -> "Method | None":
+    """``user``'s method of front-end ``kind`` (a key of ``METHOD_KINDS``), by ``name`` when
+    given; ``None`` when there is none."""
+    return store.find_method(user.id, METHOD_KINDS[kind], name)
+
+
+def missing_method(user: "User", kind: str, name: str | None) -> str:
+    """The message for a method ``find_method`` did not find."""
+    return f"{user.username} has no {kind} method" + (f" named {name!r}" if name else "")
+
+
+def prefer_method(store: "Store", user: "User", method: "Method", actor: str | None) -> None:
+    """Make ``method`` ``user``'s preferred one. Records ``method.preferred``.
+    ``InvalidValue`` when it cannot be preferred (nothing changed)."""
+    with store.transaction():
+        store.set_preferred_method(user.id, method.id)
+        store.record_event("method.preferred", user_id=user.id, outcome="success",
+                           detail=_with_actor({"kind": method.kind, "name": method.name}, actor))
+
+
+def remove_method(store: "Store", user: "User", method: "Method", actor: str | None) -> None:
+    """Remove one of ``user``'s methods. Records ``method.removed``."""
+    with store.transaction():
+        store.remove_method(method.id)
+        store.record_event("method.removed", user_id=user.id, outcome="success",
+                           detail=_with_actor({"kind": method.kind, "name": method.name}, actor))
+
+
+def explain_login(agent: "Agent", user: "User", device: "Device", primary: str | None = None,
+                  primary_uv: bool = True) -> tuple[str, "Decision"]:
+    """What the policy decides for ``user``'s login on ``device`` (``policy explain``,
+    ``policy.explain``): the primary factor (``primary``, else the user's usual one, else
+    password) and the decision. ``primary_uv``: a key or card primary verified its PIN."""
+    from .ceremonies.login import _choose_primary, explain_for
+
+    first = primary or _choose_primary(agent, user, None) or "password"
+    decision = explain_for(agent, user.username, device=device, primary=first,
+                           primary_multi_factor=first in ("key", "card") and primary_uv)
+    return first, decision
