@@ -26,6 +26,7 @@ class Context:
         self.config_path = config_path
         self._store = None
         self._agent = None
+        self._config = None  # config.toml, once read (``config``)
 
     def agent(self, create: bool = False):
         """The store, key file and policy together (``token_agent.agent.Agent``): exit 7 when
@@ -59,10 +60,12 @@ class Context:
         there is none): exit 2 when it is wrong."""
         from ..config import ConfigError, load_config
 
-        try:
-            return load_config(self.config_path)
-        except ConfigError as e:
-            fail("; ".join(e.errors), exitcodes.USAGE)
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_path)
+            except ConfigError as e:
+                fail("; ".join(e.errors), exitcodes.USAGE)
+        return self._config
 
     def policy(self):
         """The policy in force (exit 2 when its file is wrong); needs no store."""
@@ -85,7 +88,9 @@ class Context:
             from ..store import StoreError, StoreMissing
 
             try:
-                where = locate(self.data_dir, config_path=self.config_path)
+                # config.toml read once: the policy's lookup may have read it already
+                where = locate(self.data_dir, config_path=self.config_path,
+                               config=self._config)
                 self._store = open_store(where, create=create)
             except ConfigError as e:
                 fail("; ".join(e.errors), exitcodes.USAGE)

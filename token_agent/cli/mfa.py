@@ -21,8 +21,6 @@ CHANNELS = ("email", "sms", "voice", "messaging")
 VERIFY_KINDS = ("password", "totp", "email", "sms", "voice", "messaging", "backup", "app-password")
 #: what `verify` refuses in argv (--code): long-lived secrets, as PINs are (--pin-stdin only)
 SECRET_KINDS = ("password", "app-password")
-#: CLI method names -> store kinds
-CLI_KINDS = admin_ops.METHOD_KINDS
 
 user_option = click.option("--user", "username", required=True, help="The user.")
 name_option = click.option("--name", help="Which one, when the user has several (by name).")
@@ -438,7 +436,7 @@ def _find(ctx: Context, user, kind: str, name: str | None):
 
 @methods.command("prefer")
 @user_option
-@click.argument("kind", type=click.Choice(sorted(CLI_KINDS)))
+@click.argument("kind", type=click.Choice(sorted(admin_ops.METHOD_KINDS)))
 @name_option
 @json_option
 @pass_ctx
@@ -459,7 +457,7 @@ def methods_prefer(ctx: Context, username: str, kind: str, name: str | None, as_
 
 @methods.command("remove")
 @user_option
-@click.argument("kind", type=click.Choice(sorted(CLI_KINDS)))
+@click.argument("kind", type=click.Choice(sorted(admin_ops.METHOD_KINDS)))
 @name_option
 @json_option
 @pass_ctx
