@@ -206,6 +206,21 @@ def test_the_cli_and_the_service_agree_on_the_policy_of_config_toml(services, tm
     assert "missing.toml" in proc.stderr
 
 
+def test_a_config_file_named_on_the_command_line_must_be_there_and_valid(tmp_path):
+    """--config names a file: missing or not TOML is exit 2 even when TOKEN_AGENT_DATA_DIR
+    decides the data directory (the file is not silently passed over)."""
+    env = clean_env(tmp_path, TOKEN_AGENT_DATA_DIR=str(tmp_path / "data"))
+    run(env, "users", "add", "alice")
+    proc = run(env, "--config", tmp_path / "missing.toml", "users", "list",
+               expect=exitcodes.USAGE)
+    assert "missing.toml" in proc.stderr
+    junk = tmp_path / "junk.toml"
+    junk.write_text("this is = = not toml\n")
+    proc = run(env, "--config", junk, "users", "list", expect=exitcodes.USAGE)
+    assert "junk.toml" in proc.stderr
+    run(env, "--config", tmp_path / "empty.toml", "users", "list")
+
+
 # --------------------------------------------------------------------------- 3. root
 
 

@@ -87,6 +87,8 @@ class Context:
             from ..datadir import locate, open_store
             from ..store import StoreError, StoreMissing
 
+            if self.config_path:  # a file named with --config is checked even when unused
+                self.config()
             try:
                 # config.toml read once: the policy's lookup may have read it already
                 where = locate(self.data_dir, config_path=self.config_path,
