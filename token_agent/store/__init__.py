@@ -96,9 +96,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .filetrust import UntrustedPath, check_private_dir, check_private_file
-from .usernames import MAX_USERNAME_LEN, username_problem
+from .. import __version__
+from ..filetrust import UntrustedPath, check_private_dir, check_private_file
+from ..usernames import MAX_USERNAME_LEN, username_problem
 
 log = logging.getLogger(__name__)
 
