@@ -37,22 +37,26 @@ class Agent:
     def open(cls, data_dir: str | os.PathLike[str] | None = None, *,
              policy_path: str | os.PathLike[str] | None = None,
              environ: Mapping[str, str] | None = None, store: Store | None = None,
-             policy: Policy | None = None, clock: Callable[[], float] = time.time) -> "Agent":
-        """Open the store of the data directory (or use ``store``), its key file, and the
-        policy (``policy``, else ``policy_path``, else the default policy file, else the
-        built-in defaults). The data directory is ``data_dir``, else found as the command
-        line and the service find it (``datadir.locate``), created when missing. Raises
+             policy: Policy | None = None, clock: Callable[[], float] = time.time,
+             where=None) -> "Agent":
+        """Open the store (or use ``store``), the data directory's key file, and the policy
+        (``policy``, else ``policy_path``, else the default policy file, else the built-in
+        defaults). The data directory and the store are ``where`` (a ``datadir.DataDir``:
+        the SQLite file in it, or its PostgreSQL URL), else ``data_dir``, else the
+        directory of ``store``'s file, else found as the command line and the service find
+        them (``datadir.locate``); the directory is created when missing. Raises
         ``StoreError``, ``SecretError``, ``PolicyError``, ``ConfigError``."""
-        from .datadir import locate
-        from .paths import data_dir as resolve_dir, store_path
+        from .datadir import locate, open_store
+        from .paths import data_dir as resolve_dir
 
         env = os.environ if environ is None else environ
-        directory = Path(store.path).parent if store is not None else \
-            resolve_dir(locate(data_dir, env).path, env)
+        if where is None and (data_dir is not None or store is None):
+            where = locate(data_dir, env)
+        directory = resolve_dir(where.path, env) if where is not None else Path(store.path).parent
         pol = policy if policy is not None else resolve_policy(policy_path, env)
         keys = SecretKeys.load_or_create(directory, dict(env))
         if store is None:
-            store = Store.open(store_path(directory))
+            store = open_store(where, create=True)
         return cls(store=store, keys=keys, policy=pol, data_dir=directory, clock=clock)
 
     def now(self) -> float:

@@ -53,6 +53,12 @@ data_dir = "/var/lib/token-agent"       # the command line reads it too; --data-
 size_warning_mb = 1024                  # the service logs a warning (at most hourly) when the
                                         # store (with its -wal) grows past this; 0 = never
                                         # (0 to 1048576)
+url = "postgresql://token_agent@db.example.nhs.uk/token_agent"  # the store on a PostgreSQL
+                                        # server instead of the SQLite file in data_dir, which
+                                        # keeps the key file; never with a password in it
+                                        # [--store-url, TOKEN_AGENT_STORE_URL win; none: SQLite]
+password_file = "/etc/token-agent/store-password"  # the database password (a private file:
+                                        # 0600 or 0400) [libpq's PGPASSFILE, ~/.pgpass, peer]
 
 [policy]
 file = "/etc/token-agent/policy.toml"   # [--policy, TOKEN_AGENT_POLICY, this, /etc, ~/.config]
@@ -204,6 +210,8 @@ class ServiceConfig:
 class StoreConfig:
     data_dir: str | None = None  # None: token_agent.paths rules
     size_warning_mb: int = 1024  # 0: never
+    url: str | None = None  # a postgresql:// URL (store/url.py); None: SQLite in data_dir
+    password_file: str | None = None  # the PostgreSQL password's file
 
 
 @dataclass(frozen=True)
@@ -280,7 +288,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "service": ("socket", "socket_mode", "login_service_users", "admin_group", "prompt_timeout",
                 "max_connections", "max_connections_per_user", "idle_timeout", "max_ceremonies",
                 "max_ceremonies_per_user", "login_socket", "login_socket_group"),
-    "store": ("data_dir", "size_warning_mb"),
+    "store": ("data_dir", "size_warning_mb", "url", "password_file"),
     "policy": ("file",),
     "workstation": ("device", "device_id", "network"),
     "keys": ("simulators", "timeout"),
@@ -360,6 +368,15 @@ class _Parser(TableParser):
                 continue
             out.append(item.strip())
         return tuple(out)
+
+    def store_url(self, tbl: Mapping[str, Any], key: str, path: str) -> str | None:
+        from .store.url import url_problem
+
+        text = self.string(tbl, key, path)
+        if text is not None and (problem := url_problem(text)):
+            self.error(f"{path}.{key}", f"the store's URL {problem}")
+            return None
+        return text
 
     def path(self, tbl: Mapping[str, Any], key: str, path: str) -> str | None:
         text = self.string(tbl, key, path)
@@ -509,7 +526,8 @@ def parse_config(text: str, source: str = "<config>", *,
     t = p.table(data, "store")
     store = StoreConfig(p.path(t, "data_dir", "store"),
                         p.number(t, "size_warning_mb", "store", 1024, 0, 1048576, " MB",
-                                 integer=True))
+                                 integer=True),
+                        p.store_url(t, "url", "store"), p.path(t, "password_file", "store"))
     policy = PolicyConfig(p.path(p.table(data, "policy"), "file", "policy"))
     workstation = _parse_workstation(p, p.table(data, "workstation"))
     keys = _parse_keys(p, p.table(data, "keys"))

@@ -42,6 +42,11 @@ class RootGroup(JsonGroup, CancellingGroup):
                    "(default: as `serve` "
                    "finds it: TOKEN_AGENT_CONFIG, /etc/token-agent/config.toml, "
                    "~/.config/token-agent/config.toml).")
+@click.option("--store-url", metavar="URL",
+              help="The store on a PostgreSQL server, e.g. postgresql://token_agent@db/token_agent "
+                   "(default: TOKEN_AGENT_STORE_URL, else [store] url of config.toml, else the "
+                   "SQLite file in the data directory). Never with a password in it: "
+                   "[store] password_file, or libpq's PGPASSFILE / ~/.pgpass.")
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False), envvar="TOKEN_AGENT_POLICY",
               help="The MFA policy file (TOML; default: config.toml's [policy] file, then "
                    "/etc/token-agent/policy.toml, then ~/.config/token-agent/policy.toml, else "
@@ -49,11 +54,11 @@ class RootGroup(JsonGroup, CancellingGroup):
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
 @click.pass_context
 def main(ctx: click.Context, data_dir: str | None, config_path: str | None,
-         policy_path: str | None, verbose: bool) -> None:
+         store_url: str | None, policy_path: str | None, verbose: bool) -> None:
     """Local authentication agent: FIDO2 keys, smartcards, MFA policy, simulators."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx.obj = Context(data_dir, policy_path, config_path)
+    ctx.obj = Context(data_dir, policy_path, config_path, store_url)
     ctx.call_on_close(ctx.obj.close)
 
 

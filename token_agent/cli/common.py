@@ -20,8 +20,10 @@ class Context:
     """Per-invocation options (set on the root group)."""
 
     def __init__(self, data_dir: str | None, policy_path: str | None = None,
-                 config_path: str | None = None) -> None:
+                 config_path: str | None = None, store_url: str | None = None) -> None:
         self.data_dir = data_dir  # --data-dir only; TOKEN_AGENT_DATA_DIR: token_agent.datadir
+        self.store_url = store_url  # --store-url only; TOKEN_AGENT_STORE_URL: the same
+        self._where = None  # the data directory and store, once located
         self.policy_path = policy_path
         self.config_path = config_path
         self._store = None
@@ -39,7 +41,7 @@ class Context:
             policy = self.policy()  # a wrong policy file is exit 2, store or none
             store = self.store(create)
             try:
-                self._agent = Agent.open(store=store, policy=policy)
+                self._agent = Agent.open(where=self._where, store=store, policy=policy)
             except SecretError as e:
                 fail(str(e), exitcodes.STORE)
         return self._agent
@@ -84,18 +86,20 @@ class Context:
         wrong config.toml (read for its [store] data_dir) -> exit 2."""
         if self._store is None:
             from ..config import ConfigError
-            from ..datadir import locate, open_store
+            from ..datadir import StoreUrlError, locate, open_store
             from ..store import StoreError, StoreMissing
 
             if self.config_path:  # a file named with --config is checked even when unused
                 self.config()
             try:
                 # config.toml read once: the policy's lookup may have read it already
-                where = locate(self.data_dir, config_path=self.config_path,
-                               config=self._config)
+                self._where = where = locate(self.data_dir, config_path=self.config_path,
+                                             config=self._config, store_url=self.store_url)
                 self._store = open_store(where, create=create)
             except ConfigError as e:
                 fail("; ".join(e.errors), exitcodes.USAGE)
+            except StoreUrlError as e:
+                fail(str(e), exitcodes.USAGE)
             except StoreMissing as e:
                 fail(str(e), exitcodes.NOT_FOUND, reason="no-store")
             except StoreError as e:

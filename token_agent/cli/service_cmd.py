@@ -61,14 +61,18 @@ def serve(ctx: Context, socket_path: str | None, config_path: str | None) -> Non
     import threading
 
     from ..service.logs import setup_logging
+    from ..datadir import StoreUrlError
     from ..service.server import Service, ServiceStartError
 
     config_path = config_path or ctx.config_path  # `serve --config` or `token-agent --config`
     config = _load_config(config_path, strict=True)
     setup_logging(config.logging.level, config.logging.format)
     policy_path = ctx.policy_path if _from_command_line("policy_path") else None
-    service = Service(config, socket_path=socket_path, data_dir=ctx.data_dir,
-                      policy_path=policy_path)
+    try:
+        service = Service(config, socket_path=socket_path, data_dir=ctx.data_dir,
+                          policy_path=policy_path, store_url=ctx.store_url)
+    except StoreUrlError as e:
+        fail(str(e), exitcodes.USAGE)
     stop = threading.Event()
     hup = threading.Event()
 

@@ -73,13 +73,15 @@ class Service:
     def __init__(self, config: Config, *, socket_path: str | os.PathLike[str] | None = None,
                  data_dir: str | os.PathLike[str] | None = None,
                  policy_path: str | os.PathLike[str] | None = None,
-                 environ: dict[str, str] | None = None) -> None:
+                 environ: dict[str, str] | None = None, store_url: str | None = None) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
         self.socket_path = config.service.socket_path(self.environ, socket_path)
         # the command line's lookup (token_agent/paths.py): --data-dir, TOKEN_AGENT_DATA_DIR,
-        # [store] data_dir, STATE_DIRECTORY, XDG_DATA_HOME, ~/.local/share
-        self.data_dir = locate(data_dir, self.environ, config=config).path
+        # [store] data_dir, STATE_DIRECTORY, XDG_DATA_HOME, ~/.local/share; the store's URL:
+        # --store-url, TOKEN_AGENT_STORE_URL, [store] url (else the SQLite file in data_dir)
+        self.where = locate(data_dir, self.environ, config=config, store_url=store_url)
+        self.data_dir = self.where.path
         self._policy_override = policy_path  # --policy; else the lookup of policy.py
         self.device_env = config.keys.environ(self.environ)
         from .keys import KeyPool
@@ -129,7 +131,7 @@ class Service:
         try:
             for listener in self._listeners:  # another service on it: stop before the store
                 listener.check()
-            self.agent = Agent.open(self.data_dir, environ=self.environ, policy=resolve_policy(
+            self.agent = Agent.open(where=self.where, environ=self.environ, policy=resolve_policy(
                 self._policy_override, self.environ, configured=self.config.policy.file,
                 strict=True))  # strict: filetrust.py
         except ListenError as e:
