@@ -74,3 +74,4 @@ from . import card  # noqa: E402,F401  (card status, login, watch, change-pin, u
 from . import mfa  # noqa: E402,F401  (enrol/verify second factors, methods, approve, send-code)
 from . import policy_cmd  # noqa: E402,F401  (policy check/explain/show, audit, admin)
 from . import service_cmd  # noqa: E402,F401  (serve, config check, service status/sessions/events)
+from . import store_cmd  # noqa: E402,F401  (store check, store migrate)
