@@ -14,7 +14,9 @@ Importable without pytest (``benchmarks/`` use it too)::
 The cluster lives in ``base_dir/cluster`` (``data/``, ``sock/``, ``log``). It listens on a
 private Unix socket directory only (``listen_addresses=''``; the port only names the socket
 file), with ``trust`` authentication there: only its owner (and root) can enter the socket
-directory. ``fsync`` is off (a test cluster never outlives the machine's page cache).
+directory. ``fsync`` is off (a test cluster never outlives the machine's page cache), but
+``synchronous_commit`` stays on: a commit is in the WAL before it returns, so ``kill()``
+loses exactly the transactions that were not committed.
 
 PostgreSQL refuses to run as root: as root, every PostgreSQL program runs as the
 unprivileged ``postgres`` user (``runuser``), which then must be able to reach ``base_dir``
@@ -171,7 +173,7 @@ class PgServer:
     def _start(self) -> None:
         started = time.monotonic()
         options = (f"-k {self.socket_dir} -p {self.port} -c listen_addresses='' "
-                   f"-c fsync=off -c full_page_writes=off -c synchronous_commit=off "
+                   f"-c fsync=off -c full_page_writes=off "
                    f"-c max_connections=200")
         self._run("pg_ctl start", [
             str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),

@@ -67,6 +67,8 @@ def test_restart_keeps_data_and_kill_loses_the_open_transaction(pg_server, pg_ur
         conn.execute("CREATE TABLE t (a int)")
         conn.execute("INSERT INTO t VALUES (1)")
     pg_server.restart()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO t VALUES (3)")  # committed just before the kill: kept
     open_tx = psycopg.connect(pg_url)
     open_tx.execute("INSERT INTO t VALUES (2)")  # never committed
     pg_server.kill()
@@ -75,7 +77,7 @@ def test_restart_keeps_data_and_kill_loses_the_open_transaction(pg_server, pg_ur
         open_tx.execute("SELECT 1")
     pg_server.restart()
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT a FROM t").fetchall() == [(1,)]
+        assert conn.execute("SELECT a FROM t ORDER BY a").fetchall() == [(1,), (3,)]
 
 
 def test_a_server_that_cannot_start_names_the_step_and_its_log():
