@@ -7,6 +7,7 @@ server restarted, killed mid-transaction, busy, unreachable)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import contextmanager
 
@@ -14,7 +15,7 @@ import psycopg
 import pytest
 
 from token_agent.store import InvalidValue, SchemaTooNew, StoreError, StoreFileError
-from token_agent.store.engine import Migration
+from token_agent.store.engine import Migration, split_script
 from token_agent.store.postgres import (
     IntegrityViolation,
     PostgresEngine,
@@ -51,7 +52,16 @@ def mapped(engine: PostgresEngine, action: str):
         raise error from exc
 
 
-def migrate(engine: PostgresEngine, upto: int = LATEST) -> int:
+def script_step(n: int):
+    """A migration step as ``migrations.py`` gives it: a function running the script
+    through the store's connection (``?`` rules and all)."""
+    def step(conn) -> None:
+        for statement in split_script(SCRIPTS[n]):
+            conn.execute(statement)
+    return step
+
+
+def migrate(engine: PostgresEngine, upto: int = LATEST, as_function: bool = False) -> int:
     """What StoreCore's migration runner does, through the engine's seam."""
     with engine.connect() as conn:
         with mapped(engine, "identify the database"):
@@ -64,8 +74,8 @@ def migrate(engine: PostgresEngine, upto: int = LATEST) -> int:
                     if engine.schema_version(conn) >= n:
                         engine.rollback(conn)
                         continue
-                    engine.run_step(conn, Migration(n, f"step {n}", sqlite="",
-                                                    postgresql=SCRIPTS[n]))
+                    step = script_step(n) if as_function else SCRIPTS[n]
+                    engine.run_step(conn, Migration(n, f"step {n}", sqlite="", postgresql=step))
                     engine.set_schema_version(conn, n)
                     engine.commit(conn)
                 except BaseException:
@@ -92,9 +102,10 @@ def tables(url: str) -> dict[str, int]:
 # --------------------------------------------------------------------------- schema
 
 
-def test_migrations_build_the_schema_with_postgresql_types(pg_url, engines):
+@pytest.mark.parametrize("as_function", [False, True], ids=["script", "function"])
+def test_migrations_build_the_schema_with_postgresql_types(pg_url, engines, as_function):
     engine = engines(pg_url)
-    assert migrate(engine) == LATEST == 6
+    assert migrate(engine, as_function=as_function) == LATEST == 6
     assert migrate(engine) == 6  # a second run changes nothing
     with engine.connect() as conn:
         assert engine.check_integrity(conn) == []
@@ -118,6 +129,29 @@ def test_migrations_build_the_schema_with_postgresql_types(pg_url, engines):
     assert columns[("users", "created_at")][0] == "double precision"
     assert columns[("users", "mfa_source")][0] == "text"  # migration 5's ALTER
     assert columns[("audit_head", "hash")][0] == "bytea"
+
+
+def test_two_processes_migrating_at_once_take_turns(pg_url, engines):
+    """The advisory lock: the second waits, then finds each version done (without it, the
+    second CREATE TABLE fails on the catalog's unique index)."""
+    first, second = engines(pg_url), engines(pg_url)
+    barrier = threading.Barrier(2)
+    results: dict[int, object] = {}
+
+    def run(i: int, engine: PostgresEngine) -> None:
+        barrier.wait()
+        try:
+            results[i] = migrate(engine)
+        except Exception as exc:  # reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, e)) for i, e in enumerate((first, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {0: 6, 1: 6}
+    assert tables(pg_url)["token_agent_meta"] == 2
 
 
 def test_types_and_constraints(pg_url, engines):
@@ -387,8 +421,8 @@ def test_a_missing_database(pg_server, engines):
 def test_question_marks_and_literal_percent_signs(pg_url, engines):
     engine = engines(pg_url)
     migrate(engine)
-    assert translate("SELECT '?%', ? -- it's ?\n, \"a?\"") == \
-        "SELECT '?%%', %s -- it's ?\n, \"a?\""
+    assert translate("SELECT '?%', ? -- it's ?\n, \"a?\", $$ ? % $$, ?") == \
+        "SELECT '?%%', %s -- it's ?\n, \"a?\", $$ ? %% $$, %s"
     with engine.connect() as conn:
         conn.execute("INSERT INTO settings (key, value, updated_at) VALUES (?, '100% sure?', ?)",
                      ("k1", 1.0))

@@ -93,7 +93,8 @@ class IntegrityViolation(StoreError):
 @functools.lru_cache(maxsize=2048)
 def translate(sql: str) -> str:
     """The store's SQL (``?`` placeholders) in psycopg's format: ``?`` outside string
-    literals, quoted identifiers and comments becomes ``%s``; every ``%`` becomes ``%%``."""
+    literals, quoted identifiers, ``$$`` bodies and comments becomes ``%s``; every ``%``
+    becomes ``%%`` (psycopg gives it back as ``%``: queries always go with parameters)."""
     out: list[str] = []
     i, n = 0, len(sql)
     while i < n:
@@ -109,6 +110,11 @@ def translate(sql: str) -> str:
                 end += 1
             out.append(sql[i:end + 1].replace("%", "%%"))
             i = end + 1
+        elif ch == "$" and sql.startswith("$$", i):  # a function body: as written
+            end = sql.find("$$", i + 2)
+            end = n if end < 0 else end + 2
+            out.append(sql[i:end].replace("%", "%%"))
+            i = end
         elif ch == "-" and sql.startswith("--", i):
             end = sql.find("\n", i)
             end = n if end < 0 else end
@@ -431,13 +437,18 @@ class PostgresEngine(Engine):
 
     # ------------------------------------------------------------------ schema
 
-    def _meta_table(self, conn: PgConnection) -> str | None:
-        row = conn.execute("SELECT to_regclass(quote_ident(current_schema()) || '.' || ?)::text",
-                           (META_TABLE,)).fetchone()
-        return row[0]
+    def _meta_table(self, conn: PgConnection) -> bool:
+        """Whether the identification table exists: read from pg_class itself (this
+        statement's snapshot), not through the name cache (``to_regclass``), which can keep
+        "no such table" after another session created it while we waited for the schema
+        lock; opening pg_class also makes the session take in the other's changes."""
+        return conn.execute(
+            "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.relname = ? AND n.nspname = current_schema()",
+            (META_TABLE,)).fetchone()[0] > 0
 
     def _meta(self, conn: PgConnection) -> dict[str, str] | None:
-        if self._meta_table(conn) is None:
+        if not self._meta_table(conn):
             return None
         return {r[0]: r[1] for r in conn.execute(f"SELECT key, value FROM {META_TABLE}")}
 
