@@ -447,3 +447,25 @@ def test_errors_that_are_not_the_drivers_are_left_alone(pg_url, engines):
     engine = engines(pg_url)
     assert engine.error(ValueError("x"), "do") is None
     assert isinstance(engine.error(psycopg.ProgrammingError("bad"), "do"), StoreError)
+
+
+def test_psycopg_is_needed_only_for_postgresql():
+    """The SQLite store (and the PostgreSQL DDL module) never import psycopg; without it,
+    the PostgreSQL engine says which extra to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import token_agent.store, token_agent.store.schema_pg, token_agent.store.engine\n"
+        "assert 'psycopg' not in sys.modules and 'psycopg_pool' not in sys.modules\n"
+        "sys.modules['psycopg'] = None\n"
+        "try:\n"
+        "    import token_agent.store.postgres\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install 'token-agent[postgresql]'" in proc.stdout

@@ -35,11 +35,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg import errors as pgerrors
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.pq import TransactionStatus
-from psycopg_pool import ConnectionPool, PoolTimeout
+try:
+    import psycopg
+    from psycopg import errors as pgerrors
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.pq import TransactionStatus
+    from psycopg_pool import ConnectionPool, PoolTimeout
+except ImportError as _missing:  # the optional extra
+    raise ImportError(
+        f"the PostgreSQL store needs psycopg 3 and psycopg-pool ({_missing}): install "
+        "token-agent with its postgresql extra (pip install 'token-agent[postgresql]')"
+    ) from _missing
 
 from token_agent.filetrust import UntrustedPath, check_private_file, read_private_file
 from token_agent.store import (
