@@ -447,6 +447,13 @@ def test_errors_that_are_not_the_drivers_are_left_alone(pg_url, engines):
     engine = engines(pg_url)
     assert engine.error(ValueError("x"), "do") is None
     assert isinstance(engine.error(psycopg.ProgrammingError("bad"), "do"), StoreError)
+    with engine.connect() as conn:
+        conn.execute("SELECT 1")
+    engine.close()
+    engine.close()  # idempotent
+    with pytest.raises(StoreError, match="is closed"):
+        with engine.connect():
+            pass
 
 
 def test_psycopg_is_needed_only_for_postgresql():

@@ -302,6 +302,7 @@ class PostgresEngine(Engine):
             check=ConnectionPool.check_connection, configure=self._configure,
             timeout=pool_timeout, name="token-agent-store", reconnect_timeout=60.0)
         self._opened = False
+        self._closed = False
 
     @staticmethod
     def _configure(conn: psycopg.Connection) -> None:
@@ -343,6 +344,8 @@ class PostgresEngine(Engine):
 
     @contextmanager
     def connect(self) -> Iterator[PgConnection]:
+        if self._closed:
+            raise StoreError(f"{self._where()} is closed")
         if not self._opened:
             self.pool.open(wait=False)
             self._opened = True
@@ -380,9 +383,10 @@ class PostgresEngine(Engine):
                                                     TransactionStatus.INERROR)
 
     def close(self) -> None:
+        self._closed = True
         if self._opened:
-            self.pool.close()
             self._opened = False
+            self.pool.close()
 
     # ------------------------------------------------------------------ errors
 
