@@ -16,12 +16,8 @@ import pytest
 
 from token_agent.store import InvalidValue, SchemaTooNew, StoreError, StoreFileError
 from token_agent.store.engine import Migration, split_script
-from token_agent.store.postgres import (
-    IntegrityViolation,
-    PostgresEngine,
-    StoreUnavailable,
-    translate,
-)
+from token_agent.store.pgconn import translate
+from token_agent.store.postgres import IntegrityViolation, PostgresEngine, StoreUnavailable
 from token_agent.store.schema_pg import SCRIPTS
 
 LATEST = max(SCRIPTS)
