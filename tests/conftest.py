@@ -9,6 +9,10 @@
 * ``sim_key_factory``: the same, as a function, for tests that need several keys or
   control over when the key starts: ``sim_key_factory(presence="auto", state=None, args=())``.
 
+* ``pg_server`` (session) / ``pg_url``: a throwaway PostgreSQL 15 cluster
+  (``tests/pgserver.py``) and a fresh empty database on it per test; fails, never skips,
+  when PostgreSQL cannot be started.
+
 Every server is stopped at teardown; when a test fails, the server's output is added to the
 report as a section ("sim key server ...").
 """
