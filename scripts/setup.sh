@@ -3,7 +3,7 @@
 # machine it touches neither apt nor the network.
 #
 #   1. Debian packages (apt-get when root; otherwise says which `sudo apt-get install` to run)
-#   2. a virtualenv at .venv (Python >= 3.11) with `pip install -e '.[test]'`, redone only when
+#   2. a virtualenv at .venv (Python >= 3.11) with `pip install -e '.[test,postgresql]'`, redone only when
 #      pyproject.toml changed since the last install
 #   3. python-fido2's source distribution, unpacked in .cache/fido2-sdist/, for the conformance
 #      suite it ships (tests/device); fetched from PyPI, never committed
@@ -31,9 +31,10 @@ export DEBIAN_FRONTEND=noninteractive
 # card tests run against the virtual card (it needs the card to answer as the T=1 card its ATR
 # announces); oathtool: an independent TOTP implementation
 # the authenticator-app tests check codes against; libpam-python, pamtester: the PAM module
-# (pam/pam_token_agent.py) and its tests with the real PAM stack.
+# (pam/pam_token_agent.py) and its tests with the real PAM stack; postgresql: PostgreSQL 15, the
+# shared store's engine, started as a throwaway cluster by the tests (tests/pgserver.py).
 APT_PACKAGES=(python3 python3-venv python3-dev gcc swig libpcsclite-dev pcscd vsmartcard-vpcd
-              opensc pcsc-tools yubico-piv-tool oathtool libpam-python pamtester)
+              opensc pcsc-tools yubico-piv-tool oathtool libpam-python pamtester postgresql)
 
 if [[ "${TOKEN_AGENT_SKIP_APT:-}" == 1 ]]; then
     log "skipping Debian packages (TOKEN_AGENT_SKIP_APT=1)"
@@ -78,11 +79,11 @@ fi
 STAMP="$VENV/.token-agent-installed"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 have=$(cat "$STAMP" 2>/dev/null || true)
-if [[ "$want" != "$have" ]] || ! "$VPY" -c 'import token_agent, fido2' >/dev/null 2>&1; then
-    log "pip install -e '.[test]' (pyproject.toml changed or first install)"
+if [[ "$want" != "$have" ]] || ! "$VPY" -c 'import token_agent, fido2, psycopg, psycopg_pool' >/dev/null 2>&1; then
+    log "pip install -e '.[test,postgresql]' (pyproject.toml changed or first install)"
     rm -f "$STAMP"
-    "$VPY" -m pip install --quiet --disable-pip-version-check -e '.[test]' </dev/null >&2 \
-        || die "pip install -e '.[test]' failed (see the errors above)"
+    "$VPY" -m pip install --quiet --disable-pip-version-check -e '.[test,postgresql]' </dev/null >&2 \
+        || die "pip install -e '.[test,postgresql]' failed (see the errors above)"
     printf '%s\n' "$want" >"$STAMP"
 fi
 

@@ -9,6 +9,10 @@
 * ``sim_key_factory``: the same, as a function, for tests that need several keys or
   control over when the key starts: ``sim_key_factory(presence="auto", state=None, args=())``.
 
+* ``pg_server`` (session) / ``pg_url``: a throwaway PostgreSQL 15 cluster
+  (``tests/pgserver.py``) and a fresh empty database on it per test; fails, never skips,
+  when PostgreSQL cannot be started.
+
 Every server is stopped at teardown; when a test fails, the server's output is added to the
 report as a section ("sim key server ...").
 """
@@ -288,3 +292,43 @@ def fresh_ca(tmp_path) -> Path:
     directory = tmp_path / "ca"
     pki.init_ca(directory, algorithm="ECCP256")
     return directory
+
+
+# -- PostgreSQL: a throwaway cluster for the session (tests/pgserver.py) ------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL 15 cluster of this session's own (a :class:`pgserver.PgServer`), on a
+    private socket. It fails, never skips, when PostgreSQL cannot be started."""
+    import shutil
+    import tempfile
+
+    from pgserver import PgServer, PgServerError
+
+    # not under pytest's 0700 tmp root: the postgres user (as root) must reach it
+    base = Path(tempfile.mkdtemp(prefix="token-agent-pg-"))
+    base.chmod(0o711)
+    try:
+        server = PgServer.start(base)
+    except PgServerError as e:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.remove()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+_pg_databases = iter(range(1, 1 << 30))
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh empty database on the session's cluster (its ``postgresql://`` URL, as the
+    superuser over the socket), dropped after the test. The server is started again first
+    when a test left it stopped."""
+    name = f"t{os.getpid()}_{next(_pg_databases)}"
+    yield pg_server.create_database(name)
+    if not pg_server.running():
+        pg_server.restart()
+    pg_server.drop_database(name)

@@ -155,3 +155,20 @@ def test_readme_lists_the_packages_setup_installs():
                         re.S).group(1).replace("\\\n", " ").split()
     assert listed == packages
     assert command == packages
+
+
+def test_postgresql_is_an_extra_that_setup_installs():
+    """The store on PostgreSQL needs psycopg 3 and its pool: an optional extra (the embedded
+    SQLite store needs neither), which set-up installs with the test extra, and Debian's
+    PostgreSQL 15 (the tests start a throwaway cluster of it)."""
+    import re
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extra = meta["project"]["optional-dependencies"]["postgresql"]
+    assert "psycopg[binary]>=3.2" in extra and "psycopg-pool>=3.2" in extra
+    assert not any("psycopg" in dep for dep in meta["project"]["dependencies"])
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "pip install --quiet --disable-pip-version-check -e '.[test,postgresql]'" in setup
+    assert "postgresql" in re.search(r"APT_PACKAGES=\(([^)]*)\)", setup).group(1).split()
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install -e '.[test,postgresql]'" in readme
