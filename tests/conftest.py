@@ -37,11 +37,82 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SIM_KEY_START_TIMEOUT = 20.0
 
 
+STORE_ENGINE_ENV = "TOKEN_AGENT_TEST_STORE_ENGINE"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store-engine", choices=("sqlite", "postgresql"),
+        default=os.environ.get(STORE_ENGINE_ENV) or "sqlite",
+        help="Run the suite with the store on this engine (default: sqlite, or "
+             f"{STORE_ENGINE_ENV}). With postgresql, every test gets a fresh database on the "
+             "session's own PostgreSQL (pg_server): the command line, the service and PAM reach "
+             "it through TOKEN_AGENT_STORE_URL, and Store.open(path) in the test itself is "
+             "redirected to it; tests marked sqlite_only (the SQLite file's own behaviour) "
+             "are skipped, saying so.")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "sim_key(presence='auto', args=()): options for the sim_key_server fixture",
     )
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only: tests of the SQLite file itself (permissions, WAL, corruption): not run "
+        "with --store-engine postgresql",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    if config.getoption("store_engine") != "postgresql":
+        return
+    skip = pytest.mark.skip(reason="sqlite_only: the SQLite file's own behaviour (the store's "
+                                   "contract suite covers PostgreSQL)")
+    for item in items:
+        if item.get_closest_marker("sqlite_only"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _store_on_postgresql(request):
+    """--store-engine postgresql: the test's store is a fresh PostgreSQL database."""
+    if request.config.getoption("store_engine") != "postgresql" \
+            or request.node.get_closest_marker("sqlite_only"):
+        yield None
+        return
+    from token_agent.store import Store
+    from token_agent.store.url import STORE_URL_ENV, is_url
+
+    server = request.getfixturevalue("pg_server")
+    first = request.getfixturevalue("pg_url")
+    urls: dict[str, str] = {}
+    created: list[str] = []
+    opener = Store.open.__func__
+
+    def open_on_postgresql(cls, target, **options):
+        if not is_url(str(target)):  # a SQLite path: this test's database instead
+            key = os.path.abspath(os.fspath(target))
+            if key not in urls:
+                if not urls:
+                    urls[key] = first
+                else:  # a second store in one test: a database of its own
+                    name = f"t{os.getpid()}_{next(_pg_databases)}"
+                    created.append(name)
+                    urls[key] = server.create_database(name)
+            target = urls[key]
+            options.pop("busy_timeout", None)
+        return opener(cls, target, **options)
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv(STORE_URL_ENV, first)
+    mp.setattr(Store, "open", classmethod(open_on_postgresql))
+    try:
+        yield first
+    finally:
+        mp.undo()
+        for name in created:
+            server.drop_database(name)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
