@@ -10,7 +10,9 @@ package, one module per area, on an engine behind one seam.
   rules);
 * the areas, each a mixin owning its tables and queries: ``users.py``, ``methods.py``
   (methods of any kind, FIDO2 credentials), ``cards.py`` (smartcard identities),
-  ``sessions.py``, ``settings.py``, ``audit.py``.
+  ``secrets.py`` (passwords, authenticator apps, app passwords, backup codes), ``codes.py``
+  (contacts, one-time codes), ``push.py``, ``lockouts.py``, ``sightings.py``,
+  ``sessions.py``, ``settings.py``, ``audit.py``. No SQL outside this package.
 
 ``Store`` combines them; ``Store.open(path)`` opens a SQLite store. Every error is a
 ``StoreError`` (``errors.py``).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from .audit import AuditArea
 from .cards import CardsArea
+from .codes import CodesArea
 from .core import StoreCore
 from .detail import (
     METADATA_WORDS, SECRET_STEMS, SECRET_WORDS, check_detail, secret_looking,
@@ -29,6 +32,7 @@ from .errors import (
     AuditChainBroken, CredentialExists, InvalidValue, SchemaTooNew, SignCountRegression,
     StoreError, StoreFileError, StoreMissing, UnknownCredential, UnknownUser, UserExists,
 )
+from .lockouts import LockoutsArea
 from .methods import MethodsArea
 from .migrations import MIGRATIONS, SCHEMA_VERSION
 from .records import (
@@ -40,14 +44,17 @@ from .records import (
     SETTING_KEY_RE, SETTING_RP_ID, SETTING_RP_NAME, SETTING_USER_VERIFICATION, USER_CLASSES,
     USER_HANDLE_LEN, AuditEvent, FidoCredential, LoginSession, Method, SmartcardIdentity, User,
 )
+from .push import PushArea
+from .secrets import SecretsArea
 from .sessions import SessionsArea
 from .settings import SettingsArea
+from .sightings import SightingsArea
 from .sqlite import SQLiteEngine, run_script
 from .users import UsersArea
 
 
-class Store(UsersArea, MethodsArea, CardsArea, SessionsArea, AuditArea, SettingsArea,
-            StoreCore):
+class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, LockoutsArea,
+            SightingsArea, SessionsArea, SettingsArea, AuditArea, StoreCore):
     """The agent's store. Create with ``Store.open(path)`` (SQLite); close with ``close()``
     or use it as a context manager. See the package's modules for durability
     (``sqlite.py``), transactions and threads (``core.py``) and errors (``errors.py``)."""

@@ -31,13 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .engine import Engine, Migration
+from .engine import Engine, Migration, Row
 from .errors import StoreError, StoreFileError
 from .migrations import MIGRATIONS, SCHEMA_VERSION, check_migrations
 from .records import DEFAULT_BUSY_TIMEOUT
 from .sqlite import SQLiteEngine
 
 log = logging.getLogger(__name__)
+
+
+def as_dict(row: Row | None) -> dict[str, Any] | None:
+    """A row as a plain dict (``None`` stays ``None``): what the areas return for rows of
+    the factors' own tables."""
+    return None if row is None else {k: row[k] for k in row.keys()}
 
 
 class StoreCore:

@@ -261,13 +261,17 @@ class MethodsArea:
             raise InvalidValue(f"invalid signature counter {sign_count!r}: 0 to 2**32-1")
         with self.transaction(), self._using("record the use of a FIDO2 credential") as conn:
             cred = self._require_fido(credential_id)
-            if not (sign_count > cred.sign_count or sign_count == cred.sign_count == 0):
+            # One conditional UPDATE: its rowcount decides, whoever else raced with this value.
+            moved = conn.execute(
+                "UPDATE fido2_credentials SET sign_count = ? WHERE method_id = ? "
+                "AND (sign_count < ? OR (sign_count = 0 AND ? = 0))",
+                (sign_count, cred.id, sign_count, sign_count)).rowcount
+            if moved != 1:
+                stored = self._fido_by_method(cred.id).sign_count
                 raise SignCountRegression(
                     f"signature counter of key {cred.name!r} did not increase (stored "
-                    f"{cred.sign_count}, received {sign_count}): the key may have been cloned",
-                    stored=cred.sign_count, received=sign_count)
-            conn.execute("UPDATE fido2_credentials SET sign_count = ? WHERE method_id = ?",
-                         (sign_count, cred.id))
+                    f"{stored}, received {sign_count}): the key may have been cloned",
+                    stored=stored, received=sign_count)
             conn.execute("UPDATE methods SET last_used_at = ? WHERE id = ?",
                          (self._now() if used_at is None else float(used_at), cred.id))
             return self._fido_by_method(cred.id)
