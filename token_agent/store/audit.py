@@ -2,7 +2,17 @@
 
 Append-only (triggers refuse UPDATE and DELETE) and hash-chained: each record carries the
 SHA-256 of its predecessor's hash and its own content; ``verify_events`` finds an edited,
-removed or reordered record. A plain hash chain does not stop someone who can rewrite the
+removed or reordered record.
+
+The chain's head (``audit_head``, migration 6: one row, the id and hash of the last event)
+serialises the appends: ``record_event`` reads it under a row lock (``engine.for_update``;
+SQLite's ``BEGIN IMMEDIATE`` already holds the only write lock), writes the event with id
+``last_id + 1`` and ``prev_hash = hash``, and moves the head, in one transaction. So many
+writers on a shared database keep one gap-free chain (ids never come from a sequence, which
+has gaps after rollbacks), ``audit verify`` keeps its meaning, and a removed tail is found
+(the head names an event that is gone). A trigger refuses a DELETE of the head. One chain
+with a serialised append was chosen over a chain per writer: an append is a short
+transaction, so the lock costs little, and one order of events is what an auditor reads. A plain hash chain does not stop someone who can rewrite the
 whole database from rewriting the whole chain; anchoring it elsewhere is for later. Detail
 keys that look like secrets are refused (``detail.check_detail``): secrets never reach the
 audit table. An event is never refused for its size: strings of its detail past
@@ -82,16 +92,23 @@ class AuditArea:
                 username = None if row is None else row["username"]
             if username is not None:
                 username = _cut(str(username), MAX_USERNAME_LEN)
-            last = conn.execute("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
-            prev = _GENESIS_HASH if last is None else bytes(last["hash"])
-            seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'").fetchone()
-            event_id = (0 if seq is None else int(seq["seq"])) + 1
+            # Appended under the head's row lock: one gap-free chain, whoever else appends.
+            head = conn.execute("SELECT last_id, hash FROM audit_head WHERE id = 1"
+                                + self._engine.for_update).fetchone()
+            if head is None:
+                raise AuditChainBroken(f"token-agent store {self._where}: the audit chain's head "
+                                       "is missing: the store was tampered with; nothing was "
+                                       "recorded", event_id=None)
+            prev = bytes(head["hash"])
+            event_id = int(head["last_id"]) + 1
             at = self._now()
             digest = _event_hash(prev, event_id, at, kind, outcome, user_id, username, cred, detail_text)
             conn.execute(
                 "INSERT INTO audit_events (id, at, kind, outcome, user_id, username, credential_id, "
                 "detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (event_id, at, kind, outcome, user_id, username, cred, detail_text, prev, digest))
+            conn.execute("UPDATE audit_head SET last_id = ?, hash = ? WHERE id = 1",
+                         (event_id, digest))
         if self.after_event is not None:
             self.after_event()
         return event_id
@@ -116,7 +133,8 @@ class AuditArea:
         """Check the audit events' hash chain; return how many events were verified.
 
         Raises ``AuditChainBroken`` at the first record that was edited, removed (a gap in
-        the ids, or the last ones missing) or moved.
+        the ids, or the last ones missing: the chain's head, ``audit_head``, names the last
+        event appended) or moved, or when the head does not match the last event.
         """
         with self._using("verify the audit events") as conn:
             prev, expected_id, count = _GENESIS_HASH, 1, 0
@@ -134,8 +152,18 @@ class AuditArea:
                 if digest != bytes(row["hash"]):
                     raise AuditChainBroken(f"audit event {eid} was altered", event_id=eid)
                 prev, expected_id, count = digest, eid + 1, count + 1
-            seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'").fetchone()
-            if seq is not None and int(seq["seq"]) != count:
-                raise AuditChainBroken(f"audit events {count + 1} to {seq['seq']} are missing",
+            head = conn.execute("SELECT last_id, hash FROM audit_head WHERE id = 1").fetchone()
+            if head is None:
+                raise AuditChainBroken("the audit chain's head is missing", event_id=None)
+            last_id = int(head["last_id"])
+            if last_id > count:
+                raise AuditChainBroken(f"audit events {count + 1} to {last_id} are missing",
                                        event_id=count + 1)
+            if last_id < count:
+                raise AuditChainBroken(f"audit events {last_id + 1} to {count} are not in the "
+                                       "chain's head: they were added behind the store's back",
+                                       event_id=last_id + 1)
+            if bytes(head["hash"]) != prev:
+                raise AuditChainBroken(f"the audit chain's head does not match event {count}",
+                                       event_id=count or None)
             return count

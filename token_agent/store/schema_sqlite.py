@@ -243,3 +243,24 @@ V5 = """
 ALTER TABLE users ADD COLUMN mfa_source TEXT
     CHECK (mfa_source IS NULL OR mfa_source IN ('new-account', 'admin', 'user'));
 """
+
+
+V6 = """
+-- The audit chain's head: the id and hash of the last event, one row. An append reads it
+-- (under a row lock on PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers),
+-- writes the event with id last_id + 1 and prev_hash = hash, and moves the head, in one
+-- transaction: one gap-free chain whatever the number of writers, and a removed tail is
+-- found (the head names an event that is gone).
+CREATE TABLE audit_head (
+    id      INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+    last_id INTEGER NOT NULL CHECK (last_id >= 0),
+    hash    BLOB NOT NULL CHECK (typeof(hash) = 'blob' AND length(hash) = 32)
+);
+INSERT INTO audit_head (id, last_id, hash)
+    SELECT 1, coalesce((SELECT max(id) FROM audit_events), 0),
+           coalesce((SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1), zeroblob(32));
+CREATE TRIGGER audit_head_no_delete BEFORE DELETE ON audit_head
+BEGIN
+    SELECT RAISE(ABORT, 'the audit chain''s head cannot be deleted');
+END;
+"""
