@@ -159,6 +159,12 @@ class StoreCore:
         return self._closed
 
     @property
+    def location(self) -> str:
+        """Where the store is, for messages: the file's path, or the URL without its
+        password (``Engine.describe``)."""
+        return self._where
+
+    @property
     def engine(self) -> Engine:
         """The store's engine (``SQLiteEngine``, ``PostgresEngine``)."""
         return self._engine
