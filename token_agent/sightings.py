@@ -35,52 +35,37 @@ def workstation_device_id(files: tuple[str, ...] = MACHINE_ID_FILES) -> str:
 def seen(store: Store, user_id: str, kind: str, value: str | None) -> bool:
     if not value:
         return False
-    with store.connection("read sightings") as conn:
-        return conn.execute("SELECT 1 FROM sightings WHERE user_id = ? AND kind = ? AND value = ?",
-                            (user_id, kind, value)).fetchone() is not None
+    return store.has_sighting(user_id, kind, value)
 
 
 def has_history(store: Store, user_id: str) -> bool:
     """Whether the user ever logged in successfully (anything recorded)."""
-    with store.connection("read sightings") as conn:
-        return conn.execute("SELECT 1 FROM sightings WHERE user_id = ? LIMIT 1",
-                            (user_id,)).fetchone() is not None
+    return store.has_sightings(user_id)
 
 
 def record_login(store: Store, user_id: str, *, device_id: str | None, network: str | None,
                  now: float) -> None:
     """Remember the device and network of a successful login."""
-    with store.transaction(), store.connection("record sightings") as conn:
+    with store.transaction():
         for kind, value in (("device", device_id), ("network", network)):
             if value:
-                conn.execute(
-                    "INSERT INTO sightings (user_id, kind, value, first_seen, last_seen) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, kind, value) DO UPDATE SET "
-                    "last_seen = excluded.last_seen", (user_id, kind, value, now, now))
+                store.record_sighting(user_id, kind, value, now)
 
 
 def last_verified(store: Store, user_id: str, device_id: str | None) -> float | None:
     """When the user last completed a second factor on that device (seconds since the epoch)."""
     if not device_id:
         return None
-    with store.connection("read verifications") as conn:
-        row = conn.execute("SELECT verified_at FROM verifications WHERE user_id = ? AND device_id = ?",
-                           (user_id, device_id)).fetchone()
-    return None if row is None else float(row["verified_at"])
+    return store.device_verified_at(user_id, device_id)
 
 
 def record_verification(store: Store, user_id: str, device_id: str | None, method: str,
                         now: float) -> None:
     if not device_id:
         return
-    with store.transaction(), store.connection("record a verification") as conn:
-        conn.execute(
-            "INSERT INTO verifications (user_id, device_id, verified_at, method) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (user_id, device_id) DO UPDATE SET verified_at = excluded.verified_at, "
-            "method = excluded.method", (user_id, device_id, now, method))
+    store.record_device_verification(user_id, device_id, method, now)
 
 
 def forget_verifications(store: Store, user_id: str) -> None:
     """Every device must verify again (an administrator's action, e.g. after a reset)."""
-    with store.transaction(), store.connection("forget verifications") as conn:
-        conn.execute("DELETE FROM verifications WHERE user_id = ?", (user_id,))
+    store.forget_device_verifications(user_id)

@@ -1,7 +1,8 @@
 """The password and the second factors: enrol, verify, list, remove.
 
-Each factor has its own module and owns the queries of its own tables (the schema and its
-migrations stay in ``token_agent.store``):
+Each factor has its own module with its rules; what it stores is read and written through
+the store's methods (its tables, queries and migrations are in ``token_agent.store``:
+``secrets.py``, ``codes.py``, ``push.py``, ``lockouts.py``):
 
 | module | method kind(s) | what is stored |
 | --- | --- | --- |

@@ -40,10 +40,9 @@ def create(ctx: FactorContext, user_id: str, name: str, *,
     store = ctx.store
     user = store.get_user_by_id(user_id)
     password = "".join(secrets.choice(ALPHABET) for _ in range(int(length)))
-    with store.transaction(), store.connection("store an app password") as conn:
+    with store.transaction():
         method = store.add_method(user.id, KIND_APP_PASSWORD, name)
-        conn.execute("INSERT INTO app_passwords (method_id, hash) VALUES (?, ?)",
-                     (method.id, ctx.keys.code_hash(_purpose(user.id), password)))
+        store.add_app_password(method.id, ctx.keys.code_hash(_purpose(user.id), password))
         store.record_event("enrol.app_password", user_id=user.id, outcome="success",
                            detail={"name": method.name, "length": int(length)})
     return method, password
@@ -81,14 +80,10 @@ def verify(ctx: FactorContext, user_id: str, password: str, *, legacy_allowed: b
     matched: list[Method] = []
 
     def check():
-        with store.connection("read app passwords") as conn:
-            rows = conn.execute(
-                "SELECT a.method_id, a.hash FROM app_passwords a JOIN methods m ON m.id = a.method_id "
-                "WHERE m.user_id = ?", (user_id,)).fetchall()
         hit = None
-        for row in rows:  # every row compared
-            if equal(bytes(row["hash"]), digest) and hit is None:
-                hit = row["method_id"]
+        for method_id, stored in store.app_password_hashes(user_id):  # every row compared
+            if equal(stored, digest) and hit is None:
+                hit = method_id
         if hit is None:
             return False, Reason.WRONG_PASSWORD, "wrong app password", {}
         matched.append(store.get_method(hit))

@@ -43,13 +43,12 @@ def generate(ctx: FactorContext, user_id: str) -> tuple[Method, list[str]]:
     store = ctx.store
     user = store.get_user_by_id(user_id)
     codes = ["".join(secrets.choice(ALPHABET) for _ in range(LENGTH)) for _ in range(COUNT)]
-    with store.transaction(), store.connection("store backup codes") as conn:
+    with store.transaction():
         old = get(ctx, user.id)
         if old is not None:
             store.remove_method(old.id)
         method = store.add_method(user.id, KIND_BACKUP_CODES, NAME)
-        conn.executemany("INSERT INTO backup_codes (method_id, code_hash) VALUES (?, ?)",
-                         [(method.id, ctx.keys.code_hash(_purpose(method.id), c)) for c in codes])
+        store.add_backup_codes(method.id, [ctx.keys.code_hash(_purpose(method.id), c) for c in codes])
         store.record_event("enrol.backup_codes", user_id=user.id, outcome="success",
                            detail={"count": COUNT, "replaced": old is not None})
     return method, [_format(c) for c in codes]
@@ -59,9 +58,7 @@ def remaining(ctx: FactorContext, user_id: str) -> int:
     method = get(ctx, user_id)
     if method is None:
         return 0
-    with ctx.store.connection("count backup codes") as conn:
-        return conn.execute("SELECT count(*) FROM backup_codes WHERE method_id = ? AND used_at IS NULL",
-                            (method.id,)).fetchone()[0]
+    return ctx.store.unused_backup_codes(method.id)
 
 
 def verify(ctx: FactorContext, user_id: str, code: str) -> Verification:
@@ -75,9 +72,8 @@ def verify(ctx: FactorContext, user_id: str, code: str) -> Verification:
     def check():
         typed = _normalise(code)
         digest = ctx.keys.code_hash(_purpose(method.id), typed)
-        with store.transaction(), store.connection("use a backup code") as conn:
-            rows = conn.execute("SELECT id, code_hash, used_at FROM backup_codes WHERE method_id = ?",
-                                (method.id,)).fetchall()
+        with store.transaction():
+            rows = store.backup_codes(method.id)
             match = None
             for row in rows:  # every row is compared: the time does not depend on which matched
                 if equal(bytes(row["code_hash"]), digest) and match is None:
@@ -86,9 +82,7 @@ def verify(ctx: FactorContext, user_id: str, code: str) -> Verification:
                 return False, Reason.WRONG_CODE, "wrong backup code", {}
             if match["used_at"] is not None:
                 return False, Reason.CODE_REPLAYED, "this backup code was already used", {}
-            used = conn.execute("UPDATE backup_codes SET used_at = ? WHERE id = ? AND used_at IS NULL",
-                                (ctx.now(), match["id"])).rowcount
-            if used != 1:
+            if not store.use_backup_code(match["id"], ctx.now()):
                 return False, Reason.CODE_REPLAYED, "this backup code was already used", {}
             left = sum(1 for r in rows if r["used_at"] is None) - 1
         message = f"backup code accepted; {left} left" + (

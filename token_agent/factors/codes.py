@@ -128,18 +128,14 @@ def _default_name(ctx: FactorContext, user_id: str, channel: str, hint: str,
 
 
 def _destination_of(ctx: FactorContext, method: Method) -> str | None:
-    with ctx.store.connection("read a contact") as conn:
-        row = conn.execute("SELECT destination FROM contact_methods WHERE method_id = ?",
-                           (method.id,)).fetchone()
+    row = ctx.store.get_contact(method.id)
     return None if row is None else row["destination"]
 
 
 def contact(ctx: FactorContext, method: Method) -> tuple[str, str]:
     """``(channel, destination)`` of a contact method; ``FactorError(NO_CREDENTIAL)`` if the
     method is not one (or is gone)."""
-    with ctx.store.connection("read a contact") as conn:
-        row = conn.execute("SELECT channel, destination FROM contact_methods WHERE method_id = ?",
-                           (method.id,)).fetchone()
+    row = ctx.store.get_contact(method.id)
     if row is None:
         raise FactorError(Reason.NO_CREDENTIAL,
                           f"{method.name!r} is not an email address or phone number enrolled "
@@ -149,10 +145,7 @@ def contact(ctx: FactorContext, method: Method) -> tuple[str, str]:
 
 def list_contacts(ctx: FactorContext, user_id: str) -> list[Contact]:
     """The user's contact methods (confirmed or not), in order of enrolment."""
-    with ctx.store.connection("list contacts") as conn:
-        rows = {r["method_id"]: r for r in conn.execute(
-            "SELECT c.method_id, c.channel, c.destination FROM contact_methods c "
-            "JOIN methods m ON m.id = c.method_id WHERE m.user_id = ?", (user_id,)).fetchall()}
+    rows = ctx.store.user_contacts(user_id)
     out = []
     for m in ctx.store.list_methods(user_id):
         row = rows.get(m.id)
@@ -166,10 +159,7 @@ def _throttle(ctx: FactorContext, method: Method, now: float, purpose: str) -> N
     """``FactorError(RESEND_THROTTLED)`` when this method got a code for ``purpose`` too
     recently, or codes too often."""
     rules = ctx.codes
-    with ctx.store.connection("read the codes sent") as conn:
-        rows = conn.execute("SELECT created_at, purpose FROM otp_challenges WHERE method_id = ? "
-                            "AND created_at > ? ORDER BY created_at",
-                            (method.id, now - rules.ttl_seconds)).fetchall()
+    rows = ctx.store.codes_sent_since(method.id, now - rules.ttl_seconds)
     times = [r["created_at"] for r in rows]
     # the resend interval is between codes of one purpose: the enrolment's own code does
     # not delay the first login code (max_sends still counts every code)
@@ -252,12 +242,9 @@ def send_code(ctx: FactorContext, method: Method, *, purpose: str = "login") -> 
         raise refuse(Reason.DELIVERY_FAILED, f"could not send the {label} to {hint}: {why}",
                      "failure") from None
     digest = ctx.keys.code_hash(_purpose_key(method.id, purpose), code)
-    with store.transaction(), store.connection("record a code sent") as conn:
-        conn.execute("UPDATE otp_challenges SET used_at = ? WHERE method_id = ? AND purpose = ? "
-                     "AND used_at IS NULL", (now, method.id, purpose))
-        conn.execute("INSERT INTO otp_challenges (method_id, purpose, code_hash, created_at, "
-                     "expires_at, channel) VALUES (?, ?, ?, ?, ?, ?)",
-                     (method.id, purpose, digest, now, now + ttl, receipt.channel))
+    with store.transaction():
+        store.record_code_sent(method.id, purpose, digest, now=now, expires_at=now + ttl,
+                               channel=receipt.channel)
         store.record_event("code.sent", user_id=method.user_id, outcome="success",
                            detail={**base, "channel": receipt.channel,
                                    "fell_back_from": receipt.fell_back_from,
@@ -328,10 +315,8 @@ def verify_code(ctx: FactorContext, method: Method, code: str, *,
 
     def check():
         now = ctx.now()
-        with store.transaction(), store.connection("check a code") as conn:
-            row = conn.execute("SELECT id, code_hash, expires_at, used_at, channel FROM otp_challenges "
-                               "WHERE method_id = ? AND purpose = ? ORDER BY id DESC LIMIT 1",
-                               (method.id, purpose)).fetchone()
+        with store.transaction():
+            row = store.latest_code(method.id, purpose)
             if row is None:
                 return (False, Reason.WRONG_CODE,
                         "no code was sent for this: ask for a code first", {"purpose": purpose})
@@ -344,12 +329,9 @@ def verify_code(ctx: FactorContext, method: Method, code: str, *,
             if row["expires_at"] <= now:
                 return False, Reason.CODE_EXPIRED, "this code has expired: ask for a new one", detail
             if not match:
-                conn.execute("UPDATE otp_challenges SET attempts = attempts + 1 WHERE id = ?",
-                             (row["id"],))
+                store.count_code_attempt(row["id"])
                 return False, Reason.WRONG_CODE, "wrong code", detail
-            used = conn.execute("UPDATE otp_challenges SET used_at = ? WHERE id = ? AND used_at IS NULL",
-                                (now, row["id"])).rowcount
-            if used != 1:
+            if not store.use_code(row["id"], now):
                 return False, Reason.CODE_REPLAYED, "this code was already used", detail
         return True, None, f"{LABELS.get(kind, kind)} accepted", detail
 
@@ -401,12 +383,10 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
                               "administrator can unlock it")
         _throttle(ctx, old, now, "enrol")
     now = ctx.now()
-    with store.transaction(), store.connection("add a contact") as conn:
+    with store.transaction():
         history = []
         for c in same:  # the pending ones: replaced, their sends still count
-            history += conn.execute("SELECT purpose, code_hash, created_at, expires_at, used_at, "
-                                    "channel, attempts FROM otp_challenges WHERE method_id = ?",
-                                    (c.method.id,)).fetchall()
+            history += store.code_history(c.method.id)
             store.remove_method(c.method.id)
         if name is None:
             name = _default_name(ctx, user.id, channel, hint, None)
@@ -416,14 +396,7 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
             raise FactorError(Reason.ALREADY_ENROLLED,
                               f"{user.username} already has a {label} contact named {name!r}: "
                               "choose another name with --name") from None
-        conn.execute("INSERT INTO contact_methods (method_id, channel, destination) VALUES (?, ?, ?)",
-                     (method.id, channel, destination))
-        conn.executemany(
-            "INSERT INTO otp_challenges (method_id, purpose, code_hash, created_at, expires_at, "
-            "used_at, channel, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(method.id, h["purpose"], h["code_hash"], h["created_at"], h["expires_at"],
-              h["used_at"] if h["used_at"] is not None else now, h["channel"], h["attempts"])
-             for h in history])
+        store.add_contact(method.id, channel, destination, history, now=now)
     try:
         receipt = send_code(ctx, method, purpose="enrol")
     except BaseException as e:  # nothing half-added: no contact without a code sent

@@ -128,9 +128,10 @@ def describe_until(until: float, now: float) -> str:
 
 
 def state(store: Store, scope: str) -> LockState:
-    with store.connection("read a lockout") as conn:
-        row = conn.execute("SELECT failures, level, locked_until, last_failure_at FROM lockouts "
-                           "WHERE scope = ?", (scope,)).fetchone()
+    return _state(scope, store.get_lockout(scope))
+
+
+def _state(scope: str, row: dict | None) -> LockState:
     if row is None:
         return LockState(scope, 0, 0, None)
     return LockState(scope, row["failures"], row["level"], row["locked_until"],
@@ -163,28 +164,22 @@ def attempt(store: Store, scope: str, user_id: str, *, now: float, label: str,
     locked now, or has used up its consecutive failures (with its unfamiliar twin's).
     ``label`` names the method in the message ("authenticator app")."""
     rules = rules or _default_rules()
-    with store.transaction(), store.connection("count an attempt") as conn:
-        current = state(store, scope)
+    with store.transaction():
+        # The count and its threshold: the row made sure of, then read under a row lock
+        # (with its twin's), then written, in one transaction (exact under concurrency).
+        store.ensure_lockout(scope, user_id)
+        rows = store.lock_lockouts((scope, _twin(scope)))
+        current = _state(scope, rows.get(scope))
         if current.locked(now):
             raise Locked(_locked_message(label, current.locked_until, now), scope=scope,
                          until=current.locked_until)
-        total = current.failures + state(store, _twin(scope)).failures
+        total = current.failures + _state(_twin(scope), rows.get(_twin(scope))).failures
         if current.failures >= cap(rules, scope) or total >= rules.limit:
-            _lock_for_good(conn, scope, user_id)
+            store.lock_until(scope, user_id, PERMANENT)
             raise Locked(_locked_message(label, PERMANENT, now), scope=scope, until=PERMANENT)
-        conn.execute(
-            "INSERT INTO lockouts (scope, user_id, failures, level, locked_until, last_failure_at) "
-            "VALUES (?, ?, 1, 0, NULL, ?) ON CONFLICT (scope) DO UPDATE SET "
-            "failures = failures + 1, level = ?, last_failure_at = excluded.last_failure_at",
-            (scope, user_id, now, decayed_level(current, now, rules.decay_hours * 3600.0)))
+        store.count_lockout_failure(scope, now=now,
+                                    level=decayed_level(current, now, rules.decay_hours * 3600.0))
         return state(store, scope)
-
-
-def _lock_for_good(conn, scope: str, user_id: str) -> None:
-    conn.execute(
-        "INSERT INTO lockouts (scope, user_id, failures, level, locked_until, last_failure_at) "
-        "VALUES (?, ?, 0, 0, ?, NULL) ON CONFLICT (scope) DO UPDATE SET locked_until = ?",
-        (scope, user_id, PERMANENT, PERMANENT))
 
 
 def failed(store: Store, scope: str, *, now: float, max_failures: int, base_seconds: int,
@@ -194,29 +189,28 @@ def failed(store: Store, scope: str, *, now: float, max_failures: int, base_seco
     its unfamiliar twin together reach ``limit``, both lock for good. Returns the state
     (``locked_until`` set when this failure locked it)."""
     rules = rules or _default_rules()
-    with store.transaction(), store.connection("record a failure") as conn:
-        current = state(store, scope)
-        twin = state(store, _twin(scope))
-        row = conn.execute("SELECT user_id FROM lockouts WHERE scope = ?", (scope,)).fetchone()
+    with store.transaction():
+        rows = store.lock_lockouts((scope, _twin(scope)))
+        row = rows.get(scope)
+        current = _state(scope, row)
+        twin = _state(_twin(scope), rows.get(_twin(scope)))
         if row is None:  # unlocked meanwhile
             return current
         if current.failures + twin.failures >= rules.limit:
-            _lock_for_good(conn, scope, row["user_id"])
-            _lock_for_good(conn, _twin(scope), row["user_id"])
+            store.lock_until(scope, row["user_id"], PERMANENT)
+            store.lock_until(_twin(scope), row["user_id"], PERMANENT)
         elif current.failures >= cap(rules, scope):
-            _lock_for_good(conn, scope, row["user_id"])
+            store.lock_until(scope, row["user_id"], PERMANENT)
         elif current.failures and current.failures % max_failures == 0:
             level = current.level + 1
             until = now + lock_duration(level, base_seconds, max_seconds)
-            conn.execute("UPDATE lockouts SET level = ?, locked_until = ? WHERE scope = ?",
-                         (level, until, scope))
+            store.lock_until(scope, row["user_id"], until, level=level)
         return state(store, scope)
 
 
 def succeeded(store: Store, scope: str) -> None:
     """After a successful check: the count and the lockout level go back to zero."""
-    with store.transaction(), store.connection("clear failures") as conn:
-        conn.execute("DELETE FROM lockouts WHERE scope = ?", (scope,))
+    store.clear_lockout(scope)
 
 
 def tries_left(current: LockState, max_failures: int,
@@ -235,10 +229,7 @@ def _default_rules() -> "LockoutRules":
 
 def user_locks(store: Store, user_id: str) -> list[LockState]:
     """Every scope of a user with failures or a lockout."""
-    with store.connection("list lockouts") as conn:
-        rows = conn.execute("SELECT scope, failures, level, locked_until, last_failure_at "
-                            "FROM lockouts WHERE user_id = ? ORDER BY scope",
-                            (user_id,)).fetchall()
+    rows = store.user_lockouts(user_id)
     return [LockState(r["scope"], r["failures"], r["level"], r["locked_until"],
                       r["last_failure_at"]) for r in rows]
 
@@ -246,9 +237,9 @@ def user_locks(store: Store, user_id: str) -> list[LockState]:
 def unlock(store: Store, user_id: str, scope: str | None = None) -> list[LockState]:
     """Clear one scope of the user (with its unfamiliar twin), or all of them (an
     administrator's action); returns what was cleared."""
-    with store.transaction(), store.connection("unlock") as conn:
+    with store.transaction():
         cleared = [s for s in user_locks(store, user_id)
                    if scope is None or s.scope in (scope, unfamiliar(scope))]
         for s in cleared:
-            conn.execute("DELETE FROM lockouts WHERE scope = ?", (s.scope,))
+            store.clear_lockout(s.scope)
         return cleared

@@ -47,16 +47,14 @@ def set_password(ctx: FactorContext, user_id: str, password: str) -> Method:
     check_new_password(password, user.username)
     digest = hash_password(password)  # slow: outside the transaction
     now = ctx.now()
-    with store.transaction(), store.connection("set a password") as conn:
+    with store.transaction():
         method = get(ctx, user.id)
         changed = method is not None
         if method is None:
             method = store.add_method(user.id, KIND_PASSWORD, NAME)
-            conn.execute("INSERT INTO password_credentials (method_id, hash, changed_at) "
-                         "VALUES (?, ?, ?)", (method.id, digest, now))
+            store.add_password_credential(method.id, digest, now)
         else:
-            conn.execute("UPDATE password_credentials SET hash = ?, changed_at = ? "
-                         "WHERE method_id = ?", (digest, now, method.id))
+            store.set_password_hash(method.id, digest, now)
         store.record_event("enrol.password", user_id=user.id, outcome="success",
                            detail={"changed": changed})
     return method
@@ -70,9 +68,7 @@ def verify(ctx: FactorContext, user_id: str, password: str) -> Verification:
         decoy(password)
         return refused(ctx, KIND_PASSWORD, user_id, Reason.NO_CREDENTIAL,
                        "no password is set for this user")
-    with store.connection("read a password") as conn:
-        stored = conn.execute("SELECT hash FROM password_credentials WHERE method_id = ?",
-                              (method.id,)).fetchone()["hash"]
+    stored = store.password_hash(method.id)
 
     def check():
         if _verify_hash(password, stored):
@@ -86,7 +82,5 @@ def verify(ctx: FactorContext, user_id: str, password: str) -> Verification:
         decoy(password)  # refused unchecked: as slow as a check all the same
     if result.ok and needs_rehash(stored):
         new = hash_password(password)
-        with store.transaction(), store.connection("rehash a password") as conn:
-            conn.execute("UPDATE password_credentials SET hash = ? WHERE method_id = ?",
-                         (new, method.id))
+        store.set_password_hash(method.id, new)
     return result

@@ -312,34 +312,24 @@ def _method(ctx: FactorContext, user_id: str, method: Method | int | str | None,
 
 
 def _device_of_method(ctx: FactorContext, method_id: int) -> tuple[str, bytes]:
-    with ctx.store.connection("read a companion app") as conn:
-        row = conn.execute("SELECT device_id, public_key FROM push_devices WHERE method_id = ?",
-                           (int(method_id),)).fetchone()
+    row = ctx.store.push_device(int(method_id))
     if row is None:
         raise FactorError(Reason.NO_CREDENTIAL, "the companion app's key is missing from the store")
     return row["device_id"], bytes(row["public_key"])
 
 
 def _device(ctx: FactorContext, device_id: str) -> tuple[int, bytes] | None:
-    with ctx.store.connection("read a companion app") as conn:
-        row = conn.execute("SELECT method_id, public_key FROM push_devices WHERE device_id = ?",
-                           (str(device_id),)).fetchone()
+    row = ctx.store.push_device_by_id(str(device_id))
     return None if row is None else (row["method_id"], bytes(row["public_key"]))
 
 
 def _request(ctx: FactorContext, request_id: str) -> dict | None:
-    with ctx.store.connection("read a push request") as conn:
-        row = conn.execute("SELECT id, method_id, number, context, created_at, expires_at, state, "
-                           "decided_at FROM push_requests WHERE id = ?", (request_id,)).fetchone()
-    return None if row is None else dict(row)
+    return ctx.store.get_push_request(request_id)
 
 
 def _set_state(ctx: FactorContext, request_id: str, state: str, now: float) -> bool:
     """Move a pending request to ``state``; False if it was no longer pending."""
-    with ctx.store.transaction(), ctx.store.connection("decide a push request") as conn:
-        cur = conn.execute("UPDATE push_requests SET state = ?, decided_at = ? "
-                           "WHERE id = ? AND state = 'pending'", (state, now, request_id))
-        return cur.rowcount == 1
+    return ctx.store.decide_push_request(request_id, state, now)
 
 
 def _check_request_id(request_id: Any) -> str:
@@ -397,10 +387,9 @@ def enrol(ctx: FactorContext, user_id: str, companion_path: str | os.PathLike[st
     del key
     written = False
     try:
-        with store.transaction(), store.connection("enrol a companion app") as conn:
+        with store.transaction():
             method = store.add_method(user.id, KIND_PUSH, name, confirmed=False)
-            conn.execute("INSERT INTO push_devices (method_id, device_id, public_key) "
-                         "VALUES (?, ?, ?)", (method.id, device_id, public))
+            store.add_push_device(method.id, device_id, public)
             store.record_event("enrol.push", user_id=user.id, outcome="pending",
                                detail={"name": method.name, "device_id": device_id})
             try:
@@ -542,19 +531,10 @@ def start(ctx: FactorContext, user_id: str, *, context: dict, method: Method | i
     request = PushRequest(id=secrets.token_urlsafe(16), method_id=method.id,
                           number=10 + secrets.randbelow(90), created_at=now,
                           expires_at=now + float(ttl), context=json.loads(context_text))
-    with store.transaction(), store.connection("send a push request") as conn:
-        expired = conn.execute(
-            "UPDATE push_requests SET state = 'expired', decided_at = ? "
-            "WHERE method_id = ? AND state = 'pending' AND expires_at <= ?",
-            (now, method.id, now)).rowcount
-        cancelled = conn.execute(
-            "UPDATE push_requests SET state = 'cancelled', decided_at = ? "
-            "WHERE method_id = ? AND state = 'pending'", (now, method.id)).rowcount
-        conn.execute(
-            "INSERT INTO push_requests (id, method_id, number, context, created_at, expires_at, "
-            "state) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
-            (request.id, method.id, request.number, context_text, request.created_at,
-             request.expires_at))
+    with store.transaction():
+        expired, cancelled = store.open_push_request(
+            request.id, method.id, number=request.number, context=context_text,
+            created_at=request.created_at, expires_at=request.expires_at)
         store.record_event("push.sent", user_id=user_id, outcome="success",
                            detail={"name": method.name, "request_id": request.id,
                                    "expires_at": request.expires_at, "context": request.context,
@@ -646,10 +626,7 @@ def pending_for(ctx: FactorContext, companion: Companion) -> list[PendingPush]:
         raise FactorError(Reason.UNKNOWN_CREDENTIAL, "this companion app is not enrolled (it "
                           "may have been removed): enrol it again")
     method_id, _ = found
-    with ctx.store.connection("list push requests") as conn:
-        rows = conn.execute("SELECT id, created_at, expires_at, context FROM push_requests "
-                            "WHERE method_id = ? AND state = 'pending' AND expires_at > ? "
-                            "ORDER BY created_at, id", (method_id, ctx.now())).fetchall()
+    rows = ctx.store.pending_push_requests(method_id, ctx.now())
     return [PendingPush(r["id"], r["created_at"], r["expires_at"], json.loads(r["context"]))
             for r in rows]
 

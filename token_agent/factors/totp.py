@@ -247,16 +247,15 @@ def begin_enrol(ctx: FactorContext, user_id: str, *, name: str = NAME, digits: i
     store = ctx.store
     user = store.get_user_by_id(user_id)
     secret = new_secret()
-    with store.transaction(), store.connection("start an authenticator-app enrolment") as conn:
+    with store.transaction():
         existing = store.find_method(user.id, KIND_TOTP, name)
         replaced = existing is not None and not existing.confirmed
         if replaced:
             store.remove_method(existing.id)
         method = store.add_method(user.id, KIND_TOTP, name, confirmed=False)
-        conn.execute("INSERT INTO totp_credentials (method_id, secret_enc, digits, period, "
-                     "algorithm) VALUES (?, ?, ?, ?, ?)",
-                     (method.id, ctx.keys.encrypt(secret.encode(), aad=_aad(method.id)),
-                      digits, period, algorithm))
+        store.add_totp_credential(method.id,
+                                  secret_enc=ctx.keys.encrypt(secret.encode(), aad=_aad(method.id)),
+                                  digits=digits, period=period, algorithm=algorithm)
         store.record_event("enrol.totp", user_id=user.id, outcome="started",
                            detail={"method": method.name, "digits": digits, "period": period,
                                    "algorithm": algorithm, "replaced": replaced})
@@ -274,9 +273,8 @@ def _check_code(ctx: FactorContext, method: Method, code: str,
 
     def check():
         now = ctx.now()
-        with store.transaction(), store.connection("check an authenticator-app code") as conn:
-            row = conn.execute("SELECT secret_enc, digits, period, algorithm, last_step "
-                               "FROM totp_credentials WHERE method_id = ?", (method.id,)).fetchone()
+        with store.transaction():
+            row = store.totp_credential(method.id)
             if row is None:
                 return (False, Reason.VERIFICATION_FAILED,
                         f"authenticator app {method.name!r} has no stored secret: remove it and "
@@ -294,10 +292,7 @@ def _check_code(ctx: FactorContext, method: Method, code: str,
                                       digits=row["digits"], period=period,
                                       algorithm=row["algorithm"])
             if result == OK:
-                cur = conn.execute("UPDATE totp_credentials SET last_step = ? "
-                                   "WHERE method_id = ? AND last_step < ?",
-                                   (step, method.id, step))
-                if cur.rowcount != 1:
+                if not store.advance_totp_step(method.id, step):
                     result = REPLAYED
                 elif on_ok is not None:
                     on_ok()
@@ -382,9 +377,7 @@ def _peek(ctx: FactorContext, method: Method, code: str) -> str:
     """What ``code`` would be for ``method`` now, without writing anything (``"error"`` when
     the secret cannot be read: the real check reports it)."""
     try:
-        with ctx.store.connection("read an authenticator app") as conn:
-            row = conn.execute("SELECT secret_enc, digits, period, algorithm, last_step "
-                               "FROM totp_credentials WHERE method_id = ?", (method.id,)).fetchone()
+        row = ctx.store.totp_credential(method.id)
         if row is None:
             return "error"
         secret = ctx.keys.decrypt(bytes(row["secret_enc"]), aad=_aad(method.id)).decode()

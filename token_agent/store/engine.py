@@ -76,12 +76,15 @@ class Migration:
     """One step of the schema, on both engines: ``MIGRATIONS[n-1]`` brings a store to
     version ``n``. Each engine runs its own step inside the transaction that also records
     the version, so a failed migration leaves the store at the previous version.
-    ``foreign_keys_off``: SQLite table rebuilds (PostgreSQL ignores it)."""
+    ``foreign_keys_off``: SQLite table rebuilds (PostgreSQL ignores it). ``postgresql`` may
+    be ``None`` only for a migration written for SQLite alone (the tests of the migration
+    mechanism); an engine without a step for a migration refuses it (the migration fails
+    and is rolled back)."""
 
     version: int
     name: str
     sqlite: Step
-    postgresql: Step
+    postgresql: Step | None = None
     foreign_keys_off: bool = False
 
 
@@ -153,6 +156,14 @@ class Engine(ABC):
     @abstractmethod
     def run_step(self, conn: Any, migration: Migration) -> None:
         """Apply this engine's step of ``migration`` inside the current transaction."""
+
+    def before_migration(self, conn: Any, migration: Migration) -> None:
+        """Before the migration's transaction begins (SQLite: foreign keys off for a table
+        rebuild, which cannot be switched inside a transaction). Default: nothing."""
+
+    def after_migration(self, conn: Any, migration: Migration) -> None:
+        """After the migration's transaction ended, committed or not (SQLite: foreign keys
+        back on). Default: nothing."""
 
     # ------------------------------------------------------------------ facts and checks
 
