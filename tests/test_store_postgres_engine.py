@@ -287,7 +287,7 @@ def test_a_password_in_the_url_is_refused(url):
     with pytest.raises(InvalidValue) as raised:
         PostgresEngine(url)
     message = str(raised.value)
-    assert "contains a password" in message and "password file" in message
+    assert "carries a password" in message and "password_file" in message
     assert "s3cret-pw" not in message
 
 

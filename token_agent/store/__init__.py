@@ -29,8 +29,9 @@ from .detail import (
 )
 from .engine import Engine, Migration
 from .errors import (
-    AuditChainBroken, CredentialExists, InvalidValue, SchemaTooNew, SignCountRegression,
-    StoreError, StoreFileError, StoreMissing, UnknownCredential, UnknownUser, UserExists,
+    AuditChainBroken, CredentialExists, IntegrityViolation, InvalidValue, SchemaTooNew,
+    SignCountRegression, StoreError, StoreFileError, StoreMissing, StoreUnavailable,
+    UnknownCredential, UnknownUser, UserExists,
 )
 from .lockouts import LockoutsArea
 from .methods import MethodsArea
@@ -61,6 +62,7 @@ class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea,
 
 
 __all__ = [
+    "IntegrityViolation", "StoreUnavailable",
     "APPLICATION_ID", "CARD_UUID_RE", "DEFAULT_BUSY_TIMEOUT", "EVENT_KIND_RE", "KIND_APP_PASSWORD",
     "KIND_BACKUP_CODES", "KIND_EMAIL", "KIND_FIDO2", "KIND_MESSAGING", "KIND_PASSWORD", "KIND_PUSH",
     "KIND_SMARTCARD", "KIND_SMS", "KIND_TOTP", "KIND_VOICE", "MAX_CREDENTIAL_ID_LEN",

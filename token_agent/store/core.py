@@ -32,10 +32,11 @@ from typing import Any
 
 from .. import __version__
 from .engine import Engine, Migration, Row
-from .errors import StoreError, StoreFileError
+from .errors import StoreError, StoreFileError, StoreMissing
 from .migrations import MIGRATIONS, SCHEMA_VERSION, check_migrations
 from .records import DEFAULT_BUSY_TIMEOUT
 from .sqlite import SQLiteEngine
+from .url import is_url
 
 log = logging.getLogger(__name__)
 
@@ -72,33 +73,46 @@ class StoreCore:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
              clock: Callable[[], float] = time.time,
-             migrations: Sequence[Migration] = MIGRATIONS, create: bool = True) -> Any:
-        """Open (creating it if needed) the SQLite store at ``path`` and bring its schema up
-        to date.
+             migrations: Sequence[Migration] = MIGRATIONS, create: bool = True,
+             password_file: str | os.PathLike[str] | None = None) -> Any:
+        """Open the store at ``path``, a SQLite file, or a PostgreSQL database named by a
+        ``postgresql://`` URL (``url.py``; ``password_file``: where its password is), and
+        bring its schema up to date.
 
-        The file's directory must exist. Without ``create`` (a command that only reads) a
-        missing file (or directory) is ``StoreMissing`` and nothing is created. Raises
-        ``StoreFileError`` when the file cannot be created, opened or written, is not a
-        SQLite database, is corrupt, or belongs to another program; ``SchemaTooNew`` when it
-        was written by a newer token-agent; in every case without changing the file.
-        Writability is checked here, before any ceremony starts, not at the first write.
-        ``migrations`` is for tests of the migration mechanism.
+        A SQLite file's directory must exist. Without ``create`` (a command that only
+        reads) a missing file (or directory), or a database without a token-agent schema,
+        is ``StoreMissing`` and nothing is created. Raises ``StoreFileError`` when the file
+        cannot be created, opened or written, is not a SQLite database, is corrupt, or
+        belongs to another program (on PostgreSQL: a database holding another program's
+        tables); ``StoreUnavailable`` when the server cannot be reached or refuses the
+        role; ``SchemaTooNew`` when it was written by a newer token-agent; in every case
+        without changing anything. Writability is checked here, before any ceremony starts,
+        not at the first write. ``migrations`` is for tests of the migration mechanism.
         """
         check_migrations(migrations)
-        engine = SQLiteEngine.open(path, busy_timeout=busy_timeout, create=create)
-        return cls.open_engine(engine, clock=clock, migrations=migrations)
+        if is_url(path):
+            from .postgres import PostgresEngine
+
+            engine: Engine = PostgresEngine(str(path), password_file=password_file)
+        else:
+            engine = SQLiteEngine.open(path, busy_timeout=busy_timeout, create=create)
+        return cls.open_engine(engine, clock=clock, migrations=migrations, create=create)
 
     @classmethod
     def open_engine(cls, engine: Engine, *, clock: Callable[[], float] = time.time,
-                    migrations: Sequence[Migration] = MIGRATIONS) -> Any:
-        """A store over an engine already connected (``SQLiteEngine.open``, a
-        ``PostgresEngine``): identify the database, refuse a newer schema, migrate. The
-        engine is closed when this fails."""
+                    migrations: Sequence[Migration] = MIGRATIONS, create: bool = True) -> Any:
+        """A store over an engine (``SQLiteEngine.open``, a ``PostgresEngine``): identify
+        the database, refuse a newer schema, migrate. Without ``create``, a database with
+        no token-agent schema yet is ``StoreMissing`` (nothing is created in it). The engine
+        is closed when this fails."""
         check_migrations(migrations)
         store = cls(engine, clock=clock)
         try:
             with engine.connect() as conn:
-                engine.prepare(conn, len(migrations))
+                found = engine.prepare(conn, len(migrations))
+                if not create and not found and getattr(engine, "path", None) is None:
+                    raise StoreMissing(f"no token-agent store in the database "
+                                       f"{engine.describe()}", path=engine.describe())
                 store._migrate(conn, migrations)
         except BaseException:
             store._closed = True

@@ -180,6 +180,10 @@ class Engine(ABC):
     def string_agg(self, expr: str, sep: str) -> str:
         """SQL aggregating ``expr`` into one string, ``sep`` between (a literal)."""
 
+    def ids_copied(self, conn: Any, table: str, column: str) -> None:
+        """After rows were inserted with their ids given (``store migrate``): make the ids
+        the engine generates next follow them (SQLite's AUTOINCREMENT already does)."""
+
     def close(self) -> None:
         """Give back every connection (idempotent)."""
 

@@ -90,3 +90,29 @@ class AuditChainBroken(StoreError):
         super().__init__(message)
         self.event_id = event_id
 
+
+class StoreUnavailable(StoreError):
+    """The PostgreSQL store cannot be used right now; nothing was written (or, for a
+    connection lost during COMMIT, the message says the outcome is unknown).
+
+    ``reason``: ``unreachable`` (no server at the address, or it is starting or stopping),
+    ``connection lost`` (the server stopped or restarted during the operation), ``auth``
+    (authentication refused), ``no database``, ``busy`` (a lock or a connection waited
+    for too long), ``conflict`` (a serialization failure or deadlock: try again),
+    ``read-only`` (a standby), ``permission`` (the role lacks a privilege);
+    ``location`` the URL (without password)."""
+
+    def __init__(self, message: str, *, reason: str, location: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.location = location
+
+
+class IntegrityViolation(StoreError):
+    """A constraint refused the write (unique, check, foreign key, or the audit table's
+    append-only triggers); ``constraint`` is its name when the server gave it."""
+
+    def __init__(self, message: str, *, constraint: str | None, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.constraint = constraint
+        self.sqlstate = sqlstate

@@ -46,13 +46,16 @@ except ImportError as _missing:  # the optional extra
     ) from _missing
 
 from token_agent.filetrust import UntrustedPath, check_private_file, read_private_file
-from token_agent.store import (
-    APPLICATION_ID,
+from token_agent.store.errors import (
+    IntegrityViolation,
     InvalidValue,
     SchemaTooNew,
     StoreError,
     StoreFileError,
+    StoreUnavailable,
 )
+from token_agent.store.records import APPLICATION_ID
+from token_agent.store.url import redact, url_problem
 from token_agent.store.engine import Engine, Migration, split_script
 from token_agent.store.pgconn import PgConnection, row_factory
 
@@ -63,45 +66,11 @@ MARKER = "token-agent"
 _SCHEMA_LOCK = APPLICATION_ID
 
 
-class StoreUnavailable(StoreError):
-    """The PostgreSQL store cannot be used right now; nothing was written (or, for a
-    connection lost during COMMIT, the message says the outcome is unknown).
-
-    ``reason``: ``unreachable`` (no server at the address, or it is starting or stopping),
-    ``connection lost`` (the server stopped or restarted during the operation), ``auth``
-    (authentication refused), ``no database``, ``busy`` (a lock or a connection waited
-    for too long), ``conflict`` (a serialization failure or deadlock: try again),
-    ``read-only`` (a standby), ``permission`` (the role lacks a privilege);
-    ``location`` the URL (without password)."""
-
-    def __init__(self, message: str, *, reason: str, location: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.location = location
-
-
-class IntegrityViolation(StoreError):
-    """A constraint refused the write (unique, check, foreign key, or the audit table's
-    append-only triggers); ``constraint`` is its name when the server gave it."""
-
-    def __init__(self, message: str, *, constraint: str | None, sqlstate: str | None) -> None:
-        super().__init__(message)
-        self.constraint = constraint
-        self.sqlstate = sqlstate
-
-
 # --------------------------------------------------------------------------- the engine
 
 _AUTH = re.compile(r"authentication failed|no password supplied|password is required|"
                    r"role \".*\" does not exist|certificate|pg_hba\.conf", re.I)
 _NO_DATABASE = re.compile(r"database \".*\" does not exist", re.I)
-
-
-def _display_url(url: str) -> str:
-    """The URL for messages: without password parameters (refused anyway) and user info
-    passwords."""
-    url = re.sub(r"(://[^:/@?]*):[^@/?]*@", r"\1@", url)
-    return re.sub(r"([?&](?:ssl)?password=)[^&]*", r"\1***", url)
 
 
 def _read_password_file(path: str | os.PathLike[str]) -> str:
@@ -139,15 +108,15 @@ class PostgresEngine(Engine):
                  pool_timeout: float = 30.0, lock_timeout: float = 10.0,
                  idle_in_transaction_timeout: float = 60.0,
                  application_name: str = "token-agent") -> None:
-        if not url.startswith(("postgresql://", "postgres://")):
-            raise InvalidValue(f"not a PostgreSQL URL (postgresql://...): {_display_url(url)}")
+        if problem := url_problem(url):
+            raise InvalidValue(f"the store's URL {redact(url)} {problem}")
         try:
             params = conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
-            raise InvalidValue(f"invalid PostgreSQL URL {_display_url(url)}: {exc}") from None
+            raise InvalidValue(f"invalid PostgreSQL URL {redact(url)}: {exc}") from None
         if params.get("password") or params.get("sslpassword"):
             raise InvalidValue(
-                f"the PostgreSQL URL {_display_url(url)} contains a password: a password never "
+                f"the PostgreSQL URL {redact(url)} contains a password: a password never "
                 "goes into a URL or a command line (other users can read them); remove it and "
                 "put it into a password file (password_file, mode 0600) or libpq's ~/.pgpass "
                 "(or PGPASSFILE)")
@@ -179,7 +148,7 @@ class PostgresEngine(Engine):
         conn.row_factory = row_factory
 
     def describe(self) -> str:
-        return _display_url(self.url)
+        return redact(self.url)
 
     def _where(self) -> str:
         return f"token-agent store {self.describe()}"
@@ -486,6 +455,10 @@ class PostgresEngine(Engine):
                 "convalidated AND connamespace = current_schema()::regnamespace ORDER BY 1, 2"):
             problems.append(f"constraint not validated: {r[1]} on {r[0]}")
         return problems
+
+    def ids_copied(self, conn: PgConnection, table: str, column: str) -> None:
+        conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                     f"coalesce(max({column}), 0) + 1, false) FROM {table}")
 
     def string_agg(self, expr: str, sep: str) -> str:
         literal = sep.replace("'", "''")
