@@ -34,7 +34,7 @@ from token_agent.store import Store
 
 #: the store engines these races run on; "postgresql" takes the URL of the ``pg_url``
 #: fixture (tests/conftest.py): any database, the tests make their own uniquely named users
-STORE_TARGETS = ["sqlite"]
+STORE_TARGETS = ["sqlite", "postgresql"]
 #: processes per race, and rounds of each race
 PROCS = 8
 ROUNDS = 5
