@@ -131,6 +131,7 @@ from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import Any, Union
 
+from . import kinds
 from .filetrust import check_config_file
 from .paths import config_file, expand_home
 from .store import MFA_SOURCES, USER_CLASSES
@@ -140,28 +141,18 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # --- methods ------------------------------------------------------------------------------
 
-#: every method name the policy knows
-METHODS = ("password", "key", "card", "totp", "push", "email", "sms", "voice", "messaging",
-           "backup", "app_password")
+#: every method name the policy knows (``token_agent.kinds``)
+METHODS = tuple(k.policy for k in kinds.ALL)
 #: the methods that can be a second factor (and be listed in ``methods.allowed``), strongest first
-SECOND_FACTORS = ("key", "card", "totp", "push", "sms", "voice", "messaging", "email")
+SECOND_FACTORS = tuple(k.policy for k in kinds.SECOND_FACTORS)
 #: strength of each second-factor method (and of backup codes); higher is stronger
-STRENGTH: dict[str, int] = {
-    "email": 1,
-    "sms": 2, "voice": 2, "messaging": 2,
-    "totp": 3, "push": 3,
-    "key": 4, "card": 4,
-    "backup": 2,
-}
+STRENGTH: dict[str, int] = {k.policy: k.strength for k in kinds.ALL if k.strength is not None}
 #: methods that resist phishing
-PHISHING_RESISTANT = frozenset({"key", "card"})
+PHISHING_RESISTANT = frozenset(k.policy for k in kinds.ALL if k.phishing_resistant)
 #: primary factors of a login
-PRIMARY_FACTORS = ("password", "key", "card")
+PRIMARY_FACTORS = tuple(k.policy for k in kinds.PRIMARY)
 #: device kinds of a login
 DEVICE_KINDS = ("managed", "unmanaged")
-
-#: the store's method kinds (``token_agent.store.METHOD_KINDS``) whose policy name differs
-_STORE_KINDS = {"fido2": "key", "smartcard": "card", "backup_codes": "backup"}
 
 #: the default for ``[classes.NAME] enforce``
 DEFAULT_ENFORCE = {"internal": True, "external": False, "contributor": False}
@@ -176,7 +167,7 @@ _POLICY_FILENAME = "policy.toml"
 def method_from_store_kind(kind: str) -> str:
     """The policy's name of a store method kind (``fido2`` -> ``key``, ``smartcard`` -> ``card``,
     ``backup_codes`` -> ``backup``; the others are the same)."""
-    return _STORE_KINDS.get(kind, kind)
+    return kinds.policy_of_store(kind)
 
 
 def _order(methods: Iterable[str]) -> tuple[str, ...]:

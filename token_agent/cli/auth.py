@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .. import exitcodes
+from .. import exitcodes, kinds
 from . import main
 from .common import (
     Context, PinSource, TerminalInteraction, cancellable, device_errors, emit, fail, json_option,
@@ -96,7 +96,7 @@ def _second_option(_ctx, _param, value: str | None) -> str | None:
               help="Only this method, no policy flow: `key` logs in with a security key alone "
                    "(the default when no --user is given: tap-and-go).")
 @click.option("--user", "username", help="Who is logging in (default: whoever the key says).")
-@click.option("--primary", type=click.Choice(["password", "key", "card"]),
+@click.option("--primary", type=click.Choice([k.policy for k in kinds.PRIMARY]),
               help="The primary factor (default: the user's preferred method).")
 @click.option("--second", callback=_second_option, metavar="METHOD[:NAME]",
               help="Use this second factor instead of the preferred one: totp, push, email, "

@@ -28,29 +28,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from ..kinds import label_of_store
 from ..outcome import Reason
 from ..store import Method, Store
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
     from ..secretbox import SecretKeys
-
-#: method kind -> the policy's method name
-POLICY_NAMES = {
-    "password": "password", "fido2": "key", "smartcard": "card", "totp": "totp",
-    "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
-    "push": "push", "app_password": "app_password", "backup_codes": "backup",
-}
-#: the policy's method name -> method kind
-KINDS = {v: k for k, v in POLICY_NAMES.items()}
-#: what people call each method kind
-LABELS = {
-    "password": "password", "fido2": "security key", "smartcard": "smartcard",
-    "totp": "authenticator app", "email": "email code", "sms": "text message code",
-    "voice": "phone call code", "messaging": "messaging app code", "push": "push approval",
-    "app_password": "app password", "backup_codes": "backup codes",
-}
-
 
 @dataclass(frozen=True)
 class CodeRules:
@@ -154,7 +138,7 @@ def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: st
     keys). A locked scope is refused without calling ``check``."""
     from . import lockout
 
-    label = label or LABELS.get(kind, kind)
+    label = label or label_of_store(kind)
     scope = lockout.scope_for(scope or lockout.method_scope(method.id), ctx.familiar)
     limit = max_failures or ctx.lockout.max_failures
     store = ctx.store
