@@ -30,36 +30,12 @@ from typing import TYPE_CHECKING, Callable
 
 from ..kinds import label_of_store
 from ..outcome import Reason
+from ..rules import CodeRules, LockoutRules  # the policy's [lockout] and [codes], the same classes
 from ..store import Method, Store
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
     from ..secretbox import SecretKeys
-
-@dataclass(frozen=True)
-class CodeRules:
-    """One-time codes sent by email / SMS / voice / messaging."""
-
-    length: int = 6
-    ttl_seconds: int = 600
-    resend_seconds: int = 30
-    max_sends: int = 5
-
-
-@dataclass(frozen=True)
-class LockoutRules:
-    """How many failures lock a method, and for how long (doubling each time, capped); how
-    many in a row lock it for good (of them, how many from unfamiliar devices or
-    networks); how fast the lock level decays (``lockout``)."""
-
-    max_failures: int = 10
-    base_seconds: int = 60
-    max_seconds: int = 86400
-    password_max_failures: int = 10
-    limit: int = 100
-    unfamiliar_limit: int = 50
-    decay_hours: float = 24.0
-
 
 @dataclass
 class FactorContext:
