@@ -19,7 +19,6 @@ from .policy import Policy, resolve_policy
 from .secretbox import SecretKeys
 from .store import Store
 
-DEFAULT_ISSUER = "token-agent"
 
 
 @dataclass
@@ -73,7 +72,9 @@ class Agent:
     @property
     def issuer(self) -> str:
         """The organisation's name, in authenticator apps and messages (setting rp_name)."""
-        return str(self.store.get_setting("rp_name", DEFAULT_ISSUER) or DEFAULT_ISSUER)
+        from . import orgsettings
+
+        return orgsettings.in_force(self.store.list_settings(), ("rp_name",))["rp_name"]
 
     def factors(self) -> FactorContext:
         if self._factors is None:
