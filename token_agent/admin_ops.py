@@ -1,7 +1,7 @@
 """The administrators' and the users' own operations on methods, written once for every front
-end: ``token-agent admin unlock|reset-methods`` and ``token-agent methods list|prefer|remove``
-call them, and so do the service's ``admin.unlock``, ``admin.reset-methods`` and
-``methods.list|prefer|remove``. Each function does the store changes and records the audit
+end: ``token-agent admin unlock|reset-methods``, ``token-agent methods list|prefer|remove`` and
+``token-agent enrol key`` call them, and so do the service's ``admin.unlock``,
+``admin.reset-methods``, ``methods.list|prefer|remove`` and ``enrol.key``. Each function does the store changes and records the audit
 event; the front ends keep only who may call it, argument parsing and output.
 
 ``actor``: who made the change, recorded in the event's detail (``None``: not recorded, as for
@@ -108,6 +108,22 @@ def remove_method(store: "Store", user: "User", method: "Method", actor: str | N
         store.remove_method(method.id)
         store.record_event("method.removed", user_id=user.id, outcome="success",
                            detail=_with_actor({"kind": method.kind, "name": method.name}, actor))
+
+
+def enrol_failed(store: "Store", username: str, kind: str, reason: str, via: str) -> None:
+    """Record an enrolment of ``kind`` (``key``...) refused or failed for ``reason`` that the
+    ceremony did not record itself (``EnrolError.recorded``): the event ``enrol.<kind>``,
+    outcome failure, the same whichever front end ran it (``via``: ``cli`` or ``service``).
+    A user that does not exist is recorded by the name given."""
+    from .store import UnknownUser
+
+    try:
+        user = store.get_user(username)
+    except UnknownUser:
+        user = None
+    store.record_event(f"enrol.{kind}", user_id=user.id if user else None,
+                       username=None if user else username, outcome="failure",
+                       detail={"reason": reason, "via": via})
 
 
 def explain_login(agent: "Agent", user: "User", device: "Device", primary: str | None = None,

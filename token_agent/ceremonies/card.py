@@ -87,6 +87,18 @@ def set_card_setting(store: Store, key: str, value: Any) -> Any:
     return value
 
 
+def enrol_card(store: Store, user, identity: "CardIdentity"):
+    """Enrol the holder of a validated card (``identity``) for ``user``: the card identity
+    and the event ``enrol.card``, in one transaction. ``CredentialExists`` when that card is
+    enrolled already. Returns the stored identity."""
+    with store.transaction():
+        ident = store.add_card_identity(user.id, uuid=identity.uuid,
+                                        holder_name=identity.holder_name)
+        store.record_event("enrol.card", user_id=user.id, outcome="success",
+                           detail={"uuid": identity.uuid, "provisioned": False})
+    return ident
+
+
 @dataclass(frozen=True)
 class CardSettings:
     """The organisation's smartcard settings, from the store (one query)."""

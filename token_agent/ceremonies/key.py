@@ -139,12 +139,15 @@ def pin_not_set(key_path: str) -> key_errors.PinNotSet:
 
 
 class EnrolError(Exception):
-    """Enrolment refused; ``reason`` is a stable code, the message is for people."""
+    """Enrolment refused; ``reason`` is a stable code, the message is for people;
+    ``recorded``: the ceremony recorded the refusal in the audit log already (else the front
+    end has ``admin_ops.enrol_failed`` record it)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, recorded: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.recorded = recorded
 
 
 def enrol_key(
@@ -231,7 +234,7 @@ def enrol_key(
     except webauthn.VerificationError as e:
         store.record_event("enrol.key", user_id=user.id, outcome="refused",
                            detail={"reason": e.reason})
-        raise EnrolError(e.reason, e.message) from None
+        raise EnrolError(e.reason, e.message, recorded=True) from None
     if check.credential_id != response.raw_id:
         raise EnrolError("verification-failed", "credential ID differs from the attested one")
     cred_props = (response.client_extension_results or {}).get("credProps") or {}
