@@ -34,7 +34,8 @@ table's CHECK constraint lists the kinds, so that needs the migration too); the 
 the login flow that runs it (``ceremonies/login.py``'s second-factor dispatch) and in
 ``token-agent verify`` (``cli/mfa.py``); its enrol command (``cli/mfa.py``) and service
 request (``service/handlers/methods.py``), since each factor's enrolment asks different
-things; and the README's method tables.
+things; a lockout scope of its own, if it has one, in ``admin_ops.unlock`` (the password's and
+app passwords' are special there); and the README's method tables.
 """
 
 from __future__ import annotations
