@@ -136,28 +136,26 @@ def _unknown(what: str, name: object, names) -> UnknownKind:
     return UnknownKind(f"unknown method kind {name!r} ({what} name): one of {', '.join(names)}")
 
 
+def _lookup(table: dict[str, Kind], what: str, name: str) -> Kind:
+    kind = table.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise _unknown(what, name, table)
+    return kind
+
+
 def by_store(name: str) -> Kind:
     """The kind stored as ``name`` (``fido2``); ``UnknownKind`` otherwise."""
-    try:
-        return _BY_STORE[name]
-    except (KeyError, TypeError):
-        raise _unknown("store", name, _BY_STORE) from None
+    return _lookup(_BY_STORE, "store", name)
 
 
 def by_policy(name: str) -> Kind:
     """The kind the policy calls ``name`` (``key``); ``UnknownKind`` otherwise."""
-    try:
-        return _BY_POLICY[name]
-    except (KeyError, TypeError):
-        raise _unknown("policy", name, _BY_POLICY) from None
+    return _lookup(_BY_POLICY, "policy", name)
 
 
 def by_cli(name: str) -> Kind:
     """The kind the command line calls ``name`` (``app-password``); ``UnknownKind`` otherwise."""
-    try:
-        return _BY_CLI[name]
-    except (KeyError, TypeError):
-        raise _unknown("command-line", name, _BY_CLI) from None
+    return _lookup(_BY_CLI, "command-line", name)
 
 
 def by_any(name: str) -> Kind:
