@@ -1,7 +1,7 @@
 """The administrators' and the users' own operations on methods, written once for every front
-end: ``token-agent admin unlock|reset-methods`` and ``token-agent methods list|prefer|remove``
-call them, and so do the service's ``admin.unlock``, ``admin.reset-methods`` and
-``methods.list|prefer|remove``. Each function does the store changes and records the audit
+end: ``token-agent admin unlock|reset-methods``, ``token-agent methods list|prefer|remove`` and
+``token-agent enrol key`` call them, and so do the service's ``admin.unlock``,
+``admin.reset-methods``, ``methods.list|prefer|remove`` and ``enrol.key``. Each function does the store changes and records the audit
 event; the front ends keep only who may call it, argument parsing and output.
 
 ``actor``: who made the change, recorded in the event's detail (``None``: not recorded, as for
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import kinds
+
 if TYPE_CHECKING:
     from .agent import Agent
     from .ceremonies.login import Device
@@ -19,10 +21,8 @@ if TYPE_CHECKING:
     from .policy import Decision
     from .store import Method, Store, User
 
-#: the front ends' method names (``methods prefer|remove KIND``) -> store kinds
-METHOD_KINDS = {"password": "password", "key": "fido2", "card": "smartcard", "totp": "totp",
-                "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
-                "push": "push", "app-password": "app_password", "backup": "backup_codes"}
+#: the front ends' method names (``methods prefer|remove KIND``: ``token_agent.kinds``)
+METHOD_KINDS = tuple(k.cli for k in kinds.ALL)
 
 
 def _with_actor(detail: dict, actor: str | None) -> dict:
@@ -31,12 +31,13 @@ def _with_actor(detail: dict, actor: str | None) -> dict:
 
 def unlock(store: "Store", user: "User", kind: str | None, actor: str) -> list["LockState"]:
     """Clear ``user``'s lockouts (all, or those of one method ``kind``: a front-end or store
-    name). Records ``admin.unlock``. Returns the cleared states."""
-    from .factors import KINDS, lockout
+    name, policy or store name). Records ``admin.unlock``. Returns the cleared states.
+    ``kinds.UnknownKind`` (nothing changed) for a name that is no method kind."""
+    from .factors import lockout
 
     scopes = None
     if kind:
-        store_kind = KINDS.get(kind, kind.replace("-", "_"))
+        store_kind = kinds.by_any(kind).store
         if store_kind == "password":
             scopes = {lockout.password_scope(user.id)}
         elif store_kind == "app_password":
@@ -64,15 +65,15 @@ def reset_methods(store: "Store", user: "User", actor: str, *,
 
 def list_methods(store: "Store", user: "User") -> list[dict]:
     """``user``'s methods as ``methods list --json`` and ``methods.list`` give them."""
-    from .factors import LABELS, POLICY_NAMES, lockout
+    from .factors import lockout
 
     locks = {s.scope: s for s in lockout.user_locks(store, user.id)}
     methods = []
     for m in store.list_methods(user.id):
         lock = locks.get(f"method:{m.id}")
         methods.append({
-            "id": m.id, "kind": POLICY_NAMES.get(m.kind, m.kind),
-            "label": LABELS.get(m.kind, m.kind), "name": m.name,
+            "id": m.id, "kind": kinds.policy_of_store(m.kind),
+            "label": kinds.label_of_store(m.kind), "name": m.name,
             "preferred": m.preferred, "confirmed": m.confirmed,
             "created_at": m.created_at, "last_used_at": m.last_used_at,
             "flagged": m.flagged, "flag_reason": m.flag_reason,
@@ -82,9 +83,9 @@ def list_methods(store: "Store", user: "User") -> list[dict]:
 
 
 def find_method(store: "Store", user: "User", kind: str, name: str | None) -> "Method | None":
-    """``user``'s method of front-end ``kind`` (a key of ``METHOD_KINDS``), by ``name`` when
-    given; ``None`` when there is none."""
-    return store.find_method(user.id, METHOD_KINDS[kind], name)
+    """``user``'s method of front-end ``kind`` (one of ``METHOD_KINDS``), by ``name`` when
+    given; ``None`` when there is none. ``kinds.UnknownKind`` for another name."""
+    return store.find_method(user.id, kinds.by_cli(kind).store, name)
 
 
 def missing_method(user: "User", kind: str, name: str | None) -> str:
@@ -109,6 +110,22 @@ def remove_method(store: "Store", user: "User", method: "Method", actor: str | N
                            detail=_with_actor({"kind": method.kind, "name": method.name}, actor))
 
 
+def enrol_failed(store: "Store", username: str, kind: str, reason: str, via: str) -> None:
+    """Record an enrolment of ``kind`` (``key``...) refused or failed for ``reason`` that the
+    ceremony did not record itself (``EnrolError.recorded``): the event ``enrol.<kind>``,
+    outcome failure, the same whichever front end ran it (``via``: ``cli`` or ``service``).
+    A user that does not exist is recorded by the name given."""
+    from .store import UnknownUser
+
+    try:
+        user = store.get_user(username)
+    except UnknownUser:
+        user = None
+    store.record_event(f"enrol.{kind}", user_id=user.id if user else None,
+                       username=None if user else username, outcome="failure",
+                       detail={"reason": reason, "via": via})
+
+
 def explain_login(agent: "Agent", user: "User", device: "Device", primary: str | None = None,
                   primary_uv: bool = True) -> tuple[str, "Decision"]:
     """What the policy decides for ``user``'s login on ``device`` (``policy explain``,
@@ -116,7 +133,9 @@ def explain_login(agent: "Agent", user: "User", device: "Device", primary: str |
     password) and the decision. ``primary_uv``: a key or card primary verified its PIN."""
     from .ceremonies.login import _choose_primary, explain_for
 
-    first = primary or _choose_primary(agent, user, None) or "password"
+    first = primary or _choose_primary(agent, user, None) or kinds.PASSWORD.policy
+    device_primary = kinds.get_policy(first)  # a key or card: multi-factor with its PIN
     decision = explain_for(agent, user.username, device=device, primary=first,
-                           primary_multi_factor=first in ("key", "card") and primary_uv)
+                           primary_multi_factor=primary_uv and device_primary is not None
+                           and device_primary.primary and device_primary.factor == kinds.POSSESSION)
     return first, decision

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .factors import CodeRules, FactorContext, LockoutRules
+from .factors import FactorContext
 from .policy import Policy, resolve_policy
 from .secretbox import SecretKeys
 from .store import Store
 
-DEFAULT_ISSUER = "token-agent"
 
 
 @dataclass
@@ -77,22 +76,16 @@ class Agent:
     @property
     def issuer(self) -> str:
         """The organisation's name, in authenticator apps and messages (setting rp_name)."""
-        return str(self.store.get_setting("rp_name", DEFAULT_ISSUER) or DEFAULT_ISSUER)
+        from . import orgsettings
+
+        return orgsettings.in_force(self.store.list_settings(), ("rp_name",))["rp_name"]
 
     def factors(self) -> FactorContext:
         if self._factors is None:
             p = self.policy
             self._factors = FactorContext(
                 store=self.store, keys=self.keys,
-                lockout=LockoutRules(max_failures=p.lockout.max_failures,
-                                     base_seconds=p.lockout.base_seconds,
-                                     max_seconds=p.lockout.max_seconds,
-                                     password_max_failures=p.lockout.password_max_failures,
-                                     limit=p.lockout.limit,
-                                     unfamiliar_limit=p.lockout.unfamiliar_limit,
-                                     decay_hours=p.lockout.decay_hours),
-                codes=CodeRules(length=p.codes.length, ttl_seconds=p.codes.ttl_seconds,
-                                resend_seconds=p.codes.resend_seconds, max_sends=p.codes.max_sends),
+                lockout=p.lockout, codes=p.codes,
                 delivery=self.delivery, issuer=self.issuer, clock=self.clock)
         return self._factors
 

@@ -109,17 +109,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from . import kinds
 from .atomicfile import write_private
 
 log = logging.getLogger("token_agent.delivery")
 
-CHANNELS = ("email", "sms", "voice", "messaging")
-PHONE_CHANNELS = ("sms", "voice", "messaging")
+CHANNELS = tuple(k.store for k in kinds.CONTACTS)
+PHONE_CHANNELS = tuple(k.store for k in kinds.CONTACTS if k is not kinds.EMAIL)
 PURPOSES = ("login", "enrol")
 DEFAULT_SENDER_NAME = "token-agent"
 
 #: how each channel is named in messages for people
-CHANNEL_LABELS = {"email": "email", "sms": "SMS", "voice": "voice call", "messaging": "messaging app"}
+CHANNEL_LABELS = {k.store: k.channel for k in kinds.CONTACTS}
 
 DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 120.0

@@ -131,6 +131,8 @@ from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import Any, Union
 
+from . import kinds
+from .rules import CodeRules, LockoutRules
 from .filetrust import check_config_file
 from .paths import config_file, expand_home
 from .store import MFA_SOURCES, USER_CLASSES
@@ -140,28 +142,18 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # --- methods ------------------------------------------------------------------------------
 
-#: every method name the policy knows
-METHODS = ("password", "key", "card", "totp", "push", "email", "sms", "voice", "messaging",
-           "backup", "app_password")
+#: every method name the policy knows (``token_agent.kinds``)
+METHODS = tuple(k.policy for k in kinds.ALL)
 #: the methods that can be a second factor (and be listed in ``methods.allowed``), strongest first
-SECOND_FACTORS = ("key", "card", "totp", "push", "sms", "voice", "messaging", "email")
+SECOND_FACTORS = tuple(k.policy for k in kinds.SECOND_FACTORS)
 #: strength of each second-factor method (and of backup codes); higher is stronger
-STRENGTH: dict[str, int] = {
-    "email": 1,
-    "sms": 2, "voice": 2, "messaging": 2,
-    "totp": 3, "push": 3,
-    "key": 4, "card": 4,
-    "backup": 2,
-}
+STRENGTH: dict[str, int] = {k.policy: k.strength for k in kinds.ALL if k.strength is not None}
 #: methods that resist phishing
-PHISHING_RESISTANT = frozenset({"key", "card"})
+PHISHING_RESISTANT = frozenset(k.policy for k in kinds.ALL if k.phishing_resistant)
 #: primary factors of a login
-PRIMARY_FACTORS = ("password", "key", "card")
+PRIMARY_FACTORS = tuple(k.policy for k in kinds.PRIMARY)
 #: device kinds of a login
 DEVICE_KINDS = ("managed", "unmanaged")
-
-#: the store's method kinds (``token_agent.store.METHOD_KINDS``) whose policy name differs
-_STORE_KINDS = {"fido2": "key", "smartcard": "card", "backup_codes": "backup"}
 
 #: the default for ``[classes.NAME] enforce``
 DEFAULT_ENFORCE = {"internal": True, "external": False, "contributor": False}
@@ -176,7 +168,7 @@ _POLICY_FILENAME = "policy.toml"
 def method_from_store_kind(kind: str) -> str:
     """The policy's name of a store method kind (``fido2`` -> ``key``, ``smartcard`` -> ``card``,
     ``backup_codes`` -> ``backup``; the others are the same)."""
-    return _STORE_KINDS.get(kind, kind)
+    return kinds.policy_of_store(kind)
 
 
 def _order(methods: Iterable[str]) -> tuple[str, ...]:
@@ -248,39 +240,9 @@ class UnusualLogin:
     ipv6_prefix: int = 64
 
 
-@dataclass(frozen=True)
-class Lockout:
-    #: failed second-factor attempts before the method locks
-    max_failures: int = 10
-    #: the first lockout; each further one doubles
-    base_seconds: int = 60
-    #: the longest lockout
-    max_seconds: int = 86400
-    #: failed password attempts before the password locks
-    password_max_failures: int = 10
-    #: consecutive failures of one method, then locked until an administrator unlocks it
-    limit: int = 100
-    #: of those, at most this many from unfamiliar devices or networks (counted apart)
-    unfamiliar_limit: int = 50
-    #: the lockout level goes down by one for each this many hours without a failure
-    decay_hours: float = 24
-
-    def delay(self, lockouts: int) -> int:
-        """Seconds of the ``lockouts``-th lockout (1 for the first): the base, doubled for each
-        further lockout, at most ``max_seconds``."""
-        if lockouts < 1:
-            return 0
-        if lockouts > 64:
-            return self.max_seconds
-        return min(self.base_seconds * 2 ** (lockouts - 1), self.max_seconds)
-
-
-@dataclass(frozen=True)
-class Codes:
-    length: int = 6
-    ttl_seconds: int = 600
-    resend_seconds: int = 30
-    max_sends: int = 5
+#: ``[lockout]`` and ``[codes]``: the very rules the factors run on (``token_agent.rules``)
+Lockout = LockoutRules
+Codes = CodeRules
 
 
 @dataclass(frozen=True)
@@ -432,6 +394,27 @@ class _Parser(TableParser):
                               f"720 hours")
             return default
         return value
+
+
+def _parse_rules(p: _Parser, data: Mapping[str, Any], table: str, cls):
+    """``[lockout]`` or ``[codes]``: each rule within its bounds, then checked against the
+    others, by the definitions of ``token_agent.rules`` (an invalid table: errors recorded,
+    the defaults returned)."""
+    t = p.table(data, table)
+    given = {}
+    for name, bound in cls.bounds().items():
+        if name not in t:
+            continue
+        if bound.hours:
+            given[name] = p.hours(t, name, table, cls.defaults({})[name])
+        else:
+            given[name] = p.integer(t, name, table, cls.defaults({})[name], int(bound.low),
+                                    int(bound.high), bound.unit)
+    values = cls.defaults(given)
+    problems = cls.problems(values)
+    for key, why in problems:
+        p.error(f"{table}.{key}", why)
+    return cls() if problems else cls(**values)
 
 
 def _parse_start(p: _Parser, value: Any) -> datetime | None:
@@ -590,31 +573,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
                            p.integer(t, "ipv4_prefix", "unusual_login", 24, 8, 32),
                            p.integer(t, "ipv6_prefix", "unusual_login", 64, 16, 128))
 
-    t = p.table(data, "lockout")
-    lockout = Lockout(
-        p.integer(t, "max_failures", "lockout", 10, 1, 100),
-        p.integer(t, "base_seconds", "lockout", 60, 1, 86400, " seconds"),
-        p.integer(t, "max_seconds", "lockout", 86400, 1, 604800, " seconds"),
-        p.integer(t, "password_max_failures", "lockout", 10, 1, 100),
-        limit := p.integer(t, "limit", "lockout", 100, 1, 100),
-        p.integer(t, "unfamiliar_limit", "lockout", max(1, limit // 2), 1, 100),
-        p.hours(t, "decay_hours", "lockout", 24),
-    )
-    if lockout.max_seconds < lockout.base_seconds:
-        p.error("lockout.max_seconds", f"{lockout.max_seconds} is less than "
-                                       f"lockout.base_seconds ({lockout.base_seconds})")
-    if lockout.unfamiliar_limit > lockout.limit:
-        p.error("lockout.unfamiliar_limit", f"{lockout.unfamiliar_limit} is more than "
-                                            f"lockout.limit ({lockout.limit})")
-
-    t = p.table(data, "codes")
-    codes = Codes(p.integer(t, "length", "codes", 6, 6, 8, " digits"),
-                  p.integer(t, "ttl_seconds", "codes", 600, 60, 3600, " seconds"),
-                  p.integer(t, "resend_seconds", "codes", 30, 0, 3600, " seconds"),
-                  p.integer(t, "max_sends", "codes", 5, 1, 20))
-    if "resend_seconds" in t and codes.resend_seconds >= codes.ttl_seconds:
-        p.error("codes.resend_seconds", f"{codes.resend_seconds} must be less than "
-                                        f"codes.ttl_seconds ({codes.ttl_seconds})")
+    lockout = _parse_rules(p, data, "lockout", LockoutRules)
+    codes = _parse_rules(p, data, "codes", CodeRules)
 
     t = p.table(data, "legacy")
     legacy = Legacy(p.boolean(t, "app_passwords", "legacy", False))

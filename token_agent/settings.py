@@ -1,49 +1,38 @@
-"""Organisation settings kept in the store, with their validation.
-
-| key | meaning | default |
-| --- | --- | --- |
-| rp_id | the WebAuthn relying party ID: one per organisation, so every workstation sharing the store accepts the same keys | token-agent.local |
-| rp_name | the relying party's name, shown by some keys | token-agent |
-| user_verification | whether key logins must verify the user's PIN: required, preferred, discouraged | preferred |
-| attestation_roots | PEM certificates a key's attestation must chain to (`trust add-root`) | none |
-| allowed_aaguids | key models accepted without a chain to a root (`trust add-aaguid`) | none |
+"""Organisation settings kept in the store: setting them, and the trust lists of key models.
+Each setting is declared once, with its type, default, validation and description, in
+``orgsettings.py`` (the schema): this module, the card settings (``ceremonies/card.py``), the
+key ceremonies and the agent read it.
 
 With no attestation roots and no AAGUIDs every key model is accepted (and recorded as such).
 """
 
 from __future__ import annotations
 
-import re
 import uuid
-
-
 from typing import TYPE_CHECKING
+
+from . import orgsettings
 
 if TYPE_CHECKING:
     from .store import Store
 
-SETTABLE = {
-    "rp_id": "the relying party ID (a domain name, e.g. trust.nhs.uk)",
-    "rp_name": "the relying party's display name",
-    "user_verification": "required | preferred | discouraged",
-}
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+#: what ``token-agent settings set`` takes: the key settings (the card ones have ``card
+#: settings set``, the trust lists ``trust ...``), with their descriptions
+SETTABLE = {name: orgsettings.get(name).description for name in orgsettings.SETTABLE
+            if name not in orgsettings.CARD}
 
 
 def set_setting(store: Store, key: str, value: str) -> str:
     """Validate and store one setting; returns the stored value."""
     if key not in SETTABLE:
         raise ValueError(f"unknown setting {key!r} (settable: {', '.join(SETTABLE)})")
-    if key == "rp_id":
-        value = value.strip().lower()
-        if not _DOMAIN.match(value) or "." not in value and value != "localhost":
-            raise ValueError(f"{value!r} is not a domain name usable as a relying party ID")
-    elif key == "user_verification" and value not in ("required", "preferred", "discouraged"):
-        raise ValueError("user_verification must be required, preferred or discouraged")
-    elif key == "rp_name" and not value.strip():
-        raise ValueError("rp_name must not be empty")
+    value = orgsettings.check(key, value)
     store.set_setting(key, value)
     return value
+
+
+def _list(store: Store, key: str) -> list:
+    return orgsettings.in_force(store.list_settings(), (key,))[key]
 
 
 def add_trusted_root(store: Store, pem_or_der: bytes) -> str:
@@ -59,7 +48,7 @@ def add_trusted_root(store: Store, pem_or_der: bytes) -> str:
         except ValueError:
             raise ValueError("not an X.509 certificate (PEM or DER)") from None
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    roots = list(store.get_setting("attestation_roots", []))
+    roots = _list(store, "attestation_roots")
     if pem not in roots:
         roots.append(pem)
         store.set_setting("attestation_roots", roots)
@@ -67,7 +56,7 @@ def add_trusted_root(store: Store, pem_or_der: bytes) -> str:
 
 
 def remove_trusted_root(store: Store, fingerprint: str) -> None:
-    roots = list(store.get_setting("attestation_roots", []))
+    roots = _list(store, "attestation_roots")
     kept = [p for p in roots if _fingerprint(p) != fingerprint.lower()]
     if len(kept) == len(roots):
         raise KeyError(f"no trusted root with fingerprint {fingerprint}")
@@ -76,7 +65,7 @@ def remove_trusted_root(store: Store, fingerprint: str) -> None:
 
 def add_allowed_aaguid(store: Store, aaguid: str) -> str:
     value = str(uuid.UUID(aaguid))  # ValueError if malformed
-    allowed = list(store.get_setting("allowed_aaguids", []))
+    allowed = _list(store, "allowed_aaguids")
     if value not in allowed:
         allowed.append(value)
         store.set_setting("allowed_aaguids", allowed)
@@ -85,7 +74,7 @@ def add_allowed_aaguid(store: Store, aaguid: str) -> str:
 
 def remove_allowed_aaguid(store: Store, aaguid: str) -> None:
     value = str(uuid.UUID(aaguid))
-    allowed = list(store.get_setting("allowed_aaguids", []))
+    allowed = _list(store, "allowed_aaguids")
     if value not in allowed:
         raise KeyError(f"AAGUID {value} is not on the list")
     store.set_setting("allowed_aaguids", [a for a in allowed if a != value])
@@ -103,13 +92,13 @@ def trust_list(store: Store) -> dict:
     from cryptography.hazmat.primitives import hashes
 
     roots = []
-    for pem in store.get_setting("attestation_roots", []):
+    for pem in _list(store, "attestation_roots"):
         cert = x509.load_pem_x509_certificate(pem.encode())
         roots.append({"subject": cert.subject.rfc4514_string(),
                       "fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
                       "not_after": cert.not_valid_after_utc.isoformat()})
     return {"attestation_roots": roots,
-            "allowed_aaguids": list(store.get_setting("allowed_aaguids", []))}
+            "allowed_aaguids": _list(store, "allowed_aaguids")}
 
 
 def show(store: Store) -> dict:

@@ -22,18 +22,9 @@ and every failure is one audit event (``login.card``), written in one transactio
 identity's last use (and, when provisioning, the new user and identity).
 
 Settings (``token-agent card settings set KEY VALUE``, validated by :func:`set_card_setting`):
-
-| key | meaning | default |
-| --- | --- | --- |
-| card_trust_anchors | root CA certificates (paths to PEM/DER files, or PEM text) | none: every card refused |
-| card_intermediates | issuing CA certificates (paths or PEM) | none: the certificate's caIssuers, when a file:// URL |
-| card_crl_sources | CRLs: file paths or URLs (file://, http://) | none (the certificate's CRL distribution point) |
-| card_crl_max_age | seconds a fetched CRL is reused before fetching again | 3600 |
-| card_on_stale_crl | when the CRL is past its nextUpdate: refuse, or warn (accept with a warning) | refuse |
-| card_on_unreachable_crl | when no CRL can be had: refuse, or warn | refuse |
-| card_expiry_warning_days | warn when the certificate ends within this many days | 90 |
-| card_provision_on_first_use | create the user at a card's first login | false |
-| card_lock_command | what runs when the card of a session is removed | loginctl lock-session |
+the ``card_*`` settings of the one schema, ``token_agent/orgsettings.py`` (trust anchors,
+intermediates, CRL sources and age, stale / unreachable CRL behaviour, expiry warning,
+provisioning on first use, lock command), with their defaults and validation.
 """
 
 from __future__ import annotations
@@ -49,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from drivers.pcsc import errors as card_errors
 
+from .. import orgsettings
+from ..orgsettings import DEFAULT_LOCK_COMMAND
 from ..outcome import Factor, LoginOutcome, Reason
 from ..store import Store, UserExists
 
@@ -61,23 +54,11 @@ log = logging.getLogger("token_agent.card")
 
 METHOD = "card"
 SPONSOR_ROLES = ("sponsor", "ra")
-DEFAULT_LOCK_COMMAND = "loginctl lock-session"
-CRL_BEHAVIOURS = ("refuse", "warn")
 PIN_RE = re.compile(r"[0-9]{4,8}")
-
-#: setting -> (default, description)
+#: setting -> (default, description): the smartcard settings of the schema (``orgsettings``)
 CARD_SETTINGS: dict[str, tuple[Any, str]] = {
-    "card_trust_anchors": ([], "root CA certificates: paths to PEM/DER files, or PEM text"),
-    "card_intermediates": ([], "issuing CA certificates: paths, or PEM text"),
-    "card_crl_sources": ([], "CRLs: file paths or URLs"),
-    "card_crl_max_age": (3600, "seconds a fetched CRL is reused"),
-    "card_on_stale_crl": ("refuse", "refuse | warn when the CRL is past its nextUpdate"),
-    "card_on_unreachable_crl": ("refuse", "refuse | warn when no CRL can be had"),
-    "card_expiry_warning_days": (90, "warn when the certificate ends within this many days"),
-    "card_provision_on_first_use": (False, "create the user at a card's first login"),
-    "card_lock_command": (DEFAULT_LOCK_COMMAND, "command run when a session's card is removed"),
-}
-_LIST_SETTINGS = ("card_trust_anchors", "card_intermediates", "card_crl_sources")
+    name: (orgsettings.get(name).default, orgsettings.get(name).description)
+    for name in orgsettings.CARD}
 
 
 def card_setting_name(key: str) -> str:
@@ -87,67 +68,15 @@ def card_setting_name(key: str) -> str:
 
 
 def is_list_setting(key: str) -> bool:
-    return card_setting_name(key) in _LIST_SETTINGS
-
-
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not a yes/no value (true, false)")
-
-
-def _check_certificates(items: list[str]) -> None:
-    from cryptography import x509
-
-    for item in items:
-        if "-----BEGIN" in item:
-            try:
-                x509.load_pem_x509_certificates(item.encode())
-            except ValueError:
-                raise ValueError("not a PEM certificate") from None
-        elif not Path(item).is_file():
-            raise ValueError(f"{item}: no such file")
+    name = card_setting_name(key)
+    return name in CARD_SETTINGS and orgsettings.get(name).is_list
 
 
 def check_card_setting(key: str, value: Any) -> Any:
     """The validated value of a card setting (``ValueError`` when it is not acceptable)."""
     if key not in CARD_SETTINGS:
         raise ValueError(f"unknown card setting {key!r} (settable: {', '.join(CARD_SETTINGS)})")
-    if key in _LIST_SETTINGS:
-        items = [value] if isinstance(value, str) else list(value)
-        items = [str(i).strip() for i in items if str(i).strip()]
-        if key != "card_crl_sources":
-            _check_certificates(items)
-        else:
-            for item in items:
-                if "://" in item and not item.startswith(("file://", "http://", "https://")):
-                    raise ValueError(f"{item}: a CRL source is a file path or a file/http(s) URL")
-        return items
-    if key in ("card_on_stale_crl", "card_on_unreachable_crl"):
-        if value not in CRL_BEHAVIOURS:
-            raise ValueError(f"{key} must be one of {', '.join(CRL_BEHAVIOURS)}")
-        return value
-    if key in ("card_crl_max_age", "card_expiry_warning_days"):
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key} must be a whole number") from None
-        if not 0 <= number <= 3650 * 86400:
-            raise ValueError(f"{key} must not be negative")
-        return number
-    if key == "card_provision_on_first_use":
-        return _parse_bool(value)
-    if key == "card_lock_command":
-        text = str(value).strip()
-        if text and not shlex.split(text):
-            raise ValueError("card_lock_command must be a command line (or empty: no lock)")
-        return text
-    raise AssertionError(key)
+    return orgsettings.check(key, value)
 
 
 def set_card_setting(store: Store, key: str, value: Any) -> Any:
@@ -156,6 +85,18 @@ def set_card_setting(store: Store, key: str, value: Any) -> Any:
     value = check_card_setting(key, value)
     store.set_setting(key, value)
     return value
+
+
+def enrol_card(store: Store, user, identity: "CardIdentity"):
+    """Enrol the holder of a validated card (``identity``) for ``user``: the card identity
+    and the event ``enrol.card``, in one transaction. ``CredentialExists`` when that card is
+    enrolled already. Returns the stored identity."""
+    with store.transaction():
+        ident = store.add_card_identity(user.id, uuid=identity.uuid,
+                                        holder_name=identity.holder_name)
+        store.record_event("enrol.card", user_id=user.id, outcome="success",
+                           detail={"uuid": identity.uuid, "provisioned": False})
+    return ident
 
 
 @dataclass(frozen=True)
@@ -175,10 +116,7 @@ class CardSettings:
 
     @classmethod
     def from_store(cls, store: Store) -> "CardSettings":
-        stored = store.list_settings()
-        values = {}
-        for key, (default, _) in CARD_SETTINGS.items():
-            values[key] = check_card_setting(key, stored[key]) if key in stored else default
+        values = orgsettings.in_force(store.list_settings(), orgsettings.CARD)
         cache = None
         path = getattr(store, "path", None)
         if path is not None:

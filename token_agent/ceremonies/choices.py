@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..factors import LABELS, KINDS, POLICY_NAMES
+from .. import kinds
 
 #: second factors a login may be asked for by name
-SECOND_METHODS = ("totp", "push", "email", "sms", "voice", "messaging", "backup", "key", "card")
+SECOND_METHODS = tuple(k.policy for k in kinds.ALL if k.second or k.fallback)
 #: the second factors that are contacts (a destination each; several per user)
-CONTACT_METHODS = ("email", "sms", "voice", "messaging")
+CONTACT_METHODS = tuple(k.policy for k in kinds.CONTACTS)
 
 
 def parse_second(value: str) -> tuple[str, str | None]:
@@ -62,7 +62,7 @@ class Choice:
 
 
 def _label(method, hint: str | None) -> str:
-    label = LABELS[method.kind]
+    label = kinds.by_store(method.kind).label
     if hint is None:
         return label
     if hint in method.name:  # the default name ("sms +44•••••123") already shows it
@@ -79,11 +79,11 @@ def menu(ctx, user_methods: list, usable: list[str]) -> list[Choice]:
         if user_methods else {}
     out: list[Choice] = []
     for name in usable:
-        held = [m for m in user_methods if POLICY_NAMES[m.kind] == name]
+        held = [m for m in user_methods if kinds.by_store(m.kind).policy == name]
         if not held:
             continue
         if name not in CONTACT_METHODS:
-            out.append(Choice(name, LABELS[KINDS[name]], name, held[0]))
+            out.append(Choice(name, kinds.by_policy(name).label, name, held[0]))
             continue
         several = len(held) > 1
         for m in held:

@@ -5,12 +5,13 @@ left unanswered, nothing stays half-enrolled. Used by ``login.py``'s flow alone.
 
 from __future__ import annotations
 
-from ..factors import LABELS, KINDS, FactorError, Verification
+from .. import kinds
+from ..factors import FactorError, Verification
 from ..outcome import Reason
 from .login import _ask, _Cancelled
 
 #: second factors that can be set up at the login prompt, strongest first
-ENROLLABLE_AT_LOGIN = ("totp", "sms", "voice", "messaging", "email")
+ENROLLABLE_AT_LOGIN = tuple(k.policy for k in kinds.ENROL_AT_LOGIN)
 
 
 def enrol_at_login(agent, user, interaction, decision, second=None) -> Verification:
@@ -51,14 +52,14 @@ def _enrol_now(agent, user, interaction, decision, second) -> Verification:
             return Verification(False, "totp", None, Reason.METHOD_NOT_ALLOWED, str(e))
         if chosen in options:
             interaction.info(f"Your organisation requires a second factor: setting up "
-                             f"{LABELS[KINDS[chosen]]} now.")
+                             f"{kinds.by_policy(chosen).label} now.")
     else:
         interaction.info("Your organisation requires a second factor. Choose one and set it "
                          "up now.")
         chosen = _ask(interaction.choose("Second factor to set up",
-                                         [(m, LABELS[KINDS[m]]) for m in options], options[0]))
+                                         [(m, kinds.by_policy(m).label) for m in options], options[0]))
     if chosen not in options:
-        return Verification(False, KINDS.get(chosen, chosen), None, Reason.METHOD_NOT_ALLOWED,
+        return Verification(False, kinds.store_of_policy(chosen), None, Reason.METHOD_NOT_ALLOWED,
                             f"{chosen} cannot be set up here (choose from {', '.join(options)})")
     if chosen == "totp":
         pending = totp.begin_enrol(ctx, user.id)

@@ -36,14 +36,12 @@ from drivers.fido.keys import FidoKey
 
 from .. import webauthn
 from .keypresence import PinGuard, PresenceRequired
+from ..orgsettings import DEFAULT_RP_ID, DEFAULT_RP_NAME
 from ..outcome import Factor, LoginOutcome, Reason
 from ..store import SignCountRegression, Store, UnknownUser
 
 log = logging.getLogger("token_agent.key")
 
-DEFAULT_RP_ID = "token-agent.local"
-DEFAULT_RP_NAME = "token-agent"
-UV_POLICIES = ("required", "preferred", "discouraged")
 #: COSE algorithms asked for at enrolment, in order of preference: ES256, EdDSA, RS256.
 ALGORITHMS = (-7, -8, -257)
 
@@ -63,17 +61,18 @@ class KeySettings:
 
     @classmethod
     def from_store(cls, store: Store) -> "KeySettings":
-        stored = store.list_settings()  # one query
-        uv = stored.get("user_verification", "preferred")
-        if uv not in UV_POLICIES:
-            raise ValueError(f"setting user_verification must be one of {UV_POLICIES}, not {uv!r}")
+        from .. import orgsettings
+
+        values = orgsettings.in_force(store.list_settings(),  # one query
+                                      ("rp_id", "rp_name", "user_verification",
+                                       "attestation_roots", "allowed_aaguids"))
         return cls(
-            rp_id=stored.get("rp_id", DEFAULT_RP_ID),
-            rp_name=stored.get("rp_name", DEFAULT_RP_NAME),
-            user_verification=uv,
+            rp_id=values["rp_id"],
+            rp_name=values["rp_name"],
+            user_verification=values["user_verification"],
             attestation=webauthn.AttestationPolicy(
-                roots_pem=tuple(stored.get("attestation_roots", [])),
-                allowed_aaguids=tuple(stored.get("allowed_aaguids", [])),
+                roots_pem=tuple(values["attestation_roots"]),
+                allowed_aaguids=tuple(values["allowed_aaguids"]),
             ),
         )
 
@@ -140,12 +139,15 @@ def pin_not_set(key_path: str) -> key_errors.PinNotSet:
 
 
 class EnrolError(Exception):
-    """Enrolment refused; ``reason`` is a stable code, the message is for people."""
+    """Enrolment refused; ``reason`` is a stable code, the message is for people;
+    ``recorded``: the ceremony recorded the refusal in the audit log already (else the front
+    end has ``admin_ops.enrol_failed`` record it)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, recorded: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.recorded = recorded
 
 
 def enrol_key(
@@ -232,7 +234,7 @@ def enrol_key(
     except webauthn.VerificationError as e:
         store.record_event("enrol.key", user_id=user.id, outcome="refused",
                            detail={"reason": e.reason})
-        raise EnrolError(e.reason, e.message) from None
+        raise EnrolError(e.reason, e.message, recorded=True) from None
     if check.credential_id != response.raw_id:
         raise EnrolError("verification-failed", "credential ID differs from the attested one")
     cred_props = (response.client_extension_results or {}).get("credProps") or {}

@@ -47,8 +47,8 @@ import threading
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from .. import sightings
-from ..factors import LABELS, KINDS, POLICY_NAMES, FactorError, Verification, usable_methods
+from .. import kinds, sightings
+from ..factors import FactorError, Verification, usable_methods
 from ..outcome import Factor, LoginOutcome, Reason
 from ..store import UnknownUser
 
@@ -58,13 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("token_agent.login")
 
-PRIMARY_METHODS = ("password", "key", "card")
-#: what each second factor proves
-SECOND_FACTOR_FACTORS = {
-    "totp": Factor.POSSESSION, "push": Factor.POSSESSION, "email": Factor.POSSESSION,
-    "sms": Factor.POSSESSION, "voice": Factor.POSSESSION, "messaging": Factor.POSSESSION,
-    "backup": Factor.POSSESSION,
-}
+#: the primary factors (policy names), in the order a user's usual one is looked for
+PRIMARY_METHODS = tuple(k.policy for k in kinds.PRIMARY)
 
 
 class Interaction(Protocol):
@@ -133,7 +128,7 @@ def shown_before_first_factor(outcome: LoginOutcome, username: str | None = None
 
 
 def _no_reader(name: str) -> str:
-    return f"no {LABELS[KINDS[name]]} reader is available here"
+    return f"no {kinds.by_policy(name).label} reader is available here"
 
 
 def _decoy_primary(username: str, primary: str | None, interaction: Interaction,
@@ -171,9 +166,9 @@ def facts_for(agent: "Agent", user, *, device: Device, primary: str | None,
     store = agent.store
     # a device used as a one-factor primary (a key without PIN) cannot also be the second
     # factor; as a multi-factor primary it is the user's method that satisfies MFA
-    methods = tuple(sorted({POLICY_NAMES[m.kind] for m in usable_methods(store, user.id)
+    methods = tuple(sorted({kinds.by_store(m.kind).policy for m in usable_methods(store, user.id)
                             if m.kind != "password"
-                            and (primary_multi_factor or POLICY_NAMES[m.kind] != primary)}))
+                            and (primary_multi_factor or kinds.by_store(m.kind).policy != primary)}))
     net = None
     if device.network:
         net = network_key(agent.policy, device.network)
@@ -224,7 +219,7 @@ def _choose_primary(agent: "Agent", user, requested: str | None, ctx=None) -> st
     a locked password is passed over for a key or card the user holds (a lock on one
     method never blocks the others)."""
     store = agent.store
-    have = {POLICY_NAMES[m.kind] for m in usable_methods(store, user.id)}
+    have = {kinds.by_store(m.kind).policy for m in usable_methods(store, user.id)}
     if requested is not None:
         return requested
     password_locked = False
@@ -236,9 +231,9 @@ def _choose_primary(agent: "Agent", user, requested: str | None, ctx=None) -> st
             password_locked = True
             have.discard("password")
     preferred = store.preferred_method(user.id)
-    if preferred is not None and POLICY_NAMES[preferred.kind] in PRIMARY_METHODS \
+    if preferred is not None and kinds.by_store(preferred.kind).policy in PRIMARY_METHODS \
             and not (password_locked and preferred.kind == "password"):
-        return POLICY_NAMES[preferred.kind]
+        return kinds.by_store(preferred.kind).policy
     for name in PRIMARY_METHODS:
         if name in have:
             return name
@@ -365,7 +360,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
             # possession factors are not multi-factor)
             if password_factor.get(ctx, user.id) is None:
                 return fail(Reason.UV_REQUIRED,
-                            f"this {LABELS[KINDS[first]]} did not verify your PIN, and you have no "
+                            f"this {kinds.by_policy(first).label} did not verify your PIN, and you have no "
                             "password to go with it: set a PIN on the key and try again",
                             primary=first)
             typed = _ask(interaction.secret("Password"))
@@ -428,11 +423,12 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
             factors.extend(f for f in v.factors if f not in factors)
         elif not v.ok:
             return fail(v.reason or Reason.VERIFICATION_FAILED, v.message, primary=first,
-                        second=POLICY_NAMES.get(v.kind, v.kind),
+                        second=kinds.policy_of_store(v.kind),
                         **({"tries_left": v.tries_left} if v.tries_left is not None else {}))
         else:
-            second_used = POLICY_NAMES.get(v.kind, v.kind)
-            factor = SECOND_FACTOR_FACTORS.get(second_used, Factor.POSSESSION)
+            second_used = kinds.policy_of_store(v.kind)
+            used = kinds.get_store(v.kind)
+            factor = Factor[(used.factor if used else kinds.POSSESSION).upper()]
             if factor not in factors:
                 factors.append(factor)
 
@@ -496,13 +492,13 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
     except ValueError as e:
         return Verification(False, "totp", None, Reason.METHOD_NOT_ALLOWED, str(e))
     if chosen not in decision.allowed_methods:
-        return Verification(False, KINDS.get(chosen, chosen), None, Reason.METHOD_NOT_ALLOWED,
+        return Verification(False, kinds.store_of_policy(chosen), None, Reason.METHOD_NOT_ALLOWED,
                             f"{chosen} is not allowed as a second factor for {user.username} "
                             f"(allowed: {', '.join(decision.allowed_methods) or 'none'})")
     everything = choices.menu(ctx, held, [chosen])  # held, even where the policy says no
     picked = choices.find(menu, key, preferred) or choices.find(everything, key, preferred)
     if picked is None:
-        return Verification(False, KINDS.get(chosen, chosen), None, Reason.NO_CREDENTIAL,
+        return Verification(False, kinds.store_of_policy(chosen), None, Reason.NO_CREDENTIAL,
                             f"{user.username} has no {chosen} method set up"
                             + (f" named {contact!r}" if contact else ""))
     method = picked.method
@@ -510,7 +506,7 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
         return totp.verify(ctx, user.id, _ask(interaction.secret("Code from your authenticator app")))
     if chosen == "backup":
         return backup.verify(ctx, user.id, _ask(interaction.secret("Backup code")))
-    if chosen in ("email", "sms", "voice", "messaging"):
+    if kinds.by_policy(chosen).contact:
         try:
             receipt = codes.send_code(ctx, method, purpose="login")
         except FactorError as e:
@@ -530,10 +526,10 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
     if chosen in ("key", "card"):
         runner = key_login if chosen == "key" else card_login
         if runner is None:
-            return Verification(False, KINDS[chosen], method, Reason.NO_DEVICE,
+            return Verification(False, kinds.by_policy(chosen).store, method, Reason.NO_DEVICE,
                                 _no_reader(chosen))
         return runner(user.username)
-    return Verification(False, KINDS.get(chosen, chosen), method, Reason.METHOD_NOT_ALLOWED,
+    return Verification(False, kinds.store_of_policy(chosen), method, Reason.METHOD_NOT_ALLOWED,
                         f"{chosen} cannot be used as a second factor here")
 
 

@@ -19,7 +19,10 @@ def settings() -> None:
 @pass_ctx
 def settings_show(ctx: Context, as_json: bool) -> None:
     """Show the settings in force."""
-    data = org_settings.show(ctx.store())
+    try:
+        data = org_settings.show(ctx.store())
+    except ValueError as e:  # a stored value the schema refuses (orgsettings.py)
+        fail(str(e), exitcodes.USAGE)
     emit(as_json, data, lambda: "\n".join(
         f"{k:<20} {v}" for k, v in data.items() if k not in ("attestation_roots",))
         + f"\nattestation_roots    {len(data['attestation_roots'])} (token-agent trust list)")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .. import exitcodes
+from .. import admin_ops, exitcodes, kinds
 from . import main
 from .common import (
     Context, PinSource, TerminalInteraction, cancellable, device_errors, emit, fail, json_option,
@@ -47,7 +47,9 @@ def enrol() -> None:
 def enrol_key(ctx: Context, username: str, name: str | None, key_path: str | None,
               timeout: float, pin_stdin: bool, export: str | None, as_json: bool) -> None:
     """Enrol a FIDO2 security key for a user."""
-    from ..ceremonies.key import EnrolError, enrol_key as enrol
+    from drivers.fido.errors import FidoKeyError
+
+    from ..ceremonies.key import EnrolError, device_failure, enrol_key as enrol
     from ..store import CredentialExists, UnknownUser
 
     from .reauth import require_login
@@ -58,18 +60,24 @@ def enrol_key(ctx: Context, username: str, name: str | None, key_path: str | Non
     except UnknownUser as e:
         fail(str(e), exitcodes.NOT_FOUND)
     require_login(ctx, user, pin_stdin=pin_stdin)  # unless admin or the first method
-    with open_key(key_path, timeout) as key:
-        try:
+    try:
+        with open_key(key_path, timeout) as key:
             result = cancellable(lambda cancel: enrol(
                 store, key, username, name=name, pin_provider=PinSource(pin_stdin),
                 on_touch=touch_prompt, timeout=timeout, cancel=cancel,
                 presence=pin_guard(timeout, cancel),
                 new_pin=None if pin_stdin or not sys.stdin.isatty() else first_pin))
-        except EnrolError as e:
-            fail(e.message, exitcodes.CONFLICT if e.reason == "name-taken"
-                 else exitcodes.AUTH_FAILED)
-        except CredentialExists as e:
-            fail(str(e), exitcodes.CONFLICT)
+    except EnrolError as e:
+        if not e.recorded:
+            admin_ops.enrol_failed(store, username, "key", e.reason, "cli")
+        fail(e.message, exitcodes.CONFLICT if e.reason == "name-taken"
+             else exitcodes.AUTH_FAILED)
+    except CredentialExists as e:
+        admin_ops.enrol_failed(store, username, "key", "conflict", "cli")
+        fail(str(e), exitcodes.CONFLICT)
+    except FidoKeyError as e:  # reported by @device_errors
+        admin_ops.enrol_failed(store, username, "key", device_failure(e).value, "cli")
+        raise
     for warning in result.warnings:
         say(f"warning: {warning}")
     _write_export(export, result.to_json(export=True)["webauthn"])
@@ -96,7 +104,7 @@ def _second_option(_ctx, _param, value: str | None) -> str | None:
               help="Only this method, no policy flow: `key` logs in with a security key alone "
                    "(the default when no --user is given: tap-and-go).")
 @click.option("--user", "username", help="Who is logging in (default: whoever the key says).")
-@click.option("--primary", type=click.Choice(["password", "key", "card"]),
+@click.option("--primary", type=click.Choice([k.policy for k in kinds.PRIMARY]),
               help="The primary factor (default: the user's preferred method).")
 @click.option("--second", callback=_second_option, metavar="METHOD[:NAME]",
               help="Use this second factor instead of the preferred one: totp, push, email, "

@@ -147,6 +147,7 @@ def enrol(ctx: Context, username: str, reader: str | None, as_json: bool) -> Non
     from drivers.pcsc import errors as card_errors
 
     from ..cardtrust import CardCertificateError, validate_card_certificate
+    from ..ceremonies.card import enrol_card
     from ..store import CredentialExists, UnknownUser
 
     store = ctx.store()
@@ -170,11 +171,7 @@ def enrol(ctx: Context, username: str, reader: str | None, as_json: bool) -> Non
     finally:
         session.close()
     try:
-        with store.transaction():
-            ident = store.add_card_identity(user.id, uuid=identity.uuid,
-                                            holder_name=identity.holder_name)
-            store.record_event("enrol.card", user_id=user.id, outcome="success",
-                               detail={"uuid": identity.uuid, "provisioned": False})
+        ident = enrol_card(store, user, identity)
     except CredentialExists as e:
         fail(str(e), exitcodes.CONFLICT)
     emit(as_json, ident.to_dict(),

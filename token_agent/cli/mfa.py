@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .. import admin_ops, exitcodes
+from .. import admin_ops, exitcodes, kinds
 from . import main
 from .auth import enrol
 from .common import (
@@ -17,10 +17,10 @@ from .common import (
 )
 from .reauth import require_login
 
-CHANNELS = ("email", "sms", "voice", "messaging")
-VERIFY_KINDS = ("password", "totp", "email", "sms", "voice", "messaging", "backup", "app-password")
+CHANNELS = tuple(k.cli for k in kinds.CONTACTS)
+VERIFY_KINDS = tuple(k.cli for k in kinds.ALL if k.verifiable)
 #: what `verify` refuses in argv (--code): long-lived secrets, as PINs are (--pin-stdin only)
-SECRET_KINDS = ("password", "app-password")
+SECRET_KINDS = tuple(k.cli for k in kinds.ALL if k.secret)
 
 user_option = click.option("--user", "username", required=True, help="The user.")
 name_option = click.option("--name", help="Which one, when the user has several (by name).")
@@ -81,12 +81,10 @@ def _waiting(ctx: Context, user, kind: str) -> str | None:
     channel: the command's and the store's name alike) waiting for its code, or the one
     the person picks at a terminal; without a terminal, several waiting is a usage error
     naming them (exit 2). None when none is waiting (the factor says so)."""
-    from ..factors import LABELS
-
     names = [m.name for m in ctx.store().list_methods(user.id, kind) if not m.confirmed]
     if len(names) <= 1:
         return names[0] if names else None
-    label = LABELS.get(kind, kind)
+    label = kinds.label_of_store(kind)
     if sys.stdin.isatty():
         say(f"Several {label} enrolments are waiting for their code:")
         chosen = TerminalInteraction().choose("Which one", [(n, n) for n in names], names[-1])
@@ -193,9 +191,7 @@ def enrol_totp(ctx: Context, username: str, name: str | None, qr_path: str | Non
 
 
 def _enrol_contact(channel: str):
-    label = {"email": "an email address", "sms": "a mobile number for text messages",
-             "voice": "a phone number for voice calls",
-             "messaging": "a mobile number for a messaging app"}[channel]
+    label = kinds.by_cli(channel).destination
 
     @click.option("--to", "destination", help="The email address or phone number.")
     @click.option("--name", help="A name for it (default: the masked destination).")
@@ -371,7 +367,7 @@ def verify(ctx: Context, kind: str, username: str, name: str | None, code: str |
     user = _user(ctx, username)
     agent = ctx.agent()
     fctx = agent.factors()
-    prompt = {"password": "Password", "app-password": "App password"}.get(kind, "Code")
+    prompt = kinds.by_cli(kind).label.capitalize() if kind in SECRET_KINDS else "Code"
     if code is not None and kind in SECRET_KINDS:
         # like PINs: never in argv (other users' `ps`, /proc/PID/cmdline, shell history)
         fail(f"a {prompt.lower()} is never taken on the command line (--code): other "
@@ -389,7 +385,7 @@ def verify(ctx: Context, kind: str, username: str, name: str | None, code: str |
             result = apppasswords.verify(fctx, user.id, value,
                                          legacy_allowed=agent.policy.legacy.app_passwords)
         else:
-            method = ctx.store().find_method(user.id, kind, name)
+            method = ctx.store().find_method(user.id, kinds.by_cli(kind).store, name)
             if method is None or not method.confirmed:
                 fail(f"{user.username} has no confirmed {kind} method", exitcodes.NOT_FOUND)
             result = codes.verify_code(fctx, method, value, purpose="login")
@@ -436,7 +432,7 @@ def _find(ctx: Context, user, kind: str, name: str | None):
 
 @methods.command("prefer")
 @user_option
-@click.argument("kind", type=click.Choice(sorted(admin_ops.METHOD_KINDS)))
+@click.argument("kind", type=click.Choice(admin_ops.METHOD_KINDS))
 @name_option
 @json_option
 @pass_ctx
@@ -457,7 +453,7 @@ def methods_prefer(ctx: Context, username: str, kind: str, name: str | None, as_
 
 @methods.command("remove")
 @user_option
-@click.argument("kind", type=click.Choice(sorted(admin_ops.METHOD_KINDS)))
+@click.argument("kind", type=click.Choice(admin_ops.METHOD_KINDS))
 @name_option
 @json_option
 @pass_ctx

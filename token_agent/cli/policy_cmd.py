@@ -262,13 +262,18 @@ def admin_reset_methods(ctx: Context, username: str, include_password: bool, yes
 
 @admin.command("unlock")
 @click.argument("username")
-@click.option("--method", "kind", help="Only this method kind (e.g. totp, sms, password).")
+@click.option("--method", "kind", help="Only this method kind (e.g. totp, sms, password, key, app-password).")
 @json_option
 @pass_ctx
 def admin_unlock(ctx: Context, username: str, kind: str | None, as_json: bool) -> None:
     """Clear a user's lockouts (all, or of one method kind). Recorded."""
+    from ..kinds import UnknownKind
+
     user = _admin_user(ctx, username)
-    cleared = admin_ops.unlock(ctx.store(), user, kind, _actor())
+    try:
+        cleared = admin_ops.unlock(ctx.store(), user, kind, _actor())
+    except UnknownKind as e:
+        fail(str(e), exitcodes.USAGE)
     emit(as_json, {"user": user.username, "cleared": [c.to_json() for c in cleared]},
          f"unlocked {user.username}: {len(cleared)} lockouts cleared")
 

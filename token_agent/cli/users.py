@@ -140,10 +140,10 @@ def show(ctx: Context, username: str, as_json: bool) -> None:
     except UnknownUser as e:
         fail(str(e), exitcodes.NOT_FOUND)
     creds = store.list_fido_credentials(user.id)
-    from ..factors import LABELS
+    from ..kinds import KEY, label_of_store
     from ..policy import own_mfa
 
-    others = [m for m in store.list_methods(user.id) if m.kind != "fido2"]
+    others = [m for m in store.list_methods(user.id) if m.kind != KEY.store]
 
     def text() -> str:
         lines = [f"{user.username}  {user.display_name or ''}",
@@ -152,7 +152,7 @@ def show(ctx: Context, username: str, as_json: bool) -> None:
                  f"{own_mfa(user.mfa_enabled, user.mfa_source)}"
                  f"{', DISABLED' if user.disabled else ''}"]
         for m in others:
-            lines.append(f"  {LABELS.get(m.kind, m.kind):<18} {m.name!r}"
+            lines.append(f"  {label_of_store(m.kind):<18} {m.name!r}"
                          f"{' (preferred)' if m.preferred else ''}"
                          f"{' (not confirmed)' if not m.confirmed else ''}")
         for c in creds:

@@ -29,54 +29,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from ..kinds import label_of_store
 from ..outcome import Reason
+from ..rules import CodeRules, LockoutRules  # the policy's [lockout] and [codes], the same classes
 from ..store import Method, Store
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
     from ..secretbox import SecretKeys
-
-#: method kind -> the policy's method name
-POLICY_NAMES = {
-    "password": "password", "fido2": "key", "smartcard": "card", "totp": "totp",
-    "email": "email", "sms": "sms", "voice": "voice", "messaging": "messaging",
-    "push": "push", "app_password": "app_password", "backup_codes": "backup",
-}
-#: the policy's method name -> method kind
-KINDS = {v: k for k, v in POLICY_NAMES.items()}
-#: what people call each method kind
-LABELS = {
-    "password": "password", "fido2": "security key", "smartcard": "smartcard",
-    "totp": "authenticator app", "email": "email code", "sms": "text message code",
-    "voice": "phone call code", "messaging": "messaging app code", "push": "push approval",
-    "app_password": "app password", "backup_codes": "backup codes",
-}
-
-
-@dataclass(frozen=True)
-class CodeRules:
-    """One-time codes sent by email / SMS / voice / messaging."""
-
-    length: int = 6
-    ttl_seconds: int = 600
-    resend_seconds: int = 30
-    max_sends: int = 5
-
-
-@dataclass(frozen=True)
-class LockoutRules:
-    """How many failures lock a method, and for how long (doubling each time, capped); how
-    many in a row lock it for good (of them, how many from unfamiliar devices or
-    networks); how fast the lock level decays (``lockout``)."""
-
-    max_failures: int = 10
-    base_seconds: int = 60
-    max_seconds: int = 86400
-    password_max_failures: int = 10
-    limit: int = 100
-    unfamiliar_limit: int = 50
-    decay_hours: float = 24.0
-
 
 @dataclass
 class FactorContext:
@@ -155,7 +115,7 @@ def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: st
     keys). A locked scope is refused without calling ``check``."""
     from . import lockout
 
-    label = label or LABELS.get(kind, kind)
+    label = label or label_of_store(kind)
     scope = lockout.scope_for(scope or lockout.method_scope(method.id), ctx.familiar)
     limit = max_failures or ctx.lockout.max_failures
     store = ctx.store

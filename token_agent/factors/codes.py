@@ -40,10 +40,11 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from ..kinds import CONTACTS, label_of_store
 from ..outcome import Reason
 from ..secretbox import equal
 from ..store import MAX_NAME_LEN, CredentialExists, Method, UnknownCredential
-from . import LABELS, FactorContext, FactorError, Verification, checked, lockout, refused
+from . import FactorContext, FactorError, Verification, checked, lockout, refused
 
 if TYPE_CHECKING:
     from ..delivery import Receipt
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: the method kinds of this module (each the channel its codes go through)
-CHANNELS = ("email", "sms", "voice", "messaging")
+CHANNELS = tuple(k.store for k in CONTACTS)
 #: what a code is for (``otp_challenges.purpose``)
 PURPOSES = ("login", "enrol")
 #: characters people type between digits, ignored
@@ -197,7 +198,7 @@ def send_code(ctx: FactorContext, method: Method, *, purpose: str = "login") -> 
         raise FactorError(Reason.NO_CREDENTIAL, f"{method.name!r} was removed") from None
     channel, destination = contact(ctx, method)
     hint = _mask(channel, destination)
-    label = LABELS.get(channel, channel)
+    label = label_of_store(channel)
     base = {"method": method.name, "channel": channel, "destination_hint": hint,
             "purpose": purpose}
     now = ctx.now()
@@ -333,7 +334,7 @@ def verify_code(ctx: FactorContext, method: Method, code: str, *,
                 return False, Reason.WRONG_CODE, "wrong code", detail
             if not store.use_code(row["id"], now):
                 return False, Reason.CODE_REPLAYED, "this code was already used", detail
-        return True, None, f"{LABELS.get(kind, kind)} accepted", detail
+        return True, None, f"{label_of_store(kind)} accepted", detail
 
     return checked(ctx, kind=kind, method=method, user_id=method.user_id, check=check)
 
@@ -365,7 +366,7 @@ def add_contact(ctx: FactorContext, user_id: str, channel: str, destination: str
     except ValueError as e:
         raise FactorError(Reason.METHOD_NOT_ALLOWED, str(e)) from None
     hint = _mask(channel, destination)
-    label = LABELS.get(channel, channel)
+    label = label_of_store(channel)
     same = [c for c in list_contacts(ctx, user.id)
             if c.channel == channel and c.destination == destination]
     confirmed = [c for c in same if c.method.confirmed]
@@ -423,7 +424,7 @@ def confirm_contact(ctx: FactorContext, user_id: str, channel: str, code: str, *
     _check_channel(channel)
     store = ctx.store
     method = _pending(ctx, user_id, channel, name)
-    label = LABELS.get(channel, channel)
+    label = label_of_store(channel)
     if method is None:
         store.record_event(f"enrol.{channel}", user_id=user_id, outcome="failure",
                            detail={"reason": Reason.NO_CREDENTIAL.value,
@@ -452,7 +453,7 @@ def remove_contact(ctx: FactorContext, user_id: str, channel: str,
     """Remove the user's ``channel`` contact named ``name`` (or their only one)."""
     _check_channel(channel)
     store = ctx.store
-    label = LABELS.get(channel, channel)
+    label = label_of_store(channel)
     methods = store.list_methods(user_id, channel)
     if name is not None:
         methods = [m for m in methods if m.name.casefold() == name.strip().casefold()]

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from ..store import Store
 
 if TYPE_CHECKING:
-    from . import LockoutRules
+    from ..rules import LockoutRules
 
 #: ``locked_until`` of a scope locked until an administrator unlocks it (year 3000: JSON-safe)
 PERMANENT = 32503680000.0
@@ -108,8 +108,11 @@ def cap(rules: "LockoutRules", scope: str) -> int:
 
 
 def lock_duration(level: int, base_seconds: int, max_seconds: int) -> float:
-    """Seconds of the ``level``-th lockout (1, 2, ...): doubling, capped."""
-    return float(min(max_seconds, base_seconds * 2 ** min(max(level - 1, 0), 40)))
+    """Seconds of the ``level``-th lockout (1, 2, ...): doubling, capped
+    (``LockoutRules.delay``, the one definition)."""
+    from ..rules import lock_seconds
+
+    return float(lock_seconds(max(level, 1), base_seconds, max_seconds))
 
 
 def describe_until(until: float, now: float) -> str:
@@ -222,7 +225,7 @@ def tries_left(current: LockState, max_failures: int,
 
 
 def _default_rules() -> "LockoutRules":
-    from . import LockoutRules
+    from ..rules import LockoutRules
 
     return LockoutRules()
 

@@ -73,10 +73,11 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ..atomicfile import write_private
+from ..kinds import PUSH
 from ..outcome import Reason
 from ..secretbox import equal
 from ..store import KIND_PUSH, Method, check_detail
-from . import LABELS, FactorContext, FactorError, Verification, checked, lockout
+from . import FactorContext, FactorError, Verification, checked, lockout
 
 DEFAULT_NAME = "companion app"
 COMPANION_VERSION = 1
@@ -99,7 +100,7 @@ WRONG_NUMBER = "wrong-number"
 EXPIRED = "expired"
 CANCELLED = "cancelled"
 
-LABEL = LABELS[KIND_PUSH]
+LABEL = PUSH.label
 MSG_EXPIRED = "the request expired: no answer from your companion app"
 MSG_DENIED = ("you denied the sign-in on your companion app; if it was not you trying to sign "
               "in, tell IT at once: someone may know your password")

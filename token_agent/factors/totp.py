@@ -45,6 +45,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pyotp
 
 from ..atomicfile import write_private
+from ..kinds import TOTP
 from ..outcome import Reason
 from ..secretbox import SecretError, equal
 from ..store import KIND_TOTP, Method
@@ -55,7 +56,7 @@ from . import (
 log = logging.getLogger(__name__)
 
 NAME = "authenticator app"
-LABEL = "authenticator app"
+LABEL = TOTP.label
 DIGITS = 6
 PERIOD = 30
 ALGORITHM = "SHA1"

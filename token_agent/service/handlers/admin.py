@@ -35,8 +35,13 @@ def op_policy_explain(svc: Host, conn: Connection, args: dict) -> dict:
 def op_admin_unlock(svc: Host, conn: Connection, args: dict) -> dict:
     a = check_args(args, {"user": (str, True), "kind": (str, False)})
     user = admin_op(svc, conn, "admin.unlock", a["user"])
+    from ...kinds import UnknownKind
+
     with svc.user_locks.holding(user.username):
-        cleared = admin_ops.unlock(svc.store, user, a["kind"], actor(conn))
+        try:
+            cleared = admin_ops.unlock(svc.store, user, a["kind"], actor(conn))
+        except UnknownKind as e:
+            raise RequestError("bad-request", str(e)) from None
     return {"cleared": [s.to_json() for s in cleared]}
 
 

@@ -11,6 +11,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ...ceremonies.choices import parse_second
+from ...ceremonies.login import PRIMARY_METHODS
 from ...outcome import LoginOutcome
 from ..ceremony import SocketInteraction, once
 from ..errors import CeremonyCancelled, KeyBusy, RequestError
@@ -30,8 +31,8 @@ def op_login_start(svc: Host, conn: Connection, args: dict) -> dict:
                           "second": (str, False), "device": (dict, False),
                           "service": (str, False), "step_up": (bool, False)})
     peer = conn.peer
-    if a["primary"] is not None and a["primary"] not in ("password", "key", "card"):
-        raise RequestError("bad-request", "primary must be password, key or card")
+    if a["primary"] is not None and a["primary"] not in PRIMARY_METHODS:
+        raise RequestError("bad-request", f"primary must be one of {', '.join(PRIMARY_METHODS)}")
     if a["second"] is not None:
         try:
             parse_second(a["second"])

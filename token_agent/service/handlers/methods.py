@@ -12,7 +12,7 @@ from ... import admin_ops
 from ...outcome import Reason
 from ..ceremony import SocketInteraction
 from ..errors import RequestError
-from .common import actor, agent_user, binding_op, check_args, user_op
+from .common import actor, binding_op, check_args, user_op
 from .login import open_key, pin_guard
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def _run_enrol_key(svc: Host, c: Ceremony, name: str | None) -> None:
         outcome = {"ok": True, "method": "key", "reason": None, "message": "enrolled",
                    **result.to_json()}
     except EnrolError as e:
-        reason = e.reason
+        reason = None if e.recorded else e.reason
         outcome = {"ok": False, "method": "key", "reason": e.reason, "message": e.message}
     except CredentialExists as e:
         reason = "conflict"
@@ -157,12 +157,9 @@ def _run_enrol_key(svc: Host, c: Ceremony, name: str | None) -> None:
         reason, outcome = "recorded", {"ok": False, "method": "key",
                                        "reason": failed.reason.value,
                                        "message": failed.message}
-    if not outcome["ok"] and reason not in ("verification-failed", "recorded"):
+    if not outcome["ok"] and reason not in (None, "recorded"):  # else recorded already
         try:
-            user = agent_user(svc, c.user)
-            svc.store.record_event("enrol.key", user_id=user.id if user else None,
-                                   username=None if user else c.user, outcome="failure",
-                                   detail={"reason": reason, "via": "service"})
+            admin_ops.enrol_failed(svc.store, c.user, "key", reason, "service")
         except Exception as e:
             log.error("cannot record the failed enrolment: %s", e)
     svc.finish(c, outcome, ok=outcome["ok"], user=c.user, method="key",
