@@ -61,8 +61,7 @@ def simulate(store: Store, user_id: str, scopes: list[str], rules: LockoutRules,
                 if e.until < lockout.PERMANENT:
                     next_free = e.until if next_free is None else min(next_free, e.until)
                 continue
-            lockout.failed(store, scope, now=now, max_failures=rules.max_failures,
-                           base_seconds=rules.base_seconds, max_seconds=rules.max_seconds,
+            lockout.failed(store, scope, now=now,
                            rules=rules)
             times.append(now - t0)
             next_free = now

@@ -82,8 +82,7 @@ def op_lockout(store, user_id, scope, now, rules, tries, check_seconds=0.0):
             continue
         admitted += 1
         time.sleep(check_seconds)
-        lockout.failed(store, scope, now=now, max_failures=r.max_failures,
-                       base_seconds=r.base_seconds, max_seconds=r.max_seconds, rules=r)
+        lockout.failed(store, scope, now=now, rules=r)
     return admitted, refused
 
 

@@ -158,3 +158,26 @@ def test_a_locked_method_never_blocks_the_others(world):
     out, script = w.login("alice", key_login=key)
     assert out.ok and out.method == "key", out  # before: method-locked (the password)
     assert script.prompts == []
+
+
+def test_a_lock_for_good_found_at_an_attempt_is_recorded(tmp_path):
+    """An attempt that finds the scope past its cap (the policy's limit was lowered) refuses
+    it and records the lock for good, instead of rolling it back with the refusal."""
+    import pytest
+
+    from token_agent.factors import LockoutRules
+    from token_agent.store import Store
+
+    with Store.open(tmp_path / "s.db") as store:
+        user = store.add_user("alice")
+        scope = lockout.password_scope(user.id)
+        loose = LockoutRules(max_failures=100, limit=100)
+        for _ in range(5):
+            lockout.attempt(store, scope, user.id, now=1000.0, label="password", rules=loose)
+            lockout.failed(store, scope, now=1000.0, rules=loose)
+        assert not lockout.state(store, scope).permanent
+        strict = LockoutRules(max_failures=5, limit=5)
+        with pytest.raises(lockout.Locked) as raised:
+            lockout.attempt(store, scope, user.id, now=1000.0, label="password", rules=strict)
+        assert raised.value.until == lockout.PERMANENT
+        assert lockout.state(store, scope).permanent

@@ -122,7 +122,8 @@ def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: st
     name = {"method": method.name} if method is not None else {}
     now = ctx.now()
     try:
-        lockout.attempt(store, scope, user_id, now=now, label=label, rules=ctx.lockout)
+        lockout.attempt(store, scope, user_id, now=now, label=label, rules=ctx.lockout,
+                        max_failures=limit)
     except lockout.Locked as e:
         store.record_event(f"verify.{kind}", user_id=user_id, outcome="refused",
                            detail={"reason": Reason.METHOD_LOCKED.value, **name})
@@ -141,9 +142,7 @@ def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: st
                                detail={**name, **detail})
         return Verification(True, kind, method, None, message or f"{label} accepted",
                             detail=detail)
-    current = lockout.failed(store, scope, now=now, max_failures=limit,
-                             base_seconds=ctx.lockout.base_seconds,
-                             max_seconds=ctx.lockout.max_seconds, rules=ctx.lockout)
+    current = lockout.failed(store, scope, now=now, rules=ctx.lockout)
     left = lockout.tries_left(current, limit, ctx.lockout)
     with store.transaction():
         store.record_event(f"verify.{kind}", user_id=user_id, outcome="failure",

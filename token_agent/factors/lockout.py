@@ -162,11 +162,16 @@ def _locked_message(label: str, until: float, now: float) -> str:
 
 
 def attempt(store: Store, scope: str, user_id: str, *, now: float, label: str,
-            rules: "LockoutRules | None" = None) -> LockState:
+            rules: "LockoutRules | None" = None, max_failures: int | None = None) -> LockState:
     """Count an attempt (as a failure until ``succeeded``); ``Locked`` if the scope is
     locked now, or has used up its consecutive failures (with its unfamiliar twin's).
-    ``label`` names the method in the message ("authenticator app")."""
+    ``label`` names the method in the message ("authenticator app"). The attempt that
+    brings the count to a multiple of ``max_failures`` (default: the rules') locks the
+    scope at once, for as long as its failure would: so no attempt racing with it gets
+    through before ``failed`` runs; ``succeeded`` clears the lock if it was right."""
     rules = rules or _default_rules()
+    max_failures = max_failures or rules.max_failures
+    refused: Locked | None = None
     with store.transaction():
         # The count and its threshold: the row made sure of, then read under a row lock
         # (with its twin's), then written, in one transaction (exact under concurrency).
@@ -178,19 +183,27 @@ def attempt(store: Store, scope: str, user_id: str, *, now: float, label: str,
                          until=current.locked_until)
         total = current.failures + _state(_twin(scope), rows.get(_twin(scope))).failures
         if current.failures >= cap(rules, scope) or total >= rules.limit:
-            store.lock_until(scope, user_id, PERMANENT)
-            raise Locked(_locked_message(label, PERMANENT, now), scope=scope, until=PERMANENT)
-        store.count_lockout_failure(scope, now=now,
-                                    level=decayed_level(current, now, rules.decay_hours * 3600.0))
-        return state(store, scope)
+            store.lock_until(scope, user_id, PERMANENT)  # committed: the lock is recorded
+            refused = Locked(_locked_message(label, PERMANENT, now), scope=scope,
+                             until=PERMANENT)
+        else:
+            level = decayed_level(current, now, rules.decay_hours * 3600.0)
+            store.count_lockout_failure(scope, now=now, level=level)
+            if (current.failures + 1) % max_failures == 0:
+                store.lock_until(scope, user_id,
+                                 now + lock_duration(level + 1, rules.base_seconds,
+                                                     rules.max_seconds), level=level + 1)
+    if refused is not None:
+        raise refused
+    return state(store, scope)
 
 
-def failed(store: Store, scope: str, *, now: float, max_failures: int, base_seconds: int,
-           max_seconds: int, rules: "LockoutRules | None" = None) -> LockState:
-    """After a failed check (already counted by ``attempt``): lock for a while at every
-    ``max_failures`` consecutive failures, for good at the scope's cap; when the scope and
-    its unfamiliar twin together reach ``limit``, both lock for good. Returns the state
-    (``locked_until`` set when this failure locked it)."""
+def failed(store: Store, scope: str, *, now: float,
+           rules: "LockoutRules | None" = None) -> LockState:
+    """After a failed check (already counted by ``attempt``, which also set the lock for a
+    while at every ``max_failures`` consecutive failures): lock for good at the scope's cap;
+    when the scope and its unfamiliar twin together reach ``limit``, both lock for good.
+    Returns the state (``locked_until`` set when this failure, or its attempt, locked it)."""
     rules = rules or _default_rules()
     with store.transaction():
         rows = store.lock_lockouts((scope, _twin(scope)))
@@ -204,10 +217,7 @@ def failed(store: Store, scope: str, *, now: float, max_failures: int, base_seco
             store.lock_until(_twin(scope), row["user_id"], PERMANENT)
         elif current.failures >= cap(rules, scope):
             store.lock_until(scope, row["user_id"], PERMANENT)
-        elif current.failures and current.failures % max_failures == 0:
-            level = current.level + 1
-            until = now + lock_duration(level, base_seconds, max_seconds)
-            store.lock_until(scope, row["user_id"], until, level=level)
+        # a temporary lock at a multiple of max_failures: set by attempt() already
         return state(store, scope)
 
 
