@@ -1,8 +1,8 @@
 """The schema of the organisation's settings: each setting declared once, with its name, type,
 default, validation and description.
 
-The settings live in the store (``settings`` table, JSON values; the store's ``SETTING_*``
-constants name some of them); every workstation sharing the store shares them. Every caller
+The settings live in the store (``settings`` table, JSON values; the store knows no names of
+its own); every workstation sharing the store shares them. Every caller
 goes through this schema: ``token-agent settings set|show``, ``token-agent card settings
 set|show``, ``token-agent trust ...`` (``settings.py``), the key ceremonies
 (``KeySettings.from_store``), the card ceremonies and the service (``CardSettings.from_store``)

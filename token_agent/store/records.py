@@ -1,4 +1,5 @@
-"""The store's constants and records: method kinds, user classes, setting names, limits, and
+"""The store's constants and records: method kinds (``kinds.py`` is their registry), user
+classes, limits, and
 the dataclasses the store returns (``User``, ``FidoCredential``, ``SmartcardIdentity``,
 ``Method``, ``AuditEvent``, ``LoginSession``)."""
 
@@ -9,28 +10,28 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .. import kinds as _kinds
+
 #: ``PRAGMA application_id`` of a token-agent store ("TkAg")
 APPLICATION_ID = 0x546B4167
 #: seconds a statement waits for another process's lock before ``StoreFileError``
 DEFAULT_BUSY_TIMEOUT = 5.0
 
-#: method kinds (``methods.kind``)
-KIND_FIDO2 = "fido2"
-#: method kind of a smartcard identity (the holder's UUID in the card's certificate)
-KIND_SMARTCARD = "smartcard"
-#: method kinds of the second factors and the password (``token_agent.factors``)
-KIND_PASSWORD = "password"
-KIND_TOTP = "totp"
-KIND_EMAIL = "email"
-KIND_SMS = "sms"
-KIND_VOICE = "voice"
-KIND_MESSAGING = "messaging"
-KIND_PUSH = "push"
-KIND_APP_PASSWORD = "app_password"
-KIND_BACKUP_CODES = "backup_codes"
+# Method kinds (``methods.kind``): their store names, from the one registry (``kinds.py``).
+KIND_PASSWORD = _kinds.PASSWORD.store
+KIND_FIDO2 = _kinds.KEY.store
+#: a smartcard identity (the holder's UUID in the card's certificate)
+KIND_SMARTCARD = _kinds.CARD.store
+KIND_TOTP = _kinds.TOTP.store
+KIND_EMAIL = _kinds.EMAIL.store
+KIND_SMS = _kinds.SMS.store
+KIND_VOICE = _kinds.VOICE.store
+KIND_MESSAGING = _kinds.MESSAGING.store
+KIND_PUSH = _kinds.PUSH.store
+KIND_APP_PASSWORD = _kinds.APP_PASSWORD.store
+KIND_BACKUP_CODES = _kinds.BACKUP_CODES.store
 #: every method kind the store knows
-METHOD_KINDS = (KIND_PASSWORD, KIND_FIDO2, KIND_SMARTCARD, KIND_TOTP, KIND_EMAIL, KIND_SMS,
-                KIND_VOICE, KIND_MESSAGING, KIND_PUSH, KIND_APP_PASSWORD, KIND_BACKUP_CODES)
+METHOD_KINDS = tuple(k.store for k in _kinds.ALL)
 #: user classes (``users.user_class``) of the MFA policy
 USER_CLASSES = ("internal", "external", "contributor")
 #: who set a user's own MFA flag (``users.mfa_source``): the policy's new-accounts default,
@@ -38,18 +39,6 @@ USER_CLASSES = ("internal", "external", "contributor")
 MFA_SOURCES = ("new-account", "admin", "user")
 #: a smartcard holder's UUID (NHS: 12 digits; other PKIs: letters, digits and . _ : -)
 CARD_UUID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-# Setting names (the same as token_agent/settings.py, which validates their values).
-#: setting: the WebAuthn relying party id (one per organisation), a string
-SETTING_RP_ID = "rp_id"
-#: setting: the relying party's display name, a string
-SETTING_RP_NAME = "rp_name"
-#: setting: AAGUIDs (canonical UUID strings) whose attestation is accepted, a list
-SETTING_ALLOWED_AAGUIDS = "allowed_aaguids"
-#: setting: trusted attestation root certificates, a list of PEM strings
-SETTING_ATTESTATION_ROOTS = "attestation_roots"
-#: setting: user verification policy: "required", "preferred" or "discouraged"
-SETTING_USER_VERIFICATION = "user_verification"
 
 ROLE_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 EVENT_KIND_RE = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
