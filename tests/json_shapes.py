@@ -19,7 +19,7 @@ ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 PRIMITIVES = {"str", "int", "number", "bool", "null", "time", "any"}
 TOKEN = re.compile(r"\s*(\.\.\.|[{}\[\]|,:?]|[A-Za-z_][A-Za-z0-9_\-]*)")
 #: root options that take a value (skipped to find the command's words)
-ROOT_VALUE_OPTIONS = {"--data-dir", "--policy"}
+ROOT_VALUE_OPTIONS = {"--data-dir", "--policy", "--config", "--store-url"}
 
 
 def _tokens(text: str) -> list[str]:

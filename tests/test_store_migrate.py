@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, token_agent_command
+from json_shapes import check_output
 from token_agent import exitcodes
 from token_agent.agent import Agent
 from token_agent.factors import backup, password, totp
@@ -35,6 +36,8 @@ def run(env: dict, *args, expect: int | None = 0, input: str = "") -> subprocess
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
     if expect is not None:
         assert proc.returncode == expect, (args, proc.returncode, proc.stdout, proc.stderr)
+    if "--json" in args:
+        check_output(args, proc.stdout, proc.returncode)  # the README's shapes
     return proc
 
 

@@ -74,7 +74,7 @@ def store_migrate(ctx: Context, url: str, as_json: bool) -> None:
     try:
         report = copy_store(source, target)
     except StoreNotEmpty as e:
-        fail(str(e), exitcodes.CONFLICT, reason="not-empty", data={"rows": e.counts})
+        fail(str(e), exitcodes.CONFLICT, reason="not-empty")
     except StoreError as e:
         fail(f"store migrate to {redact(url)}: {e}", exitcodes.STORE)
     finally:
