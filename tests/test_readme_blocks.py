@@ -148,13 +148,18 @@ def _start_service(box: Sandbox) -> None:
 
 
 @pytest.fixture(scope="module")
-def sandboxes(tmp_path_factory):
-    """One sandbox per README section, made when its first block runs."""
+def sandboxes(tmp_path_factory, pg_server):
+    """One sandbox per README section, made when its first block runs; its STORE_URL names
+    an empty PostgreSQL database on the session's own server (pg_server), as the README's
+    PostgreSQL block expects of its reader."""
     made: dict[str, Sandbox] = {}
 
     def get(section: str) -> Sandbox:
         if section not in made:
-            made[section] = _new_sandbox(tmp_path_factory.mktemp("readme"))
+            made[section] = box = _new_sandbox(tmp_path_factory.mktemp("readme"))
+            name = f"readme_{os.getpid()}_{len(made)}"
+            box.env["STORE_URL"] = pg_server.create_database(name)
+            box.stops.append(lambda: pg_server.drop_database(name))
         return made[section]
 
     yield get
