@@ -14,7 +14,7 @@ Importable without pytest (``benchmarks/`` use it too)::
 The cluster lives in ``base_dir/cluster`` (``data/``, ``sock/``, ``log``). It listens on a
 private Unix socket directory only (``listen_addresses=''``; the port only names the socket
 file), with ``trust`` authentication there: only its owner (and root) can enter the socket
-directory. ``fsync`` is off (a test cluster never outlives the machine's page cache), but
+directory. ``fsync`` is off unless ``start(durable=True)`` (a test cluster never outlives the machine's page cache), but
 ``synchronous_commit`` stays on: a commit is in the WAL before it returns, so ``kill()``
 loses exactly the transactions that were not committed.
 
@@ -97,6 +97,8 @@ class PgServer:
     #: the system user the server runs as (``postgres`` when we are root, else ourselves)
     run_as: str | None
     timings: dict[str, float] = field(default_factory=dict)
+    #: fsync and full-page writes on (``start(durable=True)``)
+    durable: bool = False
 
     # ------------------------------------------------------------------ paths
 
@@ -119,13 +121,16 @@ class PgServer:
     # ------------------------------------------------------------------ life cycle
 
     @classmethod
-    def start(cls, base_dir: str | os.PathLike, port: int | None = None) -> PgServer:
+    def start(cls, base_dir: str | os.PathLike, port: int | None = None, *,
+              durable: bool = False) -> PgServer:
         """initdb a new cluster in ``base_dir/cluster`` and start it (waiting until it
-        accepts connections)."""
+        accepts connections). ``durable``: fsync and full-page writes on, as a production
+        server has them (benchmarks); off by default, for tests."""
         base_dir = Path(base_dir).resolve()
         base_dir.mkdir(parents=True, exist_ok=True)
         run_as = SYSTEM_USER if os.geteuid() == 0 else None
         server = cls(base_dir, find_bindir(), port or _free_port(), run_as)
+        server.durable = durable
         server._init()
         server._start()
         return server
@@ -173,8 +178,8 @@ class PgServer:
     def _start(self) -> None:
         started = time.monotonic()
         options = (f"-k {self.socket_dir} -p {self.port} -c listen_addresses='' "
-                   f"-c fsync=off -c full_page_writes=off "
-                   f"-c max_connections=200")
+                   + ("" if self.durable else "-c fsync=off -c full_page_writes=off ")
+                   + "-c max_connections=200")
         self._run("pg_ctl start", [
             str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),
             "-o", options, "-w", "-t", "60", "start",
