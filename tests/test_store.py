@@ -63,6 +63,8 @@ from store_raw import (
     run,
 )
 
+pytestmark = [pytest.mark.store_contract]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIM_AAGUID = "5a1e7c2e-8f0b-4c6a-9d1e-70ce7a6e0001"
 IS_ROOT = os.geteuid() == 0
