@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,23 @@ def fingerprint(target: str | os.PathLike) -> Any:
             "WHERE NOT tgisinternal), (SELECT count(*) FROM pg_class c JOIN pg_namespace n "
             "ON n.oid = c.relnamespace WHERE n.nspname = current_schema())").fetchone()
         return contents, others
+
+
+@contextmanager
+def database_behind_a_password(pg_server: Any, tmp_path: Path, prefix: str) -> Iterator[tuple]:
+    """A database owned by a new role that must give its password (the suite's cluster
+    trusts every other role): yields ``(role, url, admin_url, good, wrong)``: the role's URL
+    and the superuser's, and two password files (0600) holding the right and a wrong
+    password. The database is dropped at the end."""
+    role = f"{prefix}_{os.getpid()}"
+    pg_server.add_role(role, "right horse battery")
+    dbname = f"{role}_db"
+    pg_server.create_database(dbname, owner=role)
+    try:
+        good, wrong = tmp_path / "good", tmp_path / "wrong"
+        for path, text in ((good, "right horse battery\n"), (wrong, "wrong horse battery\n")):
+            path.write_text(text)
+            path.chmod(0o600)
+        yield role, pg_server.url(dbname, user=role), pg_server.url(dbname), good, wrong
+    finally:
+        pg_server.drop_database(dbname)

@@ -5,11 +5,9 @@ run, whatever --store-engine says: the suite's own PostgreSQL (tests/pgserver.py
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from store_raw import create_foreign_table, fingerprint, query
+from store_raw import create_foreign_table, database_behind_a_password, fingerprint, query
 from token_agent.store import Store, StoreError, StoreFileError
 from token_agent.store.errors import StoreUnavailable
 
@@ -90,19 +88,11 @@ def test_the_pool_reconnects_after_a_server_restart(pg_server, store):
 
 
 def test_a_wrong_password_is_refused_and_the_database_left_untouched(pg_server, tmp_path):
-    role = f"ta_pw_{os.getpid()}"
-    pg_server.add_role(role, "right horse battery")
-    dbname = f"{role}_db"
-    pg_server.create_database(dbname, owner=role)
-    try:
-        url = pg_server.url(dbname, user=role)
-        good, wrong = tmp_path / "good", tmp_path / "wrong"
-        for path, text in ((good, "right horse battery\n"), (wrong, "wrong horse battery\n")):
-            path.write_text(text)
-            path.chmod(0o600)
+    with database_behind_a_password(pg_server, tmp_path, "ta_pw") as (
+            role, url, as_superuser, good, wrong):
         with Store.open(url, password_file=good) as s:
             s.add_user("alice")
-        before = fingerprint(pg_server.url(dbname))
+        before = fingerprint(as_superuser)
         with pytest.raises(StoreUnavailable) as raised:
             Store.open(url, password_file=wrong)
         assert raised.value.reason == "auth"
@@ -110,11 +100,9 @@ def test_a_wrong_password_is_refused_and_the_database_left_untouched(pg_server, 
         with pytest.raises(StoreUnavailable) as raised:  # no password at all
             Store.open(url)
         assert raised.value.reason == "auth"
-        assert fingerprint(pg_server.url(dbname)) == before
+        assert fingerprint(as_superuser) == before
         with Store.open(url, password_file=good) as s:
             assert [u.username for u in s.list_users()] == ["alice"]
-    finally:
-        pg_server.drop_database(dbname)
 
 
 def test_another_programs_database_is_refused_untouched(pg_url):
