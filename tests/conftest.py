@@ -62,6 +62,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "sqlite_only: tests of the SQLite file itself (permissions, WAL, corruption): not run "
         "with --store-engine postgresql",
     )
+    config.addinivalue_line(
+        "markers",
+        "store_contract: the store's contract suite, run on both engines by scripts/test.sh "
+        "(pytest --store-engine postgresql -m store_contract)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:

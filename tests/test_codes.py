@@ -28,6 +28,8 @@ from token_agent.outcome import Reason
 from token_agent.secretbox import SecretKeys
 from token_agent.store import Store
 
+pytestmark = [pytest.mark.store_contract]  # a code consumed once, counted failures: on both engines
+
 PHONE = "07700 900123"
 PHONE_E164 = "+447700900123"
 ADDRESS = "alice.smith@NHS.net"

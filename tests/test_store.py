@@ -1,4 +1,7 @@
-"""The store (token_agent/store.py) and the data directory (token_agent/paths.py).
+"""The store (token_agent/store/) and the data directory (token_agent/paths.py): the store's
+contract suite, run on both engines (``--store-engine postgresql``). Tests that reach below
+the store do it through ``store.connection`` and tests/store_raw.py, in each engine's own
+SQL; tests of the SQLite file itself are marked ``sqlite_only``.
 
 Permission tests need an unprivileged process: root ignores file modes. When the suite runs
 as root, those scenarios run in a child process that drops to ``nobody`` after importing the
@@ -48,6 +51,19 @@ from token_agent.store import (
     run_script,
     secret_looking,
 )
+from token_agent.store.url import is_url
+
+from store_raw import (
+    create_foreign_table,
+    drop_append_only,
+    fail_audit_inserts_after,
+    fingerprint,
+    query,
+    remove_fault,
+    run,
+)
+
+pytestmark = [pytest.mark.store_contract]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIM_AAGUID = "5a1e7c2e-8f0b-4c6a-9d1e-70ce7a6e0001"
@@ -61,6 +77,14 @@ NOBODY_UID = NOBODY_GID = 65534
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "token-agent.db"
+
+
+@pytest.fixture
+def target(db_path: Path, _store_on_postgresql) -> str | Path:
+    """Where the test's store is, for a child process or before any Store is open: the
+    SQLite file, or with --store-engine postgresql the test's database (its URL), which
+    ``Store.open(db_path)`` is redirected to in this process."""
+    return _store_on_postgresql or db_path
 
 
 @pytest.fixture
@@ -168,15 +192,20 @@ class TestOpen:
         with Store.open(db_path) as s:
             assert s.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
             s.add_user("alice")
-        assert not list(db_path.parent.glob("*-wal")), "the last close checkpoints the WAL away"
         with Store.open(db_path) as s:
             assert [u.username for u in s.list_users()] == ["alice"]
             assert s.schema_version == SCHEMA_VERSION
-        c = raw(db_path)
-        assert c.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
-        history = c.execute("SELECT version FROM schema_history ORDER BY version").fetchall()
+            history = query(s, "SELECT version FROM schema_history ORDER BY version")
         assert [v for (v,) in history] == list(range(1, SCHEMA_VERSION + 1))
 
+    @pytest.mark.sqlite_only  # the file's application id and its write-ahead log
+    def test_the_file_is_marked_and_its_wal_checkpointed(self, db_path):
+        with Store.open(db_path) as s:
+            s.add_user("alice")
+        assert not list(db_path.parent.glob("*-wal")), "the last close checkpoints the WAL away"
+        assert raw(db_path).execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+
+    @pytest.mark.sqlite_only  # SQLite's pragmas
     def test_pragmas(self, store):
         info = store.info()
         assert info["journal_mode"] == "wal"
@@ -185,6 +214,7 @@ class TestOpen:
         assert info["busy_timeout_ms"] == 5000
         assert raw(store.path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
+    @pytest.mark.sqlite_only  # the file's mode
     def test_file_mode_0600_whatever_the_umask(self, db_path):
         old = os.umask(0)
         try:
@@ -195,6 +225,7 @@ class TestOpen:
         finally:
             os.umask(old)
 
+    @pytest.mark.sqlite_only  # the file's mode
     def test_loose_existing_file_is_tightened_with_a_warning(self, db_path, caplog):
         Store.open(db_path).close()
         db_path.chmod(0o644)
@@ -203,22 +234,26 @@ class TestOpen:
         assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
         assert "0644" in caplog.text and str(db_path) in caplog.text
 
+    @pytest.mark.sqlite_only  # an empty file
     def test_empty_existing_file_becomes_a_store(self, db_path):
         db_path.write_bytes(b"")
         with Store.open(db_path) as s:
             assert s.schema_version == SCHEMA_VERSION
 
-    def test_schema_too_new_is_refused_untouched(self, db_path):
-        Store.open(db_path).close()
-        raw(db_path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
-        before = sha256(db_path)
+    def test_schema_too_new_is_refused_untouched(self, db_path, target):
+        with Store.open(db_path) as s:
+            location = s.location
+            with s.connection("mark the schema newer") as conn:
+                s.engine.set_schema_version(conn, SCHEMA_VERSION + 5)
+        before = fingerprint(target)
         with pytest.raises(SchemaTooNew) as err:
             Store.open(db_path)
-        assert str(db_path) in str(err.value)
+        assert location in str(err.value)
         assert "newer token-agent" in str(err.value) and "upgrade" in str(err.value)
         assert (err.value.found, err.value.known) == (SCHEMA_VERSION + 5, SCHEMA_VERSION)
-        assert sha256(db_path) == before
+        assert fingerprint(target) == before
 
+    @pytest.mark.sqlite_only  # bytes that are not a SQLite file
     def test_not_a_database(self, db_path):
         db_path.write_bytes(b"these are not the bytes of a SQLite database\n" * 100)
         db_path.chmod(0o600)
@@ -230,6 +265,7 @@ class TestOpen:
         assert sha256(db_path) == before
         assert listing(db_path.parent) == [db_path.name]
 
+    @pytest.mark.sqlite_only  # the file's pages
     def test_damaged_schema_page(self, db_path):
         with Store.open(db_path) as s:
             s.add_user("alice")
@@ -241,6 +277,7 @@ class TestOpen:
         assert err.value.reason == "corrupt" and str(db_path) in str(err.value)
         assert "backup" in str(err.value)
 
+    @pytest.mark.sqlite_only  # the file's pages
     def test_damaged_data_page_is_found_by_the_integrity_check(self, db_path):
         with Store.open(db_path) as s:
             for i in range(50):
@@ -256,22 +293,24 @@ class TestOpen:
         assert problems
         assert all(p != "ok" for p in problems)
 
-    def test_another_programs_database_is_refused_untouched(self, db_path):
-        c = raw(db_path)
-        c.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
-        c.close()
-        before = sha256(db_path)
+    def test_another_programs_database_is_refused_untouched(self, db_path, target):
+        create_foreign_table(target)
+        before = fingerprint(target)
         with pytest.raises(StoreFileError) as err:
             Store.open(db_path)
-        assert "another program" in str(err.value)
-        assert sha256(db_path) == before
-        assert raw(db_path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert err.value.reason == "foreign"
+        assert "not a token-agent store" in str(err.value)
+        assert fingerprint(target) == before
+        if not is_url(str(target)):  # not even switched to WAL
+            assert raw(db_path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
+    @pytest.mark.sqlite_only  # the file's directory
     def test_missing_directory(self, tmp_path):
         with pytest.raises(StoreFileError, match="does not exist"):
             Store.open(tmp_path / "nowhere" / "token-agent.db")
         assert not (tmp_path / "nowhere").exists()
 
+    @pytest.mark.sqlite_only  # the file's path
     def test_path_is_a_directory(self, tmp_path):
         (tmp_path / "token-agent.db").mkdir()
         with pytest.raises(StoreFileError, match="not a regular file"):
@@ -299,12 +338,14 @@ def _add_nickname(conn):
 
 
 def _half_then_fail(conn):
-    conn.execute("CREATE TABLE half_done (x)")
+    conn.execute("CREATE TABLE half_done (x INTEGER)")
     raise RuntimeError("disk says no")
 
 
 class TestMigrations:
-    V2 = MIGRATIONS + (Migration(SCHEMA_VERSION + 1, "users.nickname", _add_nickname),)
+    # function steps: the same on both engines
+    V2 = MIGRATIONS + (Migration(SCHEMA_VERSION + 1, "users.nickname", _add_nickname,
+                                 postgresql=_add_nickname),)
 
     def test_upgrade_applies_the_next_migration_once(self, db_path):
         with Store.open(db_path) as s:
@@ -314,10 +355,8 @@ class TestMigrations:
             assert s.get_user("alice").username == "alice"
         with Store.open(db_path, migrations=self.V2) as s:
             assert s.schema_version == SCHEMA_VERSION + 1
-        c = raw(db_path)
-        names = [r[1] for r in c.execute("PRAGMA table_info(users)")]
-        assert "nickname" in names
-        assert c.execute("SELECT count(*) FROM schema_history").fetchone()[0] == SCHEMA_VERSION + 1
+            assert query(s, "SELECT username, nickname FROM users") == [("alice", None)]
+            assert query(s, "SELECT count(*) FROM schema_history") == [(SCHEMA_VERSION + 1,)]
         # the older code now refuses the newer store
         with pytest.raises(SchemaTooNew):
             Store.open(db_path)
@@ -325,15 +364,17 @@ class TestMigrations:
     def test_failed_migration_is_rolled_back(self, db_path):
         with Store.open(db_path) as s:
             s.add_user("alice")
-        broken = MIGRATIONS + (Migration(SCHEMA_VERSION + 1, "half", _half_then_fail),)
+        broken = MIGRATIONS + (Migration(SCHEMA_VERSION + 1, "half", _half_then_fail,
+                                         postgresql=_half_then_fail),)
         with pytest.raises(StoreError, match=rf"migration {SCHEMA_VERSION + 1} \(half\) failed and was rolled back"):
             Store.open(db_path, migrations=broken)
-        c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert c.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
         with Store.open(db_path) as s:
+            assert s.schema_version == SCHEMA_VERSION
             assert s.get_user("alice")
+            with pytest.raises(StoreError, match="half_done"):  # no such table
+                query(s, "SELECT count(*) FROM half_done")
 
+    @pytest.mark.sqlite_only  # SQLite's table rebuild with its foreign_keys pragma off
     def test_table_rebuild_with_foreign_keys_off(self, db_path):
         def rebuild_users(conn):  # SQLite's 12-step table change: add a CHECK to users
             run_script(conn, """
@@ -364,6 +405,7 @@ class TestMigrations:
             assert s.info()["foreign_keys"] is True
             assert s.check_integrity() == []
 
+    @pytest.mark.sqlite_only  # SQLite's foreign_key_check after a rebuild with foreign keys off
     def test_rebuild_that_breaks_references_is_rolled_back(self, db_path):
         def lose_users(conn):
             conn.execute("DELETE FROM users")
@@ -592,27 +634,66 @@ class TestTransactions:
         assert store.list_users() == []
 
     def test_commit_at_the_end(self, store, db_path):
-        with store.transaction():
-            store.add_user("alice")
-            # not visible to another connection before the commit
-            assert raw(db_path).execute("SELECT count(*) FROM users").fetchone()[0] == 0
-        assert raw(db_path).execute("SELECT count(*) FROM users").fetchone()[0] == 1
+        with Store.open(db_path) as other:  # another connection to the same database
+            with store.transaction():
+                store.add_user("alice")
+                # not visible to another connection before the commit
+                assert other.list_users() == []
+            assert [u.username for u in other.list_users()] == ["alice"]
 
     def test_nested_block_joins_and_can_fail_alone(self, store, db_path):
-        with store.transaction():
-            store.add_user("alice")
-            with pytest.raises(Boom):
-                with store.transaction():
-                    store.add_user("bob")
-                    raise Boom
-            with pytest.raises(UserExists):
-                store.add_user("ALICE")
+        with Store.open(db_path) as other:
             with store.transaction():
-                store.add_user("carol")
-            assert raw(db_path).execute("SELECT count(*) FROM users").fetchone()[0] == 0
-        assert [u.username for u in store.list_users()] == ["alice", "carol"]
+                store.add_user("alice")
+                with pytest.raises(Boom):
+                    with store.transaction():
+                        store.add_user("bob")
+                        raise Boom
+                with pytest.raises(UserExists):
+                    store.add_user("ALICE")
+                with store.transaction():
+                    store.add_user("carol")
+                assert other.list_users() == []
+            assert [u.username for u in store.list_users()] == ["alice", "carol"]
+
+    def test_failed_statement_in_a_nested_block_leaves_the_outer_one_usable(self, store):
+        """PostgreSQL refuses every statement after an error in a transaction until a
+        rollback: a nested block (a savepoint) catching the error must leave the outer
+        transaction usable, as SQLite does."""
+        store.add_user("alice")
+        with store.transaction():
+            store.add_user("bob")
+            for _ in range(2):  # twice: the savepoint is released after its rollback
+                with pytest.raises(UserExists):
+                    with store.transaction():
+                        store.add_user("carol")
+                        store.add_user("ALICE")  # the database refuses the statement
+            store.add_user("dave")
+            store.record_event("test.nested", outcome="success")
+        assert [u.username for u in store.list_users()] == ["alice", "bob", "dave"]
+        assert store.verify_events() == 1
 
     def test_write_failure_midway_gives_a_clear_error_and_nothing(self, store):
+        store.add_user("alice")
+        store.record_event("test.before", outcome="success")
+        fail_audit_inserts_after(store, 50, "the device says no")
+        with pytest.raises(StoreError) as err:
+            with store.transaction():
+                store.add_user("bob")
+                for i in range(100):
+                    store.record_event("test.filler", outcome="success", detail={"i": i})
+        assert "the device says no" in str(err.value) and store.location in str(err.value)
+        assert "record an audit event" in str(err.value)
+        remove_fault(store)
+        assert [e.kind for e in store.list_events()] == ["test.before"]
+        assert [u.username for u in store.list_users()] == ["alice"]
+        store.add_user("bob")  # the store is usable again
+        assert store.record_event("test.after", outcome="success") == 2
+        assert store.verify_events() == 2
+        assert store.check_integrity() == []
+
+    @pytest.mark.sqlite_only  # the file's size limit: SQLite's "disk full"
+    def test_disk_full_midway_gives_a_clear_error_and_nothing(self, store):
         store.add_user("alice")
         # The file system fills up in the middle of a ceremony.
         pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
@@ -634,7 +715,8 @@ CRASH_CHILD = textwrap.dedent("""
     from token_agent.store import Store
     s = Store.open(sys.argv[1])
     s.add_user("committed")
-    s._conn.execute("PRAGMA cache_size = 5")  # spill uncommitted pages into the WAL
+    if s.engine.name == "sqlite":
+        s._conn.execute("PRAGMA cache_size = 5")  # spill uncommitted pages into the WAL
     with s.transaction():
         u = s.add_user("halfway")
         c = s.add_fido_credential(u.id, name="Key", credential_id=b"c" * 32, public_key=b"k" * 77,
@@ -649,14 +731,15 @@ CRASH_CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigkill_mid_transaction_leaves_no_half_enrolment(db_path):
-    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(db_path)], cwd=REPO_ROOT,
+def test_sigkill_mid_transaction_leaves_no_half_enrolment(db_path, target):
+    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(target)], cwd=REPO_ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
         assert line == "IN-TRANSACTION\n", child.stderr.read()
-        wal = Path(f"{db_path}-wal")
-        assert wal.stat().st_size > 100_000, "uncommitted pages should have reached the WAL"
+        if not is_url(str(target)):
+            wal = Path(f"{db_path}-wal")
+            assert wal.stat().st_size > 100_000, "uncommitted pages should have reached the WAL"
         child.send_signal(signal.SIGKILL)
         assert child.wait(10) == -signal.SIGKILL
     finally:
@@ -668,7 +751,8 @@ def test_sigkill_mid_transaction_leaves_no_half_enrolment(db_path):
         assert s.list_fido_credentials() == [] and s.list_events() == []
         assert s.check_integrity() == []
         s.add_user("after")  # still writable
-    assert raw(db_path).execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    if not is_url(str(target)):
+        assert raw(db_path).execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
 # --------------------------------------------------------------------------- permissions
@@ -742,6 +826,7 @@ def _assert_unwritable_error(result: dict, path: Path) -> None:
     assert "--data-dir" in result["message"]
 
 
+@pytest.mark.sqlite_only  # the file's and its directory's permissions
 def test_read_only_store_file(unprivileged_dir):
     path = _make_store_for_child(unprivileged_dir)
     path.chmod(0o400)
@@ -754,6 +839,7 @@ def test_read_only_store_file(unprivileged_dir):
         assert [u.username for u in s.list_users()] == ["alice"]
 
 
+@pytest.mark.sqlite_only  # the file's and its directory's permissions
 def test_read_only_directory(unprivileged_dir):
     path = _make_store_for_child(unprivileged_dir)
     unprivileged_dir.chmod(0o500)
@@ -762,6 +848,7 @@ def test_read_only_directory(unprivileged_dir):
     assert sha256(path) == before and listing(unprivileged_dir) == files
 
 
+@pytest.mark.sqlite_only  # the file's and its directory's permissions
 def test_new_store_in_read_only_directory(unprivileged_dir):
     unprivileged_dir.chmod(0o500)
     path = unprivileged_dir / "token-agent.db"
@@ -769,6 +856,7 @@ def test_new_store_in_read_only_directory(unprivileged_dir):
     assert listing(unprivileged_dir) == []
 
 
+@pytest.mark.sqlite_only  # the file's and its directory's permissions
 def test_unprivileged_child_can_use_a_writable_store(unprivileged_dir):
     """The control case of the three above: the same child succeeds when it may write."""
     path = _make_store_for_child(unprivileged_dir)
@@ -841,33 +929,31 @@ class TestAudit:
     def test_append_only(self, store):
         store.record_event("login.key", outcome="success")
         for sql in ("UPDATE audit_events SET outcome = 'failure'", "DELETE FROM audit_events"):
-            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-                store._conn.execute(sql)
+            with pytest.raises(StoreError, match="append-only"):
+                run(store, sql)
         assert store.list_events()[0].outcome == "success"
+        assert store.verify_events() == 1
 
-    def test_hash_chain_detects_edits_and_removals(self, store, db_path):
+    def test_hash_chain_detects_edits_and_removals(self, store):
         for i in range(5):
             store.record_event("login.key", outcome="success", detail={"i": i})
         assert store.verify_events() == 5
-        c = raw(db_path)
-        c.execute("DROP TRIGGER audit_events_no_update")
-        c.execute("DROP TRIGGER audit_events_no_delete")
-        c.execute("UPDATE audit_events SET outcome = 'failure' WHERE id = 3")
+        drop_append_only(store)
+        run(store, "UPDATE audit_events SET outcome = 'failure' WHERE id = 3")
         with pytest.raises(AuditChainBroken, match="event 3 was altered") as err:
             store.verify_events()
         assert err.value.event_id == 3
-        c.execute("UPDATE audit_events SET outcome = 'success' WHERE id = 3")
+        run(store, "UPDATE audit_events SET outcome = 'success' WHERE id = 3")
         assert store.verify_events() == 5
-        c.execute("DELETE FROM audit_events WHERE id = 2")
+        run(store, "DELETE FROM audit_events WHERE id = 2")
         with pytest.raises(AuditChainBroken, match="event 2 is missing"):
             store.verify_events()
 
-    def test_hash_chain_detects_a_truncated_tail(self, store, db_path):
+    def test_hash_chain_detects_a_truncated_tail(self, store):
         for i in range(3):
             store.record_event("login.key", outcome="success")
-        c = raw(db_path)
-        c.execute("DROP TRIGGER audit_events_no_delete")
-        c.execute("DELETE FROM audit_events WHERE id = 3")
+        drop_append_only(store)
+        run(store, "DELETE FROM audit_events WHERE id = 3")
         with pytest.raises(AuditChainBroken, match="3 to 3 are missing"):
             store.verify_events()
 
@@ -911,6 +997,10 @@ class TestThreads:
         try:
             for _ in range(times):
                 with store.transaction():
+                    # a read-then-write: the row lock the store's rules ask for (nothing on
+                    # SQLite, whose BEGIN IMMEDIATE already holds the only write lock)
+                    run(store, "SELECT value FROM settings WHERE key = 'counter'"
+                        + store.engine.for_update)
                     n = store.get_setting("counter", 0)
                     time.sleep(0)  # invite a thread switch between the read and the write
                     store.set_setting("counter", n + 1)
@@ -918,6 +1008,7 @@ class TestThreads:
             errors.append(exc)
 
     def test_two_threads_one_store(self, store):
+        store.set_setting("counter", 0)
         errors: list = []
         threads = [threading.Thread(target=self._increment, args=(store, 50, errors)) for _ in range(2)]
         for t in threads:
@@ -929,6 +1020,7 @@ class TestThreads:
 
     def test_two_threads_two_stores_on_one_file(self, db_path):
         stores = [Store.open(db_path), Store.open(db_path)]
+        stores[0].set_setting("counter", 0)
         errors: list = []
         threads = [threading.Thread(target=self._increment, args=(s, 50, errors)) for s in stores]
         for t in threads:
@@ -1024,12 +1116,10 @@ class TestMethods:
         assert [m.kind for m in store.remove_all_methods(u.id, keep_password=False)] == ["password"]
 
     def test_migration_from_schema_2_keeps_users_with_mfa_off(self, db_path):
-        with Store.open(db_path, migrations=MIGRATIONS[:2]):
-            pass
-        with raw(db_path) as conn:  # a user as the schema-2 code wrote them
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
-            conn.execute("INSERT INTO users (id, username, display_name, user_handle, created_at) "
-                         "VALUES ('u-1', 'alice', 'Alice', x'01', 0)")
+        with Store.open(db_path, migrations=MIGRATIONS[:2]) as s:
+            assert s.schema_version == 2
+            run(s, "INSERT INTO users (id, username, display_name, user_handle, created_at) "
+                   "VALUES ('u-1', 'alice', 'Alice', ?, 0)", (b"\x01",))  # as schema 2 wrote them
         with Store.open(db_path) as s:
             u = s.get_user("alice")
             assert u.id == "u-1" and s.schema_version == SCHEMA_VERSION

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from token_agent.store import MIGRATIONS, AuditChainBroken, Store
+from store_raw import drop_append_only, is_pg, query, run
+from token_agent.store import MIGRATIONS, AuditChainBroken, Store, StoreError
 from token_agent.store.audit import _event_hash
+
+pytestmark = [pytest.mark.store_contract]
 
 
 def raw(path: Path) -> sqlite3.Connection:
@@ -23,41 +26,38 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "token-agent.db"
 
 
-def _append_as_version_5(path: Path, count: int) -> bytes:
-    """Events as a version-5 store wrote them (AUTOINCREMENT ids, each chained to the one
-    before); returns the last hash."""
-    c = raw(path)
+def _append_as_version_5(store: Store, count: int) -> bytes:
+    """Events as a version-5 store wrote them (ids 1, 2, ..., each chained to the one
+    before), through the store's connection; returns the last hash."""
     prev = bytes(32)
     for i in range(1, count + 1):
         detail = '{"i":%d}' % i
         digest = _event_hash(prev, i, 1000.0 + i, "login.key", "success", None, None, None, detail)
-        c.execute("INSERT INTO audit_events (at, kind, outcome, detail, prev_hash, hash) "
-                  "VALUES (?, 'login.key', 'success', ?, ?, ?)", (1000.0 + i, detail, prev, digest))
+        run(store, "INSERT INTO audit_events (id, at, kind, outcome, detail, prev_hash, hash) "
+                   "VALUES (?, ?, 'login.key', 'success', ?, ?, ?)",
+            (i, 1000.0 + i, detail, prev, digest))
         prev = digest
-    c.close()
     return prev
 
 
 def test_a_version_5_store_with_events_migrates_and_verifies(db_path):
     with Store.open(db_path, migrations=MIGRATIONS[:5]) as s:
         assert s.schema_version == 5
-    last = _append_as_version_5(db_path, 4)
+        last = _append_as_version_5(s, 4)
     with Store.open(db_path) as s:
         assert s.schema_version == 6
-        head = s._conn.execute("SELECT last_id, hash FROM audit_head").fetchall()
-        assert [(r[0], bytes(r[1])) for r in head] == [(4, last)]
+        assert query(s, "SELECT last_id, hash FROM audit_head") == [(4, last)]
         assert s.verify_events() == 4
         # appends continue the same chain, under the head
         assert s.record_event("login.key", outcome="failure") == 5
         assert s.verify_events() == 5
-        assert s._conn.execute("SELECT last_id FROM audit_head").fetchone()[0] == 5
+        assert query(s, "SELECT last_id FROM audit_head") == [(5,)]
 
 
 def test_an_empty_version_5_store_gets_a_genesis_head(db_path):
     Store.open(db_path, migrations=MIGRATIONS[:5]).close()
     with Store.open(db_path) as s:
-        assert [tuple(r) for r in s._conn.execute("SELECT id, last_id, hash FROM audit_head")] == [
-            (1, 0, bytes(32))]
+        assert query(s, "SELECT id, last_id, hash FROM audit_head") == [(1, 0, bytes(32))]
         assert s.verify_events() == 0
         assert s.record_event("login.key", outcome="success") == 1
         assert s.verify_events() == 1
@@ -68,11 +68,11 @@ def test_a_removed_tail_is_found_even_with_sqlites_counter_fixed(db_path):
         for _ in range(3):
             s.record_event("login.key", outcome="success")
         assert s.verify_events() == 3
-    c = raw(db_path)  # the attacker with the file: drop the trigger, cut the tail, fix the counter
-    c.execute("DROP TRIGGER audit_events_no_delete")
-    c.execute("DELETE FROM audit_events WHERE id = 3")
-    c.execute("UPDATE sqlite_sequence SET seq = 2 WHERE name = 'audit_events'")
-    c.close()
+        # the attacker with the database: drop the trigger, cut the tail, fix SQLite's counter
+        drop_append_only(s)
+        run(s, "DELETE FROM audit_events WHERE id = 3")
+        if not is_pg(s):
+            run(s, "UPDATE sqlite_sequence SET seq = 2 WHERE name = 'audit_events'")
     with Store.open(db_path) as s:
         with pytest.raises(AuditChainBroken, match="audit events 3 to 3 are missing") as err:
             s.verify_events()
@@ -83,9 +83,7 @@ def test_a_head_that_does_not_match_the_last_event_is_found(db_path):
     with Store.open(db_path) as s:
         for _ in range(2):
             s.record_event("login.key", outcome="success")
-    c = raw(db_path)
-    c.execute("UPDATE audit_head SET hash = ?", (bytes(32),))
-    c.close()
+        run(s, "UPDATE audit_head SET hash = ?", (bytes(32),))
     with Store.open(db_path) as s:
         with pytest.raises(AuditChainBroken, match="head does not match event 2"):
             s.verify_events()
@@ -94,12 +92,11 @@ def test_a_head_that_does_not_match_the_last_event_is_found(db_path):
 def test_deleting_the_head_is_refused(db_path):
     with Store.open(db_path) as s:
         s.record_event("login.key", outcome="success")
-        with pytest.raises(sqlite3.IntegrityError, match="head cannot be deleted"):
-            s._conn.execute("DELETE FROM audit_head")
-    c = raw(db_path)
-    with pytest.raises(sqlite3.IntegrityError, match="head cannot be deleted"):
-        c.execute("DELETE FROM audit_head")
-    assert c.execute("SELECT count(*) FROM audit_head").fetchone()[0] == 1
-    c.close()
+        with pytest.raises(StoreError, match="head cannot be"):
+            run(s, "DELETE FROM audit_head")
+        if not is_pg(s):  # and with the file's own connection
+            with pytest.raises(sqlite3.IntegrityError, match="head cannot be deleted"):
+                raw(db_path).execute("DELETE FROM audit_head")
+        assert query(s, "SELECT count(*) FROM audit_head") == [(1,)]
     with Store.open(db_path) as s:
         assert s.verify_events() == 1

@@ -26,7 +26,8 @@ from token_agent.store import Store
 from token_agent.store.copy import COPY_ORDER, NOT_COPIED, row_counts
 from token_agent.store.url import STORE_URL_ENV
 
-pytestmark = pytest.mark.sqlite_only  # the source is a SQLite file by design
+pytestmark = [pytest.mark.sqlite_only,  # the source is a SQLite file by design
+              pytest.mark.store_contract]
 
 PASSWORD = "correct horse battery staple"
 

@@ -6,7 +6,6 @@ server restarted, killed mid-transaction, busy, unreachable)."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
+from store_raw import database_behind_a_password
 from token_agent.store import InvalidValue, SchemaTooNew, StoreError, StoreFileError
 from token_agent.store.engine import Migration, split_script
 from token_agent.store.pgconn import translate
@@ -292,20 +292,9 @@ def test_a_password_in_the_url_is_refused(url):
 
 
 def test_password_file_and_a_wrong_password(pg_server, engines, tmp_path):
-    role = f"pw_{os.getpid()}"
-    pg_server.add_role(role, "right horse battery")
-    dbname = f"{role}_db"
-    pg_server.create_database(dbname, owner=role)
-    try:
-        url = pg_server.url(dbname, user=role)
-        good = tmp_path / "good"
-        good.write_text("right horse battery\n")
-        good.chmod(0o600)
+    with database_behind_a_password(pg_server, tmp_path, "pw") as (role, url, _, good, wrong):
         assert migrate(engines(url, password_file=good)) == 6  # the role owns the database
 
-        wrong = tmp_path / "wrong"
-        wrong.write_text("wrong horse battery\n")
-        wrong.chmod(0o600)
         engine = engines(url, password_file=wrong, connect_timeout=2)
         started = time.monotonic()
         with pytest.raises(StoreUnavailable) as raised:
@@ -324,8 +313,6 @@ def test_password_file_and_a_wrong_password(pg_server, engines, tmp_path):
         good.chmod(0o644)
         with pytest.raises(InvalidValue, match="chmod 600"):
             PostgresEngine(url, password_file=good)
-    finally:
-        pg_server.drop_database(dbname)
 
 
 # --------------------------------------------------------------------------- faults
