@@ -79,7 +79,9 @@ def _store_on_postgresql(request):
     """--store-engine postgresql: the test's store is a fresh PostgreSQL database."""
     if request.config.getoption("store_engine") != "postgresql" \
             or request.node.get_closest_marker("sqlite_only"):
-        yield None
+        with pytest.MonkeyPatch.context() as mp:  # never a store URL of the caller's shell
+            mp.delenv("TOKEN_AGENT_STORE_URL", raising=False)
+            yield None
         return
     from token_agent.store import Store
     from token_agent.store.url import STORE_URL_ENV, is_url
@@ -88,6 +90,7 @@ def _store_on_postgresql(request):
     first = request.getfixturevalue("pg_url")
     urls: dict[str, str] = {}
     created: list[str] = []
+    opened: list = []  # closed at teardown: no pool left reconnecting to a dropped database
     opener = Store.open.__func__
 
     def open_on_postgresql(cls, target, **options):
@@ -102,7 +105,9 @@ def _store_on_postgresql(request):
                     urls[key] = server.create_database(name)
             target = urls[key]
             options.pop("busy_timeout", None)
-        return opener(cls, target, **options)
+        store = opener(cls, target, **options)
+        opened.append(store)
+        return store
 
     mp = pytest.MonkeyPatch()
     mp.setenv(STORE_URL_ENV, first)
@@ -111,8 +116,22 @@ def _store_on_postgresql(request):
         yield first
     finally:
         mp.undo()
+        for store in opened:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001  (a test that broke its store on purpose)
+                pass
         for name in created:
             server.drop_database(name)
+
+
+def environ_for_agent(*drop: str) -> dict:
+    """``os.environ`` without the caller's ``TOKEN_AGENT_*`` (nor names starting with
+    ``drop``), for a subprocess that must not see the developer's settings; keeps
+    TOKEN_AGENT_STORE_URL, which only ``--store-engine postgresql`` sets (the test's database)."""
+    keep = "TOKEN_AGENT_STORE_URL"
+    return {k: v for k, v in os.environ.items()
+            if k == keep or not k.startswith(("TOKEN_AGENT_", *drop))}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

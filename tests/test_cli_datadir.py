@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from test_cli_reauth import as_user
 from test_service import services, socket_dir  # noqa: F401  (fixtures)
 from token_agent import exitcodes
@@ -31,10 +31,9 @@ SERVICE_UID = 61010  # the service's user: no passwd entry (sudo -u '#61010')
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict:
-    """No TOKEN_AGENT_* or XDG_* of the caller's; HOME in the test's directory; an empty
-    config.toml and policy unless the test names others."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TOKEN_AGENT_", "XDG_")) and k != "STATE_DIRECTORY"}
+    """No TOKEN_AGENT_* (but the test's store URL) or XDG_* of the caller's; HOME in the
+    test's directory; an empty config.toml and policy unless the test names others."""
+    env = {k: v for k, v in environ_for_agent("XDG_").items() if k != "STATE_DIRECTORY"}
     (tmp_path / "empty.toml").write_text("")
     env.update(HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1",
                TOKEN_AGENT_CONFIG=str(tmp_path / "empty.toml"),

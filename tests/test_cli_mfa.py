@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from json_shapes import check_output
 from token_agent import exitcodes
 
@@ -83,7 +83,7 @@ class Cli:
         self.data = tmp_path / "data"
         self.policy = tmp_path / "policy.toml"
         self.policy.write_text("")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+        self.env = environ_for_agent()
         self.env.update(TOKEN_AGENT_DATA_DIR=str(self.data), TOKEN_AGENT_POLICY=str(self.policy),
                         PYTHONUNBUFFERED="1")
         self.runs: list[tuple[list[str], subprocess.CompletedProcess]] = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from test_cli_mfa import cli  # noqa: F401  (fixture)
 
 NOBODY = 65534
@@ -212,7 +212,7 @@ def test_the_rightful_files_still_work(tmp_path):
 
 
 def serve(config: Path, *, timeout: float = 30) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     return subprocess.run(token_agent_command() + ["serve", "--config", str(config)],
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                           timeout=timeout, stdin=subprocess.DEVNULL)
