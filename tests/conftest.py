@@ -88,6 +88,8 @@ def _store_on_postgresql(request):
 
     server = request.getfixturevalue("pg_server")
     first = request.getfixturevalue("pg_url")
+    for directory in (server.cluster_dir, server.socket_dir):  # for the tests' subprocesses
+        directory.chmod(0o711)  # that run as other users (nobody, the service's user, PAM)
     urls: dict[str, str] = {}
     created: list[str] = []
     opened: list = []  # closed at teardown: no pool left reconnecting to a dropped database

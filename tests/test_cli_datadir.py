@@ -73,6 +73,7 @@ READ_ONLY = [
 ]
 
 
+@pytest.mark.sqlite_only  # the data directory's SQLite file (not created; its path said)
 def test_a_command_that_only_reads_creates_no_store(tmp_path):
     env = clean_env(tmp_path)
     missing = tmp_path / "mistyped" / "dir"
@@ -102,6 +103,7 @@ def test_a_command_that_only_reads_creates_no_store(tmp_path):
     assert (existing / "token-agent.db").is_file()
 
 
+@pytest.mark.sqlite_only  # the path of the SQLite file it looked for
 def test_the_message_says_why_it_looked_there(tmp_path):
     env = clean_env(tmp_path, TOKEN_AGENT_DATA_DIR=str(tmp_path / "from-env"))
     proc = run(env, "users", "list", expect=exitcodes.NOT_FOUND)
@@ -118,6 +120,7 @@ def test_the_message_says_why_it_looked_there(tmp_path):
 # --------------------------------------------------------------------------- 2. one lookup
 
 
+@pytest.mark.sqlite_only  # each data directory is a SQLite file of its own
 def test_the_cli_uses_config_toml_store_data_dir(tmp_path):
     configured = tmp_path / "from-config"
     config = tmp_path / "config.toml"
@@ -150,6 +153,7 @@ def test_the_cli_uses_config_toml_store_data_dir(tmp_path):
     assert not (tmp_path / "not-yet").exists()
 
 
+@pytest.mark.sqlite_only  # two data directories are two SQLite files
 def test_the_service_and_the_cli_find_the_same_store(services, tmp_path):  # noqa: F811
     services.policy.write_text("[classes.internal]\nenforce = false\n")
     svc = services()
@@ -252,6 +256,7 @@ def owners(path: Path) -> set[int]:
     return {p.lstat().st_uid for p in [path, *path.iterdir()]}
 
 
+@pytest.mark.sqlite_only  # the owner of the data directory's SQLite file
 @pytest.mark.parametrize("first", ["root", "service"])
 def test_root_does_not_take_the_service_store(service_dir, first):
     top = service_dir.parent

@@ -386,7 +386,7 @@ def _tampered(cli: Cli, name: str, *sql: str) -> dict:
     return {"TOKEN_AGENT_DATA_DIR": str(copy)}
 
 
-def test_audit_verify_tail_and_tampering(cli):
+def test_audit_verify_and_tail(cli):
     cli("users", "add", "alice")
     cli("enrol", "password", "--user", "alice", "--password-stdin", input=PASSWORD + "\n")
     cli("verify", "password", "--user", "alice", "--code-stdin", input=PASSWORD + "\n")
@@ -402,6 +402,15 @@ def test_audit_verify_tail_and_tampering(cli):
     assert [e["kind"] for e in tail] == ["verify.password", "verify.password", "user.added"]
     assert len(cli("audit", "tail", "-n", "3").stdout.strip().splitlines()) == 3
 
+
+@pytest.mark.sqlite_only  # edits copies of the SQLite file (the contract suite tampers on both)
+def test_audit_verify_finds_tampering(cli):
+    cli("users", "add", "alice")
+    cli("enrol", "password", "--user", "alice", "--password-stdin", input=PASSWORD + "\n")
+    cli("verify", "password", "--user", "alice", "--code-stdin", input=PASSWORD + "\n")
+    cli("verify", "password", "--user", "alice", "--code-stdin", input="wrong password\n",
+        expect=exitcodes.AUTH_FAILED)
+    cli("users", "add", "bob")
     edited = _tampered(cli, "edited", "DROP TRIGGER audit_events_no_update",
                        "UPDATE audit_events SET detail = '{\"changed\": true}' WHERE id = 3")
     out = cli("audit", "verify", env=edited, expect=exitcodes.ERROR)
