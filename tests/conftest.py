@@ -96,6 +96,7 @@ def _store_on_postgresql(request):
     opener = Store.open.__func__
 
     def open_on_postgresql(cls, target, **options):
+        key = None
         if not is_url(str(target)):  # a SQLite path: this test's database instead
             key = os.path.abspath(os.fspath(target))
             if key not in urls:
@@ -108,6 +109,8 @@ def _store_on_postgresql(request):
             target = urls[key]
             options.pop("busy_timeout", None)
         store = opener(cls, target, **options)
+        if key is not None:  # its local files where the SQLite file would be (datadir.open_store)
+            store.local_dir = Path(key).parent
         opened.append(store)
         return store
 
