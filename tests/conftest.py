@@ -139,6 +139,22 @@ def environ_for_agent(*drop: str) -> dict:
             if k == keep or not k.startswith(("TOKEN_AGENT_", *drop))}
 
 
+def store_contents(store) -> bytes:
+    """Everything the store holds: its SQLite file and -wal, or every row of every table of
+    its PostgreSQL database (``--store-engine postgresql``; the tests' URLs have no password)."""
+    if store.path is None:
+        import psycopg
+
+        with psycopg.connect(store.location) as conn:
+            tables = [r[0] for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
+            assert "audit_events" in tables
+            return b"".join(repr(row).encode() for t in tables
+                            for row in conn.execute(f'SELECT * FROM "{t}"'))
+    wal = store.path.with_name(store.path.name + "-wal")
+    return store.path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on right now (bind to port 0, read it, close)."""
     return free_ports(1, host)[0]

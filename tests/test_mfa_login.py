@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from conftest import store_contents
 from token_agent import exitcodes
 from token_agent.agent import Agent
 from token_agent.ceremonies.login import (NOT_AUTHENTICATED, Device, explain_for, facts_for,
@@ -755,22 +756,6 @@ def test_after_an_admin_reset_the_next_login_must_enrol(world):
 
 
 # --------------------------------------------------------------------------- no secrets
-
-
-def store_contents(store) -> bytes:
-    """Everything the store holds: its SQLite file and -wal, or every row of every table of
-    its PostgreSQL database (``--store-engine postgresql``; the tests' URLs have no password)."""
-    if store.path is None:
-        import psycopg
-
-        with psycopg.connect(store.location) as conn:
-            tables = [r[0] for r in conn.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
-            assert "audit_events" in tables
-            return b"".join(repr(row).encode() for t in tables
-                            for row in conn.execute(f'SELECT * FROM "{t}"'))
-    wal = store.path.with_name(store.path.name + "-wal")
-    return store.path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
 
 
 def test_no_secret_in_logs_or_audit_over_a_whole_session(world, caplog):
