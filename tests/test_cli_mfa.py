@@ -386,13 +386,17 @@ def _tampered(cli: Cli, name: str, *sql: str) -> dict:
     return {"TOKEN_AGENT_DATA_DIR": str(copy)}
 
 
-def test_audit_verify_and_tail(cli):
+def _five_events(cli) -> None:
     cli("users", "add", "alice")
     cli("enrol", "password", "--user", "alice", "--password-stdin", input=PASSWORD + "\n")
     cli("verify", "password", "--user", "alice", "--code-stdin", input=PASSWORD + "\n")
     cli("verify", "password", "--user", "alice", "--code-stdin", input="wrong password\n",
         expect=exitcodes.AUTH_FAILED)
     cli("users", "add", "bob")
+
+
+def test_audit_verify_and_tail(cli):
+    _five_events(cli)
     intact = cli.json("audit", "verify")
     assert intact == {"intact": True, "events": 5, "ok": True, "version": 1}
     assert "audit log intact: 5 events" in cli("audit", "verify").stdout
@@ -405,12 +409,7 @@ def test_audit_verify_and_tail(cli):
 
 @pytest.mark.sqlite_only  # edits copies of the SQLite file (the contract suite tampers on both)
 def test_audit_verify_finds_tampering(cli):
-    cli("users", "add", "alice")
-    cli("enrol", "password", "--user", "alice", "--password-stdin", input=PASSWORD + "\n")
-    cli("verify", "password", "--user", "alice", "--code-stdin", input=PASSWORD + "\n")
-    cli("verify", "password", "--user", "alice", "--code-stdin", input="wrong password\n",
-        expect=exitcodes.AUTH_FAILED)
-    cli("users", "add", "bob")
+    _five_events(cli)
     edited = _tampered(cli, "edited", "DROP TRIGGER audit_events_no_update",
                        "UPDATE audit_events SET detail = '{\"changed\": true}' WHERE id = 3")
     out = cli("audit", "verify", env=edited, expect=exitcodes.ERROR)
