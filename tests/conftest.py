@@ -84,18 +84,24 @@ def _store_on_postgresql(request):
     """--store-engine postgresql: the test's store is a fresh PostgreSQL database."""
     if request.config.getoption("store_engine") != "postgresql" \
             or request.node.get_closest_marker("sqlite_only"):
-        yield None
+        with pytest.MonkeyPatch.context() as mp:  # never a store URL of the caller's shell
+            mp.delenv("TOKEN_AGENT_STORE_URL", raising=False)
+            yield None
         return
     from token_agent.store import Store
     from token_agent.store.url import STORE_URL_ENV, is_url
 
     server = request.getfixturevalue("pg_server")
     first = request.getfixturevalue("pg_url")
+    for directory in (server.cluster_dir, server.socket_dir):  # for the tests' subprocesses
+        directory.chmod(0o711)  # that run as other users (nobody, the service's user, PAM)
     urls: dict[str, str] = {}
     created: list[str] = []
+    opened: list = []  # closed at teardown: no pool left reconnecting to a dropped database
     opener = Store.open.__func__
 
     def open_on_postgresql(cls, target, **options):
+        key = None
         if not is_url(str(target)):  # a SQLite path: this test's database instead
             key = os.path.abspath(os.fspath(target))
             if key not in urls:
@@ -107,7 +113,11 @@ def _store_on_postgresql(request):
                     urls[key] = server.create_database(name)
             target = urls[key]
             options.pop("busy_timeout", None)
-        return opener(cls, target, **options)
+        store = opener(cls, target, **options)
+        if key is not None:  # its local files where the SQLite file would be (datadir.open_store)
+            store.local_dir = Path(key).parent
+        opened.append(store)
+        return store
 
     mp = pytest.MonkeyPatch()
     mp.setenv(STORE_URL_ENV, first)
@@ -116,8 +126,38 @@ def _store_on_postgresql(request):
         yield first
     finally:
         mp.undo()
+        for store in opened:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001  (a test that broke its store on purpose)
+                pass
         for name in created:
             server.drop_database(name)
+
+
+def environ_for_agent(*drop: str) -> dict:
+    """``os.environ`` without the caller's ``TOKEN_AGENT_*`` (nor names starting with
+    ``drop``), for a subprocess that must not see the developer's settings; keeps
+    TOKEN_AGENT_STORE_URL, which only ``--store-engine postgresql`` sets (the test's database)."""
+    keep = "TOKEN_AGENT_STORE_URL"
+    return {k: v for k, v in os.environ.items()
+            if k == keep or not k.startswith(("TOKEN_AGENT_", *drop))}
+
+
+def store_contents(store) -> bytes:
+    """Everything the store holds: its SQLite file and -wal, or every row of every table of
+    its PostgreSQL database (``--store-engine postgresql``; the tests' URLs have no password)."""
+    if store.path is None:
+        import psycopg
+
+        with psycopg.connect(store.location) as conn:
+            tables = [r[0] for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
+            assert "audit_events" in tables
+            return b"".join(repr(row).encode() for t in tables
+                            for row in conn.execute(f'SELECT * FROM "{t}"'))
+    wal = store.path.with_name(store.path.name + "-wal")
+    return store.path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, environ_for_agent
 from test_cli_mfa import cli  # noqa: F401  (fixture)
 from test_service import (IS_ROOT, NOBODY, services, socket_dir, wait_for,  # noqa: F401
                           world)
@@ -38,7 +38,14 @@ FLOOD_SECONDS = 2.0
 
 
 def store_bytes(data: Path) -> int:
-    """The store file and its write-ahead log."""
+    """The store file and its write-ahead log; with ``--store-engine postgresql``, the
+    test's database (``pg_database_size``)."""
+    url = os.environ.get("TOKEN_AGENT_STORE_URL")
+    if url:
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
     return sum(p.stat().st_size for p in (data / "token-agent.db", data / "token-agent.db-wal")
                if p.exists())
 
@@ -63,8 +70,7 @@ def loop_as_nobody(socket_path: Path, seconds: float, body: str) -> dict:
     """).replace("BODY", textwrap.indent(textwrap.dedent(body).strip("\n"), " " * 8))
     proc = subprocess.run([sys.executable, "-c", script, str(socket_path), str(seconds)],
                           cwd="/", capture_output=True, text=True, timeout=60 + seconds,
-                          env={k: v for k, v in os.environ.items()
-                               if not k.startswith("TOKEN_AGENT_")}
+                          env=environ_for_agent()
                           | {"PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -305,6 +311,7 @@ def test_the_size_alarm_warns_at_most_once_an_interval(tmp_path, caplog):
     assert not StoreSizeAlarm(db, 0, clock=lambda: 0.0).check()   # 0: never
 
 
+@pytest.mark.sqlite_only  # the alarm watches the SQLite file (PostgreSQL's server has the disk)
 def test_the_service_warns_when_the_store_is_past_its_size(services, world):
     for i in range(80):  # about 1.3 MB of audit events
         world.store.record_event("test.fill", outcome="success", detail={"pad": f"{i}" * 15000})

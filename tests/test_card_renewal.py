@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from simulators.card.card import VirtualCard
 from simulators.card.issuance import issue_card
 from simulators.card.pki import init_ca, issuing_cert_path, root_cert_path
@@ -63,7 +63,7 @@ def insert(vpcd_insert, pcscd):
 
 @pytest.fixture
 def cli(tmp_path, cards):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     env["TOKEN_AGENT_DATA_DIR"] = str(tmp_path / "data")
     env["TOKEN_AGENT_POLICY"] = str(tmp_path / "policy.toml")
     (tmp_path / "policy.toml").write_text("")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from test_cli_reauth import as_user
 from test_service import services, socket_dir  # noqa: F401  (fixtures)
 from token_agent import exitcodes
@@ -31,10 +31,9 @@ SERVICE_UID = 61010  # the service's user: no passwd entry (sudo -u '#61010')
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict:
-    """No TOKEN_AGENT_* or XDG_* of the caller's; HOME in the test's directory; an empty
-    config.toml and policy unless the test names others."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TOKEN_AGENT_", "XDG_")) and k != "STATE_DIRECTORY"}
+    """No TOKEN_AGENT_* (but the test's store URL) or XDG_* of the caller's; HOME in the
+    test's directory; an empty config.toml and policy unless the test names others."""
+    env = {k: v for k, v in environ_for_agent("XDG_").items() if k != "STATE_DIRECTORY"}
     (tmp_path / "empty.toml").write_text("")
     env.update(HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1",
                TOKEN_AGENT_CONFIG=str(tmp_path / "empty.toml"),
@@ -74,6 +73,7 @@ READ_ONLY = [
 ]
 
 
+@pytest.mark.sqlite_only  # the data directory's SQLite file (not created; its path said)
 def test_a_command_that_only_reads_creates_no_store(tmp_path):
     env = clean_env(tmp_path)
     missing = tmp_path / "mistyped" / "dir"
@@ -103,6 +103,7 @@ def test_a_command_that_only_reads_creates_no_store(tmp_path):
     assert (existing / "token-agent.db").is_file()
 
 
+@pytest.mark.sqlite_only  # the path of the SQLite file it looked for
 def test_the_message_says_why_it_looked_there(tmp_path):
     env = clean_env(tmp_path, TOKEN_AGENT_DATA_DIR=str(tmp_path / "from-env"))
     proc = run(env, "users", "list", expect=exitcodes.NOT_FOUND)
@@ -119,6 +120,7 @@ def test_the_message_says_why_it_looked_there(tmp_path):
 # --------------------------------------------------------------------------- 2. one lookup
 
 
+@pytest.mark.sqlite_only  # each data directory is a SQLite file of its own
 def test_the_cli_uses_config_toml_store_data_dir(tmp_path):
     configured = tmp_path / "from-config"
     config = tmp_path / "config.toml"
@@ -151,6 +153,7 @@ def test_the_cli_uses_config_toml_store_data_dir(tmp_path):
     assert not (tmp_path / "not-yet").exists()
 
 
+@pytest.mark.sqlite_only  # two data directories are two SQLite files
 def test_the_service_and_the_cli_find_the_same_store(services, tmp_path):  # noqa: F811
     services.policy.write_text("[classes.internal]\nenforce = false\n")
     svc = services()
@@ -253,6 +256,7 @@ def owners(path: Path) -> set[int]:
     return {p.lstat().st_uid for p in [path, *path.iterdir()]}
 
 
+@pytest.mark.sqlite_only  # the owner of the data directory's SQLite file
 @pytest.mark.parametrize("first", ["root", "service"])
 def test_root_does_not_take_the_service_store(service_dir, first):
     top = service_dir.parent

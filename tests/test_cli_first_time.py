@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from pty_helpers import CTRL_C, PtySession
 from test_service import KEY_PIN, services, socket_dir, world  # noqa: F401
 from token_agent import exitcodes
@@ -57,7 +57,7 @@ class Terminal(PtySession):
 def env(tmp_path, sim_key_server) -> dict:
     """A developer's shell: the store in tmp_path, the virtual key (no PIN yet) named by
     TOKEN_AGENT_SIM_KEYS."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")},
+    return {**environ_for_agent(),
             "TOKEN_AGENT_SIM_KEYS": sim_key_server.address,
             "TOKEN_AGENT_DATA_DIR": str(tmp_path / "data"), "TERM": "dumb"}
 
@@ -382,7 +382,7 @@ UDEV = ("a security key is present but this account may not open it: install the
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a mount namespace and mknod")
 def test_a_key_this_account_may_not_open(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     both = [FIDO_DESCRIPTOR, KEYBOARD_DESCRIPTOR]
     info = as_nobody_with_hidraw(tmp_path, both, "keys", "info", env=env)
     assert info.returncode == exitcodes.NO_DEVICE, info
@@ -438,7 +438,7 @@ def test_key_path_that_is_not_there(env, sim_key_server):
 
 def test_card_status_with_a_reader_that_is_not_there(pcscd, tmp_path):
     """`card status --reader X` naming no reader: said so, with the readers there are."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")},
+    env = {**environ_for_agent(),
            "TOKEN_AGENT_DATA_DIR": str(tmp_path / "data")}
     run(env, "users", "add", "alice")  # a store: card status reads its trust settings
     missing = run(env, "card", "status", "--reader", "Reader That Is Not There 9",

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from json_shapes import ISO_TIME, check_output, parse_readme
 from token_agent import exitcodes
 
@@ -33,7 +33,7 @@ class Cli:
         self.policy = tmp_path / "policy.toml"
         self.policy.write_text('[codes]\nresend_seconds = 0\n[delivery.sms]\ngateway = "outbox"\n'
                                f'[delivery.outbox]\ndir = "{self.outbox}"\n')
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+        self.env = environ_for_agent()
         self.env.update(TOKEN_AGENT_DATA_DIR=str(tmp_path / "data"),
                         TOKEN_AGENT_POLICY=str(self.policy), TOKEN_AGENT_SIM_KEYS="",
                         TOKEN_AGENT_SOCKET=str(tmp_path / "no-service.sock"))
@@ -82,7 +82,7 @@ def test_every_json_command_has_its_shape_in_the_readme():
 def test_errors_are_one_json_object_too(cli, tmp_path):
     no_store = cli.json("users", "show", "nobody", expect=exitcodes.NOT_FOUND)
     assert no_store["error"]["reason"] == "no-store", no_store
-    assert "no token-agent store at" in no_store["error"]["message"]
+    assert "no token-agent store " in no_store["error"]["message"]  # at PATH, or in the database
 
     cli.run("users", "add", "alice")
     missing = cli.json("users", "show", "nobody", expect=exitcodes.NOT_FOUND)

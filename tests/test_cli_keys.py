@@ -180,6 +180,7 @@ def test_no_key_and_two_keys_without_a_touch(tmp_path):
     assert "touch the one to use" in result.stderr
 
 
+@pytest.mark.sqlite_only  # a stray file where the SQLite store should be
 def test_store_unwritable_is_exit_7(tmp_path, sim):
     data = tmp_path / "data"
     data.mkdir()

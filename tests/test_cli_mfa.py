@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from json_shapes import check_output
 from token_agent import exitcodes
 
@@ -83,7 +83,7 @@ class Cli:
         self.data = tmp_path / "data"
         self.policy = tmp_path / "policy.toml"
         self.policy.write_text("")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+        self.env = environ_for_agent()
         self.env.update(TOKEN_AGENT_DATA_DIR=str(self.data), TOKEN_AGENT_POLICY=str(self.policy),
                         PYTHONUNBUFFERED="1")
         self.runs: list[tuple[list[str], subprocess.CompletedProcess]] = []
@@ -386,13 +386,17 @@ def _tampered(cli: Cli, name: str, *sql: str) -> dict:
     return {"TOKEN_AGENT_DATA_DIR": str(copy)}
 
 
-def test_audit_verify_tail_and_tampering(cli):
+def _five_events(cli) -> None:
     cli("users", "add", "alice")
     cli("enrol", "password", "--user", "alice", "--password-stdin", input=PASSWORD + "\n")
     cli("verify", "password", "--user", "alice", "--code-stdin", input=PASSWORD + "\n")
     cli("verify", "password", "--user", "alice", "--code-stdin", input="wrong password\n",
         expect=exitcodes.AUTH_FAILED)
     cli("users", "add", "bob")
+
+
+def test_audit_verify_and_tail(cli):
+    _five_events(cli)
     intact = cli.json("audit", "verify")
     assert intact == {"intact": True, "events": 5, "ok": True, "version": 1}
     assert "audit log intact: 5 events" in cli("audit", "verify").stdout
@@ -402,6 +406,10 @@ def test_audit_verify_tail_and_tampering(cli):
     assert [e["kind"] for e in tail] == ["verify.password", "verify.password", "user.added"]
     assert len(cli("audit", "tail", "-n", "3").stdout.strip().splitlines()) == 3
 
+
+@pytest.mark.sqlite_only  # edits copies of the SQLite file (the contract suite tampers on both)
+def test_audit_verify_finds_tampering(cli):
+    _five_events(cli)
     edited = _tampered(cli, "edited", "DROP TRIGGER audit_events_no_update",
                        "UPDATE audit_events SET detail = '{\"changed\": true}' WHERE id = 3")
     out = cli("audit", "verify", env=edited, expect=exitcodes.ERROR)

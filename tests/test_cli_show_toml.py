@@ -11,7 +11,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from token_agent.ceremonies.card import CARD_SETTINGS
 
 POLICY = """\
@@ -39,7 +39,7 @@ length = 8
 
 
 def run(tmp_path: Path, *args, data: str = "data") -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     env.update(TOKEN_AGENT_DATA_DIR=str(tmp_path / data))
     proc = subprocess.run(token_agent_command() + [str(a) for a in args], capture_output=True,
                           text=True, env=env, cwd=REPO_ROOT, timeout=60)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from token_agent import exitcodes
 from token_agent.config import (
     DEFAULT_CONFIG,
@@ -222,7 +222,7 @@ def test_where_the_file_is_looked_for(tmp_path, monkeypatch):
 
 
 def _check(*args, env=None):
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    environ = environ_for_agent()
     environ.update(env or {})
     return subprocess.run(token_agent_command() + ["config", "check", *map(str, args)],
                           capture_output=True, text=True, cwd=REPO_ROOT, env=environ,

@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from test_cli_keys import PIN, sim  # noqa: F401  (fixture)
 from token_agent import exitcodes
 
@@ -24,7 +24,7 @@ def _run(env, *args, input="", expect=0):
 
 def test_a_refused_key_enrolment_is_recorded_by_the_cli_as_by_the_service(tmp_path, sim):  # noqa: F811
     _, address = sim
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     env.update(TOKEN_AGENT_SIM_KEYS=address, TOKEN_AGENT_DATA_DIR=str(tmp_path / "data"),
                TOKEN_AGENT_POLICY=str(tmp_path / "policy.toml"))
     (tmp_path / "policy.toml").write_text("")

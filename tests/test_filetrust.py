@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from test_cli_mfa import cli  # noqa: F401  (fixture)
 
 NOBODY = 65534
@@ -50,6 +50,7 @@ def planted_dir(tmp_path: Path, *, owner: int = 0, dir_mode: int = 0o700) -> Pat
 # --------------------------------------------------------------------------- the data directory
 
 
+@pytest.mark.sqlite_only  # Store.open of a SQLite file in a planted directory
 @pytest.mark.parametrize("owner, dir_mode, fix", [
     (0, 0o777, "chmod 700"),          # root's directory, but anyone may write in it
     (NOBODY, 0o700, "sudo -u nobody"),  # a user's directory: run as them, never take it
@@ -72,6 +73,7 @@ def test_a_data_directory_others_control_is_refused(tmp_path, owner, dir_mode, f
         Agent.open(data, environ={})
 
 
+@pytest.mark.sqlite_only  # `users list` opens the SQLite file there (not the key file)
 def test_the_cli_refuses_a_planted_data_directory(cli, tmp_path):  # noqa: F811
     cli("users", "add", "alice")
     os.chmod(cli.data, 0o777)
@@ -91,6 +93,7 @@ def test_the_cli_refuses_a_planted_data_directory(cli, tmp_path):  # noqa: F811
 # --------------------------------------------------------------------------- symbolic links
 
 
+@pytest.mark.sqlite_only  # a symlinked SQLite file
 def test_a_symlinked_store_is_refused_and_its_target_untouched(tmp_path):
     from token_agent.store import Store, StoreFileError
 
@@ -130,6 +133,7 @@ def test_a_symlinked_store_is_refused_and_its_target_untouched(tmp_path):
     assert mode(target) == 0o644
 
 
+@pytest.mark.sqlite_only  # Store.open of a SQLite file in a symlinked directory
 def test_a_symlinked_data_directory_or_key_file_is_refused(tmp_path):
     from token_agent.secretbox import SecretError, SecretKeys
     from token_agent.store import Store, StoreFileError
@@ -169,6 +173,7 @@ def test_a_symlinked_data_directory_or_key_file_is_refused(tmp_path):
 # --------------------------------------------------------------------------- owners and modes
 
 
+@pytest.mark.sqlite_only  # the SQLite file's owner and mode
 def test_a_store_of_another_user_or_writable_by_others_is_refused(tmp_path):
     from token_agent.store import Store, StoreFileError
 
@@ -212,7 +217,7 @@ def test_the_rightful_files_still_work(tmp_path):
 
 
 def serve(config: Path, *, timeout: float = 30) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     return subprocess.run(token_agent_command() + ["serve", "--config", str(config)],
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                           timeout=timeout, stdin=subprocess.DEVNULL)

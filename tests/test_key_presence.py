@@ -22,7 +22,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, environ_for_agent
 from key_helpers import PIN, Keyring, serve_key
 from test_service import KEY_PIN, NOBODY, WRONG_PIN, services, socket_dir, world  # noqa: F401
 from token_agent.ceremonies.key import KeySettings, enrol_key, login_with_key
@@ -189,7 +189,7 @@ def as_uid(uid: int, socket_path, *ceremonies) -> list[dict]:
     proc = subprocess.run(
         [sys.executable, "-c", CHILD.format(uid=uid), str(socket_path), json.dumps(ceremonies)],
         cwd="/", capture_output=True, text=True, timeout=120,
-        env={k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+        env=environ_for_agent()
         | {"PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -275,7 +275,7 @@ def cli(served, uid: int, *args: str, stdin: str = "") -> subprocess.CompletedPr
     """``token-agent ARGS`` as ``uid`` (a background process running as the user can run
     the CLI too), against the served key only."""
     _, server = served
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     env |= {"TOKEN_AGENT_SIM_KEYS": f"127.0.0.1:{server.port}", "PYTHONPATH": str(REPO_ROOT),
             "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/tmp"}
     return subprocess.run(

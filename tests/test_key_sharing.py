@@ -24,7 +24,7 @@ import pytest
 from fido2.ctap2 import Ctap2
 from fido2.hid import CtapHidDevice
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from drivers.fido.sim import SocketHidConnection, sim_descriptor
 from key_helpers import serve_key
 from simulators.key.device import create_virtual_key
@@ -54,7 +54,7 @@ FIDO2_CLIENT = textwrap.dedent("""
 
 
 def _env(server) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     return env | {"TOKEN_AGENT_SIM_KEYS": f"127.0.0.1:{server.port}",
                   "PYTHONPATH": str(REPO_ROOT)}
 

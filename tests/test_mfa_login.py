@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from conftest import store_contents
 from token_agent import exitcodes
 from token_agent.agent import Agent
 from token_agent.ceremonies.login import (NOT_AUTHENTICATED, Device, explain_for, facts_for,
@@ -792,7 +793,6 @@ def test_no_secret_in_logs_or_audit_over_a_whole_session(world, caplog):
     assert {"login", "verify.password", "verify.totp", "verify.backup_codes",
             "verify.app_password", "enrol.totp", "login.unusual"} <= kinds
     # and the store itself holds no secret in clear
-    wal = w.store.path.with_name(w.store.path.name + "-wal")
-    raw = w.store.path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    raw = store_contents(w.store)
     for s in (PASSWORD, secret, app_pw, codes[0], codes[0].replace("-", "")):
         assert s.encode() not in raw

@@ -6,8 +6,6 @@ edited by hand) is refused where it is read, naming the setting, instead of bein
 
 from __future__ import annotations
 
-import json
-import sqlite3
 
 import pytest
 
@@ -62,15 +60,11 @@ def test_a_stored_value_the_schema_refuses_is_not_used(tmp_path, key, value):
     (a real process) refuses it, naming the setting (exit 2), and so do the ceremonies."""
     cli = Cli(tmp_path)
     cli("settings", "set", "rp_name", "Trust")  # creates the store
-    db = sqlite3.connect(cli.db)
-    db.execute("INSERT OR REPLACE INTO settings (key, value, updated_at) VALUES (?, json(?), 0)",
-               (key, json.dumps(value)))
-    db.commit()
-    db.close()
-    shown = cli("settings", "show", expect=exitcodes.USAGE)
-    assert f"setting {key} in the store is not valid" in shown.stderr
-    s = Store.open(cli.db)
+    s = Store.open(cli.db)  # the store itself takes any JSON value (the schema is above it)
     try:
+        s.set_setting(key, value)
+        shown = cli("settings", "show", expect=exitcodes.USAGE)
+        assert f"setting {key} in the store is not valid" in shown.stderr
         with pytest.raises(ValueError, match=f"setting {key} "):
             KeySettings.from_store(s)
     finally:

@@ -541,8 +541,8 @@ def test_companion_in_another_process_approves(tmp_path):
         request = push.start(ctx, user.id, context=CONTEXT)
         env = {k: v for k, v in os.environ.items() if k != KEY_FILE_ENV}
         proc = subprocess.Popen(
-            [sys.executable, "-c", COMPANION_SCRIPT, str(store_path), str(data),
-             str(companion_path), str(request.number)],
+            [sys.executable, "-c", COMPANION_SCRIPT, str(store.path or store.location),
+             str(data), str(companion_path), str(request.number)],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             result = push.wait(ctx, request.id, timeout=15, poll=0.05)

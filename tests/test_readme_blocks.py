@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, start_sim_key, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, start_sim_key, token_agent_command
 from readme_blocks import README, Answers, Block, Typist, blocks
 
 #: what each need means: why such a block is not run by this test
@@ -206,7 +206,7 @@ def test_example_file_is_valid_on_its_own(block: Block, tmp_path):
     `token-agent policy check` / `config check` as it stands, without the rest of a file."""
     path = tmp_path / f"{block.name}.toml"
     path.write_text(block.text)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     run = subprocess.run(token_agent_command() + [block.check, "check", str(path)],
                          env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, (f"README.md line {block.line}, {block.name}:\n"
@@ -258,7 +258,7 @@ def test_masked_destinations_in_the_readme_are_what_the_cli_prints(tmp_path):
     outbox = tmp_path / "outbox"
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[delivery.sms]\ngateway = "outbox"\n[delivery.outbox]\ndir = "{outbox}"\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+    env = environ_for_agent()
     env.update(TOKEN_AGENT_DATA_DIR=str(tmp_path / "data"), TOKEN_AGENT_POLICY=str(policy),
                HOME=str(tmp_path))
     cli = token_agent_command()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
+from conftest import REPO_ROOT, environ_for_agent, token_agent_command
 from json_shapes import check_output
 from token_agent.service.authz import Peer, Rules
 from token_agent.service.client import Client, ServiceError, answers, wait_until_serving
@@ -141,7 +141,7 @@ class Services:
             level = "info"
             format = "{log_format}"
         """) + textwrap.dedent(extra))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_AGENT_")}
+        env = environ_for_agent()
         env["PYTHONUNBUFFERED"] = "1"
         svc = ServiceProcess(config, sock, self.data, self.tmp / f"{name}.log", env)
         self.started.append(svc)
@@ -267,8 +267,7 @@ def run_script(script: str, *args: str):
     the last line it prints, as JSON."""
     proc = subprocess.run([sys.executable, "-c", script, *args],
                           cwd="/", capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items()
-                               if not k.startswith("TOKEN_AGENT_")}
+                          env=environ_for_agent()
                           | {"PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])

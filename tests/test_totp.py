@@ -9,7 +9,6 @@ import datetime as dt
 import logging
 import os
 import shutil
-import sqlite3
 import stat
 import subprocess
 import threading
@@ -19,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+from conftest import store_contents
 from token_agent.factors import FactorContext, FactorError, lockout, totp
 from token_agent.outcome import Reason
 from token_agent.secretbox import SecretError, SecretKeys
@@ -445,32 +445,27 @@ def test_secret_not_in_the_database_file(tmp_path, ctx, user, clock, store):
     clock.advance(30)
     assert totp.verify(ctx, user.id, totp.code_at(e.secret, clock.t)).ok
     raw = base64.b32decode(e.secret)
-    blobs = b"".join(p.read_bytes() for p in (tmp_path / "s.db", tmp_path / "s.db-wal")
-                     if p.exists())
+    blobs = store_contents(store)  # the file and its -wal, or every row on PostgreSQL
     assert blobs
     for needle in (e.secret.encode(), e.secret.lower().encode(), raw,
                    e.secret.encode("utf-16-le")):
         assert needle not in blobs
-    with sqlite3.connect(tmp_path / "s.db") as conn:
-        (enc,) = conn.execute("SELECT secret_enc FROM totp_credentials").fetchone()
+    with store.connection("read the secret as stored") as conn:
+        enc = bytes(conn.execute("SELECT secret_enc FROM totp_credentials").fetchone()[0])
     assert raw not in enc and e.secret.encode() not in enc
 
 
-def test_ciphertext_moved_to_another_row_does_not_decrypt(tmp_path, ctx, user, keys, clock):
+def test_ciphertext_moved_to_another_row_does_not_decrypt(ctx, user, keys, clock, store):
     a = enrolled(ctx, user)
     b = enrolled(ctx, user, name="tablet")
-    conn = sqlite3.connect(tmp_path / "s.db")
-    try:
-        (enc,) = conn.execute("SELECT secret_enc FROM totp_credentials WHERE method_id = ?",
-                              (a.method.id,)).fetchone()
+    with store.transaction(), store.connection("move a ciphertext") as conn:
+        enc = bytes(conn.execute("SELECT secret_enc FROM totp_credentials WHERE method_id = ?",
+                                 (a.method.id,)).fetchone()[0])
         with pytest.raises(SecretError):
             keys.decrypt(enc, aad=f"totp:{b.method.id}".encode())
         assert keys.decrypt(enc, aad=f"totp:{a.method.id}".encode()) == a.secret.encode()
-        with conn:
-            conn.execute("UPDATE totp_credentials SET secret_enc = ? WHERE method_id = ?",
-                         (enc, b.method.id))
-    finally:
-        conn.close()
+        conn.execute("UPDATE totp_credentials SET secret_enc = ? WHERE method_id = ?",
+                     (enc, b.method.id))
     clock.advance(30)
     r = totp.verify(ctx, user.id, totp.code_at(a.secret, clock.t), name="tablet")
     assert not r.ok and r.reason is Reason.VERIFICATION_FAILED

@@ -41,17 +41,17 @@ class Agent:
         """Open the store (or use ``store``), the data directory's key file, and the policy
         (``policy``, else ``policy_path``, else the default policy file, else the built-in
         defaults). The data directory and the store are ``where`` (a ``datadir.DataDir``:
-        the SQLite file in it, or its PostgreSQL URL), else ``data_dir``, else the
-        directory of ``store``'s file, else found as the command line and the service find
-        them (``datadir.locate``); the directory is created when missing. Raises
+        the SQLite file in it, or its PostgreSQL URL), else ``data_dir``, else
+        ``store.local_dir`` (its file's directory), else found as the command line and the
+        service find them (``datadir.locate``); the directory is created when missing. Raises
         ``StoreError``, ``SecretError``, ``PolicyError``, ``ConfigError``."""
         from .datadir import locate, open_store
         from .paths import data_dir as resolve_dir
 
         env = os.environ if environ is None else environ
-        if where is None and (data_dir is not None or store is None):
-            where = locate(data_dir, env)
-        directory = resolve_dir(where.path, env) if where is not None else Path(store.path).parent
+        if where is None and (data_dir is not None or store is None or store.local_dir is None):
+            where = locate(data_dir, env)  # a PostgreSQL store: this machine's directory
+        directory = resolve_dir(where.path, env) if where is not None else store.local_dir
         pol = policy if policy is not None else resolve_policy(policy_path, env)
         keys = SecretKeys.load_or_create(directory, dict(env))
         if store is None:

@@ -51,8 +51,8 @@ data_dir = "/var/lib/token-agent"       # the command line reads it too; --data-
                                         # TOKEN_AGENT_DATA_DIR win over it [STATE_DIRECTORY
                                         # (systemd), $XDG_DATA_HOME/token-agent, ~/.local/share/...]
 size_warning_mb = 1024                  # the service logs a warning (at most hourly) when the
-                                        # store (with its -wal) grows past this; 0 = never
-                                        # (0 to 1048576)
+                                        # store file (with its -wal) grows past this; 0 = never
+                                        # (0 to 1048576; not for a PostgreSQL store)
 url = "postgresql://token_agent@db.example.nhs.uk/token_agent"  # the store on a PostgreSQL
                                         # server instead of the SQLite file in data_dir, which
                                         # keeps the key file; never with a password in it

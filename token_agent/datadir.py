@@ -98,14 +98,16 @@ def open_store(where: DataDir, *, create: bool, **options):
     directory = data_dir(where.path, {}, create=create)
     if where.store_url is not None:
         try:
-            return Store.open(where.store_url, create=create, password_file=where.password_file,
-                              **options)
+            store = Store.open(where.store_url, create=create, password_file=where.password_file,
+                               **options)
         except StoreMissing as e:
             raise StoreMissing(
                 f"{e} (named by {where.store_url_source}); nothing was created. A command "
                 "that writes creates the schema (e.g. `token-agent users add NAME`), or "
                 "`token-agent store migrate --to URL` copies a SQLite store there",
                 path=e.path) from None
+        store.local_dir = directory  # the CRL cache stays on this machine
+        return store
     try:
         return Store.open(store_path(directory), create=create, **options)
     except StoreMissing as e:

@@ -117,10 +117,8 @@ class CardSettings:
     @classmethod
     def from_store(cls, store: Store) -> "CardSettings":
         values = orgsettings.in_force(store.list_settings(), orgsettings.CARD)
-        cache = None
-        path = getattr(store, "path", None)
-        if path is not None:
-            cache = str(Path(path).parent / "crl-cache")
+        local = getattr(store, "local_dir", None)  # the data directory (not on PostgreSQL)
+        cache = str(Path(local) / "crl-cache") if local is not None else None
         return cls(
             trust_anchors=tuple(values["card_trust_anchors"]),
             intermediates=tuple(values["card_intermediates"]),
@@ -139,7 +137,7 @@ class CardSettings:
 
     def to_settings(self) -> dict[str, Any]:
         """The settings by the names `card settings set` takes (``card_trust_anchors``...),
-        lists as lists; ``crl_cache_dir`` is not one of them (it follows the store)."""
+        lists as lists; ``crl_cache_dir`` is not one of them (it is the data directory's)."""
         data = self.to_json()
         data.pop("crl_cache_dir")
         return {f"card_{k}": list(v) if isinstance(v, tuple) else v for k, v in data.items()}

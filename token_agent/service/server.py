@@ -138,10 +138,11 @@ class Service:
             raise ServiceStartError(str(e)) from None
         except Exception as e:
             raise ServiceStartError(str(e)) from e
-        alarm = StoreSizeAlarm(self.store.path, self.config.store.size_warning_mb)
-        self.store.after_event = alarm.check
         self.store.event_gate = self.unknown_logins.gate  # counted: refusals.py
-        alarm.check()
+        if self.store.path is not None:  # a file (PostgreSQL's disk is its server's to watch)
+            alarm = StoreSizeAlarm(self.store.path, self.config.store.size_warning_mb)
+            self.store.after_event = alarm.check
+            alarm.check()
         try:
             self._cleanup()
             self.cards.start()
@@ -157,7 +158,7 @@ class Service:
         log.info("token-agent service listening", extra={
             "socket": str(self.socket_path),
             "login_socket": str(self.login_socket_path) if self.login_socket_path else None,
-            "store": str(self.store.path),
+            "store": self.store.location,
             "policy": self.agent.policy.source or "built-in", "version": __version__,
             "pid": os.getpid()})
         return self

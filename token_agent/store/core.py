@@ -55,6 +55,9 @@ class StoreCore:
         self._engine = engine
         #: the store's file (SQLite), or None
         self.path: Path | None = getattr(engine, "path", None)
+        #: this machine's data directory, for its local files (the CRL cache): the SQLite
+        #: file's directory; for PostgreSQL the one ``datadir.open_store`` names, else None
+        self.local_dir: Path | None = self.path.parent if self.path is not None else None
         self._where = engine.describe()
         self._clock = clock
         self._lock = threading.RLock()
