@@ -18,6 +18,9 @@ directory. ``fsync`` is off unless ``start(durable=True)`` (a test cluster never
 ``synchronous_commit`` stays on: a commit is in the WAL before it returns, so ``kill()``
 loses exactly the transactions that were not committed.
 
+A watchdog process stops and deletes the cluster when the process that started it is gone,
+however it went: a test session killed with SIGKILL leaves no server behind.
+
 PostgreSQL refuses to run as root: as root, every PostgreSQL program runs as the
 unprivileged ``postgres`` user (``runuser``), which then must be able to reach ``base_dir``
 (a root ``mktemp -d`` is 0700: ``chmod 711`` it); as any other user, as that user.
@@ -35,6 +38,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +93,23 @@ def _check_name(name: str) -> str:
     return name
 
 
+#: the watchdog (``PgServer._watch``): argv pg_ctl, data directory, user to run as ("" for
+#: ourselves), cluster directory; stdin is the pipe whose end means "the test session is gone"
+_WATCHDOG = """
+import os, shutil, subprocess, sys
+pg_ctl, data, run_as, cluster = sys.argv[1:5]
+while sys.stdin.buffer.read(4096):
+    pass
+if os.path.exists(os.path.join(data, "postmaster.pid")):
+    argv = [pg_ctl, "-D", data, "-m", "immediate", "-w", "-t", "60", "stop"]
+    if run_as:
+        argv = ["runuser", "-u", run_as, "--", *argv]
+    subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=90, cwd="/")
+shutil.rmtree(cluster, ignore_errors=True)
+"""
+
+
 @dataclass
 class PgServer:
     base_dir: Path
@@ -133,7 +154,24 @@ class PgServer:
         server.durable = durable
         server._init()
         server._start()
+        server._watch()
         return server
+
+    def _watch(self) -> None:
+        """A watchdog process (its own session) that stops the cluster and deletes it once
+        this process is gone, however it went (SIGKILL included), so that a killed test
+        session leaves no server behind. It waits for the end of a pipe whose only writer
+        is this process (Python's pipes are not inherited by the programs it runs)."""
+        read_end, write_end = os.pipe()
+        try:
+            subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG, str(self.bindir / "pg_ctl"),
+                 str(self.data_dir), self.run_as or "", str(self.cluster_dir)],
+                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, env=dict(os.environ, LC_ALL="C"))
+        finally:
+            os.close(read_end)
+        self._watchdog_pipe = write_end  # closed with this process
 
     def _init(self) -> None:
         if self.cluster_dir.exists():
@@ -214,11 +252,14 @@ class PgServer:
         self._start()
 
     def remove(self) -> None:
-        """Stop the server and delete its cluster directory."""
+        """Stop the server and delete its cluster directory (and let the watchdog go)."""
         try:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.cluster_dir, ignore_errors=True)
+            pipe, self._watchdog_pipe = getattr(self, "_watchdog_pipe", None), None
+            if pipe is not None:
+                os.close(pipe)
 
     # ------------------------------------------------------------------ connections
 

@@ -126,3 +126,41 @@ def test_the_fixture_fails_never_skips_without_postgresql():
     assert proc.returncode == 1, output
     assert "1 error" in output and "skipped" not in output, output
     assert "PostgreSQL initdb failed" in output, output
+
+
+def test_a_killed_session_leaves_no_server_behind():
+    """A test session killed outright (SIGKILL: no teardown runs) leaves no PostgreSQL
+    running and no cluster on disk: the watchdog stops and deletes it."""
+    import signal
+    import time
+
+    base = Path(tempfile.mkdtemp(prefix="token-agent-pg-"))
+    base.chmod(0o711)
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; sys.path.insert(0, sys.argv[1]); from pgserver import PgServer; "
+         "s = PgServer.start(sys.argv[2]); "
+         "print((s.data_dir / 'postmaster.pid').read_text().split()[0], flush=True); "
+         "time.sleep(600)", str(ROOT / "tests"), str(base)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        postmaster = int(child.stdout.readline())
+        os.kill(postmaster, 0)  # it runs
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(postmaster, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"postmaster {postmaster} still runs 30 s after its session was killed")
+        deadline = time.monotonic() + 10
+        while (base / "cluster").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not (base / "cluster").exists()
+    finally:
+        child.kill()
+        shutil.rmtree(base, ignore_errors=True)
