@@ -108,7 +108,7 @@ def _store_on_postgresql(request):
                 if not urls:
                     urls[key] = first
                 else:  # a second store in one test: a database of its own
-                    name = f"t{os.getpid()}_{next(_pg_databases)}"
+                    name = new_database_name()
                     created.append(name)
                     urls[key] = server.create_database(name)
             target = urls[key]
@@ -139,7 +139,8 @@ def environ_for_agent(*drop: str) -> dict:
     """``os.environ`` without the caller's ``TOKEN_AGENT_*`` (nor names starting with
     ``drop``), for a subprocess that must not see the developer's settings; keeps
     TOKEN_AGENT_STORE_URL, which only ``--store-engine postgresql`` sets (the test's database)."""
-    keep = "TOKEN_AGENT_STORE_URL"
+    from token_agent.store.url import STORE_URL_ENV as keep
+
     return {k: v for k, v in os.environ.items()
             if k == keep or not k.startswith(("TOKEN_AGENT_", *drop))}
 
@@ -438,12 +439,17 @@ def pg_server():
 _pg_databases = iter(range(1, 1 << 30))
 
 
+def new_database_name() -> str:
+    """A database name no other test of this session uses."""
+    return f"t{os.getpid()}_{next(_pg_databases)}"
+
+
 @pytest.fixture
 def pg_url(pg_server):
     """A fresh empty database on the session's cluster (its ``postgresql://`` URL, as the
     superuser over the socket), dropped after the test. The server is started again first
     when a test left it stopped."""
-    name = f"t{os.getpid()}_{next(_pg_databases)}"
+    name = new_database_name()
     yield pg_server.create_database(name)
     if not pg_server.running():
         pg_server.restart()

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, environ_for_agent, start_sim_key, token_agent_command
+from conftest import (REPO_ROOT, environ_for_agent, new_database_name, start_sim_key,
+                      token_agent_command)
 from readme_blocks import README, Answers, Block, Typist, blocks
 
 #: what each need means: why such a block is not run by this test
@@ -157,7 +158,7 @@ def sandboxes(tmp_path_factory, pg_server):
     def get(section: str) -> Sandbox:
         if section not in made:
             made[section] = box = _new_sandbox(tmp_path_factory.mktemp("readme"))
-            name = f"readme_{os.getpid()}_{len(made)}"
+            name = new_database_name()
             box.env["STORE_URL"] = pg_server.create_database(name)
             box.stops.append(lambda: pg_server.drop_database(name))
         return made[section]

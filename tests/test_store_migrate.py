@@ -10,15 +10,15 @@ engine, the schema version and the audit chain, and says what is wrong when it i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, token_agent_command
 from json_shapes import check_output
+from test_cli_datadir import clean_env
+from test_cli_datadir import run as run_cli
 from token_agent import exitcodes
 from token_agent.agent import Agent
 from token_agent.factors import backup, password, totp
@@ -33,10 +33,7 @@ PASSWORD = "correct horse battery staple"
 
 
 def run(env: dict, *args, expect: int | None = 0, input: str = "") -> subprocess.CompletedProcess:
-    proc = subprocess.run(token_agent_command() + [str(a) for a in args], input=input,
-                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
-    if expect is not None:
-        assert proc.returncode == expect, (args, proc.returncode, proc.stdout, proc.stderr)
+    proc = run_cli(env, *args, expect=expect, input=input)
     if "--json" in args:
         check_output(args, proc.stdout, proc.returncode)  # the README's shapes
     return proc
@@ -44,12 +41,7 @@ def run(env: dict, *args, expect: int | None = 0, input: str = "") -> subprocess
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict:
-    (tmp_path / "empty.toml").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_AGENT_", "XDG_"))}
-    env.update(HOME=str(tmp_path / "home"), TOKEN_AGENT_DATA_DIR=str(tmp_path / "data"),
-               TOKEN_AGENT_CONFIG=str(tmp_path / "empty.toml"),
-               TOKEN_AGENT_POLICY=str(tmp_path / "empty.toml"))
-    return env
+    return clean_env(tmp_path, TOKEN_AGENT_DATA_DIR=str(tmp_path / "data"))
 
 
 @pytest.fixture

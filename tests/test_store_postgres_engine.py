@@ -282,6 +282,7 @@ def test_a_newer_schema_is_refused(pg_url, engines):
 @pytest.mark.parametrize("url", [
     "postgresql://alice:s3cret-pw@db.example.org/store",
     "postgresql://alice@db.example.org/store?password=s3cret-pw",
+    "postgresql://alice@db.example.org/store?sslmode=require&sslpassword=s3cret-pw",
 ])
 def test_a_password_in_the_url_is_refused(url):
     with pytest.raises(InvalidValue) as raised:

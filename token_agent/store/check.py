@@ -30,8 +30,8 @@ def check_store(store: "Store") -> dict[str, Any]:
         with store.connection("reach the store") as conn:
             conn.execute("SELECT 1").fetchone()
         report["round_trip_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
-        report["schema_version"] = store.schema_version
         report["details"] = store.info()
+        report["schema_version"] = report["details"]["schema_version"]
         problems.extend(store.check_integrity())
     except StoreError as exc:
         problems.append(str(exc))

@@ -105,12 +105,12 @@ def copy_store(source: "Store", target: "Store") -> CopyReport:
                 dst.executemany(
                     f"INSERT INTO {table} ({', '.join(columns)}) "
                     f"VALUES ({', '.join('?' for _ in columns)})",
-                    [tuple(_plain(r[c]) for c in columns) for r in rows])
+                    [tuple(r[c] for c in columns) for r in rows])
             for table in GENERATED_IDS:
                 target.engine.ids_copied(dst, table, "id")
             head = src.execute("SELECT last_id, hash FROM audit_head WHERE id = 1").fetchone()
             dst.execute("UPDATE audit_head SET last_id = ?, hash = ? WHERE id = 1",
-                        (head["last_id"], _plain(head["hash"])))
+                        (head["last_id"], head["hash"]))
             copied = row_counts(target)
             if copied != report.rows:
                 wrong = {t: (report.rows[t], copied[t]) for t in COPY_ORDER
@@ -124,6 +124,3 @@ def copy_store(source: "Store", target: "Store") -> CopyReport:
             report.audit_events = verified
     return report
 
-
-def _plain(value: Any) -> Any:
-    return bytes(value) if isinstance(value, memoryview) else value

@@ -114,12 +114,6 @@ class PostgresEngine(Engine):
             params = conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
             raise InvalidValue(f"invalid PostgreSQL URL {redact(url)}: {exc}") from None
-        if params.get("password") or params.get("sslpassword"):
-            raise InvalidValue(
-                f"the PostgreSQL URL {redact(url)} contains a password: a password never "
-                "goes into a URL or a command line (other users can read them); remove it and "
-                "put it into a password file (password_file, mode 0600) or libpq's ~/.pgpass "
-                "(or PGPASSFILE)")
         self.url = url
         self.params = params
         self.connect_timeout = connect_timeout

@@ -15,6 +15,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 SCHEMES = ("postgresql", "postgres")
 #: the environment variable naming the store's URL
 STORE_URL_ENV = "TOKEN_AGENT_STORE_URL"
+#: URL parameters that carry a secret (the password, the client key's passphrase)
+SECRET_PARAMETERS = ("password", "sslpassword")
 
 
 def is_url(target: object) -> bool:
@@ -34,7 +36,7 @@ def url_problem(url: str) -> str | None:
         parts.port  # noqa: B018  (a bad port raises here)
     except ValueError as exc:
         return f"is not a valid URL: {exc}"
-    if parts.password is not None or any(k.lower() == "password" for k, _ in
+    if parts.password is not None or any(k.lower() in SECRET_PARAMETERS for k, _ in
                                          parse_qsl(parts.query, keep_blank_values=True)):
         return ("carries a password: never put it in the URL (argv, the environment and logs "
                 "show it); use [store] password_file in config.toml, or libpq's PGPASSFILE / "
@@ -54,6 +56,6 @@ def redact(url: str) -> str:
     netloc = parts.netloc
     if parts.password is not None:
         netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    query = "&".join(f"{k}={'***' if k.lower() == 'password' else v}"
+    query = "&".join(f"{k}={'***' if k.lower() in SECRET_PARAMETERS else v}"
                      for k, v in parse_qsl(parts.query, keep_blank_values=True))
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
