@@ -73,3 +73,15 @@ def test_config_check_refuses_a_bad_url(tmp_path: Path) -> None:
     config.write_text('[store]\nurl = "sqlite:///x"\n')
     with pytest.raises(ConfigError, match=r"store\.url.*postgresql://"):
         load_config(str(config), {})
+
+
+def test_an_unreachable_server_is_said_once_with_the_url_as_written(tmp_path: Path) -> None:
+    """No server behind the URL: one message naming the URL as it was given (not rewritten,
+    not repeated by the connection pool's own warnings), exit 7."""
+    url = f"postgresql:///token_agent?host={tmp_path / 'no-such-socket-dir'}"
+    env = clean_env(tmp_path, TOKEN_AGENT_DATA_DIR=str(tmp_path / "data"))
+    proc = run(env, "--store-url", url, "store", "check", expect=exitcodes.STORE)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len([line for line in lines if "cannot connect" in line]) == 1, proc.stderr
+    assert "psycopg" not in proc.stderr and "Traceback" not in proc.stderr
+    assert url in proc.stderr

@@ -24,6 +24,7 @@ Errors become ``StoreError``s naming the URL (never a password) and saying what 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -58,6 +59,11 @@ from token_agent.store.records import APPLICATION_ID
 from token_agent.store.url import redact, url_problem
 from token_agent.store.engine import Engine, Migration, split_script
 from token_agent.store.pgconn import PgConnection, row_factory
+
+# The pool logs a warning for each failed connection attempt; the engine turns the same
+# failure into the StoreError its caller reports (StoreUnavailable, with libpq's reason), so
+# the pool's lines would only say it again, on the stderr of every command.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 #: the identification table: ``application`` = ``MARKER``, ``schema_version`` = N
 META_TABLE = "token_agent_meta"

@@ -10,7 +10,7 @@ password comes from ``[store] password_file`` (a private file) or libpq's own me
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 SCHEMES = ("postgresql", "postgres")
 #: the environment variable naming the store's URL
@@ -48,14 +48,19 @@ def url_problem(url: str) -> str | None:
 
 
 def redact(url: str) -> str:
-    """``url`` for messages: without a password, should one be there anyway."""
+    """``url`` for messages, as written, but with any password masked (should one be
+    there anyway)."""
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<invalid URL>"
     netloc = parts.netloc
-    if parts.password is not None:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    query = "&".join(f"{k}={'***' if k.lower() in SECRET_PARAMETERS else v}"
-                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if password is not None:
+        netloc = netloc.replace(f":{password}@", ":***@", 1)
+    query = "&".join(
+        f"{k}=***" if k.lower() in SECRET_PARAMETERS else item
+        for item in parts.query.split("&") if item
+        for k in (item.split("=", 1)[0],))
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
