@@ -61,8 +61,7 @@ def simulate(store: Store, user_id: str, scopes: list[str], rules: LockoutRules,
                 if e.until < lockout.PERMANENT:
                     next_free = e.until if next_free is None else min(next_free, e.until)
                 continue
-            lockout.failed(store, scope, now=now,
-                           rules=rules)
+            lockout.failed(store, scope, rules=rules)
             times.append(now - t0)
             next_free = now
             break

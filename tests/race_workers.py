@@ -82,7 +82,7 @@ def op_lockout(store, user_id, scope, now, rules, tries, check_seconds=0.0):
             continue
         admitted += 1
         time.sleep(check_seconds)
-        lockout.failed(store, scope, now=now, rules=r)
+        lockout.failed(store, scope, rules=r)
     return admitted, refused
 
 

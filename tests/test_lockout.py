@@ -174,7 +174,7 @@ def test_a_lock_for_good_found_at_an_attempt_is_recorded(tmp_path):
         loose = LockoutRules(max_failures=100, limit=100)
         for _ in range(5):
             lockout.attempt(store, scope, user.id, now=1000.0, label="password", rules=loose)
-            lockout.failed(store, scope, now=1000.0, rules=loose)
+            lockout.failed(store, scope, rules=loose)
         assert not lockout.state(store, scope).permanent
         strict = LockoutRules(max_failures=5, limit=5)
         with pytest.raises(lockout.Locked) as raised:

@@ -142,7 +142,7 @@ def checked(ctx: FactorContext, *, kind: str, method: Method | None, user_id: st
                                detail={**name, **detail})
         return Verification(True, kind, method, None, message or f"{label} accepted",
                             detail=detail)
-    current = lockout.failed(store, scope, now=now, rules=ctx.lockout)
+    current = lockout.failed(store, scope, rules=ctx.lockout)
     left = lockout.tries_left(current, limit, ctx.lockout)
     with store.transaction():
         store.record_event(f"verify.{kind}", user_id=user_id, outcome="failure",

@@ -198,7 +198,7 @@ def attempt(store: Store, scope: str, user_id: str, *, now: float, label: str,
     return state(store, scope)
 
 
-def failed(store: Store, scope: str, *, now: float,
+def failed(store: Store, scope: str, *,
            rules: "LockoutRules | None" = None) -> LockState:
     """After a failed check (already counted by ``attempt``, which also set the lock for a
     while at every ``max_failures`` consecutive failures): lock for good at the scope's cap;
