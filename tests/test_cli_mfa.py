@@ -269,7 +269,7 @@ def test_policy_explain(cli):
     assert data["user"] == "alice" and data["primary"] == "password"
     assert data["mfa_required"] is True and data["must_enrol"] is True
     assert data["device"] == {"kind": "unmanaged", "device_id": data["device"]["device_id"],
-                              "network": "192.0.2.7"}
+                              "network": "192.0.2.7", "joined": False}
     assert isinstance(data["rules"], list) and data["rules"]
     assert any("class internal: MFA enforced" in r for r in data["rules"])
 
@@ -281,6 +281,34 @@ def test_policy_explain(cli):
 
     cli("policy", "explain", "--user", "alice", "--network", "not-an-ip", expect=exitcodes.USAGE)
     cli("policy", "explain", "--user", "nobody", expect=exitcodes.NOT_FOUND)
+
+
+def test_policy_explain_a_joined_workstation(cli):
+    """``--joined``: the roaming rule, shown in the rules applied; refused for an unmanaged
+    device."""
+    cli.alice_with_totp()
+    cli.policy.write_text('[reverification]\ntrusted_networks = ["10.0.0.0/8"]\n')
+    ask = ("policy", "explain", "--user", "alice", "--device", "managed", "--device-id",
+           "ward-pc-3", "--network", "10.4.2.9")
+    plain = cli.json(*ask)  # a managed PC that is new to alice, by the caller's word only
+    assert plain["mfa_required"] is True and plain["device"]["joined"] is False
+    assert any("new device ward-pc-3" in r and "second factor required" in r
+               for r in plain["rules"])
+    joined = cli.json(*ask, "--joined")
+    assert joined["mfa_required"] is False and joined["device"]["joined"] is True
+    assert joined["rules"][-2:] == [
+        "new device ward-pc-3 and new network 10.4.2.0/24 for this user: a joined workstation "
+        "of the organisation in trusted network 10.0.0.0/8: roaming, not unusual (no alert)",
+        "managed device in trusted network 10.0.0.0/8: no second factor"]
+    text = cli(*ask, "--joined").stdout
+    assert "managed device (joined workstation), network 10.4.2.9" in text
+    assert "roaming, not unusual (no alert)" in text
+    outside = cli.json("policy", "explain", "--user", "alice", "--device-id", "ward-pc-3",
+                       "--network", "198.51.100.4", "--joined")
+    assert outside["mfa_required"] is True
+    assert not any("roaming" in r for r in outside["rules"])
+    refused = cli(*ask[:4], "--device", "unmanaged", "--joined", expect=exitcodes.USAGE)
+    assert "--joined needs --device managed" in refused.stderr
 
 
 # --------------------------------------------------------------------------- admin

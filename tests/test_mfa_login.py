@@ -508,6 +508,45 @@ def test_unusual_login_asks_a_second_factor_and_records_an_alert(world):
     assert len(w.events("login.unusual", alice)) == 2
 
 
+def test_roaming_between_joined_workstations_is_not_unusual(world):
+    """A clinician's first login at another ward PC (joined to the organisation, inside the
+    trusted network) asks no second factor and records no alert; the same new PC not joined,
+    or joined but outside the trusted networks, still does both."""
+    w = world(TRUSTED)
+    alice = w.add_user("alice")
+    secret = w.enrol_totp(alice)
+    w.clock.advance(60)
+    out, script = w.login("alice", PASSWORD,
+                          device=Device("managed", "ward-pc-1", "10.1.2.3", joined=True))
+    assert out.ok and out.method == "password" and script.prompts == ["Password"]
+
+    w.clock.advance(60)
+    out, script = w.login("alice", PASSWORD,
+                          device=Device("managed", "ward-pc-2", "10.4.2.9", joined=True))
+    assert out.ok, out
+    assert out.method == "password" and script.prompts == ["Password"]
+    assert w.events("login.unusual", alice) == []
+    rules = out.detail["decision"]["rules"]
+    assert ("new device ward-pc-2 and new network 10.4.2.0/24 for this user: a joined "
+            "workstation of the organisation in trusted network 10.0.0.0/8: roaming, not "
+            "unusual (no alert)") in rules
+    assert out.detail["decision"]["alert"] is False
+
+    w.clock.advance(60)
+    out, script = w.login("alice", PASSWORD, w.code(secret),
+                          device=Device("managed", "ward-pc-3", "10.4.2.10"))  # not joined
+    assert out.ok and out.method == "password+totp"
+    assert script.prompts == ["Password", TOTP_PROMPT]
+    assert [e.detail["device"] for e in w.events("login.unusual", alice)] == ["ward-pc-3"]
+
+    w.clock.advance(60)
+    out, _ = w.login("alice", PASSWORD, w.code(secret),
+                     device=Device("managed", "ward-pc-4", "198.51.100.4", joined=True))
+    assert out.ok and out.method == "password+totp"  # joined, outside the trusted networks
+    assert sorted(e.detail["device"] for e in w.events("login.unusual", alice)) == \
+        ["ward-pc-3", "ward-pc-4"]
+
+
 # --------------------------------------------------------------------------- a key as primary
 
 

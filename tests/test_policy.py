@@ -700,6 +700,96 @@ def test_unusual_network(history):
         in d.rules
 
 
+# --- roaming: joined workstations of the organisation -------------------------------------
+
+def roaming(**kw) -> LoginFacts:
+    """A clinician at a ward PC they never used: a joined, managed workstation inside the
+    trusted network, a device new to them, a password primary and no recent second factor."""
+    base = dict(device="managed", device_joined=True, network="10.4.2.9", device_id="ward-pc-3",
+                device_seen=False, network_seen=True, last_verified_at=None)
+    base.update(kw)
+    return facts(**base)
+
+
+def test_roaming_to_a_new_joined_workstation_is_not_unusual():
+    d = decide(TRUSTED, roaming())
+    assert not d.mfa_required and not d.alert
+    assert d.rules[-2:] == (
+        "new device ward-pc-3 for this user: a joined workstation of the organisation in "
+        "trusted network 10.0.0.0/8: roaming, not unusual (no alert)",
+        "managed device in trusted network 10.0.0.0/8: no second factor")
+
+
+def test_roaming_onto_a_new_trusted_network_is_not_unusual():
+    d = decide(TRUSTED, roaming(network="10.9.9.9", network_seen=False))
+    assert not d.mfa_required and not d.alert
+    assert ("new device ward-pc-3 and new network 10.9.9.0/24 for this user: a joined "
+            "workstation of the organisation in trusted network 10.0.0.0/8: roaming, not "
+            "unusual (no alert)") in d.rules
+
+
+@pytest.mark.parametrize("change, expected", [
+    # the same PC not joined (a managed device by the caller's word only): unusual
+    (dict(device_joined=False), "new device ward-pc-3 for this user: second factor required "
+                                "and alert recorded"),
+    # joined, but outside the trusted networks (a ward PC carried home, a VPN exit)
+    (dict(network="192.0.2.7"), "new device ward-pc-3 for this user: second factor required "
+                                "and alert recorded"),
+    (dict(network="192.0.2.7", network_seen=False),
+     "new device ward-pc-3 and new network 192.0.2.0/24 for this user: second factor required "
+     "and alert recorded"),
+    # joined, network unknown: nothing vouches for where it is
+    (dict(network=None), "new device ward-pc-3 for this user: second factor required and "
+                         "alert recorded"),
+    # an unknown unmanaged device inside the trusted network
+    (dict(device="unmanaged", device_joined=False),
+     "new device ward-pc-3 for this user: second factor required and alert recorded"),
+])
+def test_roaming_needs_a_joined_workstation_inside_a_trusted_network(change, expected):
+    d = decide(TRUSTED, roaming(**change))
+    assert d.mfa_required and d.alert
+    assert expected in d.rules
+    assert not any("roaming" in r for r in d.rules)
+
+
+def test_roaming_without_trusted_networks_is_unusual():
+    d = decide(DEFAULT_POLICY, roaming())
+    assert d.mfa_required and d.alert
+
+
+def test_roaming_with_a_multi_factor_primary_says_so_without_an_alert():
+    d = decide(TRUSTED, roaming(primary="key", primary_multi_factor=True, methods=("key",)))
+    assert not d.mfa_required and not d.alert
+    assert d.rules[-1].endswith("roaming, not unusual (no alert)")
+
+
+def test_roaming_of_a_user_without_mfa_records_no_alert():
+    d = decide(TRUSTED, roaming(user_class="external"))
+    assert not d.mfa_required and not d.alert
+    assert d.rules[-1].endswith("roaming, not unusual (no alert)")
+
+
+def test_a_seen_joined_workstation_says_nothing_about_roaming():
+    d = decide(TRUSTED, roaming(device_seen=True))
+    assert not d.mfa_required and not d.alert
+    assert d.rules[-1] == "managed device in trusted network 10.0.0.0/8: no second factor"
+    assert not any("roaming" in r for r in d.rules)
+
+
+def test_roaming_with_unusual_login_checks_off():
+    p = parse_policy('[reverification]\ntrusted_networks = ["10.0.0.0/8"]\n'
+                     '[unusual_login]\nenabled = false\n')
+    d = decide(p, roaming())
+    assert not d.mfa_required and not d.alert
+    assert "unusual-login checks are off ([unusual_login] enabled = false)" in d.rules
+    assert not any("roaming" in r for r in d.rules)
+
+
+def test_joined_needs_a_managed_device():
+    with pytest.raises(ValueError, match="device_joined needs device 'managed'"):
+        facts(device="unmanaged", device_joined=True)
+
+
 def test_unusual_login_disabled():
     p = parse_policy("[unusual_login]\nenabled = false\n")
     d = decide(p, facts(network="192.0.2.77", network_seen=False, device_id="x",

@@ -682,6 +682,11 @@ def test_methods_enrolment_and_policy_over_the_socket(services, world):
         assert pw["preferred"]
         explained = c.request("policy.explain", user="alice", device={"kind": "unmanaged"})
         assert explained["mfa_required"] and "second factor" in explained["text"]
+        assert explained["device"]["joined"] is False
+        # a joined workstation is the organisation server's word, never a caller's claim
+        with pytest.raises(ServiceError) as info:
+            c.request("policy.explain", user="alice", device={"kind": "managed", "joined": True})
+        assert info.value.code == "bad-request" and "joined" in str(info.value)
         assert c.request("methods.remove", user="alice", kind="totp") == {}
         with pytest.raises(ServiceError) as info:
             c.request("methods.remove", user="alice", kind="totp")

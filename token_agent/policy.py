@@ -110,7 +110,11 @@ How a login is decided (``decide``), in this order:
 3. A primary factor that is multi-factor by itself (a key with user verification, a card with
    its PIN) satisfies MFA when that method is allowed: no second challenge.
 4. A new device or a new network (compared by prefix) for this user: second factor required,
-   and an alert recorded when the user has logged in before.
+   and an alert recorded when the user has logged in before. Roaming is not unusual: a new
+   device that is a joined workstation of the organisation (``LoginFacts.device_joined``,
+   a managed device) inside a trusted network, or such a workstation on a trusted network
+   new to the user, raises no alert and asks no second factor for that reason; unknown or
+   unmanaged devices and networks outside the trusted ones still do.
 5. A managed device inside a trusted network: no second factor.
 6. Otherwise a second factor when the last one on this device is older than the
    re-verification hours (or there is none).
@@ -781,6 +785,9 @@ class LoginFacts:
     primary_multi_factor: bool = False
     #: "managed" | "unmanaged"
     device: str = "unmanaged"
+    #: the device is a workstation joined to the organisation (its certificate was checked
+    #: by the organisation's server); only for a managed device
+    device_joined: bool = False
     #: the client's IP address, or None (unknown)
     network: str | None = None
     device_id: str | None = None
@@ -820,6 +827,9 @@ class LoginFacts:
         if self.device not in DEVICE_KINDS:
             raise ValueError(f"unknown device kind {self.device!r}: one of "
                              f"{', '.join(DEVICE_KINDS)}")
+        if self.device_joined and self.device != "managed":
+            raise ValueError("device_joined needs device 'managed': a joined workstation is a "
+                             "managed device")
         if self.network is not None:
             _address(self.network)
         for name in ("now", "last_verified_at"):
@@ -904,10 +914,24 @@ def decide(policy: Policy, facts: LoginFacts) -> Decision:
         news.append(f"new device {facts.device_id}")
     if facts.network and not facts.network_seen:
         news.append(f"new network {network_key(policy, facts.network)}")
-    unusual = bool(news) and policy.unusual_login.enabled
-    alert = unusual and facts.has_history
     what = " and ".join(news) + " for this user"
+    trusted = (policy.reverification.trusted_network_of(facts.network)
+               if facts.device == "managed" else None)
+    # Roaming: a joined workstation of the organisation inside a trusted network is a place the
+    # organisation vouches for, new to this user or not.
+    roaming = (bool(news) and policy.unusual_login.enabled and facts.device_joined
+               and trusted is not None)
+    roaming_rule = (f"{what}: a joined workstation of the organisation in trusted network "
+                    f"{trusted}: roaming, not unusual (no alert)")
+    unusual = bool(news) and policy.unusual_login.enabled and not roaming
+    alert = unusual and facts.has_history
     alert_note = "alert recorded" if alert else "first login: no history to compare, no alert"
+
+    def unusual_rule(words: str) -> None:
+        if unusual:
+            rules.append(words)
+        elif roaming:
+            rules.append(roaming_rule)
 
     # 1. Does MFA apply?
     start = policy.enforcement.start
@@ -950,8 +974,7 @@ def decide(policy: Policy, facts: LoginFacts) -> Decision:
             invite_enrol = True
             rules.append(f"no second-factor method set up: invite the user to enrol "
                          f"(acceptable: {acceptable})")
-        if unusual:
-            rules.append(f"{what}: {alert_note} (MFA does not apply: no second factor)")
+        unusual_rule(f"{what}: {alert_note} (MFA does not apply: no second factor)")
     else:
         mf_primary = facts.primary in ("key", "card") and facts.primary_multi_factor
         if not usable_normal:
@@ -968,14 +991,12 @@ def decide(policy: Policy, facts: LoginFacts) -> Decision:
             else:
                 rules.append(f"no usable second-factor method: the user must set one up before "
                              f"anything else (acceptable: {acceptable}){extra}")
-            if unusual:
-                rules.append(f"{what}: {alert_note}")
+            unusual_rule(f"{what}: {alert_note}")
         elif mf_primary and facts.primary in normal:
             # 3. The primary is two factors by itself.
             how = "with user verification" if facts.primary == "key" else "with PIN"
             rules.append(f"primary factor {facts.primary} {how} satisfies MFA: no second challenge")
-            if unusual:
-                rules.append(f"{what}: {alert_note}")
+            unusual_rule(f"{what}: {alert_note}")
         else:
             if mf_primary:
                 rules.append(f"primary factor {facts.primary}: not an allowed method for class "
@@ -984,14 +1005,14 @@ def decide(policy: Policy, facts: LoginFacts) -> Decision:
                 rules.append("primary factor key without user verification: one factor only")
             elif facts.primary == "card":
                 rules.append("primary factor card without PIN: one factor only")
-            trusted = (policy.reverification.trusted_network_of(facts.network)
-                       if facts.device == "managed" else None)
             if unusual:
                 # 4. New device or network.
                 mfa_required = True
                 rules.append(f"{what}: second factor required and {alert_note}")
             elif trusted is not None:
-                # 5. Managed device at the office.
+                # 5. Managed device at the office (4. roaming: a joined one new to the user).
+                if roaming:
+                    rules.append(roaming_rule)
                 rules.append(f"managed device in trusted network {trusted}: no second factor")
             else:
                 # 6. Re-verification.

@@ -79,15 +79,19 @@ class Interaction(Protocol):
 
 @dataclass(frozen=True)
 class Device:
-    """Where the login happens: ``kind`` managed | unmanaged, a stable ``device_id`` and
-    the client's network address (None: unknown)."""
+    """Where the login happens: ``kind`` managed | unmanaged, a stable ``device_id``, the
+    client's network address (None: unknown), and ``joined``: a workstation joined to the
+    organisation, which only the organisation's server may say (from the workstation's
+    certificate), never a caller's own claim."""
 
     kind: str = "managed"
     device_id: str | None = None
     network: str | None = None
+    joined: bool = False
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "device_id": self.device_id, "network": self.network}
+        return {"kind": self.kind, "device_id": self.device_id, "network": self.network,
+                "joined": self.joined}
 
 
 KeyLogin = Callable[[str], LoginOutcome]  # username -> the key ceremony's outcome
@@ -178,6 +182,7 @@ def facts_for(agent: "Agent", user, *, device: Device, primary: str | None,
         user_class=user.user_class, mfa_enabled=user.mfa_enabled,
         mfa_source=user.mfa_source, methods=methods,
         primary=primary, primary_multi_factor=primary_multi_factor, device=device.kind,
+        device_joined=device.joined,
         network=device.network, device_id=device.device_id,
         now=_dt.datetime.fromtimestamp(now, _dt.timezone.utc),
         last_verified_at=None if last is None else _dt.datetime.fromtimestamp(last, _dt.timezone.utc),

@@ -108,17 +108,25 @@ def policy_check(ctx: Context, path: str | None, as_json: bool) -> None:
               help="Explain as if the user logged in with this (default: their usual one).")
 @click.option("--uv/--no-uv", "primary_uv", default=True, show_default=True,
               help="With --primary key/card: the key verified the PIN / the card's PIN was used.")
+@click.option("--joined", is_flag=True,
+              help="With --device managed: as if from a workstation joined to the organisation "
+                   "(roaming: new to the user but not unusual inside a trusted network).")
 @json_option
 @pass_ctx
 def policy_explain(ctx: Context, username: str, device_kind: str, device_id: str | None,
-                   network: str | None, primary: str | None, primary_uv: bool,
+                   network: str | None, primary: str | None, primary_uv: bool, joined: bool,
                    as_json: bool) -> None:
     """Print what the policy decides for a user's login, and the rules that made it."""
+    import dataclasses
+
     from ..policy import explain
     from ..store import UnknownUser
 
+    if joined and device_kind != "managed":
+        fail("--joined needs --device managed: a joined workstation is a managed device; "
+             "drop --joined or use --device managed", exitcodes.USAGE)
     agent = ctx.agent()
-    device = make_device(device_kind, device_id, network)
+    device = dataclasses.replace(make_device(device_kind, device_id, network), joined=joined)
     try:
         user = agent.store.get_user(username)
     except UnknownUser as e:
@@ -129,6 +137,7 @@ def policy_explain(ctx: Context, username: str, device_kind: str, device_id: str
             **decision.to_json()}
     emit(as_json, data, lambda: (
         f"{user.username} ({user.user_class}), primary factor {first}, {device.kind} device"
+        f"{' (joined workstation)' if device.joined else ''}"
         f"{', network ' + device.network if device.network else ''}\n" + explain(decision)))
 
 
