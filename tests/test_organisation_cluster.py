@@ -101,11 +101,42 @@ def people(c: OrgCluster) -> None:
                 codes = TotpCodes(pending.secret)
                 assert totp.confirm_enrol(agent.factors(), user.id, codes.now()).ok
                 c.codes[name] = codes
-        for name in ("bob", "carol", "hana", "fiona"):
+        for name in ("bob", "carol", "hana"):
             with open_single_key({"TOKEN_AGENT_SIM_KEYS": c.keys[name].address},
                                  on_touch=None) as key:
-                enrol_key(store, key, name, name=f"{name}'s key",
-                          pin_provider=lambda n=name: None if n == "fiona" else KEY_PIN)
+                enrol_key(store, key, name, name=f"{name}'s key", pin_provider=lambda: KEY_PIN)
+        register_without_pin(store, c.keys["fiona"].address, "fiona")
+
+
+def register_without_pin(store, address: str, username: str) -> None:
+    """A credential made on a key that has no PIN (registered elsewhere, user verification
+    discouraged: the agent's own enrolment insists on a PIN), recorded in the store as its
+    enrolment would: logins with it are one factor (no user verification)."""
+    import hashlib
+
+    from fido2 import cbor
+    from fido2.ctap2 import Ctap2
+    from fido2.hid import CtapHidDevice
+
+    from drivers.fido.sim import SocketHidConnection, sim_descriptor
+    from token_agent.orgsettings import DEFAULT_RP_ID
+
+    host, port = address.rsplit(":", 1)
+    device = CtapHidDevice(sim_descriptor(host, int(port)), SocketHidConnection(host, int(port)))
+    try:
+        user = store.get_user(username)
+        made = Ctap2(device).make_credential(
+            hashlib.sha256(b"registered elsewhere").digest(),
+            {"id": DEFAULT_RP_ID, "name": "token-agent"},
+            {"id": user.user_handle, "name": username}, [{"type": "public-key", "alg": -7}])
+    finally:
+        device.close()
+    data = made.auth_data.credential_data
+    store.add_fido_credential(
+        user.id, name=f"{username}'s key", credential_id=data.credential_id,
+        public_key=cbor.encode(dict(data.public_key)), aaguid=bytes(data.aaguid),
+        rp_id=DEFAULT_RP_ID, sign_count=made.auth_data.counter, discoverable=False,
+        uv_enrolled=False, attestation_format="none", attestation_trusted=False)
 
 
 def answering(*, password: str | None = None, pin: str | None = KEY_PIN,
@@ -427,7 +458,7 @@ def test_certificates_revoked_expired_reused_and_another_workstations(cluster):
     # a revoked workstation: its next request is refused
     ws4 = _extra_workstation(c, "ws4")
     c.join(ws4)
-    assert _client_of(ws4).request("GET", "/v1/whoami")["name"] == "ws4"
+    assert _client_of(ws4).request("GET", "/v1/whoami")["workstation"] == "ws4"
     c.admin("server", "workstation-revoke", "ws4")
     with pytest.raises(ServerRefused) as info:
         _client_of(ws4).request("GET", "/v1/whoami")
