@@ -340,6 +340,23 @@ class OrgCluster:
                 k.set_pin(KEY_PIN)
         return server
 
+    @contextlib.contextmanager
+    def only_touching(self, name: str):
+        """While in the block, only ``name``'s key answers a request for a touch at once (the
+        other people's keys wait for a touch nobody gives: their presence is "manual"), as
+        when one person touches their own key at a PC where several are plugged in (an
+        enrolment picks the key that is touched)."""
+        from simulators.key.control import KeyControl
+
+        others = [KeyControl(k.control_port) for n, k in self.keys.items() if n != name]
+        for control in others:
+            control.set_presence("manual")
+        try:
+            yield
+        finally:
+            for control in others:
+                control.set_presence("auto")
+
     def stop_replicas(self) -> None:
         for r in self.replicas:
             r.stop()

@@ -14,7 +14,10 @@ bob       password, key                               ws2 ws3
 carol     key; later a clone of its state             ws1 (clone: ws3)
 dave      password (class external: no MFA)           -
 fiona     key without a PIN (no user verification), authenticator app  ws2
+gus       password (class external: no MFA)           -
+shift00.. password (class external), 12 of them: SIGTERM  -
 hana      key, authenticator app                      ws1 ws2 ws3
+ian       password, authenticator app                 -
 ========  ==========================================  ======================
 
 The policy: loopback is the trusted network (every workstation reaches the servers from
@@ -41,6 +44,9 @@ WRONG_PASSWORD = "incorrect pony staple"
 PIN_PROMPT = "PIN"
 TOTP_PROMPT = "authenticator app"
 SERVER_CANNOT_BE_REACHED = "server cannot be reached"
+#: how many logins the SIGTERM test has in flight (one person each: a person's parallel
+#: password attempts are counted as failures until they succeed, and would lock)
+SHIFT = 12
 
 KEYS_AT = {
     "ws1": ["alice", "carol", "hana"],
@@ -92,15 +98,19 @@ def people(c: OrgCluster) -> None:
     with c.agent() as agent:
         store = agent.store
         for name, cls in (("alice", "internal"), ("bob", "internal"), ("carol", "internal"),
-                          ("dave", "external"), ("fiona", "internal"), ("hana", "internal")):
+                          ("dave", "external"), ("fiona", "internal"), ("gus", "external"),
+                          ("hana", "internal"), ("ian", "internal")):
             user = store.add_user(name, user_class=cls, mfa_enabled=cls == "internal")
-            if name in ("alice", "bob", "dave"):
+            if name in ("alice", "bob", "dave", "gus", "ian"):
                 password_factor.set_password(agent.factors(), user.id, PASSWORD)
-            if name in ("alice", "fiona", "hana"):
+            if name in ("alice", "fiona", "hana", "ian"):
                 pending = totp.begin_enrol(agent.factors(), user.id)
                 codes = TotpCodes(pending.secret)
                 assert totp.confirm_enrol(agent.factors(), user.id, codes.now()).ok
                 c.codes[name] = codes
+        for i in range(SHIFT):  # the SIGTERM test's people, one login each at once
+            user = store.add_user(f"shift{i:02d}", user_class="external", mfa_enabled=False)
+            password_factor.set_password(agent.factors(), user.id, PASSWORD)
         for name in ("bob", "carol", "hana"):
             with open_single_key({"TOKEN_AGENT_SIM_KEYS": c.keys[name].address},
                                  on_touch=None) as key:
@@ -189,23 +199,29 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
 def test_roaming_enrol_at_ws1_log_in_at_ws2_and_ws3_without_a_second_factor(cluster):
     c = cluster
     ws1, ws2, ws3 = (c.workstations[n] for n in ("ws1", "ws2", "ws3"))
-    with ws1.client() as conn:
-        login = conn.request("enrol.key", user="alice", name="alice's key")["login"]
-        enrolled = conn.run_ceremony(login, answering())
+    with ws1.client() as conn:  # a multi-factor login first: changing methods needs one
+        first = conn.login("alice", answering(password=PASSWORD, code=c.codes["alice"].next),
+                           primary="password", step_up=True)
+        assert first["ok"] and first["method"] == "password+totp", first
+        with c.only_touching("alice"):  # she touches her own key, of those plugged in
+            login = conn.request("enrol.key", user="alice", name="alice's key")["login"]
+            enrolled = conn.run_ceremony(login, answering())
     assert enrolled["ok"] and enrolled["user"] == "alice", enrolled
 
-    for ws in (ws2, ws3):  # her key at two ward PCs she never used
-        seen: list[str] = []
-        outcome = ws.login("alice", answering(seen=seen), primary="key")
-        assert outcome["ok"] and outcome["method"] == "key", (ws.name, outcome)
-        assert outcome["multi_factor"] and outcome["session"]
-        assert not any(TOTP_PROMPT in m for m in seen), seen
-    for ws in (ws2, ws3):  # the password: a joined PC on the trusted network, new to her
-        seen = []
-        outcome = ws.login("alice", answering(password=PASSWORD, seen=seen),
-                           primary="password")
-        assert outcome["ok"] and outcome["method"] == "password", (ws.name, outcome)
-        assert seen == ["Password"] or all(TOTP_PROMPT not in m for m in seen), seen
+    # her key at ws2, a ward PC she never used
+    seen: list[str] = []
+    outcome = ws2.login("alice", answering(seen=seen), primary="key")
+    assert outcome["ok"] and outcome["method"] == "key", outcome
+    assert outcome["multi_factor"] and outcome["session"]
+    assert not any(TOTP_PROMPT in m for m in seen), seen
+    # her password at ws3, new to her too: the password alone (no authenticator code asked),
+    # as at a PC she uses every day; then her key there
+    seen = []
+    outcome = ws3.login("alice", answering(password=PASSWORD, seen=seen), primary="password")
+    assert outcome["ok"] and outcome["method"] == "password", outcome
+    assert not any(TOTP_PROMPT in m for m in seen), seen
+    outcome = ws3.login("alice", answering(), primary="key")
+    assert outcome["ok"] and outcome["method"] == "key", outcome
     assert org_events(c, "login.unusual", "alice") == []  # roaming is not unusual
     # the key's counter is the organisation's: each workstation's use advanced it
     with c.agent() as agent:
@@ -224,15 +240,15 @@ def test_roaming_enrol_at_ws1_log_in_at_ws2_and_ws3_without_a_second_factor(clus
 
 def test_a_totp_code_used_at_ws1_is_refused_at_ws2(cluster):
     c = cluster
-    code = c.codes["alice"].next()
+    code = c.codes["ian"].next()
     first = c.workstations["ws1"].login(
-        "alice", answering(password=PASSWORD, code=code), primary="password", step_up=True)
+        "ian", answering(password=PASSWORD, code=code), primary="password", step_up=True)
     assert first["ok"] and first["method"] == "password+totp", first
     again = c.workstations["ws2"].login(
-        "alice", answering(password=PASSWORD, code=code), primary="password", step_up=True)
+        "ian", answering(password=PASSWORD, code=code), primary="password", step_up=True)
     assert not again["ok"], again
-    assert again["reason"] in ("code-replayed", "wrong-code", "code-used"), again
-    replays = [e for e in org_events(c, "verify.totp", "alice") if e.outcome != "success"]
+    assert "already used" in again["message"] or again["reason"] == "code-replayed", again
+    replays = [e for e in org_events(c, "verify.totp", "ian") if e.outcome != "success"]
     assert replays, "the replay at ws2 is in the organisation's audit"
 
 
@@ -251,8 +267,9 @@ def test_failures_at_ws1_and_ws2_add_up_to_one_lockout(cluster):
         assert not out["ok"]
         reasons.append(out["reason"])
     assert reasons[:3] == ["wrong-password"] * 3, reasons
-    # the right password is refused now, at either workstation, and at the third one
-    for ws in (ws2, c.workstations["ws3"]):
+    # the right password is refused now, at either workstation (at a PC dave never used,
+    # failures and locks are counted apart: issue 11's "keeping the victim's way in")
+    for ws in (ws1, ws2):
         locked = ws.login("dave", answering(password=PASSWORD), primary="password")
         assert not locked["ok"] and locked["reason"] in ("method-locked", "locked"), locked
     # one lock, the organisation's: an administrator's unlock on the server clears it
@@ -282,7 +299,8 @@ def test_a_cloned_key_used_at_ws3_after_the_genuine_key_at_ws1_is_suspended(clus
     ws3.start()
     try:
         out = ws3.login("carol", answering(), primary="key")
-        assert not out["ok"] and out["reason"] == "clone-suspected", out
+        assert not out["ok"] and out["reason"] in ("clone-suspected", "counter-regression"), \
+            out
         [event] = org_events(c, "key.clone-suspected", "carol")
         assert event.detail["presented_count"] <= event.detail["stored_count"]
         # suspended for the whole organisation: the genuine key at ws1 is refused too
@@ -334,6 +352,8 @@ def test_a_replica_killed_mid_login_then_the_next_login_goes_to_the_other(cluste
     try:
         outcome = c.workstations["ws2"].login("bob", answer, primary="password")
         assert killed.is_set()
+        print(f"\nlogin with its replica killed mid-prompt: ok={outcome['ok']} "
+              f"reason={outcome.get('reason')}")
         # completed on the other replica, or failed cleanly saying so
         assert outcome["ok"] or outcome["reason"] in ("server-lost", "server-unavailable"), \
             outcome
@@ -534,15 +554,15 @@ def test_sigterm_with_logins_in_flight_leaves_nothing_half_written(cluster):
     results: list[dict] = []
     errors: list[BaseException] = []
 
-    def one(ws_name: str) -> None:
+    def one(i: int) -> None:
         try:
-            results.append(c.workstations[ws_name].login(
-                "dave", answering(password=PASSWORD), primary="password"))
+            results.append(c.workstations[f"ws{1 + i % 3}"].login(
+                f"shift{i:02d}", answering(password=PASSWORD), primary="password"))
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    before = {e.id for e in org_events(c, "login", "dave")}
-    threads = [threading.Thread(target=one, args=(f"ws{1 + i % 3}",)) for i in range(12)]
+    before = {e.id for e in org_events(c, "login")}
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(SHIFT)]
     for t in threads:
         t.start()
     time.sleep(0.3)
@@ -552,16 +572,18 @@ def test_sigterm_with_logins_in_flight_leaves_nothing_half_written(cluster):
     try:
         assert code == 0, f"the replica exited with {code}:\n{first.output()[-4000:]}"
         assert not errors, errors
-        assert len(results) == 12
+        assert len(results) == SHIFT
         for r in results:
             assert r["ok"] or r["reason"] in ("server-lost", "server-unavailable"), r
+        print(f"\nSIGTERM with {SHIFT} logins in flight: "
+              f"{sorted((r['ok'], r.get('reason') or '') for r in results)}")
         # every login the workstations saw succeed is recorded whole; none twice (a login
         # whose answer was lost on the way may be recorded without the workstation knowing)
-        recorded = [e for e in org_events(c, "login", "dave") if e.id not in before
+        recorded = [e for e in org_events(c, "login") if e.id not in before
                     and e.outcome == "success"]
         assert sum(1 for r in results if r["ok"]) <= len(recorded) <= len(results)
         audit_intact(c)
     finally:
         first.start()
-    assert c.workstations["ws1"].login("dave", answering(password=PASSWORD),
+    assert c.workstations["ws1"].login("gus", answering(password=PASSWORD),
                                        primary="password")["ok"]
