@@ -494,7 +494,7 @@ def start_cluster(pg_server, *, replicas: int = 2, workstations: int = 3,
                 lock_command = "true"
                 [organisation]
                 servers = {_toml_list(cluster.servers)}
-                timeout = 3
+                timeout = 10
                 [logging]
                 level = "{log_level}"
                 format = "json"
