@@ -146,6 +146,8 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--workers", type=int, default=16, help="each replica's worker threads")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    ap.add_argument("--log-level", default="warning",
+                    help="the replicas' and services' log level (info: every login logged)")
     ap.add_argument("--serve-keys", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -165,6 +167,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-org-"))
     tmp.chmod(0o755)
     pg = keys_proc = cluster = None
+    keep = False  # the cluster's logs are kept when a login failed
     t0 = time.monotonic()
     try:
         pg = PgServer.start(tmp / "pg")
@@ -178,14 +181,14 @@ def main() -> int:
                 raise SystemExit("the keys' process did not start")
             time.sleep(0.1)
         ports = json.loads(port_file.read_text())
-        names = [f"ws{i + 1:02d}" for i in range(args.workstations)]
+        names = [f"ws{i + 1}" for i in range(args.workstations)]  # as start_cluster names them
         keys_at = {ws: [f"127.0.0.1:{p}" for p in
                         ports[i * args.keys_per_workstation:(i + 1) * args.keys_per_workstation]]
                    for i, ws in enumerate(names)}
         cluster = start_cluster(pg, replicas=args.replicas, workstations=args.workstations,
                                 policy='[reverification]\ntrusted_networks = ["127.0.0.0/8"]\n',
                                 key_addresses=keys_at, card_reader_at=None,
-                                workers=args.workers, log_level="warning")
+                                workers=args.workers, log_level=args.log_level)
         print(f"set-up: PostgreSQL, {args.replicas} replicas, {args.workstations} "
               f"workstations joined, {nkeys} keys: {time.monotonic() - t0:.1f} s")
 
@@ -228,15 +231,24 @@ def main() -> int:
                 clients = local.clients = {}
             client = clients.get(ws)
             if client is None:
-                client = clients[ws] = cluster.workstations[ws].client(timeout=120)
+                client = clients[ws] = cluster.workstations[ws].client(timeout=60)
             started = time.perf_counter()
-            outcome = client.login(user, lambda _e: PIN, primary="key")
+            try:
+                outcome = client.login(user, lambda _e: PIN, primary="key")
+            except Exception as e:  # noqa: BLE001  (no result: counted, the connection dropped)
+                outcome = {"ok": False, "reason": "no-result", "user": user, "workstation": ws,
+                           "message": f"{type(e).__name__}: {e}"}
+                clients.pop(ws, None)
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001
+                    pass
             elapsed = time.perf_counter() - started
             with lock:
                 if outcome["ok"]:
                     latencies.append(elapsed)
                 else:
-                    failures.append(outcome)
+                    failures.append({**outcome, "user": user, "workstation": ws})
 
         meter.start()
         started = time.monotonic()
@@ -286,8 +298,14 @@ def main() -> int:
         print(f"  audit verify           exit {audit.returncode}: "
               f"{(audit.stdout or audit.stderr).strip()[:200]}")
         if failures:
+            reasons: dict[str, int] = {}
+            for f in failures:
+                reasons[f.get("reason") or "?"] = reasons.get(f.get("reason") or "?", 0) + 1
+            print(f"  failures by reason     {reasons}")
             print(f"  first failure          {failures[0].get('reason')}: "
-                  f"{failures[0].get('message')}")
+                  f"{failures[0].get('message')} ({failures[0].get('user')} at "
+                  f"{failures[0].get('workstation')})")
+            keep = True
         if args.json:
             print(json.dumps(figures, indent=2))
         return 0 if audit.returncode == 0 and len(arrived) == ok and not failures else 1
@@ -299,7 +317,10 @@ def main() -> int:
                 r.stop(timeout=10)
             import shutil
 
-            shutil.rmtree(cluster.base, ignore_errors=True)
+            if keep:
+                print(f"  the replicas' and workstations' logs are kept in {cluster.base}")
+            else:
+                shutil.rmtree(cluster.base, ignore_errors=True)
         if keys_proc is not None:
             keys_proc.send_signal(signal.SIGTERM)
             try:

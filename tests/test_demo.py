@@ -36,6 +36,14 @@ def test_demo_runs_every_step(pcscd):  # the session's pcscd (and its lock on vp
     assert "login from her own laptop: password, then the authenticator app" in text
     assert "event: session.locked" in text and "the card's session is now locked" in text
     assert "the service stopped cleanly" in text
+    # part 10: the organisation, roaming and an outage
+    assert "both ward PCs joined with one-time tokens: ['ward-a', 'ward-b']" in text
+    assert "ward-b: her password alone on this ward PC: no authenticator code asked" in text
+    assert "roaming is not unusual: no login.unusual alert at the new PC" in text
+    assert "roaming, not unusual (no alert)" in text
+    assert "ward-b, offline: alice logs in with her key" in text
+    assert "ward-b, offline: a password is refused, saying to use a key or card" in text
+    assert "ward-b's queued audit arrived" in text
     from token_agent.demo_workstation import CARD_PIN, KEY_PIN
 
     assert KEY_PIN not in text and CARD_PIN not in text

@@ -146,6 +146,9 @@ def run(port: int, control_port: int, out=sys.stdout) -> int:
     from .demo_workstation import workstation_demo
 
     workstation_demo(say, check, step=9)
+    from .demo_organisation import organisation_demo
+
+    organisation_demo(say, check, step=10)
     say("demonstration complete: every step verified")
     return 0
 
