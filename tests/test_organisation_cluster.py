@@ -18,6 +18,7 @@ fiona     password, key without a PIN (no user verification: the password goes w
 gus       password (class external: no MFA)           -
 shift00.. password (class external), 12 of them: SIGTERM  -
 hana      key, authenticator app                      ws1 ws2 ws3
+erin      password, a card (the card test: vpcd's reader, watched by ws3 only)
 ian       password, authenticator app                 -
 ========  ==========================================  ======================
 
@@ -460,6 +461,67 @@ def _alice_has_her_key(c: OrgCluster) -> None:
         with open_single_key({"TOKEN_AGENT_SIM_KEYS": c.keys["alice"].address},
                              on_touch=None) as key:
             enrol_key(agent.store, key, "alice", name="alice's key", pin_provider=lambda: KEY_PIN)
+
+
+# --------------------------------------------------------------------------- cards
+
+
+ERIN_UUID = "555000000005"
+CARD_PIN = "739154"
+
+
+def test_a_card_session_stays_at_its_workstation(cluster, pcscd, fresh_ca, tmp_path):
+    """erin's card at ws3 (the virtual card through pcscd and vpcd): the card's
+    certificate is validated on the server, the session is ws3's; her login at ws1 does not
+    touch it, and pulling the card out locks it there, not her session at ws1."""
+    from simulators.card.card import VirtualCard
+    from simulators.card.issuance import issue_card
+    from simulators.card.pcscd import insert_card, remove_card, wait_for_card
+    from simulators.card.pki import issuing_cert_path, root_cert_path
+    from token_agent.ceremonies.card import set_card_setting
+    from token_agent.factors import password as password_factor
+
+    c = cluster
+    ws1, ws3 = c.workstations["ws1"], c.workstations["ws3"]
+    card_file = tmp_path / "erin.card"
+    issue_card(fresh_ca, name="Dr Erin Jones", uuid=ERIN_UUID, pin=CARD_PIN, out=card_file,
+               algorithm="ECCP256")
+    with c.agent() as agent:
+        store = agent.store
+        set_card_setting(store, "card_trust_anchors", [str(root_cert_path(fresh_ca))])
+        set_card_setting(store, "card_intermediates", [str(issuing_cert_path(fresh_ca))])
+        erin = store.add_user("erin", display_name="Dr Erin Jones")
+        store.add_card_identity(erin.id, uuid=ERIN_UUID, holder_name="Dr Erin Jones")
+        password_factor.set_password(agent.factors(), erin.id, PASSWORD)
+    reader = pcscd.reader(0)
+    bridge = insert_card(pcscd, VirtualCard.load(card_file), 0)
+    try:
+        wait_for_card(pcscd.context, reader, present=True)
+        seen: list[str] = []
+        at_ws3 = ws3.login("erin", lambda e: seen.append(e["message"]) or CARD_PIN,
+                           primary="card")
+        assert at_ws3["ok"] and at_ws3["method"] == "card", at_ws3
+        assert seen == ["Enter the PIN for your card"]
+        at_ws1 = ws1.login("erin", answering(password=PASSWORD), primary="password")
+        assert at_ws1["ok"], at_ws1
+
+        def sessions(ws) -> dict:
+            with ws.client() as conn:
+                return {s["id"]: s for s in conn.request("session.state",
+                                                         user="erin")["sessions"]}
+
+        assert sessions(ws3)[at_ws3["session"]]["state"] == "active"  # untouched by ws1
+        assert at_ws3["session"] not in sessions(ws1)
+        remove_card(bridge)
+        bridge = None
+        wait_for(lambda: sessions(ws3)[at_ws3["session"]]["state"] == "locked", timeout=10,
+                 what="the card's session locked at ws3")
+        assert sessions(ws3)[at_ws3["session"]]["end_reason"] == "card-removed"
+        assert sessions(ws1)[at_ws1["session"]]["state"] == "active"
+    finally:
+        if bridge is not None:
+            remove_card(bridge)
+        wait_for_card(pcscd.context, reader, present=False)
 
 
 # --------------------------------------------------------------------------- certificates
