@@ -71,6 +71,19 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _legacy_flag() -> dict:
+    """websockets 17 wants ``legacy=True`` to hand back the connection itself (older
+    versions always did, and have no such argument)."""
+    import inspect
+
+    from websockets.sync.client import connect
+
+    return {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+
+
+_LEGACY = _legacy_flag()
+
+
 class OrgClient:
     """See the module docstring. Thread-safe: each request opens its own connection."""
 
@@ -204,7 +217,7 @@ class OrgClient:
             try:
                 ws = connect(uri, ssl=self.ssl_context, open_timeout=self.timeout,
                              proxy=None, compression=None, user_agent_header=USER_AGENT,
-                             close_timeout=self.timeout, ping_interval=None)
+                             close_timeout=self.timeout, ping_interval=None, **_LEGACY)
             except InvalidStatus as e:
                 status = e.response.status_code
                 if status in RETRY_STATUSES:
