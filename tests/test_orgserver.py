@@ -587,3 +587,28 @@ def test_the_tls_extension_carries_the_peer_certificate():
     assert tls["client_cert_chain"] == [ssl.DER_cert_to_PEM_cert(b"\x30\x03\x02\x01\x01")]
     assert tls["tls_version"] == 0x0304 and seen[0]["extensions"]["x"] == {}
     assert with_tls(app, Transport(None)) is app  # plain TCP: nothing added
+
+
+def test_sigterm_closes_open_channels_so_workstations_move_on(org_server, tmp_path):
+    ws = join_workstation(tmp_path / "ws1", org_server, "ws1")
+    channel = ws.client().connect("/v1/ping")
+    channel.send({"ping": 1})
+    assert channel.recv(timeout=10)["pong"] == 1
+    started = time.monotonic()
+    org_server.process.send_signal(15)
+    with pytest.raises(ChannelClosed) as closed:
+        channel.recv(timeout=15)
+    assert closed.value.code == 1012  # "service restart": try another replica
+    assert org_server.process.wait(15) == 0
+    assert time.monotonic() - started < 10  # not the 20 s shutdown timeout
+
+
+def test_server_run_without_its_files_says_what_to_do(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\ndata_dir = "{tmp_path / "data"}"\n'
+                      f'[server]\nlisten = "127.0.0.1:1"\ndir = "{tmp_path / "nothing"}"\n')
+    out = run_cli(clean_env(config), "server", "run", expect=exitcodes.USAGE)
+    assert "run `token-agent server init --dir DIR` first" in out.stderr
+    bad = run_cli(clean_env(config), "server", "run", "--listen", "nowhere",
+                  expect=exitcodes.USAGE)
+    assert "is not host:port" in bad.stderr
