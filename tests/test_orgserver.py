@@ -189,6 +189,8 @@ def test_the_certificate_names_the_token_s_workstation_and_weak_csrs_are_refused
            + "-----END CERTIFICATE REQUEST-----\n")
     status, body = _https(org_server, "POST", "/v1/join", {"token": token, "csr": pem})
     assert (status, body["error"]) == (400, "bad-csr")
+    status, body = _https(org_server, "POST", "/v1/join", {"token": token, "csr": "x" * 20000})
+    assert (status, body["error"]) == (413, "too-large")
     # the token was not used by those; the CSR asks for another name: the token's name wins
     key = pki.make_key()
     status, body = _https(org_server, "POST", "/v1/join",
@@ -446,6 +448,9 @@ def test_a_replica_whose_store_is_down_answers_503_and_the_client_moves_on(
         with pytest.raises(ServerUnavailable) as none:
             ws.client().request("GET", "/v1/whoami")
         assert "HTTP 503" in str(none.value)
+        with pytest.raises(ServerUnavailable) as no_channel:
+            ws.client().connect("/v1/ping")
+        assert "HTTP 503" in str(no_channel.value)
     finally:
         if not pg_server.running():
             pg_server.restart()
@@ -612,3 +617,7 @@ def test_server_run_without_its_files_says_what_to_do(tmp_path):
     bad = run_cli(clean_env(config), "server", "run", "--listen", "nowhere",
                   expect=exitcodes.USAGE)
     assert "is not host:port" in bad.stderr
+    init_server_dir(tmp_path / "nothing")
+    (tmp_path / "nothing" / "ca.key").chmod(0o640)
+    lax = run_cli(clean_env(config), "server", "run", expect=exitcodes.USAGE)
+    assert "can be read by others (mode 0o640)" in lax.stderr
