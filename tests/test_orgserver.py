@@ -621,3 +621,12 @@ def test_server_run_without_its_files_says_what_to_do(tmp_path):
     (tmp_path / "nothing" / "ca.key").chmod(0o640)
     lax = run_cli(clean_env(config), "server", "run", expect=exitcodes.USAGE)
     assert "can be read by others (mode 0o640)" in lax.stderr
+
+
+def test_a_second_server_on_a_taken_port_exits_1_and_says_so(org_server, tmp_path):
+    config = tmp_path / "second.toml"
+    config.write_text(org_server.config.read_text())
+    out = run_cli(clean_env(config), "server", "run", expect=exitcodes.ERROR)
+    assert f"could not start on {org_server.url}" in out.stderr
+    assert "address already in use" in out.stderr
+    assert org_server.health()["ok"] is True

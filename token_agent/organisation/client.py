@@ -53,7 +53,7 @@ def client_ssl_context(ca_file: str | Path, cert_file: str | Path | None = None,
     return ctx
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"its certificate is not trusted ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
@@ -155,7 +155,7 @@ class OrgClient:
             try:
                 status, data = self._one(server, method, path, payload)
             except (OSError, http.client.HTTPException) as e:
-                attempts.append((server, _reason(e)))
+                attempts.append((server, failure_reason(e)))
                 self._mark(server, True)
                 continue
             if status in RETRY_STATUSES:
@@ -228,7 +228,7 @@ class OrgClient:
                 self._answer(server, status, bytes(e.response.body or b""))
                 raise  # _answer always raises for an error status
             except (OSError, InvalidHandshake, TimeoutError) as e:
-                attempts.append((server, _reason(e)))
+                attempts.append((server, failure_reason(e)))
                 self._mark(server, True)
                 continue
             self._mark(server, False)
