@@ -138,6 +138,9 @@ def test_join_tokens_are_single_use_expiring_and_pinned_to_the_ca(org_server, tm
     token = org_server.token("ws1")
     secret, ca_hash = token.split(".")
     assert join(token, "a", 0)["joined"]["name"] == "ws1"
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a" / "organisation").iterdir()}
+    assert join(token, "a", exitcodes.AUTH_FAILED)["error"]["reason"] == "join-token-used"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a" / "organisation").iterdir()} == files
     assert join(token, "b", exitcodes.AUTH_FAILED)["error"]["reason"] == "join-token-used"
     assert not (tmp_path / "b" / "organisation" / "workstation.pem").exists()
     unknown = f"{secrets.token_urlsafe(32)}.{ca_hash}"
@@ -161,7 +164,7 @@ def test_join_tokens_are_single_use_expiring_and_pinned_to_the_ca(org_server, tm
         "this is not a join token")
     refused = [e["detail"]["reason"] for e in _events(org_server, "workstation.join")
                if e["outcome"] == "refused"]
-    assert refused == ["token used", "token unknown", "token expired"]
+    assert refused == ["token used", "token used", "token unknown", "token expired"]
     # the secrets are nowhere: not in the audit, not in the server's log
     everything = json.dumps(_events(org_server, "workstation.join")
                             + _events(org_server, "workstation.token")) + org_server.output()
