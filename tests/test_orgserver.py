@@ -633,3 +633,13 @@ def test_a_second_server_on_a_taken_port_exits_1_and_says_so(org_server, tmp_pat
     assert f"could not start on {org_server.url}" in out.stderr
     assert "address already in use" in out.stderr
     assert org_server.health()["ok"] is True
+
+
+def test_the_refusal_holds_when_the_data_directory_is_named_on_the_command_line(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[organisation]\nservers = ["https://org1.example:8443"]\n')
+    out = run_cli(clean_env(config, TOKEN_AGENT_DATA_DIR=str(tmp_path / "d")), "users", "list",
+                  expect=exitcodes.ORGANISATION)
+    assert "belongs to an organisation" in out.stderr
+    run_cli(clean_env(config), "--data-dir", str(tmp_path / "d"), "users", "add", "bob",
+            expect=exitcodes.ORGANISATION)
