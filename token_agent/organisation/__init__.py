@@ -1,8 +1,7 @@
-"""An organisation's workstations and servers: what both sides share (no ASGI imports).
-
-* ``pki.py``, ``client.py``: the workstation CA and certificates; ``OrgClient``;
-* ``protocol.py``, ``remote.py``, ``relay.py``: the ceremony channel;
-* ``cache.py``, ``totpcache.py``, ``offline.py``, ``outbox.py``, ``ingest.py``: offline
-  logins (the workstation's encrypted cache, authenticator-app codes checked offline, the
-  login itself, the outbox of offline audit events and the server's ingest of it).
-"""
+"""The organisation, as workstation and server share it (no ASGI here): certificates
+(``pki.py``), the workstation's client of the server (``client.py``) and its errors
+(``errors.py``); the ceremony channel (``protocol.py``, ``remote.py``, ``relay.py``); offline
+logins: the workstation's encrypted cache (``cache.py``), authenticator-app codes checked
+offline (``totpcache.py``), the login itself and what the server hands out for it
+(``offline.py``), the outbox of offline audit events (``outbox.py``) and the server's ingest
+of it (``ingest.py``)."""
