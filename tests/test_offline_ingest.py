@@ -260,3 +260,19 @@ def test_the_deliverer_thread_empties_the_outbox(server, cache, alice_key):
     finally:
         deliverer.stop()
     assert cache.pending_count() == 0 and len(offline_events(server.store)) == 2
+
+
+def test_a_clone_caught_at_the_workstation_is_suspended_on_the_server(server, cache, alice_key,
+                                                                      keys, tmp_path):
+    key, cred_id, path = alice_key
+    clone_state = tmp_path / "clone.json"
+    shutil.copy(path, clone_state)
+    _, clone, _ = keys.new(state=clone_state, pin=None)
+    assert key_login(cache, key).ok
+    out = key_login(cache, clone)  # the workstation's cached counter catches this one
+    assert not out.ok and out.reason is Reason.CLONE_SUSPECTED
+    deliver(cache, Direct(server))
+    cred = server.store.get_fido_credential(cred_id)
+    assert cred.flagged and "at workstation ws-1 (offline)" in cred.flag_reason
+    assert [e.detail["workstation"] for e in
+            server.store.list_events(kind="key.clone-suspected")] == [WS]

@@ -134,3 +134,29 @@ def test_the_card_trust_is_served(org_server, admin, ws, tmp_path):
     assert [a.strip() for a in trust["settings"]["card_trust_anchors"]] == \
         [root_cert_path(ca).read_text().strip()]
     assert trust["crls"] == [] and trust["settings"]["card_on_unreachable_crl"] == "refuse"
+
+
+def test_after_an_online_login_the_workstation_keeps_what_offline_needs(org_server, admin, ws,
+                                                                        tmp_path):
+    from simulators.card.pki import init_ca, root_cert_path
+    from token_agent.ceremonies.card import set_card_setting
+
+    admin.store.set_setting("user_verification", "discouraged")  # a key alone: one factor
+    alice = admin.store.get_user("alice")
+    ctx = admin.factors()
+    enrolment = totp.begin_enrol(ctx, alice.id)
+    assert totp.confirm_enrol(ctx, alice.id, oathtool(enrolment.secret, time.time() - 30)).ok
+    init_ca(tmp_path / "ca")
+    set_card_setting(admin.store, "card_trust_anchors", [str(root_cert_path(tmp_path / "ca"))])
+    admin.store.add_card_identity(alice.id, uuid="555123456789", holder_name="Dr Alice Smith")
+    admin.store.record_sighting(alice.id, "device", "ws1", time.time())
+    bundle = offline.bundle_for(admin, "alice", "ws1")
+    with OfflineCache.open(ws.org_dir) as cache:
+        assert offline.after_online_login(cache, ws.client(timeout=60), bundle) == []
+        assert cache.bundle("alice")["user"]["id"] == alice.id
+        assert len(cache.totp("alice")["apps"]) == 1
+        assert cache.trust()["settings"]["card_trust_anchors"][0].startswith("-----BEGIN")
+        org_server.stop()  # no server: the bundle is kept, the fetches say why they failed
+        problems = offline.after_online_login(cache, ws.client(timeout=2), bundle)
+        assert len(problems) == 2 and all("cannot be reached" in p for p in problems)
+        assert cache.bundle("alice") is not None and cache.totp("alice") is not None

@@ -13,6 +13,8 @@ and the reconciliation:
   last recorded use, means two keys answer with one credential: the credential is flagged
   (suspended) and ``key.clone-suspected`` recorded. An offline use earlier than the stored
   one (the key was used online since, with a higher counter) is only recorded;
+* a ``key.clone-suspected`` the workstation recorded (the counter went backwards against
+  its cache) suspends the credential here too;
 * an offline authenticator-app code advances the app's last step (the code, and earlier
   ones, cannot be used again online).
 
@@ -105,6 +107,8 @@ def _one(agent: "Agent", workstation: str, event: dict[str, Any]) -> None:
                 _reconcile_key(store, workstation, user_id, credential_id, detail, at)
             elif kind == "verify.totp":
                 _reconcile_totp(store, user_id, detail)
+        elif kind == "key.clone-suspected" and credential_id is not None and user_id is not None:
+            _suspend(store, workstation, user_id, credential_id, detail)
 
 
 def _reconcile_key(store, workstation: str, user_id: str, credential_id: bytes,
@@ -132,6 +136,19 @@ def _reconcile_key(store, workstation: str, user_id: str, credential_id: bytes,
                        detail={"credential": cred.name, "stored_count": cred.sign_count,
                                "presented_count": count, "workstation": workstation,
                                "offline": True, "at": at})
+
+
+def _suspend(store, workstation: str, user_id: str, credential_id: bytes,
+             detail: dict[str, Any]) -> None:
+    """The workstation caught a counter regression against its cache: the key is suspended
+    here too (the event itself is recorded already)."""
+    cred = store.get_fido_credential(credential_id)
+    if cred is None or cred.user_id != user_id or cred.flagged:
+        return
+    store.flag_fido_credential(
+        credential_id, f"signature counter went from {detail.get('stored_count')} to "
+                       f"{detail.get('presented_count')} at workstation {workstation} "
+                       "(offline): possibly a cloned key")
 
 
 def _reconcile_totp(store, user_id: str, detail: dict[str, Any]) -> None:

@@ -25,7 +25,8 @@ Workstation side
     authenticator-app code checked against the cached hashes (``totpcache``), single use.
     Refused with :data:`OFFLINE_REFUSAL`: a password or any other method, a user with no
     cached bundle, a bundle past ``expires_at`` (or a clock before the online login it came
-    from).
+    from). ``after_online_login(cache, client, bundle)``: what the workstation keeps after an
+    online login (the bundle, then the TOTP hashes and card trust it may need).
 """
 
 from __future__ import annotations
@@ -466,9 +467,32 @@ def _card_settings(cache: "OfflineCache", trust: dict[str, Any]):
         lock_command=s["card_lock_command"], crl_cache_dir=None)
 
 
-def store_login_result(cache: "OfflineCache", bundle: dict[str, Any] | None, *,
-                       now: float | None = None) -> None:
-    """After a successful online login: keep the server's bundle (when it sent one)."""
-    if bundle is not None:
-        cache.store_bundle(bundle, now=time.time() if now is None else float(now))
+def after_online_login(cache: "OfflineCache", client, bundle: dict[str, Any] | None, *,
+                       now: float | None = None) -> list[str]:
+    """What the workstation does after a successful online login whose answer carried a
+    bundle (``{"offline": bundle}``): keep it, then fetch what an offline login of this user
+    may need: the authenticator-app hashes when the cached decisions may ask for a code
+    (``POST /v1/offline/totp``), the card trust when the user holds a card (``GET
+    /v1/offline/trust``). ``client``: an ``OrgClient``. A fetch that fails leaves the cache as
+    it was (the bundle is kept); the failures' messages are returned (for the log)."""
+    if bundle is None:
+        return []
+    now = time.time() if now is None else float(now)
+    cache.store_bundle(bundle, now=now)
+    problems = []
+    username = bundle["user"]["username"]
+    wants_code = any(d["mfa_required"] and "totp" in d["usable_methods"]
+                     for d in bundle["decisions"].values())
+    if wants_code:
+        try:
+            cache.store_totp(username, client.request("POST", "/v1/offline/totp",
+                                                      {"user": username}), now=now)
+        except Exception as e:  # noqa: BLE001  (the client's errors: offline TOTP unavailable)
+            problems.append(f"authenticator-app codes for offline logins: {e}")
+    if bundle.get("cards"):
+        try:
+            cache.store_trust(client.request("GET", "/v1/offline/trust"))
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"card trust for offline logins: {e}")
+    return problems
 

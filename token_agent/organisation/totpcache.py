@@ -3,12 +3,13 @@
 Server (``hashes_for``): for each confirmed authenticator app of the user, the code of every
 30-second step from now to the end of the offline window (``[offline] max_hours``) is hashed
 with PBKDF2-HMAC-SHA256 under a random salt of the app's and the step's number (so no two
-hashes share a salt and nothing can be precomputed), ``ITERATIONS`` rounds: about 1.5 ms a
-hash here (``measure()``), so 12 hours (1440 steps) cost about 2 s of the server's time
-per app, asked for apart from the login (``POST /v1/offline/totp``). A 6-digit code has a
-million values: someone holding a decrypted cache needs about 25 minutes of one core per
-step to find a code, and a code alone logs nobody in (it is only a second factor, after a
-key or card).
+hashes share a salt and nothing can be precomputed), ``ITERATIONS`` rounds: 1.7 to 2.0 ms a
+hash on the development machine (``measure()``, 2 cores), so 12 hours (1442 steps) cost
+about 2.6 s of the server's time per app (3.2 s measured for the whole ``POST
+/v1/offline/totp`` over TLS), asked for apart from the login, after it. A 6-digit code has
+a million values: someone holding a decrypted cache needs about half an hour of one core
+per step to find a code, and a code alone logs nobody in (it is only a second factor, after
+a key or card).
 
 Workstation (``check``): a typed code is hashed for the steps around now (one either side,
 as online) and compared in constant time with the cached hashes; a match of a step later
@@ -31,7 +32,7 @@ from ..secretbox import equal
 if TYPE_CHECKING:
     from ..agent import Agent
 
-#: PBKDF2 rounds per code hash (about 1.5 ms here; ``measure``)
+#: PBKDF2 rounds per code hash (about 1.8 ms here; ``measure``)
 ITERATIONS = 6000
 SALT_LEN = 16
 HASH_LEN = 16
