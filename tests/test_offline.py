@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from token_agent.agent import Agent
-from token_agent.ceremonies.key import enrol_key, login_with_key
+from token_agent.ceremonies.key import enrol_key
 from token_agent.factors import totp
 from token_agent.organisation import offline, totpcache
 from token_agent.organisation.cache import CacheError, OfflineCache
@@ -28,37 +28,10 @@ from token_agent.store import Store
 from token_agent.store.wscache import FILENAME, WorkstationCache
 
 from key_helpers import PIN, Keyring
+from offline_helpers import Interaction, oathtool
 
 T0 = 1_765_000_000.0  # a fixed "now" for the server's bundle
 HOUR = 3600.0
-
-
-class Interaction:
-    """Answers the prompts in order; records them."""
-
-    def __init__(self, *answers):
-        self.answers = list(answers)
-        self.prompts = []
-
-    def info(self, message):
-        self.prompts.append(("info", message))
-
-    def secret(self, prompt):
-        self.prompts.append(("secret", prompt))
-        return self.answers.pop(0) if self.answers else None
-
-    text = secret
-
-    def choose(self, prompt, options, default):
-        return default
-
-    def show_qr(self, uri):
-        pass
-
-
-def oathtool(secret: str, at: float) -> str:
-    return subprocess.run(["oathtool", "--totp", "-b", secret, "-N", f"@{int(at)}"],
-                          check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture

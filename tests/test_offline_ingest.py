@@ -23,7 +23,7 @@ from token_agent.policy import DEFAULT_POLICY
 from token_agent.store import Store
 
 from key_helpers import PIN, Keyring
-from test_offline import Interaction, oathtool
+from offline_helpers import Interaction, oathtool
 
 WS = "ws-1"
 
