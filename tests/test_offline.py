@@ -504,3 +504,11 @@ def test_offline_revoked_card_is_refused(card_server, pki, cache, tmp_path):
     cache.store_trust(offline.trust_for(card_server))
     out = card_login(cache, card_session(pki, tmp_path, "revoked"), user="lost", now=now + 60)
     assert not out.ok and out.reason is Reason.CERT_REVOKED, out
+
+
+def test_store_login_result_keeps_the_bundle(server, keys, cache):
+    key, _, _ = enrolled(server, keys)
+    assert offline.store_login_result(cache, None) == []
+    assert offline.store_login_result(cache, offline.bundle_for(server, "alice", "ws-1"),
+                                      now=T0) == []
+    assert key_login(cache, key).ok

@@ -496,3 +496,16 @@ def after_online_login(cache: "OfflineCache", client, bundle: dict[str, Any] | N
             problems.append(f"card trust for offline logins: {e}")
     return problems
 
+
+
+def store_login_result(cache: "OfflineCache", bundle: dict[str, Any] | None, *,
+                       client=None, now: float | None = None) -> list[str]:
+    """After a successful online login: keep the server's bundle (when it sent one); with
+    ``client``, also fetch the TOTP hashes and card trust (:func:`after_online_login`, which
+    takes a few seconds for a user with an authenticator app: run it off the login's path)."""
+    if bundle is None:
+        return []
+    if client is not None:
+        return after_online_login(cache, client, bundle, now=now)
+    cache.store_bundle(bundle, now=time.time() if now is None else float(now))
+    return []
