@@ -247,6 +247,8 @@ def test_offline_key_login_within_the_window(server, keys, cache):
     assert [(e["kind"], e["outcome"]) for e in events] == [("login.key", "success"),
                                                           ("login", "success")]
     assert events[0]["detail"]["sign_count"] == after  # for the server's reconciliation
+    assert set(events[0]["detail"]["assertion"]) == {"authenticator_data", "client_data",
+                                                     "signature"}  # its proof
     assert events[0]["credential_id"] == result.credential_id.hex()
     assert events[0]["at"] == T0 + 11 * HOUR and events[0]["seq"] < events[1]["seq"]
     # the server's store was not touched: the workstation has no access to it

@@ -276,3 +276,51 @@ def test_a_clone_caught_at_the_workstation_is_suspended_on_the_server(server, ca
     assert cred.flagged and "at workstation ws-1 (offline)" in cred.flag_reason
     assert [e.detail["workstation"] for e in
             server.store.list_events(kind="key.clone-suspected")] == [WS]
+
+
+def test_a_workstation_cannot_move_a_counter_or_suspend_a_key_by_saying_so(server, cache,
+                                                                          alice_key):
+    key, cred_id, _ = alice_key
+    assert key_login(cache, key).ok
+    genuine = next(e for e in cache.pending() if e["kind"] == "login.key")
+    proof = genuine["detail"]["assertion"]
+    stored = server.store.get_fido_credential(cred_id).sign_count
+    alice = server.store.get_user("alice").id
+    forged_sig = dict(proof, signature=proof["signature"][:-8] + "AAAAAAA=")
+    base = {"user_id": alice, "username": "alice", "credential_id": cred_id.hex(),
+            "at": time.time() + 60}
+    events = [
+        # a counter pushed up (the genuine key's next login would then look like a clone)
+        {**base, "seq": 1, "kind": "login.key", "outcome": "success",
+         "detail": {"sign_count": 4_000_000_000}},
+        {**base, "seq": 2, "kind": "login.key", "outcome": "success",
+         "detail": {"sign_count": 4_000_000_000, "assertion": forged_sig}},
+        # a key suspended by a claim
+        {**base, "seq": 3, "kind": "key.clone-suspected", "outcome": "refused",
+         "detail": {"stored_count": 10, "presented_count": 1}},
+        {**base, "seq": 4, "kind": "key.clone-suspected", "outcome": "refused",
+         "detail": {"assertion": forged_sig}},
+    ]
+    assert ingest(server, WS, events) == 4
+    cred = server.store.get_fido_credential(cred_id)
+    assert cred.sign_count == stored and not cred.flagged
+    assert len(offline_events(server.store)) == 4  # recorded all the same, for the auditor
+    # the genuine event still counts
+    assert ingest(server, WS, [{**genuine, "seq": 5}]) == 5
+    assert server.store.get_fido_credential(cred_id).sign_count == \
+        genuine["detail"]["sign_count"] > stored
+
+
+def test_a_workstation_cannot_consume_an_apps_future_codes(server):
+    alice = server.store.get_user("alice")
+    ctx = server.factors()
+    enrolment = totp.begin_enrol(ctx, alice.id)
+    assert totp.confirm_enrol(ctx, alice.id, oathtool(enrolment.secret, time.time() - 30)).ok
+    [method] = server.store.list_methods(alice.id, "totp")
+    before = server.store.totp_credential(method.id)["last_step"]
+    future = int(time.time() // 30) + 100
+    ingest(server, WS, [{"seq": 1, "kind": "verify.totp", "outcome": "success",
+                         "user_id": alice.id, "at": time.time(),
+                         "detail": {"method_id": method.id, "step": future}}])
+    assert server.store.totp_credential(method.id)["last_step"] == before
+    assert totp.verify(ctx, alice.id, oathtool(enrolment.secret, time.time())).ok

@@ -8,15 +8,23 @@ acknowledged without recording anything twice), its audit record (detail plus
 ``{"workstation", "offline": true, "at"}``, ``at`` being the workstation's time of the event)
 and the reconciliation:
 
-* an offline key login whose signature counter is higher than the stored one advances it;
-  one whose counter is at or below the stored one, at a time later than the credential's
-  last recorded use, means two keys answer with one credential: the credential is flagged
+* a key's counter is only ever taken from the key's own signature: the event carries the
+  assertion (authenticator data, client data, signature), checked here against the stored
+  public key (``webauthn.verify_assertion``); an event without one, or whose signature does
+  not verify, is recorded and changes nothing (a workstation cannot push a counter up, or
+  suspend someone's key, by saying so);
+* an offline key login whose signed counter is higher than the stored one advances it; one
+  whose counter is at or below the stored one, at a time later than the credential's last
+  recorded use, means two keys answer with one credential: the credential is flagged
   (suspended) and ``key.clone-suspected`` recorded. An offline use earlier than the stored
   one (the key was used online since, with a higher counter) is only recorded;
 * a ``key.clone-suspected`` the workstation recorded (the counter went backwards against
-  its cache) suspends the credential here too;
+  its cache) suspends the credential here too, when its signed counter is at or below the
+  stored one (the workstation's cache never runs ahead of the server once its earlier events
+  are in, and they come first);
 * an offline authenticator-app code advances the app's last step (the code, and earlier
-  ones, cannot be used again online).
+  ones, cannot be used again online), at most to the server's current step plus one (a
+  workstation cannot consume an app's future codes).
 
 An event the audit log cannot take (a malformed kind, a secret-looking detail key) is
 recorded as ``offline.rejected`` and acknowledged, so one bad event never blocks the queue.
@@ -26,12 +34,17 @@ refused whole (``IngestError``) and nothing is written.
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ..store import KIND_TOTP, InvalidValue, SignCountRegression, StoreError, UnknownCredential
 
 if TYPE_CHECKING:
     from ..agent import Agent
+
+log = logging.getLogger("token_agent.ingest")
 
 MAX_BATCH = 500
 
@@ -106,18 +119,46 @@ def _one(agent: "Agent", workstation: str, event: dict[str, Any]) -> None:
             if kind == "login.key" and credential_id is not None:
                 _reconcile_key(store, workstation, user_id, credential_id, detail, at)
             elif kind == "verify.totp":
-                _reconcile_totp(store, user_id, detail)
+                _reconcile_totp(store, user_id, detail, agent.now())
         elif kind == "key.clone-suspected" and credential_id is not None and user_id is not None:
             _suspend(store, workstation, user_id, credential_id, detail)
 
 
+def _signed_count(cred, detail: dict[str, Any]) -> int | None:
+    """The counter in the event's assertion, when the credential's public key verifies its
+    signature (the challenge is the workstation's: the signature proves which counter the key
+    reached, not when); None otherwise."""
+    from .. import webauthn
+
+    proof = detail.get("assertion")
+    if not isinstance(proof, dict):
+        return None
+    try:
+        auth, client = (base64.b64decode(proof[k], validate=True)
+                        for k in ("authenticator_data", "client_data"))
+        signature = base64.b64decode(proof["signature"], validate=True)
+        challenge = _unb64url(json.loads(client)["challenge"])
+        check = webauthn.verify_assertion(
+            public_key=cred.public_key, stored_sign_count=0, rp_id=cred.rp_id,
+            origin=f"https://{cred.rp_id}", challenge=challenge, client_data_json=client,
+            authenticator_data=auth, signature=signature, require_uv=False)
+    except Exception as e:  # noqa: BLE001  (malformed or forged: the event changes nothing)
+        log.warning("an offline assertion for credential %s does not verify: %s", cred.name, e)
+        return None
+    return check.sign_count
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 def _reconcile_key(store, workstation: str, user_id: str, credential_id: bytes,
                    detail: dict[str, Any], at: float | None) -> None:
-    count = detail.get("sign_count")
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 0xFFFFFFFF:
-        return
     cred = store.get_fido_credential(credential_id)
     if cred is None or cred.user_id != user_id:
+        return
+    count = _signed_count(cred, detail)
+    if count is None:
         return
     if count > cred.sign_count or (count == 0 and cred.sign_count == 0):
         try:
@@ -145,13 +186,15 @@ def _suspend(store, workstation: str, user_id: str, credential_id: bytes,
     cred = store.get_fido_credential(credential_id)
     if cred is None or cred.user_id != user_id or cred.flagged:
         return
+    count = _signed_count(cred, detail)
+    if count is None or (count > cred.sign_count and not (count == cred.sign_count == 0)):
+        return
     store.flag_fido_credential(
-        credential_id, f"signature counter went from {detail.get('stored_count')} to "
-                       f"{detail.get('presented_count')} at workstation {workstation} "
-                       "(offline): possibly a cloned key")
+        credential_id, f"signature counter went from {cred.sign_count} to {count} at "
+                       f"workstation {workstation} (offline): possibly a cloned key")
 
 
-def _reconcile_totp(store, user_id: str, detail: dict[str, Any]) -> None:
+def _reconcile_totp(store, user_id: str, detail: dict[str, Any], now: float) -> None:
     method_id, step = detail.get("method_id"), detail.get("step")
     if any(isinstance(v, bool) or not isinstance(v, int) for v in (method_id, step)):
         return
@@ -159,5 +202,11 @@ def _reconcile_totp(store, user_id: str, detail: dict[str, Any]) -> None:
         method = store.get_method(method_id)
     except StoreError:
         return
-    if method.user_id == user_id and method.kind == KIND_TOTP:
-        store.advance_totp_step(method_id, step)
+    if method.user_id != user_id or method.kind != KIND_TOTP:
+        return
+    row = store.totp_credential(method_id)
+    if row is None or step > int(now // int(row["period"])) + 1:
+        log.warning("an offline TOTP step %d of method %d is in the future: ignored", step,
+                    method_id)
+        return
+    store.advance_totp_step(method_id, step)

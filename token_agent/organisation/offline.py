@@ -149,6 +149,33 @@ def trust_for(agent: "Agent") -> dict[str, Any]:
 # --------------------------------------------------------------------------- workstation side
 
 
+class _RecordingKey:
+    """The key as the ceremony sees it, keeping the assertions it returned: the offline
+    ``login.key`` and ``key.clone-suspected`` events carry the one used (authenticator data,
+    client data, signature; nothing secret), so the server checks the counter a workstation
+    reports against the key's own signature instead of taking its word."""
+
+    def __init__(self, key) -> None:
+        self._key = key
+        self.assertions: dict[bytes, Any] = {}
+
+    def assert_credentials(self, *args, **kwargs):
+        responses = self._key.assert_credentials(*args, **kwargs)
+        for r in responses:
+            self.assertions[bytes(r.credential_id)] = r
+        return responses
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._key, name)
+
+
+def assertion_detail(response) -> dict[str, str]:
+    """An assertion as an event's detail carries it (base64)."""
+    return {"authenticator_data": _b64(response.authenticator_data),
+            "client_data": _b64(response.client_data_json),
+            "signature": _b64(response.signature)}
+
+
 class _CacheStore:
     """The part of ``Store`` the key and card ceremonies use, over one user's cached bundle:
     reads from the bundle, writes (counter, flag, last card use) into it, audit events into
@@ -165,6 +192,8 @@ class _CacheStore:
                           disabled=bool(u["disabled"]), user_class=u["user_class"],
                           mfa_enabled=bool(u["mfa_enabled"]), mfa_source=u.get("mfa_source"))
         self._counts: dict[bytes, int] = {}
+        #: the ceremony's key (a ``_RecordingKey``), for the assertions in the events
+        self.key: _RecordingKey | None = None
 
     # the user
     def get_user(self, username: str) -> User:
@@ -266,6 +295,9 @@ class _CacheStore:
         cred = None if credential_id is None else bytes(credential_id)
         if kind == "login.key" and outcome == "success" and cred in self._counts:
             detail["sign_count"] = self._counts[cred]  # for the server's reconciliation
+        if kind in ("login.key", "key.clone-suspected") and self.key is not None \
+                and cred in self.key.assertions and (outcome == "success" or kind != "login.key"):
+            detail["assertion"] = assertion_detail(self.key.assertions[cred])
         if user_id == self._user.id and username is None:
             username = self._user.username
         return self._cache.queue({"kind": kind, "user_id": user_id, "username": username,
@@ -328,8 +360,9 @@ def login(cache: "OfflineCache", username: str, *, primary: str | None,
                                         "insert your key and try again", user=username)
         settings = KeySettings(rp_id=bundle["settings"]["rp_id"],
                                user_verification=bundle["settings"]["user_verification"])
+        store.key = _RecordingKey(key)
         first = login_with_key(
-            store, key, username=username,
+            store, store.key, username=username,
             pin_provider=key_pin or (lambda: interaction.secret("PIN for your security key")),
             on_touch=on_touch, timeout=timeout, cancel=cancel, settings=settings,
             presence=presence)
