@@ -514,3 +514,16 @@ def test_store_login_result_keeps_the_bundle(server, keys, cache):
     assert offline.store_login_result(cache, offline.bundle_for(server, "alice", "ws-1"),
                                       now=T0) == []
     assert key_login(cache, key).ok
+
+
+def test_an_altered_cache_entry_refuses_the_login_cleanly(server, keys, cache):
+    key, _, _ = enrolled(server, keys)
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0)
+    k = cache.user_key("alice")
+    blob, _ = cache.db.get_bundle(k)
+    altered = bytearray(blob)
+    altered[40] ^= 1  # e.g. someone trying to move expires_at
+    cache.db.replace_bundle_blob(k, bytes(altered))
+    out = key_login(cache, key)
+    assert not out.ok and out.message == offline.OFFLINE_REFUSAL
+    assert out.detail["why"] == "cache-unreadable"

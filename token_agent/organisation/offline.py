@@ -338,7 +338,13 @@ def login(cache: "OfflineCache", username: str, *, primary: str | None,
         primary = "key" if key is not None else "card" if card_session is not None else None
     if primary not in ("key", "card"):
         return _refuse(cache, username, "method-not-offline", now, primary=primary)
-    bundle = cache.bundle(username)
+    from .cache import CacheError
+
+    try:
+        bundle = cache.bundle(username)
+    except CacheError as e:  # altered, or another key file: as if nothing were cached
+        log.error("offline login of %s: %s", username, e)
+        return _refuse(cache, username, "cache-unreadable", now, primary=primary)
     if bundle is None:
         return _refuse(cache, username, "not-cached", now, primary=primary)
     user_id = bundle["user"]["id"]
@@ -373,13 +379,13 @@ def login(cache: "OfflineCache", username: str, *, primary: str | None,
         if card_session is None:
             return LoginOutcome.failure("card", Reason.NO_DEVICE, "no smartcard was found: "
                                         "insert your card and try again", user=username)
-        trust = cache.trust()
         try:
+            trust = cache.trust()
             if trust is None:
                 raise ValueError("no card trust is cached on this workstation")
             settings = _card_settings(cache, trust)
             policy = settings.trust_policy()
-        except ValueError as e:
+        except (ValueError, CacheError) as e:
             return _refuse(cache, username, "no-card-trust", now, primary=primary,
                            user_id=user_id, reason=Reason.CERT_UNTRUSTED,
                            message=f"{e}, and the organisation's server cannot be reached: "
@@ -401,8 +407,12 @@ def login(cache: "OfflineCache", username: str, *, primary: str | None,
     if decision["must_enrol"] or decision["mfa_required"]:
         why = ("a second factor must be set up first, which needs the organisation's server"
                if decision["must_enrol"] else None)
-        apps = (cache.totp(username) or {}).get("apps", []) \
-            if "totp" in decision["usable_methods"] else []
+        try:
+            apps = (cache.totp(username) or {}).get("apps", []) \
+                if "totp" in decision["usable_methods"] else []
+        except CacheError as e:
+            log.error("offline login of %s: %s", username, e)
+            apps = []
         if why is None and not apps:
             why = "a second factor is needed, and offline only an authenticator-app code can be checked"
         if why is not None:
