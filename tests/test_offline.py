@@ -65,7 +65,8 @@ def enrolled(server, keys, user="alice"):
 
 
 def key_login(cache, key, user="alice", now=T0 + HOUR, pin=PIN, **kw):
-    return offline.login(cache, user, primary="key", interaction=Interaction(*kw.pop("answers", ())),
+    answers = kw.pop("answers", ())
+    return offline.login(cache, user, primary="key", interaction=Interaction(*answers),
                          key=key, key_pin=lambda: pin, now=now, **kw)
 
 
@@ -160,7 +161,8 @@ def test_the_cache_is_encrypted_at_rest_and_private(server, keys, cache, tmp_pat
     assert stat.S_IMODE(org.stat().st_mode) == 0o700
     raw = b"".join(p.read_bytes() for p in org.iterdir() if p.name != "secrets.key")
     alice = server.store.get_user("alice")
-    for clear in (b"alice", b"Alice Smith", result.credential_id, result.credential_id.hex().encode(),
+    for clear in (b"alice", b"Alice Smith", result.credential_id,
+                  result.credential_id.hex().encode(),
                   alice.id.encode(), alice.user_handle):
         assert clear not in raw, clear
 
@@ -410,7 +412,8 @@ def test_offline_login_with_a_key_without_pin_and_a_totp_code(server, keys, alic
     assert key_login(cache, key, now=now + 5, answers=[earlier]).reason is Reason.CODE_REPLAYED
     wrong = "000000" if code != "000000" else "999999"
     assert key_login(cache, key, now=now + 40, answers=[wrong]).reason is Reason.WRONG_CODE
-    ok = [e for e in cache.pending(1000) if e["kind"] == "verify.totp" and e["outcome"] == "success"]
+    ok = [e for e in cache.pending(1000)
+          if e["kind"] == "verify.totp" and e["outcome"] == "success"]
     assert [e["detail"]["step"] for e in ok] == [int(now // 30)]
     assert code not in repr(cache.pending(1000))  # codes never reach the audit trail
 

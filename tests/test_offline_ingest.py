@@ -129,7 +129,8 @@ def test_a_crash_between_the_servers_commit_and_the_delete_does_not_double(serve
     assert key_login(cache, key).ok
     lost = Direct(server, lose_answer=True)
     report = deliver(cache, lost, attempts=2, sleep=lambda s: None)
-    assert report.delivered == 0 and report.remaining == 4 and "ConnectionResetError" in report.error
+    assert report.delivered == 0 and report.remaining == 4
+    assert "ConnectionResetError" in report.error
     assert lost.calls == 2  # retried
     assert len(offline_events(server.store)) == 4  # recorded once by the first call
     report = deliver(cache, Direct(server))

@@ -83,10 +83,12 @@ class CacheStore:
     # keys
     def _cred(self, c: dict[str, Any]) -> FidoCredential:
         return FidoCredential(
-            id=0, user_id=self._user.id, name=c["name"], credential_id=bytes.fromhex(c["credential_id"]),
+            id=0, user_id=self._user.id, name=c["name"],
+            credential_id=bytes.fromhex(c["credential_id"]),
             public_key=_unb64(c["public_key"]), aaguid=c.get("aaguid", ""),
             sign_count=int(c["sign_count"]), rp_id=c["rp_id"], discoverable=True,
-            uv_enrolled=bool(c.get("uv_enrolled")), attestation_format="", attestation_trusted=False,
+            uv_enrolled=bool(c.get("uv_enrolled")), attestation_format="",
+            attestation_trusted=False,
             transports=["usb"], created_at=0.0, last_used_at=None, flagged=bool(c["flagged"]),
             flag_reason=c.get("flag_reason"))
 

@@ -257,7 +257,8 @@ def login(cache: "OfflineCache", username: str, *, primary: str | None,
             log.error("offline login of %s: %s", username, e)
             apps = []
         if why is None and not apps:
-            why = "a second factor is needed, and offline only an authenticator-app code can be checked"
+            why = ("a second factor is needed, and offline only an authenticator-app code can "
+                   "be checked")
         if why is not None:
             with cache.transaction():
                 store.record_event("login", user_id=user_id, outcome="failure",
