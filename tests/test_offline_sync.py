@@ -80,6 +80,9 @@ def test_the_outbox_is_delivered_once_over_tls(org_server, admin, ws, tmp_path):
             {"acknowledged": batch[-1]["seq"]}
         assert len(offline_events(admin.store)) == 4
         assert admin.store.verify_events() == len(admin.store.list_events(limit=1000))
+        verified = json.loads(org_server.cli("audit", "verify", "--json").stdout)
+        assert verified["intact"] is True and verified["events"] == \
+            len(admin.store.list_events(limit=1000))
         with pytest.raises(ServerRefused) as refused:
             client.request("POST", "/v1/audit", {"events": [{"seq": "one"}]})
         assert refused.value.status == 400 and refused.value.error == "bad-request"
