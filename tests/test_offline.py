@@ -530,3 +530,34 @@ def test_an_altered_cache_entry_refuses_the_login_cleanly(server, keys, cache):
     out = key_login(cache, key)
     assert not out.ok and out.message == offline.OFFLINE_REFUSAL
     assert out.detail["why"] == "cache-unreadable"
+
+
+def test_a_code_used_online_is_not_accepted_offline(server, keys, alice_totp, cache):
+    server.store.set_setting("user_verification", "discouraged")
+    key, _, _ = enrolled(server, keys)
+    alice = server.store.get_user("alice")
+    now = T0 + 600
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0)
+    cache.store_totp("alice", totpcache.hashes_for(server, alice, now=T0), now=T0)
+    code = oathtool(alice_totp, now)
+    server.clock = lambda: now
+    server._factors = None
+    assert totp.verify(server.factors(), alice.id, code).ok  # used online, here or elsewhere
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1", now=now), now=now)
+    out = key_login(cache, key, now=now + 5, answers=[code])
+    assert not out.ok and out.reason is Reason.CODE_REPLAYED
+
+
+def test_a_key_suspended_here_stays_so_until_the_server_has_heard(server, keys, cache, tmp_path):
+    key, _, path = enrolled(server, keys)
+    clone_state = tmp_path / "clone2.json"
+    shutil.copy(path, clone_state)
+    _, clone, _ = keys.new(state=clone_state, pin=None)
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0)
+    assert key_login(cache, key).ok
+    assert key_login(cache, clone).reason is Reason.CLONE_SUSPECTED
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0 + 60)
+    assert cache.bundle("alice")["credentials"][0]["flagged"] is True  # events still queued
+    cache.acknowledged(10 ** 9)  # delivered: the server decides from now on
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0 + 120)
+    assert cache.bundle("alice")["credentials"][0]["flagged"] is False

@@ -81,17 +81,30 @@ class OfflineCache:
     # ------------------------------------------------------------ bundles
 
     def store_bundle(self, bundle: dict[str, Any], *, now: float) -> None:
-        """Keep the bundle of an online login that just succeeded (``now``). Counters and
-        TOTP steps used here offline and not yet known to the server are kept: a credential's
-        counter is the higher of the two."""
-        key = self.user_key(bundle["user"]["username"])
+        """Keep the bundle of an online login that just succeeded (``now``). What happened
+        here offline and the server may not know yet is kept: a credential's counter is the
+        higher of the two, and a key suspended here stays suspended while events wait in the
+        outbox. The authenticator-app steps the server has seen used (``totp_last_steps``)
+        are consumed here too, so cached hashes never accept a code used online."""
+        username = bundle["user"]["username"]
+        key = self.user_key(username)
         with self.transaction():
-            old = self.bundle(bundle["user"]["username"])
+            try:
+                old = self.bundle(username)
+            except CacheError:
+                old = None  # unreadable: replaced
             if old is not None:
-                counters = {c["credential_id"]: c["sign_count"] for c in old.get("credentials", ())}
+                before = {c["credential_id"]: c for c in old.get("credentials", ())}
+                waiting = self.pending_count() > 0
                 for cred in bundle.get("credentials", ()):
-                    cred["sign_count"] = max(int(cred["sign_count"]),
-                                             int(counters.get(cred["credential_id"], 0)))
+                    mine = before.get(cred["credential_id"])
+                    if mine is None:
+                        continue
+                    cred["sign_count"] = max(int(cred["sign_count"]), int(mine["sign_count"]))
+                    if waiting and mine.get("flagged") and not cred.get("flagged"):
+                        cred["flagged"], cred["flag_reason"] = True, mine.get("flag_reason")
+            for method, step in (bundle.get("totp_last_steps") or {}).items():
+                self.consume_totp_step(username, method, int(step))
             self.db.put_bundle(key, self._seal("bundle", key, bundle), now=now,
                                online_login_at=now)
 

@@ -73,6 +73,7 @@ def bundle_for(agent: "Agent", user, workstation: str, *, now: float | None = No
     from ..ceremonies.key import KeySettings
     from ..ceremonies.login import Device, facts_for
     from ..policy import decide
+    from ..store import KIND_TOTP
 
     store = agent.store
     if isinstance(user, str):
@@ -107,6 +108,9 @@ def bundle_for(agent: "Agent", user, workstation: str, *, now: float | None = No
         "cards": [{"uuid": i.uuid, "name": i.name, "holder_name": i.holder_name,
                    "flagged": i.flagged, "flag_reason": i.flag_reason}
                   for i in store.list_card_identities(user.id)],
+        "totp_last_steps": {str(m.id): int(store.totp_credential(m.id)["last_step"])
+                            for m in store.list_methods(user.id, KIND_TOTP)
+                            if store.totp_credential(m.id) is not None},
         "decisions": {"key_uv": decision("key", True), "key": decision("key", False),
                       "card": decision("card", True)},
     }
