@@ -163,3 +163,18 @@ def test_after_an_online_login_the_workstation_keeps_what_offline_needs(org_serv
         problems = offline.after_online_login(cache, ws.client(timeout=2), bundle)
         assert len(problems) == 2 and all("cannot be reached" in p for p in problems)
         assert cache.bundle("alice") is not None and cache.totp("alice") is not None
+
+
+def test_a_body_too_large_is_refused_unread(org_server, admin, ws):
+    from token_agent.orgserver.sync import MAX_AUDIT_BODY
+
+    client = ws.client(timeout=30)
+    huge = [{"seq": 1, "kind": "login", "outcome": "success",
+             "detail": {"note": "x" * (MAX_AUDIT_BODY + 10)}}]
+    with pytest.raises(ServerRefused) as refused:
+        client.request("POST", "/v1/audit", {"events": huge})
+    assert refused.value.status == 413 and refused.value.error == "too-large"
+    with pytest.raises(ServerRefused) as refused:
+        client.request("POST", "/v1/offline/totp", {"user": "a" * 5000})
+    assert refused.value.status == 413
+    assert offline_events(admin.store) == []

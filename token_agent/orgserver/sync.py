@@ -3,7 +3,8 @@
 (``auth.require_workstation``), and runs its store work in a worker thread.
 
 * ``POST /v1/audit {"events": [...]}`` -> ``{"acknowledged": max_seq}``: the workstation's
-  outbox, recorded exactly once (``organisation.ingest``); 400 for a batch of the wrong shape.
+  outbox, recorded exactly once (``organisation.ingest``); 400 for a batch of the wrong shape,
+  413 past ``MAX_AUDIT_BODY``.
 * ``POST /v1/offline/totp {"user"}`` -> the salted slow hashes of the user's
   authenticator-app codes for the offline window (``organisation.totpcache.hashes_for``);
   only for a user who logged in at this workstation before (404 otherwise, as for an
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -32,18 +34,41 @@ def _error(status: int, error: str, message: str) -> JSONResponse:
     return JSONResponse({"error": error, "message": message}, status_code=status)
 
 
-async def _body(request: Request) -> Any:
+#: the largest body each route reads (a batch of ``outbox.BATCH`` events is far smaller)
+MAX_AUDIT_BODY = 8 * 1024 * 1024
+MAX_SMALL_BODY = 4096
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _body(request: Request, limit: int) -> Any:
+    """The JSON body, never more than ``limit`` bytes in memory (``_TooLarge``); None when
+    it is not JSON."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _TooLarge()
     try:
-        return await request.json()
+        return json.loads(body)
     except ValueError:
         return None
+
+
+def _too_large() -> JSONResponse:
+    return _error(413, "too-large", "The request is too large: send fewer events at a time.")
 
 
 async def post_audit(request: Request) -> JSONResponse:
     from ..organisation.ingest import IngestError, ingest
 
     workstation = auth.require_workstation(request.scope)
-    body = await _body(request)
+    try:
+        body = await _body(request, MAX_AUDIT_BODY)
+    except _TooLarge:
+        return _too_large()
     if not isinstance(body, dict) or "events" not in body:
         return _error(400, "bad-request", 'Send a JSON object {"events": [...]}.')
     try:
@@ -70,7 +95,10 @@ def _totp(agent, workstation: str, username: Any) -> dict[str, Any] | None:
 
 async def post_offline_totp(request: Request) -> JSONResponse:
     workstation = auth.require_workstation(request.scope)
-    body = await _body(request)
+    try:
+        body = await _body(request, MAX_SMALL_BODY)
+    except _TooLarge:
+        return _too_large()
     if not isinstance(body, dict):
         return _error(400, "bad-request", 'Send a JSON object {"user": NAME}.')
     data = await run_in_threadpool(_totp, _agent(request), workstation.name, body.get("user"))
