@@ -561,3 +561,29 @@ def test_a_key_suspended_here_stays_so_until_the_server_has_heard(server, keys, 
     cache.acknowledged(10 ** 9)  # delivered: the server decides from now on
     cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0 + 120)
     assert cache.bundle("alice")["credentials"][0]["flagged"] is False
+
+
+def test_a_reopened_cache_keeps_its_files_private(tmp_path):
+    org = tmp_path / "org"
+    with OfflineCache.open(org) as c:
+        c.queue({"kind": "login"}, now=T0)
+    old = os.umask(0o022)
+    try:
+        with OfflineCache.open(org) as c:
+            c.queue({"kind": "login"}, now=T0)
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in org.iterdir()}
+    finally:
+        os.umask(old)
+    assert modes and set(modes.values()) == {0o600}, modes
+
+
+def test_ingest_on_a_sqlite_store_records_once(server, keys, cache):
+    from token_agent.organisation.ingest import ingest
+
+    key, _, _ = enrolled(server, keys)
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0)
+    assert key_login(cache, key).ok
+    batch = cache.pending()
+    assert ingest(server, "ws-1", batch) == ingest(server, "ws-1", batch) == batch[-1]["seq"]
+    recorded = [e for e in server.store.list_events(limit=100) if e.detail.get("offline")]
+    assert len(recorded) == len(batch) and server.store.verify_events() > 0
