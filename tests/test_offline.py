@@ -587,3 +587,14 @@ def test_ingest_on_a_sqlite_store_records_once(server, keys, cache):
     assert ingest(server, "ws-1", batch) == ingest(server, "ws-1", batch) == batch[-1]["seq"]
     recorded = [e for e in server.store.list_events(limit=100) if e.detail.get("offline")]
     assert len(recorded) == len(batch) and server.store.verify_events() > 0
+
+
+def test_users_gone_longer_than_any_window_are_forgotten(server, keys, cache):
+    enrolled(server, keys)
+    cache.store_bundle(offline.bundle_for(server, "bob", "ws-1"), now=T0)
+    cache.store_totp("bob", {"apps": []}, now=T0)
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0 + 168 * HOUR - 1)
+    assert cache.bundle("bob") is not None
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0 + 168 * HOUR + 1)
+    assert cache.bundle("bob") is None and cache.totp("bob") is None
+    assert cache.bundle("alice") is not None and cache.db.user_count() == 1

@@ -107,6 +107,7 @@ class OfflineCache:
                 self.consume_totp_step(username, method, int(step))
             self.db.put_bundle(key, self._seal("bundle", key, bundle), now=now,
                                online_login_at=now)
+            self.purge(now)
 
     def bundle(self, username: str) -> dict[str, Any] | None:
         """The user's cached bundle (with ``last_online_login_at``), or None."""
@@ -126,6 +127,14 @@ class OfflineCache:
 
     def forget(self, username: str) -> None:
         self.db.forget_user(self.user_key(username))
+
+    def purge(self, now: float) -> int:
+        """Forget the users whose last online login here is older than any policy's offline
+        window (``policy.MAX_OFFLINE_HOURS``): their entries can never log anyone in again.
+        Done at each ``store_bundle``; how many were forgotten."""
+        from ..policy import MAX_OFFLINE_HOURS
+
+        return self.db.forget_older_than(float(now) - MAX_OFFLINE_HOURS * 3600.0)
 
     # ------------------------------------------------------------ TOTP
 

@@ -199,6 +199,15 @@ class WorkstationCache:
             for table in ("bundles", "totp", "totp_used"):
                 self._conn.execute(f"DELETE FROM {table} WHERE user_key = ?", (user_key,))
 
+    def forget_older_than(self, cutoff: float) -> int:
+        """Forget every user whose last online login here is before ``cutoff``; how many."""
+        with self.transaction():
+            old = [r["user_key"] for r in self._conn.execute(
+                "SELECT user_key FROM bundles WHERE last_online_login_at < ?", (float(cutoff),))]
+            for key in old:
+                self.forget_user(key)
+            return len(old)
+
     def user_count(self) -> int:
         return int(self._read("SELECT count(*) AS n FROM bundles")[0]["n"])
 
