@@ -389,13 +389,16 @@ def test_totp_matching_single_use_and_earlier_steps_consumed(server, alice_totp,
         == totpcache.WRONG
 
 
-def test_offline_login_with_a_key_without_pin_and_a_totp_code(server, keys, alice_totp, cache):
-    server.store.set_setting("user_verification", "discouraged")
+TOTP_ONLY = '[methods]\nallowed = ["totp"]\n'  # a key, even with its PIN, is not enough
+
+
+def test_offline_login_with_a_key_and_a_totp_code(server, keys, alice_totp, cache):
+    server.policy = parse_policy(TOTP_ONLY)
     key, _, _ = enrolled(server, keys)
     alice = server.store.get_user("alice")
     bundle = offline.bundle_for(server, "alice", "ws-1")
-    assert bundle["decisions"]["key"]["mfa_required"] and "totp" in \
-        bundle["decisions"]["key"]["usable_methods"]
+    assert bundle["decisions"]["key_uv"]["mfa_required"] and "totp" in \
+        bundle["decisions"]["key_uv"]["usable_methods"]
     cache.store_bundle(bundle, now=T0)
     # without the TOTP hashes: refused, the second factor cannot be checked
     out = key_login(cache, key, answers=["000000"])
@@ -405,7 +408,8 @@ def test_offline_login_with_a_key_without_pin_and_a_totp_code(server, keys, alic
     now = T0 + 2 * HOUR
     code = oathtool(alice_totp, now)
     out = key_login(cache, key, now=now, answers=[code])
-    assert out.ok and out.detail["second"] == "totp" and not out.user_verified, out
+    assert out.ok and out.detail["second"] == "totp" and out.method == "key+totp", out
+    assert set(out.factors) == {Factor.POSSESSION, Factor.KNOWLEDGE}
     # the same code again (and an earlier one): refused
     assert key_login(cache, key, now=now + 5, answers=[code]).reason is Reason.CODE_REPLAYED
     earlier = oathtool(alice_totp, now - 30)
@@ -598,3 +602,18 @@ def test_users_gone_longer_than_any_window_are_forgotten(server, keys, cache):
     cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0 + 168 * HOUR + 1)
     assert cache.bundle("bob") is None and cache.totp("bob") is None
     assert cache.bundle("alice") is not None and cache.db.user_count() == 1
+
+
+def test_a_key_without_pin_and_a_totp_code_are_one_kind_of_factor(server, keys, alice_totp,
+                                                                   cache):
+    server.store.set_setting("user_verification", "discouraged")  # no PIN: possession only
+    key, _, _ = enrolled(server, keys)
+    alice = server.store.get_user("alice")
+    bundle = offline.bundle_for(server, "alice", "ws-1")
+    assert bundle["decisions"]["key"]["mfa_required"]
+    cache.store_bundle(bundle, now=T0)
+    cache.store_totp("alice", totpcache.hashes_for(server, alice, now=T0), now=T0)
+    now = T0 + HOUR
+    out = key_login(cache, key, now=now, answers=[oathtool(alice_totp, now)])
+    assert not out.ok and out.reason is Reason.VERIFICATION_FAILED  # as online
+    assert "same kind of factor" in out.message

@@ -19,7 +19,7 @@ from token_agent.organisation.cache import OfflineCache
 from token_agent.organisation.ingest import IngestError, ingest
 from token_agent.organisation.outbox import Deliverer, deliver
 from token_agent.outcome import Reason
-from token_agent.policy import DEFAULT_POLICY
+from token_agent.policy import DEFAULT_POLICY, parse_policy
 from token_agent.store import Store
 
 from key_helpers import PIN, Keyring
@@ -230,7 +230,7 @@ def test_an_earlier_offline_use_delivered_late_is_not_a_clone(server, cache, ali
 
 
 def test_a_totp_step_used_offline_cannot_be_used_online(server, cache, keys):
-    server.store.set_setting("user_verification", "discouraged")  # the key alone: one factor
+    server.policy = parse_policy('[methods]\nallowed = ["totp"]\n')  # the key is not enough
     _, key, _ = keys.new()
     enrol_key(server.store, key, "alice", pin_provider=lambda: PIN)
     alice = server.store.get_user("alice")

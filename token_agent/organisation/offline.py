@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import kinds
 from ..outcome import Factor, LoginOutcome, Reason
 from .cachestore import CacheStore, RecordingKey
 
@@ -307,8 +308,18 @@ def login(cache: "OfflineCache", username: str, *, primary: str | None,
                                detail={"method_id": int(method["method"]), "step": step,
                                        "method": method["name"]})
             second = "totp"
-            if Factor.POSSESSION not in factors:
-                factors.append(Factor.POSSESSION)
+            factor = Factor[kinds.by_policy("totp").factor.upper()]
+            if factor not in factors:
+                factors.append(factor)
+            if len(set(factors)) < 2:  # as online (ceremonies/login.py)
+                why = (f"{primary} and totp are the same kind of factor: multi-factor "
+                       "authentication needs two different kinds")
+                store.record_event("login", user_id=user_id, outcome="failure",
+                                   detail={"reason": Reason.VERIFICATION_FAILED.value,
+                                           "primary": primary, "second": second})
+                return LoginOutcome.failure("login", Reason.VERIFICATION_FAILED, why,
+                                            user=first.user, user_id=user_id,
+                                            detail={"offline": True})
             _record_success(store, user_id, primary, second, decision)
     else:
         with cache.transaction():
@@ -316,7 +327,7 @@ def login(cache: "OfflineCache", username: str, *, primary: str | None,
     log.info("offline login: %s with %s%s", first.user, primary,
              f" and {second}" if second else "")
     return LoginOutcome(
-        ok=True, method=primary, user=first.user, user_id=user_id, factors=tuple(factors),
+        ok=True, method="+".join(m for m in (primary, second) if m), user=first.user, user_id=user_id, factors=tuple(factors),
         credential=first.credential, credential_id=first.credential_id,
         user_verified=first.user_verified, warnings=first.warnings, message=first.message,
         detail={**first.detail, "offline": True, "primary": primary, "second": second,
