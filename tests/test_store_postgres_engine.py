@@ -14,9 +14,8 @@ import psycopg
 import pytest
 
 from store_raw import database_behind_a_password
-from token_agent.store import InvalidValue, SchemaTooNew, StoreError, StoreFileError
+from token_agent.store import SCHEMA_VERSION, InvalidValue, SchemaTooNew, StoreError, StoreFileError
 from token_agent.store.engine import Migration, split_script
-from token_agent.store.migrations import MIGRATIONS
 from token_agent.store.pgconn import translate
 from token_agent.store.postgres import IntegrityViolation, PostgresEngine, StoreUnavailable
 from token_agent.store.schema_pg import SCRIPTS
@@ -102,7 +101,7 @@ def tables(url: str) -> dict[str, int]:
 @pytest.mark.parametrize("as_function", [False, True], ids=["script", "function"])
 def test_migrations_build_the_schema_with_postgresql_types(pg_url, engines, as_function):
     engine = engines(pg_url)
-    assert migrate(engine, as_function=as_function) == LATEST == len(MIGRATIONS)
+    assert migrate(engine, as_function=as_function) == LATEST == SCHEMA_VERSION
     assert migrate(engine) == LATEST  # a second run changes nothing
     with engine.connect() as conn:
         assert engine.check_integrity(conn) == []

@@ -73,6 +73,8 @@ class Reason(str, enum.Enum):
     PUSH_WRONG_NUMBER = "push-wrong-number"
     PUSH_EXPIRED = "push-expired"
     LEGACY_NOT_ALLOWED = "legacy-access-not-allowed"
+    # an organisation's workstation (token_agent/organisation/)
+    SERVER_UNAVAILABLE = "server-unavailable"  # no server answers: only an offline key/card login
 
 
 @dataclass(frozen=True)
