@@ -219,16 +219,3 @@ class SocketInteraction:
     def touch(self) -> None:
         self.info(TOUCH_MESSAGE)
 
-
-def once(first: Any, then: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A runner that returns ``first`` at its first call and calls ``then`` afterwards (the
-    device ceremony of a usernameless login, done before the policy flow asks for it)."""
-    used = []
-
-    def run(name: str):
-        if not used:
-            used.append(True)
-            return first
-        return then(name)
-
-    return run

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ...ceremonies.choices import parse_second
 from ...ceremonies.login import PRIMARY_METHODS
 from ...outcome import LoginOutcome
-from ..ceremony import SocketInteraction, once
+from ..ceremony import SocketInteraction
 from ..errors import CeremonyCancelled, KeyBusy, RequestError
 from .common import agent_user, check_args, device_of, refuse
 from .sessions import session_row
@@ -143,7 +143,7 @@ def _credentials_of(svc: Host, username: str) -> tuple[list[bytes], str]:
 
 
 def _run_login(svc: Host, c: Ceremony, a: dict, device) -> None:
-    from ...ceremonies.login import login, shown_before_first_factor
+    from ...ceremonies.login import login_or_tap
 
     started = time.perf_counter()
     ui = SocketInteraction(c)
@@ -160,25 +160,15 @@ def _run_login(svc: Host, c: Ceremony, a: dict, device) -> None:
     try:
         key_runner = _key_runner(svc, c, ui)
         card_runner = svc.cards.runner(c, ui, card_used)
-        username = c.user
-        primary = a["primary"]
-        if username is None:
-            first = card_runner(None) if primary == "card" else key_runner(None)
-            if not first.ok:
-                outcome = shown_before_first_factor(first)  # no factor yet: no details
-            else:
-                username = c.user = first.user
-                primary = "card" if primary == "card" else "key"
-                if primary == "card":
-                    card_runner = once(first, card_runner)
-                else:
-                    key_runner = once(first, key_runner)
-        if outcome is None:
-            with c.user_locked(svc.user_locks.get(username)):
-                outcome = login(svc.agent, username, interaction=ui, device=device,
-                                primary=primary, second=a["second"], key_login=key_runner,
-                                card_login=card_runner, cancel=c.cancel,
-                                on_success=record_session, step_up=bool(a["step_up"]))
+
+        def on_user(name: str):
+            c.user = name
+            return c.user_locked(svc.user_locks.get(name))
+
+        outcome = login_or_tap(svc.agent, c.user, primary=a["primary"], key_login=key_runner,
+                               card_login=card_runner, on_user=on_user, interaction=ui,
+                               device=device, second=a["second"], cancel=c.cancel,
+                               on_success=record_session, step_up=bool(a["step_up"]))
     except Exception as e:
         outcome = svc.unexpected(c, e, "login")
     if outcome.ok:
