@@ -53,6 +53,18 @@ class Relayed(NamedTuple):
     result: dict  # the final result as the server sent it
 
 
+class WorkstationRefused(Exception):
+    """The server refuses this workstation (its certificate unknown or revoked): WebSocket
+    close code 4403, or an HTTP error on connecting (``ServerRefused``)."""
+
+    def __init__(self, error: str, message: str | None = None) -> None:
+        self.error = error
+        self.message = message or (
+            f"The organisation's server refuses this workstation ({error}): ask the "
+            "organisation's administrator to join it again.")
+        super().__init__(self.message)
+
+
 class ChannelLost(Exception):
     """The channel failed; ``engaged``: the person or a device had been asked already."""
 
@@ -127,6 +139,9 @@ class _Session:
             except ProtocolError:
                 raise
             except Exception as e:  # noqa: BLE001
+                if getattr(e, "code", None) == 4403:
+                    raise WorkstationRefused(str(getattr(e, "reason", None)
+                                                 or "workstation-refused")) from None
                 raise ChannelLost(f"receive failed: {type(e).__name__}", self.engaged) \
                     from None
 
@@ -301,18 +316,19 @@ def relay(channel, first_message: dict, interaction, key_opener: Callable[..., A
     return Relayed(outcome, final["offline"], final["ticket"], result)
 
 
-def _unavailable_errors() -> tuple[type[BaseException], ...]:
-    """The OrgClient's "no replica answers" exception (``client.py`` / ``errors.py``)."""
-    found: list[type[BaseException]] = []
-    for module in ("errors", "client"):
-        try:
-            mod = __import__(f"{__package__}.{module}", fromlist=["ServerUnavailable"])
-        except ImportError:
-            continue
-        cls = getattr(mod, "ServerUnavailable", None)
-        if isinstance(cls, type) and cls not in found:
-            found.append(cls)
-    return tuple(found)
+def _refused_errors() -> tuple[type[BaseException], ...]:
+    """The OrgClient's "a server refused" exception (``errors.ServerRefused``)."""
+    try:
+        from .errors import ServerRefused
+    except ImportError:  # before the client's module is there: nothing to catch
+        return ()
+    return (ServerRefused,)
+
+
+def refused_outcome(e: WorkstationRefused) -> LoginOutcome:
+    """A refused workstation: no login, and no offline one either."""
+    return LoginOutcome.failure("login", Reason.SERVER_UNAVAILABLE, e.message,
+                                detail={"refused": e.error})
 
 
 def relay_with_failover(client, first_message: dict, interaction, key_opener, card_opener,
@@ -324,11 +340,18 @@ def relay_with_failover(client, first_message: dict, interaction, key_opener, ca
     offline login, or the refusal :data:`UNAVAILABLE_MESSAGE`."""
     tries = attempts or max(2, len(getattr(client, "servers", None) or ()) + 1)
     last = "no replica was tried"
+    refused = _refused_errors()
     for attempt in range(tries):
-        channel = client.connect(PATH)
+        try:
+            channel = client.connect(PATH)
+        except refused as e:
+            return Relayed(refused_outcome(WorkstationRefused(
+                getattr(e, "error", "refused"), getattr(e, "message", None))), None, None, {})
         try:
             return relay(channel, first_message, interaction, key_opener, card_opener, cancel,
                          presence=presence, idle_timeout=idle_timeout)
+        except WorkstationRefused as e:
+            return Relayed(refused_outcome(e), None, None, {})
         except ChannelLost as e:
             last = e.why
             if cancel is not None and cancel.is_set():
@@ -354,5 +377,6 @@ def unavailable_outcome() -> LoginOutcome:
     return LoginOutcome.failure("login", Reason.SERVER_UNAVAILABLE, UNAVAILABLE_MESSAGE)
 
 
-__all__ = ["ChannelLost", "LOST_MESSAGE", "PATH", "Relayed", "UNAVAILABLE_MESSAGE", "relay",
-           "relay_with_failover", "unavailable_outcome"]
+__all__ = ["ChannelLost", "LOST_MESSAGE", "PATH", "Relayed", "UNAVAILABLE_MESSAGE",
+           "WorkstationRefused", "refused_outcome", "relay", "relay_with_failover",
+           "unavailable_outcome"]

@@ -219,3 +219,12 @@ class SocketInteraction:
     def touch(self) -> None:
         self.info(TOUCH_MESSAGE)
 
+
+def pin_guard(svc, c: Ceremony, ui: SocketInteraction, timeout: float):
+    """Who must touch the key before its PIN is tried in this ceremony
+    (``ceremonies/keypresence.py``): a caller other than the login service (a user's own
+    screen locker, ``enrol.key``) always, the login service when few tries are left."""
+    from ..ceremonies.keypresence import PinGuard
+
+    return PinGuard(trusted=svc.rules.is_login_service(c.conn.peer), on_touch=ui.touch,
+                    timeout=timeout, cancel=c.cancel)
