@@ -3,7 +3,7 @@
 # machine it touches neither apt nor the network.
 #
 #   1. Debian packages (apt-get when root; otherwise says which `sudo apt-get install` to run)
-#   2. a virtualenv at .venv (Python >= 3.11) with `pip install -e '.[test,postgresql]'`, redone only when
+#   2. a virtualenv at .venv (Python >= 3.11) with `pip install -e '.[test,postgresql,server]'`, redone only when
 #      pyproject.toml changed since the last install
 #   3. python-fido2's source distribution, unpacked in .cache/fido2-sdist/, for the conformance
 #      suite it ships (tests/device); fetched from PyPI, never committed
@@ -79,11 +79,11 @@ fi
 STAMP="$VENV/.token-agent-installed"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 have=$(cat "$STAMP" 2>/dev/null || true)
-if [[ "$want" != "$have" ]] || ! "$VPY" -c 'import token_agent, fido2, psycopg, psycopg_pool' >/dev/null 2>&1; then
-    log "pip install -e '.[test,postgresql]' (pyproject.toml changed or first install)"
+if [[ "$want" != "$have" ]] || ! "$VPY" -c 'import token_agent, fido2, psycopg, psycopg_pool, starlette, uvicorn, websockets' >/dev/null 2>&1; then
+    log "pip install -e '.[test,postgresql,server]' (pyproject.toml changed or first install)"
     rm -f "$STAMP"
-    "$VPY" -m pip install --quiet --disable-pip-version-check -e '.[test,postgresql]' </dev/null >&2 \
-        || die "pip install -e '.[test,postgresql]' failed (see the errors above)"
+    "$VPY" -m pip install --quiet --disable-pip-version-check -e '.[test,postgresql,server]' </dev/null >&2 \
+        || die "pip install -e '.[test,postgresql,server]' failed (see the errors above)"
     printf '%s\n' "$want" >"$STAMP"
 fi
 

@@ -77,6 +77,12 @@ readers = ["Virtual PCD"]               # readers to watch: names or name prefix
 lock_command = "loginctl lock-session"  # run when a session's card leaves; "" = none
                                         # [the card setting card_lock_command]
 
+[server]                                # the organisation's server: see orgconfig.py
+listen = "0.0.0.0:8443"
+
+[organisation]                          # this workstation belongs to an organisation
+servers = ["https://org1.example.nhs.uk:8443"]  # (orgconfig.py: timeout, dir)
+
 [logging]
 level = "info"                          # debug | info | warning | error
 format = "text"                         # text | json (one object per line: ts, level, logger,
@@ -105,6 +111,10 @@ from pathlib import Path
 from typing import Any
 
 from .filetrust import check_config_file
+from .orgconfig import (
+    ORGANISATION_KEYS, SERVER_KEYS, OrganisationConfig, ServerConfig, parse_organisation,
+    parse_server,
+)
 from .paths import APP_DIRNAME, config_file, expand_home, home
 from .tomlcheck import TableParser, kind as _kind, show as _show, suggest as _suggest
 
@@ -270,6 +280,8 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)
     cards: CardsConfig = field(default_factory=CardsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    organisation: OrganisationConfig = field(default_factory=OrganisationConfig)
     #: the file it came from (None: built-in defaults)
     source: str | None = None
 
@@ -294,6 +306,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "keys": ("simulators", "timeout"),
     "cards": ("readers", "lock_command"),
     "logging": ("level", "format"),
+    "server": SERVER_KEYS,
+    "organisation": ORGANISATION_KEYS,
 }
 
 
@@ -535,10 +549,12 @@ def parse_config(text: str, source: str = "<config>", *,
     t = p.table(data, "logging")
     logging_ = LoggingConfig(p.choice(t, "level", "logging", LOG_LEVELS, "info"),
                              p.choice(t, "format", "logging", LOG_FORMATS, "text"))
+    server = parse_server(p, p.table(data, "server"))
+    organisation = parse_organisation(p, p.table(data, "organisation"))
     if p.errors:
         raise ConfigError(p.errors)
-    return Config(service, store, policy, workstation, keys, cards, logging_,
-                  None if source.startswith("<") else source)
+    return Config(service, store, policy, workstation, keys, cards, logging_, server,
+                  organisation, None if source.startswith("<") else source)
 
 
 def config_warnings(config: Config) -> list[str]:

@@ -16,6 +16,9 @@ NOT_FOUND = 8  # the user, credential or setting named does not exist
 CONFLICT = 9  # it exists already (user, key name, key or contact already enrolled)
 ENROL_REQUIRED = 10  # the policy requires a second factor and the user has none set up yet
 DELIVERY = 11  # a one-time code could not be sent (gateway down, not configured), or sent too often
+ORGANISATION = 12  # this workstation belongs to an organisation: users and methods are managed
+                   # through its server, not a local store (or it has not joined it yet)
+SERVER_UNAVAILABLE = 13  # no server of the organisation answered
 
 REASON_CODES: dict[Reason, int] = {
     Reason.UNKNOWN_USER: AUTH_FAILED,

@@ -75,3 +75,4 @@ from . import mfa  # noqa: E402,F401  (enrol/verify second factors, methods, app
 from . import policy_cmd  # noqa: E402,F401  (policy check/explain/show, audit, admin)
 from . import service_cmd  # noqa: E402,F401  (serve, config check, service status/sessions/events)
 from . import store_cmd  # noqa: E402,F401  (store check, store migrate)
+from . import org_cmd  # noqa: E402,F401  (server ..., workstation join/status)

@@ -95,6 +95,7 @@ class Context:
                 # config.toml read once: the policy's lookup may have read it already
                 self._where = where = locate(self.data_dir, config_path=self.config_path,
                                              config=self._config, store_url=self.store_url)
+                self._refuse_local_store(where)
                 self._store = open_store(where, create=create)
             except ConfigError as e:
                 fail("; ".join(e.errors), exitcodes.USAGE)
@@ -108,12 +109,34 @@ class Context:
                 fail(f"cannot open the credential store: {e}", exitcodes.STORE)
         return self._store
 
+    def _refuse_local_store(self, where) -> None:
+        """On an organisation's workstation (config.toml's ``[organisation] servers``) users
+        and methods live in the organisation's store: a command reaching for the local
+        SQLite store is refused (exit 12) instead of changing a stray copy. A PostgreSQL
+        store named by --store-url, TOKEN_AGENT_STORE_URL or [store] url (the server's
+        host, the administrator's way) is allowed."""
+        if where.store_url is not None:
+            return
+        org = self.config().organisation
+        if org.enabled:
+            fail(organisation_refusal(org.servers), exitcodes.ORGANISATION,
+                 reason="organisation-workstation")
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def organisation_refusal(servers) -> str:
+    """The one message of a command refused on an organisation's workstation (exit 12)."""
+    return (f"this workstation belongs to an organisation (servers: {', '.join(servers)}): "
+            "users and methods are managed through the organisation's server, not this "
+            "workstation's store. Ask the organisation's administrator, who runs the command "
+            "on the server's host (or with --store-url naming the organisation's store); "
+            "logins and key enrolment go through `token-agent serve`.")
 
 
 def _run_as_owner(e) -> str:

@@ -12,7 +12,8 @@ package, one module per area, on an engine behind one seam.
   (methods of any kind, FIDO2 credentials), ``cards.py`` (smartcard identities),
   ``secrets.py`` (passwords, authenticator apps, app passwords, backup codes), ``codes.py``
   (contacts, one-time codes), ``push.py``, ``lockouts.py``, ``sightings.py``,
-  ``sessions.py``, ``settings.py``, ``audit.py``. No SQL outside this package.
+  ``sessions.py``, ``settings.py``, ``workstations.py`` (an organisation's
+  workstations), ``audit.py``. No SQL outside this package.
 
 ``Store`` combines them; ``Store.open(path)`` opens a SQLite store. Every error is a
 ``StoreError`` (``errors.py``).
@@ -30,8 +31,9 @@ from .detail import (
 from .engine import Engine, Migration
 from .errors import (
     AuditChainBroken, CredentialExists, IntegrityViolation, InvalidValue, SchemaTooNew,
-    SignCountRegression, StoreError, StoreFileError, StoreMissing, StoreUnavailable,
-    UnknownCredential, UnknownUser, UserExists,
+    JoinTokenRefused, SignCountRegression, StoreError, StoreFileError, StoreMissing,
+    StoreUnavailable, UnknownCredential, UnknownUser, UnknownWorkstation, UserExists,
+    WorkstationExists,
 )
 from .lockouts import LockoutsArea
 from .methods import MethodsArea
@@ -42,7 +44,8 @@ from .records import (
     KIND_SMARTCARD, KIND_SMS, KIND_TOTP, KIND_VOICE, MAX_CREDENTIAL_ID_LEN, MAX_DETAIL_BYTES,
     MAX_DETAIL_STRING, MAX_DISPLAY_NAME_LEN, MAX_NAME_LEN, METHOD_KINDS, MFA_SOURCES,
     OUTCOME_RE, ROLE_RE, SESSION_STATES, SETTING_KEY_RE, USER_CLASSES,
-    USER_HANDLE_LEN, AuditEvent, FidoCredential, LoginSession, Method, SmartcardIdentity, User,
+    USER_HANDLE_LEN, WORKSTATION_NAME_RE, AuditEvent, FidoCredential, LoginSession, Method,
+    SmartcardIdentity, User, Workstation,
 )
 from .push import PushArea
 from .secrets import SecretsArea
@@ -51,10 +54,11 @@ from .settings import SettingsArea
 from .sightings import SightingsArea
 from .sqlite import SQLiteEngine, run_script
 from .users import UsersArea
+from .workstations import WorkstationsArea
 
 
 class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, LockoutsArea,
-            SightingsArea, SessionsArea, SettingsArea, AuditArea, StoreCore):
+            SightingsArea, SessionsArea, SettingsArea, WorkstationsArea, AuditArea, StoreCore):
     """The agent's store. Create with ``Store.open(path)`` (SQLite); close with ``close()``
     or use it as a context manager. See the package's modules for durability
     (``sqlite.py``), transactions and threads (``core.py``) and errors (``errors.py``)."""
@@ -74,5 +78,6 @@ __all__ = [
     "Method", "Migration", "SQLiteEngine", "SchemaTooNew", "SignCountRegression",
     "SmartcardIdentity", "Store", "StoreCore", "StoreError", "StoreFileError", "StoreMissing",
     "UnknownCredential", "UnknownUser", "User", "UserExists", "check_detail", "run_script",
-    "secret_looking",
+    "secret_looking", "JoinTokenRefused", "UnknownWorkstation", "WorkstationExists",
+    "WORKSTATION_NAME_RE", "Workstation", "WorkstationsArea",
 ]

@@ -116,3 +116,19 @@ class IntegrityViolation(StoreError):
         super().__init__(message)
         self.constraint = constraint
         self.sqlstate = sqlstate
+
+
+class UnknownWorkstation(StoreError, LookupError):
+    """No organisation workstation of that name."""
+
+
+class WorkstationExists(StoreError):
+    """The workstation has joined and is not revoked: a new join token is refused."""
+
+
+class JoinTokenRefused(StoreError):
+    """A join token that cannot be used: ``reason`` is ``unknown``, ``used`` or ``expired``."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

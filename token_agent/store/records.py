@@ -230,3 +230,42 @@ class LoginSession:
 #: session states (``sessions.state``)
 SESSION_STATES = ("active", "locked", "ended")
 
+
+
+#: an organisation workstation's name (``workstations.name``; the CN of its certificate)
+WORKSTATION_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class Workstation:
+    """An organisation's workstation (schema migration 7): made by a join token, joined
+    with a certificate (``cert_fingerprint``: SHA-256 of its DER, hex), maybe revoked.
+    ``state``: ``pending`` (a token, not joined yet), ``joined``, ``revoked``."""
+
+    id: int
+    name: str
+    token_expires_at: float | None
+    token_used_at: float | None
+    cert_serial: str | None
+    cert_fingerprint: str | None
+    cert_not_after: float | None
+    created_at: float
+    joined_at: float | None
+    revoked_at: float | None
+    last_seen_at: float | None
+    last_address: str | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "joined" if self.cert_fingerprint is not None else "pending"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state
+        return d

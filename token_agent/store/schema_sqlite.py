@@ -264,3 +264,28 @@ BEGIN
     SELECT RAISE(ABORT, 'the audit chain''s head cannot be deleted');
 END;
 """
+
+
+V7 = """
+-- An organisation's workstations (the server's store): one row per name, made by
+-- `server workstation-token` (the join token's SHA-256, its expiry, when it was used) and
+-- completed by the join (the certificate's serial and SHA-256 fingerprint). A revoked
+-- workstation keeps its row (revoked_at) until a new token for its name is issued.
+CREATE TABLE workstations (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    name             TEXT NOT NULL UNIQUE COLLATE NOCASE
+                     CHECK (length(name) BETWEEN 1 AND 64),
+    token_hash       BLOB UNIQUE CHECK (token_hash IS NULL OR
+                                        (typeof(token_hash) = 'blob' AND length(token_hash) = 32)),
+    token_expires_at REAL,
+    token_used_at    REAL,
+    cert_serial      TEXT,
+    cert_fingerprint TEXT UNIQUE CHECK (cert_fingerprint IS NULL OR length(cert_fingerprint) = 64),
+    cert_not_after   REAL,
+    created_at       REAL NOT NULL,
+    joined_at        REAL,
+    revoked_at       REAL,
+    last_seen_at     REAL,
+    last_address     TEXT
+);
+"""

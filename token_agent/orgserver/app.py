@@ -1,0 +1,67 @@
+"""The ASGI app: ``build_app(ctx)`` collects ``ROUTES`` (a list of Starlette ``Route`` /
+``WebSocketRoute``) from each module named in ``ROUTE_MODULES``, behind ``WorkstationAuth``
+(every path but ``auth.PUBLIC_PATHS`` needs a joined workstation's certificate). A route
+module of this package adds its name to ``ROUTE_MODULES``; nothing else to wire."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ..store import StoreError, StoreUnavailable
+from .auth import WorkstationAuth, WorkstationRefused, unavailable_body
+
+log = logging.getLogger(__name__)
+
+#: the modules of ``token_agent.orgserver`` whose ``ROUTES`` the app serves
+ROUTE_MODULES: tuple[str, ...] = ("join", "health")
+
+
+def collect_routes(modules: tuple[str, ...] = ROUTE_MODULES) -> list[Any]:
+    routes: list[Any] = []
+    for name in modules:
+        routes.extend(importlib.import_module(f"{__package__}.{name}").ROUTES)
+    return routes
+
+
+async def _store_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, StoreUnavailable):
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(unavailable_body(), status_code=503)
+    log.error("%s %s: store error: %s", request.method, request.url.path, exc)
+    return JSONResponse({"error": "store-error", "message": "The organisation's server could "
+                         "not complete this request (its store refused it); nothing was "
+                         "changed. Try again, or tell the administrator."}, status_code=500)
+
+
+async def _refused(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, WorkstationRefused)
+    return JSONResponse({"error": exc.error, "message": exc.message}, status_code=403)
+
+
+def build_app(ctx: Any, *, modules: tuple[str, ...] = ROUTE_MODULES) -> Starlette:
+    """The server's app over a ``ServerContext`` (``app.state.ctx``)."""
+    workers = int(getattr(getattr(ctx.config, "server", None), "workers", 16) or 16)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        import anyio.to_thread
+
+        # the store's work runs in worker threads (run_in_threadpool): this many at once
+        anyio.to_thread.current_default_thread_limiter().total_tokens = workers
+        yield
+
+    app = Starlette(routes=collect_routes(modules),
+                    middleware=[Middleware(WorkstationAuth, ctx=ctx)],
+                    exception_handlers={StoreError: _store_error, WorkstationRefused: _refused},
+                    lifespan=lifespan)
+    app.state.ctx = ctx
+    return app

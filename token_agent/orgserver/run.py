@@ -1,0 +1,78 @@
+"""``token-agent server run``: the app on uvicorn with mutual TLS (client certificates
+optional in the handshake, verified against the workstation CA when sent; ``auth.py``
+refuses requests without one), the TLS extension (``tlsext.py``), no proxy headers (the
+peer address is the one the policy sees).
+
+SIGTERM (or SIGINT) is uvicorn's graceful shutdown: the socket stops accepting, requests in
+flight finish (for at most ``[server] shutdown_timeout`` seconds; the store's transactions
+commit or roll back whole, never half), WebSockets are closed with 1012 (a ceremony in
+progress fails cleanly, and the workstation fails over), then the process exits 0."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import sys
+from typing import Any
+
+import uvicorn
+
+from .app import build_app
+from .tlsext import TLSH11Protocol, TLSWebSocketProtocol
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, url: str) -> None:
+        super().__init__(config)
+        self.url = url
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            # one line on stderr for people and scripts (tests wait for it)
+            print(f"token-agent server: listening on {self.url}", file=sys.stderr, flush=True)
+
+
+def uvicorn_config(ctx: Any, *, listen: str | None = None) -> tuple[uvicorn.Config, str]:
+    from ..orgconfig import split_listen
+
+    server_cfg = ctx.config.server
+    host, port = split_listen(listen or server_cfg.listen)
+    files = ctx.files
+    config = uvicorn.Config(
+        build_app(ctx), host=host, port=port,
+        ssl_certfile=str(files["tls_cert"]), ssl_keyfile=str(files["tls_key"]),
+        ssl_ca_certs=str(files["ca_cert"]), ssl_cert_reqs=ssl.CERT_OPTIONAL,
+        http=TLSH11Protocol, ws=TLSWebSocketProtocol, lifespan="on",
+        proxy_headers=False, server_header=False, access_log=False, log_config=None,
+        timeout_graceful_shutdown=int(server_cfg.shutdown_timeout) or 1,
+        loop="asyncio")
+    shown = f"[{host}]" if ":" in host else host
+    return config, f"https://{shown}:{port}"
+
+
+def serve(ctx: Any, *, listen: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; the exit status (0 after a graceful shutdown, 1 when the
+    server could not start, e.g. its port is taken)."""
+    config, url = uvicorn_config(ctx, listen=listen)
+    server = _Server(config, url)
+    stopped: list[int] = []
+    # uvicorn re-raises the signal it caught once it has shut down; these handlers (which
+    # it restores first) take it, so that a graceful stop exits 0
+    previous = {sig: signal.signal(sig, lambda s, f: stopped.append(s))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits on a startup failure (port in use, ...)
+        return int(e.code) if isinstance(e.code, int) else 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        return 1
+    log.info("token-agent server %s stopped (%s)", url,
+             ", ".join(signal.Signals(s).name for s in stopped) or "no signal")
+    return 0
