@@ -1,0 +1,164 @@
+"""The ceremony channel over the real server: `token-agent server run` (separate processes,
+real TLS with the workstation's certificate, WebSocket /v1/ceremony) on PostgreSQL, the
+workstation's relay in this process with the virtual key over HID framing."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+
+from drivers.pcsc import errors as card_errors
+from token_agent.organisation import protocol
+from token_agent.organisation.errors import ServerUnavailable
+from token_agent.organisation.relay import relay_with_failover
+from token_agent.outcome import Factor, Reason
+from token_agent.store import Store
+
+from key_helpers import PIN, Keyring
+from orgtest import join_workstation, org_server, start_org_server  # noqa: F401 (fixture)
+
+PASSWORD = "correct horse battery staple"
+
+
+class Person:
+    def __init__(self, *answers, key_pin=PIN, gate: threading.Event | None = None) -> None:
+        self.answers, self.asked, self.told = list(answers), [], []
+        self._pin, self.gate, self.waiting = key_pin, gate, threading.Event()
+
+    def info(self, message):
+        self.told.append(message)
+
+    show_qr = info
+
+    def secret(self, prompt):
+        self.asked.append(prompt)
+        if self.gate is not None:
+            self.waiting.set()
+            self.gate.wait(30)
+        return self.answers.pop(0) if self.answers else None
+
+    text = secret
+
+    def choose(self, prompt, options, default):
+        return default
+
+    def key_pin(self):
+        self.asked.append("key PIN")
+        return self._pin
+
+    def touch(self):
+        self.told.append("touch")
+
+
+def key_opener(key):
+    return lambda rp_id, ids, timeout, cancel, on_touch: contextlib.nullcontext(key)
+
+
+def no_card(timeout, cancel):
+    raise card_errors.NoCard()
+
+
+@pytest.fixture
+def org(tmp_path, pg_url, org_server):
+    store = Store.open(pg_url)
+    store.add_user("bob", display_name="Dr Bob Jones")
+    ws = join_workstation(tmp_path / "ws1", org_server, "ws1")
+    yield org_server, ws, store
+    store.close()
+
+
+def test_enrol_and_log_in_with_a_key_through_the_real_server(org, tmp_path):
+    server, ws, store = org
+    _, key, _ = Keyring(tmp_path).new()
+    client = ws.client()
+    # bob's first method needs no login; the server records it
+    enrolled = relay_with_failover(client, protocol.enrol_key_request(user="bob", name="blue",
+                                                                      ticket=None),
+                                   Person(), key_opener(key), no_card)
+    assert enrolled.result["ok"], enrolled.result
+    [before] = store.list_fido_credentials(store.get_user("bob").id)
+    person = Person()
+    relayed = relay_with_failover(client, protocol.login_request(user="bob", primary="key"),
+                                  person, key_opener(key), no_card)
+    outcome = relayed.outcome
+    assert outcome.ok and outcome.user == "bob", outcome
+    assert set(outcome.factors) == {Factor.POSSESSION, Factor.KNOWLEDGE}
+    assert person.asked == ["key PIN"] and relayed.ticket
+    # the server's store holds it all: the credential's counter, the audit, the sighting
+    [cred] = store.list_fido_credentials(store.get_user("bob").id)
+    assert cred.sign_count > before.sign_count and cred.last_used_at is not None
+    events = [e for e in store.list_events(kind="login") if e.outcome == "success"]
+    assert events and events[0].detail["device"] == "managed"
+    from token_agent import sightings
+
+    assert sightings.seen(store, store.get_user("bob").id, "device", "ws1")
+    # tap-and-go
+    relayed = relay_with_failover(client, protocol.login_request(user=None), Person(),
+                                  key_opener(key), no_card)
+    assert relayed.outcome.ok and relayed.outcome.user == "bob", relayed.outcome
+
+
+def test_a_malformed_first_message_over_the_socket(org):
+    server, ws, store = org
+    channel = ws.client().connect("/v1/ceremony")
+    try:
+        channel.send({"op": "login", "user": "bob", "pin": "1234"})
+        final = channel.recv(timeout=10)
+    finally:
+        channel.close()
+    assert final["error"]["type"] == "protocol" and "pin" in final["error"]["message"]
+
+
+def test_a_revoked_workstation_is_refused_and_gets_no_login(org):
+    server, ws, store = org
+    server.revoke("ws1")
+    relayed = relay_with_failover(ws.client(), protocol.login_request(user="bob"), Person(),
+                                  key_opener(None), no_card)
+    assert not relayed.outcome.ok and relayed.outcome.reason is Reason.SERVER_UNAVAILABLE
+    assert relayed.outcome.detail["refused"] == "workstation-revoked"
+    assert "revoked" in relayed.outcome.message or "refuses" in relayed.outcome.message
+
+
+def test_a_replica_killed_after_the_person_answered_fails_the_login_cleanly(tmp_path, pg_url):
+    first = start_org_server(tmp_path / "s1", pg_url)
+    second = start_org_server(tmp_path / "s2", pg_url, server_dir=first.server_dir)
+    try:
+        store = Store.open(pg_url)
+        from token_agent.factors import password as password_factor
+        from token_agent.agent import Agent
+
+        agent = Agent.open(tmp_path / "agent", store=store, environ={})
+        carol = store.add_user("carol")
+        password_factor.set_password(agent.factors(), carol.id, PASSWORD)
+        ws = join_workstation(tmp_path / "ws1", first, "ws1", servers=[first.url, second.url])
+        gate = threading.Event()
+        person = Person(PASSWORD, gate=gate)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=relay_with_failover(
+            ws.client(), protocol.login_request(user="carol"), person, key_opener(None),
+            no_card)))
+        t.start()
+        assert person.waiting.wait(20), "the password was never asked"
+        first.kill()  # the replica that asked dies while the person types
+        gate.set()
+        t.join(30)
+        outcome = result["r"].outcome
+        assert not outcome.ok and outcome.reason is Reason.SERVER_LOST, outcome
+        assert person.asked == ["Password"]  # not asked again on the other replica
+        assert not [e for e in store.list_events(kind="login") if e.outcome == "success"]
+        # the next login goes to the other replica
+        relayed = relay_with_failover(ws.client(), protocol.login_request(user="carol"),
+                                      Person(PASSWORD), key_opener(None), no_card)
+        assert relayed.outcome.reason is not Reason.SERVER_LOST  # answered (the policy decides)
+        assert relayed.outcome.reason is not Reason.SERVER_UNAVAILABLE
+        # no replica: the caller's offline path
+        second.stop()
+        with pytest.raises(ServerUnavailable):
+            relay_with_failover(ws.client(), protocol.login_request(user="carol"), Person(),
+                                key_opener(None), no_card)
+        store.close()
+    finally:
+        first.kill()
+        second.kill()
