@@ -18,6 +18,7 @@ from token_agent.store import Store
 
 from key_helpers import PIN, Keyring
 from orgtest import join_workstation, org_server, start_org_server  # noqa: F401 (fixture)
+from test_service import socket_dir  # noqa: F401 (fixture)
 
 PASSWORD = "correct horse battery staple"
 
@@ -162,3 +163,53 @@ def test_a_replica_killed_after_the_person_answered_fails_the_login_cleanly(tmp_
     finally:
         first.kill()
         second.kill()
+
+
+# --------------------------------------------------------------------------- the service
+
+
+def test_the_workstation_service_logs_in_through_the_organisation(tmp_path, pg_url, org_server,
+                                                                  sim_key_server, socket_dir):
+    """`token-agent serve` with [organisation] servers: the socket API unchanged for its
+    callers; the key enrolled and used through the server; the session kept here; the local
+    ops on methods refused in one sentence; no server: server-unavailable."""
+    from conftest import environ_for_agent
+    from test_service import KEY_PIN, ServiceProcess, set_key_pin
+    from token_agent.service.client import ServiceError, answers
+
+    set_key_pin(sim_key_server)
+    store = Store.open(pg_url)
+    store.add_user("alice", display_name="Dr Alice Smith")
+    sock = socket_dir / "svc.sock"
+    ws = join_workstation(tmp_path / "ws1", org_server, "ws1", extra_config=(
+        f'[keys]\nsimulators = ["{sim_key_server.address}"]\ntimeout = 10\n'
+        f'[service]\nsocket = "{sock}"\nprompt_timeout = 30\n[cards]\nlock_command = "true"\n'))
+    svc = ServiceProcess(ws.config, sock, ws.data_dir, tmp_path / "svc.log",
+                         {**environ_for_agent(), "PYTHONUNBUFFERED": "1"}).start()
+    try:
+        with svc.client() as c:
+            login = c.request("enrol.key", user="alice", name="blue key")["login"]
+            enrolled = c.run_ceremony(login, answers(KEY_PIN, KEY_PIN))
+            assert enrolled["ok"] and enrolled["name"] == "blue key", enrolled
+            outcome = c.login("alice", answers(KEY_PIN), primary="key")
+            assert outcome["ok"] and outcome["user"] == "alice" and outcome["session"], outcome
+            assert outcome["multi_factor"]
+            sessions = c.request("session.state", user="alice")["sessions"]
+            assert [s["id"] for s in sessions] == [outcome["session"]]
+            with pytest.raises(ServiceError) as refused:
+                c.request("methods.list", user="alice")
+            assert refused.value.code == "forbidden"
+            assert "organisation" in refused.value.message
+        # the server recorded both, and knows the key
+        assert [c.name for c in store.list_fido_credentials(store.get_user("alice").id)] == \
+            ["blue key"]
+        org_server.stop()
+        with svc.client() as c:
+            down = c.login("alice", answers(KEY_PIN), primary="password")
+        assert not down["ok"] and down["reason"] == "server-unavailable", down
+        assert down["message"] == "The organisation's server cannot be reached; use your key " \
+                                  "or card."
+        assert KEY_PIN not in svc.output()
+    finally:
+        svc.stop()
+        store.close()
