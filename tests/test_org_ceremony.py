@@ -537,3 +537,41 @@ def test_outcome_from_json_is_strict():
                 {**ok.to_json(), "factors": ["x"]}, {**ok.to_json(), "extra": 1}, []):
         with pytest.raises(ProtocolError):
             protocol.outcome_from_json(bad)
+
+
+def test_a_server_that_asks_for_a_pin_in_a_prompt_gets_no_answer():
+    """A compromised server could ask for the key's PIN with the workstation's own words:
+    the relay never puts such a prompt to the person."""
+    ws, srv = pair()
+    person = Person("123456")
+    replies = []
+
+    def server():
+        srv.recv(timeout=5)
+        srv.send(protocol.ask(1, "secret", prompt="Enter the PIN for your security key"))
+        replies.append(srv.recv(timeout=5))
+        srv.send(protocol.final_result(LoginOutcome.failure(
+            "login", Reason.CANCELLED, "cancelled").to_json()))
+
+    t = threading.Thread(target=server)
+    t.start()
+    relay(ws, login_request(), person, key_opener(None), no_card)
+    t.join()
+    assert replies == [{"id": 1, "value": None}] and person.asked == []
+    assert relay_mod.asks_for_a_pin("Card passcode") and not relay_mod.asks_for_a_pin("Password")
+    assert not relay_mod.asks_for_a_pin("Enter the code sent to Spinner")
+
+
+def test_a_malformed_key_open_reply_ends_the_servers_login_as_a_device_failure(agent, keys):
+    _, key, _ = keys.new()
+    enrol(agent, key)
+    ws, srv = pair()
+    server = ServerThread(agent, srv)
+    ws.send(login_request(primary="key"))
+    kind, ask = protocol.parse_server_message(ws.recv(timeout=5))
+    assert ask["ask"] == "key.open"
+    ws.send({"id": ask["id"], "value": {"path": 7}})
+    final = server.join()
+    assert "error" in final or not final["result"]["ok"]
+    failures = [e for e in agent.store.list_events(kind="login") if e.outcome == "failure"]
+    assert failures and failures[-1].detail["reason"] == "cancelled"

@@ -20,6 +20,7 @@ conversation) and the local devices (the service's key pool and card readers).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from contextlib import ExitStack
@@ -44,6 +45,15 @@ UNAVAILABLE_MESSAGE = "The organisation's server cannot be reached; use your key
 #: asks that reach the person or a device: once one came, the ceremony is not started again
 ENGAGING = frozenset({"secret", "text", "choose", "key.assert", "key.make_credential",
                       "card.pin", "card.verify_pin", "card.sign"})
+
+
+_PIN_WORD = re.compile(r"\b(pin|passcode)\b", re.IGNORECASE)
+
+
+def asks_for_a_pin(prompt: str) -> bool:
+    """Whether a server's prompt asks for a device's PIN (the server never needs one: its
+    own prompts are for passwords and one-time codes)."""
+    return _PIN_WORD.search(prompt) is not None
 
 
 class Relayed(NamedTuple):
@@ -193,6 +203,11 @@ class _Session:
 
     def answer(self, kind: str, m: dict) -> Any:
         if kind in ("secret", "text"):
+            if asks_for_a_pin(m["prompt"]):
+                # a device's PIN is asked here, by this workstation, never for the server:
+                # a server that asks for one is not answered (the ceremony ends)
+                log.warning("the organisation's server asked for a PIN in a prompt: refused")
+                return None
             return self._call(kind, m["prompt"])
         if kind == "choose":
             return self.ui.choose(m["prompt"], [tuple(o) for o in m["options"]], m["default"])

@@ -201,10 +201,11 @@ class RemoteKey:
                                timeout=timeout)
         except WorkstationLost:
             raise conv.device_lost() from None
-        fields = protocol.check(value, {"path": (str,)}, "key.open reply") \
-            if isinstance(value, dict) else None
-        if fields is None:
-            raise conv.device_lost()
+        try:
+            fields = protocol.check(value, {"path": (str,)}, "key.open reply")
+        except ProtocolError as e:
+            conv._lose(f"protocol: {e.message}")
+            raise conv.device_lost() from None
         return cls(conv, fields["path"][:256])
 
     def __enter__(self) -> "RemoteKey":
@@ -282,9 +283,11 @@ class RemoteCardSession:
                                timeout=timeout)
         except WorkstationLost:
             raise conv.device_lost(card=True) from None
-        if not isinstance(value, dict):
-            raise conv.device_lost(card=True)
-        fields = protocol.check(value, {"reader": (str, None)}, "card.open reply")
+        try:
+            fields = protocol.check(value, {"reader": (str, None)}, "card.open reply")
+        except ProtocolError as e:
+            conv._lose(f"protocol: {e.message}")
+            raise conv.device_lost(card=True) from None
         return cls(conv, fields["reader"])
 
     def _value(self, kind: str, wait: float | None = None, /, **fields):
