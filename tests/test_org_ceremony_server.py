@@ -213,3 +213,45 @@ def test_the_workstation_service_logs_in_through_the_organisation(tmp_path, pg_u
     finally:
         svc.stop()
         store.close()
+
+
+def test_a_card_login_through_the_real_server(org, tmp_path):
+    """The card's certificate validated by the server with the organisation's trust, its
+    PIN asked and verified at the workstation, its signature checked by the server."""
+    import os
+    import shutil
+
+    from drivers.pcsc.piv import PivSession
+    from simulators.card.card import InProcessCardConnection, VirtualCard
+    from simulators.card.issuance import issue_card
+    from simulators.card.pki import init_ca, issuing_cert_path, root_cert_path
+    from token_agent.ceremonies.card import set_card_setting
+
+    server, ws, store = org
+    ca = tmp_path / "ca"
+    init_ca(ca)
+    card = tmp_path / "bob.card"
+    issue_card(ca, name="Dr Bob Jones", uuid="555987654321", pin="4321", out=card)
+    os.chmod(card, 0o600)
+    set_card_setting(store, "card_trust_anchors", [str(root_cert_path(ca))])
+    set_card_setting(store, "card_intermediates", [str(issuing_cert_path(ca))])
+    store.add_card_identity(store.get_user("bob").id, uuid="555987654321",
+                            holder_name="Dr Bob Jones")
+
+    @contextlib.contextmanager
+    def card_opener(timeout, cancel):
+        connection = InProcessCardConnection(VirtualCard.load(card))
+        connection.connect()
+        yield PivSession(connection)
+
+    class CardPerson(Person):
+        def card_pin(self):
+            self.asked.append("card PIN")
+            return "4321"
+
+    person = CardPerson()
+    relayed = relay_with_failover(ws.client(), protocol.login_request(user=None, primary="card"),
+                                  person, key_opener(None), card_opener)
+    assert relayed.outcome.ok and relayed.outcome.user == "bob", relayed.outcome
+    assert relayed.outcome.method == "card" and person.asked == ["card PIN"]
+    assert [e.outcome for e in store.list_events(kind="login.card")] == ["success"]
