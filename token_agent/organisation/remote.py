@@ -437,11 +437,22 @@ def run_ceremony(agent: "Agent", channel, first_message: Any, workstation_name: 
                                     "server: see its log.")
 
 
+def workstation_device(name: str, peer: str | None):
+    """The device of a login from a joined workstation: managed, named by its certificate,
+    at the address the server sees, and joined (helper D's roaming rule: ``Device.joined``,
+    where this version of ``ceremonies.login`` has it)."""
+    from ..ceremonies.login import Device
+
+    if "joined" in Device.__dataclass_fields__:
+        return Device("managed", name, peer, joined=True)
+    return Device("managed", name, peer)
+
+
 def _login(agent: "Agent", conv: Conversation, req: dict, workstation: str,
            peer: str | None) -> dict:
-    from ..ceremonies.login import Device, login_or_tap
+    from ..ceremonies.login import login_or_tap
 
-    device = Device("managed", workstation, peer)
+    device = workstation_device(workstation, peer)
 
     def on_success(user, method: str) -> None:
         # inside the success's transaction: a workstation gone by now gets nothing, and

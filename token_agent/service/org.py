@@ -37,14 +37,22 @@ def local_op_refusal(servers: list[str]) -> str:
             "organisation's administrator.")
 
 
+#: seconds between two fetches of one user's offline codes and card trust
+REFILL_SECONDS = 3600.0
+
+
 class OrgLink:
     """The workstation's link to its organisation: the client (``OrgClient``) and the
     offline cache (None when the offline module cannot be used)."""
 
     def __init__(self, client: Any, servers: list[str], cache: Any = None) -> None:
+        import threading
+
         self.client = client
         self.servers = servers
         self.cache = cache
+        self._refilled: dict[str, float] = {}
+        self._refill_lock = threading.Lock()
 
     @classmethod
     def open(cls, config: Any, data_dir) -> "OrgLink | None":
@@ -66,6 +74,38 @@ class OrgLink:
         except Exception as e:  # noqa: BLE001 (online logins go on without it)
             log.error("the offline cache cannot be opened: %s", e)
         return cls(client, list(org.servers), cache)
+
+    def keep_offline(self, username: str, bundle: dict) -> None:
+        """After an online login: keep the user's offline bundle (helper C's
+        ``offline.store_login_result``), and, on a thread of its own and at most once per
+        :data:`REFILL_SECONDS` per user, fetch what its offline logins need (the
+        authenticator-app hashes, which cost the server seconds, and the card trust)."""
+        import threading
+        import time
+
+        try:
+            from ..organisation import offline
+
+            offline.store_login_result(self.cache, bundle)
+        except Exception as e:  # noqa: BLE001 (the login stands)
+            log.error("cannot keep the offline bundle: %s", e)
+            return
+        key = username.casefold()
+        now = time.monotonic()
+        with self._refill_lock:
+            if now - self._refilled.get(key, float("-inf")) < REFILL_SECONDS:
+                return
+            self._refilled[key] = now
+
+        def refill() -> None:
+            try:
+                for problem in offline.store_login_result(self.cache, bundle,
+                                                          client=self.client) or ():
+                    log.warning("offline cache: %s", problem)
+            except Exception as e:  # noqa: BLE001
+                log.error("cannot refill the offline cache: %s", e)
+
+        threading.Thread(target=refill, name="token-agent-offline-refill", daemon=True).start()
 
     def close(self) -> None:
         if self.cache is not None:
@@ -171,12 +211,7 @@ def run_login(svc: "Host", c: "Ceremony", a: dict, ui: "SocketInteraction"
         c.user = outcome.user
         c.conn.org_ticket = (outcome.user_id, relayed.ticket)
         if link.cache is not None and relayed.offline is not None:
-            try:  # OFFLINE (helper C): keep the bundle for the offline logins
-                from ..organisation import offline
-
-                offline.store_login_result(link.cache, relayed.offline)
-            except Exception as e:  # noqa: BLE001 (the login stands)
-                log.error("cannot keep the offline bundle: %s", e)
+            link.keep_offline(outcome.user, relayed.offline)
     card_used = []
     session = noted.get("session")
     if outcome.ok and session is not None and "card" in outcome.method.split("+"):
