@@ -575,3 +575,13 @@ def test_a_malformed_key_open_reply_ends_the_servers_login_as_a_device_failure(a
     assert "error" in final or not final["result"]["ok"]
     failures = [e for e in agent.store.list_events(kind="login") if e.outcome == "failure"]
     assert failures and failures[-1].detail["reason"] == "cancelled"
+
+
+def test_a_request_the_server_refuses_says_why(agent):
+    ws, srv = pair()
+    server = ServerThread(agent, srv)
+    relayed = relay(ws, protocol.enrol_key_request(user="alice", name="x" * 65, ticket=None),
+                    Person(), key_opener(None), no_card)
+    server.join()
+    assert relayed.outcome.reason is Reason.INTERNAL_ERROR
+    assert "1 to 64 characters" in relayed.outcome.message

@@ -321,8 +321,13 @@ def relay(channel, first_message: dict, interaction, key_opener: Callable[..., A
         err = final["error"]
         log.info("the organisation's server ended the ceremony: %s: %s", err["type"],
                  err["message"])
-        reason = Reason.INTERNAL_ERROR if err["type"] == "internal" else Reason.SERVER_LOST
-        message = err["message"] if err["type"] == "internal" else LOST_MESSAGE
+        if err["type"] == "internal":
+            reason, message = Reason.INTERNAL_ERROR, err["message"]
+        elif err["type"] == "protocol":  # this workstation's request: the server's words
+            reason = Reason.INTERNAL_ERROR
+            message = f"The organisation's server refused the request: {err['message']}"
+        else:
+            reason, message = Reason.SERVER_LOST, LOST_MESSAGE
         return Relayed(LoginOutcome.failure("login", reason, message), None, None, {})
     result = final["result"]
     outcome = None
