@@ -255,3 +255,42 @@ def test_a_card_login_through_the_real_server(org, tmp_path):
     assert relayed.outcome.ok and relayed.outcome.user == "bob", relayed.outcome
     assert relayed.outcome.method == "card" and person.asked == ["card PIN"]
     assert [e.outcome for e in store.list_events(kind="login.card")] == ["success"]
+
+
+def test_the_service_logs_in_offline_with_the_key_when_no_server_answers(
+        tmp_path, pg_url, org_server, sim_key_server, socket_dir):
+    """Online first (the server's bundle kept in the offline cache), then no server: the key
+    logs alice in offline (helper C's offline.login, called by service/org.py), a password
+    is refused with the sentence, and once the server is back the queued audit arrives."""
+    pytest.importorskip("token_agent.organisation.offline",
+                        reason="the offline module (branch i15-offline) is not merged here")
+    from conftest import environ_for_agent
+    from test_service import KEY_PIN, ServiceProcess, set_key_pin
+    from token_agent.service.client import answers
+
+    set_key_pin(sim_key_server)
+    store = Store.open(pg_url)
+    store.add_user("alice", display_name="Dr Alice Smith")
+    sock = socket_dir / "svc.sock"
+    ws = join_workstation(tmp_path / "ws1", org_server, "ws1", extra_config=(
+        f'[keys]\nsimulators = ["{sim_key_server.address}"]\ntimeout = 10\n'
+        f'[service]\nsocket = "{sock}"\nprompt_timeout = 30\n[cards]\nlock_command = "true"\n'))
+    svc = ServiceProcess(ws.config, sock, ws.data_dir, tmp_path / "svc.log",
+                         {**environ_for_agent(), "PYTHONUNBUFFERED": "1"}).start()
+    try:
+        with svc.client() as c:
+            login = c.request("enrol.key", user="alice", name="blue key")["login"]
+            assert c.run_ceremony(login, answers(KEY_PIN, KEY_PIN))["ok"]
+            assert c.login("alice", answers(KEY_PIN), primary="key")["ok"]
+        org_server.stop()
+        with svc.client() as c:
+            offline = c.login("alice", answers(KEY_PIN), primary="key")
+            refused = c.login("alice", answers(PASSWORD), primary="password")
+        assert offline["ok"] and offline["user"] == "alice", offline
+        assert offline["session"] and offline["multi_factor"]
+        assert refused["reason"] == "server-unavailable"
+        assert refused["message"] == "The organisation's server cannot be reached; use your " \
+                                     "key or card."
+    finally:
+        svc.stop()
+        store.close()

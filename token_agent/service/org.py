@@ -53,6 +53,19 @@ class OrgLink:
         self.cache = cache
         self._refilled: dict[str, float] = {}
         self._refill_lock = threading.Lock()
+        self.deliverer = None  # helper C's outbox.Deliverer: the offline audit, delivered
+        if cache is not None:
+            try:
+                from ..organisation.outbox import Deliverer
+
+                self.deliverer = Deliverer(cache, lambda: self.client).start()
+            except ImportError:
+                log.warning("the offline audit cannot be delivered (no outbox module)")
+
+    def server_answered(self) -> None:
+        """A server answered: deliver the offline audit now (``Deliverer.kick``)."""
+        if self.deliverer is not None:
+            self.deliverer.kick()
 
     @classmethod
     def open(cls, config: Any, data_dir) -> "OrgLink | None":
@@ -108,6 +121,8 @@ class OrgLink:
         threading.Thread(target=refill, name="token-agent-offline-refill", daemon=True).start()
 
     def close(self) -> None:
+        if self.deliverer is not None:
+            self.deliverer.stop()
         if self.cache is not None:
             try:
                 self.cache.close()
@@ -207,6 +222,7 @@ def run_login(svc: "Host", c: "Ceremony", a: dict, ui: "SocketInteraction"
         log.warning("no organisation server answers: %s", e)
         return offline_login(svc, c, a, ui), []
     outcome = relayed.outcome
+    link.server_answered()
     if outcome.ok:
         c.user = outcome.user
         c.conn.org_ticket = (outcome.user_id, relayed.ticket)
@@ -295,6 +311,7 @@ def run_enrol_key(svc: "Host", c: "Ceremony", name: str | None,
         return {"ok": False, "method": "key", "reason": Reason.SERVER_UNAVAILABLE.value,
                 "message": "The organisation's server cannot be reached, and a key is enrolled "
                            "only through it: try again when the network is back."}
+    svc.org.server_answered()
     if relayed.result:
         return relayed.result
     lost = relayed.outcome
