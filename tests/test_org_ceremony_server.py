@@ -291,6 +291,26 @@ def test_the_service_logs_in_offline_with_the_key_when_no_server_answers(
         assert refused["reason"] == "server-unavailable"
         assert refused["message"] == "The organisation's server cannot be reached; use your " \
                                      "key or card."
+        # the server back (same address): the next contact delivers the offline audit, once
+        back = start_org_server(tmp_path / "back", pg_url, server_dir=org_server.server_dir,
+                                port=org_server.port)
+        try:
+            with svc.client() as c:
+                assert c.login("alice", answers(KEY_PIN), primary="key")["ok"]
+            import time
+
+            deadline = time.monotonic() + 30
+            while True:
+                offline_events = [e for e in store.list_events(limit=1000)
+                                  if e.detail.get("offline") is True]
+                if len(offline_events) >= 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            kinds = sorted((e.kind, e.outcome) for e in offline_events)
+            assert ("login", "success") in kinds and ("login", "failure") in kinds, kinds
+            assert all(e.detail.get("workstation") == "ws1" for e in offline_events)
+        finally:
+            back.stop()
     finally:
         svc.stop()
         store.close()
