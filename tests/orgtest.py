@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, token_agent_command
+from json_shapes import check_output
 
 READY_TIMEOUT = 30.0
 
@@ -45,13 +46,16 @@ def clean_env(config: Path | None = None, **extra: str) -> dict[str, str]:
 
 def run_cli(env: dict, *args: str, input: str | None = None, expect: int | None = 0,
             timeout: float = 60) -> subprocess.CompletedProcess:
-    """`token-agent ARGS` with ``env``; asserts the exit code (``expect=None``: any)."""
+    """`token-agent ARGS` with ``env``; asserts the exit code (``expect=None``: any) and,
+    with --json, that the output has the shape README documents (``json_shapes``)."""
     proc = subprocess.run([*token_agent_command(), *args], env=env, input=input,
                           capture_output=True, text=True, timeout=timeout)
     if expect is not None:
         assert proc.returncode == expect, (
             f"token-agent {' '.join(args)}: exit {proc.returncode}, expected {expect}\n"
             f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+    if "--json" in args:
+        check_output(list(args), proc.stdout, proc.returncode)
     return proc
 
 

@@ -168,7 +168,7 @@ def test_postgresql_is_an_extra_that_setup_installs():
     assert "psycopg[binary]>=3.2" in extra and "psycopg-pool>=3.2" in extra
     assert not any("psycopg" in dep for dep in meta["project"]["dependencies"])
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    assert "pip install --quiet --disable-pip-version-check -e '.[test,postgresql]'" in setup
+    assert "pip install --quiet --disable-pip-version-check -e '.[test,postgresql,server]'" in setup
     assert "postgresql" in re.search(r"APT_PACKAGES=\(([^)]*)\)", setup).group(1).split()
     readme = (ROOT / "README.md").read_text()
-    assert "pip install -e '.[test,postgresql]'" in readme
+    assert "pip install -e '.[test,postgresql,server]'" in readme

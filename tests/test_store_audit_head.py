@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from store_raw import drop_append_only, is_pg, query, run
-from token_agent.store import MIGRATIONS, AuditChainBroken, Store, StoreError
+from token_agent.store import MIGRATIONS, SCHEMA_VERSION, AuditChainBroken, Store, StoreError
 from token_agent.store.audit import _event_hash
 
 pytestmark = [pytest.mark.store_contract]
@@ -45,7 +45,7 @@ def test_a_version_5_store_with_events_migrates_and_verifies(db_path):
         assert s.schema_version == 5
         last = _append_as_version_5(s, 4)
     with Store.open(db_path) as s:
-        assert s.schema_version == 6
+        assert s.schema_version == SCHEMA_VERSION
         assert query(s, "SELECT last_id, hash FROM audit_head") == [(4, last)]
         assert s.verify_events() == 4
         # appends continue the same chain, under the head

@@ -22,7 +22,7 @@ from test_cli_datadir import run as run_cli
 from token_agent import exitcodes
 from token_agent.agent import Agent
 from token_agent.factors import backup, password, totp
-from token_agent.store import Store
+from token_agent.store import SCHEMA_VERSION, Store
 from token_agent.store.copy import COPY_ORDER, NOT_COPIED, row_counts
 from token_agent.store.url import STORE_URL_ENV
 
@@ -84,12 +84,12 @@ def test_migrate_then_use_the_copy(env: dict, source: dict, pg_url: str) -> None
     proc = run(env, "store", "migrate", "--to", pg_url, "--json")
     out = json.loads(proc.stdout)["migrated"]
     assert out["rows"] == source["counts"] and out["audit_events"] == source["events"]
-    assert out["schema_version"] == 6 and "@" in out["target"]
+    assert out["schema_version"] == SCHEMA_VERSION and "@" in out["target"]
     # the copy is what the agent now uses: check it, then log in with the copied secrets
     pg_env = {**env, STORE_URL_ENV: pg_url}
     check = json.loads(run(pg_env, "store", "check", "--json").stdout)["store"]
     assert check["ok"] and check["engine"] == "postgresql"
-    assert check["schema_version"] == check["code_schema_version"] == 6
+    assert check["schema_version"] == check["code_schema_version"] == SCHEMA_VERSION
     assert check["audit_events"] == source["events"]
     code = totp.code_at(source["secret"], time.time())
     run(pg_env, "verify", "totp", "--user", "alice", "--code", code)

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from store_raw import database_behind_a_password
-from token_agent.store import InvalidValue, SchemaTooNew, StoreError, StoreFileError
+from token_agent.store import SCHEMA_VERSION, InvalidValue, SchemaTooNew, StoreError, StoreFileError
 from token_agent.store.engine import Migration, split_script
 from token_agent.store.pgconn import translate
 from token_agent.store.postgres import IntegrityViolation, PostgresEngine, StoreUnavailable
@@ -101,8 +101,8 @@ def tables(url: str) -> dict[str, int]:
 @pytest.mark.parametrize("as_function", [False, True], ids=["script", "function"])
 def test_migrations_build_the_schema_with_postgresql_types(pg_url, engines, as_function):
     engine = engines(pg_url)
-    assert migrate(engine, as_function=as_function) == LATEST == 6
-    assert migrate(engine) == 6  # a second run changes nothing
+    assert migrate(engine, as_function=as_function) == LATEST == SCHEMA_VERSION
+    assert migrate(engine) == LATEST  # a second run changes nothing
     with engine.connect() as conn:
         assert engine.check_integrity(conn) == []
         info = engine.info(conn)
@@ -113,9 +113,9 @@ def test_migrations_build_the_schema_with_postgresql_types(pg_url, engines, as_f
         history = conn.execute("SELECT key, value FROM token_agent_meta ORDER BY key").fetchall()
     assert info["engine"] == "postgresql" and info["server_version"].startswith("15")
     assert info["user"] == "postgres" and info["database"] in pg_url
-    assert info["schema_version"] == 6 and info["socket"] is True
+    assert info["schema_version"] == LATEST and info["socket"] is True
     assert info["pool_max_size"] == 4 and info["lock_timeout"] == "10s"
-    assert history == [("application", "token-agent"), ("schema_version", "6")]
+    assert history == [("application", "token-agent"), ("schema_version", str(LATEST))]
     assert columns[("audit_events", "id")] == ("bigint", "NO")  # from the head, no sequence
     assert columns[("methods", "id")] == ("bigint", "YES")
     assert columns[("otp_challenges", "id")] == ("bigint", "YES")
@@ -125,6 +125,8 @@ def test_migrations_build_the_schema_with_postgresql_types(pg_url, engines, as_f
     assert columns[("users", "created_at")][0] == "double precision"
     assert columns[("users", "mfa_source")][0] == "text"  # migration 5's ALTER
     assert columns[("audit_head", "hash")][0] == "bytea"
+    assert columns[("workstations", "id")] == ("bigint", "YES")  # migration 7
+    assert columns[("workstations", "token_hash")][0] == "bytea"
 
 
 def test_two_processes_migrating_at_once_take_turns(pg_url, engines):
@@ -146,7 +148,7 @@ def test_two_processes_migrating_at_once_take_turns(pg_url, engines):
         t.start()
     for t in threads:
         t.join(60)
-    assert results == {0: 6, 1: 6}
+    assert results == {0: LATEST, 1: LATEST}
     assert tables(pg_url)["token_agent_meta"] == 2
 
 
@@ -268,11 +270,12 @@ def test_another_programs_database_is_refused_untouched(pg_url, engines):
 def test_a_newer_schema_is_refused(pg_url, engines):
     migrate(engines(pg_url))
     with psycopg.connect(pg_url, autocommit=True) as raw:
-        raw.execute("UPDATE token_agent_meta SET value = '7' WHERE key = 'schema_version'")
+        raw.execute("UPDATE token_agent_meta SET value = %s WHERE key = 'schema_version'",
+                    (str(LATEST + 1),))
     engine = engines(pg_url)
     with pytest.raises(SchemaTooNew) as raised:
         migrate(engine)
-    assert raised.value.found == 7 and raised.value.known == 6
+    assert raised.value.found == LATEST + 1 and raised.value.known == LATEST
     assert "upgrade token-agent" in str(raised.value)
 
 
@@ -294,7 +297,7 @@ def test_a_password_in_the_url_is_refused(url):
 
 def test_password_file_and_a_wrong_password(pg_server, engines, tmp_path):
     with database_behind_a_password(pg_server, tmp_path, "pw") as (role, url, _, good, wrong):
-        assert migrate(engines(url, password_file=good)) == 6  # the role owns the database
+        assert migrate(engines(url, password_file=good)) == LATEST  # the role owns the database
 
         engine = engines(url, password_file=wrong, connect_timeout=2)
         started = time.monotonic()

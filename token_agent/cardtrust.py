@@ -406,6 +406,18 @@ def _fetch(source: str, timeout: float) -> bytes:
     return data
 
 
+def fetch_crl(source: str, timeout: float = DEFAULT_FETCH_TIMEOUT) -> bytes:
+    """The CRL at ``source`` (path, ``file://`` or ``http(s)://``), checked to parse; what an
+    organisation server hands its workstations for offline card logins. ``ValueError``
+    saying why it cannot be had."""
+    try:
+        data = _fetch(source, timeout)
+        _parse_crl(data, source)
+    except _CrlUnusable as e:
+        raise ValueError(str(e)) from None
+    return data
+
+
 def _parse_crl(data: bytes, source: str) -> x509.CertificateRevocationList:
     try:
         if data.lstrip().startswith(b"-----BEGIN"):

@@ -67,4 +67,8 @@ REASON_CODES: dict[Reason, int] = {
     Reason.PUSH_WRONG_NUMBER: AUTH_FAILED,
     Reason.PUSH_EXPIRED: TIMEOUT,
     Reason.LEGACY_NOT_ALLOWED: AUTH_FAILED,
+    # the organisation's server: none answered (or it refuses this workstation), or it was
+    # lost mid-login (try again: nothing was signed in)
+    Reason.SERVER_UNAVAILABLE: SERVER_UNAVAILABLE,
+    Reason.SERVER_LOST: SERVER_UNAVAILABLE,
 }

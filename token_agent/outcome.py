@@ -73,6 +73,12 @@ class Reason(str, enum.Enum):
     PUSH_WRONG_NUMBER = "push-wrong-number"
     PUSH_EXPIRED = "push-expired"
     LEGACY_NOT_ALLOWED = "legacy-access-not-allowed"
+    # the organisation (token_agent/organisation/): no replica of the organisation's server
+    # answered and no offline login applies ("use your key or card"); a replica answered,
+    # then the connection was lost after the person had answered or touched something (the
+    # login is not retried elsewhere: it fails, with no session)
+    SERVER_UNAVAILABLE = "server-unavailable"
+    SERVER_LOST = "server-lost"
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,47 @@ class LoginOutcome:
         data["multi_factor"] = self.multi_factor
         data["warnings"] = list(self.warnings)
         return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LoginOutcome":
+        """The outcome :meth:`to_json` wrote (``multi_factor`` is recomputed, not trusted).
+        ``ValueError`` / ``TypeError`` for anything else: unknown fields, wrong types, an
+        unknown reason or factor."""
+        if not isinstance(data, dict):
+            raise TypeError("an outcome is a JSON object")
+        known = {f for f in cls.__dataclass_fields__} | {"multi_factor"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+
+        def text(name: str, optional: bool = True) -> str | None:
+            value = data.get(name)
+            if value is None and optional:
+                return None
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string")
+            return value
+
+        ok = data.get("ok")
+        if not isinstance(ok, bool):
+            raise TypeError("ok must be true or false")
+        factors = data.get("factors") or []
+        warnings = data.get("warnings") or []
+        detail = data.get("detail") or {}
+        if not isinstance(factors, list) or not isinstance(warnings, list) \
+                or not all(isinstance(w, str) for w in warnings):
+            raise TypeError("factors and warnings must be lists")
+        if not isinstance(detail, dict):
+            raise TypeError("detail must be an object")
+        if not isinstance(data.get("user_verified", False), bool):
+            raise TypeError("user_verified must be true or false")
+        reason = text("reason")
+        return cls(ok=ok, method=text("method", optional=False) or "", user=text("user"),
+                   user_id=text("user_id"), factors=tuple(Factor(f) for f in factors),
+                   credential=text("credential"), credential_id=text("credential_id"),
+                   user_verified=bool(data.get("user_verified", False)),
+                   reason=None if reason is None else Reason(reason),
+                   message=text("message") or "", detail=detail, warnings=tuple(warnings))
 
     @classmethod
     def failure(cls, method: str, reason: Reason, message: str, **kw) -> "LoginOutcome":

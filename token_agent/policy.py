@@ -79,6 +79,11 @@ is accepted but weaker than the standards advise.
     [legacy]
     app_passwords = false        # [false] app passwords for legacy applications (no MFA)
 
+    [offline]                    # logins at an organisation's workstation while no server
+    max_hours = 12               # answers: [12] hours after the user's last online login
+                                 # there that a key or card login is still accepted from the
+                                 # workstation's cache (0: no offline logins; at most 168)
+
     [delivery]                   # how codes are sent: validated by the delivery module
 
 Method names: ``password`` (the primary factor only), ``key`` (FIDO2 security key),
@@ -250,6 +255,17 @@ Codes = CodeRules
 
 
 @dataclass(frozen=True)
+class Offline:
+    #: hours after a user's last online login at a workstation during which that workstation
+    #: accepts their key or card from its cache when no organisation server answers (0: never)
+    max_hours: int = 12
+
+
+#: the longest offline window a policy may set (a week)
+MAX_OFFLINE_HOURS = 168
+
+
+@dataclass(frozen=True)
 class Legacy:
     #: app passwords for legacy applications (they bypass MFA)
     app_passwords: bool = False
@@ -270,6 +286,7 @@ class Policy:
     lockout: Lockout = field(default_factory=Lockout)
     codes: Codes = field(default_factory=Codes)
     legacy: Legacy = field(default_factory=Legacy)
+    offline: Offline = field(default_factory=Offline)
     #: the ``[delivery]`` table as written (validated by the delivery module)
     delivery: dict[str, Any] = field(default_factory=dict, hash=False)
     #: where the policy came from (a file path, or None for the built-in defaults)
@@ -325,6 +342,7 @@ class Policy:
                       "resend_seconds": self.codes.resend_seconds,
                       "max_sends": self.codes.max_sends},
             "legacy": {"app_passwords": self.legacy.app_passwords},
+            "offline": {"max_hours": self.offline.max_hours},
             "delivery": self.delivery,
         }
 
@@ -353,6 +371,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
                 "limit", "unfamiliar_limit", "decay_hours"),
     "codes": ("length", "ttl_seconds", "resend_seconds", "max_sends"),
     "legacy": ("app_passwords",),
+    "offline": ("max_hours",),
     "delivery": (),
 }
 _CLASS_KEYS = ("enforce", "minimum", "new_accounts_mfa")
@@ -583,6 +602,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     t = p.table(data, "legacy")
     legacy = Legacy(p.boolean(t, "app_passwords", "legacy", False))
 
+    t = p.table(data, "offline")
+    offline = Offline(p.integer(t, "max_hours", "offline", Offline.max_hours, 0,
+                                MAX_OFFLINE_HOURS, " hours"))
+
     delivery = p.table(data, "delivery")
 
     # Cross-checks: only when methods.allowed itself was readable.
@@ -606,7 +629,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if p.errors:
         raise PolicyError(p.errors)
     return Policy(enforcement, classes, methods, reverification, unusual, lockout, codes,
-                  legacy, dict(delivery), source)
+                  legacy, offline, dict(delivery), source)
 
 
 def load_policy(path: str | os.PathLike[str], *, strict: bool = False) -> Policy:

@@ -66,9 +66,13 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
 
 
 def make_card_login(store: Store, *, pin_provider: Callable[[], str | None],
-                    reader: str | None = None) -> Callable[[str | None], LoginOutcome]:
+                    reader: str | None = None,
+                    open_session: Callable[[], object] | None = None
+                    ) -> Callable[[str | None], LoginOutcome]:
     """``username -> outcome`` of a card login (the card identifies its holder; with a
-    username, a card of anyone else is refused)."""
+    username, a card of anyone else is refused). ``open_session``: how the card's
+    ``PivSession`` is opened (default ``drivers.pcsc.piv.open_card(reader)``; the
+    organisation's server opens the workstation's card through the ceremony channel)."""
     from drivers.pcsc import errors as card_errors
     from drivers.pcsc.piv import open_card
 
@@ -77,7 +81,7 @@ def make_card_login(store: Store, *, pin_provider: Callable[[], str | None],
     def run(username: str | None) -> LoginOutcome:
         try:
             settings = CardSettings.from_store(store)
-            session = open_card(reader)
+            session = open_session() if open_session is not None else open_card(reader)
         except card_errors.PcscError as e:
             return LoginOutcome.failure("card", device_failure(e), e.message)
         except ValueError as e:

@@ -288,6 +288,50 @@ def login(agent: "Agent", username: str, *, interaction: Interaction, device: De
         return fail(Reason.CANCELLED, CANCELLED_MESSAGE)
 
 
+def login_or_tap(agent: "Agent", username: str | None, *, primary: str | None,
+                 key_login: KeyLogin | None, card_login: CardLogin | None,
+                 on_user: Callable[[str], Any] | None = None, **options) -> LoginOutcome:
+    """:func:`login`, also without a user name (tap-and-go): then the key's (or, with
+    ``primary="card"``, the card's) ceremony comes first and says who it is, and the policy
+    flow goes on with that user, the device's outcome counting as its primary factor.
+    ``on_user(name)``: called with the user once known, returning a context manager held
+    for the policy flow (the service's user lock), or None."""
+    import contextlib
+
+    if username is None:
+        runner = card_login if primary == "card" else key_login
+        if runner is None:
+            return LoginOutcome.failure(primary or "key", Reason.NO_DEVICE,
+                                        _no_reader(primary or "key"))
+        first = runner(None)
+        if not first.ok:
+            return shown_before_first_factor(first)  # no factor yet: no details
+        username = first.user
+        primary = "card" if primary == "card" else "key"
+        if primary == "card":
+            card_login = _once(first, card_login)
+        else:
+            key_login = _once(first, key_login)
+    held = on_user(username) if on_user is not None else None
+    with held if held is not None else contextlib.nullcontext():
+        return login(agent, username, primary=primary, key_login=key_login,
+                     card_login=card_login, **options)
+
+
+def _once(first: LoginOutcome, then: Callable[[str], LoginOutcome]) -> Callable[[str], LoginOutcome]:
+    """A runner that returns ``first`` at its first call and calls ``then`` afterwards (the
+    device ceremony of a usernameless login, done before the policy flow asks for it)."""
+    used = []
+
+    def run(name: str) -> LoginOutcome:
+        if not used:
+            used.append(True)
+            return first
+        return then(name)
+
+    return run
+
+
 class _Fail:
     """Ends a login: the failure recorded in full (the audit event ``login``, the service's
     log), and the outcome the person is shown: before a first factor has succeeded

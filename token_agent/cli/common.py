@@ -117,7 +117,7 @@ class Context:
         host, the administrator's way) is allowed."""
         if where.store_url is not None:
             return
-        org = self.config().organisation
+        org = self.config().organisation  # (locate has read it already: its [store] url)
         if org.enabled:
             fail(organisation_refusal(org.servers), exitcodes.ORGANISATION,
                  reason="organisation-workstation")

@@ -53,7 +53,7 @@ def client_ssl_context(ca_file: str | Path, cert_file: str | Path | None = None,
     return ctx
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"its certificate is not trusted ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
@@ -69,6 +69,19 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
+
+
+def _legacy_flag() -> dict:
+    """websockets 17 wants ``legacy=True`` to hand back the connection itself (older
+    versions always did, and have no such argument)."""
+    import inspect
+
+    from websockets.sync.client import connect
+
+    return {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+
+
+_LEGACY = _legacy_flag()
 
 
 class OrgClient:
@@ -142,7 +155,7 @@ class OrgClient:
             try:
                 status, data = self._one(server, method, path, payload)
             except (OSError, http.client.HTTPException) as e:
-                attempts.append((server, _reason(e)))
+                attempts.append((server, failure_reason(e)))
                 self._mark(server, True)
                 continue
             if status in RETRY_STATUSES:
@@ -204,7 +217,7 @@ class OrgClient:
             try:
                 ws = connect(uri, ssl=self.ssl_context, open_timeout=self.timeout,
                              proxy=None, compression=None, user_agent_header=USER_AGENT,
-                             close_timeout=self.timeout, ping_interval=None)
+                             close_timeout=self.timeout, ping_interval=None, **_LEGACY)
             except InvalidStatus as e:
                 status = e.response.status_code
                 if status in RETRY_STATUSES:
@@ -215,7 +228,7 @@ class OrgClient:
                 self._answer(server, status, bytes(e.response.body or b""))
                 raise  # _answer always raises for an error status
             except (OSError, InvalidHandshake, TimeoutError) as e:
-                attempts.append((server, _reason(e)))
+                attempts.append((server, failure_reason(e)))
                 self._mark(server, True)
                 continue
             self._mark(server, False)

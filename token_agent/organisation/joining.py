@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from .. import secretbox
 from ..orgconfig import WS_CA_FILE, WS_CERT_FILE, WS_KEY_FILE, server_url_problem
 from . import pki
-from .client import USER_AGENT, OrgClient, _reason, client_ssl_context
+from .client import USER_AGENT, OrgClient, failure_reason, client_ssl_context
 from .errors import JoinError, ServerRefused, ServerUnavailable
 
 
@@ -67,7 +67,7 @@ def _https(server: str, ctx: ssl.SSLContext, method: str, path: str, body: dict 
         resp = conn.getresponse()
         data = resp.read(1 << 20)
     except (OSError, http.client.HTTPException) as e:
-        raise ServerUnavailable([(server, _reason(e))]) from None
+        raise ServerUnavailable([(server, failure_reason(e))]) from None
     finally:
         conn.close()
     try:

@@ -22,7 +22,7 @@ from .auth import WorkstationAuth, WorkstationRefused, unavailable_body
 log = logging.getLogger(__name__)
 
 #: the modules of ``token_agent.orgserver`` whose ``ROUTES`` the app serves
-ROUTE_MODULES: tuple[str, ...] = ("join", "health")
+ROUTE_MODULES: tuple[str, ...] = ("join", "health", "ceremony_ws", "sync")
 
 
 def collect_routes(modules: tuple[str, ...] = ROUTE_MODULES) -> list[Any]:

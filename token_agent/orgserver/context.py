@@ -75,6 +75,11 @@ def load_ca(files: dict[str, Path]) -> tuple[Any, Any]:
         raise ServerSetupError(f"the server's files are missing ({', '.join(missing)}): run "
                                "`token-agent server init --dir DIR` first (and set [server] "
                                "dir in config.toml when DIR is not <data_dir>/server)")
+    for name in ("ca_key", "tls_key"):
+        mode = files[name].stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ServerSetupError(f"the private key {files[name]} can be read by others (mode "
+                                   f"0o{mode:o}): make it private (chmod 600 {files[name]})")
     try:
         ca_cert = pki.read_cert(files["ca_cert"])
         ca_key = pki.read_key(files["ca_key"])

@@ -86,9 +86,11 @@ def _join(ctx: Any, digest: bytes, csr: Any, address: str | None) -> dict:
 
 async def join(request: Request) -> JSONResponse:
     ctx = request.app.state.ctx
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        return _error(413, "too-large", "The join request is too large.")
+    body = b""
+    async for chunk in request.stream():  # never more than MAX_BODY in memory
+        body += chunk
+        if len(body) > MAX_BODY:
+            return _error(413, "too-large", "The join request is too large.")
     try:
         data = json.loads(body)
         if not isinstance(data, dict):

@@ -66,12 +66,14 @@ def serve(ctx: Any, *, listen: str | None = None) -> int:
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
-    except SystemExit as e:  # uvicorn exits on a startup failure (port in use, ...)
-        return int(e.code) if isinstance(e.code, int) else 1
+    except SystemExit:  # uvicorn exits on a startup failure (port in use, ...)
+        server.started = False
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
+        print(f"token-agent: the server could not start on {url} (the error above says why; "
+              "[server] listen or --listen chooses the address)", file=sys.stderr, flush=True)
         return 1
     log.info("token-agent server %s stopped (%s)", url,
              ", ".join(signal.Signals(s).name for s in stopped) or "no signal")

@@ -18,8 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
+
+from drivers.pcsc.errors import PcscError
 
 from ..outcome import LoginOutcome, Reason
 
@@ -32,6 +35,10 @@ log = logging.getLogger("token_agent.service")
 #: card session end reasons that lock (all but a logout)
 LOCK_REASONS = ("card-removed", "reader-removed", "card-swapped",
                 "card-gone-after-service-loss", "card-gone-while-stopped")
+
+
+class ReaderWaitCancelled(PcscError):
+    """The ceremony was cancelled while it waited for a free reader."""
 
 
 class CardWatch:
@@ -226,43 +233,62 @@ class CardWatch:
         self.service.broadcast({**item, "latency_ms": latency_ms, "at": time.time()})
 
 
+    @contextmanager
+    def reader_held(self, c: "Ceremony", timeout: float | None = None
+                    ) -> Iterator[tuple[str | None, bytes | None]]:
+        """``(reader, ATR)`` of a reader holding a card, its reader lock held for the
+        ``with`` (None, None: no watcher, PC/SC picks the reader). ``NoCard`` when no reader
+        holds a card, :class:`ReaderWaitCancelled` when the ceremony is cancelled meanwhile,
+        a ``PcscError`` when every reader stays in use by other logins."""
+        from drivers.pcsc import errors as card_errors
+
+        candidates: list[tuple[str | None, bytes | None]] = []
+        if self.watcher is not None:
+            candidates = [(r, st.atr) for r, st in sorted(self.watcher.snapshot().items())
+                          if st.present]
+            if not candidates:
+                raise card_errors.NoCard("no card is in a reader: insert your card")
+        else:
+            candidates = [(None, None)]
+        deadline = time.monotonic() + (timeout or self.service.config.keys.timeout)
+        while True:
+            for reader, atr in candidates:
+                lock = self.service.device_locks.get(f"reader:{reader}")
+                if not lock.acquire(blocking=False):
+                    continue
+                try:
+                    yield reader, atr
+                finally:
+                    lock.release()
+                return
+            if c.cancel.is_set():
+                raise ReaderWaitCancelled("cancelled")
+            if time.monotonic() > deadline:
+                raise card_errors.PcscError("the card reader is in use by another login")
+            time.sleep(0.05)
+
     def runner(self, c: "Ceremony", ui: "SocketInteraction", used: list
                      ) -> Callable[[str | None], LoginOutcome]:
         """A card login on a reader holding a card (its reader lock held), remembering the
         card's outcome, reader and ATR in ``used`` (for the session's binding)."""
+        from drivers.pcsc import errors as card_errors
+
+        from ..ceremonies.card import device_failure
         from ..ceremonies.devices import make_card_login
 
         def run(name: str | None) -> LoginOutcome:
-            candidates: list[tuple[str | None, bytes | None]] = []
-            if self.watcher is not None:
-                candidates = [(r, st.atr) for r, st in sorted(self.watcher.snapshot().items())
-                              if st.present]
-                if not candidates:
-                    return LoginOutcome.failure("card", Reason.NO_DEVICE,
-                                                "no card is in a reader: insert your card")
-            else:
-                candidates = [(None, None)]
-            deadline = time.monotonic() + self.service.config.keys.timeout
             with c.unlocked():
-                while True:
-                    for reader, atr in candidates:
-                        lock = self.service.device_locks.get(f"reader:{reader}")
-                        if not lock.acquire(blocking=False):
-                            continue
-                        try:
-                            outcome = make_card_login(self.service.store, pin_provider=ui.card_pin,
-                                                      reader=reader)(name)
-                        finally:
-                            lock.release()
-                        if outcome.ok:
-                            used.append((outcome, reader, atr))
-                        return outcome
-                    if c.cancel.is_set():
-                        return LoginOutcome.failure("card", Reason.CANCELLED, "cancelled")
-                    if time.monotonic() > deadline:
-                        return LoginOutcome.failure("card", Reason.DEVICE_ERROR,
-                                                    "the card reader is in use by another login")
-                    time.sleep(0.05)
+                try:
+                    with self.reader_held(c) as (reader, atr):
+                        outcome = make_card_login(self.service.store, pin_provider=ui.card_pin,
+                                                  reader=reader)(name)
+                except ReaderWaitCancelled:
+                    return LoginOutcome.failure("card", Reason.CANCELLED, "cancelled")
+                except card_errors.PcscError as e:
+                    return LoginOutcome.failure("card", device_failure(e), e.message)
+                if outcome.ok:
+                    used.append((outcome, reader, atr))
+                return outcome
 
         return run
 

@@ -220,15 +220,11 @@ class SocketInteraction:
         self.info(TOUCH_MESSAGE)
 
 
-def once(first: Any, then: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A runner that returns ``first`` at its first call and calls ``then`` afterwards (the
-    device ceremony of a usernameless login, done before the policy flow asks for it)."""
-    used = []
+def pin_guard(svc, c: Ceremony, ui: SocketInteraction, timeout: float):
+    """Who must touch the key before its PIN is tried in this ceremony
+    (``ceremonies/keypresence.py``): a caller other than the login service (a user's own
+    screen locker, ``enrol.key``) always, the login service when few tries are left."""
+    from ..ceremonies.keypresence import PinGuard
 
-    def run(name: str):
-        if not used:
-            used.append(True)
-            return first
-        return then(name)
-
-    return run
+    return PinGuard(trusted=svc.rules.is_login_service(c.conn.peer), on_touch=ui.touch,
+                    timeout=timeout, cancel=c.cancel)

@@ -29,6 +29,7 @@ class Host(Protocol):
     user_locks: Any  # ceremony.NamedLocks
     device_locks: Any
     device: Any  # token_agent.ceremonies.login.Device, the workstation's
+    org: Any  # service.org.OrgLink of an organisation's workstation, else None
     stopping: threading.Event
     started_at: float
 

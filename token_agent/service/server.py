@@ -52,6 +52,7 @@ from .connections import LOGIN, PUBLIC, Connection, Listener, ListenError, admit
 from .errors import CeremonyCancelled, KeyBusy, RequestError, ServiceStartError
 from .handlers import OPS
 from .handlers.common import agent_user
+from .org import LOCAL_OPS, OrgLink, local_op_refusal
 from .refusals import Refusals, UnknownLogins
 from .storesize import StoreSizeAlarm
 from .workers import WorkerPool
@@ -108,6 +109,7 @@ class Service:
         self.login_socket_path = cfg.login_socket_path(self.socket_path)
         self.cards = CardWatch(self)  # the readers, card logins, card-bound sessions
         self.device = None
+        self.org = None  # OrgLink: [organisation] servers run the logins (service/org.py)
 
     # ------------------------------------------------------------------ start / stop
 
@@ -134,6 +136,7 @@ class Service:
             self.agent = Agent.open(where=self.where, environ=self.environ, policy=resolve_policy(
                 self._policy_override, self.environ, configured=self.config.policy.file,
                 strict=True))  # strict: filetrust.py
+            self.org = OrgLink.open(self.config, self.data_dir)
         except ListenError as e:
             raise ServiceStartError(str(e)) from None
         except Exception as e:
@@ -212,6 +215,8 @@ class Service:
             conn.close(flush=1.0)  # the results of the cancelled ceremonies go out first
 
     def _close_store(self) -> None:
+        if self.org is not None:
+            self.org.close()
         if self.agent is not None:
             self.refusals.close()
             self.unknown_logins.close()
@@ -285,6 +290,8 @@ class Service:
         handler = OPS.get(op)
         if handler is None:
             raise RequestError("bad-request", f"unknown op {op!r}")
+        if self.org is not None and op in LOCAL_OPS:
+            raise RequestError("forbidden", local_op_refusal(self.org.servers))
         if self.stopping.is_set():
             raise RequestError("unavailable", "the service is stopping")
         log.debug("request", extra={"conn": conn.id, "op": op, "peer_uid": conn.peer.uid})

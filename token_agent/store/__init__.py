@@ -13,7 +13,8 @@ package, one module per area, on an engine behind one seam.
   ``secrets.py`` (passwords, authenticator apps, app passwords, backup codes), ``codes.py``
   (contacts, one-time codes), ``push.py``, ``lockouts.py``, ``sightings.py``,
   ``sessions.py``, ``settings.py``, ``workstations.py`` (an organisation's
-  workstations), ``audit.py``. No SQL outside this package.
+  workstations), ``deliveries.py`` (the events they delivered), ``audit.py``. No SQL
+  outside this package.
 
 ``Store`` combines them; ``Store.open(path)`` opens a SQLite store. Every error is a
 ``StoreError`` (``errors.py``).
@@ -25,6 +26,7 @@ from .audit import AuditArea
 from .cards import CardsArea
 from .codes import CodesArea
 from .core import StoreCore
+from .deliveries import DeliveriesArea
 from .detail import (
     METADATA_WORDS, SECRET_STEMS, SECRET_WORDS, check_detail, secret_looking,
 )
@@ -58,7 +60,8 @@ from .workstations import WorkstationsArea
 
 
 class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, LockoutsArea,
-            SightingsArea, SessionsArea, SettingsArea, WorkstationsArea, AuditArea, StoreCore):
+            SightingsArea, SessionsArea, SettingsArea, WorkstationsArea, DeliveriesArea,
+            AuditArea, StoreCore):
     """The agent's store. Create with ``Store.open(path)`` (SQLite); close with ``close()``
     or use it as a context manager. See the package's modules for durability
     (``sqlite.py``), transactions and threads (``core.py``) and errors (``errors.py``)."""

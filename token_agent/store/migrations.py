@@ -58,6 +58,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "who set a user's MFA flag", sqlite=schema_sqlite.V5, postgresql=_pg(5)),
     Migration(6, "the audit chain's head", sqlite=schema_sqlite.V6, postgresql=_pg(6)),
     Migration(7, "an organisation's workstations", sqlite=schema_sqlite.V7, postgresql=_pg(7)),
+    Migration(8, "audit events delivered by organisation workstations",
+              sqlite=schema_sqlite.V8, postgresql=_pg(8)),
 )
 #: the schema version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)

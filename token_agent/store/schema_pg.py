@@ -305,5 +305,17 @@ CREATE TABLE workstations (
 CREATE UNIQUE INDEX workstations_name ON workstations (lower(name));
 """
 
+_V8 = """
+-- The audit events an organisation's workstation delivered: one row per (workstation, seq),
+-- in the same transaction as the event's audit record (a batch delivered twice: once).
+CREATE TABLE org_deliveries (
+    workstation  TEXT NOT NULL CHECK (length(workstation) BETWEEN 1 AND 255),
+    seq          BIGINT NOT NULL CHECK (seq >= 1),
+    delivered_at DOUBLE PRECISION NOT NULL,
+    event_id     BIGINT,
+    PRIMARY KEY (workstation, seq)
+);
+"""
+
 #: ``SCRIPTS[n]``: the DDL bringing a PostgreSQL database from version ``n - 1`` to ``n``
-SCRIPTS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5, 6: _V6, 7: _V7}
+SCRIPTS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5, 6: _V6, 7: _V7, 8: _V8}

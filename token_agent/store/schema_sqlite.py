@@ -289,3 +289,17 @@ CREATE TABLE workstations (
     last_address     TEXT
 );
 """
+
+
+V8 = """
+-- The audit events an organisation's workstation delivered (its offline logins, queued in
+-- its outbox and numbered there): one row per (workstation, seq), written in the same
+-- transaction as the event's audit record, so a batch delivered twice is recorded once.
+CREATE TABLE org_deliveries (
+    workstation  TEXT NOT NULL CHECK (length(workstation) BETWEEN 1 AND 255),
+    seq          INTEGER NOT NULL CHECK (seq >= 1),
+    delivered_at REAL NOT NULL,
+    event_id     INTEGER,
+    PRIMARY KEY (workstation, seq)
+) WITHOUT ROWID;
+"""

@@ -94,6 +94,35 @@ class UsersArea:
                              [(user_id, r) for r in role_list])
             return self.get_user_by_id(user_id)
 
+    def mirror_user(self, user_id: str, username: str, display_name: str | None = None
+                    ) -> User:
+        """An organisation's user in a workstation's own store, which keeps only its
+        sessions (``sessions.user_id`` refers to it): the row with the server's ``user_id``,
+        made on first use (no method, no role, its own random user handle), its name and
+        display name kept as the server says. ``UserExists`` when this store has a user of
+        that name with another id (a store used before the workstation joined)."""
+        self._check_username(username)
+        display = self._check_display_name(username if display_name is None else display_name)
+        with self.transaction(), self._using("keep an organisation's user") as conn:
+            row = conn.execute("SELECT id FROM users WHERE lower(username) = lower(?)",
+                               (username,)).fetchone()
+            if row is not None and row["id"] != user_id:
+                raise UserExists(f"this workstation's store has a user {username!r} of its own; "
+                                 "it cannot log in through the organisation until it is removed "
+                                 "here (token-agent users remove --store-url of the local store)")
+            if row is None and conn.execute("SELECT id FROM users WHERE id = ?",
+                                            (user_id,)).fetchone() is None:
+                conn.execute(
+                    "INSERT INTO users (id, username, display_name, user_handle, created_at, "
+                    "disabled, user_class, mfa_enabled, mfa_source) "
+                    "VALUES (?, ?, ?, ?, ?, 0, 'internal', 1, NULL)",
+                    (user_id, username, display, secrets.token_bytes(USER_HANDLE_LEN),
+                     self._now()))
+            else:
+                conn.execute("UPDATE users SET username = ?, display_name = ? WHERE id = ?",
+                             (username, display, user_id))
+            return self.get_user_by_id(user_id)
+
     def get_user(self, username: str) -> User:
         """The user with that username (case-insensitive); ``UnknownUser`` if none."""
         with self._using("read a user") as conn:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ...ceremonies.choices import parse_second
 from ...ceremonies.login import PRIMARY_METHODS
 from ...outcome import LoginOutcome
-from ..ceremony import SocketInteraction, once
+from ..ceremony import SocketInteraction, pin_guard
 from ..errors import CeremonyCancelled, KeyBusy, RequestError
 from .common import agent_user, check_args, device_of, refuse
 from .sessions import session_row
@@ -101,16 +101,6 @@ def _key_runner(svc: Host, c: Ceremony,
     return run
 
 
-def pin_guard(svc: Host, c: Ceremony, ui: SocketInteraction, timeout: float):
-    """Who must touch the key before its PIN is tried in this ceremony
-    (``ceremonies/keypresence.py``): a caller other than the login service (a user's own
-    screen locker, ``enrol.key``) always, the login service when few tries are left."""
-    from ...ceremonies.keypresence import PinGuard
-
-    return PinGuard(trusted=svc.rules.is_login_service(c.conn.peer), on_touch=ui.touch,
-                    timeout=timeout, cancel=c.cancel)
-
-
 def open_key(svc: Host, c: Ceremony, ui: SocketInteraction, timeout: float, *,
              username: str | None = None):
     """The key for this ceremony from the service's key pool (``service/keys.py``), its
@@ -143,8 +133,6 @@ def _credentials_of(svc: Host, username: str) -> tuple[list[bytes], str]:
 
 
 def _run_login(svc: Host, c: Ceremony, a: dict, device) -> None:
-    from ...ceremonies.login import login, shown_before_first_factor
-
     started = time.perf_counter()
     ui = SocketInteraction(c)
     card_used: list = []
@@ -158,27 +146,10 @@ def _run_login(svc: Host, c: Ceremony, a: dict, device) -> None:
         session_row(svc, session_id, user.id, method, device, card_used)
 
     try:
-        key_runner = _key_runner(svc, c, ui)
-        card_runner = svc.cards.runner(c, ui, card_used)
-        username = c.user
-        primary = a["primary"]
-        if username is None:
-            first = card_runner(None) if primary == "card" else key_runner(None)
-            if not first.ok:
-                outcome = shown_before_first_factor(first)  # no factor yet: no details
-            else:
-                username = c.user = first.user
-                primary = "card" if primary == "card" else "key"
-                if primary == "card":
-                    card_runner = once(first, card_runner)
-                else:
-                    key_runner = once(first, key_runner)
-        if outcome is None:
-            with c.user_locked(svc.user_locks.get(username)):
-                outcome = login(svc.agent, username, interaction=ui, device=device,
-                                primary=primary, second=a["second"], key_login=key_runner,
-                                card_login=card_runner, cancel=c.cancel,
-                                on_success=record_session, step_up=bool(a["step_up"]))
+        if getattr(svc, "org", None) is not None:  # the organisation's server runs it
+            outcome = _org_login(svc, c, a, ui, device, session_id, card_used)
+        else:
+            outcome = _local_login(svc, c, a, ui, device, card_used, record_session)
     except Exception as e:
         outcome = svc.unexpected(c, e, "login")
     if outcome.ok:
@@ -192,3 +163,37 @@ def _run_login(svc: Host, c: Ceremony, a: dict, device) -> None:
     svc.finish(c, outcome.to_json() | ({"session": session_id} if outcome.ok else {}),
                ok=outcome.ok, user=outcome.user or c.user, method=outcome.method,
                reason=outcome.reason.value if outcome.reason else None, started=started)
+
+
+def _org_login(svc: Host, c: Ceremony, a: dict, ui: SocketInteraction, device,
+               session_id: str, card_used: list) -> LoginOutcome:
+    """The login run by the organisation's server (``service/org.py``); its session row
+    here, naming the organisation's user."""
+    from ..org import run_login
+
+    outcome, used = run_login(svc, c, a, ui)
+    if outcome.ok:
+        with svc.store.transaction():
+            if c.cancel.is_set():  # the client left before the success
+                raise CeremonyCancelled()
+            user = svc.store.mirror_user(outcome.user_id, outcome.user)
+            card_used.extend(used)
+            session_row(svc, session_id, user.id, outcome.method, device, card_used)
+    return outcome
+
+
+def _local_login(svc: Host, c: Ceremony, a: dict, ui: SocketInteraction, device,
+                 card_used: list, record_session) -> LoginOutcome:
+    from ...ceremonies.login import login_or_tap
+
+    key_runner = _key_runner(svc, c, ui)
+    card_runner = svc.cards.runner(c, ui, card_used)
+
+    def on_user(name: str):
+        c.user = name
+        return c.user_locked(svc.user_locks.get(name))
+
+    return login_or_tap(svc.agent, c.user, primary=a["primary"], key_login=key_runner,
+                        card_login=card_runner, on_user=on_user, interaction=ui,
+                        device=device, second=a["second"], cancel=c.cancel,
+                        on_success=record_session, step_up=bool(a["step_up"]))

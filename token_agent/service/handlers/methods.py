@@ -12,7 +12,7 @@ from ... import admin_ops
 from ...outcome import Reason
 from ..ceremony import SocketInteraction
 from ..errors import RequestError
-from .common import actor, binding_op, check_args, user_op
+from .common import actor, binding_op, check_args, refuse, user_op
 from .login import open_key, pin_guard
 
 if TYPE_CHECKING:
@@ -111,6 +111,17 @@ def op_enrol_backup_codes(svc: Host, conn: Connection, args: dict) -> dict:
 
 def op_enrol_key(svc: Host, conn: Connection, args: dict) -> dict:
     a = check_args(args, {"user": (str, True), "name": (str, False)})
+    if getattr(svc, "org", None) is not None:
+        # the organisation's server checks the re-authentication (this connection's login
+        # ticket); here: users enrol their own keys, administrators anyone's
+        peer = conn.peer
+        if not (svc.rules.is_admin(peer, svc.store) or svc.rules.is_self(peer, a["user"])):
+            raise refuse(svc, conn, "enrol.key", a["user"],
+                         f"{peer.user or f'uid {peer.uid}'} may not do enrol.key for "
+                         f"{a['user']}")
+        c = svc.new_ceremony(conn, "enrol", "enrol.key", a["user"])
+        svc.launch(c, partial(_run_org_enrol_key, svc), a["name"])
+        return {"login": c.id}
     user = binding_op(svc, conn, "enrol.key", a["user"])
     c = svc.new_ceremony(conn, "enrol", "enrol.key", user.username)
     svc.launch(c, partial(_run_enrol_key, svc), a["name"])
@@ -164,3 +175,18 @@ def _run_enrol_key(svc: Host, c: Ceremony, name: str | None) -> None:
             log.error("cannot record the failed enrolment: %s", e)
     svc.finish(c, outcome, ok=outcome["ok"], user=c.user, method="key",
                reason=outcome["reason"], started=started)
+
+
+def _run_org_enrol_key(svc: Host, c: Ceremony, name: str | None) -> None:
+    """``enrol.key`` run by the organisation's server (``service/org.py``), which records it."""
+    from ..org import run_enrol_key
+
+    started = time.perf_counter()
+    try:
+        outcome = run_enrol_key(svc, c, name, SocketInteraction(c))
+    except Exception as e:
+        failed = svc.unexpected(c, e, "key")
+        outcome = {"ok": False, "method": "key", "reason": failed.reason.value,
+                   "message": failed.message}
+    svc.finish(c, outcome, ok=bool(outcome.get("ok")), user=c.user, method="key",
+               reason=outcome.get("reason"), started=started)
