@@ -400,7 +400,7 @@ def _toml_list(items) -> str:
 
 def start_cluster(pg_server, *, replicas: int = 2, workstations: int = 3,
                   policy: str | None = None, ws_keys: dict[str, list[str]] | None = None,
-                  keys_without_pin: tuple[str, ...] = ("fiona",),
+                  keys_without_pin: tuple[str, ...] = (),
                   key_addresses: dict[str, list[str]] | None = None,
                   card_reader_at: str | None = "ws3", pcscd=None, workers: int = 8,
                   log_level: str = "info") -> OrgCluster:
