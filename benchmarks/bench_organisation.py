@@ -222,27 +222,18 @@ def main() -> int:
         latencies: list[float] = []
         failures: list[dict] = []
         lock = threading.Lock()
-        local = threading.local()
 
         def one(item: tuple[str, str]) -> None:
+            # a connection per login, as PAM makes one (a kept one would be closed by the
+            # service after 60 s without a request)
             user, ws = item
-            clients = getattr(local, "clients", None)
-            if clients is None:
-                clients = local.clients = {}
-            client = clients.get(ws)
-            if client is None:
-                client = clients[ws] = cluster.workstations[ws].client(timeout=60)
             started = time.perf_counter()
             try:
-                outcome = client.login(user, lambda _e: PIN, primary="key")
-            except Exception as e:  # noqa: BLE001  (no result: counted, the connection dropped)
-                outcome = {"ok": False, "reason": "no-result", "user": user, "workstation": ws,
+                with cluster.workstations[ws].client(timeout=60) as client:
+                    outcome = client.login(user, lambda _e: PIN, primary="key")
+            except Exception as e:  # noqa: BLE001  (no result: counted)
+                outcome = {"ok": False, "reason": "no-result",
                            "message": f"{type(e).__name__}: {e}"}
-                clients.pop(ws, None)
-                try:
-                    client.close()
-                except Exception:  # noqa: BLE001
-                    pass
             elapsed = time.perf_counter() - started
             with lock:
                 if outcome["ok"]:
@@ -302,6 +293,12 @@ def main() -> int:
             for f in failures:
                 reasons[f.get("reason") or "?"] = reasons.get(f.get("reason") or "?", 0) + 1
             print(f"  failures by reason     {reasons}")
+            messages: dict[str, int] = {}
+            for f in failures:
+                m = str(f.get("message"))[:90]
+                messages[m] = messages.get(m, 0) + 1
+            for m, n in sorted(messages.items(), key=lambda kv: -kv[1])[:5]:
+                print(f"    {n:4d} x {m}")
             print(f"  first failure          {failures[0].get('reason')}: "
                   f"{failures[0].get('message')} ({failures[0].get('user')} at "
                   f"{failures[0].get('workstation')})")
