@@ -260,10 +260,8 @@ def test_a_card_login_through_the_real_server(org, tmp_path):
 def test_the_service_logs_in_offline_with_the_key_when_no_server_answers(
         tmp_path, pg_url, org_server, sim_key_server, socket_dir):
     """Online first (the server's bundle kept in the offline cache), then no server: the key
-    logs alice in offline (helper C's offline.login, called by service/org.py), a password
+    logs alice in offline (offline.login, called by service/org.py), a password
     is refused with the sentence, and once the server is back the queued audit arrives."""
-    pytest.importorskip("token_agent.organisation.offline",
-                        reason="the offline module (branch i15-offline) is not merged here")
     from conftest import environ_for_agent
     from test_service import KEY_PIN, ServiceProcess, set_key_pin
     from token_agent.service.client import answers

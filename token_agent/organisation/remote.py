@@ -399,7 +399,7 @@ def _card_login(agent: "Agent", conv: Conversation):
 
 
 def _bundle(agent: "Agent", outcome: LoginOutcome, workstation: str) -> dict | None:
-    """The offline bundle of the user who logged in (helper C's ``offline.bundle_for``)."""
+    """The offline bundle of the user who logged in (``offline.bundle_for``)."""
     try:
         from . import offline
     except ImportError:
@@ -439,13 +439,11 @@ def run_ceremony(agent: "Agent", channel, first_message: Any, workstation_name: 
 
 def workstation_device(name: str, peer: str | None):
     """The device of a login from a joined workstation: managed, named by its certificate,
-    at the address the server sees, and joined (helper D's roaming rule: ``Device.joined``,
-    where this version of ``ceremonies.login`` has it)."""
+    at the address the server sees, and joined (the roaming rule: a joined workstation in a
+    trusted network is not an unusual device)."""
     from ..ceremonies.login import Device
 
-    if "joined" in Device.__dataclass_fields__:
-        return Device("managed", name, peer, joined=True)
-    return Device("managed", name, peer)
+    return Device("managed", name, peer, joined=True)
 
 
 def _login(agent: "Agent", conv: Conversation, req: dict, workstation: str,

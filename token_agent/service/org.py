@@ -53,7 +53,7 @@ class OrgLink:
         self.cache = cache
         self._refilled: dict[str, float] = {}
         self._refill_lock = threading.Lock()
-        self.deliverer = None  # helper C's outbox.Deliverer: the offline audit, delivered
+        self.deliverer = None  # outbox.Deliverer: the offline audit, delivered
         if cache is not None:
             try:
                 from ..organisation.outbox import Deliverer
@@ -89,8 +89,8 @@ class OrgLink:
         return cls(client, list(org.servers), cache)
 
     def keep_offline(self, username: str, bundle: dict) -> None:
-        """After an online login: keep the user's offline bundle (helper C's
-        ``offline.store_login_result``), and, on a thread of its own and at most once per
+        """After an online login: keep the user's offline bundle
+        (``offline.store_login_result``), and, on a thread of its own and at most once per
         :data:`REFILL_SECONDS` per user, fetch what its offline logins need (the
         authenticator-app hashes, which cost the server seconds, and the card trust)."""
         import threading
@@ -239,7 +239,7 @@ def run_login(svc: "Host", c: "Ceremony", a: dict, ui: "SocketInteraction"
 
 def offline_login(svc: "Host", c: "Ceremony", a: dict, ui: "SocketInteraction"
                   ) -> LoginOutcome:
-    """No server answers: helper C's offline login (key or card, a user seen here
+    """No server answers: the offline login (key or card, a user seen here
     recently), or SERVER_UNAVAILABLE. THE ONE CALL SITE of ``organisation.offline.login``."""
     from ..ceremonies.card import device_failure as card_failure
     from ..ceremonies.key import device_failure as key_failure
