@@ -617,3 +617,24 @@ def test_a_key_without_pin_and_a_totp_code_are_one_kind_of_factor(server, keys, 
     out = key_login(cache, key, now=now, answers=[oathtool(alice_totp, now)])
     assert not out.ok and out.reason is Reason.VERIFICATION_FAILED  # as online
     assert "same kind of factor" in out.message
+
+
+def test_the_service_asks_its_key_pool_for_the_users_cached_credentials(server, keys, cache):
+    """Offline, the service picks the key holding one of the user's cached credentials
+    (several people's keys may be plugged in), a suspended one left out; no readable bundle
+    names none (the offline login then refuses with its own reason)."""
+    from token_agent.ceremonies.key import KeySettings
+    from token_agent.service.org import _cached_credentials
+
+    _, first, _ = enrolled(server, keys)
+    _, second, _ = enrolled(server, keys)
+    server.store.flag_fido_credential(second.credential_id, "lost")
+    cache.store_bundle(offline.bundle_for(server, "alice", "ws-1"), now=T0)
+    rp_id, ids = _cached_credentials(cache, "alice")
+    assert rp_id == KeySettings.from_store(server.store).rp_id
+    assert ids == [first.credential_id]
+    assert _cached_credentials(cache, "bob") == (None, [])  # never seen here
+    cache.store_bundle(offline.bundle_for(server, "bob", "ws-1"), now=T0)
+    blob, _ = cache.db.get_bundle(cache.user_key("alice"))
+    cache.db.replace_bundle_blob(cache.user_key("bob"), blob)  # altered: unreadable
+    assert _cached_credentials(cache, "bob") == (None, [])

@@ -246,11 +246,9 @@ def offline_login(svc: "Host", c: "Ceremony", a: dict, ui: "SocketInteraction"
     from ..organisation.relay import unavailable_outcome
     from .ceremony import pin_guard
 
+    from ..organisation import offline
+
     link = svc.org
-    try:
-        from ..organisation import offline
-    except ImportError:
-        return unavailable_outcome()
     if link.cache is None or c.user is None:
         return unavailable_outcome()
     timeout = svc.config.keys.timeout
@@ -264,7 +262,8 @@ def offline_login(svc: "Host", c: "Ceremony", a: dict, ui: "SocketInteraction"
 
     try:
         if primary == "key":
-            with _key_opener(svc, c, ui)(None, [], timeout, c.cancel, ui.touch) as key:
+            rp_id, ids = _cached_credentials(link.cache, c.user)
+            with _key_opener(svc, c, ui)(rp_id, ids, timeout, c.cancel, ui.touch) as key:
                 return offline.login(link.cache, c.user, primary="key", key=key,
                                      key_pin=ui.key_pin, **common)
         if primary == "card":
@@ -276,6 +275,28 @@ def offline_login(svc: "Host", c: "Ceremony", a: dict, ui: "SocketInteraction"
         return LoginOutcome.failure("key", key_failure(e), e.message)
     except PcscError as e:
         return LoginOutcome.failure("card", card_failure(e), e.message)
+
+
+def _cached_credentials(cache, username: str) -> tuple[str | None, list[bytes]]:
+    """The RP ID and credential ids of the user's cached bundle, so that the key pool picks
+    the key that holds one of them when several keys are plugged in (as online, where the
+    server names them); none when there is no readable bundle (the offline login then
+    refuses with its own reason)."""
+    from ..organisation.cache import CacheError
+
+    try:
+        bundle = cache.bundle(username)
+    except CacheError:
+        return None, []
+    if not bundle:
+        return None, []
+    try:
+        ids = [bytes.fromhex(cr["credential_id"]) for cr in bundle.get("credentials", ())
+               if not cr.get("flagged")]
+        rp_id = (bundle.get("settings") or {}).get("rp_id")
+    except (KeyError, TypeError, ValueError):
+        return None, []
+    return rp_id, ids
 
 
 # --------------------------------------------------------------------------- enrolment
