@@ -18,6 +18,7 @@ is open, its loss is ``ChannelClosed`` and the caller decides (``relay.py``).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import socket
@@ -82,6 +83,30 @@ def _legacy_flag() -> dict:
 
 
 _LEGACY = _legacy_flag()
+
+
+@functools.cache
+def _connection_class():
+    """websockets' sync ``ClientConnection`` whose ``close_socket`` also shuts the socket
+    down. websockets wakes its receiving thread only when that thread waits in ``select``;
+    over TLS it can instead be blocked inside ``SSLSocket.recv``: the server's TLS 1.3
+    session tickets make the socket readable, the read consumes them and then waits for
+    application data on the blocking socket. A ``close()`` from another thread does not wake
+    that read (Linux keeps the descriptor alive for the call), so when the server does not
+    answer the upgrade in time, ``connect`` closed the socket and then waited in
+    ``recv_events_thread.join()`` with no timeout: the login hung until the server closed
+    the connection (a minute, or never). ``shutdown`` ends the blocked read at once."""
+    from websockets.sync.client import ClientConnection
+
+    class _ShutdownConnection(ClientConnection):
+        def close_socket(self) -> None:
+            try:
+                self.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:  # not connected any more, or closed already
+                pass
+            super().close_socket()
+
+    return _ShutdownConnection
 
 
 class OrgClient:
@@ -207,7 +232,7 @@ class OrgClient:
         """A WebSocket channel to ``path`` on the first server that accepts it (failover on
         connecting only). ``ServerUnavailable`` when none does; ``ServerRefused`` when one
         refuses the upgrade with an HTTP error other than 502/503/504."""
-        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
         from websockets.sync.client import connect
 
         attempts: list[tuple[str, str]] = []
@@ -217,7 +242,8 @@ class OrgClient:
             try:
                 ws = connect(uri, ssl=self.ssl_context, open_timeout=self.timeout,
                              proxy=None, compression=None, user_agent_header=USER_AGENT,
-                             close_timeout=self.timeout, ping_interval=None, **_LEGACY)
+                             close_timeout=self.timeout, ping_interval=None,
+                             create_connection=_connection_class(), **_LEGACY)
             except InvalidStatus as e:
                 status = e.response.status_code
                 if status in RETRY_STATUSES:
@@ -227,7 +253,9 @@ class OrgClient:
                 self._mark(server, False)
                 self._answer(server, status, bytes(e.response.body or b""))
                 raise  # _answer always raises for an error status
-            except (OSError, InvalidHandshake, TimeoutError) as e:
+            except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as e:
+                # ConnectionClosed: the connection failed while the upgrade was sent (a TLS
+                # error on the write): this replica failed to connect, the next one is tried
                 attempts.append((server, failure_reason(e)))
                 self._mark(server, True)
                 continue
