@@ -108,6 +108,7 @@ class PostgresEngine(Engine):
 
     name = "postgresql"
     for_update = " FOR UPDATE"
+    concurrent = True
 
     def __init__(self, url: str, *, password_file: str | os.PathLike[str] | None = None,
                  min_size: int = 1, max_size: int = 4, connect_timeout: float = 5.0,
@@ -211,6 +212,12 @@ class PostgresEngine(Engine):
             yield PgConnection(raw)
         finally:
             self.pool.putconn(raw)
+
+    def size_pool(self, max_size: int) -> None:
+        """At most ``max_size`` connections (a server's worker threads, each with its own
+        while it uses the store)."""
+        max_size = max(1, int(max_size))
+        self.pool.resize(min(self.pool.min_size, max_size), max_size)
 
     def begin(self, conn: PgConnection) -> None:
         conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
