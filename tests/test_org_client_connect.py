@@ -142,3 +142,39 @@ def test_a_connection_lost_during_the_upgrade_fails_over(monkeypatch, silent):
         client.connect("/v1/ceremony")
     assert len(calls) == 2
     assert len(raised.value.attempts) == 2
+
+
+def test_channels_are_spread_over_the_replicas_and_a_failed_one_goes_last(monkeypatch, silent):
+    import websockets.sync.client as wsclient
+
+    firsts: list[str] = []
+    down = {"wss://127.0.0.1:2/v1/ceremony"}
+
+    class Ws:
+        def close(self):
+            pass
+
+    def fake_connect(uri, **kwargs):
+        if not firsts or firsts[-1] is None:
+            firsts[-1:] = [uri]
+        if uri in down:
+            raise ConnectionRefusedError()
+        return Ws()
+
+    monkeypatch.setattr(wsclient, "connect", fake_connect)
+    client = OrgClient(["https://127.0.0.1:1", "https://127.0.0.1:2", "https://127.0.0.1:3"],
+                       ssl_context=client_ssl_context(silent.ca_file), timeout=1.0)
+    down.clear()
+    servers = []
+    for _ in range(4):
+        firsts.append(None)
+        servers.append(client.connect("/v1/ceremony").server)
+    assert servers == ["https://127.0.0.1:1", "https://127.0.0.1:2", "https://127.0.0.1:3",
+                       "https://127.0.0.1:1"]
+    down.add("wss://127.0.0.1:2/v1/ceremony")
+    got = []
+    for _ in range(4):
+        firsts.append(None)
+        got.append(client.connect("/v1/ceremony").server)
+    assert "https://127.0.0.1:2" not in got
+    assert client.channel_order()[-1] == "https://127.0.0.1:2"  # tried last for a while

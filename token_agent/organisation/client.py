@@ -7,7 +7,8 @@ failing over between the replicas listed in ``[organisation] servers``.
     channel = client.connect("/v1/ceremony")               # a Channel (wss)
     channel.send({"op": "login", ...}); channel.recv(timeout=30); channel.close()
 
-Failover: a request goes to the servers in order and moves on when one cannot be reached
+Failover: a request goes to the servers in order (a channel: starting at the next of the
+servers in turn, ``channel_order``) and moves on when one cannot be reached
 (connection refused or reset, TLS failure, timeout) or answers 502, 503 or 504; a server that
 failed is tried last for ``FAILED_PENALTY`` seconds. Requests must therefore be idempotent
 (the server's are: a join token is single use, audit events carry their sequence numbers).
@@ -122,6 +123,7 @@ class OrgClient:
         self._clock = clock
         self._failed: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._turn = -1  # the server the last channel started at (``channel_order``)
 
     @classmethod
     def from_config(cls, config, data_dir: str | Path) -> "OrgClient":
@@ -161,6 +163,20 @@ class OrgClient:
             recent = {s for s, at in self._failed.items() if now - at < FAILED_PENALTY}
         return ([s for s in self.servers if s not in recent]
                 + [s for s in self.servers if s in recent])
+
+    def channel_order(self) -> list[str]:
+        """The servers to try for a channel: as :meth:`order`, the ones that did not fail
+        recently taken in turn (each channel starts at the next one), so that the ceremonies
+        of a workstation are spread over the replicas instead of all going to the first (one
+        replica's process busy, the others idle, in the benchmark's shift change)."""
+        servers = self.order()
+        now = self._clock()
+        with self._lock:
+            healthy = sum(1 for s in servers
+                          if now - self._failed.get(s, float("-inf")) >= FAILED_PENALTY)
+            self._turn = (self._turn + 1) % max(1, healthy)
+            turn = self._turn
+        return servers[turn:healthy] + servers[:turn] + servers[healthy:]
 
     def _mark(self, server: str, failed: bool) -> None:
         with self._lock:
@@ -236,7 +252,7 @@ class OrgClient:
         from websockets.sync.client import connect
 
         attempts: list[tuple[str, str]] = []
-        for server in self.order():
+        for server in self.channel_order():
             parts = urlsplit(server)
             uri = f"wss://{parts.netloc}{path}"
             try:
