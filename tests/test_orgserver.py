@@ -643,3 +643,22 @@ def test_the_refusal_holds_when_the_data_directory_is_named_on_the_command_line(
     assert "belongs to an organisation" in out.stderr
     run_cli(clean_env(config), "--data-dir", str(tmp_path / "d"), "users", "add", "bob",
             expect=exitcodes.ORGANISATION)
+
+
+def test_the_server_sends_no_tls_session_tickets(org_server):
+    """TLS 1.3 session tickets arrive after the handshake, while a workstation's
+    websockets.sync client writes its upgrade from one thread and reads from another on the
+    same TLS connection (not safe in OpenSSL: the shift-change benchmark lost upgrades to
+    "SSL internal error" / "bad record mac"). The workstations never resume a session, so the
+    server sends none."""
+    ctx = ssl.create_default_context(cafile=str(org_server.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    raw = socket.create_connection(("127.0.0.1", org_server.port), timeout=20)
+    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):  # the tickets, if any, come before the answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert tls.version() == "TLSv1.3"
+        assert tls.session is not None and not tls.session.has_ticket

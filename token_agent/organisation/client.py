@@ -7,7 +7,8 @@ failing over between the replicas listed in ``[organisation] servers``.
     channel = client.connect("/v1/ceremony")               # a Channel (wss)
     channel.send({"op": "login", ...}); channel.recv(timeout=30); channel.close()
 
-Failover: a request goes to the servers in order and moves on when one cannot be reached
+Failover: a request goes to the servers in order (a channel: starting at the next of the
+servers in turn, ``channel_order``) and moves on when one cannot be reached
 (connection refused or reset, TLS failure, timeout) or answers 502, 503 or 504; a server that
 failed is tried last for ``FAILED_PENALTY`` seconds. Requests must therefore be idempotent
 (the server's are: a join token is single use, audit events carry their sequence numbers).
@@ -18,6 +19,7 @@ is open, its loss is ``ChannelClosed`` and the caller decides (``relay.py``).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import socket
@@ -84,6 +86,30 @@ def _legacy_flag() -> dict:
 _LEGACY = _legacy_flag()
 
 
+@functools.cache
+def _connection_class():
+    """websockets' sync ``ClientConnection`` whose ``close_socket`` also shuts the socket
+    down. websockets wakes its receiving thread only when that thread waits in ``select``;
+    over TLS it can instead be blocked inside ``SSLSocket.recv``: the server's TLS 1.3
+    session tickets make the socket readable, the read consumes them and then waits for
+    application data on the blocking socket. A ``close()`` from another thread does not wake
+    that read (Linux keeps the descriptor alive for the call), so when the server does not
+    answer the upgrade in time, ``connect`` closed the socket and then waited in
+    ``recv_events_thread.join()`` with no timeout: the login hung until the server closed
+    the connection (a minute, or never). ``shutdown`` ends the blocked read at once."""
+    from websockets.sync.client import ClientConnection
+
+    class _ShutdownConnection(ClientConnection):
+        def close_socket(self) -> None:
+            try:
+                self.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:  # not connected any more, or closed already
+                pass
+            super().close_socket()
+
+    return _ShutdownConnection
+
+
 class OrgClient:
     """See the module docstring. Thread-safe: each request opens its own connection."""
 
@@ -97,6 +123,7 @@ class OrgClient:
         self._clock = clock
         self._failed: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._turn = -1  # the server the last channel started at (``channel_order``)
 
     @classmethod
     def from_config(cls, config, data_dir: str | Path) -> "OrgClient":
@@ -136,6 +163,20 @@ class OrgClient:
             recent = {s for s, at in self._failed.items() if now - at < FAILED_PENALTY}
         return ([s for s in self.servers if s not in recent]
                 + [s for s in self.servers if s in recent])
+
+    def channel_order(self) -> list[str]:
+        """The servers to try for a channel: as :meth:`order`, the ones that did not fail
+        recently taken in turn (each channel starts at the next one), so that the ceremonies
+        of a workstation are spread over the replicas instead of all going to the first (one
+        replica's process busy, the others idle, in the benchmark's shift change)."""
+        servers = self.order()
+        now = self._clock()
+        with self._lock:
+            healthy = sum(1 for s in servers
+                          if now - self._failed.get(s, float("-inf")) >= FAILED_PENALTY)
+            self._turn = (self._turn + 1) % max(1, healthy)
+            turn = self._turn
+        return servers[turn:healthy] + servers[:turn] + servers[healthy:]
 
     def _mark(self, server: str, failed: bool) -> None:
         with self._lock:
@@ -207,17 +248,18 @@ class OrgClient:
         """A WebSocket channel to ``path`` on the first server that accepts it (failover on
         connecting only). ``ServerUnavailable`` when none does; ``ServerRefused`` when one
         refuses the upgrade with an HTTP error other than 502/503/504."""
-        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
         from websockets.sync.client import connect
 
         attempts: list[tuple[str, str]] = []
-        for server in self.order():
+        for server in self.channel_order():
             parts = urlsplit(server)
             uri = f"wss://{parts.netloc}{path}"
             try:
                 ws = connect(uri, ssl=self.ssl_context, open_timeout=self.timeout,
                              proxy=None, compression=None, user_agent_header=USER_AGENT,
-                             close_timeout=self.timeout, ping_interval=None, **_LEGACY)
+                             close_timeout=self.timeout, ping_interval=None,
+                             create_connection=_connection_class(), **_LEGACY)
             except InvalidStatus as e:
                 status = e.response.status_code
                 if status in RETRY_STATUSES:
@@ -227,7 +269,9 @@ class OrgClient:
                 self._mark(server, False)
                 self._answer(server, status, bytes(e.response.body or b""))
                 raise  # _answer always raises for an error status
-            except (OSError, InvalidHandshake, TimeoutError) as e:
+            except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as e:
+                # ConnectionClosed: the connection failed while the upgrade was sent (a TLS
+                # error on the write): this replica failed to connect, the next one is tried
                 attempts.append((server, failure_reason(e)))
                 self._mark(server, True)
                 continue

@@ -57,6 +57,10 @@ def build_app(ctx: Any, *, modules: tuple[str, ...] = ROUTE_MODULES) -> Starlett
 
         # the store's work runs in worker threads (run_in_threadpool): this many at once
         anyio.to_thread.current_default_thread_limiter().total_tokens = workers
+        # and they use it side by side (a PostgreSQL store: a connection each, from its pool)
+        size_pool = getattr(getattr(ctx.store, "engine", None), "size_pool", None)
+        if size_pool is not None:
+            size_pool(workers)
         yield
 
     app = Starlette(routes=collect_routes(modules),

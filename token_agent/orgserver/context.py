@@ -23,7 +23,8 @@ class ServerSetupError(Exception):
 class ServerContext:
     """One per replica (``ServerContext.open``)."""
 
-    #: ``token_agent.agent.Agent``: the store (shared by the worker threads) and the policy
+    #: ``token_agent.agent.Agent``: the store (shared by the worker threads, each with a
+    #: connection of its own on PostgreSQL: ``store/core.py``) and the policy
     agent: Any
     #: ``token_agent.config.Config``
     config: Any

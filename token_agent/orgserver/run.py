@@ -50,6 +50,13 @@ def uvicorn_config(ctx: Any, *, listen: str | None = None) -> tuple[uvicorn.Conf
         proxy_headers=False, server_header=False, access_log=False, log_config=None,
         timeout_graceful_shutdown=int(server_cfg.shutdown_timeout) or 1,
         loop="asyncio")
+    config.load()
+    # No TLS 1.3 session tickets (the workstations never resume a session): a ticket arrives
+    # after the handshake, while the workstation's client (websockets.sync) writes its
+    # upgrade request from one thread and reads from another on the same TLS connection;
+    # OpenSSL's connection is not safe for that, and the benchmark's shift change showed it
+    # ("SSL internal error" on the write, "bad record mac" on the read, upgrades lost).
+    config.ssl.num_tickets = 0
     shown = f"[{host}]" if ":" in host else host
     return config, f"https://{shown}:{port}"
 

@@ -237,16 +237,36 @@ class KeyPool:
     def _find_holders(self, entries: Sequence[tuple[str, _Entry]], rp_id: str,
                       ids: list[bytes], deadline: float,
                       cancel: threading.Event | None) -> list[tuple[str, _Entry]]:
-        """Ask every key (each when it is free) whether it holds one of ``ids``."""
-        holders = []
-        for path, entry in entries:
-            try:
-                taken_path, taken = self._wait([(path, entry)], deadline, cancel)
-            except Busy:
+        """Ask the keys (each when it is free) whether they hold one of ``ids``: the keys free
+        now first, the busy ones as they come free, until one does (a key busy with another
+        person's ceremony is not waited for while a free one may answer). Keys still busy
+        at the deadline are left out."""
+        from drivers.fido.errors import Cancelled
+
+        holders: list[tuple[str, _Entry]] = []
+        pending = list(entries)
+        while pending and not holders:
+            asked = False
+            for path, entry in list(pending):
+                if not entry.lock.acquire(blocking=False):
+                    continue
+                pending.remove((path, entry))
+                asked = True
+                try:
+                    if entry.key.closed:
+                        continue
+                    if entry.key.holds_credential(rp_id, ids):
+                        holders.append((path, entry))
+                        break
+                finally:
+                    entry.lock.release()
+                    if entry.key.closed:
+                        self._drop(path, entry)
+            if holders or not pending or asked:
                 continue
-            try:
-                if taken.key.holds_credential(rp_id, ids):
-                    holders.append((taken_path, taken))
-            finally:
-                taken.lock.release()
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(POLL)
         return holders

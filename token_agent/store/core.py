@@ -13,10 +13,14 @@ Transactions
     one (other threads, and other processes after the busy timeout, wait for it).
 
 Threads
-    One ``Store`` is guarded by a re-entrant lock: every method holds the lock while it uses
-    the connection, and a transaction holds it from ``BEGIN`` to ``COMMIT``/``ROLLBACK``. So
-    a ``Store`` may be shared by threads; their calls are serialised, and one thread's calls
-    never join another thread's open transaction (they wait for it to end).
+    A ``Store`` may be shared by threads, and one thread's calls never join another thread's
+    open transaction: the transaction in progress is the calling thread's own (thread-local).
+    On an engine with one connection (SQLite) a re-entrant lock serialises the threads: every
+    method holds it while it uses the connection, and a transaction holds it from ``BEGIN``
+    to ``COMMIT``/``ROLLBACK`` (other threads wait for it to end). On an engine whose
+    connections come from a pool (``Engine.concurrent``: PostgreSQL) the threads run side by
+    side, each call or transaction on a connection of its own, as separate processes do (the
+    database's own locks order their writes); ``close()`` then does not wait for them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ def as_dict(row: Row | None) -> dict[str, Any] | None:
     return None if row is None else {k: row[k] for k in row.keys()}
 
 
+class _NoLock:
+    """The lock of a store whose engine gives each thread its own connection."""
+
+    def __enter__(self) -> "_NoLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 class StoreCore:
     """Connection, transactions, migrations and facts; see the module docstring."""
 
@@ -60,16 +74,40 @@ class StoreCore:
         self.local_dir: Path | None = self.path.parent if self.path is not None else None
         self._where = engine.describe()
         self._clock = clock
-        self._lock = threading.RLock()
-        self._depth = 0
-        self._tx_conn: Any = None
-        self._tx_stack: ExitStack | None = None
+        self._lock: Any = (_NoLock() if getattr(engine, "concurrent", False)
+                           else threading.RLock())
+        self._tx = threading.local()  # the calling thread's transaction (depth, conn, stack)
         self._closed = False
         #: called (no arguments) after each ``record_event``, e.g. the service's size alarm
         self.after_event: Callable[[], None] | None = None
         #: called ``(kind, outcome, username, detail)`` before each ``record_event``: False
         #: means counted instead of recorded (the service's ``refusals.UnknownLogins``)
         self.event_gate: Callable[[str, str, str | None, Any], bool] | None = None
+
+    # the calling thread's transaction: nesting depth, connection, what closes it
+    @property
+    def _depth(self) -> int:
+        return getattr(self._tx, "depth", 0)
+
+    @_depth.setter
+    def _depth(self, value: int) -> None:
+        self._tx.depth = value
+
+    @property
+    def _tx_conn(self) -> Any:
+        return getattr(self._tx, "conn", None)
+
+    @_tx_conn.setter
+    def _tx_conn(self, value: Any) -> None:
+        self._tx.conn = value
+
+    @property
+    def _tx_stack(self) -> ExitStack | None:
+        return getattr(self._tx, "stack", None)
+
+    @_tx_stack.setter
+    def _tx_stack(self, value: ExitStack | None) -> None:
+        self._tx.stack = value
 
     # ---------------------------------------------------------------- open / close
 

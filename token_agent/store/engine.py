@@ -98,6 +98,9 @@ class Engine(ABC):
     name: str
     #: a row lock on the rows a SELECT reads, up to the end of the transaction
     for_update: str = ""
+    #: whether ``connect`` gives each caller a connection of its own (a pool), so that the
+    #: store's threads may run side by side (``StoreCore``: no lock between them)
+    concurrent: bool = False
 
     @abstractmethod
     def describe(self) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import stat
 import time
 from collections.abc import Iterator
@@ -108,6 +109,7 @@ class PostgresEngine(Engine):
 
     name = "postgresql"
     for_update = " FOR UPDATE"
+    concurrent = True
 
     def __init__(self, url: str, *, password_file: str | os.PathLike[str] | None = None,
                  min_size: int = 1, max_size: int = 4, connect_timeout: float = 5.0,
@@ -138,10 +140,25 @@ class PostgresEngine(Engine):
         self._kwargs = kwargs
         self.pool = ConnectionPool(
             url, kwargs=kwargs, min_size=min_size, max_size=max_size, open=False,
-            check=ConnectionPool.check_connection, configure=self._configure,
+            check=self._check, configure=self._configure,
             timeout=pool_timeout, name="token-agent-store", reconnect_timeout=60.0)
         self._opened = False
         self._closed = False
+
+    @staticmethod
+    def _check(conn: psycopg.Connection) -> None:
+        """The pool's check of a connection it lends: a round trip (``check_connection``)
+        only when the socket has something to read while idle, which is how a server that
+        closed or restarted shows (its FIN or RST, or a termination notice); else none: the
+        check's round trip doubled the round trips of every store call."""
+        if conn.closed or conn.broken:
+            raise psycopg.OperationalError("the connection is closed")
+        try:
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            readable = [True]
+        if readable:
+            ConnectionPool.check_connection(conn)
 
     @staticmethod
     def _configure(conn: psycopg.Connection) -> None:
@@ -211,6 +228,12 @@ class PostgresEngine(Engine):
             yield PgConnection(raw)
         finally:
             self.pool.putconn(raw)
+
+    def size_pool(self, max_size: int) -> None:
+        """At most ``max_size`` connections (a server's worker threads, each with its own
+        while it uses the store)."""
+        max_size = max(1, int(max_size))
+        self.pool.resize(min(self.pool.min_size, max_size), max_size)
 
     def begin(self, conn: PgConnection) -> None:
         conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
