@@ -158,13 +158,23 @@ def match_step(secret: str, code: str, *, now: float, last_step: int | None,
         return MALFORMED, None
     otp = _totp(secret, digits, period, algorithm)
     now_step = time_step(now, period)
+    steps = [step for step in range(now_step - window, now_step + window + 1)
+             if step >= 0]  # before 1970: no such step (not secret-dependent)
+    return classify_hits([(step, equal(otp.generate_otp(step), typed)) for step in steps],
+                         last_step)
+
+
+def classify_hits(hits: list[tuple[int, bool]], last_step: int | None
+                  ) -> tuple[str, int | None]:
+    """The verdict on a typed code from ``(step, matched)`` for every candidate step (all
+    compared first, in constant time): ``("ok", step)`` for the latest match later than
+    ``last_step``, else ``("replayed", step)`` for a match at or before it, else
+    ``("wrong", None)``. One rule for online codes and the offline hashes
+    (``organisation/totpcache.py``)."""
     last = -1 if last_step is None else int(last_step)
     fresh: int | None = None
     stale: int | None = None
-    for step in range(now_step - window, now_step + window + 1):
-        if step < 0:
-            continue  # before 1970: no such step (not secret-dependent)
-        hit = equal(otp.generate_otp(step), typed)
+    for step, hit in hits:
         if hit and step > last:
             fresh = step  # the latest fresh match wins
         elif hit:

@@ -213,6 +213,30 @@ def _san(hostnames: list[str] | tuple[str, ...]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
+def _leaf(ca_key: PrivateKey, ca_cert: x509.Certificate, name: str, public_key, *,
+          days: int, usage, key_agreement: bool, san=None) -> x509.Certificate:
+    """An end-entity certificate ``CN=name`` issued by the CA: valid from five minutes ago
+    (clocks differ) for ``days`` but never past the CA, for one extended key usage (a
+    server's or a workstation's), with no extension taken from a request."""
+    now = _now()
+    builder = (x509.CertificateBuilder()
+               .subject_name(_name(name)).issuer_name(ca_cert.subject)
+               .public_key(public_key).serial_number(_serial())
+               .not_valid_before(now - _dt.timedelta(minutes=5))
+               .not_valid_after(min(now + _dt.timedelta(days=days),
+                                    ca_cert.not_valid_after_utc))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                            key_encipherment=False, data_encipherment=False,
+                                            key_agreement=key_agreement, key_cert_sign=False,
+                                            crl_sign=False, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    return builder.add_extension(_aki(ca_cert), critical=False).sign(ca_key, hashes.SHA256())
+
+
 def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate,
                       hostnames: list[str] | tuple[str, ...] = DEFAULT_HOSTNAMES, *,
                       days: int = SERVER_CERT_DAYS
@@ -222,23 +246,9 @@ def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate,
     if not hostnames:
         raise PkiError("the server's certificate needs at least one host name or address")
     key = make_key()
-    now = _now()
-    cert = (x509.CertificateBuilder()
-            .subject_name(_name(hostnames[0])).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(_serial())
-            .not_valid_before(now - _dt.timedelta(minutes=5))
-            .not_valid_after(min(now + _dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=True, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(_san(hostnames), critical=False)
-            .add_extension(_aki(ca_cert), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = _leaf(ca_key, ca_cert, hostnames[0], key.public_key(), days=days,
+                 usage=ExtendedKeyUsageOID.SERVER_AUTH, key_agreement=True,
+                 san=_san(hostnames))
     return key, cert
 
 
@@ -284,22 +294,8 @@ def issue_workstation_cert(ca_key: PrivateKey, ca_cert: x509.Certificate,
     """A client certificate ``CN=name`` for the CSR's key (checked by ``load_csr``). The
     subject is ``name``, whatever the CSR asked for; no extension of the CSR is copied."""
     check_key_type(csr.public_key(), what="the CSR's key")
-    now = _now()
-    return (x509.CertificateBuilder()
-            .subject_name(_name(name)).issuer_name(ca_cert.subject)
-            .public_key(csr.public_key()).serial_number(_serial())
-            .not_valid_before(now - _dt.timedelta(minutes=5))
-            .not_valid_after(min(now + _dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(_aki(ca_cert), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    return _leaf(ca_key, ca_cert, name, csr.public_key(), days=days,
+                 usage=ExtendedKeyUsageOID.CLIENT_AUTH, key_agreement=False)
 
 
 def common_name(cert: x509.Certificate) -> str | None:

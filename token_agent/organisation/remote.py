@@ -234,23 +234,20 @@ class RemoteKey:
                             allow=[protocol.b64e(c) for c in allow],
                             user_verification=user_verification, origin=origin,
                             timeout=timeout)
-        try:
-            assertions, pin_used = protocol.parse_assertions(value)
-        except ProtocolError as e:
-            self.conv._lose(f"protocol: {e.message}")
-            raise key_errors.KeyCommunicationError(
-                "The workstation sent a malformed answer from the key.") from None
-        if pin_used:
-            _pin_used(pin_provider)
-        return assertions
+        return self._parsed(protocol.parse_assertions, value, pin_provider)
 
     def make_credential(self, options, *, origin: str, pin_provider=None, on_touch=None,
                         timeout: float = 30.0, cancel=None):
         value = self._value("key.make_credential", timeout,
                             options=protocol.creation_options_to_json(options), origin=origin,
                             timeout=timeout)
+        return self._parsed(protocol.parse_registration, value, pin_provider)
+
+    def _parsed(self, parse, value, pin_provider):
+        """The key's answer parsed (``parse`` -> (response, pin_used)); a malformed one ends
+        the ceremony (the workstation is lost) as a communication error of the key."""
         try:
-            response, pin_used = protocol.parse_registration(value)
+            response, pin_used = parse(value)
         except ProtocolError as e:
             self.conv._lose(f"protocol: {e.message}")
             raise key_errors.KeyCommunicationError(

@@ -116,19 +116,11 @@ def match(app: dict[str, Any], code: str, *, now: float, last_step: int) -> tupl
     first, iterations = int(app["first_step"]), int(app["iterations"])
     count = len(hashes) // HASH_LEN
     now_step = totp_factor.time_step(now, period)
-    fresh = stale = None
+    hits = []
     for step in range(now_step - WINDOW, now_step + WINDOW + 1):
         index = step - first
         if not 0 <= index < count:
             continue
         stored = hashes[index * HASH_LEN:(index + 1) * HASH_LEN]
-        if equal(code_hash(typed, salt, step, iterations), stored):
-            if step > last_step:
-                fresh = step
-            else:
-                stale = step
-    if fresh is not None:
-        return OK, fresh
-    if stale is not None:
-        return REPLAYED, stale
-    return WRONG, None
+        hits.append((step, equal(code_hash(typed, salt, step, iterations), stored)))
+    return totp_factor.classify_hits(hits, last_step)
