@@ -168,14 +168,11 @@ def test_a_replica_killed_after_the_person_answered_fails_the_login_cleanly(tmp_
 # --------------------------------------------------------------------------- the service
 
 
-def test_the_workstation_service_logs_in_through_the_organisation(tmp_path, pg_url, org_server,
-                                                                  sim_key_server, socket_dir):
-    """`token-agent serve` with [organisation] servers: the socket API unchanged for its
-    callers; the key enrolled and used through the server; the session kept here; the local
-    ops on methods refused in one sentence; no server: server-unavailable."""
+def _service_at_ws1(tmp_path, pg_url, org_server, sim_key_server, socket_dir):
+    """alice in the organisation's store (no method yet), and ws1 joined to ``org_server``
+    with its service started on the virtual key: (store, workstation, service)."""
     from conftest import environ_for_agent
-    from test_service import KEY_PIN, ServiceProcess, set_key_pin
-    from token_agent.service.client import ServiceError, answers
+    from test_service import ServiceProcess, set_key_pin
 
     set_key_pin(sim_key_server)
     store = Store.open(pg_url)
@@ -186,6 +183,18 @@ def test_the_workstation_service_logs_in_through_the_organisation(tmp_path, pg_u
         f'[service]\nsocket = "{sock}"\nprompt_timeout = 30\n[cards]\nlock_command = "true"\n'))
     svc = ServiceProcess(ws.config, sock, ws.data_dir, tmp_path / "svc.log",
                          {**environ_for_agent(), "PYTHONUNBUFFERED": "1"}).start()
+    return store, ws, svc
+
+
+def test_the_workstation_service_logs_in_through_the_organisation(tmp_path, pg_url, org_server,
+                                                                  sim_key_server, socket_dir):
+    """`token-agent serve` with [organisation] servers: the socket API unchanged for its
+    callers; the key enrolled and used through the server; the session kept here; the local
+    ops on methods refused in one sentence; no server: server-unavailable."""
+    from test_service import KEY_PIN
+    from token_agent.service.client import ServiceError, answers
+
+    store, ws, svc = _service_at_ws1(tmp_path, pg_url, org_server, sim_key_server, socket_dir)
     try:
         with svc.client() as c:
             login = c.request("enrol.key", user="alice", name="blue key")["login"]
@@ -262,19 +271,10 @@ def test_the_service_logs_in_offline_with_the_key_when_no_server_answers(
     """Online first (the server's bundle kept in the offline cache), then no server: the key
     logs alice in offline (offline.login, called by service/org.py), a password
     is refused with the sentence, and once the server is back the queued audit arrives."""
-    from conftest import environ_for_agent
-    from test_service import KEY_PIN, ServiceProcess, set_key_pin
+    from test_service import KEY_PIN
     from token_agent.service.client import answers
 
-    set_key_pin(sim_key_server)
-    store = Store.open(pg_url)
-    store.add_user("alice", display_name="Dr Alice Smith")
-    sock = socket_dir / "svc.sock"
-    ws = join_workstation(tmp_path / "ws1", org_server, "ws1", extra_config=(
-        f'[keys]\nsimulators = ["{sim_key_server.address}"]\ntimeout = 10\n'
-        f'[service]\nsocket = "{sock}"\nprompt_timeout = 30\n[cards]\nlock_command = "true"\n'))
-    svc = ServiceProcess(ws.config, sock, ws.data_dir, tmp_path / "svc.log",
-                         {**environ_for_agent(), "PYTHONUNBUFFERED": "1"}).start()
+    store, ws, svc = _service_at_ws1(tmp_path, pg_url, org_server, sim_key_server, socket_dir)
     try:
         with svc.client() as c:
             login = c.request("enrol.key", user="alice", name="blue key")["login"]
