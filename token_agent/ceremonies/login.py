@@ -537,7 +537,8 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
     else:
         key = second
     try:
-        chosen, contact = choices.parse_second(key)
+        call, plain = choices.split_call(key)
+        chosen, contact = choices.parse_second(plain)
     except ValueError as e:
         return Verification(False, "totp", None, Reason.METHOD_NOT_ALLOWED, str(e))
     if chosen not in decision.allowed_methods:
@@ -546,11 +547,20 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
                             f"(allowed: {', '.join(decision.allowed_methods) or 'none'})")
     everything = choices.menu(ctx, held, [chosen])  # held, even where the policy says no
     picked = choices.find(menu, key, preferred) or choices.find(everything, key, preferred)
+    if picked is None and call and not _calls_available(ctx):
+        return Verification(False, kinds.store_of_policy(chosen), None,
+                            Reason.METHOD_NOT_ALLOWED, "phone call approval is not available "
+                            "here: choose a code instead")
     if picked is None:
         return Verification(False, kinds.store_of_policy(chosen), None, Reason.NO_CREDENTIAL,
                             f"{user.username} has no {chosen} method set up"
                             + (f" named {contact!r}" if contact else ""))
     method = picked.method
+    if call:  # phone call approval: "we are calling ...: answer and press #"
+        from ..factors import voicecall
+
+        return voicecall.call_and_wait(ctx, method, interaction.info, timeout=push_timeout,
+                                       cancel=cancel)
     if chosen == "totp":
         return totp.verify(ctx, user.id, _ask(interaction.secret("Code from your authenticator app")))
     if chosen == "backup":
@@ -580,6 +590,12 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
         return runner(user.username)
     return Verification(False, kinds.store_of_policy(chosen), method, Reason.METHOD_NOT_ALLOWED,
                         f"{chosen} cannot be used as a second factor here")
+
+
+def _calls_available(ctx) -> bool:
+    from ..factors import voicecall
+
+    return voicecall.available(ctx)
 
 
 def _locked(ctx, methods: list) -> set[int]:

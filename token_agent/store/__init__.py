@@ -13,7 +13,8 @@ package, one module per area, on an engine behind one seam.
   ``secrets.py`` (passwords, authenticator apps, app passwords, backup codes), ``codes.py``
   (contacts, one-time codes), ``push.py``, ``lockouts.py``, ``sightings.py``,
   ``sessions.py``, ``settings.py``, ``workstations.py`` (an organisation's
-  workstations), ``deliveries.py`` (the events they delivered), ``audit.py``. No SQL
+  workstations), ``deliveries.py`` (the events they delivered), ``calls.py`` (phone call approvals,
+  password resets), ``audit.py``. No SQL
   outside this package.
 
 ``Store`` combines them; ``Store.open(path)`` opens a SQLite store. Every error is a
@@ -23,6 +24,7 @@ package, one module per area, on an engine behind one seam.
 from __future__ import annotations
 
 from .audit import AuditArea
+from .calls import CallsArea
 from .cards import CardsArea
 from .codes import CodesArea
 from .core import StoreCore
@@ -59,8 +61,8 @@ from .users import UsersArea
 from .workstations import WorkstationsArea
 
 
-class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, LockoutsArea,
-            SightingsArea, SessionsArea, SettingsArea, WorkstationsArea, DeliveriesArea,
+class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, CallsArea,
+            LockoutsArea, SightingsArea, SessionsArea, SettingsArea, WorkstationsArea, DeliveriesArea,
             AuditArea, StoreCore):
     """The agent's store. Create with ``Store.open(path)`` (SQLite); close with ``close()``
     or use it as a context manager. See the package's modules for durability

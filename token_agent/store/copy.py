@@ -36,7 +36,7 @@ COPY_ORDER: tuple[str, ...] = (
     "password_credentials", "totp_credentials", "contact_methods", "otp_challenges",
     "push_devices", "push_requests", "app_passwords", "backup_codes", "lockouts", "sightings",
     "verifications", "sessions", "settings", "audit_events", "workstations",
-    "org_deliveries",
+    "org_deliveries", "voice_calls", "recovery_resets",
 )
 #: tables a store fills itself: the schema's own history, and the audit chain's head
 NOT_COPIED: tuple[str, ...] = ("schema_history", "audit_head")
