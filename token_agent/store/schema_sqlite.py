@@ -332,6 +332,7 @@ CREATE TABLE web_throttle (
     count        INTEGER NOT NULL CHECK (count >= 0),
     PRIMARY KEY (scope, key)
 ) WITHOUT ROWID;
+"""
 
 
 V_CALLS = """
