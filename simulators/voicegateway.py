@@ -12,7 +12,8 @@ It serves HTTP on 127.0.0.1:P:
   ``--secret-file``): ``--answer '#'`` or any other key gives ``{"result": "pressed",
   "digits": KEY}``, ``none`` gives ``{"result": "no-answer"}``, ``busy`` ``{"result":
   "busy"}``.
-* ``POST /control/answer`` with ``{"answer": "#"}``: change the answer for the next calls.
+* ``POST /control/answer`` with ``{"answer": "#"}`` (and optionally ``"delay": seconds``):
+  change the answer for the next calls.
 * ``GET /calls``: the calls received and the webhook's answers (status and body), as JSON.
 
 The webhook's TLS certificate is checked against ``--ca-file`` (the tests' CA) or the
@@ -111,7 +112,9 @@ def make_handler(gateway: Gateway):
                 return
             if self.path == "/control/answer":
                 gateway.answer = str(data.get("answer", "#"))
-                self._json(200, {"answer": gateway.answer})
+                if isinstance(data.get("delay"), (int, float)):
+                    gateway.delay = min(60.0, max(0.0, float(data["delay"])))
+                self._json(200, {"answer": gateway.answer, "delay": gateway.delay})
                 return
             call_id = data.get("call_id")
             if not isinstance(call_id, str) or not data.get("to"):
