@@ -315,29 +315,77 @@ def test_phone_call_with_another_key_or_no_answer_fails(web, browser, answer, wo
     page.axe()
 
 
-def test_the_webhook_refuses_forgeries_over_https(web):
+def _https(web: WebServer):
+    import http.cookiejar
+
     context = ssl.create_default_context(cafile=str(web.org.server_dir / "ca.pem"))
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                         urllib.request.HTTPCookieProcessor(jar))
+
+    def send(path: str, body: bytes | None = None, headers: dict | None = None):
+        request = urllib.request.Request(web.url + path, data=body, headers=headers or {},
+                                         method="POST" if body is not None else "GET")
+        try:
+            with opener.open(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    return send
+
+
+def test_the_webhook_refuses_forgeries_and_floods_over_https(web):
+    send = _https(web)
 
     def post(body: bytes, header: str | None) -> tuple[int, dict]:
         headers = {"Content-Type": "application/json"}
         if header:
             headers[voicecall.SIGNATURE_HEADER] = header
-        request = urllib.request.Request(web.url + "/hooks/voice", data=body, headers=headers,
-                                         method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=10, context=context) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        status, text = send("/hooks/voice", body, headers)
+        return status, json.loads(text)
 
+    key = SECRET.encode()
     body = json.dumps({"call_id": "A" * 22, "result": "pressed", "digits": "#"}).encode()
     now = int(time.time())
     status, answer = post(body, None)
     assert status == 401 and answer["error"] == "no-signature" and answer["message"]
     assert post(body, voicecall.sign(b"not-the-secret-at-all-0123", body, now))[0] == 401
-    assert post(body, voicecall.sign(SECRET.encode(), body, now - 600))[1]["error"] == "stale"
+    assert post(body, voicecall.sign(key, body, now - 600))[1]["error"] == "stale"
     bad = b"{not json"
-    assert post(bad, voicecall.sign(SECRET.encode(), bad, now))[1]["error"] == "malformed"
-    assert post(body, voicecall.sign(SECRET.encode(), body, now))[1]["error"] == "unknown-call"
+    assert post(bad, voicecall.sign(key, bad, now))[1]["error"] == "malformed"
+    assert post(body, voicecall.sign(key, body, now)) == (404, {
+        "error": "unknown-call", "message": "no phone call with that id"})
     big = b" " * 10000
-    assert post(big, voicecall.sign(SECRET.encode(), big, now))[0] == 413
+    assert post(big, voicecall.sign(key, big, now))[0] == 413
+    # a flood from one address is cut off before it fills the audit log
+    from token_agent.web import hooks
+
+    codes = [post(body, None)[0] for _ in range(hooks.PER_MINUTE)]
+    assert codes[-1] == 429 and codes.count(401) == hooks.PER_MINUTE - 6
+    refused = web.events("call.webhook")  # all but the too-large body (never read) and the 429s
+    assert len(refused) == hooks.PER_MINUTE - 1 and SECRET not in json.dumps(
+        [e.detail for e in refused])
+
+
+def test_reset_forms_need_their_csrf_token_and_are_rate_limited(web):
+    import re as _re
+
+    send = _https(web)
+    status, page = send("/account/forgotten-password")
+    assert status == 200
+    token = _re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, page = send("/account/forgotten-password", b"username=alice", form)
+    assert status == 403 and "This form has expired" in page
+    from token_agent.web import recovery as pages
+
+    per_user = pages.START_LIMITS[0]
+    answers = [send("/account/forgotten-password",
+                    f"csrf_token={token}&username=Alice".encode(), form)[0]
+               for _ in range(per_user + 1)]
+    # each start redirects to the methods page (followed: 200); then the name is throttled
+    assert answers[:per_user] == [200] * per_user and answers[-1] == 429
+    status, page = send("/account/forgotten-password",
+                        f"csrf_token={token}&username=bob".encode(), form)
+    assert status == 200 and "Prove it is you" in page  # another name is not held up

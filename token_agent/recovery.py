@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from .factors import FactorError, backup, codes, lockout, password, totp, usable_methods
+from . import kinds
 from .kinds import label_of_store
 from .outcome import Reason
 from .store import UnknownUser
@@ -65,30 +66,45 @@ RESET_TTL = 15 * 60
 MAX_FAILURES = 5
 #: every step (start, choose, prove) takes at least this long, whatever it found
 FLOOR_SECONDS = 0.4
-#: the methods that can prove who someone is here, in the order offered, with what the
-#: page says (the same for everyone)
-METHODS: dict[str, str] = {
-    "totp": "A code from your authenticator app",
-    "sms": "A code sent by text message to your mobile phone",
-    "voice": "A code read out in a phone call",
-    "email": "A code sent to your email address",
-    "messaging": "A code sent to your messaging app",
-    "backup": "One of your backup codes",
-}
-_STORE_KIND = {"totp": "totp", "sms": "sms", "voice": "voice", "email": "email",
-               "messaging": "messaging", "backup": "backup_codes"}
-_PROMPTS = {
-    "totp": "Enter the 6-digit code your authenticator app shows now.",
-    "sms": ("If the account has a mobile number for text messages, we have sent a code to "
-            "it. Enter the code from the text message."),
-    "voice": ("If the account has a phone number for calls, we are calling it now to read "
-              "out a code. Enter the code you hear."),
-    "email": ("If the account has an email address, we have sent a code to it. Enter the "
-              "code from the email."),
-    "messaging": ("If the account has a messaging app number, we have sent a code to it. "
-                  "Enter the code from the message."),
-    "backup": "Enter one of your backup codes. Each code works once.",
-}
+@dataclass(frozen=True)
+class Way:
+    """A kind of method that can prove who someone is here (its policy name), what the
+    methods page offers and what the code page then says (the same for everyone)."""
+
+    kind: str
+    offer: str
+    prompt: str
+
+    @property
+    def store_kind(self) -> str:
+        return kinds.by_policy(self.kind).store
+
+
+#: the methods that can prove who someone is here, in the order offered
+WAYS: tuple[Way, ...] = (
+    Way("totp", "A code from your authenticator app",
+        "Enter the 6-digit code your authenticator app shows now."),
+    Way("sms", "A code sent by text message to your mobile phone",
+        "If the account has a mobile number for text messages, we have sent a code to it. "
+        "Enter the code from the text message."),
+    Way("voice", "A code read out in a phone call",
+        "If the account has a phone number for calls, we are calling it now to read out a "
+        "code. Enter the code you hear."),
+    Way("email", "A code sent to your email address",
+        "If the account has an email address, we have sent a code to it. Enter the code from "
+        "the email."),
+    Way("messaging", "A code sent to your messaging app",
+        "If the account has a messaging app number, we have sent a code to it. Enter the code "
+        "from the message."),
+    Way("backup", "One of your backup codes", "Enter one of your backup codes. Each code "
+        "works once."),
+)
+
+
+def way(kind: str | None) -> Way | None:
+    return next((w for w in WAYS if w.kind == kind), None)
+
+
 WRONG = ("That code did not work. Check it and try again, ask for a new code, or choose "
          "another method.")
 EXPIRED = "Your password reset has expired or was not started. Start again."
@@ -202,7 +218,7 @@ def _eligible(agent: "Agent", user_id: str) -> list:
     ctx = agent.factors()
     out = []
     for m in usable_methods(agent.store, user_id):
-        if m.kind not in _STORE_KIND.values():
+        if m.kind not in {w.store_kind for w in WAYS}:
             continue
         if m.kind == "backup_codes" and backup.remaining(ctx, user_id) == 0:
             continue
@@ -215,26 +231,26 @@ def offered(agent: "Agent", reset: Reset) -> list[tuple[str, str]]:
     (the same list for everyone); after one, the kinds this user holds and has not proven."""
     delivery = agent.delivery
     channels = set(delivery.configured_channels()) if delivery is not None else set()
-    kinds = [k for k in METHODS if k in ("totp", "backup") or k in channels]
+    ways = [w for w in WAYS if w.kind in ("totp", "backup") or w.kind in channels]
     if reset.proofs and reset.user_id is not None:
         held = _eligible(agent, reset.user_id)
         left = {m.kind for m in held if m.id not in reset.proven}
-        kinds = [k for k in kinds if _STORE_KIND[k] in left and k not in
-                 (("backup",) if "backup" in reset.proven_kinds else ())]
-    return [(k, METHODS[k]) for k in kinds]
+        ways = [w for w in ways if w.store_kind in left]
+    return [(w.kind, w.offer) for w in ways]
 
 
 def prompt(reset: Reset) -> str:
     """What the code page says for the method asked for now."""
-    if reset.step_kind not in _PROMPTS:
+    chosen = way(reset.step_kind)
+    if chosen is None:
         raise ResetError("Choose a method first.")
-    return _PROMPTS[reset.step_kind]
+    return chosen.prompt
 
 
 def _method_for(agent: "Agent", reset: Reset, kind: str):
     if reset.user_id is None:
         return None
-    wanted = _STORE_KIND[kind]
+    wanted = way(kind).store_kind
     held = [m for m in _eligible(agent, reset.user_id)
             if m.kind == wanted and m.id not in reset.proven]
     if not held:
@@ -275,7 +291,7 @@ def choose(agent: "Agent", reset: Reset, kind: str) -> str:
                                  username=None if reset.user_id else reset.username,
                                  outcome="asked", detail={"kind": kind,
                                                           "held": method is not None})
-    return _PROMPTS[kind]
+    return way(kind).prompt
 
 
 def _verify(agent: "Agent", reset: Reset, code: str):
@@ -289,9 +305,9 @@ def _verify(agent: "Agent", reset: Reset, code: str):
     return codes.verify_code(ctx, method, code, purpose="login")
 
 
-def _save(agent: "Agent", reset: Reset, *, state: str, methods, kinds, failures: int,
+def _save(agent: "Agent", reset: Reset, *, state: str, methods, proven_kinds, failures: int,
           step: bool = True) -> None:
-    values = {"proofs": json.dumps({"methods": list(methods), "kinds": list(kinds),
+    values = {"proofs": json.dumps({"methods": list(methods), "kinds": list(proven_kinds),
                                     "failures": failures}),
               "state": state}
     if step:
@@ -323,26 +339,27 @@ def prove(agent: "Agent", reset: Reset, code: str) -> Proof:
             if failures >= MAX_FAILURES:
                 store.delete_reset(reset.id)
                 raise ResetError(TOO_MANY)
-            _save(agent, reset, state=STARTED, methods=reset.proven, kinds=reset.proven_kinds,
-                  failures=failures, step=False)
+            _save(agent, reset, state=STARTED, methods=reset.proven,
+                  proven_kinds=reset.proven_kinds, failures=failures, step=False)
             return Proof(False, STARTED, WRONG)
         methods = (*reset.proven, result.method.id if result.method is not None
                    else reset.step_method)
-        kinds = (*reset.proven_kinds, reset.step_kind)
+        proven_kinds = (*reset.proven_kinds, reset.step_kind)
         held = _eligible(agent, reset.user_id)
         distinct = {m.id for m in held}
         if len(distinct) < 2:
-            _save(agent, reset, state=REFUSED, methods=methods, kinds=kinds,
+            _save(agent, reset, state=REFUSED, methods=methods, proven_kinds=proven_kinds,
                   failures=reset.failures)
             _refused(agent, reset)
             return Proof(True, REFUSED, refused_message())
         if len(set(methods)) >= 2:
-            _save(agent, reset, state=PROVEN, methods=methods, kinds=kinds,
+            _save(agent, reset, state=PROVEN, methods=methods, proven_kinds=proven_kinds,
                   failures=reset.failures)
             return Proof(True, PROVEN, "You have proven two methods. Choose a new password.")
-        _save(agent, reset, state=STARTED, methods=methods, kinds=kinds, failures=reset.failures)
-        return Proof(True, STARTED, f"{label_of_store(_STORE_KIND[reset.step_kind]).capitalize()}"
-                                    " accepted. Now prove a second, different method.")
+        _save(agent, reset, state=STARTED, methods=methods, proven_kinds=proven_kinds,
+              failures=reset.failures)
+        label = label_of_store(way(reset.step_kind).store_kind).capitalize()
+        return Proof(True, STARTED, f"{label} accepted. Now prove a second, different method.")
 
 
 def refused_message() -> str:

@@ -518,7 +518,7 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
     """The second factor: ``second`` when given (``choices``: a method, or one contact by
     name), else the preferred one, with the others offered as "use a different method" (one
     choice per contact); a locked one is not the default when another is not locked."""
-    from ..factors import backup, codes, push, totp
+    from ..factors import backup, codes, push, totp, voicecall
     from . import choices
 
     store = agent.store
@@ -547,7 +547,7 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
                             f"(allowed: {', '.join(decision.allowed_methods) or 'none'})")
     everything = choices.menu(ctx, held, [chosen])  # held, even where the policy says no
     picked = choices.find(menu, key, preferred) or choices.find(everything, key, preferred)
-    if picked is None and call and not _calls_available(ctx):
+    if picked is None and call and not voicecall.available(ctx):
         return Verification(False, kinds.store_of_policy(chosen), None,
                             Reason.METHOD_NOT_ALLOWED, "phone call approval is not available "
                             "here: choose a code instead")
@@ -557,8 +557,6 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
                             + (f" named {contact!r}" if contact else ""))
     method = picked.method
     if call:  # phone call approval: "we are calling ...: answer and press #"
-        from ..factors import voicecall
-
         return voicecall.call_and_wait(ctx, method, interaction.info, timeout=push_timeout,
                                        cancel=cancel)
     if chosen == "totp":
@@ -590,12 +588,6 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
         return runner(user.username)
     return Verification(False, kinds.store_of_policy(chosen), method, Reason.METHOD_NOT_ALLOWED,
                         f"{chosen} cannot be used as a second factor here")
-
-
-def _calls_available(ctx) -> bool:
-    from ..factors import voicecall
-
-    return voicecall.available(ctx)
 
 
 def _locked(ctx, methods: list) -> set[int]:

@@ -7,7 +7,9 @@ signed with the secret of ``[delivery.voice] webhook_secret_file``
 ``token_agent.factors.voicecall.handle_webhook``; this page reads the body (at most
 ``voicecall.MAX_BODY`` bytes) and answers JSON: ``200 {"state": ...}``, or a 4xx
 ``{"error": CODE, "message": ...}`` (stale, bad signature, malformed, unknown call, a call
-already finished, too large).
+already finished, too large). At most ``PER_MINUTE`` requests a minute from one address
+(``429 {"error": "too-many"}``): refusals are audited, and the audit log must not be a
+stranger's to fill.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..factors import voicecall
-from .core import blocking, web
+from .core import TooMany, blocking, client_ip, throttle, web
+
+PER_MINUTE = 120
 
 
 async def _body(request: Request) -> bytes | None:
@@ -34,6 +38,12 @@ async def _body(request: Request) -> bytes | None:
 
 
 async def voice(request: Request) -> JSONResponse:
+    try:
+        await throttle(request, "hooks-voice", client_ip(request), PER_MINUTE, 60.0)
+    except TooMany as e:
+        return JSONResponse({"error": "too-many", "message": "too many requests from this "
+                             f"address: wait {e.retry_after} s"}, status_code=429,
+                            headers={"Retry-After": str(e.retry_after)})
     body = await _body(request)
     if body is None:
         e = voicecall.WebhookError(413, "too-large",
