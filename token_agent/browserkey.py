@@ -72,6 +72,11 @@ NO_ANSWER = ("Your browser did not get an answer from a security key or passkey 
              "cancelled, timed out, or no key holds a sign-in for this site). Try again, or "
              "use your password.")
 BROWSER = "browser"  # the ``via`` of the audit events
+#: what the person is told when they chose their password instead
+PASSWORD_INSTEAD = ("You chose not to use a security key. Sign in again with your password, "
+                    "or choose another way to sign in.")
+#: keys a user may enrol on the site, at most (a signed-in session cannot fill the store)
+MAX_KEYS = 20
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -158,7 +163,8 @@ def _resolve(agent: "Agent", user: "User | str | None") -> tuple["User | None", 
     return user, user.username
 
 
-def _browser_creds(agent: "Agent", user, rp_id: str) -> list:
+def browser_keys(agent: "Agent", user, rp_id: str) -> list:
+    """The user's keys enrolled for ``rp_id`` (the ones a browser on this site can use)."""
     if user is None:
         return []
     return [c for c in agent.store.list_fido_credentials(user.id) if c.rp_id == rp_id]
@@ -190,7 +196,7 @@ def assertion_options(agent: "Agent", user: "User | str | None", rp_id: str
                      "timeout": BROWSER_TIMEOUT_MS,
                      "userVerification": settings.user_verification}
     if username is not None:
-        creds = _browser_creds(agent, user if user is not None and not user.disabled else None,
+        creds = browser_keys(agent, user if user is not None and not user.disabled else None,
                                rp_id)
         options["allowCredentials"] = [_descriptor(c.credential_id, c.transports)
                                        for c in creds] or \
@@ -275,7 +281,8 @@ def finish_assertion(agent: "Agent", user: "User | str | None", state: Challenge
                     "another sign-in: start again", user)
     error = browser_error(response)
     if error is not None:
-        return fail(Reason.CANCELLED, NO_ANSWER, user)
+        return fail(Reason.CANCELLED, PASSWORD_INSTEAD if error == "use-password" else NO_ANSWER,
+                    user)
     try:
         assertion = parse_assertion(response)
     except ResponseError as e:
@@ -287,7 +294,7 @@ def finish_assertion(agent: "Agent", user: "User | str | None", state: Challenge
             return fail(Reason.UNKNOWN_USER, f"no user {username!r}")
         if user.disabled:
             return fail(Reason.USER_DISABLED, f"{user.username} is disabled", user)
-        creds = _browser_creds(agent, user, rp_id)
+        creds = browser_keys(agent, user, rp_id)
         if not creds:
             return fail(Reason.NO_CREDENTIAL, f"{user.username} has no security key enrolled "
                         "for this site", user)
@@ -323,7 +330,7 @@ def registration_options(agent: "Agent", user: "User", rp_id: str, *,
         "pubKeyCredParams": [{"type": "public-key", "alg": alg} for alg in ALGORITHMS],
         "timeout": BROWSER_TIMEOUT_MS,
         "excludeCredentials": [_descriptor(c.credential_id, c.transports)
-                               for c in _browser_creds(agent, user, rp_id)],
+                               for c in browser_keys(agent, user, rp_id)],
         "authenticatorSelection": {"residentKey": "preferred", "requireResidentKey": False,
                                    "userVerification": settings.user_verification},
         "attestation": "direct" if settings.attestation.enforced else "none",
@@ -392,8 +399,11 @@ def finish_registration(agent: "Agent", user: "User", state: Challenge | None,
     if not name or len(name) > 64 or not name.isprintable():
         raise EnrolError("bad-name", "Give the key a name of 1 to 64 characters, such as "
                          "'blue key' or 'work laptop'.")
-    if any(c.name.casefold() == name.casefold()
-           for c in store.list_fido_credentials(user.id)):
+    held = store.list_fido_credentials(user.id)
+    if len([c for c in held if c.rp_id == rp_id]) >= MAX_KEYS:
+        raise EnrolError("too-many", f"You have {MAX_KEYS} security keys for this site, the "
+                         "most you can have: remove one you no longer use first.")
+    if any(c.name.casefold() == name.casefold() for c in held):
         raise EnrolError("name-taken", f"You already have a key named {name!r}: choose "
                          "another name.")
     try:
