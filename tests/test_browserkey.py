@@ -419,3 +419,77 @@ def test_registration_names_and_tampering(agent, browser):
     finally:
         device.close()
     assert [c.name for c in agent.store.list_fido_credentials(alice.id)] == ["Blue key"]
+
+
+class FakeConversation:
+    """The sign-in conversation as the login flow's thread sees it: each prompt answered by
+    ``answer(prompt)``."""
+
+    def __init__(self, answer) -> None:
+        self.answer, self.prompts = answer, []
+
+    def ask(self, prompt):
+        self.prompts.append(prompt)
+        return self.answer(prompt)
+
+
+class Terminal:
+    """The rest of the login flow's questions: only the password is typed here."""
+
+    def __init__(self, password: str) -> None:
+        self.password, self.asked = password, []
+
+    def info(self, message):
+        pass
+
+    def secret(self, prompt):
+        self.asked.append(prompt)
+        return self.password if prompt == "Password" else None
+
+    def text(self, prompt):
+        return None
+
+    def choose(self, prompt, options, default):
+        return None
+
+    def show_qr(self, uri):
+        pass
+
+
+def test_the_login_flow_with_the_browser_as_its_key(agent, browser):
+    """browser_key_login gives the login flow (ceremonies/login.py) a key ceremony whose
+    answers come from the page: the same policy flow as at a workstation. A key that did not
+    verify its user is one factor, so the flow asks for the password too."""
+    from types import SimpleNamespace
+
+    from token_agent.ceremonies.login import Device, login
+    from token_agent.factors import password as password_factor
+    from token_agent.web.webauthn_pages import browser_key_login
+
+    enrol(agent, browser)
+    alice = agent.store.get_user("alice")
+    password_factor.set_password(agent.factors(), alice.id, "correct horse battery staple")
+    ctx = SimpleNamespace(agent=agent, rp_id=RP_ID, origin=ORIGIN)
+    conv = FakeConversation(lambda prompt: as_form(get(browser, prompt.data["options"])))
+    terminal = Terminal("correct horse battery staple")
+    outcome = login(agent, "alice", interaction=terminal, device=Device("unmanaged", "b1"),
+                    primary="key", key_login=browser_key_login(conv, ctx))
+    assert outcome.ok, outcome
+    assert [p.kind for p in conv.prompts] == ["webauthn-get"]
+    assert conv.prompts[0].label == "Use your security key"
+    assert terminal.asked == ["Password"]  # the key without PIN: the password as well
+    assert set(outcome.factors) == {Factor.POSSESSION, Factor.KNOWLEDGE}
+
+    # no answer from the page (cancelled, or the conversation timed out): a cancel, recorded
+    conv = FakeConversation(lambda prompt: None)
+    outcome = login(agent, "alice", interaction=terminal, device=Device("unmanaged", "b1"),
+                    primary="key", key_login=browser_key_login(conv, ctx))
+    assert not outcome.ok and outcome.reason is Reason.CANCELLED
+    assert events(agent, "login.key")[0].detail["reason"] == "cancelled"
+
+    # an unknown user: the same page, with a decoy credential, and the same failure
+    conv = FakeConversation(lambda prompt: {"error": "NotAllowedError"})
+    outcome = login(agent, "nobody", interaction=terminal, device=Device("unmanaged", "b1"),
+                    primary="key", key_login=browser_key_login(conv, ctx))
+    assert not outcome.ok and [p.kind for p in conv.prompts] == ["webauthn-get"]
+    assert len(conv.prompts[0].data["options"]["allowCredentials"]) == 1

@@ -81,6 +81,8 @@ def test_add_a_key_then_sign_in_with_it(web, browser):
     assert "blue key" in page.text() and "These web pages" in page.text()
     page.axe()
     page.shot("key-list")
+    page.open("/account").wait_heading("Your account")
+    assert "blue key" in page.text()  # among the methods
     added = web.events("enrol.key", "alice")
     assert added and added[0].outcome == "success" and added[0].detail["via"] == "browser"
     with web.agent() as agent:

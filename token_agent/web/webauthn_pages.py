@@ -17,7 +17,6 @@ ceremony at a workstation):
 
 from __future__ import annotations
 
-import datetime
 import logging
 from typing import Any
 
@@ -28,6 +27,7 @@ from starlette.routing import Route
 from .. import browserkey
 from ..ceremonies.key import EnrolError
 from ..outcome import LoginOutcome
+from .account import when
 from .conversation import Prompt
 from .core import (
     blocking, client_ip, read_form, redirect, render, require_recent_auth, require_user,
@@ -59,13 +59,6 @@ def browser_key_login(conv: Any, ctx: Any):
 
 
 # --------------------------------------------------------------------------- adding a key
-
-def _when(t: float | None) -> str:
-    if t is None:
-        return "Never"
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
-        "%d %B %Y at %H:%M UTC").lstrip("0")
-
 
 def _keep_state(ctx, session, state: browserkey.Challenge | None) -> None:
     data = {k: v for k, v in session.data.items() if k != STATE_KEY}
@@ -153,7 +146,7 @@ async def keys_page(request: Request) -> Response:
 
     def listing():
         creds = ctx.store.list_fido_credentials(session.user_id)
-        return [{"name": c.name, "added": _when(c.created_at), "last_used": _when(c.last_used_at),
+        return [{"name": c.name, "added": when(c.created_at), "last_used": when(c.last_used_at),
                  "here": c.rp_id == ctx.rp_id, "suspended": c.flagged,
                  "passkey": c.discoverable} for c in creds]
 
