@@ -493,3 +493,24 @@ def test_the_login_flow_with_the_browser_as_its_key(agent, browser):
                     primary="key", key_login=browser_key_login(conv, ctx))
     assert not outcome.ok and [p.kind for p in conv.prompts] == ["webauthn-get"]
     assert len(conv.prompts[0].data["options"]["allowCredentials"]) == 1
+
+
+def test_the_browser_key_as_the_second_factor(agent, browser):
+    """After the password, the policy's second factor: the user's key, asked in the page."""
+    from types import SimpleNamespace
+
+    from token_agent.ceremonies.login import Device, login
+    from token_agent.factors import password as password_factor
+    from token_agent.web.webauthn_pages import browser_key_login
+
+    enrol(agent, browser)
+    alice = agent.store.get_user("alice")
+    password_factor.set_password(agent.factors(), alice.id, "correct horse battery staple")
+    ctx = SimpleNamespace(agent=agent, rp_id=RP_ID, origin=ORIGIN)
+    conv = FakeConversation(lambda prompt: as_form(get(browser, prompt.data["options"])))
+    outcome = login(agent, "alice", interaction=Terminal("correct horse battery staple"),
+                    device=Device("unmanaged", "b2"), primary="password",
+                    key_login=browser_key_login(conv, ctx))
+    assert outcome.ok, outcome
+    assert outcome.method == "password+key" and [p.kind for p in conv.prompts] == ["webauthn-get"]
+    assert events(agent, "login")[0].detail["second"] == "key"

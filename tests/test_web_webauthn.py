@@ -18,7 +18,7 @@ from selenium.webdriver.common.virtual_authenticator import (
     Protocol, Transport, VirtualAuthenticatorOptions,
 )
 
-from webtest import PASSWORD, wait_for
+from webtest import PASSWORD, code_in, wait_for
 from token_agent import browserkey
 
 pytestmark = pytest.mark.usefixtures("web")
@@ -57,6 +57,18 @@ def outcome_page(page) -> str:
                     and h, what="the end of the sign-in")
 
 
+def add_email(web, username: str, address: str) -> None:
+    """A confirmed email contact, added with the library (after signing in: with two second
+    factors the sign-in would ask which one)."""
+    from token_agent.factors import codes
+
+    with web.agent() as agent:
+        ctx, user = agent.factors(), agent.store.get_user(username)
+        codes.add_contact(ctx, user.id, "email", address)
+        text = wait_for(lambda: web.mail_to(address), what="the confirmation code")[-1]
+        assert codes.confirm_contact(ctx, user.id, "email", code_in(text)).ok
+
+
 def sign_in(page, username: str, secret: str) -> None:
     """Password + TOTP, until the account page (sign_in may return on the "waiting" page
     while the flow finishes)."""
@@ -69,6 +81,7 @@ def test_add_a_key_then_sign_in_with_it(web, browser):
     page = browser
     virtual_key(page)
     sign_in(page, "alice", secret)
+    add_email(web, "alice", "alice@trust.nhs.example")  # where she is told of changes
 
     page.open("/account/keys/add").wait_heading("Add a security key or passkey")
     page.axe()
@@ -83,6 +96,11 @@ def test_add_a_key_then_sign_in_with_it(web, browser):
     page.shot("key-list")
     page.open("/account").wait_heading("Your account")
     assert "blue key" in page.text()  # among the methods
+    # told by email, in case it was not them
+    notice = wait_for(lambda: [m for m in web.mail_to("alice@trust.nhs.example")
+                               if "security key named 'blue key' was added" in m],
+                      what="the notice of the new key")
+    assert "IT service desk" in notice[0]
     added = web.events("enrol.key", "alice")
     assert added and added[0].outcome == "success" and added[0].detail["via"] == "browser"
     with web.agent() as agent:
@@ -204,10 +222,25 @@ def test_a_replayed_assertion_is_refused(web, browser):
     assert any(e.outcome == "success" for e in web.events("login.key", "alice"))
 
 
-def test_without_javascript_the_page_says_so_and_offers_the_password(web, browser):
-    web.add_user("alice", totp=True)
+def scripts(page, on: bool) -> None:
+    page.driver.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": not on})
+
+
+def test_without_javascript_the_pages_say_so_and_offer_the_password(web, browser):
+    secret = web.add_user("alice", totp=True)
     page = browser
-    page.driver.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": True})
+    scripts(page, False)
+    sign_in(page, "alice", secret)  # the password and the code work as plain forms
+    page.open("/account/keys/add").wait_heading("Add a security key or passkey")
+    assert "Adding a security key or passkey needs JavaScript" in page.text()
+    page.fill("Name for this key", "blue key").click("Add the key")
+    page.wait_heading("Add a security key or passkey")
+    assert any("needs JavaScript" in e for e in page.errors())
+    scripts(page, True)  # for axe-core only: the page's own scripts ran (or not) already
+    page.axe()
+    scripts(page, False)
+    sign_out(page)
+
     start_key_sign_in(page, "alice")
     assert "needs JavaScript" in page.text()
     assert not [b for b in page.driver.find_elements(By.CSS_SELECTOR, "[data-webauthn-start]")
