@@ -126,6 +126,15 @@ def test_add_a_key_then_sign_in_with_it(web, browser):
         after = agent.store.get_fido_credential(cred.credential_id)
     assert after.sign_count > cred.sign_count and after.last_used_at is not None
 
+    # a passkey needs no user name: the key's credential says who it is
+    sign_out(page)
+    page.open("/account/sign-in")
+    page.click("Use a security key")
+    page.wait_heading(KEY_HEADING)
+    page.click(KEY_HEADING)
+    assert outcome_page(page) == "Your account", page.errors()
+    assert "alice" in page.driver.find_element(By.CSS_SELECTOR, ".nhsuk-header__account").text
+
 
 def _enrol_elsewhere(web, username: str) -> bytes:
     """A key enrolled for ``username`` on this site by another browser (python-fido2's client
