@@ -77,6 +77,8 @@ def sign_in(page, username: str, secret: str) -> None:
 
 
 def test_add_a_key_then_sign_in_with_it(web, browser):
+    """Password + TOTP, add a key, sign out; sign in with the key (user name + key), then with
+    the passkey alone (no user name); later, the key re-authenticates before a change."""
     secret = web.add_user("alice", totp=True)
     page = browser
     virtual_key(page)
@@ -134,6 +136,16 @@ def test_add_a_key_then_sign_in_with_it(web, browser):
     page.click(KEY_HEADING)
     assert outcome_page(page) == "Your account", page.errors()
     assert "alice" in page.driver.find_element(By.CSS_SELECTOR, ".nhsuk-header__account").text
+
+    # adding a key needs a recent sign-in: the key itself confirms it is her
+    with web.agent() as agent:  # the sign-in was 6 minutes ago (bind_minutes: 5)
+        with agent.store.transaction(), agent.store._using("age a sign-in") as conn:
+            conn.execute("UPDATE web_sessions SET auth_at = auth_at - 360")
+    page.open("/account/keys/add").wait_heading("Confirm it's you")
+    page.click("Use a security key")
+    page.wait_heading(KEY_HEADING)
+    page.click(KEY_HEADING)
+    page.wait_heading("Add a security key or passkey")
 
 
 def _enrol_elsewhere(web, username: str) -> bytes:
