@@ -27,7 +27,7 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.responses import FileResponse, HTMLResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from tests.conftest import free_port  # noqa: E402
+from conftest import free_port  # noqa: E402
 from token_agent import browserkey  # noqa: E402
 from token_agent.agent import Agent  # noqa: E402
 from token_agent.outcome import Reason  # noqa: E402
