@@ -162,20 +162,20 @@ def test_forgotten_password_with_the_app_and_a_text_message(web, browser, browse
     page.axe()
     page.shot("recovery-start")
     page.click("Continue")
-    assert page.errors() == ["Enter your user name"]
+    wait_for(lambda: page.errors() == ["Enter your user name"], what="the missing name's error")
     page.axe()
     page.fill("User name", "alice").click("Continue")
     page.wait_heading("Prove it is you")
     page.axe()
     page.shot("recovery-method")
     page.click("Continue")
-    assert page.errors() == ["Choose how to prove it is you"]
+    wait_for(lambda: page.errors() == ["Choose how to prove it is you"], what="the choice's error")
     page.choose("A code from your authenticator app").click("Continue")
     page.wait_heading("Enter your code")
     page.axe()
     page.fill("Code", "000000").click("Continue")
-    page.wait_heading("Enter your code")
-    assert page.errors() and "did not work" in page.errors()[0]
+    wait_for(lambda: page.errors(), what="the wrong code's error")
+    assert "did not work" in page.errors()[0]
     page.axe()
     page.shot("recovery-code-error")
     page.fill("Code", oathtool(secret)).click("Continue")
@@ -193,12 +193,12 @@ def test_forgotten_password_with_the_app_and_a_text_message(web, browser, browse
     page.shot("recovery-new-password")
     page.fill("New password", NEW).fill("Type the new password again", NEW + "!")
     page.click("Change password")
-    page.wait_heading("Choose a new password")
+    wait_for(lambda: page.errors(), what="the passwords' error")
     assert page.errors() == ["The two passwords are not the same: type the new password twice."]
     page.axe()
     page.fill("New password", "alice").fill("Type the new password again", "alice")
     page.click("Change password")
-    assert page.errors() and "at least 8 characters" in page.errors()[0]
+    wait_for(lambda: "at least 8 characters" in " ".join(page.errors()), what="the rule's error")
     seen = len(texts(web))
     page.fill("New password", NEW).fill("Type the new password again", NEW)
     page.click("Change password")
@@ -246,7 +246,7 @@ def _journey(page, username: str, kind_label: str, code: str) -> list[str]:
     page.wait_heading("Enter your code")
     seen.append(page.text())
     page.fill("Code", code).click("Continue")
-    page.wait_heading("Enter your code")
+    wait_for(lambda: page.errors(), what="the wrong code's error")  # the same heading
     seen.append(page.text())
     page.click("Choose another method")
     page.wait_heading("Prove it is you")
