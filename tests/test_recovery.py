@@ -207,6 +207,18 @@ def test_wrong_codes_end_the_reset_and_it_expires(w):
             recovery.current(agent, bad)
 
 
+def test_a_method_removed_after_its_code_was_sent_is_a_plain_failure(w):
+    alice = w.add_user("alice")
+    w.enrol_totp(alice)
+    mobile = add_sms(w, alice)
+    token = recovery.start(w.agent, "alice")
+    recovery.choose(w.agent, recovery.current(w.agent, token), "sms")
+    code = code_in(wait_for_text(w, MOBILE, 1))
+    w.store.remove_method(mobile.id)
+    proof = recovery.prove(w.agent, recovery.current(w.agent, token), code)
+    assert not proof.ok and proof.message == recovery.WRONG
+
+
 def test_a_reset_row_keeps_no_token_and_no_code(w, tmp_path):
     alice = w.add_user("alice")
     w.enrol_totp(alice)
