@@ -219,6 +219,33 @@ def test_a_method_removed_after_its_code_was_sent_is_a_plain_failure(w):
     assert not proof.ok and proof.message == recovery.WRONG
 
 
+def test_a_security_key_step_is_answered_once_and_looks_the_same_for_strangers(w):
+    alice = w.add_user("alice")
+    w.enrol_totp(alice)
+    agent = w.agent
+    token = recovery.start(agent, "alice")
+    reset = recovery.current(agent, token)
+    assert "key" not in dict(recovery.offered(agent, reset))  # no pages' RP ID: no key
+    assert "key" in dict(recovery.offered(agent, reset, "trust.example"))
+    recovery.choose(agent, reset, "key", "trust.example")
+    reset = recovery.current(agent, token)
+    options = recovery.key_options(reset)
+    assert options["rpId"] == "trust.example" and len(options["allowCredentials"]) == 1
+    # alice has no key here: a decoy, as for a name nobody has
+    stranger = recovery.current(agent, recovery.start(agent, "nobody"))
+    recovery.choose(agent, stranger, "key", "trust.example")
+    other = recovery.key_options(recovery.current_by_id(agent, stranger.id))
+    assert set(other) == set(options) and other["challenge"] != options["challenge"]
+    proof = recovery.prove_key(agent, reset, {"credential_id": "AAAA"}, "https://trust.example",
+                               "trust.example")
+    assert not proof.ok and proof.message == recovery.WRONG
+    with pytest.raises(recovery.ResetError):  # the same step again: its challenge is spent
+        recovery.prove_key(agent, reset, {"credential_id": "AAAA"}, "https://trust.example",
+                           "trust.example")
+    with pytest.raises(recovery.ResetError):
+        recovery.prove(agent, recovery.current(agent, token), "123456")  # no step chosen
+
+
 def test_a_reset_row_keeps_no_token_and_no_code(w, tmp_path):
     alice = w.add_user("alice")
     w.enrol_totp(alice)

@@ -237,6 +237,46 @@ def test_one_method_is_refused_and_the_user_is_told(web, browser):
     assert password_is(web, "bob", PASSWORD)  # it did not change
 
 
+def test_forgotten_password_with_a_security_key_and_the_app(web, browser):
+    """A key enrolled on the pages (Chromium's virtual authenticator) is one of the two."""
+    from selenium.webdriver.common.virtual_authenticator import (
+        Protocol, Transport, VirtualAuthenticatorOptions,
+    )
+
+    secret = web.add_user("gina", totp=True)
+    page = browser
+    page.driver.add_virtual_authenticator(VirtualAuthenticatorOptions(
+        protocol=Protocol.CTAP2, transport=Transport.USB, has_resident_key=True,
+        has_user_verification=True, is_user_verified=True))
+    page.sign_in("gina", PASSWORD, totp_secret=secret)
+    page.wait_heading("Your account")
+    page.open("/account/keys/add").wait_heading("Add a security key or passkey")
+    page.fill("Name for this key", "blue key").click("Add the key")
+    page.wait_heading("Your security keys and passkeys")
+    page.click("Sign out")
+    wait_for(lambda: page.cookie("__Host-ta_session") is None, what="signed out")
+
+    start_reset(page, "gina")
+    page.choose("Your security key or passkey").click("Continue")
+    page.wait_heading("Use your security key")
+    page.axe()
+    page.shot("recovery-key")
+    page.click("Use your security key")
+    page.wait_heading("Prove a second method")
+    assert "Security key accepted" in page.text()
+    assert "Your security key or passkey" not in page.text()
+    page.choose("A code from your authenticator app").click("Continue")
+    page.wait_heading("Enter your code")
+    page.fill("Code", oathtool(secret)).click("Continue")
+    page.wait_heading("Choose a new password")
+    page.fill("New password", NEW).fill("Type the new password again", NEW)
+    page.click("Change password")
+    page.wait_heading("Your password has been changed")
+    (event,) = web.events("recovery.reset", "gina")
+    assert event.detail["kinds"] == ["key", "totp"]
+    assert password_is(web, "gina", NEW)
+
+
 def _journey(page, username: str, kind_label: str, code: str) -> list[str]:
     """What a person sees (the pages' text) for a reset of ``username`` until a code fails."""
     seen = []

@@ -8,8 +8,11 @@
     finish(agent, current(agent, token), "new password", "new password")
 
 Which methods count: the user's confirmed, unflagged authenticator apps (``totp``) and
-contacts (``sms``, ``voice``, ``email``, ``messaging``: a code is sent to them), and their
-backup codes (one backup code at most: the codes are one method). Two *distinct* methods
+contacts (``sms``, ``voice``, ``email``, ``messaging``: a code is sent to them), their
+backup codes (one backup code at most: the codes are one method), and the security keys and
+passkeys enrolled on the pages (``token_agent.browserkey``: the pages' RP ID; the browser's
+options carry a decoy credential for a name without one, as at sign-in, and the challenge is
+kept in the reset and spent once). Two *distinct* methods
 must be proven, each through its factor's own verify function, so every failure counts
 on that method's lockout (in its "unfamiliar" scope: a reset page is never the user's
 own workstation). A user who holds fewer than two such methods is refused once they
@@ -98,6 +101,9 @@ WAYS: tuple[Way, ...] = (
         "from the message."),
     Way("backup", "One of your backup codes", "Enter one of your backup codes. Each code "
         "works once."),
+    Way("key", "Your security key or passkey",
+        "Use your security key or passkey. Your browser will ask you to touch the key, or to "
+        "confirm with its PIN, your fingerprint or your face."),
 )
 
 
@@ -132,6 +138,8 @@ class Reset:
     step_kind: str | None
     step_method: int | None
     state: str
+    #: the security key step's challenge and options (``browserkey``), kept server-side
+    key: dict | None = None
 
     @property
     def proofs(self) -> int:
@@ -198,13 +206,18 @@ def current(agent: "Agent", token: str | None) -> Reset:
     row = agent.store.get_reset(_hash(token))
     if row is None or row["expires_at"] <= agent.now() or row["state"] == DONE:
         raise ResetError()
+    return _reset_of(row)
+
+
+def _reset_of(row: dict) -> Reset:
     data = json.loads(row["proofs"] or "{}")
     if not isinstance(data, dict):
         data = {}
     return Reset(id=row["id"], user_id=row["user_id"], username=row["username"],
                  expires_at=row["expires_at"], proven=tuple(data.get("methods", ())),
                  proven_kinds=tuple(data.get("kinds", ())), failures=int(data.get("failures", 0)),
-                 step_kind=row["step_kind"], step_method=row["step_method"], state=row["state"])
+                 step_kind=row["step_kind"], step_method=row["step_method"], state=row["state"],
+                 key=data.get("key") if isinstance(data.get("key"), dict) else None)
 
 
 def cancel(agent: "Agent", token: str | None) -> None:
@@ -212,28 +225,38 @@ def cancel(agent: "Agent", token: str | None) -> None:
         agent.store.delete_reset(_hash(token))
 
 
-def _eligible(agent: "Agent", user_id: str) -> list:
+def _eligible(agent: "Agent", user_id: str, rp_id: str | None = None) -> list:
     """The user's methods that can prove who they are here (backup codes only with codes
-    left)."""
+    left; security keys only those enrolled for the pages' ``rp_id``, when given)."""
     ctx = agent.factors()
+    site_keys = set()
+    if rp_id is not None:
+        from . import browserkey
+
+        site_keys = {c.id for c in browserkey.browser_keys(
+            agent, agent.store.get_user_by_id(user_id), rp_id)}
     out = []
     for m in usable_methods(agent.store, user_id):
         if m.kind not in {w.store_kind for w in WAYS}:
             continue
         if m.kind == "backup_codes" and backup.remaining(ctx, user_id) == 0:
             continue
+        if m.kind == "fido2" and m.id not in site_keys:
+            continue
         out.append(m)
     return out
 
 
-def offered(agent: "Agent", reset: Reset) -> list[tuple[str, str]]:
+def offered(agent: "Agent", reset: Reset, rp_id: str | None = None) -> list[tuple[str, str]]:
     """The methods to choose from: before any proof, every kind the organisation can check
-    (the same list for everyone); after one, the kinds this user holds and has not proven."""
+    (the same list for everyone; a security key when the pages' ``rp_id`` is given); after
+    one, the kinds this user holds and has not proven."""
     delivery = agent.delivery
     channels = set(delivery.configured_channels()) if delivery is not None else set()
-    ways = [w for w in WAYS if w.kind in ("totp", "backup") or w.kind in channels]
+    ways = [w for w in WAYS if w.kind in ("totp", "backup") or w.kind in channels
+            or w.kind == "key" and rp_id is not None]
     if reset.proofs and reset.user_id is not None:
-        held = _eligible(agent, reset.user_id)
+        held = _eligible(agent, reset.user_id, rp_id)
         left = {m.kind for m in held if m.id not in reset.proven}
         ways = [w for w in ways if w.store_kind in left]
     return [(w.kind, w.offer) for w in ways]
@@ -273,17 +296,35 @@ def _send_in_background(agent: "Agent", method) -> None:
     threading.Thread(target=send, name="recovery-send", daemon=True).start()
 
 
-def choose(agent: "Agent", reset: Reset, kind: str) -> str:
+def _data(reset: Reset, *, methods=None, proven_kinds=None, failures=None,
+          key: dict | None = None) -> str:
+    data = {"methods": list(reset.proven if methods is None else methods),
+            "kinds": list(reset.proven_kinds if proven_kinds is None else proven_kinds),
+            "failures": reset.failures if failures is None else failures}
+    if key is not None:
+        data["key"] = key
+    return json.dumps(data)
+
+
+def choose(agent: "Agent", reset: Reset, kind: str, rp_id: str | None = None) -> str:
     """Ask for ``kind`` next (sending its code in the background when it is a contact the
-    user holds); returns what to tell the person. ``ResetError`` for a kind not offered."""
+    user holds; for a security key, the browser's options: a decoy credential for a user
+    name without a key here, as at sign-in); returns what to tell the person.
+    ``ResetError`` for a kind not offered."""
     if reset.state != STARTED:
         raise ResetError()
-    if kind not in dict(offered(agent, reset)):
+    if kind not in dict(offered(agent, reset, rp_id)):
         raise ResetError("Choose one of the methods listed.")
     with _padded():
-        method = _method_for(agent, reset, kind)
+        method = None if kind == "key" else _method_for(agent, reset, kind)
+        key = None
+        if kind == "key":
+            from . import browserkey
+
+            options, state = browserkey.assertion_options(agent, reset.username, rp_id)
+            key = {"options": options, "challenge": state.to_json()}
         agent.store.update_reset(reset.id, expect_state=STARTED, now=agent.now(),
-                                 step_kind=kind,
+                                 step_kind=kind, proofs=_data(reset, key=key),
                                  step_method=None if method is None else method.id)
         if method is not None and kind in codes.CHANNELS:
             _send_in_background(agent, method)
@@ -310,8 +351,8 @@ def _verify(agent: "Agent", reset: Reset, code: str):
 
 def _save(agent: "Agent", reset: Reset, *, state: str, methods, proven_kinds, failures: int,
           step: bool = True) -> None:
-    values = {"proofs": json.dumps({"methods": list(methods), "kinds": list(proven_kinds),
-                                    "failures": failures}),
+    values = {"proofs": _data(reset, methods=methods, proven_kinds=proven_kinds,
+                              failures=failures, key=None if step else reset.key),
               "state": state}
     if step:
         values.update(step_kind=None, step_method=None)
@@ -319,66 +360,119 @@ def _save(agent: "Agent", reset: Reset, *, state: str, methods, proven_kinds, fa
         raise ResetError()
 
 
-def prove(agent: "Agent", reset: Reset, code: str) -> Proof:
+def prove(agent: "Agent", reset: Reset, code: str, rp_id: str | None = None) -> Proof:
     """Check ``code`` for the method asked for now. The same failure for everyone until a
     method is proven; after the first proof, a user with fewer than two methods is refused
     (and told on their contacts); after the second, the reset is ``proven``."""
-    if reset.state != STARTED or reset.step_kind is None:
+    if reset.state != STARTED or reset.step_kind in (None, "key"):
         raise ResetError()
-    store = agent.store
     with _padded():
         result = None
         if reset.user_id is not None and (reset.step_method is not None):
             result = _verify(agent, reset, (code or "")[:64])
         ok = bool(result and result.ok)
-        detail = {"kind": reset.step_kind, "proofs": reset.proofs + ok}
-        if result is not None and not ok and result.reason is not None:
-            detail["reason"] = result.reason.value
-        store.record_event("recovery.proof", user_id=reset.user_id,
-                           username=None if reset.user_id else reset.username,
-                           outcome="success" if ok else "failure", detail=detail)
-        if not ok:
-            failures = reset.failures + 1
-            if failures >= MAX_FAILURES:
-                store.delete_reset(reset.id)
-                raise ResetError(TOO_MANY)
-            _save(agent, reset, state=STARTED, methods=reset.proven,
-                  proven_kinds=reset.proven_kinds, failures=failures, step=False)
-            return Proof(False, STARTED, WRONG)
-        methods = (*reset.proven, result.method.id if result.method is not None
-                   else reset.step_method)
-        proven_kinds = (*reset.proven_kinds, reset.step_kind)
-        held = _eligible(agent, reset.user_id)
-        distinct = {m.id for m in held}
-        if len(distinct) < 2:
-            _save(agent, reset, state=REFUSED, methods=methods, proven_kinds=proven_kinds,
-                  failures=reset.failures)
-            _refused(agent, reset)
-            return Proof(True, REFUSED, refused_message())
-        if len(set(methods)) >= 2:
-            _save(agent, reset, state=PROVEN, methods=methods, proven_kinds=proven_kinds,
-                  failures=reset.failures)
-            return Proof(True, PROVEN, "You have proven two methods. Choose a new password.")
-        _save(agent, reset, state=STARTED, methods=methods, proven_kinds=proven_kinds,
+        reason = None if ok or result is None or result.reason is None else result.reason.value
+        method_id = None
+        if ok:
+            method_id = result.method.id if result.method is not None else reset.step_method
+        return _settle(agent, reset, method_id, reason, rp_id)
+
+
+def key_options(reset: Reset) -> dict:
+    """The browser's options of the security key step (``navigator.credentials.get``)."""
+    if reset.step_kind != "key" or reset.key is None:
+        raise ResetError("Choose a method first.")
+    return reset.key["options"]
+
+
+def prove_key(agent: "Agent", reset: Reset, response: dict, origin: str, rp_id: str) -> Proof:
+    """Check the browser's answer of the security key step (``browserkey.finish_assertion``:
+    the same checks, counter and audit as a key sign-in). The challenge is spent first, once
+    (a conditional update of the reset), so an answer cannot be replayed."""
+    from . import browserkey
+
+    if reset.state != STARTED or reset.step_kind != "key" or reset.key is None:
+        raise ResetError()
+    with _padded():
+        spent = agent.store.update_reset(
+            reset.id, expect_state=STARTED, expect_step="key", now=agent.now(),
+            step_kind=None, step_method=None, proofs=_data(reset))
+        state = browserkey.Challenge.from_json(reset.key.get("challenge"))
+        if not spent or state is None:
+            raise ResetError()
+        outcome = browserkey.finish_assertion(agent, reset.username, state, response, origin,
+                                              rp_id)
+        method_id = None
+        if outcome.ok and reset.user_id is not None and outcome.user_id == reset.user_id:
+            user = agent.store.get_user_by_id(reset.user_id)
+            method_id = next((c.id for c in browserkey.browser_keys(agent, user, rp_id)
+                              if c.credential_id.hex() == outcome.credential_id), None)
+        reason = None if method_id is not None else (
+            outcome.reason.value if outcome.reason else "verification-failed")
+        fresh = current_by_id(agent, reset.id)
+        return _settle(agent, fresh, method_id, reason, rp_id, kind="key")
+
+
+def current_by_id(agent: "Agent", reset_id: str) -> Reset:
+    row = agent.store.get_reset(reset_id)
+    if row is None:
+        raise ResetError()
+    return _reset_of(row)
+
+
+def _settle(agent: "Agent", reset: Reset, method_id: int | None, reason: str | None,
+            rp_id: str | None, kind: str | None = None) -> Proof:
+    """After a check: count a failure, or record the proof and move the reset on."""
+    store = agent.store
+    kind = kind or reset.step_kind
+    ok = method_id is not None
+    detail = {"kind": kind, "proofs": reset.proofs + ok}
+    if reason is not None and not ok:
+        detail["reason"] = reason
+    store.record_event("recovery.proof", user_id=reset.user_id,
+                       username=None if reset.user_id else reset.username,
+                       outcome="success" if ok else "failure", detail=detail)
+    if not ok:
+        failures = reset.failures + 1
+        if failures >= MAX_FAILURES:
+            store.delete_reset(reset.id)
+            raise ResetError(TOO_MANY)
+        _save(agent, reset, state=STARTED, methods=reset.proven,
+              proven_kinds=reset.proven_kinds, failures=failures, step=False)
+        return Proof(False, STARTED, WRONG)
+    methods = (*reset.proven, method_id)
+    proven_kinds = (*reset.proven_kinds, kind)
+    held = _eligible(agent, reset.user_id, rp_id)
+    distinct = {m.id for m in held}
+    if len(distinct) < 2:
+        _save(agent, reset, state=REFUSED, methods=methods, proven_kinds=proven_kinds,
               failures=reset.failures)
-        label = label_of_store(way(reset.step_kind).store_kind).capitalize()
-        return Proof(True, STARTED, f"{label} accepted. Now prove a second, different method.")
+        _refused(agent, reset, kind)
+        return Proof(True, REFUSED, refused_message())
+    if len(set(methods)) >= 2:
+        _save(agent, reset, state=PROVEN, methods=methods, proven_kinds=proven_kinds,
+              failures=reset.failures)
+        return Proof(True, PROVEN, "You have proven two methods. Choose a new password.")
+    _save(agent, reset, state=STARTED, methods=methods, proven_kinds=proven_kinds,
+          failures=reset.failures)
+    label = label_of_store(way(kind).store_kind).capitalize()
+    return Proof(True, STARTED, f"{label} accepted. Now prove a second, different method.")
 
 
 def refused_message() -> str:
     return ("You have only one sign-in method that this page can check (an authenticator "
-            "app, a phone number, an email address or backup codes), so you cannot reset your "
-            "password yourself. Contact your IT service desk: they will check who you are and "
-            "reset it.")
+            "app, a phone number, an email address, backup codes or a security key), so you "
+            "cannot reset your password yourself. Contact your IT service desk: they will "
+            "check who you are and reset it.")
 
 
-def _refused(agent: "Agent", reset: Reset) -> None:
+def _refused(agent: "Agent", reset: Reset, kind: str) -> None:
     from . import notify
 
     user = agent.store.get_user_by_id(reset.user_id)
     agent.store.record_event("recovery.refused", user_id=user.id, outcome="refused",
                              detail={"reason": "one method", "kinds": list(reset.proven_kinds)
-                                     + [reset.step_kind]})
+                                     + [kind]})
     notify.tell_user(agent, user, "Password reset refused",
                      "Someone asked to reset your password and proved one of your sign-in "
                      "methods. It was refused because you hold only one method. Your password "

@@ -78,18 +78,22 @@ class CallsArea:
                 (str(reset_id),)).fetchone())
 
     def update_reset(self, reset_id: str, *, expect_state: str, now: float,
-                     **values: Any) -> bool:
+                     expect_step: str | None = None, **values: Any) -> bool:
         """Change a reset's ``proofs``, ``step_kind``, ``step_method`` or ``state`` when it
-        is still in ``expect_state`` (one conditional UPDATE); False otherwise."""
+        is still in ``expect_state`` (and, given ``expect_step``, asking for that step): one
+        conditional UPDATE, so only one of two racing requests changes it; False for the
+        other, or when the reset is gone."""
         allowed = {"proofs", "step_kind", "step_method", "state"}
         if not values or set(values) - allowed:
             raise ValueError(f"a reset's columns to change are {', '.join(sorted(allowed))}")
         names = sorted(values)
         sets = ", ".join(f"{n} = ?" for n in names)
+        step = "" if expect_step is None else " AND step_kind = ?"
         with self.transaction(), self._using("update a password reset") as conn:
             return conn.execute(
-                f"UPDATE recovery_resets SET {sets}, updated_at = ? WHERE id = ? AND state = ?",
-                (*[values[n] for n in names], float(now), str(reset_id), expect_state)
+                f"UPDATE recovery_resets SET {sets}, updated_at = ? WHERE id = ? AND state = ?"
+                f"{step}", (*[values[n] for n in names], float(now), str(reset_id), expect_state,
+                            *(() if expect_step is None else (expect_step,)))
             ).rowcount == 1
 
     def delete_reset(self, reset_id: str) -> None:

@@ -5,7 +5,8 @@ the new password, no user enumeration).
 The browser keeps only the reset's token, in the cookie ``__Host-ta_reset`` (Secure,
 HttpOnly, SameSite=Strict); everything else is in the store. Every POST has its CSRF token
 checked (``read_form``) and is rate limited per user name and per address: starting a reset,
-asking for a code (``recovery-send``) and typing one (``recovery-try``).
+asking for a code (``recovery-send``) and typing one or answering with a security key
+(``recovery-try``). The security key's page uses the sign-in's ``webauthn.js``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ async def method_page(request: Request, errors=None, status: int = 200) -> Respo
         return _start_again(e.message)
     if (elsewhere := _next_page(reset)) is not None:
         return redirect(elsewhere)
-    options = await blocking(recovery.offered, web(request).agent, reset)
+    ctx = web(request)
+    options = await blocking(recovery.offered, ctx.agent, reset, ctx.rp_id)
     return await render(request, "recovery/method.html", status=status, errors=errors,
                         options=options, proofs=reset.proofs)
 
@@ -89,16 +91,16 @@ async def choose(request: Request) -> Response:
     except recovery.ResetError as e:
         return _start_again(e.message)
     kind = form.get("method", "")
-    agent = web(request).agent
-    if kind not in dict(await blocking(recovery.offered, agent, reset)):
+    ctx = web(request)
+    if kind not in dict(await blocking(recovery.offered, ctx.agent, reset, ctx.rp_id)):
         return await method_page(request, errors=[("method", "Choose how to prove it is you")],
                                  status=400)
     await _limits(request, "recovery-send", reset.username, SEND_LIMITS)
     try:
-        await blocking(recovery.choose, agent, reset, kind)
+        await blocking(recovery.choose, ctx.agent, reset, kind, ctx.rp_id)
     except recovery.ResetError as e:
         return _start_again(e.message)
-    return redirect(f"{BASE}/code")
+    return redirect(f"{BASE}/key" if kind == "key" else f"{BASE}/code")
 
 
 async def code_page(request: Request, errors=None, status: int = 200) -> Response:
@@ -110,6 +112,8 @@ async def code_page(request: Request, errors=None, status: int = 200) -> Respons
         return redirect(elsewhere)
     if reset.step_kind is None:
         return redirect(f"{BASE}/method")
+    if reset.step_kind == "key":
+        return redirect(f"{BASE}/key")
     return await render(request, "recovery/code.html", status=status, errors=errors,
                         prompt=recovery.prompt(reset), kind=reset.step_kind,
                         proofs=reset.proofs)
@@ -125,17 +129,54 @@ async def prove(request: Request) -> Response:
     if not code:
         return await code_page(request, errors=[("code", "Enter the code")], status=400)
     await _limits(request, "recovery-try", reset.username, TRY_LIMITS)
+    ctx = web(request)
     try:
-        proof = await blocking(recovery.prove, web(request).agent, reset, code)
+        proof = await blocking(recovery.prove, ctx.agent, reset, code, ctx.rp_id)
     except recovery.ResetError as e:
         return _start_again(e.message)
     if not proof.ok:
         return await code_page(request, errors=[("code", proof.message)], status=400)
+    return _after(proof)
+
+
+def _after(proof: recovery.Proof) -> Response:
+    """Where a successful proof leads."""
     if proof.state == recovery.PROVEN:
         return redirect(f"{BASE}/new-password", flash=proof.message)
     if proof.state == recovery.REFUSED:
         return redirect(f"{BASE}/refused")
     return redirect(f"{BASE}/method", flash=proof.message)
+
+
+async def key_page(request: Request) -> Response:
+    try:
+        reset = await _reset(request)
+    except recovery.ResetError as e:
+        return _start_again(e.message)
+    if (elsewhere := _next_page(reset)) is not None:
+        return redirect(elsewhere)
+    if reset.step_kind != "key" or reset.key is None:
+        return redirect(f"{BASE}/method")
+    return await render(request, "recovery/key.html", options=recovery.key_options(reset),
+                        prompt=recovery.prompt(reset), proofs=reset.proofs)
+
+
+async def prove_key(request: Request) -> Response:
+    form = await read_form(request)
+    try:
+        reset = await _reset(request)
+    except recovery.ResetError as e:
+        return _start_again(e.message)
+    await _limits(request, "recovery-try", reset.username, TRY_LIMITS)
+    ctx = web(request)
+    try:
+        proof = await blocking(recovery.prove_key, ctx.agent, reset, form, ctx.origin,
+                               ctx.rp_id)
+    except recovery.ResetError as e:
+        return _start_again(e.message)
+    if not proof.ok:  # the challenge is spent: choose again (a new one)
+        return await method_page(request, errors=[("method", proof.message)], status=400)
+    return _after(proof)
 
 
 async def password_page(request: Request, errors=None, status: int = 200) -> Response:
@@ -197,6 +238,8 @@ ROUTES = [
     Route(f"{BASE}/method", choose, methods=["POST"]),
     Route(f"{BASE}/code", code_page, methods=["GET"]),
     Route(f"{BASE}/code", prove, methods=["POST"]),
+    Route(f"{BASE}/key", key_page, methods=["GET"]),
+    Route(f"{BASE}/key", prove_key, methods=["POST"]),
     Route(f"{BASE}/new-password", password_page, methods=["GET"]),
     Route(f"{BASE}/new-password", set_password, methods=["POST"]),
     Route(f"{BASE}/refused", refused_page, methods=["GET"]),
