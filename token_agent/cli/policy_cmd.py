@@ -1,5 +1,5 @@
 """`token-agent policy check|explain|show`, `token-agent audit verify|tail` and
-`token-agent admin reset-methods|unlock|lockouts|clear-flag`."""
+`token-agent admin reset-methods|access-pass|unlock|lockouts|clear-flag`."""
 
 from __future__ import annotations
 
@@ -267,6 +267,32 @@ def admin_reset_methods(ctx: Context, username: str, include_password: bool, yes
                                       include_password=include_password)
     emit(as_json, {"user": user.username, "removed": [m.to_dict() for m in removed]},
          f"removed {len(removed)} methods of {user.username}: they must set up new ones")
+
+
+@admin.command("access-pass")
+@click.argument("username")
+@click.option("--hours", type=click.IntRange(1, 24), default=8, show_default=True,
+              help="How long the pass lasts (1 to 24 hours).")
+@click.option("--revoke", is_flag=True, help="End the user's open pass instead.")
+@json_option
+@pass_ctx
+def admin_access_pass(ctx: Context, username: str, hours: int, revoke: bool,
+                      as_json: bool) -> None:
+    """A lost device: issue a temporary access pass (single use, shown once) with which the
+    user signs in once to set up new methods; a newer pass replaces an open one. Recorded."""
+    from ..factors import accesspass
+
+    user = _admin_user(ctx, username)
+    factors = ctx.agent().factors()
+    if revoke:
+        ended = accesspass.revoke(factors, user.id, actor=_actor())
+        emit(as_json, {"user": user.username, "revoked": len(ended)},
+             f"{user.username}: {len(ended)} open temporary access pass revoked")
+        return
+    issued, value = accesspass.issue(factors, user.id, actor=_actor(), hours=hours)
+    emit(as_json, {"user": user.username, "access_pass": value, "expires_at": issued.expires_at},
+         f"temporary access pass for {user.username} (single use, until "
+         f"{_when(issued.expires_at)}; shown only now): {value}")
 
 
 @admin.command("unlock")

@@ -36,13 +36,14 @@ COPY_ORDER: tuple[str, ...] = (
     "password_credentials", "totp_credentials", "contact_methods", "otp_challenges",
     "push_devices", "push_requests", "app_passwords", "backup_codes", "lockouts", "sightings",
     "verifications", "sessions", "settings", "audit_events", "workstations",
-    "org_deliveries",
+    "org_deliveries", "access_passes",
 )
 #: tables a store fills itself: the schema's own history, and the audit chain's head
 NOT_COPIED: tuple[str, ...] = ("schema_history", "audit_head")
 #: tables whose ``id`` the engine generates (PostgreSQL's identity sequences move past the
 #: copied ids)
-GENERATED_IDS: tuple[str, ...] = ("methods", "otp_challenges", "backup_codes", "workstations")
+GENERATED_IDS: tuple[str, ...] = ("methods", "otp_challenges", "backup_codes", "workstations",
+                                  "access_passes")
 
 
 class StoreNotEmpty(StoreError):
