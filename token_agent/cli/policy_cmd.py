@@ -148,14 +148,11 @@ def policy_show(ctx: Context, as_json: bool) -> None:
     """Show the policy in force, defaults filled in, as a policy file (TOML: the same keys as
     the file; it can be saved as one) and which file it came from. The [delivery] table is
     not shown (it may hold gateway credentials): only the names of its channels."""
-    from ..policy import policy_warnings
-
     pol = ctx.policy()  # no store needed
-    data = pol.to_json()
-    channels = sorted(k for k in (data.pop("delivery") or {}) if k not in
-                      ("fallback", "sender_name", "outbox"))
+    data = admin_ops.effective_policy(pol)
+    channels = data.pop("delivery_channels")
     source = data.pop("source")
-    warnings = policy_warnings(pol)
+    warnings = data.pop("warnings")
 
     def text() -> str:
         from .tomlout import dumps
@@ -191,14 +188,11 @@ def audit() -> None:
 def audit_verify(ctx: Context, as_json: bool) -> None:
     """Check the audit log's hash chain: exit 0 when intact, 1 (naming the first bad record)
     when a record was edited, removed or reordered."""
-    from ..store import AuditChainBroken
-
-    try:
-        count = ctx.store().verify_events()
-    except AuditChainBroken as e:
-        fail(f"audit log damaged: {e}", exitcodes.ERROR, reason="audit-chain-broken",
-             data={"intact": False, "event_id": e.event_id})
-    emit(as_json, {"intact": True, "events": count}, f"audit log intact: {count} events verified")
+    intact, count, message = admin_ops.verify_audit(ctx.store())
+    if not intact:
+        fail(message, exitcodes.ERROR, reason="audit-chain-broken",
+             data={"intact": False, "event_id": count})
+    emit(as_json, {"intact": True, "events": count}, message)
 
 
 @audit.command("tail")
