@@ -128,3 +128,14 @@ def test_csv_has_a_header_and_one_safe_row_per_user(store):
     assert rows[2][7] == "password; authenticator app"
     for row in rows[1:]:
         assert not any(c.startswith(("=", "+", "-", "@")) for c in row)
+
+
+def test_export_is_recorded_with_its_filters(store):
+    admin = _user(store, "admin1")
+    _user(store, "alice", ["totp"])
+    text = compliance.export_csv(store, parse_policy(""), T0, actor="admin1",
+                                 actor_id=admin.id, via="web", status="compliant")
+    assert [r[0] for r in csv.reader(io.StringIO(text))] == ["username", "alice"]
+    event = store.list_events(kind="admin.export-users")[0]
+    assert event.detail == {"actor": "admin1", "via": "web", "status": "compliant"}
+    assert event.username == "admin1"

@@ -5,12 +5,16 @@ A user's compliance comes from the policy's own decision (``policy.decide``) on 
 of the account alone (class, own MFA flag, methods held: no device, no network), and the
 strengths of ``token_agent.kinds``:
 
-| status | meaning |
-| --- | --- |
-| ``not-enrolled`` | MFA applies (or the class enforces it from a later date) and the user holds no second factor the policy accepts for their class (backup codes alone do not count: the login flow makes such a user set up a method): "enforced but not yet enrolled" |
-| ``weak-only`` | every acceptable second factor the user holds is weaker than an authenticator app (strength below ``STRONG``: codes by email, text message, phone call, messaging app): "only weak methods" |
-| ``compliant`` | the user holds an acceptable second factor of strength ``STRONG`` or more (an authenticator app, push approval, a security key, a smartcard) |
-| ``not-required`` | MFA does not apply to the user and they hold no second factor |
+* ``not-enrolled``, "Enforced but not yet enrolled": MFA applies (or the class enforces it
+  from a later date) and the user holds no second factor the policy accepts for their class
+  (backup codes alone do not count: the login flow makes such a user set up a method);
+* ``weak-only``, "Only weak methods": every acceptable second factor the user holds is weaker
+  than an authenticator app (strength below ``STRONG``: codes by email, text message, phone
+  call, messaging app);
+* ``compliant``: the user holds an acceptable second factor of strength ``STRONG`` or more
+  (an authenticator app, push approval, a security key, a smartcard);
+* ``not-required``, "MFA not required": MFA does not apply to the user and they hold no
+  second factor.
 
 A disabled account keeps its status (``disabled`` says so): it cannot log in, but it would be
 in the same state if enabled again.
@@ -56,7 +60,8 @@ class UserCompliance:
     mfa_words: str
     #: MFA applies now (the policy's ``enforced``)
     mfa_applies: bool
-    #: the class enforces MFA, with its start date when later ("enforces MFA from 2027-01-01"), or None
+    #: the class enforces MFA, with its start date when later ("enforces MFA from
+    #: 2027-01-01"), or None
     class_enforcement: str | None
     #: the labels of the user's usable methods (password included), in order of enrolment
     methods: tuple[str, ...]
@@ -167,3 +172,16 @@ def to_csv(lines: Iterable[UserCompliance]) -> str:
         row = line.to_row()
         writer.writerow([csv_cell(row[c]) for c in CSV_COLUMNS])
     return out.getvalue()
+
+
+def export_csv(store: "Store", policy: "Policy", now: float, *, actor: str, actor_id: str,
+               via: str, status: str | None = None, user_class: str | None = None,
+               name: str | None = None) -> str:
+    """The filtered report as CSV (``to_csv``), its export recorded (``admin.export-users``:
+    who, through which front end, which filters: personal data leaving the service)."""
+    text = to_csv(report(store, policy, now, status=status, user_class=user_class, name=name))
+    filters = {k: v for k, v in (("status", status), ("class", user_class), ("name", name))
+               if v}
+    store.record_event("admin.export-users", user_id=actor_id, outcome="success",
+                       detail={"actor": actor, "via": via, **filters})
+    return text

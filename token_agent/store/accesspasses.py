@@ -65,7 +65,8 @@ class AccessPassesArea:
         """End the user's open passes: ``expired`` ends those past their expiry (at their
         expiry time), ``revoked`` every open one (now). Returns the rows ended."""
         if reason not in ("expired", "revoked"):
-            raise InvalidValue(f"an access pass is ended by hand as expired or revoked, not {reason!r}")
+            raise InvalidValue(f"an access pass is ended by hand as expired or revoked, "
+                               f"not {reason!r}")
         with self.transaction(), self._using("end temporary access passes") as conn:
             if reason == "expired":
                 rows = conn.execute(

@@ -100,15 +100,10 @@ async def users_csv(request: Request) -> Response:
         raise Refused("This export could not be made", errors[0][1] + ", then export again.",
                       status=400)
 
-    def export() -> str:
-        text = compliance.to_csv(_report(ctx, values))
-        ctx.store.record_event("admin.export-users", user_id=session.user_id,
-                               outcome="success",
-                               detail={"actor": session.user.username, "via": "web",
-                                       **{k: v for k, v in values.items() if v}})
-        return text
-
-    text = await blocking(export)
+    text = await blocking(lambda: compliance.export_csv(
+        ctx.store, ctx.agent.policy, ctx.now(), actor=session.user.username,
+        actor_id=session.user_id, via="web", status=values["status"] or None,
+        user_class=values["class"] or None, name=values["name"] or None))
     stamp = _dt.datetime.fromtimestamp(ctx.now(), _dt.timezone.utc).strftime("%Y%m%d-%H%M")
     return Response(text, media_type="text/csv; charset=utf-8", headers={
         "Content-Disposition": f'attachment; filename="users-{stamp}.csv"',
