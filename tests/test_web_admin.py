@@ -36,9 +36,9 @@ def _get(web, path: str, session_cookie: str | None) -> tuple[int, dict, bytes]:
     req = urllib.request.Request(web.url + path, headers=headers)
     try:
         with urllib.request.urlopen(req, context=context, timeout=20) as resp:
-            return resp.status, dict(resp.headers), resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
 def _post(web, path: str, form: dict, session_cookie: str | None) -> tuple[int, str]:
@@ -95,11 +95,11 @@ def test_lost_device_reset_and_temporary_access_pass_then_the_user_enrols_again(
     page.wait_heading("Temporary access pass for alice")
     value = _pass_on_page(page)
     assert re.fullmatch(r"[a-z2-9]{4}(-[a-z2-9]{4}){3}", value)
-    assert "Removed 3 methods of alice" in page.text()
+    assert "Removed 2 methods of alice" in page.text()  # the password stays
     page.axe()
     page.shot("admin-access-pass")
     reset, = web.events("admin.reset-methods", "alice")
-    assert reset.detail["actor"] == ADMIN and reset.detail["removed"] == 3
+    assert reset.detail["actor"] == ADMIN and reset.detail["removed"] == 2
     issued, = web.events("access_pass.issued", "alice")
     assert issued.detail["actor"] == ADMIN and issued.detail["hours"] == 2
     # the pass is nowhere in the audit log
@@ -140,8 +140,8 @@ def _enrol_totp(web, page, username: str) -> str:
     """An authenticator app for ``username``, set up in the signed-in browser when the
     account pages offer it, else with the library; returns its secret."""
     page.open("/account/totp")
-    if page.heading() not in ("Page not found", "Not Found", "") and \
-            "authenticator app" in page.text().lower() and _has_field(page, "Code"):
+    if page._heading_or_none() and "authenticator app" in page.text().lower() \
+            and _has_field(page, "Code"):
         secret = re.search(r"\b([A-Z2-7]{16,})\b", page.text().replace(" ", "")).group(1)
         page.fill("Code", pyotp.TOTP(secret).now()).click("Continue")
         wait_for(lambda: page.path.startswith("/account") and not page.errors(),
@@ -222,9 +222,9 @@ def test_compliance_list_filters_and_csv(web, browser):
     # the CSV of the same filter, downloaded with the session
     status, headers, body = _get(web, "/admin/users.csv?status=not-enrolled",
                                  page.cookie("__Host-ta_session"))
-    assert status == 200 and headers["Content-Type"].startswith("text/csv")
-    assert headers["Content-Disposition"].startswith("attachment;")
-    assert headers["Cache-Control"] == "no-store"
+    assert status == 200 and headers["content-type"].startswith("text/csv")
+    assert headers["content-disposition"].startswith("attachment;")
+    assert headers["cache-control"] == "no-store"
     table = list(csv.reader(io.StringIO(body.decode())))
     assert table[0][:3] == ["username", "display_name", "class"]
     assert [r[0] for r in table[1:]] == ["erin", "frank"]
@@ -367,13 +367,13 @@ def test_policy_cards_audit_and_workstations_pages(web, browser):
     page.open("/admin/audit?user=alice")
     assert "Chain verified: the audit log is intact" in page.text()
     assert "enrol" in page.text()
-    page.fill("Kind", "login").click("Search")
-    wait_for(lambda: "kind=login" in page.path, what="the search")
+    page.fill("Kind", "enrol").click("Search")
+    wait_for(lambda: "kind=enrol" in page.path, what="the search")
     from selenium.webdriver.common.by import By
 
     shown = [row.find_elements(By.TAG_NAME, "td")[2].text.split()[-1]
              for row in page.driver.find_elements(By.CSS_SELECTOR, "#events tbody tr")]
-    assert shown and all(k == "login" or k.startswith("login.") for k in shown)
+    assert shown and all(k.startswith("enrol.") for k in shown)
     page.axe()
     page.shot("admin-audit")
     page.open("/admin/audit?kind=verify.totp&from=2999-01-01")

@@ -178,6 +178,8 @@ def cards_report(store: "Store", now: float, *, within_days: int = CARD_EXPIRY_D
     the revoked cards seen at a login in the last ``revoked_days`` (the ``login.card``
     failures with reason certificate-revoked, newest first, one per certificate serial; at
     most ``scan`` failures are read, ``scanned_all`` says whether that was all of them)."""
+    import math
+
     from .outcome import Reason
 
     limit = now + within_days * 86400.0
@@ -190,7 +192,7 @@ def cards_report(store: "Store", now: float, *, within_days: int = CARD_EXPIRY_D
             users[card.user_id] = store.get_user_by_id(card.user_id)
         expiring.append({"card": card, "user": users[card.user_id],
                          "expired": card.cert_not_after <= now,
-                         "days_left": max(0, int((card.cert_not_after - now) // 86400))})
+                         "days_left": max(0, math.ceil((card.cert_not_after - now) / 86400))})
     expiring.sort(key=lambda c: c["card"].cert_not_after)
     failures = store.search_events(kind="login.card", outcome="failure",
                                    since=now - revoked_days * 86400.0, limit=scan)
