@@ -14,8 +14,7 @@ package, one module per area, on an engine behind one seam.
   (contacts, one-time codes), ``push.py``, ``lockouts.py``, ``sightings.py``,
   ``sessions.py``, ``settings.py``, ``workstations.py`` (an organisation's
   workstations), ``deliveries.py`` (the events they delivered), ``accesspasses.py``
-  (temporary access passes), ``audit.py``. No SQL
-  outside this package.
+  (temporary access passes), ``audit.py``. No SQL outside this package.
 
 ``Store`` combines them; ``Store.open(path)`` opens a SQLite store. Every error is a
 ``StoreError`` (``errors.py``).
@@ -58,12 +57,14 @@ from .settings import SettingsArea
 from .sightings import SightingsArea
 from .sqlite import SQLiteEngine, run_script
 from .users import UsersArea
+from .websessions import WebSessionRow, WebSessionsArea
 from .workstations import WorkstationsArea
 
 
 class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, LockoutsArea,
             SightingsArea, SessionsArea, SettingsArea, WorkstationsArea, DeliveriesArea,
-            AccessPassesArea, AuditArea, StoreCore):
+            WebSessionsArea, AccessPassesArea,
+            AuditArea, StoreCore):
     """The agent's store. Create with ``Store.open(path)`` (SQLite); close with ``close()``
     or use it as a context manager. See the package's modules for durability
     (``sqlite.py``), transactions and threads (``core.py``) and errors (``errors.py``)."""
