@@ -113,3 +113,17 @@ def test_revoke_workstation_records_the_actor(store, clock):
     assert event.detail == {"workstation": "ws1", "actor": "admin1"}
     with pytest.raises(UnknownWorkstation):
         admin_ops.revoke_workstation(store, "nope", "admin1")
+
+
+def test_reset_methods_ends_the_users_web_sessions(store, clock):
+    alice, bob = store.add_user("alice"), store.add_user("bob")
+    for user, n in ((alice, 1), (alice, 2), (bob, 3)):
+        store.add_web_session(bytes([n]) * 32, user.id, csrf="c" * 32, now=clock(),
+                              multi_factor=True, method="password+totp", address=None,
+                              user_agent=None)
+    store.add_method(alice.id, "totp", "phone app")
+    removed = admin_ops.reset_methods(store, alice, "admin1")
+    assert [m.kind for m in removed] == ["totp"]
+    assert store.web_sessions_of(alice.id) == [] and len(store.web_sessions_of(bob.id)) == 1
+    event = store.list_events(kind="admin.reset-methods")[0]
+    assert event.detail["web_sessions_ended"] == 2 and event.detail["actor"] == "admin1"

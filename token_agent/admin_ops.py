@@ -54,12 +54,15 @@ def unlock(store: "Store", user: "User", kind: str | None, actor: str) -> list["
 def reset_methods(store: "Store", user: "User", actor: str, *,
                   include_password: bool = False) -> list["Method"]:
     """A lost or stolen device: remove every method of ``user`` (the password too when
-    ``include_password``). Records ``admin.reset-methods``. Returns the removed methods."""
+    ``include_password``) and end their web pages' sessions (whoever holds the device may be
+    signed in with it). Records ``admin.reset-methods``. Returns the removed methods."""
     with store.transaction():
         removed = store.remove_all_methods(user.id, keep_password=not include_password)
+        ended = store.end_web_sessions_of(user.id)
         store.record_event("admin.reset-methods", user_id=user.id, outcome="success",
                            detail={"actor": actor, "removed": len(removed),
-                                   "kinds": sorted({m.kind for m in removed})})
+                                   "kinds": sorted({m.kind for m in removed}),
+                                   "web_sessions_ended": ended})
     return removed
 
 
