@@ -114,6 +114,17 @@ def test_lost_device_reset_and_temporary_access_pass_then_the_user_enrols_again(
     started = time.monotonic()
     login, = [e for e in web.events("login", "alice") if e.outcome == "success"]
     assert login.detail["primary"] == "access_pass"
+    # the pass's session counts as multi-factor: the account pages let her set up methods
+    # (core's require_recent_auth: reauth.check with this sign-in)
+    from token_agent import reauth
+
+    with web.agent() as agent:
+        user = agent.store.get_user("alice")
+        session, = agent.store.web_sessions_of(user.id)
+        assert (session.multi_factor, session.method) == (True, "access_pass")
+        auth = reauth.Authenticated(user.username, user.id, session.multi_factor,
+                                    session.method, session.auth_at)
+        assert reauth.check(agent, user, auth, now=time.time()) in ("login", "first-method")
     # and sets up an authenticator app again: through her pages when they are there,
     # else through the library on the same store (the pass's session allows it: reauth)
     secret = _enrol_totp(web, page, "alice")
