@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -54,6 +55,14 @@ class Answers:
 
     def show_qr(self, uri: str) -> None:
         pass
+
+
+@pytest.fixture(autouse=True)
+def quick_failures(monkeypatch):
+    """Failed sign-ins take their floor only where a test measures it."""
+    from token_agent.ceremonies import passlogin
+
+    monkeypatch.setattr(passlogin, "FAILURE_FLOOR", 0.0)
 
 
 @pytest.fixture
@@ -244,3 +253,17 @@ def test_cancelled(env):
     agent, clock, user = env
     outcome = login(agent, "alice", interaction=Answers(), device=HERE, primary="access_pass")
     assert not outcome.ok and outcome.reason is Reason.CANCELLED
+
+
+def test_every_failure_takes_the_same_least_time(env, monkeypatch):
+    from token_agent.ceremonies import passlogin
+
+    agent, clock, user = env
+    accesspass.issue(agent.factors(), user.id, actor="admin1")
+    agent.store.add_user("bob")
+    monkeypatch.setattr(passlogin, "FAILURE_FLOOR", 0.2)
+    for name in ("nobody", "bob", "alice"):
+        started = time.monotonic()
+        outcome = _sign_in(agent, name, "abcd-efgh-jkmn-pqrs")
+        took = time.monotonic() - started
+        assert not outcome.ok and 0.2 <= took < 1.0, (name, took)

@@ -210,7 +210,11 @@ def test_compliance_list_filters_and_csv(web, browser):
     with web.agent() as agent:  # a display name a spreadsheet would run as a formula
         agent.store.update_user("erin", display_name='=HYPERLINK("https://evil.example","x")')
     page = browser
-    page.open("/admin/users")
+    page.open("/admin")
+    assert page.heading() == "Administration"
+    page.axe()
+    page.click("Users")
+    wait_for(lambda: page.path == "/admin/users", what="the users page")
     assert page.heading() == "Users"
     text = page.text()
     for words in ("Compliant", "Only weak methods", "Enforced but not yet enrolled"):
@@ -246,6 +250,13 @@ def test_compliance_list_filters_and_csv(web, browser):
     # without a session: no CSV
     status, _, body = _get(web, "/admin/users.csv", None)
     assert status in (303, 200) and b"erin" not in body
+
+
+def _event_ids(page) -> list[int]:
+    from selenium.webdriver.common.by import By
+
+    return [int(row.find_elements(By.TAG_NAME, "td")[0].text.split()[-1])
+            for row in page.driver.find_elements(By.CSS_SELECTOR, "#events tbody tr")]
 
 
 def _rows(page) -> list[list[str]]:
@@ -387,6 +398,22 @@ def test_policy_cards_audit_and_workstations_pages(web, browser):
     assert shown and all(k.startswith("enrol.") for k in shown)
     page.axe()
     page.shot("admin-audit")
+    # pages of 50, newest first: "Older events" goes on below the last one shown
+    with web.agent() as agent:
+        alice = agent.store.get_user("alice")
+        for i in range(60):
+            agent.store.record_event("test.page", user_id=alice.id, outcome="success",
+                                     detail={"n": i})
+    page.open("/admin/audit?kind=test.page")
+    first = _event_ids(page)
+    assert len(first) == 50 and first == sorted(first, reverse=True)
+    page.click("Older events")
+    wait_for(lambda: "before=" in page.path, what="the older events")
+    older = _event_ids(page)
+    assert len(older) == 10 and max(older) < min(first)
+    page.click("Newest events")
+    wait_for(lambda: "before=" not in page.path, what="the newest events")
+    assert _event_ids(page) == first
     page.open("/admin/audit?kind=verify.totp&from=2999-01-01")
     assert "No events match this search." in page.text()
     page.open("/admin/audit?from=yesterday")

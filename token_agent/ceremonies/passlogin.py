@@ -10,11 +10,14 @@ the methods the policy wants, which the user has set up meanwhile). The pass is 
 As for every sign-in before a first factor, the person is told only "Authentication
 failed." for an unknown or disabled user, a wrong pass, a used or expired one, or a lock;
 the audit log and the outcome's ``reason`` keep the story. An unknown user's attempt does
-the same work as a known user's (``accesspass.decoy``).
+the keyed hash a known user's does (``accesspass.decoy``), and every failure takes at least
+``FAILURE_FLOOR`` seconds, so that the few store writes a known user's check makes (the
+lockout, the expiry) do not tell, by the time the answer takes, who exists or holds a pass.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
 #: the ``primary`` of ``login()`` that means a temporary access pass
 ACCESS_PASS = "access_pass"
 PROMPT = "Temporary access pass"
+#: the least time a failed sign-in with a pass takes (seconds)
+FAILURE_FLOOR = 0.25
 
 
 def login_with_pass(agent: "Agent", user, username: str, *, interaction: "Interaction",
@@ -41,18 +46,25 @@ def login_with_pass(agent: "Agent", user, username: str, *, interaction: "Intera
     typed = interaction.secret(PROMPT)
     if typed is None:
         return fail(Reason.CANCELLED, CANCELLED_MESSAGE)
+    started = time.monotonic()
+
+    def failed(reason: Reason, message: str, **detail) -> LoginOutcome:
+        outcome = fail(reason, message, primary=ACCESS_PASS, **detail)
+        time.sleep(max(0.0, started + FAILURE_FLOOR - time.monotonic()))
+        return outcome
+
     store = agent.store
     if user is None or user.disabled:
         accesspass.decoy(agent.factors(), typed)
         if user is None:
-            return fail(Reason.UNKNOWN_USER, f"no user {username!r}", primary=ACCESS_PASS)
-        return fail(Reason.USER_DISABLED, f"{user.username} is disabled", primary=ACCESS_PASS)
+            return failed(Reason.UNKNOWN_USER, f"no user {username!r}")
+        return failed(Reason.USER_DISABLED, f"{user.username} is disabled")
     ctx = replace(agent.factors(), familiar=familiar(agent, user, device))
     result = accesspass.verify(ctx, user.id, typed)
     if not result.ok:
-        return fail(result.reason or Reason.VERIFICATION_FAILED, result.message,
-                    primary=ACCESS_PASS,
-                    **({"tries_left": result.tries_left} if result.tries_left is not None else {}))
+        return failed(result.reason or Reason.VERIFICATION_FAILED, result.message,
+                      **({"tries_left": result.tries_left} if result.tries_left is not None
+                         else {}))
     net = None
     if device.network:
         try:
