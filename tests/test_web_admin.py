@@ -427,3 +427,29 @@ def test_policy_cards_audit_and_workstations_pages(web, browser):
     wait_for(lambda: "Revoked ward-3-pc" in page.text(), what="the revocation")
     revoked, = web.events("workstation.revoke")
     assert revoked.detail == {"workstation": "ward-3-pc", "actor": ADMIN}
+
+
+def test_a_reset_needs_the_administrators_recent_sign_in(web, browser):
+    secret = _admin(web, browser)
+    web.add_user("alice", totp=True)
+    with web.agent() as agent:  # the administrator signed in 6 minutes ago (bind_minutes: 5)
+        admin = agent.store.get_user(ADMIN)
+        session, = agent.store.web_sessions_of(admin.id)
+        agent.store.reauth_web_session(session.id_hash, now=time.time() - 360,
+                                       multi_factor=True, method="password+totp")
+    page = browser
+    page.open("/admin/users/alice")
+    page.choose("I have checked who is asking").click("Reset methods")
+    wait_for(lambda: page.path.startswith("/account/reauth"), what="the re-authentication")
+    assert web.events("admin.reset-methods") == []  # nothing done yet
+    page.fill("Password", PASSWORD).click("Continue")
+    wait_for(lambda: "authenticator app" in page.text(), what="the second factor")
+    page.fill("Code from your authenticator app", fresh_totp(secret)).click("Continue")
+    # back on alice's page (the action's address, now a GET, does nothing), to choose again
+    wait_for(lambda: page.path == "/admin/users/alice", what="back to alice's page")
+    assert "choose the action again" in page.text()
+    assert web.events("admin.reset-methods") == []
+    page.choose("I have checked who is asking").choose("No").click("Reset methods")
+    wait_for(lambda: "Removed 1 method of alice." in page.text(), what="the reset")
+    assert web.events("admin.reset-methods", "alice")[0].detail["actor"] == ADMIN
+    assert web.events("access_pass.issued") == []

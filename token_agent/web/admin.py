@@ -198,7 +198,8 @@ async def reset(request: Request) -> Response:
     if issued is not None:
         return await _issued(request, user, issued[1], issued[0], len(removed))
     return redirect(f"/admin/users/{quote(user.username)}",
-                    flash=f"Removed {len(removed)} methods of {user.username}. They must set up "
+                    flash=f"Removed {len(removed)} method{'' if len(removed) == 1 else 's'} "
+                          f"of {user.username}. They must set up "
                           "new ones: issue a temporary access pass if they cannot sign in.")
 
 
@@ -332,6 +333,14 @@ async def pass_sign_in(request: Request) -> Response:
     return response
 
 
+async def back_to_user(request: Request) -> Response:
+    """A GET of an action's address (after re-authenticating, the browser comes back to it):
+    the user's page, where the action is offered again; nothing is done."""
+    await require_admin(request)
+    return redirect(f"/admin/users/{quote(request.path_params['username'])}",
+                    flash="You confirmed it is you: choose the action again.")
+
+
 from . import admin_views  # noqa: E402  (the policy, cards, audit and workstations pages)
 
 ROUTES = [
@@ -343,6 +352,8 @@ ROUTES = [
     Route("/admin/users/{username}/access-pass", issue_pass, methods=["POST"]),
     Route("/admin/users/{username}/access-pass/revoke", revoke_pass, methods=["POST"]),
     Route("/admin/users/{username}/unlock", unlock, methods=["POST"]),
+    Route("/admin/users/{username}/reset", back_to_user, methods=["GET"]),
+    Route("/admin/users/{username}/access-pass", back_to_user, methods=["GET"]),
     Route("/account/sign-in/access-pass", pass_sign_in_page, methods=["GET"]),
     Route("/account/sign-in/access-pass", pass_sign_in, methods=["POST"]),
     *admin_views.ROUTES,
