@@ -379,7 +379,7 @@ def enrol(ctx: FactorContext, user_id: str, companion_path: str | os.PathLike[st
                                  "does not exist", Reason.DEVICE_ERROR)
     key = Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    device_id = str(uuid.uuid4())
+    device_id = new_device_id()
     text = json.dumps({
         "version": COMPANION_VERSION, "device_id": device_id, "user": user.username,
         "issuer": ctx.issuer,
@@ -389,10 +389,7 @@ def enrol(ctx: FactorContext, user_id: str, companion_path: str | os.PathLike[st
     written = False
     try:
         with store.transaction():
-            method = store.add_method(user.id, KIND_PUSH, name, confirmed=False)
-            store.add_push_device(method.id, device_id, public)
-            store.record_event("enrol.push", user_id=user.id, outcome="pending",
-                               detail={"name": method.name, "device_id": device_id})
+            method = add_device(ctx, user.id, device_id, public, name=name)
             try:
                 write_private(path, text.encode())
             except OSError as exc:
@@ -406,6 +403,34 @@ def enrol(ctx: FactorContext, user_id: str, companion_path: str | os.PathLike[st
             except OSError:
                 pass
         raise
+    return method
+
+
+def new_device_id() -> str:
+    """A new companion's device id (a random UUID)."""
+    return str(uuid.uuid4())
+
+
+def add_device(ctx: FactorContext, user_id: str, device_id: str, public_key: bytes, *,
+               name: str, via: str | None = None) -> Method:
+    """Store a companion app's public key (32-byte Ed25519) as a push method of the user,
+    *unconfirmed* until the companion signs a pairing challenge (``confirm_enrol``): the
+    step every enrolment shares, whoever made the key (``enrol``: the agent, for a
+    companion file; ``pushpairing.redeem``: a phone's browser, which keeps its private
+    key). Runs in the caller's transaction."""
+    store = ctx.store
+    public_key = bytes(public_key)
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key)
+    except ValueError:
+        raise FactorError(Reason.VERIFICATION_FAILED, "the companion's public key is not an "
+                          "Ed25519 key (32 bytes)") from None
+    with store.transaction():
+        method = store.add_method(user_id, KIND_PUSH, name, confirmed=False)
+        store.add_push_device(method.id, device_id, public_key)
+        store.record_event("enrol.push", user_id=user_id, outcome="pending",
+                           detail={"name": method.name, "device_id": device_id,
+                                   **({"via": via} if via else {})})
     return method
 
 
@@ -622,7 +647,13 @@ def wait(ctx: FactorContext, request_id: str, *, timeout: float,
 def pending_for(ctx: FactorContext, companion: Companion) -> list[PendingPush]:
     """The companion's pending, unexpired requests, oldest first: what to show, never the
     number."""
-    found = _device(ctx, companion.device_id)
+    return pending_for_device(ctx, companion.device_id)
+
+
+def pending_for_device(ctx: FactorContext, device_id: str) -> list[PendingPush]:
+    """The pending, unexpired requests of the companion ``device_id``, oldest first (read
+    from the store, so any server replica answers the same)."""
+    found = _device(ctx, device_id)
     if found is None:
         raise FactorError(Reason.UNKNOWN_CREDENTIAL, "this companion app is not enrolled (it "
                           "may have been removed): enrol it again")
