@@ -200,7 +200,7 @@
     noProblem();
     history.replaceState(null, "", "/companion");
     document.title = document.title.replace("Pair this phone", "Approve sign-ins");
-    $("pair-section").hidden = true;
+    $("pair-section").remove();
     $("approve-section").hidden = false;
     setStatus("This phone is paired as \u201c" + confirmed.data.name + "\u201d. Sign-ins waiting for you will appear here.");
     start();
