@@ -40,7 +40,8 @@ from starlette.routing import Route
 
 from ..factors import FactorError, push, pushpairing
 from .core import (
-    blocking, client_ip, read_form, render, require_recent_auth, require_user, throttle, web,
+    blocking, client_ip, read_form, redirect, render, require_recent_auth, require_user,
+    throttle, web,
 )
 
 log = logging.getLogger("token_agent.web.companion")
@@ -72,7 +73,8 @@ def _qr_svg(uri: str) -> str:
     import segno
 
     return segno.make(uri, error="m").svg_inline(
-        scale=4, dark="#212b32", light="#ffffff", title="QR code to pair your phone")
+        scale=4, dark="#212b32", light="#ffffff", title="QR code to pair your phone",
+        omitsize=True)
 
 
 # --------------------------------------------------------------------------- account side
@@ -107,6 +109,9 @@ async def account_push(request: Request) -> Response:
 
 async def account_pair(request: Request) -> Response:
     session = await require_user(request)
+    if request.method == "GET":  # back from re-authentication (``next`` is this path)
+        return redirect("/account/push", "You have confirmed it is you: you can now get a "
+                                         "pairing code.")
     await require_recent_auth(request, session)
     form = await read_form(request)
     ctx = web(request)
@@ -338,7 +343,7 @@ async def answer(request: Request) -> Response:
 
 ROUTES = [
     Route("/account/push", account_push, methods=["GET"]),
-    Route("/account/push/pair", account_pair, methods=["POST"]),
+    Route("/account/push/pair", account_pair, methods=["GET", "POST"]),
     Route("/companion", phone_page, methods=["GET"]),
     Route("/companion/pair", phone_page, methods=["GET"]),
     Route("/companion/pair/redeem", pair_redeem, methods=["POST"]),
