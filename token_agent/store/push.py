@@ -75,7 +75,7 @@ class PushArea:
                                 "ORDER BY created_at, id", (int(method_id), float(now))).fetchall()
         return [as_dict(r) for r in rows]
 
-    # ----------------------------------------------------------------- pairing (migration 9)
+    # ----------------------------------------------------------------- pairing (migration 10)
 
     def add_push_pairing(self, code_hash: bytes, user_id: str, *, name: str, created_at: float,
                          expires_at: float) -> None:
