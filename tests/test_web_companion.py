@@ -130,6 +130,14 @@ def request_state(web, request_id: str) -> str:
 # --------------------------------------------------------------------------- the journey
 
 
+def seen(page, text: str, timeout: float = 20.0) -> None:
+    """Wait for ``text`` in the page; on timeout, say what the page showed."""
+    try:
+        wait_for(lambda: text in page.text(), timeout, repr(text))
+    except AssertionError:
+        raise AssertionError(f"{text!r} not shown at {page.path}: {page.text()[:800]}") from None
+
+
 def sign_in_with_push(page, username: str) -> int:
     """Sign out, then sign in choosing push approval; the number the computer shows. The
     browser forgets its cookies first: a computer it has not seen, so the policy asks for a
@@ -234,11 +242,14 @@ def test_pair_a_phone_then_approve_with_the_number_and_refuse_a_wrong_one(web, b
     # sign in again with push: the computer shows the number, the phone does not
     number = sign_in_with_push(computer, "alice")
     computer.shot("companion-signin-number")
-    wait_for(lambda: "Is this you signing in?" in phone.text(), what="the pending sign-in")
+    seen(phone, "Is this you signing in?")
     shown = phone.text()
     assert "alice" in shown and "web browser" in shown
     assert not re.search(rf"(?<![\d.:]){number}(?![\d.:])", shown), shown
-    assert str(number) not in phone.driver.page_source.replace("127.0.0.1", "")
+    hidden_too = phone.driver.execute_script(
+        "return document.querySelector('main').textContent + ' ' + "
+        "[...document.querySelectorAll('input')].map(i => i.value).join(' ')")
+    assert not re.search(rf"(?<![\d.:]){number}(?![\d.:])", hidden_too), hidden_too
     phone.axe()
     phone.shot("companion-pending")
     # a typing slip is caught on the phone before anything is sent
@@ -247,7 +258,7 @@ def test_pair_a_phone_then_approve_with_the_number_and_refuse_a_wrong_one(web, b
     assert phone.driver.title.startswith("Error: ")
     phone.axe()
     phone.fill("Number shown on the sign-in screen", str(number)).click("Approve")
-    wait_for(lambda: "You approved the sign-in" in phone.text(), what="the approval")
+    seen(phone, "You approved the sign-in")
     wait_for(lambda: computer.path.startswith("/account") and "sign-in" not in computer.path
              and computer._heading_or_none() not in ("Waiting for you to confirm", "Sign in"),
              what=f"signed in (at {computer.path})")
@@ -255,10 +266,10 @@ def test_pair_a_phone_then_approve_with_the_number_and_refuse_a_wrong_one(web, b
 
     # a wrong number refuses the sign-in
     number = sign_in_with_push(computer, "alice")
-    wait_for(lambda: "Is this you signing in?" in phone.text(), what="the second pending sign-in")
+    seen(phone, "Is this you signing in?")
     wrong = 10 if number != 10 else 11
     phone.fill("Number shown on the sign-in screen", str(wrong)).click("Approve")
-    wait_for(lambda: "is not the one on the sign-in screen" in phone.text(), what="the refusal")
+    seen(phone, "is not the one on the sign-in screen")
     wait_for(lambda: "not the one on this screen" in computer.text(), what="the computer told")
     computer.open("/account")
     assert computer.path.startswith("/account/sign-in"), computer.path
