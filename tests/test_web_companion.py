@@ -254,6 +254,7 @@ def test_pair_a_phone_then_approve_with_the_number_and_refuse_a_wrong_one(web, b
     phone.shot("companion-pending")
     # a typing slip is caught on the phone before anything is sent
     phone.fill("Number shown on the sign-in screen", "7").click("Approve")
+    wait_for(lambda: phone.errors(), what="the error summary")
     assert phone.errors() == ["Enter the two-digit number shown on the sign-in screen"]
     assert phone.driver.title.startswith("Error: ")
     phone.axe()
@@ -429,6 +430,7 @@ def test_pairing_needs_a_recent_sign_in_and_the_form_token(web, http, browser):
     # a name left empty: the error summary and the field say so
     browser.open("/account/push")
     browser.fill("Name for the phone", "  ").click("Get a pairing code")
+    wait_for(lambda: browser.errors(), what="the error summary")
     assert browser.errors() == ["Enter a name for the phone, for example \u201cMy phone\u201d"]
     assert browser.driver.title.startswith("Error: ")
     browser.axe()
