@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from token_agent.factors import push, pushpairing
-from webtest import PASSWORD, wait_for
+from webtest import PASSWORD, fresh_totp, wait_for
 
 CONTEXT = {"username": "alice", "device": "unmanaged", "network": "192.0.2.7"}
 
@@ -415,7 +415,7 @@ def test_a_wrong_number_from_the_phone_is_a_refusal(web, http):
     assert request_state(web, denied.id) == push.DENIED
 
 
-def test_pairing_needs_a_recent_sign_in_and_the_form_token(web, http, browser):
+def test_pairing_needs_the_form_token_a_name_and_a_recent_sign_in(web, browser):
     secret = web.add_user("alice", totp=True)
     browser.sign_in("alice", totp_secret=secret)
     browser.open("/account/push")
@@ -434,4 +434,20 @@ def test_pairing_needs_a_recent_sign_in_and_the_form_token(web, http, browser):
     assert browser.errors() == ["Enter a name for the phone, for example \u201cMy phone\u201d"]
     assert browser.driver.title.startswith("Error: ")
     browser.axe()
+    # a sign-in 6 minutes old (bind_minutes: 5) must be confirmed before a code is given
+    with web.agent() as agent:
+        with agent.store.transaction(), agent.store._using("age a sign-in") as conn:
+            conn.execute("UPDATE web_sessions SET auth_at = auth_at - 360")
+    browser.open("/account/push")
+    browser.fill("Name for the phone", "phone").click("Get a pairing code")
+    browser.wait_heading("Confirm it's you")
+    with web.agent() as agent, agent.store.connection("test") as conn:
+        assert conn.execute("SELECT count(*) FROM push_pairings").fetchone()[0] == 0
+    browser.fill("Password", PASSWORD).click("Continue")
+    wait_for(lambda: "authenticator app" in browser.text(), what="the second factor, again")
+    browser.fill("Code from your authenticator app", fresh_totp(secret)).click("Continue")
+    browser.wait_heading("Push approval on your phone")
+    assert "you can now get a pairing code" in browser.text()
+    browser.fill("Name for the phone", "phone").click("Get a pairing code")
+    browser.wait_heading("Pair your phone")
 
