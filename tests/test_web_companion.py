@@ -361,6 +361,21 @@ def test_streams_per_phone_are_bounded(web, http):
              what="a stream after the others closed")
 
 
+def test_a_phone_cannot_flood_the_server_with_answers(web, http):
+    """Each refused answer is audited: the answers of one device are rate-limited, so the
+    audit log cannot be filled through it."""
+    from token_agent.web import companion
+
+    web.add_user("alice")
+    phone = Phone(http)
+    assert phone.pair(new_code(web, "alice"))[0] == 200
+    statuses = [phone.answer(f"no-such-request-{i}", 42)[0]
+                for i in range(companion.CALL_LIMIT + 1)]
+    assert set(statuses[:-1]) == {400} and statuses[-1] == 429
+    refused = [e for e in web.events("push.answer") if e.outcome == "refused"]
+    assert len(refused) == companion.CALL_LIMIT
+
+
 def test_answers_must_be_signed_by_the_phone_the_request_went_to_and_count_once(web, http):
     web.add_user("alice")
     web.add_user("bob")

@@ -54,9 +54,12 @@ KEEPALIVE_SECONDS = 15.0
 MAX_STREAMS_PER_DEVICE = 2
 MAX_STREAMS = 500
 MAX_JSON_BYTES = 4096
-#: pairing attempts per client address, and answers / streams per address
+#: pairing attempts per client address
 PAIR_LIMIT, PAIR_WINDOW = 20, 900.0
-CALL_LIMIT, CALL_WINDOW = 240, 600.0
+#: streams and answers per phone (a stream lasts a minute: about 10 in 10 minutes), and per
+#: client address (many phones may share one behind a network's address translation)
+CALL_LIMIT, CALL_WINDOW = 120, 600.0
+ADDRESS_LIMIT = 2400
 NAME_MAX = 40
 
 _streams: dict[str, int] = {}
@@ -175,11 +178,12 @@ def _b64(value: Any) -> bytes:
         raise ValueError("not base64") from None
 
 
-async def _limit(request: Request, scope: str, limit: int, window: float) -> JSONResponse | None:
+async def _limit(request: Request, scope: str, limit: int, window: float, *,
+                 key: str | None = None) -> JSONResponse | None:
     from .core import TooMany
 
     try:
-        await throttle(request, scope, client_ip(request), limit, window)
+        await throttle(request, scope, key or client_ip(request), limit, window)
     except TooMany as e:
         minutes = max(1, round(e.retry_after / 60))
         response = _error(429, f"Too many attempts from this phone: wait {minutes} minute"
@@ -262,9 +266,37 @@ def _event(name: str, data: Any) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+async def _limit_calls(request: Request, device_id: Any, *,
+                       address: bool = True) -> JSONResponse | None:
+    """The rate limits of a phone's streams and answers: per address, then per device."""
+    limited = (await _limit(request, "companion-address", ADDRESS_LIMIT, CALL_WINDOW)
+               if address else None)
+    if limited is None and isinstance(device_id, str) and device_id:
+        limited = await _limit(request, "companion-device", CALL_LIMIT, CALL_WINDOW,
+                               key=device_id[:64])
+    return limited
+
+
+class _Stream(StreamingResponse):
+    """A stream that gives its place back (``release``) however it ends, even when the
+    client goes before the first byte."""
+
+    def __init__(self, content: Any, release: Any) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 async def events(request: Request) -> Response:
     global _streams_total
-    if (limited := await _limit(request, "companion-call", CALL_LIMIT, CALL_WINDOW)) is not None:
+    limited = await _limit_calls(request, request.headers.get("x-companion-device"))
+    if limited is not None:
         return limited
     who = await _signed_device(request)
     if isinstance(who, Response):
@@ -277,41 +309,45 @@ async def events(request: Request) -> Response:
         return response
     _streams[device_id] = _streams.get(device_id, 0) + 1
     _streams_total += 1
+    released = []
+
+    def release() -> None:
+        global _streams_total
+        if released:
+            return
+        released.append(True)
+        _streams[device_id] -= 1
+        if _streams[device_id] <= 0:
+            _streams.pop(device_id, None)
+        _streams_total -= 1
+
     ctx = web(request)
     fctx = ctx.agent.factors()
 
     async def stream():
-        global _streams_total
-        try:
-            started = time.monotonic()
-            last: Any = None
-            quiet = started
-            yield b"retry: 2000\n\n"
-            while time.monotonic() - started < STREAM_SECONDS:
-                try:
-                    pending = await blocking(_pending_json, fctx, device_id)
-                except FactorError as e:  # removed meanwhile
-                    yield _event("unpaired", {"message": e.message})
-                    return
-                if pending != last:
-                    last = pending
-                    quiet = time.monotonic()
-                    yield _event("pending", {"now": ctx.now(), "requests": pending})
-                elif time.monotonic() - quiet >= KEEPALIVE_SECONDS:
-                    quiet = time.monotonic()
-                    yield b": still here\n\n"
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(POLL_SECONDS)
-            yield _event("reconnect", {})
-        finally:
-            _streams[device_id] -= 1
-            if _streams[device_id] <= 0:
-                _streams.pop(device_id, None)
-            _streams_total -= 1
+        started = time.monotonic()
+        last: Any = None
+        quiet = started
+        yield b"retry: 2000\n\n"
+        while time.monotonic() - started < STREAM_SECONDS:
+            try:
+                pending = await blocking(_pending_json, fctx, device_id)
+            except FactorError as e:  # removed meanwhile
+                yield _event("unpaired", {"message": e.message, "reason": e.reason.value})
+                return
+            if pending != last:
+                last = pending
+                quiet = time.monotonic()
+                yield _event("pending", {"now": ctx.now(), "requests": pending})
+            elif time.monotonic() - quiet >= KEEPALIVE_SECONDS:
+                quiet = time.monotonic()
+                yield b": still here\n\n"
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(POLL_SECONDS)
+        yield _event("reconnect", {})
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return _Stream(stream(), release)
 
 
 _RESULTS = {
@@ -326,11 +362,13 @@ _RESULTS = {
 
 
 async def answer(request: Request) -> Response:
-    if (limited := await _limit(request, "companion-call", CALL_LIMIT, CALL_WINDOW)) is not None:
+    if (limited := await _limit_calls(request, None)) is not None:
         return limited
     data = await _json(request)
     if isinstance(data, Response):
         return data
+    if (limited := await _limit_calls(request, data.get("device_id"), address=False)) is not None:
+        return limited
     fctx = web(request).agent.factors()
     try:
         signed = push.SignedAnswer.from_json(data)
