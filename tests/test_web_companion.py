@@ -296,11 +296,18 @@ def test_a_pairing_code_works_once_and_not_late(web, http, browser2):
     time.sleep(1.5)
     assert Phone(http).pair(late) == (400, {"ok": False, "message": pushpairing.MSG_BAD_CODE,
                                             "reason": None})
-    # the phone's page says so, in the error summary and beside the field
+    # a phone never paired is told how to pair
+    browser2.open("/companion")
+    seen(browser2, "This phone is not paired yet")
+    browser2.axe()
+    browser2.shot("companion-not-paired")
+    # the phone's page says the code is refused, in the error summary and beside the field
     browser2.open(f"/companion/pair#{code}")
     browser2.click("Pair this phone")
     wait_for(lambda: browser2.errors(), what="the error summary")
     assert browser2.errors() == [pushpairing.MSG_BAD_CODE]
+    assert pushpairing.MSG_BAD_CODE in browser2.driver.find_element(
+        "id", "pairing-code-error").text
     assert browser2.driver.title.startswith("Error: Pair this phone")
     browser2.axe()
     browser2.shot("companion-pair-refused")

@@ -49,7 +49,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..outcome import Reason
-from ..store import KIND_PUSH, Method
+from ..store import KIND_PUSH, MAX_NAME_LEN, InvalidValue, Method
 from . import FactorContext, FactorError, push
 
 #: Crockford's base 32: no I, L, O or U (read as 1, 1, 0 and refused)
@@ -60,6 +60,8 @@ CODE_TTL = 600
 REQUEST_WINDOW = 60
 REQUEST_PREFIX = b"token-agent companion request v1\0"
 DEFAULT_NAME = "phone"
+#: a companion's name (room left for " 2", " 3"... when the user has one of that name)
+MAX_NAME = MAX_NAME_LEN - 4
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _PATH_RE = re.compile(r"/[A-Za-z0-9/_.-]{0,200}")
 _PURPOSE = "push-pairing-code"
@@ -137,7 +139,10 @@ def start(ctx: FactorContext, user_id: str, *, name: str = DEFAULT_NAME,
     checked that the user signed in recently."""
     store = ctx.store
     user = store.get_user_by_id(user_id)
-    name = store._check_method_name(name.strip() if isinstance(name, str) else name)
+    if (not isinstance(name, str) or not name.strip() or not name.isprintable()
+            or len(name.strip()) > MAX_NAME):
+        raise InvalidValue(f"a companion's name is 1 to {MAX_NAME} printable characters")
+    name = name.strip()
     code = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
     now = ctx.now()
     expires_at = now + float(ttl)
