@@ -13,9 +13,9 @@ package, one module per area, on an engine behind one seam.
   ``secrets.py`` (passwords, authenticator apps, app passwords, backup codes), ``codes.py``
   (contacts, one-time codes), ``push.py``, ``lockouts.py``, ``sightings.py``,
   ``sessions.py``, ``settings.py``, ``workstations.py`` (an organisation's
-  workstations), ``deliveries.py`` (the events they delivered), ``calls.py`` (phone call approvals,
-  password resets), ``audit.py``. No SQL
-  outside this package.
+  workstations), ``deliveries.py`` (the events they delivered), ``accesspasses.py``
+  (temporary access passes), ``calls.py`` (phone call approvals, password resets),
+  ``audit.py``. No SQL outside this package.
 
 ``Store`` combines them; ``Store.open(path)`` opens a SQLite store. Every error is a
 ``StoreError`` (``errors.py``).
@@ -23,6 +23,7 @@ package, one module per area, on an engine behind one seam.
 
 from __future__ import annotations
 
+from .accesspasses import AccessPassesArea
 from .audit import AuditArea
 from .calls import CallsArea
 from .cards import CardsArea
@@ -64,7 +65,7 @@ from .workstations import WorkstationsArea
 
 class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, CallsArea,
             LockoutsArea, SightingsArea, SessionsArea, SettingsArea, WorkstationsArea,
-            DeliveriesArea, WebSessionsArea,
+            DeliveriesArea, WebSessionsArea, AccessPassesArea,
             AuditArea, StoreCore):
     """The agent's store. Create with ``Store.open(path)`` (SQLite); close with ``close()``
     or use it as a context manager. See the package's modules for durability

@@ -34,9 +34,10 @@ if TYPE_CHECKING:
 COPY_ORDER: tuple[str, ...] = (
     "users", "user_roles", "methods", "fido2_credentials", "smartcard_identities",
     "password_credentials", "totp_credentials", "contact_methods", "otp_challenges",
-    "push_devices", "push_requests", "app_passwords", "backup_codes", "lockouts", "sightings",
+    "push_devices", "push_requests", "push_pairings", "push_nonces",
+    "app_passwords", "backup_codes", "lockouts", "sightings",
     "verifications", "sessions", "settings", "audit_events", "workstations",
-    "org_deliveries", "voice_calls",
+    "org_deliveries", "access_passes", "voice_calls",
 )
 #: tables a store fills itself: the schema's own history, and the audit chain's head; and
 #: what is only worth its moment: the web pages' browser sessions (signing in again on the
@@ -45,7 +46,8 @@ NOT_COPIED: tuple[str, ...] = ("schema_history", "audit_head", "web_sessions", "
                                "recovery_resets")
 #: tables whose ``id`` the engine generates (PostgreSQL's identity sequences move past the
 #: copied ids)
-GENERATED_IDS: tuple[str, ...] = ("methods", "otp_challenges", "backup_codes", "workstations")
+GENERATED_IDS: tuple[str, ...] = ("methods", "otp_challenges", "backup_codes", "workstations",
+                                  "access_passes")
 
 
 class StoreNotEmpty(StoreError):

@@ -62,8 +62,12 @@ MIGRATIONS: tuple[Migration, ...] = (
               sqlite=schema_sqlite.V8, postgresql=_pg(8)),
     Migration(9, "the web pages' sessions and rate limits", sqlite=schema_sqlite.V9,
               postgresql=_pg(9)),
-    Migration(10, "phone call approvals and forgotten-password resets",
-              sqlite=schema_sqlite.V_CALLS, postgresql=_pg(10)),
+    Migration(10, "pairing codes and signed-request nonces of push companions",
+              sqlite=schema_sqlite.PUSH_PAIRING, postgresql=_pg(10)),
+    Migration(11, "temporary access passes; a card certificate's end of validity",
+              sqlite=schema_sqlite.V11, postgresql=_pg(11)),
+    Migration(12, "phone call approvals and forgotten-password resets",
+              sqlite=schema_sqlite.V_CALLS, postgresql=_pg(12)),
 )
 #: the schema version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)

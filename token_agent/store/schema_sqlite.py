@@ -334,6 +334,55 @@ CREATE TABLE web_throttle (
 ) WITHOUT ROWID;
 """
 
+PUSH_PAIRING = """
+-- Pairing a phone's browser as a push companion: a one-time pairing code (its keyed hash,
+-- never the code), its owner, expiry and use (single use: one conditional UPDATE), and the
+-- name the new companion will get. One unused code per user at a time.
+CREATE TABLE push_pairings (
+    code_hash   BLOB PRIMARY KEY NOT NULL CHECK (length(code_hash) = 32),
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    used_at     REAL
+) WITHOUT ROWID;
+CREATE INDEX push_pairings_by_user ON push_pairings(user_id);
+
+-- The nonces of a companion's signed requests, kept until their time window closes: a
+-- signed request is accepted once.
+CREATE TABLE push_nonces (
+    device_id   TEXT NOT NULL REFERENCES push_devices(device_id) ON DELETE CASCADE,
+    nonce       TEXT NOT NULL CHECK (length(nonce) BETWEEN 16 AND 64),
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (device_id, nonce)
+) WITHOUT ROWID;
+"""
+
+
+V11 = """
+-- Temporary access passes (factors/accesspass.py): issued by an administrator after a lost
+-- device, each single use and short-lived; the pass itself is never stored, only its keyed
+-- hash. A pass ends once: used, expired (recorded when found past expires_at), replaced by a
+-- newer pass, or revoked; at most one pass of a user is open (ended_at NULL) at a time.
+CREATE TABLE access_passes (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id    TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    pass_hash  BLOB NOT NULL CHECK (typeof(pass_hash) = 'blob' AND length(pass_hash) = 32),
+    issued_by  TEXT NOT NULL CHECK (length(issued_by) BETWEEN 1 AND 255),
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL CHECK (expires_at > created_at),
+    ended_at   REAL,
+    end_reason TEXT CHECK ((ended_at IS NULL AND end_reason IS NULL) OR
+                           (ended_at IS NOT NULL AND
+                            end_reason IN ('used', 'expired', 'replaced', 'revoked')))
+);
+CREATE INDEX access_passes_by_user ON access_passes(user_id, id);
+CREATE UNIQUE INDEX access_passes_one_open ON access_passes(user_id) WHERE ended_at IS NULL;
+-- The end of validity of the certificate a card last logged in with (the cards page lists
+-- those ending soon); NULL until the card is used again.
+ALTER TABLE smartcard_identities ADD COLUMN cert_not_after REAL;
+"""
+
 
 V_CALLS = """
 -- Phone call approvals ("press #"): one row per call, decided once by the voice gateway's
