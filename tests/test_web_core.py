@@ -136,7 +136,7 @@ def test_signed_in_csrf_refused_in_the_browser(web, browser):
     page.driver.execute_script(
         "document.querySelectorAll('input[name=csrf_token]').forEach(e => e.value = 'forged');")
     page.click("Sign out")
-    assert page.heading() == "This form has expired"
+    page.wait_heading("This form has expired")
     page.axe()
     page.open("/account")
     assert page.path == "/account"  # still signed in: the forged sign-out did nothing
