@@ -64,16 +64,23 @@ def reset_methods(store: "Store", user: "User", actor: str, *,
 
 
 def list_methods(store: "Store", user: "User") -> list[dict]:
-    """``user``'s methods as ``methods list --json`` and ``methods.list`` give them."""
+    """``user``'s methods as ``methods list --json`` and ``methods.list`` give them (a
+    contact's ``destination`` masked: ``+44•••••123``)."""
     from .factors import lockout
 
+    from .delivery import mask_destination
+
     locks = {s.scope: s for s in lockout.user_locks(store, user.id)}
+    contacts = store.user_contacts(user.id)
     methods = []
     for m in store.list_methods(user.id):
         lock = locks.get(f"method:{m.id}")
+        contact = contacts.get(m.id)
         methods.append({
             "id": m.id, "kind": kinds.policy_of_store(m.kind),
             "label": kinds.label_of_store(m.kind), "name": m.name,
+            "destination": None if contact is None else mask_destination(
+                contact["channel"], contact["destination"]),
             "preferred": m.preferred, "confirmed": m.confirmed,
             "created_at": m.created_at, "last_used_at": m.last_used_at,
             "flagged": m.flagged, "flag_reason": m.flag_reason,
@@ -102,12 +109,56 @@ def prefer_method(store: "Store", user: "User", method: "Method", actor: str | N
                            detail=_with_actor({"kind": method.kind, "name": method.name}, actor))
 
 
-def remove_method(store: "Store", user: "User", method: "Method", actor: str | None) -> None:
-    """Remove one of ``user``'s methods. Records ``method.removed``."""
+class RemovalRefused(ValueError):
+    """A method that cannot be removed (the last way to sign in, or the last second factor
+    where MFA is enforced); the message says why and what to do."""
+
+
+def removal_refused(agent: "Agent", user: "User", method: "Method") -> str | None:
+    """Why ``method`` cannot be removed now, or None. Never the user's last usable way to
+    sign in (a password, key or card), and, while MFA is enforced for them, never their last
+    second factor the policy accepts (backup codes count: they let the user in to set up
+    another): without it, whoever knows the password would set up their own at the next
+    login. An administrator resets a lost device's methods with ``admin reset-methods``."""
+    from .ceremonies.login import Device, explain_for
+    from .factors import usable_methods
+
+    usable = usable_methods(agent.store, user.id)
+    if all(m.id != method.id for m in usable):
+        return None  # not confirmed, or suspended: nobody signs in with it
+    others = [m for m in usable if m.id != method.id]
+    kind = kinds.by_store(method.kind)
+    label = kind.label
+    if kind.primary and not any(kinds.by_store(m.kind).primary for m in others):
+        return (f"the {label} {method.name!r} is the last way you can sign in (a password, "
+                f"security key or smartcard): set up another one before removing it")
+    decision = explain_for(agent, user.username, device=Device())
+    if decision.enforced and kind.policy in decision.allowed_methods and not any(
+            kinds.by_store(m.kind).policy in decision.allowed_methods for m in others):
+        return (f"the {label} {method.name!r} is your last second factor and your "
+                "organisation requires one: add another method (an authenticator app, a "
+                "phone, backup codes) before removing it")
+    return None
+
+
+def remove_method(agent: "Agent", user: "User", method: "Method", actor: str | None) -> None:
+    """Remove one of ``user``'s methods. Records ``method.removed``. ``RemovalRefused``
+    (nothing changed, recorded as ``method.removed`` refused) when
+    :func:`removal_refused` says no."""
+    store = agent.store
     with store.transaction():
-        store.remove_method(method.id)
-        store.record_event("method.removed", user_id=user.id, outcome="success",
-                           detail=_with_actor({"kind": method.kind, "name": method.name}, actor))
+        problem = removal_refused(agent, user, method)
+        if problem is not None:
+            store.record_event("method.removed", user_id=user.id, outcome="refused",
+                               detail=_with_actor({"kind": method.kind, "name": method.name,
+                                                   "reason": "last-method"}, actor))
+        else:
+            store.remove_method(method.id)
+            store.record_event("method.removed", user_id=user.id, outcome="success",
+                               detail=_with_actor({"kind": method.kind, "name": method.name},
+                                                  actor))
+    if problem is not None:
+        raise RemovalRefused(problem)
 
 
 def enrol_failed(store: "Store", username: str, kind: str, reason: str, via: str) -> None:
