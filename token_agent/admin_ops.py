@@ -135,8 +135,8 @@ def removal_refused(agent: "Agent", user: "User", method: "Method") -> str | Non
     decision = explain_for(agent, user.username, device=Device())
     if decision.enforced and kind.policy in decision.allowed_methods and not any(
             kinds.by_store(m.kind).policy in decision.allowed_methods for m in others):
-        return (f"the {label} {method.name!r} is your last second factor and your "
-                "organisation requires one: add another method (an authenticator app, a "
+        return (f"the {label} {method.name!r} is your last second factor and multi-factor "
+                "authentication applies to your account: add another method (an authenticator app, a "
                 "phone, backup codes) before removing it")
     return None
 
