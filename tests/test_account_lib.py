@@ -205,3 +205,34 @@ def test_recent_sign_ins_say_where_and_how_and_flag_the_unusual_one(world, tmp_p
         assert "browser-cookie" not in json.dumps(e.detail)
     # bob's sign-in is not alice's
     assert len(listed) == 3 and len(signins.recent(w.store, bob.id)) == 1
+
+
+# --------------------------------------------------------------------------- authenticator app
+
+
+def test_a_pending_app_is_read_back_for_its_page_until_confirmed(world):
+    from token_agent.factors import totp
+
+    w = world()
+    alice = w.add_user("alice")
+    assert totp.pending_enrolment(w.ctx, alice.id) is None
+    started = totp.begin_enrol(w.ctx, alice.id)
+    w.secrets.append(started.secret)
+    again = totp.pending_enrolment(w.ctx, alice.id)
+    assert (again.secret, again.uri, again.method.id) == (started.secret, started.uri,
+                                                          started.method.id)
+    assert not totp.confirm_enrol(w.ctx, alice.id, w.wrong_code(started.secret)).ok
+    assert totp.pending_enrolment(w.ctx, alice.id).secret == started.secret  # the same one
+    svg = totp.qr_svg(again.uri)
+    assert svg.startswith('<svg role="img" ') and "<title>QR code" in svg
+    assert "style=" not in svg and "<script" not in svg
+    assert totp.confirm_enrol(w.ctx, alice.id, w.code(started.secret)).ok
+    assert totp.pending_enrolment(w.ctx, alice.id) is None  # a confirmed secret is not shown
+    assert totp.pending_enrolment(w.ctx, w.add_user("bob").id) is None
+
+
+def test_app_passwords_are_unavailable_unless_the_policy_allows_legacy_access():
+    from token_agent.factors import apppasswords
+
+    assert apppasswords.unavailable(True) is None
+    assert "does not allow app passwords" in apppasswords.unavailable(False)
