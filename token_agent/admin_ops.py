@@ -95,6 +95,21 @@ def find_method(store: "Store", user: "User", kind: str, name: str | None) -> "M
     return store.find_method(user.id, kinds.by_cli(kind).store, name)
 
 
+def method_of(store: "Store", user: "User", method_id: object) -> "Method | None":
+    """``user``'s method with that id (a page's form names it so); None for anything else:
+    not a number, no such method, or another user's (which is not told apart)."""
+    from .store import UnknownCredential
+
+    text = str(method_id)
+    if not (text.isascii() and text.isdigit() and len(text) <= 15):
+        return None
+    try:
+        method = store.get_method(int(text))
+    except UnknownCredential:
+        return None
+    return method if method.user_id == user.id else None
+
+
 def missing_method(user: "User", kind: str, name: str | None) -> str:
     """The message for a method ``find_method`` did not find."""
     return f"{user.username} has no {kind} method" + (f" named {name!r}" if name else "")
