@@ -276,7 +276,11 @@ async def add_contact(request: Request) -> Response:
     if request.method == "POST":
         form = await read_form(request)
         value = form.get("destination", "").strip()[:320]
-        if not value:
+        held = await run_in_threadpool(_held_contact, _ctx(request), session.user_id, kind)
+        if held is not None:
+            errors = [("destination", f"You already have a {kind.name} ({held.hint}). To "
+                                      "change it, remove it first, then add the new one.")]
+        elif not value:
             errors = [("destination", f"Enter your {kind.field_label.lower()}")]
         else:
             await _send_throttle(request, session.user_id)
@@ -289,6 +293,13 @@ async def add_contact(request: Request) -> Response:
                 return redirect(request, f"/account/add-contact/{kind.slug}/confirm")
     return await render(request, "account/add_contact.html", status=400 if errors else 200,
                         errors=errors, kind=kind, value=value)
+
+
+def _held_contact(ctx, user_id: str, kind: ContactKind):
+    """The user's confirmed contact of this kind (its name is taken), or None."""
+    return next((c for c in codes.list_contacts(ctx, user_id)
+                 if c.channel == kind.channel and c.method.confirmed
+                 and c.method.name.casefold() == kind.name.casefold()), None)
 
 
 def _pending_contact(ctx, user_id: str, kind: ContactKind):
