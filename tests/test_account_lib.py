@@ -236,3 +236,28 @@ def test_app_passwords_are_unavailable_unless_the_policy_allows_legacy_access():
 
     assert apppasswords.unavailable(True) is None
     assert "does not allow app passwords" in apppasswords.unavailable(False)
+
+
+# --------------------------------------------------------------------------- unusual logins
+
+
+def test_the_unusual_login_notice_says_where_when_and_what_to_do(world):
+    from token_agent.ceremonies import unusual
+
+    w = world()
+    alice = w.add_user("alice")
+    browser = Device("unmanaged", device_id="cookie-value-123", network="192.0.2.10")
+    text = unusual.notice(w.agent, alice, primary="password", device=browser,
+                          network="192.0.2.0/24", now=w.clock())
+    assert text.startswith("Your password was used to start a sign-in to your token-agent "
+                           "account (alice) on 14 November 2023 at 22:13 UTC, from a web "
+                           "browser or personal device on network 192.0.2.0/24")
+    assert "If it was not you, change your password now and tell your IT service desk." in text
+    assert "cookie-value-123" not in text
+    joined = Device("managed", device_id="ws-1", network="10.1.2.3", joined=True)
+    assert unusual.where(joined, "10.1.2.0/24") == \
+        "a joined workstation of the organisation on network 10.1.2.0/24"
+    assert unusual.where_of(w.agent, Device("unmanaged", network="not an address")) == \
+        {"device": "unmanaged", "joined": False, "device_ref": None, "network": None}
+    assert unusual.device_ref("cookie-value-123") == unusual.device_ref("cookie-value-123")
+    assert unusual.device_ref("cookie-value-123") != unusual.device_ref("cookie-value-124")
