@@ -32,9 +32,17 @@ export DEBIAN_FRONTEND=noninteractive
 # announces); oathtool: an independent TOTP implementation
 # the authenticator-app tests check codes against; libpam-python, pamtester: the PAM module
 # (pam/pam_token_agent.py) and its tests with the real PAM stack; postgresql: PostgreSQL 15, the
-# shared store's engine, started as a throwaway cluster by the tests (tests/pgserver.py).
+# shared store's engine, started as a throwaway cluster by the tests (tests/pgserver.py);
+# chromium,
+# chromium-driver: the real browser the pages' tests drive; libnss3-tools: certutil, which
+# makes the tests' browser trust their organisation's CA, as a trust's managed browsers do.
 APT_PACKAGES=(python3 python3-venv python3-dev gcc swig libpcsclite-dev pcscd vsmartcard-vpcd
-              opensc pcsc-tools yubico-piv-tool oathtool libpam-python pamtester postgresql)
+              opensc pcsc-tools yubico-piv-tool oathtool libpam-python pamtester postgresql
+              chromium chromium-driver libnss3-tools)
+# Node.js and npm fetch the NHS.UK frontend (the pages' styles) and axe-core (step 4): Debian's
+# nodejs and npm packages, unless a Node.js with npm is already installed (NodeSource's nodejs
+# package brings its own npm and conflicts with Debian's)
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 
 if [[ "${TOKEN_AGENT_SKIP_APT:-}" == 1 ]]; then
     log "skipping Debian packages (TOKEN_AGENT_SKIP_APT=1)"
@@ -79,7 +87,7 @@ fi
 STAMP="$VENV/.token-agent-installed"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 have=$(cat "$STAMP" 2>/dev/null || true)
-if [[ "$want" != "$have" ]] || ! "$VPY" -c 'import token_agent, fido2, psycopg, psycopg_pool, starlette, uvicorn, websockets' >/dev/null 2>&1; then
+if [[ "$want" != "$have" ]] || ! "$VPY" -c 'import token_agent, fido2, psycopg, psycopg_pool, starlette, uvicorn, websockets, jinja2, multipart, selenium' >/dev/null 2>&1; then
     log "pip install -e '.[test,postgresql,server]' (pyproject.toml changed or first install)"
     rm -f "$STAMP"
     "$VPY" -m pip install --quiet --disable-pip-version-check -e '.[test,postgresql,server]' </dev/null >&2 \
@@ -109,6 +117,27 @@ if [[ ! -f "$SDIST_ROOT/tests/device/conftest.py" ]]; then
     mv "$tarball" "$SDIST_DIR/"
     rm -rf "$tmp"
     trap - EXIT
+fi
+
+# --- 4. the pages' front-end files (npm) ------------------------------------------------------------
+# package.json pins nhsuk-frontend (the NHS.UK design system: served by the organisation
+# server, copied into token_agent/web/static/) and axe-core (the accessibility checks the
+# pages' tests run in the browser); package-lock.json records their integrity hashes.
+# Redone only when package-lock.json changed since the last install.
+NPM_STAMP="$ROOT/node_modules/.token-agent-installed"
+npm_want=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [[ "$npm_want" != "$(cat "$NPM_STAMP" 2>/dev/null || true)" ]]; then
+    command -v npm >/dev/null 2>&1 || die "npm not found: install Node.js and npm (Debian: apt-get install nodejs npm)"
+    log "npm ci (the NHS.UK frontend and axe-core)"
+    npm ci --no-audit --no-fund --loglevel=error </dev/null >&2 || die "npm ci failed (see the errors above)"
+    printf '%s\n' "$npm_want" >"$NPM_STAMP"
+fi
+NHSUK="$ROOT/node_modules/nhsuk-frontend/dist/nhsuk"
+STATIC="$ROOT/token_agent/web/static"
+if [[ ! -f "$STATIC/nhsuk/nhsuk-frontend.min.css" || "$NHSUK/nhsuk-frontend.min.css" -nt "$STATIC/nhsuk/nhsuk-frontend.min.css" ]]; then
+    mkdir -p "$STATIC/nhsuk" "$STATIC/images"
+    cp "$NHSUK/nhsuk-frontend.min.css" "$NHSUK/nhsuk-frontend.min.js" "$STATIC/nhsuk/"
+    cp "$NHSUK"/assets/images/* "$STATIC/images/"
 fi
 
 # Byte-compile the project's own modules (pip compiles site-packages, not an editable

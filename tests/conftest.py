@@ -454,3 +454,7 @@ def pg_url(pg_server):
     if not pg_server.running():
         pg_server.restart()
     pg_server.drop_database(name)
+
+
+# the pages' tests (tests/webtest.py): a server with the pages, a real browser or two
+from webtest import browser, browser2, browser_home, web, web_server_dir  # noqa: E402,F401

@@ -83,6 +83,9 @@ listen = "0.0.0.0:8443"
 [organisation]                          # this workstation belongs to an organisation
 servers = ["https://org1.example.nhs.uk:8443"]  # (orgconfig.py: timeout, dir)
 
+[web]                                   # the server's pages: see webconfig.py
+public_url = "https://login.trust.nhs.uk:8443"
+
 [logging]
 level = "info"                          # debug | info | warning | error
 format = "text"                         # text | json (one object per line: ts, level, logger,
@@ -115,6 +118,7 @@ from .orgconfig import (
     ORGANISATION_KEYS, SERVER_KEYS, OrganisationConfig, ServerConfig, parse_organisation,
     parse_server,
 )
+from .webconfig import WEB_KEYS, WebConfig, parse_web
 from .paths import APP_DIRNAME, config_file, expand_home, home
 from .tomlcheck import TableParser, kind as _kind, show as _show, suggest as _suggest
 
@@ -282,6 +286,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     organisation: OrganisationConfig = field(default_factory=OrganisationConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     #: the file it came from (None: built-in defaults)
     source: str | None = None
 
@@ -308,6 +313,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "logging": ("level", "format"),
     "server": SERVER_KEYS,
     "organisation": ORGANISATION_KEYS,
+    "web": WEB_KEYS,
 }
 
 
@@ -551,10 +557,11 @@ def parse_config(text: str, source: str = "<config>", *,
                              p.choice(t, "format", "logging", LOG_FORMATS, "text"))
     server = parse_server(p, p.table(data, "server"))
     organisation = parse_organisation(p, p.table(data, "organisation"))
+    web = parse_web(p, p.table(data, "web"))
     if p.errors:
         raise ConfigError(p.errors)
     return Config(service, store, policy, workstation, keys, cards, logging_, server,
-                  organisation, None if source.startswith("<") else source)
+                  organisation, web, None if source.startswith("<") else source)
 
 
 def config_warnings(config: Config) -> list[str]:

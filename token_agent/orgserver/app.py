@@ -47,8 +47,10 @@ async def _refused(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": exc.error, "message": exc.message}, status_code=403)
 
 
-def build_app(ctx: Any, *, modules: tuple[str, ...] = ROUTE_MODULES) -> Starlette:
-    """The server's app over a ``ServerContext`` (``app.state.ctx``)."""
+def build_app(ctx: Any, *, modules: tuple[str, ...] = ROUTE_MODULES, web: bool = True
+              ) -> Starlette:
+    """The server's app over a ``ServerContext`` (``app.state.ctx``); with ``web``, the
+    people's pages too (``token_agent.web``, ``app.state.web``)."""
     workers = int(getattr(getattr(ctx.config, "server", None), "workers", 16) or 16)
 
     @contextlib.asynccontextmanager
@@ -63,9 +65,33 @@ def build_app(ctx: Any, *, modules: tuple[str, ...] = ROUTE_MODULES) -> Starlett
             size_pool(workers)
         yield
 
-    app = Starlette(routes=collect_routes(modules),
-                    middleware=[Middleware(WorkstationAuth, ctx=ctx)],
-                    exception_handlers={StoreError: _store_error, WorkstationRefused: _refused},
+    routes = collect_routes(modules)
+    handlers: dict[Any, Any] = {StoreError: _store_error, WorkstationRefused: _refused}
+    middleware = [Middleware(WorkstationAuth, ctx=ctx)]
+    if web:
+        from .. import web as pages
+        from ..web.core import EXCEPTION_HANDLERS
+        from ..web.security import SecurityHeaders
+
+        routes.extend(pages.collect_routes())
+        handlers.update(EXCEPTION_HANDLERS)
+        middleware.insert(0, Middleware(SecurityHeaders))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
                     lifespan=lifespan)
     app.state.ctx = ctx
+    if web:
+        app.state.web = web_context(ctx)
     return app
+
+
+def web_context(ctx: Any) -> Any:
+    """The pages' context (``token_agent.web.core.WebContext``) of a server context: its
+    origin and WebAuthn RP ID from ``[web] public_url``, else https://localhost:<port>."""
+    from ..web.core import WebContext
+    from ..webconfig import WebConfig
+
+    settings = getattr(ctx.config, "web", None) or WebConfig()
+    server = getattr(ctx.config, "server", None)
+    port = server.host_port()[1] if server is not None else 8443
+    return WebContext(agent=ctx.agent, settings=settings, origin=settings.origin(port),
+                      rp_id=settings.rp_id(port))

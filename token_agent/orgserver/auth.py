@@ -21,7 +21,7 @@ from ..store import StoreError, Workstation
 log = logging.getLogger(__name__)
 
 #: paths served without a client certificate: joining, the CA a joining workstation pins,
-#: and the load balancers' health check
+#: and the load balancers' health check (and the people's pages: ``web.is_public``)
 PUBLIC_PATHS = frozenset({"/v1/join", "/v1/ca", "/v1/health"})
 #: the WebSocket close code of a refused workstation
 WS_REFUSED = 4403
@@ -102,6 +102,14 @@ async def _send_json(send: Any, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+def _web_path(path: str) -> bool:
+    """A path of the people's pages (``token_agent.web``): browsers have no workstation
+    certificate; the pages check who is asking themselves."""
+    from ..web import is_public
+
+    return is_public(path)
+
+
 class WorkstationAuth:
     """ASGI middleware: see the module docstring."""
 
@@ -111,7 +119,8 @@ class WorkstationAuth:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket") or (
-                scope["type"] == "http" and scope.get("path") in PUBLIC_PATHS):
+                scope["type"] == "http" and (scope.get("path") in PUBLIC_PATHS
+                                             or _web_path(scope.get("path", "")))):
             await self.app(scope, receive, send)
             return
         try:

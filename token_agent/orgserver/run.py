@@ -34,6 +34,16 @@ class _Server(uvicorn.Server):
         if self.started:
             # one line on stderr for people and scripts (tests wait for it)
             print(f"token-agent server: listening on {self.url}", file=sys.stderr, flush=True)
+            web = getattr(getattr(self.config.app, "state", None), "web", None)
+            if web is not None:
+                from ..web import missing_assets
+
+                print(f"token-agent server: pages at {web.origin}/account (self-service) and "
+                      f"{web.origin}/admin", file=sys.stderr, flush=True)
+                if missing := missing_assets():
+                    log.warning("the NHS.UK frontend's files are missing (%s): the pages work "
+                                "without their styles; run scripts/setup.sh (npm) to fetch them",
+                                ", ".join(missing))
 
 
 def uvicorn_config(ctx: Any, *, listen: str | None = None) -> tuple[uvicorn.Config, str]:

@@ -56,11 +56,13 @@ from .settings import SettingsArea
 from .sightings import SightingsArea
 from .sqlite import SQLiteEngine, run_script
 from .users import UsersArea
+from .websessions import WebSessionRow, WebSessionsArea
 from .workstations import WorkstationsArea
 
 
 class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, LockoutsArea,
             SightingsArea, SessionsArea, SettingsArea, WorkstationsArea, DeliveriesArea,
+            WebSessionsArea,
             AuditArea, StoreCore):
     """The agent's store. Create with ``Store.open(path)`` (SQLite); close with ``close()``
     or use it as a context manager. See the package's modules for durability

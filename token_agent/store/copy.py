@@ -38,8 +38,10 @@ COPY_ORDER: tuple[str, ...] = (
     "verifications", "sessions", "settings", "audit_events", "workstations",
     "org_deliveries",
 )
-#: tables a store fills itself: the schema's own history, and the audit chain's head
-NOT_COPIED: tuple[str, ...] = ("schema_history", "audit_head")
+#: tables a store fills itself: the schema's own history, and the audit chain's head; and
+#: what is only worth its moment: the web pages' browser sessions (signing in again on the
+#: new store is the safe way) and rate-limit counters
+NOT_COPIED: tuple[str, ...] = ("schema_history", "audit_head", "web_sessions", "web_throttle")
 #: tables whose ``id`` the engine generates (PostgreSQL's identity sequences move past the
 #: copied ids)
 GENERATED_IDS: tuple[str, ...] = ("methods", "otp_challenges", "backup_codes", "workstations")

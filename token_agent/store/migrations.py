@@ -60,6 +60,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "an organisation's workstations", sqlite=schema_sqlite.V7, postgresql=_pg(7)),
     Migration(8, "audit events delivered by organisation workstations",
               sqlite=schema_sqlite.V8, postgresql=_pg(8)),
+    Migration(9, "the web pages' sessions and rate limits", sqlite=schema_sqlite.V9,
+              postgresql=_pg(9)),
 )
 #: the schema version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)

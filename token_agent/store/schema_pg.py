@@ -317,5 +317,32 @@ CREATE TABLE org_deliveries (
 );
 """
 
+_V9 = """
+-- The organisation's web pages: browser sessions and shared rate limits (schema_sqlite.V9).
+CREATE TABLE web_sessions (
+    id_hash       BYTEA PRIMARY KEY CHECK (length(id_hash) = 32),
+    user_id       TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    csrf          TEXT NOT NULL CHECK (length(csrf) BETWEEN 16 AND 128),
+    created_at    DOUBLE PRECISION NOT NULL,
+    last_seen_at  DOUBLE PRECISION NOT NULL,
+    auth_at       DOUBLE PRECISION NOT NULL,
+    multi_factor  INTEGER NOT NULL CHECK (multi_factor IN (0, 1)),
+    method        TEXT NOT NULL CHECK (length(method) BETWEEN 1 AND 64),
+    address       TEXT CHECK (address IS NULL OR length(address) <= 64),
+    user_agent    TEXT CHECK (user_agent IS NULL OR length(user_agent) <= 256),
+    flash         TEXT CHECK (flash IS NULL OR length(flash) <= 1024),
+    data          TEXT NOT NULL DEFAULT '{}' CHECK (length(data) <= 16384)
+);
+CREATE INDEX web_sessions_user ON web_sessions (user_id);
+CREATE TABLE web_throttle (
+    scope        TEXT NOT NULL CHECK (length(scope) BETWEEN 1 AND 64),
+    key          TEXT NOT NULL CHECK (length(key) BETWEEN 1 AND 256),
+    window_start DOUBLE PRECISION NOT NULL,
+    count        BIGINT NOT NULL CHECK (count >= 0),
+    PRIMARY KEY (scope, key)
+);
+"""
+
 #: ``SCRIPTS[n]``: the DDL bringing a PostgreSQL database from version ``n - 1`` to ``n``
-SCRIPTS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5, 6: _V6, 7: _V7, 8: _V8}
+SCRIPTS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5, 6: _V6, 7: _V7, 8: _V8,
+                          9: _V9}

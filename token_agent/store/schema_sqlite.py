@@ -303,3 +303,33 @@ CREATE TABLE org_deliveries (
     PRIMARY KEY (workstation, seq)
 ) WITHOUT ROWID;
 """
+
+V9 = """
+-- The organisation's web pages (token_agent/web): signed-in browser sessions, found by the
+-- SHA-256 of the cookie's token (never the token), with the last sign-in that counts for
+-- re-authentication, the CSRF token, a message shown once, and a page's pending state
+-- (a JSON object, bounded); and the rate limits every replica shares: one counter per
+-- (scope, key) and fixed window.
+CREATE TABLE web_sessions (
+    id_hash       BLOB PRIMARY KEY CHECK (typeof(id_hash) = 'blob' AND length(id_hash) = 32),
+    user_id       TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    csrf          TEXT NOT NULL CHECK (length(csrf) BETWEEN 16 AND 128),
+    created_at    REAL NOT NULL,
+    last_seen_at  REAL NOT NULL,
+    auth_at       REAL NOT NULL,
+    multi_factor  INTEGER NOT NULL CHECK (multi_factor IN (0, 1)),
+    method        TEXT NOT NULL CHECK (length(method) BETWEEN 1 AND 64),
+    address       TEXT CHECK (address IS NULL OR length(address) <= 64),
+    user_agent    TEXT CHECK (user_agent IS NULL OR length(user_agent) <= 256),
+    flash         TEXT CHECK (flash IS NULL OR length(flash) <= 1024),
+    data          TEXT NOT NULL DEFAULT '{}' CHECK (length(data) <= 16384)
+);
+CREATE INDEX web_sessions_user ON web_sessions (user_id);
+CREATE TABLE web_throttle (
+    scope        TEXT NOT NULL CHECK (length(scope) BETWEEN 1 AND 64),
+    key          TEXT NOT NULL CHECK (length(key) BETWEEN 1 AND 256),
+    window_start REAL NOT NULL,
+    count        INTEGER NOT NULL CHECK (count >= 0),
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+"""

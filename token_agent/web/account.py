@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -26,8 +25,8 @@ from starlette.routing import Route
 from .. import admin_ops, kinds, signins
 from ..factors import FactorError, apppasswords, backup, codes, totp
 from ..store import CredentialExists, InvalidValue
-from .core import (client_ip, read_form, redirect, render, require_recent_auth, require_user,
-                   throttle)
+from .core import (blocking, client_ip, read_form, redirect, render, require_recent_auth,
+                   require_user, throttle, web)
 
 #: codes sent from the account pages: per user, and per client address
 SEND_LIMIT, SEND_PER_SECONDS = 5, 900
@@ -64,17 +63,17 @@ CONTACT_KINDS = {c.slug: c for c in (
 
 
 def _ctx(request: Request):
-    return request.app.state.web.agent.factors()
+    return web(request).agent.factors()
 
 
 def _agent(request: Request):
-    return request.app.state.web.agent
+    return web(request).agent
 
 
 def when(timestamp: float | None) -> str:
-    """A time for people: "7 December 2026 at 14:05" (UK time), "never" for None."""
-    if timestamp is None:
-        return "never"
+    """A time for people: "7 December 2026 at 14:05" (UK time), "Never" for None."""
+    if not timestamp:
+        return "Never"
     try:
         from zoneinfo import ZoneInfo
 
@@ -121,7 +120,7 @@ def _rows(methods: list[dict]) -> list[dict]:
 async def home(request: Request) -> Response:
     session = await require_user(request)
     agent = _agent(request)
-    methods = await run_in_threadpool(admin_ops.list_methods, agent.store, session.user)
+    methods = await blocking(admin_ops.list_methods, agent.store, session.user)
     return await render(request, "account/home.html", methods=_rows(methods),
                         legacy=agent.policy.legacy.app_passwords)
 
@@ -132,7 +131,7 @@ async def preferred(request: Request) -> Response:
     await require_recent_auth(request, session)
     agent = _agent(request)
     user = session.user
-    methods = await run_in_threadpool(admin_ops.list_methods, agent.store, user)
+    methods = await blocking(admin_ops.list_methods, agent.store, user)
     options = [(str(m["id"]), f"{m['label']}: {m['name']}"
                 + (f" ({m['destination']})" if m["destination"] else ""))
                for m in methods if m["confirmed"] and not m["flagged"]
@@ -142,17 +141,17 @@ async def preferred(request: Request) -> Response:
     if request.method == "POST":
         form = await read_form(request)
         chosen = form.get("method", "")
-        method = await run_in_threadpool(admin_ops.method_of, agent.store, user, chosen)
+        method = await blocking(admin_ops.method_of, agent.store, user, chosen)
         if method is None or chosen not in {k for k, _ in options}:
             errors = [("method", "Select the method to use first when you sign in")]
         else:
             try:
-                await run_in_threadpool(admin_ops.prefer_method, agent.store, user, method,
+                await blocking(admin_ops.prefer_method, agent.store, user, method,
                                         user.username)
             except InvalidValue as e:
                 errors = [("method", f"That method cannot be your preferred one: {e}")]
             else:
-                return redirect(request, "/account",
+                return redirect("/account",
                                 flash=f"Your preferred method is now {method.name}. Sign-ins "
                                       "will ask for it first.")
     return await render(request, "account/preferred.html", status=400 if errors else 200,
@@ -165,7 +164,7 @@ async def remove(request: Request) -> Response:
     await require_recent_auth(request, session)
     agent = _agent(request)
     user = session.user
-    method = await run_in_threadpool(admin_ops.method_of, agent.store, user,
+    method = await blocking(admin_ops.method_of, agent.store, user,
                                      request.path_params["method_id"])
     if method is None:
         return await render(request, "account/gone.html", status=404)
@@ -174,11 +173,11 @@ async def remove(request: Request) -> Response:
     if request.method == "POST":
         await read_form(request)
         try:
-            await run_in_threadpool(admin_ops.remove_method, agent, user, method, user.username)
+            await blocking(admin_ops.remove_method, agent, user, method, user.username)
         except admin_ops.RemovalRefused as e:
             errors = [("remove", f"{method.name} was not removed: {e}.")]
         else:
-            return redirect(request, "/account", flash=f"{label.capitalize()} "
+            return redirect("/account", flash=f"{label.capitalize()} "
                                                         f"{method.name!r} was removed.")
     return await render(request, "account/remove.html", status=409 if errors else 200,
                         errors=errors, method=method, label=label)
@@ -196,14 +195,14 @@ async def add_app(request: Request) -> Response:
         form = await read_form(request)
         name = " ".join(form.get("name", "").split()) or totp.NAME
         try:
-            await run_in_threadpool(totp.begin_enrol, _ctx(request), session.user_id, name=name)
+            await blocking(totp.begin_enrol, _ctx(request), session.user_id, name=name)
         except CredentialExists:
             errors = [("name", f"You already have an authenticator app called {name!r}: "
                                "give this one another name")]
         except (FactorError, InvalidValue) as e:
             errors = [("name", getattr(e, "message", str(e)))]
         else:
-            return redirect(request, "/account/add-app/confirm")
+            return redirect("/account/add-app/confirm")
     return await render(request, "account/add_app.html", status=400 if errors else 200,
                         errors=errors, name=name)
 
@@ -219,22 +218,22 @@ async def confirm_app(request: Request) -> Response:
         form = await read_form(request)
         await _confirm_throttle(request, session.user_id)
         code = form.get("code", "")
-        pending = await run_in_threadpool(totp.pending_enrolment, ctx, session.user_id)
+        pending = await blocking(totp.pending_enrolment, ctx, session.user_id)
         if pending is None:
-            return redirect(request, "/account/add-app",
+            return redirect("/account/add-app",
                             flash="No authenticator app is waiting for its first code: start "
                                   "again.")
         if not totp.normalise_code(code):
             errors = [("code", "Enter the 6-digit code your authenticator app shows")]
         else:
-            result = await run_in_threadpool(totp.confirm_enrol, ctx, session.user_id, code,
+            result = await blocking(totp.confirm_enrol, ctx, session.user_id, code,
                                              name=pending.method.name)
             if result.ok:
-                return redirect(request, f"/account/add-app/done?m={pending.method.id}")
+                return redirect(f"/account/add-app/done?m={pending.method.id}")
             errors = [("code", _code_error(result))]
-    pending = await run_in_threadpool(totp.pending_enrolment, ctx, session.user_id)
+    pending = await blocking(totp.pending_enrolment, ctx, session.user_id)
     if pending is None:
-        return redirect(request, "/account/add-app")
+        return redirect("/account/add-app")
     response = await render(request, "account/confirm_app.html", status=400 if errors else 200,
                             errors=errors, name=pending.method.name,
                             qr=totp.qr_svg(pending.uri), secret=_grouped(pending.secret))
@@ -243,10 +242,10 @@ async def confirm_app(request: Request) -> Response:
 
 async def app_done(request: Request) -> Response:
     session = await require_user(request)
-    method = await run_in_threadpool(admin_ops.method_of, _agent(request).store, session.user,
+    method = await blocking(admin_ops.method_of, _agent(request).store, session.user,
                                      request.query_params.get("m", ""))
     if method is None or method.kind != "totp" or not method.confirmed:
-        return redirect(request, "/account")
+        return redirect("/account")
     return await render(request, "account/app_done.html", method=method)
 
 
@@ -276,7 +275,7 @@ async def add_contact(request: Request) -> Response:
     if request.method == "POST":
         form = await read_form(request)
         value = form.get("destination", "").strip()[:320]
-        held = await run_in_threadpool(_held_contact, _ctx(request), session.user_id, kind)
+        held = await blocking(_held_contact, _ctx(request), session.user_id, kind)
         if held is not None:
             errors = [("destination", f"You already have a {kind.name} ({held.hint}). To "
                                       "change it, remove it first, then add the new one.")]
@@ -285,12 +284,12 @@ async def add_contact(request: Request) -> Response:
         else:
             await _send_throttle(request, session.user_id)
             try:
-                await run_in_threadpool(codes.add_contact, _ctx(request), session.user_id,
+                await blocking(codes.add_contact, _ctx(request), session.user_id,
                                         kind.channel, value, name=kind.name)
             except FactorError as e:
                 errors = [("destination", _sentence(e.message))]
             else:
-                return redirect(request, f"/account/add-contact/{kind.slug}/confirm")
+                return redirect(f"/account/add-contact/{kind.slug}/confirm")
     return await render(request, "account/add_contact.html", status=400 if errors else 200,
                         errors=errors, kind=kind, value=value)
 
@@ -315,9 +314,9 @@ async def confirm_contact(request: Request) -> Response:
         return await render(request, "account/gone.html", status=404)
     await require_recent_auth(request, session)
     ctx = _ctx(request)
-    pending = await run_in_threadpool(_pending_contact, ctx, session.user_id, kind)
+    pending = await blocking(_pending_contact, ctx, session.user_id, kind)
     if pending is None:
-        return redirect(request, f"/account/add-contact/{kind.slug}")
+        return redirect(f"/account/add-contact/{kind.slug}")
     errors = None
     if request.method == "POST":
         form = await read_form(request)
@@ -326,10 +325,10 @@ async def confirm_contact(request: Request) -> Response:
         if not code:
             errors = [("code", "Enter the code we sent")]
         else:
-            result = await run_in_threadpool(codes.confirm_contact, ctx, session.user_id,
+            result = await blocking(codes.confirm_contact, ctx, session.user_id,
                                              kind.channel, code, name=kind.name)
             if result.ok:
-                return redirect(request, "/account",
+                return redirect("/account",
                                 flash=f"Your {kind.name} ({pending.hint}) is confirmed: you can "
                                       "now use it to sign in.")
             errors = [("code", _sentence(result.message) + " Enter the code from the latest "
@@ -365,13 +364,13 @@ async def app_passwords(request: Request) -> Response:
             errors = [("name", "Enter a name for the app password, like \"ward printer\"")]
         else:
             try:
-                made = await run_in_threadpool(apppasswords.create, ctx, session.user_id, name)
+                made = await blocking(apppasswords.create, ctx, session.user_id, name)
             except CredentialExists:
                 errors = [("name", f"You already have an app password called {name!r}: "
                                    "choose another name")]
             except (FactorError, InvalidValue) as e:
                 errors = [("name", _sentence(getattr(e, "message", str(e))))]
-    listed = await run_in_threadpool(apppasswords.list_, ctx, session.user_id)
+    listed = await blocking(apppasswords.list_, ctx, session.user_id)
     rows = [{"id": m.id, "name": m.name, "added": when(m.created_at),
              "used": when(m.last_used_at)} for m in listed]
     response = await render(request, "account/app_passwords.html",
@@ -392,9 +391,9 @@ async def backup_codes(request: Request) -> Response:
     if request.method == "POST":
         await require_recent_auth(request, session)
         await read_form(request)
-        _, made = await run_in_threadpool(backup.generate, ctx, session.user_id)
-    left = await run_in_threadpool(backup.remaining, ctx, session.user_id)
-    held = await run_in_threadpool(backup.get, ctx, session.user_id)
+        _, made = await blocking(backup.generate, ctx, session.user_id)
+    left = await blocking(backup.remaining, ctx, session.user_id)
+    held = await blocking(backup.get, ctx, session.user_id)
     response = await render(request, "account/backup_codes.html", codes=made, left=left,
                             held=held is not None)
     return _no_store(response)
@@ -405,7 +404,7 @@ async def backup_codes(request: Request) -> Response:
 
 async def activity(request: Request) -> Response:
     session = await require_user(request)
-    listed = await run_in_threadpool(signins.recent, _agent(request).store, session.user_id)
+    listed = await blocking(signins.recent, _agent(request).store, session.user_id)
     rows = [{**s.to_json(), "when": when(s.at)} for s in listed]
     return await render(request, "account/activity.html", rows=rows,
                         unusual=sum(1 for s in listed if s.unusual))
