@@ -81,10 +81,9 @@ def notice(agent: "Agent", user, *, primary: str, device: "Device", network: str
     when = _dt.datetime.fromtimestamp(now, _dt.timezone.utc).strftime("%d %B %Y at %H:%M UTC")
     return (f"Your {label} was used to start a sign-in to your {agent.issuer} account "
             f"({user.username}) on {when}, from {where(device, network)} that you have not "
-            f"signed in from before.\n\n"
-            f"If this was you, you do not need to do anything.\n\n"
-            f"If it was not you, change your password now and tell your IT service desk. "
-            f"Your recent sign-ins are listed on your account's \"Recent sign-ins\" page.\n")
+            f"signed in from before. If this was you, you do not need to do anything. If not, "
+            f"change your password now: your recent sign-ins are listed on your account's "
+            f"\"Recent sign-ins\" page.")
 
 
 def alert(agent: "Agent", user, *, primary: str, device: "Device", network: str | None,
