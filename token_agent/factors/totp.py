@@ -210,7 +210,7 @@ def qr_svg(uri: str) -> str:
     enrolling."""
     svg = _qr(uri).svg_inline(scale=5, border=4, dark="#000", light="#fff",
                               title="QR code to scan with your authenticator app",
-                              svgclass="app-qr", lineclass=None)
+                              svgclass="app-qr", lineclass=None, omitsize=True)
     return svg.replace("<svg ", '<svg role="img" ', 1)
 
 

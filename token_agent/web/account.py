@@ -132,7 +132,7 @@ async def preferred(request: Request) -> Response:
     agent = _agent(request)
     user = session.user
     methods = await blocking(admin_ops.list_methods, agent.store, user)
-    options = [(str(m["id"]), f"{m['label']}: {m['name']}"
+    options = [(str(m["id"]), f"{m['label'].capitalize()}: {m['name']}"
                 + (f" ({m['destination']})" if m["destination"] else ""))
                for m in methods if m["confirmed"] and not m["flagged"]
                and kinds.by_policy(m["kind"]).second]
