@@ -339,16 +339,18 @@ def test_remove_a_method_after_reauthentication_never_the_last(web, browser):
     from token_agent.factors import backup
 
     with web.agent() as agent:
-        backup.generate(agent.factors(), agent.store.get_user("fred").id)
+        _, codes = backup.generate(agent.factors(), agent.store.get_user("fred").id)
     age_sign_in(web)
     page.open(f"/account/remove/{app}")
     wait_for(lambda: page.path.startswith("/account/reauth"), what="the re-authentication")
     assert page.heading() == "Confirm it's you"
     page.axe()
     page.fill("Password", PASSWORD).click("Continue")
-    wait_for(lambda: "authenticator app" in page.text() and by_css(page, "input[name=answer]"),
-             what="the second factor, again")
-    page.fill("Code from your authenticator app", fresh_totp(secret)).click("Continue")
+    wait_for(lambda: by_css(page, "input[name=choice]"), what="the second factor, again")
+    page.axe()  # "use a different method": the app (preferred) or a backup code
+    page.choose("backup codes").click("Continue")
+    wait_for(lambda: by_css(page, "input[name=answer]"), what="the backup code question")
+    page.fill("Backup code", codes[0]).click("Continue")
     page.wait_heading("Remove authenticator app “authenticator app”?")
     page.click("Remove this method")
     wait_for(lambda: page.path == "/account", what="back to the account")
