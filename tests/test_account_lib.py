@@ -269,3 +269,22 @@ def test_the_unusual_login_notice_says_where_when_and_what_to_do(world):
         {"device": "unmanaged", "joined": False, "device_ref": None, "network": None}
     assert unusual.device_ref("cookie-value-123") == unusual.device_ref("cookie-value-123")
     assert unusual.device_ref("cookie-value-123") != unusual.device_ref("cookie-value-124")
+
+
+def test_the_user_is_told_when_a_method_is_removed_but_not_on_the_removed_contact(world,
+                                                                                  tmp_path):
+    w = world()
+    box = Outbox(w, tmp_path)
+    alice = w.add_user("alice")
+    mobile = add_phone(w, box, alice, MOBILE, "mobile")
+    alternate = add_phone(w, box, alice, ALTERNATE, "alternate phone")
+    w.enrol_totp(alice)
+    admin_ops.remove_method(w.agent, alice, w.store.find_method(alice.id, "totp"), "root")
+    notices = [m for m in box.messages() if m["purpose"] == "notice"]
+    assert sorted(m["to"] for m in notices) == ["+447700900123", "+447700900456"]
+    assert 'The authenticator app "authenticator app" was removed from your token-agent ' \
+           "account (alice)" in notices[0]["text"]
+    admin_ops.remove_method(w.agent, alice, mobile, None)
+    notices = [m for m in box.messages() if m["purpose"] == "notice"][2:]
+    assert [m["to"] for m in notices] == ["+447700900456"]  # not the number just removed
+    assert w.store.get_method(alternate.id).confirmed

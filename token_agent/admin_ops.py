@@ -174,6 +174,23 @@ def remove_method(agent: "Agent", user: "User", method: "Method", actor: str | N
                                                   actor))
     if problem is not None:
         raise RemovalRefused(problem)
+    _tell_removed(agent, user, method)
+
+
+def _tell_removed(agent: "Agent", user: "User", method: "Method") -> None:
+    """Tell the user, on their other verified contacts, that a method was removed (a stolen
+    session removing the user's methods is then noticed by the user)."""
+    import datetime as _dt
+
+    from .notify import tell_user
+
+    label = kinds.label_of_store(method.kind)
+    when = _dt.datetime.fromtimestamp(agent.now(), _dt.timezone.utc)
+    tell_user(agent, user, "A sign-in method was removed from your account",
+              f"The {label} \"{method.name}\" was removed from your {agent.issuer} account "
+              f"({user.username}) on {when.day} {when:%B %Y at %H:%M} UTC. If you did this, "
+              "you do not need to do anything. If not, sign in and check your methods now.",
+              exclude_method_id=method.id)
 
 
 def enrol_failed(store: "Store", username: str, kind: str, reason: str, via: str) -> None:
