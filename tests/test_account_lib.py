@@ -211,6 +211,7 @@ def test_recent_sign_ins_say_where_and_how_and_flag_the_unusual_one(world, tmp_p
     # alice was told about the unusual one on her mobile (notify.tell_user), with no code
     notices = [m for m in box.messages() if m["purpose"] == "notice"]
     assert [m["to"] for m in notices] == ["+447700900123"]
+    assert "was signed in to on" in notices[0]["text"]
     assert "from a web browser or personal device on network 198.51.100.0/24" in \
         notices[0]["text"] and not re.search(r"\b\d{6}\b", notices[0]["text"].split("on 1")[0])
 
@@ -255,13 +256,18 @@ def test_the_unusual_login_notice_says_where_when_and_what_to_do(world):
     w = world()
     alice = w.add_user("alice")
     browser = Device("unmanaged", device_id="cookie-value-123", network="192.0.2.10")
-    text = unusual.notice(w.agent, alice, primary="password", device=browser,
-                          network="192.0.2.0/24", now=w.clock())
-    assert text.startswith("Your password was used to start a sign-in to your token-agent "
-                           "account (alice) on 14 November 2023 at 22:13 UTC, from a web "
-                           "browser or personal device on network 192.0.2.0/24")
-    assert "If not, change your password now" in text and "\n" not in text
-    assert "cookie-value-123" not in text
+    alert = unusual.Alert(alice, "password", browser, "192.0.2.0/24", w.clock())
+    stopped = unusual.notice(w.agent, alert, signed_in=False)
+    assert stopped.startswith("Your password was used to start a sign-in to your token-agent "
+                              "account (alice) on 14 November 2023 at 22:13 UTC, from a web "
+                              "browser or personal device on network 192.0.2.0/24 that you "
+                              "have not signed in from before. The sign-in did not finish. ")
+    signed = unusual.notice(w.agent, alert, signed_in=True)
+    assert signed.startswith("Your token-agent account (alice) was signed in to on 14 November "
+                             "2023 at 22:13 UTC, from a web browser")
+    for text in (stopped, signed):
+        assert "If not, change your password now" in text and "\n" not in text
+        assert "cookie-value-123" not in text
     joined = Device("managed", device_id="ws-1", network="10.1.2.3", joined=True)
     assert unusual.where(joined, "10.1.2.0/24") == \
         "a joined workstation of the organisation on network 10.1.2.0/24"

@@ -280,16 +280,18 @@ def login(agent: "Agent", username: str, *, interaction: Interaction, device: De
             reason, message = Reason.NO_CREDENTIAL, (f"{user.username} has no password, key or "
                                                      "card to log in with: ask an administrator")
         return fail(reason, message, shown=seen)
-    notices: list = []  # the unusual-login notice being sent (ceremonies/unusual.py)
+    notices: list = []  # an unusual login's notice, sent once it is over (ceremonies/unusual.py)
+    outcome = None
     try:
-        return _login(agent, user, interaction=interaction, device=device, primary=primary,
-                      second=second, key_login=key_login, card_login=card_login,
-                      push_timeout=push_timeout, cancel=cancel, fail=fail,
-                      on_success=on_success, step_up=step_up, notices=notices)
+        outcome = _login(agent, user, interaction=interaction, device=device, primary=primary,
+                         second=second, key_login=key_login, card_login=card_login,
+                         push_timeout=push_timeout, cancel=cancel, fail=fail,
+                         on_success=on_success, step_up=step_up, notices=notices)
     except _Cancelled:
-        return fail(Reason.CANCELLED, CANCELLED_MESSAGE)
+        outcome = fail(Reason.CANCELLED, CANCELLED_MESSAGE)
     finally:
-        unusual.finish(notices)
+        unusual.finish(agent, notices, signed_in=bool(outcome and outcome.ok))
+    return outcome
 
 
 def login_or_tap(agent: "Agent", username: str | None, *, primary: str | None,
