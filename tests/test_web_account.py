@@ -209,7 +209,8 @@ def test_the_preferred_alternate_phone_gets_the_next_sign_in_code(web, browser, 
     assert not [t for t in web.sms_to(MOBILE)[to_mobile:] if "sign-in code" in t]
     # a new device for a user with history: unusual, and carol is told on her phones
     notice = wait_for(lambda: [t for t in web.sms_to(MOBILE)[to_mobile:]
-                               if "was used to start a sign-in" in t], what="the notice")[0]
+                               if "account (carol) was signed in to" in t],
+                    what="the notice")[0]
     assert "web browser or personal device" in notice and not re.search(r"\b\d{6}\b", notice)
 
     other.open("/account/activity")
