@@ -44,6 +44,10 @@ def test_demo_runs_every_step(pcscd):  # the session's pcscd (and its lock on vp
     assert "ward-b, offline: alice logs in with her key" in text
     assert "ward-b, offline: a password is refused, saying to use a key or card" in text
     assert "ward-b's queued audit arrived" in text
+    # part 11: the web pages
+    assert "the pages are served over TLS at https://localhost:" in text
+    assert "the policy asks for her authenticator app's code" in text
+    assert "her methods on the page: Password; Authenticator app Preferred" in text
     from token_agent.demo_workstation import CARD_PIN, KEY_PIN
 
     assert KEY_PIN not in text and CARD_PIN not in text

@@ -369,7 +369,9 @@ class Page:
             if "authenticator app" in self.text():
                 self.fill("Code from your authenticator app", fresh_totp(totp_secret))
                 self.click("Continue")
-        wait_for(lambda: self._heading_or_none() not in (None, "Sign in"),
+        wait_for(lambda: self._heading_or_none() not in (None, "Sign in",
+                                                         "Waiting for you to confirm")
+                 and not self.path.startswith("/account/sign-in"),
                  what=f"signed in (at {self.path}: {self._heading_or_none()})")
         return self
 

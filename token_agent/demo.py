@@ -61,7 +61,7 @@ class DemoUser(UserInteraction):
         return self.pin
 
 
-def run(port: int, control_port: int, out=sys.stdout) -> int:
+def run(port: int, control_port: int, out=sys.stdout, *, serve_pages: bool = False) -> int:
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
@@ -149,6 +149,9 @@ def run(port: int, control_port: int, out=sys.stdout) -> int:
     from .demo_organisation import organisation_demo
 
     organisation_demo(say, check, step=10)
+    from .demo_pages import pages_demo
+
+    pages_demo(say, check, step=11, serve=serve_pages)
     say("demonstration complete: every step verified")
     return 0
 
@@ -312,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="token-agent demonstration on the simulators")
     parser.add_argument("--port", type=int, default=0, help="HID TCP port (0: any free port)")
     parser.add_argument("--control-port", type=int, default=0, help="control port (0: any free)")
+    parser.add_argument("--serve-pages", action="store_true",
+                        help="at the end, keep the organisation's web pages served until Ctrl-C")
     args = parser.parse_args(argv)
     try:
-        return run(args.port, args.control_port)
+        return run(args.port, args.control_port, serve_pages=args.serve_pages)
     except Exception as e:  # noqa: BLE001 (any failure fails the demonstration, with its name)
         print(f"demonstration FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

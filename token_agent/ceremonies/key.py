@@ -9,13 +9,14 @@ response itself (``token_agent.webauthn``) before anything is written. A ceremon
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import shlex
 import time
 import threading
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 from fido2.webauthn import (
     AttestationConveyancePreference,
@@ -221,30 +222,71 @@ def enrol_key(
         key.set_pin(first)
         log.info("first PIN set on key %s for the enrolment of %s", key.path, username)
         response = register(lambda: first)
+    check = verify_enrolment(
+        store, user, settings=settings, rp_id=settings.rp_id, origin=settings.origin,
+        challenge=challenge, client_data_json=bytes(response.response.client_data),
+        attestation_object=bytes(response.response.attestation_object),
+        credential_id=response.raw_id)
+    cred_props = (response.client_extension_results or {}).get("credProps") or {}
+    discoverable = bool(cred_props.get("rk", False))
+    warnings = enrolment_warnings(settings, check)
+    save_enrolment(store, user, name=name, check=check, rp_id=settings.rp_id,
+                   discoverable=discoverable, transports=["usb"], cancel=cancel)
+    log.info("enrolled key %r for %s (aaguid %s)", name, username, check.aaguid)
+    return EnrolResult(
+        username=user.username, name=name, credential_id=check.credential_id,
+        aaguid=check.aaguid, discoverable=discoverable, user_verified=check.user_verified,
+        attestation_format=check.attestation_format,
+        attestation_trusted=check.attestation_trusted, warnings=tuple(warnings),
+        registration=dict(response), challenge=challenge, origin=settings.origin,
+        rp_id=settings.rp_id,
+    )
+
+
+def verify_enrolment(store: Store, user, *, settings: KeySettings, rp_id: str, origin: str,
+                     challenge: bytes, client_data_json: bytes, attestation_object: bytes,
+                     credential_id: bytes, via: str | None = None) -> webauthn.RegistrationCheck:
+    """The relying party's checks of a registration for ``rp_id`` / ``origin`` under the
+    organisation's settings (user verification, attestation policy); a refusal is recorded
+    (``enrol.key`` refused) and raised as :class:`EnrolError` (``recorded=True``).
+    ``credential_id``: the one the client says it made, which must be the attested one."""
     try:
         check = webauthn.verify_registration(
-            rp_id=settings.rp_id,
-            origin=settings.origin,
+            rp_id=rp_id,
+            origin=origin,
             challenge=challenge,
-            client_data_json=bytes(response.response.client_data),
-            attestation_object=bytes(response.response.attestation_object),
+            client_data_json=client_data_json,
+            attestation_object=attestation_object,
             require_uv=settings.user_verification == "required",
             policy=settings.attestation,
         )
     except webauthn.VerificationError as e:
         store.record_event("enrol.key", user_id=user.id, outcome="refused",
-                           detail={"reason": e.reason})
+                           detail={"reason": e.reason, **({"via": via} if via else {})})
         raise EnrolError(e.reason, e.message, recorded=True) from None
-    if check.credential_id != response.raw_id:
+    if not hmac.compare_digest(check.credential_id, bytes(credential_id)):
         raise EnrolError("verification-failed", "credential ID differs from the attested one")
-    cred_props = (response.client_extension_results or {}).get("credProps") or {}
-    discoverable = bool(cred_props.get("rk", False))
+    return check
+
+
+def enrolment_warnings(settings: KeySettings, check: webauthn.RegistrationCheck) -> list[str]:
+    """What the person enrolling a key is told about it."""
     warnings = []
     if not settings.attestation.enforced:
         warnings.append("no attestation roots or AAGUIDs are configured: any key model is "
                         "accepted (token-agent trust add-root / add-aaguid)")
     if not check.user_verified:
         warnings.append("the key did not verify a PIN at enrolment: it counts as one factor")
+    return warnings
+
+
+def save_enrolment(store: Store, user, *, name: str, check: webauthn.RegistrationCheck,
+                   rp_id: str, discoverable: bool, transports: Sequence[str],
+                   cancel: threading.Event | None = None, via: str | None = None) -> None:
+    """Store a verified registration as the user's key ``name``, with its ``enrol.key``
+    audit event, in one transaction (whoever carried the ceremony: the agent talking to a
+    key, or a browser: ``via="browser"``). The store's ``CredentialExists`` when the
+    credential or the name is taken."""
     with store.transaction():
         if cancel is not None and cancel.is_set():  # the person left: nobody to give it to
             raise key_errors.Cancelled()
@@ -255,27 +297,19 @@ def enrol_key(
             public_key=check.public_key,
             aaguid=check.aaguid,
             sign_count=check.sign_count,
-            rp_id=settings.rp_id,
+            rp_id=rp_id,
             discoverable=discoverable,
             uv_enrolled=check.user_verified,
             attestation_format=check.attestation_format,
             attestation_trusted=check.attestation_trusted,
-            transports=["usb"],
+            transports=list(transports),
         )
         store.record_event(
             "enrol.key", user_id=user.id, credential_id=check.credential_id, outcome="success",
             detail={"name": name, "aaguid": check.aaguid,
-                    "discoverable": discoverable, "attestation_trusted": check.attestation_trusted},
+                    "discoverable": discoverable, "attestation_trusted": check.attestation_trusted,
+                    **({"via": via} if via else {})},
         )
-    log.info("enrolled key %r for %s (aaguid %s)", name, username, check.aaguid)
-    return EnrolResult(
-        username=user.username, name=name, credential_id=check.credential_id,
-        aaguid=check.aaguid, discoverable=discoverable, user_verified=check.user_verified,
-        attestation_format=check.attestation_format,
-        attestation_trusted=check.attestation_trusted, warnings=tuple(warnings),
-        registration=dict(response), challenge=challenge, origin=settings.origin,
-        rp_id=settings.rp_id,
-    )
 
 
 _DEVICE_FAILURES: tuple[tuple[type, Reason], ...] = (
@@ -320,17 +354,7 @@ def login_with_key(
     settings = settings or KeySettings.from_store(store)
 
     def fail(reason: Reason, message: str, user=None, cred=None) -> LoginOutcome:
-        store.record_event(
-            "login.key", user_id=user.id if user else None,
-            username=None if user else username,
-            credential_id=cred.credential_id if cred else None, outcome="failure",
-            detail={"reason": reason.value, **({"credential": cred.name} if cred else {})},
-        )
-        log.info("key login failed: %s (%s)", reason.value, message)
-        return LoginOutcome.failure(
-            "key", reason, message, user=user.username if user else None,
-            user_id=user.id if user else None, credential=cred.name if cred else None,
-        )
+        return key_failure(store, reason, message, username=username, user=user, cred=cred)
 
     user = None
     creds = []
@@ -366,11 +390,79 @@ def login_with_key(
             message = e.message
         return fail(reason, message, user)
 
-    # Usernameless: keep the responses from credentials this store knows.
-    by_id = {c.credential_id: c for c in creds} if user is not None else {}
+    outcome, response = settle_assertions(
+        store, responses, user=user, username=username, rp_id=settings.rp_id,
+        origin=settings.origin, challenge=challenge,
+        require_uv=settings.user_verification == "required",
+        uv_factor=lambda: Factor.KNOWLEDGE if pins.used else Factor.INHERENCE, enrolled=creds)
+    if not outcome.ok:
+        return outcome
+    detail = dict(outcome.detail)
+    detail["ceremony_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    if export:
+        detail["webauthn"] = {
+            "assertion": response.to_json(),
+            "challenge": websafe_encode(challenge),
+            "origin": settings.origin,
+            "rp_id": settings.rp_id,
+        }
+    return replace(outcome, detail=detail)
+
+
+def key_failure(store: Store, reason: Reason, message: str, *, username: str | None = None,
+                user=None, cred=None, via: str | None = None) -> LoginOutcome:
+    """A failed key login: the ``login.key`` audit event, and its outcome. ``via``: where
+    the assertion came from when not from a key the agent talked to (``"browser"``)."""
+    extra = {"via": via} if via else {}
+    store.record_event(
+        "login.key", user_id=user.id if user else None,
+        username=None if user else username,
+        credential_id=cred.credential_id if cred else None, outcome="failure",
+        detail={"reason": reason.value, **({"credential": cred.name} if cred else {}), **extra},
+    )
+    log.info("key login failed: %s (%s)", reason.value, message)
+    return LoginOutcome.failure(
+        "key", reason, message, user=user.username if user else None,
+        user_id=user.id if user else None, credential=cred.name if cred else None,
+    )
+
+
+def settle_assertions(
+    store: Store,
+    responses: Sequence,
+    *,
+    user,
+    username: str | None,
+    rp_id: str,
+    origin: str,
+    challenge: bytes,
+    require_uv: bool,
+    uv_factor: Callable[[], Factor],
+    via: str | None = None,
+    enrolled: Sequence = (),
+) -> tuple[LoginOutcome, object | None]:
+    """Everything a relying party decides about the assertions a key gave for ``challenge``,
+    whoever carried them (the agent talking to a key, or a browser): which enrolled
+    credential answered (one enrolled for ``rp_id``; of ``user`` when the login is for a
+    user, else the one a discoverable credential names), its user handle, a suspended key,
+    the WebAuthn checks (:func:`token_agent.webauthn.verify_assertion`), the signature
+    counter (a regression flags the key as a suspected clone and refuses), and the audit
+    event. ``responses``: objects with ``credential_id``, ``client_data_json``,
+    ``authenticator_data``, ``signature`` and ``user_handle`` (bytes). ``uv_factor()``:
+    what a verified user counts as (a PIN: knowledge; a biometric: inherence). ``enrolled``:
+    the user's credentials when the caller has read them already. Returns the
+    outcome and the response used (None on failure); failures are recorded."""
+
+    def fail(reason: Reason, message: str, user=None, cred=None):
+        return key_failure(store, reason, message, username=username, user=user, cred=cred,
+                           via=via), None
+
+    # Keep the responses from credentials this store knows, enrolled for this RP ID (a key
+    # enrolled for the workstations' RP ID is not one a browser may use, and the reverse).
+    by_id = {c.credential_id: c for c in enrolled}
     known = [(r, by_id.get(r.credential_id) or store.get_fido_credential(r.credential_id))
              for r in responses]
-    known = [(r, c) for r, c in known if c is not None]
+    known = [(r, c) for r, c in known if c is not None and c.rp_id == rp_id]
     if not known:
         return fail(Reason.UNKNOWN_CREDENTIAL,
                     "this key's credential is not enrolled here (unknown or removed)", user)
@@ -383,8 +475,10 @@ def login_with_key(
     if user is not None and owner.id != user.id:
         return fail(Reason.WRONG_USER, "the key answered with another user's credential", user, cred)
     user = owner
+    if user.disabled:
+        return fail(Reason.USER_DISABLED, f"{user.username} is disabled", user, cred)
     handle = response.user_handle
-    if handle is not None and handle != user.user_handle:
+    if handle is not None and not hmac.compare_digest(handle, user.user_handle):
         return fail(Reason.VERIFICATION_FAILED, "the key's user handle does not match", user, cred)
     if cred.flagged:
         return fail(Reason.CREDENTIAL_FLAGGED,
@@ -394,26 +488,28 @@ def login_with_key(
         check = webauthn.verify_assertion(
             public_key=cred.public_key,
             stored_sign_count=cred.sign_count,
-            rp_id=settings.rp_id,
-            origin=settings.origin,
+            rp_id=rp_id,
+            origin=origin,
             challenge=challenge,
             client_data_json=response.client_data_json,
             authenticator_data=response.authenticator_data,
             signature=response.signature,
-            require_uv=settings.user_verification == "required",
+            require_uv=require_uv,
         )
     except webauthn.VerificationError as e:
         reason = Reason.UV_REQUIRED if e.reason == "user-not-verified" else \
             Reason.VERIFICATION_FAILED
         return fail(reason, e.message, user, cred)
-    def suspected_clone(stored: int, presented: int) -> LoginOutcome:
+
+    def suspected_clone(stored: int, presented: int):
         why = f"signature counter went from {stored} to {presented}: possibly a cloned key"
         with store.transaction():
             store.flag_fido_credential(cred.credential_id, why)
             store.record_event("key.clone-suspected", user_id=user.id,
                                credential_id=cred.credential_id, outcome="refused",
                                detail={"credential": cred.name, "stored_count": stored,
-                                       "presented_count": presented})
+                                       "presented_count": presented,
+                                       **({"via": via} if via else {})})
         return fail(Reason.CLONE_SUSPECTED, why + "; the key is suspended", user, cred)
 
     if check.counter_regressed:
@@ -421,7 +517,7 @@ def login_with_key(
 
     factors = [Factor.POSSESSION]
     if check.user_verified:
-        factors.append(Factor.KNOWLEDGE if pins.used else Factor.INHERENCE)
+        factors.append(uv_factor())
     try:
         with store.transaction():
             # checks the counter again, atomically: two logins racing with one value fail
@@ -429,21 +525,14 @@ def login_with_key(
             store.record_event("login.key", user_id=user.id, credential_id=cred.credential_id,
                                outcome="success",
                                detail={"credential": cred.name,
-                                       "user_verified": check.user_verified})
+                                       "user_verified": check.user_verified,
+                                       **({"via": via} if via else {})})
     except SignCountRegression as e:
         return suspected_clone(e.stored, e.received)
-    detail: dict = {"sign_count": check.sign_count,
-                    "ceremony_ms": round((time.perf_counter() - started) * 1000, 3)}
-    if export:
-        detail["webauthn"] = {
-            "assertion": response.to_json(),
-            "challenge": websafe_encode(challenge),
-            "origin": settings.origin,
-            "rp_id": settings.rp_id,
-        }
-    log.info("key login: %s with %r (uv=%s)", user.username, cred.name, check.user_verified)
+    log.info("key login: %s with %r (uv=%s%s)", user.username, cred.name, check.user_verified,
+             f", via {via}" if via else "")
     return LoginOutcome(
         ok=True, method="key", user=user.username, user_id=user.id, factors=tuple(factors),
         credential=cred.name, credential_id=cred.credential_id.hex(),
-        user_verified=check.user_verified, detail=detail,
-    )
+        user_verified=check.user_verified, detail={"sign_count": check.sign_count},
+    ), response

@@ -1,11 +1,13 @@
 """Push approval with number matching (like Microsoft Authenticator's).
 
-The login screen shows a two-digit number; the user's companion app (for now the CLI
-``token-agent approve``, playing the phone app) must type that number to approve. The
-companion holds its own Ed25519 private key in a *companion file*; the agent stores only
-the public key (``push_devices``). Until the agent's service exists, the "server" is the
-shared store: the login side (``start`` then ``wait``) and the companion side
-(``pending_for``, ``answer``, ``submit``) open the same SQLite file, and ``wait`` polls it.
+The login screen shows a two-digit number; the user's companion must type that number to
+approve. The companion is the user's phone: the page ``/companion`` of the organisation's
+server (``token_agent/web/companion.py``), whose browser keeps a non-extractable Ed25519 key
+and is paired with a one-time code (``pushpairing``). The CLI ``token-agent approve``, with
+its private key in a *companion file*, stays for tests and scripts. Either way the agent
+stores only the public key (``push_devices``), and the login side (``start`` then ``wait``)
+and the companion side (``pending_for_device``, ``answer``, ``submit``) meet in the store:
+``wait`` polls it, so any server replica can take the answer.
 
 Trust
     The agent accepts an answer only if its Ed25519 signature verifies with the enrolled
@@ -15,8 +17,9 @@ Trust
     exactly one answer wins. The phone never sees the number (``PendingPush`` has none):
     that is the point of number matching (a user cannot approve a prompt they did not cause
     by tapping "yes" without looking at the login screen). Listing the pending requests is
-    not authenticated (the store file is the trust boundary until the service exists); the
-    answer is.
+    not authenticated by the CLI companion (it opens the store file, the trust boundary);
+    the phone's page lists them only for requests signed by the phone
+    (``pushpairing.check_request``). The answer is always signed.
 
 Signed bytes
     ``b"token-agent push v1\\0" + request_id + b"\\0" + decision + b"\\0" + number`` where
@@ -33,8 +36,9 @@ Enrolment (a pairing, not a shortcut)
     the signature, confirms the method, and makes it preferred if the user has no preferred
     method). ``pair`` runs the three steps when both sides are in one process. The agent
     generated the key, so the proof shows that the companion file reached the companion and
-    works, not that the agent never saw the key (a real phone app would generate its own
-    key and send only the public key); the agent keeps no copy.
+    works, not that the agent never saw the key; the agent keeps no copy. A phone's
+    browser makes its own key and sends only the public key (``pushpairing.redeem``, through
+    ``add_device``, the step both enrolments share), then signs the same challenge.
 
 Lockout
     An approval with the wrong number is a failed attempt on the method's lockout (run
@@ -52,19 +56,14 @@ recorded.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import re
 import secrets
-import stat
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -78,20 +77,19 @@ from ..outcome import Reason
 from ..secretbox import equal
 from ..store import KIND_PUSH, Method, check_detail
 from . import FactorContext, FactorError, Verification, checked, lockout
+from .pushwire import (  # noqa: F401 (re-exported: push.* is the API)
+    ANSWER_PREFIX, APPROVE, COMPANION_VERSION, DENY, PAIRING_PREFIX, Companion,
+    CompanionFileError, PendingPush, PushRequest, SignedAnswer, _b64, _check_request_id,
+    _pairing_bytes, answer, answer_bytes, companion_sign_pairing, load_companion,
+)
 
 DEFAULT_NAME = "companion app"
-COMPANION_VERSION = 1
 DEFAULT_TTL = 60
 MAX_TTL = 600
 PAIRING_TTL = 300
-APPROVE = "approve"
-DENY = "deny"
 
-ANSWER_PREFIX = b"token-agent push v1\0"
-PAIRING_PREFIX = b"token-agent push pairing v1\0"
 _NONCE_LEN = 16
 _MAC_LEN = 32
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 PENDING = "pending"
 APPROVED = "approved"
@@ -107,169 +105,6 @@ MSG_DENIED = ("you denied the sign-in on your companion app; if it was not you t
 MSG_WRONG_NUMBER = ("the number entered on your companion app was not the one on this screen; "
                     "if it was not you trying to sign in, tell IT")
 MSG_CANCELLED = "the request was cancelled"
-
-
-class CompanionFileError(FactorError):
-    """A companion file cannot be read or written (missing, damaged, readable by others,
-    in the way)."""
-
-    def __init__(self, message: str, reason: Reason = Reason.NO_CREDENTIAL) -> None:
-        super().__init__(reason, message)
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class Companion:
-    """The companion app's side: its device id, the user and issuer it was enrolled for,
-    and its Ed25519 private key (never shown by ``repr``)."""
-
-    device_id: str
-    username: str
-    issuer: str
-    private_key: Ed25519PrivateKey = field(repr=False, compare=False)
-
-    def __repr__(self) -> str:
-        return (f"Companion(device_id={self.device_id!r}, username={self.username!r}, "
-                f"issuer={self.issuer!r}, private_key=<hidden>)")
-
-    def public_key_bytes(self) -> bytes:
-        return self.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-@dataclass(frozen=True)
-class PushRequest:
-    """A request as the login side sees it: ``number`` is shown on the login screen."""
-
-    id: str
-    method_id: int
-    number: int
-    created_at: float
-    expires_at: float
-    context: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "method_id": self.method_id, "number": self.number,
-                "created_at": self.created_at, "expires_at": self.expires_at,
-                "context": dict(self.context)}
-
-
-@dataclass(frozen=True)
-class PendingPush:
-    """A request as the companion app sees it: what to show, never the number."""
-
-    id: str
-    created_at: float
-    expires_at: float
-    context: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "created_at": self.created_at, "expires_at": self.expires_at,
-                "context": dict(self.context)}
-
-
-@dataclass(frozen=True)
-class SignedAnswer:
-    """The companion's answer to one request, signed with its key (``answer``)."""
-
-    device_id: str
-    request_id: str
-    decision: str  # "approve" or "deny"
-    number: int | None
-    signature: bytes = field(repr=False)
-
-    def to_json(self) -> dict:
-        return {"version": 1, "device_id": self.device_id, "request_id": self.request_id,
-                "decision": self.decision, "number": self.number,
-                "signature": base64.b64encode(self.signature).decode("ascii")}
-
-    @classmethod
-    def from_json(cls, data: Any) -> "SignedAnswer":
-        """The answer from its JSON form (e.g. sent by another process); ``FactorError``
-        (verification-failed) when malformed."""
-        bad = FactorError(Reason.VERIFICATION_FAILED, "the push answer is malformed")
-        if not isinstance(data, dict) or data.get("version") != 1:
-            raise bad
-        number = data.get("number")
-        if not all(isinstance(data.get(k), str) for k in ("device_id", "request_id", "decision",
-                                                          "signature")):
-            raise bad
-        if number is not None and (not isinstance(number, int) or isinstance(number, bool)):
-            raise bad
-        try:
-            signature = base64.b64decode(data["signature"], validate=True)
-        except (binascii.Error, ValueError):
-            raise bad from None
-        return cls(data["device_id"], data["request_id"], data["decision"], number, signature)
-
-
-# --------------------------------------------------------------------------- companion file
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def load_companion(path: str | os.PathLike[str]) -> Companion:
-    """Read a companion file. ``CompanionFileError`` when it is missing, not a regular
-    file, readable or writable by group or others (refused: "chmod 600" it), not JSON, of
-    another version, or damaged."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CompanionFileError(f"companion file {path} does not exist: enrol the companion "
-                                 "app first (or give the right path)") from None
-    except OSError as exc:
-        raise CompanionFileError(f"cannot read companion file {path}: "
-                                 f"{exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CompanionFileError(f"companion file {path} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise CompanionFileError(
-                f"companion file {path} can be read by others (mode {mode:04o}): it holds the "
-                f"companion app's private key; chmod 600 {path} (and check who could have "
-                "copied it: if in doubt, remove the companion app and enrol it again)")
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-            if sum(map(len, chunks)) > 65536:
-                raise CompanionFileError(f"companion file {path} is too large to be one")
-    except OSError as exc:
-        raise CompanionFileError(f"cannot read companion file {path}: "
-                                 f"{exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    try:
-        data = json.loads(b"".join(chunks).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise CompanionFileError(f"companion file {path} is not JSON: is it a companion "
-                                 "file? (it may be damaged: enrol the companion app again)") from None
-    if not isinstance(data, dict):
-        raise CompanionFileError(f"companion file {path} is not a JSON object")
-    if data.get("version") != COMPANION_VERSION:
-        raise CompanionFileError(f"companion file {path} has version {data.get('version')!r}; "
-                                 f"this token-agent reads version {COMPANION_VERSION}")
-    damaged = f"companion file {path} is damaged"
-    for key in ("device_id", "user", "issuer", "private_key"):
-        if not isinstance(data.get(key), str):
-            raise CompanionFileError(f"{damaged}: {key!r} is missing or not a string")
-    try:
-        device_id = str(uuid.UUID(data["device_id"]))
-    except ValueError:
-        raise CompanionFileError(f"{damaged}: 'device_id' is not a UUID") from None
-    try:
-        raw = base64.b64decode(data["private_key"], validate=True)
-    except (binascii.Error, ValueError):
-        raise CompanionFileError(f"{damaged}: the private key is not base64") from None
-    if len(raw) != 32:
-        raise CompanionFileError(f"{damaged}: the private key is {len(raw)} bytes, not 32")
-    return Companion(device_id, data["user"], data["issuer"],
-                     Ed25519PrivateKey.from_private_bytes(raw))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -333,29 +168,8 @@ def _set_state(ctx: FactorContext, request_id: str, state: str, now: float) -> b
     return ctx.store.decide_push_request(request_id, state, now)
 
 
-def _check_request_id(request_id: Any) -> str:
-    if not isinstance(request_id, str) or not _REQUEST_ID_RE.fullmatch(request_id):
-        raise FactorError(Reason.VERIFICATION_FAILED, "not a push request id")
-    return request_id
-
-
 def _pairing_purpose(method_id: int, device_id: str) -> str:
     return f"push-pairing:{int(method_id)}:{device_id}"
-
-
-def _pairing_bytes(device_id: str, challenge: bytes) -> bytes:
-    return PAIRING_PREFIX + device_id.encode() + b"\0" + bytes(challenge)
-
-
-def answer_bytes(request_id: str, decision: str, number: int | None) -> bytes:
-    """The canonical bytes a companion signs for an answer."""
-    _check_request_id(request_id)
-    if decision not in (APPROVE, DENY):
-        raise ValueError(f"a decision is {APPROVE!r} or {DENY!r}, not {decision!r}")
-    if number is not None and (not isinstance(number, int) or isinstance(number, bool)):
-        raise ValueError("the number is an integer (or None)")
-    text = "" if number is None else str(number)
-    return ANSWER_PREFIX + request_id.encode() + b"\0" + decision.encode() + b"\0" + text.encode()
 
 
 # --------------------------------------------------------------------------- enrolment
@@ -379,7 +193,7 @@ def enrol(ctx: FactorContext, user_id: str, companion_path: str | os.PathLike[st
                                  "does not exist", Reason.DEVICE_ERROR)
     key = Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    device_id = str(uuid.uuid4())
+    device_id = new_device_id()
     text = json.dumps({
         "version": COMPANION_VERSION, "device_id": device_id, "user": user.username,
         "issuer": ctx.issuer,
@@ -389,10 +203,7 @@ def enrol(ctx: FactorContext, user_id: str, companion_path: str | os.PathLike[st
     written = False
     try:
         with store.transaction():
-            method = store.add_method(user.id, KIND_PUSH, name, confirmed=False)
-            store.add_push_device(method.id, device_id, public)
-            store.record_event("enrol.push", user_id=user.id, outcome="pending",
-                               detail={"name": method.name, "device_id": device_id})
+            method = add_device(ctx, user.id, device_id, public, name=name)
             try:
                 write_private(path, text.encode())
             except OSError as exc:
@@ -409,6 +220,34 @@ def enrol(ctx: FactorContext, user_id: str, companion_path: str | os.PathLike[st
     return method
 
 
+def new_device_id() -> str:
+    """A new companion's device id (a random UUID)."""
+    return str(uuid.uuid4())
+
+
+def add_device(ctx: FactorContext, user_id: str, device_id: str, public_key: bytes, *,
+               name: str, via: str | None = None) -> Method:
+    """Store a companion app's public key (32-byte Ed25519) as a push method of the user,
+    *unconfirmed* until the companion signs a pairing challenge (``confirm_enrol``): the
+    step every enrolment shares, whoever made the key (``enrol``: the agent, for a
+    companion file; ``pushpairing.redeem``: a phone's browser, which keeps its private
+    key). Runs in the caller's transaction."""
+    store = ctx.store
+    public_key = bytes(public_key)
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key)
+    except ValueError:
+        raise FactorError(Reason.VERIFICATION_FAILED, "the companion's public key is not an "
+                          "Ed25519 key (32 bytes)") from None
+    with store.transaction():
+        method = store.add_method(user_id, KIND_PUSH, name, confirmed=False)
+        store.add_push_device(method.id, device_id, public_key)
+        store.record_event("enrol.push", user_id=user_id, outcome="pending",
+                           detail={"name": method.name, "device_id": device_id,
+                                   **({"via": via} if via else {})})
+    return method
+
+
 def pairing_challenge(ctx: FactorContext, method: Method | int) -> bytes:
     """A fresh challenge for the companion to sign (valid ``PAIRING_TTL`` seconds):
     ``nonce(16) || expires(8, big-endian) || HMAC(32)``, the HMAC binding it to this method
@@ -417,11 +256,6 @@ def pairing_challenge(ctx: FactorContext, method: Method | int) -> bytes:
     device_id, _ = _device_of_method(ctx, method_id)
     body = secrets.token_bytes(_NONCE_LEN) + int(ctx.now() + PAIRING_TTL).to_bytes(8, "big")
     return body + ctx.keys.code_hash(_pairing_purpose(method_id, device_id), body.hex())
-
-
-def companion_sign_pairing(companion: Companion, challenge: bytes) -> bytes:
-    """The companion side of the pairing: its signature over the challenge."""
-    return companion.private_key.sign(_pairing_bytes(companion.device_id, challenge))
 
 
 def confirm_enrol(ctx: FactorContext, user_id: str, method_id: Method | int, challenge: bytes,
@@ -622,7 +456,13 @@ def wait(ctx: FactorContext, request_id: str, *, timeout: float,
 def pending_for(ctx: FactorContext, companion: Companion) -> list[PendingPush]:
     """The companion's pending, unexpired requests, oldest first: what to show, never the
     number."""
-    found = _device(ctx, companion.device_id)
+    return pending_for_device(ctx, companion.device_id)
+
+
+def pending_for_device(ctx: FactorContext, device_id: str) -> list[PendingPush]:
+    """The pending, unexpired requests of the companion ``device_id``, oldest first (read
+    from the store, so any server replica answers the same)."""
+    found = _device(ctx, device_id)
     if found is None:
         raise FactorError(Reason.UNKNOWN_CREDENTIAL, "this companion app is not enrolled (it "
                           "may have been removed): enrol it again")
@@ -630,17 +470,6 @@ def pending_for(ctx: FactorContext, companion: Companion) -> list[PendingPush]:
     rows = ctx.store.pending_push_requests(method_id, ctx.now())
     return [PendingPush(r["id"], r["created_at"], r["expires_at"], json.loads(r["context"]))
             for r in rows]
-
-
-def answer(companion: Companion, request_id: str, *, approve: bool,
-           number: int | None) -> SignedAnswer:
-    """The companion's signed answer (pure: nothing is sent). Approving needs the number
-    the user read on the login screen."""
-    decision = APPROVE if approve else DENY
-    if approve and number is None:
-        raise ValueError("approving needs the number shown on the login screen")
-    signature = companion.private_key.sign(answer_bytes(request_id, decision, number))
-    return SignedAnswer(companion.device_id, request_id, decision, number, signature)
 
 
 def submit(ctx: FactorContext, signed: SignedAnswer) -> str:

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 COPY_ORDER: tuple[str, ...] = (
     "users", "user_roles", "methods", "fido2_credentials", "smartcard_identities",
     "password_credentials", "totp_credentials", "contact_methods", "otp_challenges",
-    "push_devices", "push_requests", "app_passwords", "backup_codes", "lockouts", "sightings",
+    "push_devices", "push_requests", "push_pairings", "push_nonces",
+    "app_passwords", "backup_codes", "lockouts", "sightings",
     "verifications", "sessions", "settings", "audit_events", "workstations",
     "org_deliveries",
 )

@@ -62,6 +62,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               sqlite=schema_sqlite.V8, postgresql=_pg(8)),
     Migration(9, "the web pages' sessions and rate limits", sqlite=schema_sqlite.V9,
               postgresql=_pg(9)),
+    Migration(10, "pairing codes and signed-request nonces of push companions",
+              sqlite=schema_sqlite.PUSH_PAIRING, postgresql=_pg(10)),
 )
 #: the schema version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -74,3 +74,54 @@ class PushArea:
                                 "WHERE method_id = ? AND state = 'pending' AND expires_at > ? "
                                 "ORDER BY created_at, id", (int(method_id), float(now))).fetchall()
         return [as_dict(r) for r in rows]
+
+    # ----------------------------------------------------------------- pairing (migration 10)
+
+    def add_push_pairing(self, code_hash: bytes, user_id: str, *, name: str, created_at: float,
+                         expires_at: float) -> None:
+        """Store a new pairing code (its keyed hash) of a user. The user's earlier unused
+        codes end (one at a time), and expired or used codes of anyone are deleted, so the
+        table holds at most one row per user."""
+        now = float(created_at)
+        with self.transaction(), self._using("start pairing a companion app") as conn:
+            conn.execute("DELETE FROM push_pairings WHERE user_id = ? OR expires_at <= ? "
+                         "OR used_at IS NOT NULL", (str(user_id), now))
+            conn.execute("INSERT INTO push_pairings (code_hash, user_id, name, created_at, "
+                         "expires_at) VALUES (?, ?, ?, ?, ?)",
+                         (bytes(code_hash), str(user_id), str(name), now, float(expires_at)))
+
+    def claim_push_pairing(self, code_hash: bytes, now: float) -> tuple[dict[str, Any] | None, str]:
+        """Use the pairing code with that hash: one conditional UPDATE, so a code is used
+        once whatever the number of servers. Returns ``({"user_id", "name"}, "ok")``, or
+        ``(None, why)`` with why ``unknown``, ``used`` or ``expired``. Call inside the
+        transaction that enrols the companion, so a failed enrolment leaves it unused."""
+        with self.transaction(), self._using("use a pairing code") as conn:
+            row = conn.execute(
+                "UPDATE push_pairings SET used_at = ? WHERE code_hash = ? AND used_at IS NULL "
+                "AND expires_at > ? RETURNING user_id, name",
+                (float(now), bytes(code_hash), float(now))).fetchone()
+            if row is not None:
+                return as_dict(row), "ok"
+            row = conn.execute("SELECT used_at FROM push_pairings WHERE code_hash = ?",
+                               (bytes(code_hash),)).fetchone()
+        if row is None:
+            return None, "unknown"
+        return None, ("used" if row["used_at"] is not None else "expired")
+
+    def pending_push_pairing(self, user_id: str, now: float) -> dict[str, Any] | None:
+        """The user's unused, unexpired pairing code (``created_at``, ``expires_at``,
+        ``name``; never the code), or ``None``."""
+        with self._using("read a pairing code") as conn:
+            return as_dict(conn.execute(
+                "SELECT created_at, expires_at, name FROM push_pairings WHERE user_id = ? "
+                "AND used_at IS NULL AND expires_at > ?", (str(user_id), float(now))).fetchone())
+
+    def use_push_nonce(self, device_id: str, nonce: str, *, expires_at: float, now: float) -> bool:
+        """Record the nonce of a companion's signed request; False when it was seen before
+        (a replay). The device's nonces whose window has closed are deleted first."""
+        with self.transaction(), self._using("check a companion's request") as conn:
+            conn.execute("DELETE FROM push_nonces WHERE device_id = ? AND expires_at <= ?",
+                         (str(device_id), float(now)))
+            return conn.execute("INSERT INTO push_nonces (device_id, nonce, expires_at) "
+                                "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                                (str(device_id), str(nonce), float(expires_at))).rowcount == 1

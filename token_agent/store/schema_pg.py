@@ -343,6 +343,26 @@ CREATE TABLE web_throttle (
 );
 """
 
+_PUSH_PAIRING = """
+-- Pairing a phone's browser as a push companion: see schema_sqlite.PUSH_PAIRING (migration 10).
+CREATE TABLE push_pairings (
+    code_hash   BYTEA PRIMARY KEY NOT NULL CHECK (length(code_hash) = 32),
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    created_at  DOUBLE PRECISION NOT NULL,
+    expires_at  DOUBLE PRECISION NOT NULL,
+    used_at     DOUBLE PRECISION
+);
+CREATE INDEX push_pairings_by_user ON push_pairings(user_id);
+
+CREATE TABLE push_nonces (
+    device_id   TEXT NOT NULL REFERENCES push_devices(device_id) ON DELETE CASCADE,
+    nonce       TEXT NOT NULL CHECK (length(nonce) BETWEEN 16 AND 64),
+    expires_at  DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (device_id, nonce)
+);
+"""
+
 #: ``SCRIPTS[n]``: the DDL bringing a PostgreSQL database from version ``n - 1`` to ``n``
 SCRIPTS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5, 6: _V6, 7: _V7, 8: _V8,
-                          9: _V9}
+                          9: _V9, 10: _PUSH_PAIRING}

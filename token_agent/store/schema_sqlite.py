@@ -333,3 +333,27 @@ CREATE TABLE web_throttle (
     PRIMARY KEY (scope, key)
 ) WITHOUT ROWID;
 """
+
+PUSH_PAIRING = """
+-- Pairing a phone's browser as a push companion: a one-time pairing code (its keyed hash,
+-- never the code), its owner, expiry and use (single use: one conditional UPDATE), and the
+-- name the new companion will get. One unused code per user at a time.
+CREATE TABLE push_pairings (
+    code_hash   BLOB PRIMARY KEY NOT NULL CHECK (length(code_hash) = 32),
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    used_at     REAL
+) WITHOUT ROWID;
+CREATE INDEX push_pairings_by_user ON push_pairings(user_id);
+
+-- The nonces of a companion's signed requests, kept until their time window closes: a
+-- signed request is accepted once.
+CREATE TABLE push_nonces (
+    device_id   TEXT NOT NULL REFERENCES push_devices(device_id) ON DELETE CASCADE,
+    nonce       TEXT NOT NULL CHECK (length(nonce) BETWEEN 16 AND 64),
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (device_id, nonce)
+) WITHOUT ROWID;
+"""

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from ..ceremonies.login import login
+from ..ceremonies.login import login, login_or_tap
 from . import sessions
 from .conversation import Busy, Conversation, Prompt
 from .core import (
@@ -112,16 +112,20 @@ def _key_login(conv: Conversation, ctx: Any) -> Any:
     return webauthn_pages.browser_key_login(conv, ctx)
 
 
-def _run_login(ctx: Any, username: str, password: str | None, primary: str | None,
+def _run_login(ctx: Any, username: str | None, password: str | None, primary: str | None,
                where: Any, *, step_up: bool) -> Any:
     def run(conv: Conversation) -> Any:
+        if username is None:  # a passkey without a user name: the key says who it is
+            return login_or_tap(ctx.agent, None, primary="key", key_login=_key_login(conv, ctx),
+                                card_login=None, interaction=WebInteraction(conv),
+                                device=where, cancel=conv.cancel_event, step_up=step_up)
         return login(ctx.agent, username, interaction=WebInteraction(conv, password),
                      device=where, primary=primary, key_login=_key_login(conv, ctx),
                      cancel=conv.cancel_event, step_up=step_up)
     return run
 
 
-async def _start(request: Request, username: str, password: str | None, primary: str | None,
+async def _start(request: Request, username: str | None, password: str | None, primary: str | None,
                  next_url: str, *, purpose: str, user_id: str | None = None) -> Response:
     ctx = web(request)
     address = client_ip(request)
@@ -165,7 +169,7 @@ async def sign_in(request: Request) -> Response:
     username = (form.get("username") or "").strip()
     use_key = form.get("action") == "key"
     errors = []
-    if not username:
+    if not username and not use_key:  # with a key and no user name: a passkey says who
         errors.append(("username", "Enter your user name"))
     elif len(username) > MAX_USERNAME:
         errors.append(("username", f"A user name is at most {MAX_USERNAME} characters"))
@@ -175,7 +179,7 @@ async def sign_in(request: Request) -> Response:
     if errors:
         return await render(request, "signin/start.html", status=400, errors=errors,
                             next_url=next_url, username=username[:MAX_USERNAME], notice=None)
-    return await _start(request, username, None if use_key else password[:MAX_ANSWER],
+    return await _start(request, username or None, None if use_key else password[:MAX_ANSWER],
                         "key" if use_key else "password", next_url, purpose="sign-in")
 
 
