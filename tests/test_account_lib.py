@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from test_mfa_login import PASSWORD, Clock, Device, HOUR, World, world, no_secret_leaks  # noqa: F401
+from test_mfa_login import PASSWORD, Device, HOUR, World, world, no_secret_leaks  # noqa: F401
 from token_agent import admin_ops, signins
 from token_agent.agent import Agent
 from token_agent.delivery import LANDLINE_REFUSED

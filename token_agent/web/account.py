@@ -107,14 +107,8 @@ async def _confirm_throttle(request: Request, user_id: str) -> None:
 
 def _rows(methods: list[dict]) -> list[dict]:
     """The methods as the home page shows them."""
-    rows = []
-    for m in methods:
-        kind = kinds.by_policy(m["kind"])
-        rows.append({**m, "added": when(m["created_at"]), "used": when(m["last_used_at"]),
-                     "removable": m["kind"] != "password",
-                     "preferable": m["confirmed"] and not m["flagged"] and not m["preferred"]
-                     and kind.second})
-    return rows
+    return [{**m, "added": when(m["created_at"]), "used": when(m["last_used_at"]),
+             "removable": m["kind"] != "password"} for m in methods]
 
 
 async def home(request: Request) -> Response:
