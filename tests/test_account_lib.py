@@ -294,3 +294,23 @@ def test_the_user_is_told_when_a_method_is_removed_but_not_on_the_removed_contac
     notices = [m for m in box.messages() if m["purpose"] == "notice"][2:]
     assert [m["to"] for m in notices] == ["+447700900456"]  # not the number just removed
     assert w.store.get_method(alternate.id).confirmed
+
+
+def test_an_unusual_login_stopped_at_the_second_factor_is_told_too(world, tmp_path):
+    w = world()
+    box = Outbox(w, tmp_path)
+    alice = w.add_user("alice")
+    add_phone(w, box, alice, MOBILE, "mobile")
+    secret = w.enrol_totp(alice)
+    w.clock.advance(30)  # the enrolment's code is used
+    assert w.login("alice", PASSWORD, w.code(secret), choices=["totp"],
+                   device=Device("unmanaged", device_id="pc-1", network="192.0.2.1"))[0].ok
+    assert [m for m in box.messages() if m["purpose"] == "notice"] == []  # first: no history
+    stranger = Device("unmanaged", device_id="pc-9", network="203.0.113.9")
+    out, _ = w.login("alice", PASSWORD, w.wrong_code(secret), choices=["totp"], device=stranger)
+    assert not out.ok
+    notice, = [m for m in box.messages() if m["purpose"] == "notice"]
+    assert notice["to"] == "+447700900123"
+    assert "Your password was used to start a sign-in" in notice["text"]
+    assert "network 203.0.113.0/24" in notice["text"] and "did not finish" in notice["text"]
+    assert signins.recent(w.store, alice.id)[0].unusual

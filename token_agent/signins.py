@@ -84,15 +84,16 @@ def _where(detail: dict) -> str:
 def recent(store: Store, user_id: str, *, limit: int = LIMIT) -> list[SignIn]:
     """The user's latest ``limit`` sign-ins, newest first. A sign-in is unusual when its
     login said so (``alert``), or when a ``login.unusual`` alert was recorded for the user
-    after the sign-in before it (the alert comes first, within the same login)."""
+    between the sign-in before it and this one (in the audit log's order: the alert comes
+    first, within the same login)."""
     logins = store.list_events(user_id=user_id, kind="login", limit=limit)
-    alerts = sorted(e.at for e in store.list_events(user_id=user_id, kind="login.unusual",
-                                                    limit=limit))
+    alerts = [e.id for e in store.list_events(user_id=user_id, kind="login.unusual",
+                                              limit=limit)]
     out = []
     for i, e in enumerate(logins):
-        earlier = logins[i + 1].at if i + 1 < len(logins) else float("-inf")
+        earlier = logins[i + 1].id if i + 1 < len(logins) else 0
         d = e.detail
-        alerted = bool(d.get("alert")) or any(earlier < at <= e.at for at in alerts)
+        alerted = bool(d.get("alert")) or any(earlier < a < e.id for a in alerts)
         ok = e.outcome == "success"
         result = "signed in" if ok else "failed: " + _REASONS.get(
             d.get("reason"), (d.get("reason") or "refused").replace("-", " "))
