@@ -5,7 +5,8 @@ server and HTTP SMS gateway (``tests/webtest.py``). One test per journey:
 * enrol an authenticator app, confirmed by a code computed by the real ``oathtool`` (a wrong
   code first: asked again with the same QR code and key); the time from the sign-in form to
   "App enrolled", as the browser measured it, is printed;
-* add a mobile, verified by the code texted to the gateway; an office phone refused first;
+* add a mobile, verified by the code texted to the gateway (an office phone refused first),
+  and an email address, by the code emailed (a wrong code first);
 * the alternate phone made preferred, and the next sign-in (another browser: a new device)
   sends its code there; the unusual sign-in is told by text and flagged on "Recent sign-ins";
 * backup codes made, shown once; app passwords under a policy that allows legacy access
@@ -201,6 +202,20 @@ def test_add_a_mobile_verified_by_the_texted_code_an_office_phone_refused(web, b
     assert f"Your mobile phone ({MOBILE_HINT}) is confirmed" in page.text()
     assert f"mobile phone ({MOBILE_HINT})" in by_css(page, "#methods")[0].text
     assert web.events("enrol.sms", "bob")[0].outcome == "success"
+
+    # an email address, the same way: the code is emailed
+    page.click("Add an email address")
+    page.wait_heading("Add an email address")
+    page.fill("Email address", "Bob.Jones@Example.NHS.uk").click("Send code")
+    page.wait_heading("Enter the code we sent to B•••@example.nhs.uk")
+    mail = wait_for(lambda: web.mail_to("Bob.Jones@example.nhs.uk"), what="the email")[-1]
+    page.fill("Code", "000000" if code_in(mail) != "000000" else "111111").click("Confirm")
+    wait_for(lambda: page.errors(), what="the wrong code's error")
+    assert "Wrong code" in page.errors()[0] and "send a new code" in page.errors()[0]
+    page.axe()
+    page.fill("Code", code_in(mail)).click("Confirm")
+    wait_for(lambda: page.path == "/account", what="back to the account")
+    assert "email (B•••@example.nhs.uk)" in by_css(page, "#methods")[0].text
 
 
 def test_the_preferred_alternate_phone_gets_the_next_sign_in_code(web, browser, browser2):
