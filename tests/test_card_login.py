@@ -208,6 +208,11 @@ def test_login_with_the_right_pin(store, card, vpcd_insert, pcscd):
     assert event.outcome == "success" and event.username == "alice"
     ident = store.get_card_identity(ALICE_UUID)
     assert ident.certificate_serial == outcome.credential_id and ident.last_used_at
+    # the end of the certificate's validity, for the administrators' cards page
+    import datetime as _dt
+
+    assert ident.cert_not_after == _dt.datetime.fromisoformat(
+        outcome.detail["not_after"]).timestamp()
     store.verify_events()
     session.close()
 

@@ -397,6 +397,23 @@ def test_admin_reset_needs_confirmation(cli):
     cli("admin", "reset-methods", "nobody", "--yes", expect=exitcodes.NOT_FOUND)
 
 
+def test_admin_access_pass(cli):
+    cli("users", "add", "alice")
+    issued = cli.json("admin", "access-pass", "alice", "--hours", "2")
+    value = issued["access_pass"]
+    assert len(value) == 19 and issued["user"] == "alice"
+    again = cli("admin", "access-pass", "alice").stdout  # a new one, printed once
+    assert re.search(r"shown only now\): [a-z2-9]{4}(-[a-z2-9]{4}){3}$", again.strip())
+    assert value not in again
+    event, = cli.json("audit", "tail", "--kind", "access_pass.replaced")["events"]
+    assert event["username"] == "alice" and event["detail"]["actor"]
+    events = cli("audit", "tail", "-n", "100").stdout
+    assert value not in events and value.replace("-", "") not in events
+    assert cli.json("admin", "access-pass", "alice", "--revoke")["revoked"] == 1
+    cli("admin", "access-pass", "alice", "--hours", "25", expect=exitcodes.USAGE)
+    cli("admin", "access-pass", "nobody", expect=exitcodes.NOT_FOUND)
+
+
 # --------------------------------------------------------------------------- audit
 
 

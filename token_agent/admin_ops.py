@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from .agent import Agent
     from .ceremonies.login import Device
     from .factors.lockout import LockState
-    from .policy import Decision
-    from .store import Method, Store, User
+    from .policy import Decision, Policy
+    from .store import Method, Store, User, Workstation
 
 #: the front ends' method names (``methods prefer|remove KIND``: ``token_agent.kinds``)
 METHOD_KINDS = tuple(k.cli for k in kinds.ALL)
@@ -54,12 +54,15 @@ def unlock(store: "Store", user: "User", kind: str | None, actor: str) -> list["
 def reset_methods(store: "Store", user: "User", actor: str, *,
                   include_password: bool = False) -> list["Method"]:
     """A lost or stolen device: remove every method of ``user`` (the password too when
-    ``include_password``). Records ``admin.reset-methods``. Returns the removed methods."""
+    ``include_password``) and end their web pages' sessions (whoever holds the device may be
+    signed in with it). Records ``admin.reset-methods``. Returns the removed methods."""
     with store.transaction():
         removed = store.remove_all_methods(user.id, keep_password=not include_password)
+        ended = store.end_web_sessions_of(user.id)
         store.record_event("admin.reset-methods", user_id=user.id, outcome="success",
                            detail={"actor": actor, "removed": len(removed),
-                                   "kinds": sorted({m.kind for m in removed})})
+                                   "kinds": sorted({m.kind for m in removed}),
+                                   "web_sessions_ended": ended})
     return removed
 
 
@@ -222,3 +225,85 @@ def explain_login(agent: "Agent", user: "User", device: "Device", primary: str |
                            primary_multi_factor=primary_uv and device_primary is not None
                            and device_primary.primary and device_primary.factor == kinds.POSSESSION)
     return first, decision
+
+
+def effective_policy(policy: "Policy") -> dict:
+    """The policy in force as ``policy show`` gives it (``policy.show``): its settings with
+    the defaults filled in, where it came from (``source``), the names of its delivery
+    channels (``delivery_channels``: the ``[delivery]`` table itself may hold gateway
+    credentials and is never shown) and the warnings ``policy check`` gives."""
+    from .policy import policy_warnings
+
+    data = policy.to_json()
+    channels = sorted(k for k in (data.pop("delivery") or {}) if k not in
+                      ("fallback", "sender_name", "outbox"))
+    return {**data, "delivery_channels": channels, "warnings": policy_warnings(policy)}
+
+
+def revoke_workstation(store: "Store", name: str, actor: str | None) -> "Workstation":
+    """Cut an organisation's workstation off (``server workstation-revoke``): its certificate
+    is refused from its next request on, an unused join token for it stops working.
+    Records ``workstation.revoke``. ``UnknownWorkstation``."""
+    with store.transaction():
+        ws = store.revoke_workstation(name)
+        store.record_event("workstation.revoke", outcome="success",
+                           detail=_with_actor({"workstation": ws.name}, actor))
+    return ws
+
+
+#: the cards page's window: certificates ending within this many days (NHS cards' renewal
+#: prompts start 90 days before)
+CARD_EXPIRY_DAYS = 90
+
+
+def cards_report(store: "Store", now: float, *, within_days: int = CARD_EXPIRY_DAYS,
+                 revoked_days: int = 365, scan: int = 5000) -> dict:
+    """The administrators' cards page: ``expiring``, the enrolled cards whose certificate
+    (as recorded at their last login, ``SmartcardIdentity.cert_not_after``) ends within
+    ``within_days`` of ``now`` or has ended, soonest first, with their user; ``revoked``,
+    the revoked cards seen at a login in the last ``revoked_days`` (the ``login.card``
+    failures with reason certificate-revoked, newest first, one per certificate serial; at
+    most ``scan`` failures are read, ``scanned_all`` says whether that was all of them)."""
+    import math
+
+    from .outcome import Reason
+
+    limit = now + within_days * 86400.0
+    users = {}
+    expiring = []
+    for card in store.list_card_identities():
+        if card.cert_not_after is None or card.cert_not_after > limit:
+            continue
+        if card.user_id not in users:
+            users[card.user_id] = store.get_user_by_id(card.user_id)
+        expiring.append({"card": card, "user": users[card.user_id],
+                         "expired": card.cert_not_after <= now,
+                         "days_left": max(0, math.ceil((card.cert_not_after - now) / 86400))})
+    expiring.sort(key=lambda c: c["card"].cert_not_after)
+    failures = store.search_events(kind="login.card", outcome="failure",
+                                   since=now - revoked_days * 86400.0, limit=scan)
+    revoked, seen = [], set()
+    for event in failures:
+        if event.detail.get("reason") != Reason.CERT_REVOKED.value:
+            continue
+        serial = event.detail.get("certificate_serial")
+        if serial in seen:
+            continue
+        seen.add(serial)
+        revoked.append({"at": event.at, "username": event.username,
+                        "holder_name": event.detail.get("holder_name"),
+                        "uuid": event.detail.get("uuid"), "certificate_serial": serial,
+                        "event_id": event.id})
+    return {"expiring": expiring, "revoked": revoked, "within_days": within_days,
+            "revoked_days": revoked_days, "scanned_all": len(failures) < scan}
+
+
+def verify_audit(store: "Store") -> tuple[bool, int | None, str]:
+    """``audit verify``: ``(intact, events verified or the first bad event's id, message)``."""
+    from .store import AuditChainBroken
+
+    try:
+        count = store.verify_events()
+    except AuditChainBroken as e:
+        return False, e.event_id, f"audit log damaged: {e}"
+    return True, count, f"audit log intact: {count} events verified"

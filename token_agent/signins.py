@@ -53,11 +53,15 @@ class SignIn:
                 "unusual": self.unusual, "result": self.result}
 
 
+#: primary factors of sign-ins that are no method kind
+_OTHER_LABELS = {"access_pass": "temporary access pass"}
+
+
 def _label(policy_name: str | None) -> str | None:
     if not policy_name:
         return None
     k = kinds.get_policy(policy_name)
-    return k.label if k else policy_name
+    return k.label if k else _OTHER_LABELS.get(policy_name, policy_name)
 
 
 def _how(detail: dict) -> str:

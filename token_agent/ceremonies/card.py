@@ -393,7 +393,9 @@ def login_with_card(
                                    detail={"provisioned": True, **facts})
                 provisioned = True
             ident = store.record_card_use(identity.uuid, certificate_serial=serial,
-                                          issuer=str(identity.issuer))
+                                          issuer=str(identity.issuer),
+                                          not_after=identity.not_after.timestamp()
+                                          if hasattr(identity.not_after, "timestamp") else None)
             store.record_event("login.card", user_id=user.id,
                                credential_id=_serial_bytes(serial), outcome="success",
                                detail={"credential": ident.name, "provisioned": provisioned,

@@ -258,8 +258,10 @@ def login(agent: "Agent", username: str, *, interaction: Interaction, device: De
     are written, or neither). ``step_up``: when MFA applies to the user, ask for the second
     factor even where the policy would skip it (a trusted network, the re-verification
     window): the re-authentication before a method is changed (``token_agent/reauth.py``)."""
+    from .passlogin import ACCESS_PASS, login_with_pass
+
     store = agent.store
-    if primary is not None and primary not in PRIMARY_METHODS:  # the request's mistake
+    if primary is not None and primary not in PRIMARY_METHODS + (ACCESS_PASS,):
         return LoginOutcome.failure("login", Reason.METHOD_NOT_ALLOWED, f"{primary} is not a "
                                     f"primary factor ({', '.join(PRIMARY_METHODS)})")
     try:
@@ -267,6 +269,9 @@ def login(agent: "Agent", username: str, *, interaction: Interaction, device: De
     except UnknownUser:
         user = None
     fail = _Fail(store, user, username, unusual.where_of(agent, device))
+    if primary == ACCESS_PASS:  # a temporary access pass: ceremonies/passlogin.py
+        return login_with_pass(agent, user, username, interaction=interaction, device=device,
+                               fail=fail, on_success=on_success)
     if user is None or user.disabled or _choose_primary(agent, user, primary) is None:
         # nothing this person types can log them in: the same prompt as for anyone, then the
         # same failure (the audit log says why)

@@ -218,12 +218,11 @@ def workstation_revoke(ctx: Context, name: str, as_json: bool) -> None:
     unused join token for it stops working)."""
     from ..store import StoreError, UnknownWorkstation
 
-    store = ctx.store()
+    from .. import admin_ops
+    from .policy_cmd import _actor
+
     try:
-        with store.transaction():
-            ws = store.revoke_workstation(name)
-            store.record_event("workstation.revoke", outcome="success",
-                               detail={"workstation": ws.name})
+        ws = admin_ops.revoke_workstation(ctx.store(), name, _actor())
     except UnknownWorkstation as e:
         fail(str(e), exitcodes.NOT_FOUND)
     except StoreError as e:

@@ -1,5 +1,5 @@
 """`token-agent policy check|explain|show`, `token-agent audit verify|tail` and
-`token-agent admin reset-methods|unlock|lockouts|clear-flag`."""
+`token-agent admin reset-methods|access-pass|unlock|lockouts|clear-flag`."""
 
 from __future__ import annotations
 
@@ -148,14 +148,11 @@ def policy_show(ctx: Context, as_json: bool) -> None:
     """Show the policy in force, defaults filled in, as a policy file (TOML: the same keys as
     the file; it can be saved as one) and which file it came from. The [delivery] table is
     not shown (it may hold gateway credentials): only the names of its channels."""
-    from ..policy import policy_warnings
-
     pol = ctx.policy()  # no store needed
-    data = pol.to_json()
-    channels = sorted(k for k in (data.pop("delivery") or {}) if k not in
-                      ("fallback", "sender_name", "outbox"))
+    data = admin_ops.effective_policy(pol)
+    channels = data.pop("delivery_channels")
     source = data.pop("source")
-    warnings = policy_warnings(pol)
+    warnings = data.pop("warnings")
 
     def text() -> str:
         from .tomlout import dumps
@@ -191,14 +188,11 @@ def audit() -> None:
 def audit_verify(ctx: Context, as_json: bool) -> None:
     """Check the audit log's hash chain: exit 0 when intact, 1 (naming the first bad record)
     when a record was edited, removed or reordered."""
-    from ..store import AuditChainBroken
-
-    try:
-        count = ctx.store().verify_events()
-    except AuditChainBroken as e:
-        fail(f"audit log damaged: {e}", exitcodes.ERROR, reason="audit-chain-broken",
-             data={"intact": False, "event_id": e.event_id})
-    emit(as_json, {"intact": True, "events": count}, f"audit log intact: {count} events verified")
+    intact, count, message = admin_ops.verify_audit(ctx.store())
+    if not intact:
+        fail(message, exitcodes.ERROR, reason="audit-chain-broken",
+             data={"intact": False, "event_id": count})
+    emit(as_json, {"intact": True, "events": count}, message)
 
 
 @audit.command("tail")
@@ -267,6 +261,32 @@ def admin_reset_methods(ctx: Context, username: str, include_password: bool, yes
                                       include_password=include_password)
     emit(as_json, {"user": user.username, "removed": [m.to_dict() for m in removed]},
          f"removed {len(removed)} methods of {user.username}: they must set up new ones")
+
+
+@admin.command("access-pass")
+@click.argument("username")
+@click.option("--hours", type=click.IntRange(1, 24), default=8, show_default=True,
+              help="How long the pass lasts (1 to 24 hours).")
+@click.option("--revoke", is_flag=True, help="End the user's open pass instead.")
+@json_option
+@pass_ctx
+def admin_access_pass(ctx: Context, username: str, hours: int, revoke: bool,
+                      as_json: bool) -> None:
+    """A lost device: issue a temporary access pass (single use, shown once) with which the
+    user signs in once to set up new methods; a newer pass replaces an open one. Recorded."""
+    from ..factors import accesspass
+
+    user = _admin_user(ctx, username)
+    factors = ctx.agent().factors()
+    if revoke:
+        ended = accesspass.revoke(factors, user.id, actor=_actor())
+        emit(as_json, {"user": user.username, "revoked": len(ended)},
+             f"{user.username}: {len(ended)} open temporary access pass revoked")
+        return
+    issued, value = accesspass.issue(factors, user.id, actor=_actor(), hours=hours)
+    emit(as_json, {"user": user.username, "access_pass": value, "expires_at": issued.expires_at},
+         f"temporary access pass for {user.username} (single use, until "
+         f"{_when(issued.expires_at)}; shown only now): {value}")
 
 
 @admin.command("unlock")

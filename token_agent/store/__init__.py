@@ -13,8 +13,8 @@ package, one module per area, on an engine behind one seam.
   ``secrets.py`` (passwords, authenticator apps, app passwords, backup codes), ``codes.py``
   (contacts, one-time codes), ``push.py``, ``lockouts.py``, ``sightings.py``,
   ``sessions.py``, ``settings.py``, ``workstations.py`` (an organisation's
-  workstations), ``deliveries.py`` (the events they delivered), ``audit.py``. No SQL
-  outside this package.
+  workstations), ``deliveries.py`` (the events they delivered), ``accesspasses.py``
+  (temporary access passes), ``audit.py``. No SQL outside this package.
 
 ``Store`` combines them; ``Store.open(path)`` opens a SQLite store. Every error is a
 ``StoreError`` (``errors.py``).
@@ -22,6 +22,7 @@ package, one module per area, on an engine behind one seam.
 
 from __future__ import annotations
 
+from .accesspasses import AccessPassesArea
 from .audit import AuditArea
 from .cards import CardsArea
 from .codes import CodesArea
@@ -62,7 +63,7 @@ from .workstations import WorkstationsArea
 
 class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, LockoutsArea,
             SightingsArea, SessionsArea, SettingsArea, WorkstationsArea, DeliveriesArea,
-            WebSessionsArea,
+            WebSessionsArea, AccessPassesArea,
             AuditArea, StoreCore):
     """The agent's store. Create with ``Store.open(path)`` (SQLite); close with ``close()``
     or use it as a context manager. See the package's modules for durability

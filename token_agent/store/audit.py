@@ -129,6 +129,34 @@ class AuditArea:
                                 (*args, int(limit))).fetchall()
         return [self._event(r) for r in rows]
 
+    def search_events(self, *, user_id: str | None = None, kind: str | None = None,
+                      outcome: str | None = None, since: float | None = None,
+                      until: float | None = None, before_id: int | None = None,
+                      limit: int = 50) -> list[AuditEvent]:
+        """Events matching every filter given, newest first, at most ``limit``: ``kind``
+        exactly or as a family (``login`` also finds ``login.card``, ``login.unusual``),
+        ``since`` <= at < ``until`` (seconds), ids below ``before_id`` (the next page)."""
+        clauses, args = [], []
+        if user_id is not None:
+            clauses.append("user_id = ?"); args.append(user_id)  # noqa: E702
+        if kind:
+            family = kind.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            clauses.append("(kind = ? OR kind LIKE ? ESCAPE '\\')")
+            args.extend([kind, family + ".%"])
+        if outcome:
+            clauses.append("outcome = ?"); args.append(outcome)  # noqa: E702
+        if since is not None:
+            clauses.append("at >= ?"); args.append(float(since))  # noqa: E702
+        if until is not None:
+            clauses.append("at < ?"); args.append(float(until))  # noqa: E702
+        if before_id is not None:
+            clauses.append("id < ?"); args.append(int(before_id))  # noqa: E702
+        where = ("WHERE " + " AND ".join(clauses) + " ") if clauses else ""
+        with self._using("search audit events") as conn:
+            rows = conn.execute(f"SELECT * FROM audit_events {where}ORDER BY id DESC LIMIT ?",
+                                (*args, max(1, int(limit)))).fetchall()
+        return [self._event(r) for r in rows]
+
     def verify_events(self) -> int:
         """Check the audit events' hash chain; return how many events were verified.
 

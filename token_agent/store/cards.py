@@ -15,7 +15,7 @@ class CardsArea:
 
     _CARD_SELECT = (
         "SELECT m.id, m.user_id, m.name, m.created_at, m.last_used_at, m.flagged, m.flag_reason, "
-        "c.uuid, c.holder_name, c.certificate_serial, c.issuer "
+        "c.uuid, c.holder_name, c.certificate_serial, c.issuer, c.cert_not_after "
         "FROM smartcard_identities c JOIN methods m ON m.id = c.method_id ")
 
     @staticmethod
@@ -24,7 +24,8 @@ class CardsArea:
             id=row["id"], user_id=row["user_id"], name=row["name"], uuid=row["uuid"],
             holder_name=row["holder_name"], certificate_serial=row["certificate_serial"],
             issuer=row["issuer"], created_at=row["created_at"], last_used_at=row["last_used_at"],
-            flagged=bool(row["flagged"]), flag_reason=row["flag_reason"])
+            flagged=bool(row["flagged"]), flag_reason=row["flag_reason"],
+            cert_not_after=row["cert_not_after"])
 
     @staticmethod
     def _check_card_uuid(card_uuid: str) -> str:
@@ -88,14 +89,18 @@ class CardsArea:
         return [self._card(r) for r in rows]
 
     def record_card_use(self, uuid: str, *, certificate_serial: str, issuer: str,
-                        used_at: float | None = None) -> SmartcardIdentity:
-        """Record a successful card login: the certificate used and the time."""
+                        used_at: float | None = None,
+                        not_after: float | None = None) -> SmartcardIdentity:
+        """Record a successful card login: the certificate used (its serial, issuer and, when
+        given, the end of its validity, seconds since the epoch) and the time."""
         with self.transaction(), self._using("record the use of a smartcard") as conn:
             ident = self.get_card_identity(uuid)
             if ident is None:
                 raise UnknownCredential(f"the card holder {uuid} is not enrolled")
-            conn.execute("UPDATE smartcard_identities SET certificate_serial = ?, issuer = ? "
-                         "WHERE method_id = ?", (str(certificate_serial), str(issuer), ident.id))
+            conn.execute("UPDATE smartcard_identities SET certificate_serial = ?, issuer = ?, "
+                         "cert_not_after = coalesce(?, cert_not_after) WHERE method_id = ?",
+                         (str(certificate_serial), str(issuer),
+                          None if not_after is None else float(not_after), ident.id))
             conn.execute("UPDATE methods SET last_used_at = ? WHERE id = ?",
                          (self._now() if used_at is None else float(used_at), ident.id))
             return self._card_by_method(ident.id)

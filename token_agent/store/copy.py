@@ -37,7 +37,7 @@ COPY_ORDER: tuple[str, ...] = (
     "push_devices", "push_requests", "push_pairings", "push_nonces",
     "app_passwords", "backup_codes", "lockouts", "sightings",
     "verifications", "sessions", "settings", "audit_events", "workstations",
-    "org_deliveries",
+    "org_deliveries", "access_passes",
 )
 #: tables a store fills itself: the schema's own history, and the audit chain's head; and
 #: what is only worth its moment: the web pages' browser sessions (signing in again on the
@@ -45,7 +45,8 @@ COPY_ORDER: tuple[str, ...] = (
 NOT_COPIED: tuple[str, ...] = ("schema_history", "audit_head", "web_sessions", "web_throttle")
 #: tables whose ``id`` the engine generates (PostgreSQL's identity sequences move past the
 #: copied ids)
-GENERATED_IDS: tuple[str, ...] = ("methods", "otp_challenges", "backup_codes", "workstations")
+GENERATED_IDS: tuple[str, ...] = ("methods", "otp_challenges", "backup_codes", "workstations",
+                                  "access_passes")
 
 
 class StoreNotEmpty(StoreError):

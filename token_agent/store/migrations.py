@@ -64,6 +64,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               postgresql=_pg(9)),
     Migration(10, "pairing codes and signed-request nonces of push companions",
               sqlite=schema_sqlite.PUSH_PAIRING, postgresql=_pg(10)),
+    Migration(11, "temporary access passes; a card certificate's end of validity",
+              sqlite=schema_sqlite.V11, postgresql=_pg(11)),
 )
 #: the schema version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)

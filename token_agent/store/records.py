@@ -148,6 +148,8 @@ class SmartcardIdentity:
     last_used_at: float | None
     flagged: bool
     flag_reason: str | None
+    #: the end of validity of the certificate the card last logged in with (None: not known)
+    cert_not_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

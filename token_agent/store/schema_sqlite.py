@@ -357,3 +357,28 @@ CREATE TABLE push_nonces (
     PRIMARY KEY (device_id, nonce)
 ) WITHOUT ROWID;
 """
+
+
+V11 = """
+-- Temporary access passes (factors/accesspass.py): issued by an administrator after a lost
+-- device, each single use and short-lived; the pass itself is never stored, only its keyed
+-- hash. A pass ends once: used, expired (recorded when found past expires_at), replaced by a
+-- newer pass, or revoked; at most one pass of a user is open (ended_at NULL) at a time.
+CREATE TABLE access_passes (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id    TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    pass_hash  BLOB NOT NULL CHECK (typeof(pass_hash) = 'blob' AND length(pass_hash) = 32),
+    issued_by  TEXT NOT NULL CHECK (length(issued_by) BETWEEN 1 AND 255),
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL CHECK (expires_at > created_at),
+    ended_at   REAL,
+    end_reason TEXT CHECK ((ended_at IS NULL AND end_reason IS NULL) OR
+                           (ended_at IS NOT NULL AND
+                            end_reason IN ('used', 'expired', 'replaced', 'revoked')))
+);
+CREATE INDEX access_passes_by_user ON access_passes(user_id, id);
+CREATE UNIQUE INDEX access_passes_one_open ON access_passes(user_id) WHERE ended_at IS NULL;
+-- The end of validity of the certificate a card last logged in with (the cards page lists
+-- those ending soon); NULL until the card is used again.
+ALTER TABLE smartcard_identities ADD COLUMN cert_not_after REAL;
+"""
