@@ -314,3 +314,18 @@ def test_an_unusual_login_stopped_at_the_second_factor_is_told_too(world, tmp_pa
     assert "Your password was used to start a sign-in" in notice["text"]
     assert "network 203.0.113.0/24" in notice["text"] and "did not finish" in notice["text"]
     assert signins.recent(w.store, alice.id)[0].unusual
+
+
+def test_a_sign_in_with_a_temporary_access_pass_is_listed_with_where(world):
+    from token_agent.ceremonies.passlogin import ACCESS_PASS
+    from token_agent.factors import accesspass
+
+    w = world()
+    alice = w.add_user("alice")
+    _, issued = accesspass.issue(w.ctx, alice.id, actor="root")
+    w.secrets.append(issued)
+    ward = Device("unmanaged", device_id="pc-1", network="192.0.2.10")
+    assert w.login("alice", issued, device=ward, primary=ACCESS_PASS)[0].ok
+    signed, = signins.recent(w.store, alice.id)
+    assert signed.how == "temporary access pass" and signed.ok
+    assert signed.where == "a web browser or personal device, network 192.0.2.0/24"
