@@ -199,6 +199,7 @@ def test_recent_sign_ins_say_where_and_how_and_flag_the_unusual_one(world, tmp_p
     assert newest.where == "a web browser or personal device, network 198.51.100.0/24"
     assert newest.network == "198.51.100.0/24" and newest.result == "signed in"
     assert failed.result == "failed: wrong code" and failed.how == "password + text message code"
+    assert first.result == "signed in"
     assert failed.where == "a web browser or personal device, network 192.0.2.0/24"
     # the device is told apart by a reference, never by its cookie
     assert first.device_ref and first.device_ref != newest.device_ref
@@ -328,4 +329,14 @@ def test_a_sign_in_with_a_temporary_access_pass_is_listed_with_where(world):
     assert w.login("alice", issued, device=ward, primary=ACCESS_PASS)[0].ok
     signed, = signins.recent(w.store, alice.id)
     assert signed.how == "temporary access pass" and signed.ok
+    assert signed.result == "signed in"
     assert signed.where == "a web browser or personal device, network 192.0.2.0/24"
+
+
+def test_a_step_up_sign_in_is_listed_as_confirming_it_was_you(world):
+    w = world()
+    alice = w.add_user("alice")
+    secret = w.enrol_totp(alice)
+    w.clock.advance(30)
+    assert w.login("alice", PASSWORD, w.code(secret), step_up=True)[0].ok
+    assert signins.recent(w.store, alice.id)[0].result == "confirmed it was you"

@@ -99,7 +99,8 @@ def recent(store: Store, user_id: str, *, limit: int = LIMIT) -> list[SignIn]:
         d = e.detail
         alerted = bool(d.get("alert")) or any(earlier < a < e.id for a in alerts)
         ok = e.outcome == "success"
-        result = "signed in" if ok else "failed: " + _REASONS.get(
+        signed = "confirmed it was you" if d.get("step_up") else "signed in"
+        result = signed if ok else "failed: " + _REASONS.get(
             d.get("reason"), (d.get("reason") or "refused").replace("-", " "))
         out.append(SignIn(at=e.at, ok=ok, how=_how(d), where=_where(d),
                           network=d.get("network"), device_ref=d.get("device_ref"),

@@ -510,7 +510,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                            detail={"primary": first, "second": second_used,
                                    "second_method": second_name, "mfa_required":
                                    decision.mfa_required, "alert": decision.alert,
-                                   **unusual.where_detail(device, net)})
+                                   "step_up": step_up, **unusual.where_detail(device, net)})
         if on_success is not None:
             on_success(user, method)
     detail = {"primary": first, "second": second_used, "decision": decision.to_json()}
