@@ -381,15 +381,16 @@ async def app_passwords(request: Request) -> Response:
 async def backup_codes(request: Request) -> Response:
     session = await require_user(request)
     ctx = _ctx(request)
-    made = None
+    made, replaced = None, False
     if request.method == "POST":
         await require_recent_auth(request, session)
         await read_form(request)
+        replaced = await blocking(backup.get, ctx, session.user_id) is not None
         _, made = await blocking(backup.generate, ctx, session.user_id)
     left = await blocking(backup.remaining, ctx, session.user_id)
     held = await blocking(backup.get, ctx, session.user_id)
     response = await render(request, "account/backup_codes.html", codes=made, left=left,
-                            held=held is not None)
+                            held=held is not None, replaced=replaced)
     return _no_store(response)
 
 
