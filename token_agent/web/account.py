@@ -105,10 +105,19 @@ async def _confirm_throttle(request: Request, user_id: str) -> None:
 # --------------------------------------------------------------------------- the methods
 
 
+def _detail(m: dict) -> str:
+    """What tells a method apart beside its kind: its name unless it only repeats the kind,
+    and a contact's masked destination unless the name already shows it."""
+    parts = [m["name"]] if m["name"].casefold() != m["label"].casefold() else []
+    if m["destination"] and m["destination"] not in m["name"]:
+        parts.append(f"({m['destination']})")
+    return " ".join(parts)
+
+
 def _rows(methods: list[dict]) -> list[dict]:
     """The methods as the home page shows them."""
     return [{**m, "added": when(m["created_at"]), "used": when(m["last_used_at"]),
-             "removable": m["kind"] != "password"} for m in methods]
+             "detail": _detail(m), "removable": m["kind"] != "password"} for m in methods]
 
 
 async def home(request: Request) -> Response:
@@ -126,8 +135,8 @@ async def preferred(request: Request) -> Response:
     agent = _agent(request)
     user = session.user
     methods = await blocking(admin_ops.list_methods, agent.store, user)
-    options = [(str(m["id"]), f"{m['label'].capitalize()}: {m['name']}"
-                + (f" ({m['destination']})" if m["destination"] else ""))
+    options = [(str(m["id"]), m["label"].capitalize()
+                + (f": {_detail(m)}" if _detail(m) else ""))
                for m in methods if m["confirmed"] and not m["flagged"]
                and kinds.by_policy(m["kind"]).second]
     current = next((str(m["id"]) for m in methods if m["preferred"]), None)
