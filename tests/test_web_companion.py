@@ -241,6 +241,7 @@ def test_pair_a_phone_then_approve_with_the_number_and_refuse_a_wrong_one(web, b
 
     # sign in again with push: the computer shows the number, the phone does not
     number = sign_in_with_push(computer, "alice")
+    computer.axe()
     computer.shot("companion-signin-number")
     seen(phone, "Is this you signing in?")
     shown = phone.text()

@@ -179,6 +179,9 @@ class WebServer:
                 secret = pending.secret
                 # the previous step's code (inside the factor's window): the current step's
                 # stays unused for the sign-in that follows
+                left = 30 - time.time() % 30
+                if left < 2:  # not at a step's end: the code must still be the previous one's
+                    time.sleep(left + 0.05)
                 earlier = pyotp.TOTP(secret).at(time.time() - 30)
                 _USED.setdefault(secret, set()).add(earlier)
                 assert totp_factor.confirm_enrol(ctx, user.id, earlier).ok
@@ -366,6 +369,10 @@ class Page:
         if totp_secret is not None:
             wait_for(lambda: "authenticator app" in self.text() or self.path.startswith(
                 "/account") and self._heading_or_none() != "Sign in", what="the code question")
+            if self._radio("authenticator app"):  # several second factors: the app, chosen
+                self.click("Continue")
+                wait_for(lambda: "Code from your authenticator app" in self.text(),
+                         what="the code question")
             if "authenticator app" in self.text():
                 self.fill("Code from your authenticator app", fresh_totp(totp_secret))
                 self.click("Continue")
@@ -374,6 +381,16 @@ class Page:
                  and not self.path.startswith("/account/sign-in"),
                  what=f"signed in (at {self.path}: {self._heading_or_none()})")
         return self
+
+    def _radio(self, label_start: str) -> bool:
+        """Choose the radio whose label starts with ``label_start`` (any case), if any."""
+        from selenium.webdriver.common.by import By
+
+        for lab in self.driver.find_elements(By.CSS_SELECTOR, "label.nhsuk-radios__label"):
+            if lab.text.strip().lower().startswith(label_start.lower()):
+                lab.click()
+                return True
+        return False
 
     def cookie(self, name: str) -> str | None:
         found = self.driver.get_cookie(name)

@@ -34,6 +34,11 @@ url = "https://gateway.example/v1/messages"      # required with gateway = "http
 token_file = "/etc/token-agent/sms.token"        # optional: sent as "Authorization: Bearer ..."
 timeout = 10                       # seconds                                       [10]
 
+[delivery.voice]                   # also: phone call approval ("press #"), optional
+url = "https://gateway.example/v1/messages"
+call_url = "https://gateway.example/v1/calls"    # starts an approval call
+webhook_secret_file = "/etc/token-agent/voice-webhook.secret"  # signs the gateway's result
+
 [delivery.messaging]               # the channel `fallback` above sends on to SMS
 url = "https://messaging.example/v1/messages"
 token_file = "/etc/token-agent/messaging.token"
@@ -70,6 +75,13 @@ The HTTP gateway POSTs JSON to `url` and expects a 2xx answer, preferably `{"id"
 {"channel": "sms", "to": "+447700900123", "text": "123456 is your NHS Trust sign-in code. It expires in 10 minutes. Never share it.", "reference": "<uuid4>"}
 {"channel": "voice", "to": "+447700900123", "say": "This is NHS Trust. Your sign-in code is 1, 2, 3, 4, 5, 6. Again: 1, 2, 3, 4, 5, 6. Enter it on the screen, then press hash.", "gather": {"finish_on_key": "#"}, "reference": "<uuid4>"}
 ```
+
+**Phone call approval** (`call_url` and `webhook_secret_file` in `[delivery.voice]`, both or
+neither; `token_agent.factors.voicecall`): the agent POSTs
+`{"channel": "voice", "to": "+447700900123", "say": "...", "gather": {"num_digits": 1},
+"call_id": "<id>", "reference": "<id>"}` to `call_url`; the gateway calls, reads `say` and
+reports the key pressed to the organisation server's `/hooks/voice`, signed with the shared
+secret of `webhook_secret_file` (HMAC-SHA256, see `voicecall.verify_webhook`).
 
 Redirects are not followed (they would carry the bearer token elsewhere). Proxies named in
 the environment (`https_proxy`, `no_proxy`) are used, except for gateways on this machine.
@@ -404,6 +416,10 @@ class HttpSettings:
     url: str
     token_file: Path | None = None
     timeout: float = DEFAULT_TIMEOUT
+    #: [delivery.voice] only: where approval calls are started, and the file holding the
+    #: secret the gateway signs its webhook with
+    call_url: str | None = None
+    webhook_secret_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -619,7 +635,8 @@ def _url_problem(url: str) -> str | None:
 
 
 def _parse_phone(channel: str, t: _Table, has_outbox: bool) -> ChannelConfig | None:
-    t.check_keys(("gateway", "url", "token_file", "timeout"), _secret_keys("token_file"))
+    calls = ("call_url", "webhook_secret_file") if channel == "voice" else ()
+    t.check_keys(("gateway", "url", "token_file", "timeout", *calls), _secret_keys("token_file"))
     bad = len(t.errors)
     gateway = t.choice("gateway", ("http", "outbox"), "http")
     url = t.text("url")
@@ -628,6 +645,18 @@ def _parse_phone(channel: str, t: _Table, has_outbox: bool) -> ChannelConfig | N
         url = None
     token_file = t.path_value("token_file")
     timeout = t.timeout()
+    call_url = t.text("call_url") if calls else None
+    if call_url is not None and (problem := _url_problem(call_url)):
+        t.error("call_url", problem)
+        call_url = None
+    webhook_secret_file = t.path_value("webhook_secret_file") if calls else None
+    if calls and ("call_url" in t.data) != ("webhook_secret_file" in t.data):
+        missing = "webhook_secret_file" if "call_url" in t.data else "call_url"
+        t.error(missing, "missing: phone call approval needs both call_url (where calls are "
+                         "started) and webhook_secret_file (the secret the gateway signs its "
+                         "results with)")
+    if calls and "call_url" in t.data and gateway != "http":
+        t.error("call_url", "phone call approval needs gateway = \"http\"")
     if gateway == "http" and "url" not in t.data:
         t.error("url", "missing: the gateway's address, like \"https://gateway.example/v1/messages\"")
     elif gateway == "outbox" and not has_outbox:
@@ -637,7 +666,9 @@ def _parse_phone(channel: str, t: _Table, has_outbox: bool) -> ChannelConfig | N
     if gateway == "outbox":
         return ChannelConfig(channel, "outbox")
     assert url is not None and timeout is not None
-    return ChannelConfig(channel, "http", http=HttpSettings(url=url, token_file=token_file, timeout=timeout))
+    return ChannelConfig(channel, "http", http=HttpSettings(
+        url=url, token_file=token_file, timeout=timeout, call_url=call_url,
+        webhook_secret_file=webhook_secret_file))
 
 
 def _parse_fallback(top: _Table, channels: set[str]) -> dict[str, str]:
@@ -930,6 +961,25 @@ class HttpGateway(Gateway):
         if message.channel != self.channel:
             raise ValueError(f"this gateway sends {self.channel} messages, not {message.channel}")
         to = self._destination(message)
+        reference = str(uuid.uuid4())
+        return self._post(self.settings.url, self.payload(message, to, reference), reference)
+
+    def start_call(self, destination: str, say: str, call_id: str) -> str:
+        """Start a phone call approval (``call_url``): the gateway calls ``destination``,
+        reads ``say`` and gathers one key; it reports the result to the webhook later.
+        Returns the gateway's call ID; ``DeliveryError`` when the call cannot be started."""
+        if self.settings.call_url is None:
+            raise _failure(self.channel, "phone call approval is not configured: add call_url "
+                                         "and webhook_secret_file to [delivery.voice]")
+        try:
+            to = validate_destination(self.channel, destination)
+        except ValueError as exc:
+            raise _failure(self.channel, str(exc)) from None
+        payload = {"channel": "voice", "to": to, "say": say, "gather": {"num_digits": 1},
+                   "call_id": call_id, "reference": call_id}
+        return self._post(self.settings.call_url, payload, call_id)
+
+    def _post(self, url: str, payload: dict[str, Any], reference: str) -> str:
         s = self.settings
         fail = lambda reason: _failure(self.channel, reason)  # noqa: E731
         headers = {"Content-Type": "application/json", "Accept": "application/json",
@@ -940,10 +990,11 @@ class HttpGateway(Gateway):
                 raise fail(f"the token file {s.token_file} does not hold a token (one line of printable "
                            f"characters, no spaces) (token_file in [delivery.{self.channel}])")
             headers["Authorization"] = f"Bearer {token}"
-        reference = str(uuid.uuid4())
-        body = json.dumps(self.payload(message, to, reference)).encode("utf-8")
-        request = urllib.request.Request(s.url, data=body, headers=headers, method="POST")
-        gateway = f"the gateway at {self._where}"
+        body = json.dumps(payload).encode("utf-8")
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        parts = urllib.parse.urlsplit(url)
+        where = f"{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        gateway = f"the gateway at {where}"
         try:
             with self._opener.open(request, timeout=s.timeout) as response:
                 status = response.status
@@ -1059,6 +1110,27 @@ class Delivery:
                 self._gateways[channel] = HttpGateway(channel, cc.http)
             else:
                 raise ValueError(f"[delivery.{channel}]: gateway {cc.gateway!r} without its settings")
+
+    def call_gateway(self) -> "HttpGateway | None":
+        """The voice channel's HTTP gateway when it can make approval calls, else None."""
+        gateway = self._gateways.get("voice")
+        if isinstance(gateway, HttpGateway) and gateway.settings.call_url is not None:
+            return gateway
+        return None
+
+    def webhook_secret(self) -> bytes:
+        """The secret the voice gateway signs its webhook with (read each time: it can be
+        replaced without a restart); ``DeliveryError`` when missing or unreadable."""
+        gateway = self.call_gateway()
+        if gateway is None or gateway.settings.webhook_secret_file is None:
+            raise DeliveryError("voice", "phone call approval is not configured",
+                                reason="not configured")
+        text = _read_secret("voice", gateway.settings.webhook_secret_file, "webhook_secret_file",
+                            "voice", "webhook secret").strip()
+        if len(text) < 16:
+            raise _failure("voice", f"the webhook secret in {gateway.settings.webhook_secret_file} "
+                                    "is too short (at least 16 characters)")
+        return text.encode("utf-8")
 
     def configured_channels(self) -> tuple[str, ...]:
         return tuple(c for c in CHANNELS if c in self._gateways)

@@ -15,6 +15,11 @@ give):
 * ``CHANNEL:NAME`` (``sms:alternate phone``): that contact, by name (case-insensitive).
   When a user has several contacts of a channel, the menu's keys are of this form.
 
+* ``call:KEY`` (``call:voice``, ``call:sms:mobile``): phone call approval ("press #") to
+  the phone contact ``KEY`` names, offered when the voice gateway can make approval calls
+  (``factors/voicecall.py``). For a ``voice`` contact it comes before the choice that reads
+  a code aloud (which stays as the fallback); for an ``sms`` one, after the text message.
+
 The default choice is the user's preferred method (``methods prefer``, a contact by its
 name), unless it is locked and another is not.
 """
@@ -29,6 +34,21 @@ from .. import kinds
 SECOND_METHODS = tuple(k.policy for k in kinds.ALL if k.second or k.fallback)
 #: the second factors that are contacts (a destination each; several per user)
 CONTACT_METHODS = tuple(k.policy for k in kinds.CONTACTS)
+#: the prefix of a phone call approval's key, and the contacts a call can go to
+CALL = "call"
+CALL_METHODS = ("voice", "sms")
+
+
+def split_call(value: str) -> tuple[bool, str]:
+    """``"call:sms:mobile"`` -> ``(True, "sms:mobile")``; anything else -> ``(False,
+    value)``. ``ValueError`` when the call names no phone contact."""
+    base, sep, rest = value.partition(":")
+    if base.strip() != CALL:
+        return False, value
+    if not sep or rest.partition(":")[0].strip() not in CALL_METHODS:
+        raise ValueError(f"{value!r}: a phone call goes to a phone contact: call:voice or "
+                         "call:sms (or call:CHANNEL:NAME)")
+    return True, rest.strip()
 
 
 def parse_second(value: str) -> tuple[str, str | None]:
@@ -59,6 +79,8 @@ class Choice:
     label: str
     name: str
     method: object  # store.Method
+    #: phone call approval ("press #") rather than a code
+    call: bool = False
 
 
 def _label(method, hint: str | None) -> str:
@@ -70,13 +92,20 @@ def _label(method, hint: str | None) -> str:
     return f"{label}: {method.name} ({hint})"
 
 
+def _call_choice(choice: Choice, hint: str | None) -> Choice:
+    where = f" ({hint})" if hint else ""
+    return Choice(f"{CALL}:{choice.key}", f"phone call: press #{where}", choice.name,
+                  choice.method, call=True)
+
+
 def menu(ctx, user_methods: list, usable: list[str]) -> list[Choice]:
     """The choices for a user holding ``user_methods`` (usable ones, in order of
     enrolment) of which the policy accepts ``usable`` (policy names, in its order)."""
-    from ..factors import codes
+    from ..factors import codes, voicecall
 
     hints = {c.method.id: c.hint for c in codes.list_contacts(ctx, user_methods[0].user_id)} \
         if user_methods else {}
+    calls = voicecall.available(ctx)
     out: list[Choice] = []
     for name in usable:
         held = [m for m in user_methods if kinds.by_store(m.kind).policy == name]
@@ -87,18 +116,23 @@ def menu(ctx, user_methods: list, usable: list[str]) -> list[Choice]:
             continue
         several = len(held) > 1
         for m in held:
-            out.append(Choice(f"{name}:{m.name}" if several else name,
-                              _label(m, hints.get(m.id)), name, m))
+            choice = Choice(f"{name}:{m.name}" if several else name,
+                            _label(m, hints.get(m.id)), name, m)
+            call = _call_choice(choice, hints.get(m.id)) if calls and name in CALL_METHODS \
+                else None
+            out.extend([call, choice] if call and name == "voice" else
+                       [choice, call] if call else [choice])
     return out
 
 
 def find(choices: list[Choice], key: str, preferred=None) -> Choice | None:
     """The choice ``key`` means (see the module docstring), or None."""
     try:
+        call, key = split_call(key)
         name, contact = parse_second(key)
     except ValueError:
         return None
-    mine = [c for c in choices if c.name == name]
+    mine = [c for c in choices if c.name == name and c.call == call]
     if contact is not None:
         wanted = contact.casefold()
         return next((c for c in mine if c.method.name.casefold() == wanted), None)

@@ -531,7 +531,7 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
     """The second factor: ``second`` when given (``choices``: a method, or one contact by
     name), else the preferred one, with the others offered as "use a different method" (one
     choice per contact); a locked one is not the default when another is not locked."""
-    from ..factors import backup, codes, push, totp
+    from ..factors import backup, codes, push, totp, voicecall
     from . import choices
 
     store = agent.store
@@ -550,7 +550,8 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
     else:
         key = second
     try:
-        chosen, contact = choices.parse_second(key)
+        call, plain = choices.split_call(key)
+        chosen, contact = choices.parse_second(plain)
     except ValueError as e:
         return Verification(False, "totp", None, Reason.METHOD_NOT_ALLOWED, str(e))
     if chosen not in decision.allowed_methods:
@@ -559,11 +560,18 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
                             f"(allowed: {', '.join(decision.allowed_methods) or 'none'})")
     everything = choices.menu(ctx, held, [chosen])  # held, even where the policy says no
     picked = choices.find(menu, key, preferred) or choices.find(everything, key, preferred)
+    if picked is None and call and not voicecall.available(ctx):
+        return Verification(False, kinds.store_of_policy(chosen), None,
+                            Reason.METHOD_NOT_ALLOWED, "phone call approval is not available "
+                            "here: choose a code instead")
     if picked is None:
         return Verification(False, kinds.store_of_policy(chosen), None, Reason.NO_CREDENTIAL,
                             f"{user.username} has no {chosen} method set up"
                             + (f" named {contact!r}" if contact else ""))
     method = picked.method
+    if call:  # phone call approval: "we are calling ...: answer and press #"
+        return voicecall.call_and_wait(ctx, method, interaction.info, timeout=push_timeout,
+                                       cancel=cancel)
     if chosen == "totp":
         return totp.verify(ctx, user.id, _ask(interaction.secret("Code from your authenticator app")))
     if chosen == "backup":

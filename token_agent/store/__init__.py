@@ -14,7 +14,8 @@ package, one module per area, on an engine behind one seam.
   (contacts, one-time codes), ``push.py``, ``lockouts.py``, ``sightings.py``,
   ``sessions.py``, ``settings.py``, ``workstations.py`` (an organisation's
   workstations), ``deliveries.py`` (the events they delivered), ``accesspasses.py``
-  (temporary access passes), ``audit.py``. No SQL outside this package.
+  (temporary access passes), ``calls.py`` (phone call approvals, password resets),
+  ``audit.py``. No SQL outside this package.
 
 ``Store`` combines them; ``Store.open(path)`` opens a SQLite store. Every error is a
 ``StoreError`` (``errors.py``).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from .accesspasses import AccessPassesArea
 from .audit import AuditArea
+from .calls import CallsArea
 from .cards import CardsArea
 from .codes import CodesArea
 from .core import StoreCore
@@ -61,9 +63,9 @@ from .websessions import WebSessionRow, WebSessionsArea
 from .workstations import WorkstationsArea
 
 
-class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, LockoutsArea,
-            SightingsArea, SessionsArea, SettingsArea, WorkstationsArea, DeliveriesArea,
-            WebSessionsArea, AccessPassesArea,
+class Store(UsersArea, MethodsArea, CardsArea, SecretsArea, CodesArea, PushArea, CallsArea,
+            LockoutsArea, SightingsArea, SessionsArea, SettingsArea, WorkstationsArea,
+            DeliveriesArea, WebSessionsArea, AccessPassesArea,
             AuditArea, StoreCore):
     """The agent's store. Create with ``Store.open(path)`` (SQLite); close with ``close()``
     or use it as a context manager. See the package's modules for durability

@@ -37,12 +37,13 @@ COPY_ORDER: tuple[str, ...] = (
     "push_devices", "push_requests", "push_pairings", "push_nonces",
     "app_passwords", "backup_codes", "lockouts", "sightings",
     "verifications", "sessions", "settings", "audit_events", "workstations",
-    "org_deliveries", "access_passes",
+    "org_deliveries", "access_passes", "voice_calls",
 )
 #: tables a store fills itself: the schema's own history, and the audit chain's head; and
 #: what is only worth its moment: the web pages' browser sessions (signing in again on the
-#: new store is the safe way) and rate-limit counters
-NOT_COPIED: tuple[str, ...] = ("schema_history", "audit_head", "web_sessions", "web_throttle")
+#: new store is the safe way), rate-limit counters and password resets in progress
+NOT_COPIED: tuple[str, ...] = ("schema_history", "audit_head", "web_sessions", "web_throttle",
+                               "recovery_resets")
 #: tables whose ``id`` the engine generates (PostgreSQL's identity sequences move past the
 #: copied ids)
 GENERATED_IDS: tuple[str, ...] = ("methods", "otp_challenges", "backup_codes", "workstations",

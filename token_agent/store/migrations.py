@@ -66,6 +66,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               sqlite=schema_sqlite.PUSH_PAIRING, postgresql=_pg(10)),
     Migration(11, "temporary access passes; a card certificate's end of validity",
               sqlite=schema_sqlite.V11, postgresql=_pg(11)),
+    Migration(12, "phone call approvals and forgotten-password resets",
+              sqlite=schema_sqlite.V_CALLS, postgresql=_pg(12)),
 )
 #: the schema version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -384,6 +384,37 @@ CREATE UNIQUE INDEX access_passes_one_open ON access_passes(user_id) WHERE ended
 ALTER TABLE smartcard_identities ADD COLUMN cert_not_after DOUBLE PRECISION;
 """
 
+
+_V_CALLS = """
+-- Phone call approvals and forgotten-password resets: see schema_sqlite.V_CALLS.
+CREATE TABLE voice_calls (
+    id          TEXT PRIMARY KEY NOT NULL CHECK (length(id) BETWEEN 16 AND 64),
+    method_id   BIGINT NOT NULL REFERENCES methods(id) ON DELETE CASCADE,
+    created_at  DOUBLE PRECISION NOT NULL,
+    expires_at  DOUBLE PRECISION NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'approved', 'denied', 'expired', 'cancelled')),
+    result      TEXT CHECK (result IS NULL OR length(result) <= 32),
+    decided_at  DOUBLE PRECISION
+);
+CREATE INDEX voice_calls_by_method ON voice_calls(method_id, state);
+
+CREATE TABLE recovery_resets (
+    id          TEXT PRIMARY KEY NOT NULL CHECK (length(id) = 64),
+    user_id     TEXT REFERENCES users(id) ON DELETE CASCADE,
+    username    TEXT NOT NULL CHECK (length(username) BETWEEN 1 AND 256),
+    created_at  DOUBLE PRECISION NOT NULL,
+    expires_at  DOUBLE PRECISION NOT NULL,
+    proofs      TEXT NOT NULL DEFAULT '[]',
+    step_kind   TEXT,
+    step_method BIGINT,
+    state       TEXT NOT NULL DEFAULT 'started'
+                CHECK (state IN ('started', 'proven', 'done', 'refused')),
+    updated_at  DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX recovery_resets_by_expiry ON recovery_resets(expires_at);
+"""
+
 #: ``SCRIPTS[n]``: the DDL bringing a PostgreSQL database from version ``n - 1`` to ``n``
 SCRIPTS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5, 6: _V6, 7: _V7, 8: _V8,
-                          9: _V9, 10: _PUSH_PAIRING, 11: _V11}
+                          9: _V9, 10: _PUSH_PAIRING, 11: _V11, 12: _V_CALLS}

@@ -382,3 +382,38 @@ CREATE UNIQUE INDEX access_passes_one_open ON access_passes(user_id) WHERE ended
 -- those ending soon); NULL until the card is used again.
 ALTER TABLE smartcard_identities ADD COLUMN cert_not_after REAL;
 """
+
+
+V_CALLS = """
+-- Phone call approvals ("press #"): one row per call, decided once by the voice gateway's
+-- signed webhook (token_agent/factors/voicecall.py).
+CREATE TABLE voice_calls (
+    id          TEXT PRIMARY KEY NOT NULL CHECK (length(id) BETWEEN 16 AND 64),
+    method_id   INTEGER NOT NULL REFERENCES methods(id) ON DELETE CASCADE,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'approved', 'denied', 'expired', 'cancelled')),
+    result      TEXT CHECK (result IS NULL OR length(result) <= 32),
+    decided_at  REAL
+);
+CREATE INDEX voice_calls_by_method ON voice_calls(method_id, state);
+
+-- Forgotten-password resets in progress (token_agent/recovery.py): keyed by the SHA-256 of
+-- the browser's reset cookie; user_id is NULL for a name that cannot be reset (unknown,
+-- disabled), so that such a reset looks the same until a method is proven.
+CREATE TABLE recovery_resets (
+    id          TEXT PRIMARY KEY NOT NULL CHECK (length(id) = 64),
+    user_id     TEXT REFERENCES users(id) ON DELETE CASCADE,
+    username    TEXT NOT NULL CHECK (length(username) BETWEEN 1 AND 256),
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    proofs      TEXT NOT NULL DEFAULT '[]',
+    step_kind   TEXT,
+    step_method INTEGER,
+    state       TEXT NOT NULL DEFAULT 'started'
+                CHECK (state IN ('started', 'proven', 'done', 'refused')),
+    updated_at  REAL NOT NULL
+);
+CREATE INDEX recovery_resets_by_expiry ON recovery_resets(expires_at);
+"""

@@ -26,7 +26,7 @@ import re
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ..ceremonies.login import login, login_or_tap
@@ -44,6 +44,8 @@ SIGNIN_COOKIE = "__Host-ta_signin"
 SIGNIN_LIMIT, SIGNIN_WINDOW = 30, 600.0
 #: how long a page waits for the flow's next question before showing "please wait"
 TURN_WAIT = 1.5
+#: how long the waiting page's status request waits for the sign-in to move on
+STATUS_WAIT = 8.0
 MAX_USERNAME = 255
 MAX_ANSWER = 1024
 
@@ -216,6 +218,16 @@ async def step_page(request: Request) -> Response:
                         turn=conv.turn, purpose=conv.purpose, errors=errors)
 
 
+async def status(request: Request) -> Response:
+    """For the waiting page's script: ``{"ready": true}`` once the sign-in has a new question
+    or is over (waits up to ``STATUS_WAIT`` s for it: a long poll)."""
+    conv = _conversation(request)
+    if conv is None:
+        return JSONResponse({"ready": True})
+    prompt = await blocking(conv.wait_turn, STATUS_WAIT)
+    return JSONResponse({"ready": conv.done or prompt is not None})
+
+
 async def step(request: Request) -> Response:
     form = await read_form(request)
     conv = _conversation(request)
@@ -315,6 +327,7 @@ ROUTES = [
     Route("/account/sign-in", sign_in, methods=["POST"]),
     Route("/account/sign-in/step", step_page, methods=["GET"]),
     Route("/account/sign-in/step", step, methods=["POST"]),
+    Route("/account/sign-in/status", status, methods=["GET"]),
     Route("/account/reauth", reauth_page, methods=["GET"]),
     Route("/account/reauth", reauth, methods=["POST"]),
     Route("/account/sign-out", sign_out, methods=["POST"]),
