@@ -148,9 +148,16 @@ def test_mfa_users_log_in_with_their_second_factor_first(cli):
     assert alone.returncode != 0 and "with a second factor" in alone.stderr
     assert "Code from your authenticator app" in alone.stderr
     assert cli.kinds() == ["password", "totp"]
+    # the last second factor under enforced MFA is never removed (admin_ops.removal_refused)
+    last = cli.nobody("methods", "remove", "--user", "nobody", "totp",
+                      input=f"{PASSWORD}\n{codes.next()}\n", expect=exitcodes.CONFLICT)
+    assert "your last second factor" in last.stderr
+    assert cli.kinds() == ["password", "totp"]
+    cli.nobody("enrol", "backup-codes", "--user", "nobody",
+               input=f"{PASSWORD}\n{codes.next()}\n")
     cli.nobody("methods", "remove", "--user", "nobody", "totp",
                input=f"{PASSWORD}\n{codes.next()}\n")
-    assert cli.kinds() == ["password"]
+    assert cli.kinds() == ["backup", "password"]
 
 
 def test_administrators_are_not_asked(cli):

@@ -33,7 +33,9 @@ from token_agent.service.client import ServiceError
 #: a new device for each login: the policy asks for the second factor every time
 DEVICES = (f"ward-pc-{n}" for n in itertools.count(1))
 #: for the tests of the menu: no resend interval, so that they test the menu alone
-NO_RESEND_GAP = "[codes]\nresend_seconds = 0\n"
+#: and no unusual-login notices (each login is from a new device: its notice would be one more
+#: text among the codes these tests count; the notices have their own tests, test_account_lib)
+NO_RESEND_GAP = "[codes]\nresend_seconds = 0\n[unusual_login]\nenabled = false\n"
 MOBILE, MOBILE_E164 = "07700900123", "+447700900123"
 ALTERNATE, ALTERNATE_E164 = "07700900456", "+447700900456"
 

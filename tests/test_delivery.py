@@ -275,11 +275,29 @@ def test_bad_messages_are_refused(kwargs):
     ("0044 7700 900123", "+447700900123"),
     ("+447700900123", "+447700900123"),
     ("+1 (202) 555-0143", "+12025550143"),
-    ("020 7946 0018", "+442079460018"),
 ])
 def test_phone_numbers_are_normalised_to_e164(raw, expected):
     for channel in ("sms", "voice", "messaging"):
         assert validate_destination(channel, raw) == expected
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("020 7946 0018", "+442079460018"),    # London: an office phone
+    ("01632 960 001", "+441632960001"),    # a geographic landline
+    ("+44 (0)3069 990000", "+443069990000"),  # 03: non-geographic, like a landline
+    ("0808 157 0192", "+448081570192"),    # freephone
+])
+def test_landlines_are_refused_for_texts_but_not_for_calls(raw, expected):
+    # NHSmail: "The use of the office phone option is not recommended or supported"
+    assert validate_destination("voice", raw) == expected
+    for channel in ("sms", "messaging"):
+        with pytest.raises(ValueError) as info:
+            validate_destination(channel, raw)
+        assert str(info.value) == ("Office phones and landlines cannot receive text messages: "
+                                   "enter a mobile number (UK mobile numbers start 07)")
+    # a mobile, and a foreign number (whose kind cannot be told), are accepted
+    assert validate_destination("sms", "07700 900123") == "+447700900123"
+    assert validate_destination("sms", "+1 202 555 0143") == "+12025550143"
 
 
 @pytest.mark.parametrize("raw", ["", "hello", "12345678", "+0447700900123", "+12", "0770090012345",

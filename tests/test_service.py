@@ -687,6 +687,10 @@ def test_methods_enrolment_and_policy_over_the_socket(services, world):
         with pytest.raises(ServiceError) as info:
             c.request("policy.explain", user="alice", device={"kind": "managed", "joined": True})
         assert info.value.code == "bad-request" and "joined" in str(info.value)
+        with pytest.raises(ServiceError) as info:  # her last second factor: MFA is enforced
+            c.request("methods.remove", user="alice", kind="totp")
+        assert info.value.code == "conflict" and "last second factor" in str(info.value)
+        services.secrets.extend(c.request("enrol.backup-codes", user="alice")["codes"])
         assert c.request("methods.remove", user="alice", kind="totp") == {}
         with pytest.raises(ServiceError) as info:
             c.request("methods.remove", user="alice", kind="totp")

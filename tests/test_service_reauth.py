@@ -128,6 +128,8 @@ def test_one_factor_is_not_enough_when_mfa_applies(services, world):
         ["req", 1, "methods.remove", {"user": "nobody", "kind": "totp"}],
         ["login", 1, "nobody", [PASSWORD, code], {"step_up": True}],
         ["req", 1, "methods.remove", {"user": "nobody", "kind": "totp"}],
+        ["req", 1, "enrol.backup-codes", {"user": "nobody"}],
+        ["req", 1, "methods.remove", {"user": "nobody", "kind": "totp"}],
     ])
     first = results[0]["result"]
     assert first["ok"] and first["method"] == "password" and not first["multi_factor"]
@@ -136,8 +138,11 @@ def test_one_factor_is_not_enough_when_mfa_applies(services, world):
     stepped = results[3]
     assert stepped["result"]["ok"] and stepped["result"]["multi_factor"], stepped
     assert stepped["prompts"] == ["Password", "Code from your authenticator app"]
-    assert results[4] == {"ok": True, "result": {}}
-    assert kinds(world, nobody) == ["password"]
+    # the last second factor under enforced MFA is never removed (admin_ops.removal_refused)
+    assert results[4]["code"] == "conflict" and "last second factor" in results[4]["message"]
+    services.secrets.extend(results[5]["result"]["codes"])
+    assert results[6] == {"ok": True, "result": {}}
+    assert kinds(world, nobody) == ["backup_codes", "password"]
     refused = world.events("service.refused", peer_uid=NOBODY)
     assert {e.detail.get("reauth") for e in refused} == {"single-factor"}
 

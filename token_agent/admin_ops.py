@@ -67,16 +67,23 @@ def reset_methods(store: "Store", user: "User", actor: str, *,
 
 
 def list_methods(store: "Store", user: "User") -> list[dict]:
-    """``user``'s methods as ``methods list --json`` and ``methods.list`` give them."""
+    """``user``'s methods as ``methods list --json`` and ``methods.list`` give them (a
+    contact's ``destination`` masked: ``+44•••••123``)."""
     from .factors import lockout
 
+    from .delivery import mask_destination
+
     locks = {s.scope: s for s in lockout.user_locks(store, user.id)}
+    contacts = store.user_contacts(user.id)
     methods = []
     for m in store.list_methods(user.id):
         lock = locks.get(f"method:{m.id}")
+        contact = contacts.get(m.id)
         methods.append({
             "id": m.id, "kind": kinds.policy_of_store(m.kind),
             "label": kinds.label_of_store(m.kind), "name": m.name,
+            "destination": None if contact is None else mask_destination(
+                contact["channel"], contact["destination"]),
             "preferred": m.preferred, "confirmed": m.confirmed,
             "created_at": m.created_at, "last_used_at": m.last_used_at,
             "flagged": m.flagged, "flag_reason": m.flag_reason,
@@ -89,6 +96,21 @@ def find_method(store: "Store", user: "User", kind: str, name: str | None) -> "M
     """``user``'s method of front-end ``kind`` (one of ``METHOD_KINDS``), by ``name`` when
     given; ``None`` when there is none. ``kinds.UnknownKind`` for another name."""
     return store.find_method(user.id, kinds.by_cli(kind).store, name)
+
+
+def method_of(store: "Store", user: "User", method_id: object) -> "Method | None":
+    """``user``'s method with that id (a page's form names it so); None for anything else:
+    not a number, no such method, or another user's (which is not told apart)."""
+    from .store import UnknownCredential
+
+    text = str(method_id)
+    if not (text.isascii() and text.isdigit() and len(text) <= 15):
+        return None
+    try:
+        method = store.get_method(int(text))
+    except UnknownCredential:
+        return None
+    return method if method.user_id == user.id else None
 
 
 def missing_method(user: "User", kind: str, name: str | None) -> str:
@@ -105,12 +127,73 @@ def prefer_method(store: "Store", user: "User", method: "Method", actor: str | N
                            detail=_with_actor({"kind": method.kind, "name": method.name}, actor))
 
 
-def remove_method(store: "Store", user: "User", method: "Method", actor: str | None) -> None:
-    """Remove one of ``user``'s methods. Records ``method.removed``."""
+class RemovalRefused(ValueError):
+    """A method that cannot be removed (the last way to sign in, or the last second factor
+    where MFA is enforced); the message says why and what to do."""
+
+
+def removal_refused(agent: "Agent", user: "User", method: "Method") -> str | None:
+    """Why ``method`` cannot be removed now, or None. Never the user's last usable way to
+    sign in (a password, key or card), and, while MFA is enforced for them, never their last
+    second factor the policy accepts (backup codes count: they let the user in to set up
+    another): without it, whoever knows the password would set up their own at the next
+    login. An administrator resets a lost device's methods with ``admin reset-methods``."""
+    from .ceremonies.login import Device, explain_for
+    from .factors import usable_methods
+
+    usable = usable_methods(agent.store, user.id)
+    if all(m.id != method.id for m in usable):
+        return None  # not confirmed, or suspended: nobody signs in with it
+    others = [m for m in usable if m.id != method.id]
+    kind = kinds.by_store(method.kind)
+    label = kind.label
+    if kind.primary and not any(kinds.by_store(m.kind).primary for m in others):
+        return (f"the {label} {method.name!r} is the last way you can sign in (a password, "
+                f"security key or smartcard): set up another one before removing it")
+    decision = explain_for(agent, user.username, device=Device())
+    if decision.enforced and kind.policy in decision.allowed_methods and not any(
+            kinds.by_store(m.kind).policy in decision.allowed_methods for m in others):
+        return (f"the {label} {method.name!r} is your last second factor and multi-factor "
+                "authentication applies to your account: add another method (an authenticator app, a "
+                "phone, backup codes) before removing it")
+    return None
+
+
+def remove_method(agent: "Agent", user: "User", method: "Method", actor: str | None) -> None:
+    """Remove one of ``user``'s methods. Records ``method.removed``. ``RemovalRefused``
+    (nothing changed, recorded as ``method.removed`` refused) when
+    :func:`removal_refused` says no."""
+    store = agent.store
     with store.transaction():
-        store.remove_method(method.id)
-        store.record_event("method.removed", user_id=user.id, outcome="success",
-                           detail=_with_actor({"kind": method.kind, "name": method.name}, actor))
+        problem = removal_refused(agent, user, method)
+        if problem is not None:
+            store.record_event("method.removed", user_id=user.id, outcome="refused",
+                               detail=_with_actor({"kind": method.kind, "name": method.name,
+                                                   "reason": "last-method"}, actor))
+        else:
+            store.remove_method(method.id)
+            store.record_event("method.removed", user_id=user.id, outcome="success",
+                               detail=_with_actor({"kind": method.kind, "name": method.name},
+                                                  actor))
+    if problem is not None:
+        raise RemovalRefused(problem)
+    _tell_removed(agent, user, method)
+
+
+def _tell_removed(agent: "Agent", user: "User", method: "Method") -> None:
+    """Tell the user, on their other verified contacts, that a method was removed (a stolen
+    session removing the user's methods is then noticed by the user)."""
+    import datetime as _dt
+
+    from .notify import tell_user
+
+    label = kinds.label_of_store(method.kind)
+    when = _dt.datetime.fromtimestamp(agent.now(), _dt.timezone.utc)
+    tell_user(agent, user, "A sign-in method was removed from your account",
+              f"The {label} \"{method.name}\" was removed from your {agent.issuer} account "
+              f"({user.username}) on {when.day} {when:%B %Y at %H:%M} UTC. If you did this, "
+              "you do not need to do anything. If not, sign in and check your methods now.",
+              exclude_method_id=method.id)
 
 
 def enrol_failed(store: "Store", username: str, kind: str, reason: str, via: str) -> None:

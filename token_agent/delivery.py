@@ -364,7 +364,8 @@ def validate_destination(channel: str, destination: str) -> str:
 
     Email: a plain address (`name@trust.nhs.uk`, no display name), domain lower-cased.
     Phone channels: an E.164 number (`+447700900123`); UK national numbers (`07700 900123`)
-    become E.164. Raises ValueError with a message for people (which does not repeat the
+    become E.164. Text messages (SMS, a messaging app) go to mobiles only: a UK landline or
+    office phone (`020 7946 0018`) is refused for them, with :data:`LANDLINE_REFUSED`. Raises ValueError with a message for people (which does not repeat the
     destination, as it may end up in logs).
     """
     _check_channel(channel)
@@ -372,7 +373,24 @@ def validate_destination(channel: str, destination: str) -> str:
         raise ValueError("a destination must be text")
     if channel == "email":
         return _validate_email(destination)
-    return _validate_phone(destination)
+    number = _validate_phone(destination)
+    if channel in TEXT_CHANNELS and is_uk_landline(number):
+        raise ValueError(LANDLINE_REFUSED)
+    return number
+
+
+#: the channels whose messages only a mobile phone receives
+TEXT_CHANNELS = ("sms", "messaging")
+#: why a landline is refused for texts (NHSmail's guide: "The use of the office phone option
+#: is not recommended or supported"; "(Note: The office phone option is not supported.)")
+LANDLINE_REFUSED = ("Office phones and landlines cannot receive text messages: enter a mobile "
+                    "number (UK mobile numbers start 07)")
+
+
+def is_uk_landline(number: str) -> bool:
+    """Whether an E.164 number is a UK number that is not a mobile: a landline or office
+    phone (01, 02, 03) or a non-geographic one (05, 08, 09). UK mobiles start 07."""
+    return number.startswith("+44") and len(number) > 3 and number[3] != "7"
 
 
 # --------------------------------------------------------------------------- configuration

@@ -152,3 +152,17 @@ def default(choices: list[Choice], preferred, locked: set[int]) -> Choice:
             if c.method.id == preferred.id:
                 return c
     return open_[0]
+
+
+def locked(ctx, choices: list[Choice]) -> set[int]:
+    """The ids of the choices' methods locked now for this login (``ctx.familiar``: failures
+    from an unfamiliar device or network count apart)."""
+    from ..factors import lockout
+
+    now = ctx.now()
+    out = set()
+    for c in choices:
+        scope = lockout.scope_for(lockout.method_scope(c.method.id), ctx.familiar)
+        if lockout.state(ctx.store, scope).locked(now):
+            out.add(c.method.id)
+    return out

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from .. import kinds, sightings
+from . import unusual
 from ..factors import FactorError, Verification, usable_methods
 from ..outcome import Factor, LoginOutcome, Reason
 from ..store import UnknownUser
@@ -267,7 +268,7 @@ def login(agent: "Agent", username: str, *, interaction: Interaction, device: De
         user = store.get_user(username)
     except UnknownUser:
         user = None
-    fail = _Fail(store, user, username)
+    fail = _Fail(store, user, username, unusual.where_of(agent, device))
     if primary == ACCESS_PASS:  # a temporary access pass: ceremonies/passlogin.py
         return login_with_pass(agent, user, username, interaction=interaction, device=device,
                                fail=fail, on_success=on_success)
@@ -284,13 +285,18 @@ def login(agent: "Agent", username: str, *, interaction: Interaction, device: De
             reason, message = Reason.NO_CREDENTIAL, (f"{user.username} has no password, key or "
                                                      "card to log in with: ask an administrator")
         return fail(reason, message, shown=seen)
+    notices: list = []  # an unusual login's notice, sent once it is over (ceremonies/unusual.py)
+    outcome = None
     try:
-        return _login(agent, user, interaction=interaction, device=device, primary=primary,
-                      second=second, key_login=key_login, card_login=card_login,
-                      push_timeout=push_timeout, cancel=cancel, fail=fail,
-                      on_success=on_success, step_up=step_up)
+        outcome = _login(agent, user, interaction=interaction, device=device, primary=primary,
+                         second=second, key_login=key_login, card_login=card_login,
+                         push_timeout=push_timeout, cancel=cancel, fail=fail,
+                         on_success=on_success, step_up=step_up, notices=notices)
     except _Cancelled:
-        return fail(Reason.CANCELLED, CANCELLED_MESSAGE)
+        outcome = fail(Reason.CANCELLED, CANCELLED_MESSAGE)
+    finally:
+        unusual.finish(agent, notices, signed_in=bool(outcome and outcome.ok))
+    return outcome
 
 
 def login_or_tap(agent: "Agent", username: str | None, *, primary: str | None,
@@ -342,8 +348,9 @@ class _Fail:
     log), and the outcome the person is shown: before a first factor has succeeded
     (``first_factor_done()``), :func:`shown_before_first_factor`."""
 
-    def __init__(self, store, user, username: str) -> None:
+    def __init__(self, store, user, username: str, where: dict | None = None) -> None:
         self.store, self.user, self.username = store, user, username
+        self.where = where or {}  # where the login came from (unusual.where_of)
         self.first_done = False
 
     def first_factor_done(self) -> None:
@@ -354,12 +361,13 @@ class _Fail:
         """``shown``: for a login that could not succeed, what the person saw fail instead
         (the device's outcome, a cancel)."""
         user = self.user
+        recorded = {"reason": reason.value, **self.where, **detail}
         if user is None:
             self.store.record_event("login", username=self.username, outcome="failure",
-                                    detail={"reason": reason.value, **detail})
+                                    detail=recorded)
         else:
             self.store.record_event("login", user_id=user.id, outcome="failure",
-                                    detail={"reason": reason.value, **detail})
+                                    detail=recorded)
         log.info("login failed for %s: %s", user.username if user else self.username,
                  reason.value)
         outcome = LoginOutcome.failure("login", reason, message,
@@ -374,7 +382,7 @@ class _Fail:
 
 
 def _login(agent, user, *, interaction, device, primary, second, key_login, card_login,
-           push_timeout, cancel, fail, on_success, step_up=False) -> LoginOutcome:
+           push_timeout, cancel, fail, on_success, step_up=False, notices=None) -> LoginOutcome:
     from ..factors import password as password_factor
     from ..policy import decide
 
@@ -437,12 +445,10 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
     if step_up and decision.enforced and not decision.mfa_required and len(set(factors)) < 2:
         decision = replace(decision, mfa_required=True, rules=decision.rules + (
             "step-up: a second factor to re-authenticate before a change of methods",))
-    if decision.alert:
-        store.record_event("login.unusual", user_id=user.id, outcome="alert",
-                           detail={"device": device.device_id, "network": net,
-                                   "device_seen": facts.device_seen,
-                                   "network_seen": facts.network_seen})
-    second_used: str | None = None
+    if decision.alert:  # recorded, and the user told by email or text message
+        notices.append(unusual.alert(agent, user, primary=first, device=device, network=net,
+                                     facts=facts))
+    second_used = second_name = None  # the second factor: its policy name, its method's name
     devices_used = [primary_outcome]  # the device ceremonies' outcomes, for their warnings
     if decision.invite_enrol:
         interaction.info("Your organisation asks you to set up a second factor: "
@@ -481,6 +487,7 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                         **({"tries_left": v.tries_left} if v.tries_left is not None else {}))
         else:
             second_used = kinds.policy_of_store(v.kind)
+            second_name = v.method.name if v.method is not None else None
             used = kinds.get_store(v.kind)
             factor = Factor[(used.factor if used else kinds.POSSESSION).upper()]
             if factor not in factors:
@@ -501,8 +508,9 @@ def _login(agent, user, *, interaction, device, primary, second, key_login, card
                                           second_used or first, now)
         store.record_event("login", user_id=user.id, outcome="success",
                            detail={"primary": first, "second": second_used,
-                                   "device": device.kind, "mfa_required": decision.mfa_required,
-                                   "alert": decision.alert})
+                                   "second_method": second_name, "mfa_required":
+                                   decision.mfa_required, "alert": decision.alert,
+                                   "step_up": step_up, **unusual.where_detail(device, net)})
         if on_success is not None:
             on_success(user, method)
     detail = {"primary": first, "second": second_used, "decision": decision.to_json()}
@@ -535,7 +543,7 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
                             f"none of {user.username}'s methods is acceptable here (acceptable: "
                             f"{', '.join(decision.allowed_methods) or 'none'}): set one up")
     if second is None:
-        first = choices.default(menu, preferred, _locked(ctx, [c.method for c in menu]))
+        first = choices.default(menu, preferred, choices.locked(ctx, menu))
         key = first.key if len(menu) == 1 else _ask(interaction.choose(
             "Second factor (or use a different method)",
             [(c.key, c.label) for c in menu], first.key))
@@ -594,15 +602,3 @@ def _second_factor(agent, user, interaction, decision, *, second, key_login, car
     return Verification(False, kinds.store_of_policy(chosen), method, Reason.METHOD_NOT_ALLOWED,
                         f"{chosen} cannot be used as a second factor here")
 
-
-def _locked(ctx, methods: list) -> set[int]:
-    """The ids of ``methods`` locked now for this login."""
-    from ..factors import lockout
-
-    now = ctx.now()
-    out = set()
-    for m in methods:
-        scope = lockout.scope_for(lockout.method_scope(m.id), ctx.familiar)
-        if lockout.state(ctx.store, scope).locked(now):
-            out.add(m.id)
-    return out

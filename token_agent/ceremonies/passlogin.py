@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import sightings
 from ..outcome import Factor, LoginOutcome, Reason
+from .unusual import where_detail
 
 if TYPE_CHECKING:
     from ..agent import Agent
@@ -76,8 +77,8 @@ def login_with_pass(agent: "Agent", user, username: str, *, interaction: "Intera
                                now=agent.now())
         store.record_event("login", user_id=user.id, outcome="success",
                            detail={"primary": ACCESS_PASS, "second": None,
-                                   "device": device.kind, "mfa_required": False,
-                                   "alert": False, "access_pass": True})
+                                   "mfa_required": False, "alert": False,
+                                   "access_pass": True, **where_detail(device, net)})
         if on_success is not None:
             on_success(user, ACCESS_PASS)
     return LoginOutcome(ok=True, method=ACCESS_PASS, user=user.username, user_id=user.id,

@@ -462,7 +462,10 @@ def methods_remove(ctx: Context, username: str, kind: str, name: str | None, as_
     user = _user(ctx, username)
     require_login(ctx, user)
     method = _find(ctx, user, kind, name)
-    admin_ops.remove_method(ctx.store(), user, method, None)
+    try:
+        admin_ops.remove_method(ctx.agent(), user, method, None)
+    except admin_ops.RemovalRefused as e:
+        fail(f"{method.name!r} was not removed: {e}", exitcodes.CONFLICT)
     emit(as_json, {"user": user.username, "removed": kind, "name": method.name},
          f"removed {kind} {method.name!r} of {user.username}")
 

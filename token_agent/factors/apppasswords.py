@@ -31,6 +31,18 @@ def scope(user_id: str) -> str:
     return f"app_password:{user_id}"
 
 
+#: why app passwords cannot be made, where the policy does not allow legacy access
+NOT_ALLOWED = ("Your organisation does not allow app passwords: they let an application sign "
+               "in with a password alone, without your second factor. Use an application that "
+               "supports multi-factor sign-in, or ask your IT service desk.")
+
+
+def unavailable(legacy_allowed: bool) -> str | None:
+    """Why app passwords cannot be made now (:data:`NOT_ALLOWED`), or None when the policy
+    allows legacy access (``[legacy] app_passwords = true``)."""
+    return None if legacy_allowed else NOT_ALLOWED
+
+
 def create(ctx: FactorContext, user_id: str, name: str, *,
            length: int = DEFAULT_LENGTH) -> tuple[Method, str]:
     """A new app password named ``name``; returns the method and the password (shown once)."""

@@ -203,6 +203,17 @@ def qr_terminal(uri: str) -> str:
     return out.getvalue()
 
 
+def qr_svg(uri: str) -> str:
+    """The QR code of ``uri`` as SVG markup to put inline in a web page: no script, no
+    ``style`` attribute (a strict Content-Security-Policy allows it), black on a white quiet
+    zone, titled for screen readers. It holds the secret: show it only to the user
+    enrolling."""
+    svg = _qr(uri).svg_inline(scale=5, border=4, dark="#000", light="#fff",
+                              title="QR code to scan with your authenticator app",
+                              svgclass="app-qr", lineclass=None, omitsize=True)
+    return svg.replace("<svg ", '<svg role="img" ', 1)
+
+
 def write_qr(uri: str, path: str | os.PathLike[str]) -> Path:
     """Write the QR code of ``uri`` to ``path`` (PNG or SVG, by its suffix), mode 0600 (it
     holds the secret): written to a private temporary file, then moved into place."""
@@ -321,6 +332,29 @@ def _pending(ctx: FactorContext, user_id: str, name: str | None) -> Method | Non
     pending = [m for m in list_(ctx, user_id) if not m.confirmed
                and (name is None or m.name.casefold() == name.casefold())]
     return pending[-1] if pending else None  # the latest enrolment
+
+
+def pending_enrolment(ctx: FactorContext, user_id: str) -> TotpEnrolment | None:
+    """The user's latest started enrolment that is not confirmed yet, with its secret and
+    URI read back from the store (a web page shows the same QR code again after a wrong
+    code: the secret stays on the server, never in a form the browser could change);
+    None when none is waiting. Nothing is recorded."""
+    method = _pending(ctx, user_id, None)
+    if method is None:
+        return None
+    row = ctx.store.totp_credential(method.id)
+    if row is None:
+        return None
+    try:
+        secret = ctx.keys.decrypt(bytes(row["secret_enc"]), aad=_aad(method.id)).decode()
+    except (SecretError, UnicodeDecodeError) as e:
+        raise FactorError(Reason.VERIFICATION_FAILED,
+                          f"the pending authenticator app's secret cannot be read ({e}): "
+                          "start again") from None
+    user = ctx.store.get_user_by_id(user_id)
+    uri = provisioning_uri(secret, user.username, ctx.issuer, row["digits"], row["period"],
+                           row["algorithm"])
+    return TotpEnrolment(method, secret, uri, row["digits"], row["period"], row["algorithm"])
 
 
 def confirm_enrol(ctx: FactorContext, user_id: str, code: str, *,

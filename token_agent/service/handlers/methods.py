@@ -57,8 +57,11 @@ def op_methods_remove(svc: Host, conn: Connection, args: dict) -> dict:
     a = check_args(args, {"user": (str, True), "kind": (str, True), "name": (str, False)})
     user = binding_op(svc, conn, "methods.remove", a["user"])
     with svc.user_locks.holding(user.username):
-        admin_ops.remove_method(svc.store, user, _method_of(svc, user, a["kind"], a["name"]),
-                                actor(conn))
+        try:
+            admin_ops.remove_method(svc.agent, user,
+                                    _method_of(svc, user, a["kind"], a["name"]), actor(conn))
+        except admin_ops.RemovalRefused as e:
+            raise RequestError("conflict", str(e)) from None
     return {}
 
 
