@@ -288,10 +288,19 @@ class Page:
         parts = urlsplit(self.driver.current_url)
         return parts.path + (f"?{parts.query}" if parts.query else "")
 
-    def heading(self) -> str:
+    def heading(self, timeout: float = 10.0) -> str:
+        """The page's h1 (waits for one while the page is changing)."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.common.by import By
 
-        return self.driver.find_element(By.TAG_NAME, "h1").text.strip()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.driver.find_element(By.TAG_NAME, "h1").text.strip()
+            except WebDriverException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def text(self) -> str:
         """The main part's text ("" while the page is changing)."""
@@ -356,7 +365,7 @@ class Page:
 
     def _heading_or_none(self) -> str | None:
         try:
-            return self.heading()
+            return self.heading(timeout=0)
         except Exception:  # noqa: BLE001
             return None
 
