@@ -296,7 +296,7 @@ async def pass_sign_in_page(request: Request) -> Response:
 async def pass_sign_in(request: Request) -> Response:
     from ..ceremonies.login import login
     from ..ceremonies.passlogin import ACCESS_PASS
-    from . import sessions
+    from .signin import signed_in
 
     form = await read_form(request)
     await throttle(request, "web.access-pass", client_ip(request), PASS_SIGNIN_LIMIT,
@@ -319,18 +319,9 @@ async def pass_sign_in(request: Request) -> Response:
     if not outcome.ok:
         return await render(request, "admin/pass_sign_in.html", status=401,
                             errors=[(None, PASS_FAILED)], username=username)
-    user = await blocking(ctx.store.get_user_by_id, outcome.user_id)
-    token = await blocking(sessions.start_session, ctx, user,
-                           multi_factor=outcome.multi_factor, method=outcome.method,
-                           address=client_ip(request),
-                           user_agent=request.headers.get("user-agent"))
-    old = request.cookies.get(sessions.COOKIE)
-    if sessions.valid_token(old):
-        await blocking(ctx.store.end_web_session, sessions.token_hash(old))
-    response = redirect("/account", flash="You signed in with your temporary access pass. It "
-                        "cannot be used again: set up a new way to sign in now.")
-    sessions.set_cookie(response, sessions.COOKIE, token, max_age=None)
-    return response
+    return await signed_in(request, outcome, "/account",
+                           flash="You signed in with your temporary access pass. It cannot be "
+                                 "used again: set up a new way to sign in now.")
 
 
 async def back_to_user(request: Request) -> Response:

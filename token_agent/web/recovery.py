@@ -11,6 +11,9 @@ asking for a code (``recovery-send``) and typing one or answering with a securit
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -37,6 +40,19 @@ async def _limits(request: Request, scope: str, username: str, limits: tuple[int
 
 async def _reset(request: Request) -> recovery.Reset:
     return await blocking(recovery.current, web(request).agent, request.cookies.get(COOKIE))
+
+
+def _restarting(handler: Callable[[Request], Awaitable[Response]]
+                ) -> Callable[[Request], Awaitable[Response]]:
+    """A page of the reset: a reset that is gone, expired or ended (``ResetError``) sends the
+    person back to the start, saying why, whatever step they were at."""
+    @functools.wraps(handler)
+    async def page(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except recovery.ResetError as e:
+            return _start_again(e.message)
+    return page
 
 
 def _start_again(message: str = recovery.EXPIRED) -> Response:
@@ -72,10 +88,7 @@ async def start(request: Request) -> Response:
 
 
 async def method_page(request: Request, errors=None, status: int = 200) -> Response:
-    try:
-        reset = await _reset(request)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    reset = await _reset(request)
     if (elsewhere := _next_page(reset)) is not None:
         return redirect(elsewhere)
     ctx = web(request)
@@ -86,28 +99,19 @@ async def method_page(request: Request, errors=None, status: int = 200) -> Respo
 
 async def choose(request: Request) -> Response:
     form = await read_form(request)
-    try:
-        reset = await _reset(request)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    reset = await _reset(request)
     kind = form.get("method", "")
     ctx = web(request)
     if kind not in dict(await blocking(recovery.offered, ctx.agent, reset, ctx.rp_id)):
         return await method_page(request, errors=[("method", "Choose how to prove it is you")],
                                  status=400)
     await _limits(request, "recovery-send", reset.username, SEND_LIMITS)
-    try:
-        await blocking(recovery.choose, ctx.agent, reset, kind, ctx.rp_id)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    await blocking(recovery.choose, ctx.agent, reset, kind, ctx.rp_id)
     return redirect(f"{BASE}/key" if kind == "key" else f"{BASE}/code")
 
 
 async def code_page(request: Request, errors=None, status: int = 200) -> Response:
-    try:
-        reset = await _reset(request)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    reset = await _reset(request)
     if (elsewhere := _next_page(reset)) is not None:
         return redirect(elsewhere)
     if reset.step_kind is None:
@@ -121,19 +125,13 @@ async def code_page(request: Request, errors=None, status: int = 200) -> Respons
 
 async def prove(request: Request) -> Response:
     form = await read_form(request)
-    try:
-        reset = await _reset(request)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    reset = await _reset(request)
     code = form.get("code", "").strip()
     if not code:
         return await code_page(request, errors=[("code", "Enter the code")], status=400)
     await _limits(request, "recovery-try", reset.username, TRY_LIMITS)
     ctx = web(request)
-    try:
-        proof = await blocking(recovery.prove, ctx.agent, reset, code, ctx.rp_id)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    proof = await blocking(recovery.prove, ctx.agent, reset, code, ctx.rp_id)
     if not proof.ok:
         return await code_page(request, errors=[("code", proof.message)], status=400)
     return _after(proof)
@@ -149,10 +147,7 @@ def _after(proof: recovery.Proof) -> Response:
 
 
 async def key_page(request: Request) -> Response:
-    try:
-        reset = await _reset(request)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    reset = await _reset(request)
     if (elsewhere := _next_page(reset)) is not None:
         return redirect(elsewhere)
     if reset.step_kind != "key" or reset.key is None:
@@ -163,27 +158,18 @@ async def key_page(request: Request) -> Response:
 
 async def prove_key(request: Request) -> Response:
     form = await read_form(request)
-    try:
-        reset = await _reset(request)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    reset = await _reset(request)
     await _limits(request, "recovery-try", reset.username, TRY_LIMITS)
     ctx = web(request)
-    try:
-        proof = await blocking(recovery.prove_key, ctx.agent, reset, form, ctx.origin,
-                               ctx.rp_id)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    proof = await blocking(recovery.prove_key, ctx.agent, reset, form, ctx.origin,
+                           ctx.rp_id)
     if not proof.ok:  # the challenge is spent: choose again (a new one)
         return await method_page(request, errors=[("method", proof.message)], status=400)
     return _after(proof)
 
 
 async def password_page(request: Request, errors=None, status: int = 200) -> Response:
-    try:
-        reset = await _reset(request)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    reset = await _reset(request)
     if reset.state != recovery.PROVEN:
         return redirect(_next_page(reset) or f"{BASE}/method")
     return await render(request, "recovery/new_password.html", status=status, errors=errors,
@@ -192,18 +178,13 @@ async def password_page(request: Request, errors=None, status: int = 200) -> Res
 
 async def set_password(request: Request) -> Response:
     form = await read_form(request)
-    try:
-        reset = await _reset(request)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    reset = await _reset(request)
     new, again = form.get("new-password", ""), form.get("confirm-password", "")
     if not new:
         return await password_page(request, errors=[("new-password", "Enter a new password")],
                                    status=400)
     try:
         username = await blocking(recovery.finish, web(request).agent, reset, new, again)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
     except FactorError as e:
         field = "confirm-password" if new != again else "new-password"
         return await password_page(request, errors=[(field, e.message)], status=400)
@@ -214,10 +195,7 @@ async def set_password(request: Request) -> Response:
 
 
 async def refused_page(request: Request) -> Response:
-    try:
-        reset = await _reset(request)
-    except recovery.ResetError as e:
-        return _start_again(e.message)
+    reset = await _reset(request)
     if reset.state != recovery.REFUSED:
         return redirect(_next_page(reset) or f"{BASE}/method")
     return await render(request, "recovery/refused.html", message=recovery.refused_message())
@@ -232,16 +210,16 @@ async def cancel(request: Request) -> Response:
 
 
 ROUTES = [
-    Route(BASE, start_page, methods=["GET"]),
-    Route(BASE, start, methods=["POST"]),
-    Route(f"{BASE}/method", method_page, methods=["GET"]),
-    Route(f"{BASE}/method", choose, methods=["POST"]),
-    Route(f"{BASE}/code", code_page, methods=["GET"]),
-    Route(f"{BASE}/code", prove, methods=["POST"]),
-    Route(f"{BASE}/key", key_page, methods=["GET"]),
-    Route(f"{BASE}/key", prove_key, methods=["POST"]),
-    Route(f"{BASE}/new-password", password_page, methods=["GET"]),
-    Route(f"{BASE}/new-password", set_password, methods=["POST"]),
-    Route(f"{BASE}/refused", refused_page, methods=["GET"]),
-    Route(f"{BASE}/cancel", cancel, methods=["POST"]),
+    Route(BASE, _restarting(start_page), methods=["GET"]),
+    Route(BASE, _restarting(start), methods=["POST"]),
+    Route(f"{BASE}/method", _restarting(method_page), methods=["GET"]),
+    Route(f"{BASE}/method", _restarting(choose), methods=["POST"]),
+    Route(f"{BASE}/code", _restarting(code_page), methods=["GET"]),
+    Route(f"{BASE}/code", _restarting(prove), methods=["POST"]),
+    Route(f"{BASE}/key", _restarting(key_page), methods=["GET"]),
+    Route(f"{BASE}/key", _restarting(prove_key), methods=["POST"]),
+    Route(f"{BASE}/new-password", _restarting(password_page), methods=["GET"]),
+    Route(f"{BASE}/new-password", _restarting(set_password), methods=["POST"]),
+    Route(f"{BASE}/refused", _restarting(refused_page), methods=["GET"]),
+    Route(f"{BASE}/cancel", _restarting(cancel), methods=["POST"]),
 ]

@@ -267,18 +267,28 @@ async def _finish(request: Request, conv: Conversation) -> Response:
                            multi_factor=outcome.multi_factor, method=outcome.method)
             response = redirect(next_url, flash="Thank you: you can now make the change.")
     else:
-        user = await blocking(ctx.store.get_user_by_id, outcome.user_id)
-        token = await blocking(sessions.start_session, ctx, user,
-                               multi_factor=outcome.multi_factor, method=outcome.method,
-                               address=client_ip(request),
-                               user_agent=request.headers.get("user-agent"))
-        old = request.cookies.get(sessions.COOKIE)
-        if sessions.valid_token(old):  # another session in this browser: ended, not kept
-            await blocking(ctx.store.end_web_session, sessions.token_hash(old))
         warning = " ".join(outcome.warnings) if outcome.warnings else None
-        response = redirect(next_url, flash=warning)
-        sessions.set_cookie(response, sessions.COOKIE, token, max_age=None)
+        response = await signed_in(request, outcome, next_url, flash=warning)
     sessions.clear_cookie(response, SIGNIN_COOKIE)
+    return response
+
+
+async def signed_in(request: Request, outcome: Any, next_url: str,
+                    flash: str | None = None) -> Response:
+    """After a successful sign-in (``outcome``): a new session of its user (a new token: no
+    fixation), any earlier session of this browser ended, and a redirect to ``next_url``
+    carrying the cookie."""
+    ctx = web(request)
+    user = await blocking(ctx.store.get_user_by_id, outcome.user_id)
+    token = await blocking(sessions.start_session, ctx, user,
+                           multi_factor=outcome.multi_factor, method=outcome.method,
+                           address=client_ip(request),
+                           user_agent=request.headers.get("user-agent"))
+    old = request.cookies.get(sessions.COOKIE)
+    if sessions.valid_token(old):  # another session in this browser: ended, not kept
+        await blocking(ctx.store.end_web_session, sessions.token_hash(old))
+    response = redirect(next_url, flash=flash)
+    sessions.set_cookie(response, sessions.COOKIE, token, max_age=None)
     return response
 
 
