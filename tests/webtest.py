@@ -38,6 +38,7 @@ import pytest
 
 from conftest import REPO_ROOT, free_port
 from orgtest import OrgServer, init_server_dir, start_org_server
+from test_codes import HttpGatewayServer
 
 PASSWORD = "correct horse battery staple"
 SCREENSHOTS = REPO_ROOT / ".cache" / "screenshots"
@@ -77,41 +78,12 @@ class SmtpSink:
         self.controller.stop()
 
 
-class Gateway:
+class Gateway(HttpGatewayServer):
     """An HTTP SMS and voice gateway on 127.0.0.1 (the JSON API of token_agent.delivery's
-    HTTP gateway), keeping every request."""
-
-    def __init__(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.requests: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.requests.append(json.loads(body))
-                answer = json.dumps({"id": f"msg-{len(outer.requests)}"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/messages"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    HTTP gateway, ``test_codes``'s), keeping every request."""
 
     def to(self, number: str) -> list[dict]:
         return [r for r in list(self.requests) if r.get("to") == number]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> Any:
