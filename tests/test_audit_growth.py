@@ -152,7 +152,10 @@ def test_a_flood_of_logins_by_an_unknown_account_barely_grows_the_store(services
     logins = world.store.list_events(kind="login", limit=100)
     full = [e for e in logins if e.outcome == "failure"]
     [summary] = [e for e in logins if e.outcome == "repeated"]
-    assert len(full) == 3 and all(e.detail == {"reason": "unknown-user"} for e in full)
+    # each says why, and where from (the login events' where-fields: device, network)
+    assert len(full) == 3 and all(e.detail["reason"] == "unknown-user" for e in full)
+    assert all(set(e.detail) <= {"reason", "device", "device_ref", "joined", "network"}
+               for e in full)
     assert summary.detail["count"] == counts["unknown-user"] - 3
     assert summary.detail["users"] == ["nobody"] and summary.detail["reason"] == "unknown-user"
     assert world.store.verify_events() >= 5
