@@ -47,7 +47,7 @@ def test_demo_runs_every_step(pcscd):  # the session's pcscd (and its lock on vp
     # part 11: the web pages
     assert "the pages are served over TLS at https://localhost:" in text
     assert "the policy asks for her authenticator app's code" in text
-    assert "her methods on the page: Password; Authenticator app Preferred" in text
+    assert "her methods on the page: Password; Authenticator app (preferred)" in text
     from token_agent.demo_workstation import CARD_PIN, KEY_PIN
 
     assert KEY_PIN not in text and CARD_PIN not in text

@@ -132,8 +132,14 @@ def pages_demo(say: Callable[[str], None], check: Callable[[bool, str], None], s
         elapsed = (time.monotonic() - started) * 1000
         check(where == "/account" and "Your account" in body,
               f"signed in with the code her app shows, in {elapsed:.0f} ms: her account page")
-        rows = re.findall(r"<tr class=\"nhsuk-table__row\">\s*<td[^>]*>(.*?)</td>", body, re.S)
-        say("   her methods on the page: " + "; ".join(_text(f"<main>{r}</main>") for r in rows))
+        rows = re.findall(r"<tr class=\"nhsuk-table__row\">(.*?)</tr>", body, re.S)
+        shown = []
+        for row in rows:
+            cells = re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)
+            if cells and "<td" in row:
+                name = _text(f"<main>{cells[0]}</main>")
+                shown.append(name + (" (preferred)" if "Preferred" in row else ""))
+        say("   her methods on the page: " + "; ".join(shown))
         say(f"   the pages: {origin}/account (self-service) and {origin}/admin")
         if serve:  # a person at the browser needs them; the demonstration's output has none
             say(f"   sign in as alice, password {PASSWORD!r}, authenticator key "
