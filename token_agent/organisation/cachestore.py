@@ -149,7 +149,11 @@ class CacheStore:
         return self._user if self._raw_card(uuid) is not None else None
 
     def record_card_use(self, uuid: str, *, certificate_serial: str, issuer: str,
-                        used_at: float | None = None) -> SmartcardIdentity:
+                        used_at: float | None = None,
+                        not_after: float | None = None) -> SmartcardIdentity:
+        """As ``Store.record_card_use``; ``not_after`` (the certificate's end, for the
+        administrators' card report) is the organisation's store's business, not the
+        workstation's cache's: it is not kept here."""
         with self.transaction():
             raw = self._raw_card(uuid)
             raw.update(certificate_serial=certificate_serial, issuer=issuer,
