@@ -26,10 +26,15 @@ import re
 import socket
 import struct
 import sys
+import time
 from collections.abc import Mapping
 from typing import TextIO
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+#: seconds a record may wait for the journal to take it (then it goes to stderr)
+SEND_TIMEOUT = 1.0
+#: after such a wait, records go to the journal only if it takes them at once, this long
+STALLED_FOR = 30.0
 SOCKET_ENV = "TOKEN_AGENT_JOURNAL_SOCKET"
 IDENTIFIER = "token-agent"
 
@@ -105,6 +110,11 @@ class JournalHandler(logging.Handler):
         self.path = path
         self.fallback = fallback
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # a journal that does not read (hung, or its queue of net.unix.max_dgram_qlen
+        # datagrams full) must not stop the service: a record waits this long, then goes to
+        # stderr
+        self.sock.settimeout(SEND_TIMEOUT)
+        self._stalled_until = 0.0
 
     def fields(self, record: logging.LogRecord) -> list[tuple[str, str]]:
         from .logs import _plain, record_fields
@@ -127,8 +137,15 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.sock.sendto(encode_fields(self.fields(record)), self.path)
-        except OSError:  # journald gone or restarting, or too big for one datagram
+            data = encode_fields(self.fields(record))
+            if time.monotonic() < self._stalled_until:  # not reading lately: no waiting
+                self.sock.sendto(data, socket.MSG_DONTWAIT, self.path)
+            else:
+                self.sock.sendto(data, self.path)
+        except TimeoutError:  # the journal is not reading: stderr, for a while
+            self._stalled_until = time.monotonic() + STALLED_FOR
+            self.fallback.handle(record)
+        except OSError:  # journald gone, restarting or not reading, or too big for a datagram
             self.fallback.handle(record)
         except Exception:  # noqa: BLE001  (logging's own convention)
             self.handleError(record)
