@@ -88,7 +88,16 @@
 
   // ------------------------------------------------------------------ page helpers
 
+  const NOTHING_WAITING = "No sign-in is waiting for you. Keep this page open: a new one appears here when you choose push approval on your computer.";
+
   function setStatus(text) { $("status").textContent = text; }
+
+  // The outcome of the last answer stays on screen on its own line: the stream's next
+  // "nothing waiting" must not overwrite it (whichever arrives first). A new request hides it.
+  function setOutcome(text) {
+    $("outcome").textContent = text || "";
+    $("outcome-box").hidden = !text;
+  }
 
   function clearProblems() {
     $("problem-slot").replaceChildren();
@@ -343,7 +352,9 @@
       const section = shown.get(request.id);
       if (section) section.remove();
       shown.delete(request.id);
-      setStatus(result.data.message || "Your answer could not be sent: try again.");
+      if (result.ok || result.data.state) setOutcome(result.data.message);
+      else showProblem(result.data.message || "Your answer could not be sent: try again.");
+      if (shown.size === 0) setStatus(NOTHING_WAITING);
     } catch (e) {
       showProblem("Your answer could not be sent because of a network error. Check the connection and try again.");
       for (const b of buttons) b.disabled = false;
@@ -357,13 +368,14 @@
     }
     for (const request of requests) {
       if (!shown.has(request.id)) {
+        setOutcome("");
         const section = requestSection(request);
         shown.set(request.id, section);
         $("requests").append(section);
       }
     }
     if (requests.length === 0) {
-      setStatus("No sign-in is waiting for you. Keep this page open: a new one appears here when you choose push approval on your computer.");
+      setStatus(NOTHING_WAITING);
     } else {
       setStatus(requests.length === 1 ? "A sign-in is waiting for you: check it below."
                                        : requests.length + " sign-ins are waiting for you: check them below.");
