@@ -317,3 +317,73 @@ def test_a_reader_that_matches_no_slot(issued, module):
     # the only token, when no reader is named
     with open_card(None, driver="pkcs11", pkcs11_module=module) as session:
         assert session.reader == card.reader
+
+
+# --- the pieces, in process --------------------------------------------------------------------
+
+
+def test_sim_card_issue_no_piv(ca_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from simulators.card.card import InProcessCardConnection, VirtualCard
+    from simulators.card.cardfile import CardFile
+    from token_agent.cli import main
+
+    out = tmp_path / "proprietary.card"
+    result = CliRunner().invoke(main, ["sim", "card", "issue", "--ca", str(ca_dir), "--name",
+                                       "Dr Carol Jones", "--uuid", "555000000009", "--pin",
+                                       "123456", "--out", str(out), "--no-piv", "--json"],
+                                catch_exceptions=False)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert '"piv_enabled": false' in result.stdout
+    assert CardFile.load(out).piv_enabled is False
+    with InProcessCardConnection(VirtualCard.load(out)) as connection:
+        _data, sw1, sw2 = connection.transmit(list(bytes.fromhex("00A4040009A0000003080000100000")))
+        assert (sw1, sw2) == (0x6A, 0x82)  # the PIV application is not there
+    normal = tmp_path / "normal.card"
+    CliRunner().invoke(main, ["sim", "card", "issue", "--ca", str(ca_dir), "--name",
+                              "Dr Carol Jones", "--uuid", "555000000010", "--pin", "123456",
+                              "--out", str(normal)], catch_exceptions=False)  # fmt: skip
+    assert "piv_enabled" not in normal.read_text()  # older readers of card files unaffected
+    assert CardFile.load(normal).piv_enabled is True
+
+
+def test_wrong_pin_messages_with_and_without_a_count():
+    assert WrongPin(2).message == "Wrong PIN \N{EM DASH} 2 tries left"
+    assert WrongPin(1).message == "Wrong PIN \N{EM DASH} 1 try left"
+    assert WrongPin(None, several=True).message == (
+        "Wrong PIN \N{EM DASH} more than one try left (the card does not say how many)")
+    assert WrongPin(None).message == ("Wrong PIN \N{EM DASH} the card does not say how many "
+                                      "tries are left")
+    assert WrongPin(None).to_json()["retries_left"] is None
+    assert WrongPuk(None).message.startswith("Wrong unlock code (PUK) \N{EM DASH}")
+
+
+def test_pss_and_pkcs1_signatures_both_verify():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    from token_agent.ceremonies.card import verify_signature
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    challenge = os.urandom(32)
+    for pad in (padding.PKCS1v15(), padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                                salt_length=32),
+                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=0)):
+        signature = key.sign(challenge, pad, hashes.SHA256())
+        assert verify_signature(key.public_key(), signature, challenge)
+        assert not verify_signature(key.public_key(), signature, os.urandom(32))
+    sha1_pss = key.sign(challenge, padding.PSS(mgf=padding.MGF1(hashes.SHA1()), salt_length=20),
+                        hashes.SHA1())
+    assert not verify_signature(key.public_key(), sha1_pss, challenge)
+
+
+def test_slot_descriptions_match_reader_names():
+    from drivers.pkcs11.module import reader_matches
+
+    assert reader_matches("Virtual PCD 00 00" + " " * 47, "Virtual PCD 00 00")
+    assert not reader_matches("Virtual PCD 00 00" + " " * 47, "Virtual PCD 00 01")
+    assert not reader_matches("Virtual PCD 00 0", "Virtual PCD 00 01")  # a short prefix is not it
+    long_name = "Acme Corporation Contactless and Contact Smart Card Reader Model 9 [CCID] 00 00"
+    assert reader_matches(long_name[:64], long_name)  # OpenSC truncates to 64 characters
+    assert not reader_matches("", "Virtual PCD 00 00")
