@@ -37,9 +37,10 @@ SPONSOR = "Your card is locked: ask your sponsor to unlock it."
 UNLOCKED = "Your card is unlocked. Log in with your new PIN."
 
 
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("selfunlock") / "ca"
+@pytest.fixture
+def ca(tmp_path) -> Path:
+    """A CA of the test's own (its RA knows one card per holder)."""
+    directory = tmp_path / "ca"
     init_ca(directory)
     return directory
 
