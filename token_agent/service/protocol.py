@@ -192,6 +192,8 @@ Operations
         "certificate_serial", "sponsor": null, "detail", "method"}; a card that is not
         ``user``'s: reason ``credential-of-another-user``, nothing asked. ``unavailable``
         when no RA credentials source is configured. No session is opened: log in afterwards.
+        It runs on this workstation's store (an organisation's workstation, whose logins the
+        server runs, has neither the offer nor this op: ``unavailable`` there).
 
     ``events.subscribe`` {} -> {}   then, on this connection, for as long as it is open:
         {"event": "card.inserted", "reader", "atr", "at"}

@@ -44,7 +44,7 @@ def op_card_self_unlock(svc: Host, conn: Connection, args: dict) -> dict:
         elif not svc.rules.is_self(peer, user):
             raise refuse(svc, conn, "card.self-unlock", user,
                          f"{peer.user or f'uid {peer.uid}'} may only unlock their own card")
-    if ra_source(svc) is None:
+    if getattr(svc, "org", None) is not None or ra_source(svc) is None:
         raise RequestError("unavailable", NOT_SET_UP)
     c = svc.new_ceremony(conn, "unlock", "card.self-unlock", user)
     svc.launch(c, partial(_run_self_unlock, svc), user)
