@@ -9,4 +9,6 @@ def open_card(reader=None, *, driver="piv", pkcs11_module=None):
 
     if driver == "pkcs11":
         raise NotImplementedError("shim")
-    return open_piv(reader)
+    s = open_piv(reader)
+    s.driver = 'piv'
+    return s

@@ -303,6 +303,9 @@ def login_with_card(
     if provision is None:
         provision = settings.provision_on_first_use
     facts: dict[str, Any] = {}  # what the audit events and the outcome may say about the card
+    driver = getattr(session, "driver", None)  # "piv" | "pkcs11": how the card was asked
+    if driver:
+        facts["card_driver"] = str(driver)
     user = None
 
     def fail(reason: Reason, message: str) -> LoginOutcome:

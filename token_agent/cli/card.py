@@ -43,13 +43,15 @@ def _action_failed(result) -> None:
          reason=data.get("reason"), data=data)
 
 
-def _open(reader: str | None):
-    """``drivers.pcsc.piv.open_card``, with errors turned into a message and an exit code."""
+def _open(ctx: Context, reader: str | None):
+    """The card in ``reader`` opened as config.toml's ``[cards] driver`` says
+    (``token_agent.cardopen``), with errors turned into a message and an exit code."""
     from drivers.pcsc import errors as card_errors
-    from drivers.pcsc.piv import open_card
+
+    from ..cardopen import card_opener
 
     try:
-        return open_card(reader)
+        return card_opener(ctx.config().cards)(reader)
     except card_errors.PcscError as e:
         if reader and isinstance(e, card_errors.NoReader):
             _no_reader_named(reader)
@@ -94,7 +96,7 @@ def status(ctx: Context, reader: str | None, as_json: bool) -> None:
     from ..ceremonies.card import _certificate_subject
 
     settings = _settings(ctx)
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         der = session.certificate("9a")
         uuid, holder, serial = _certificate_subject(der)
@@ -159,7 +161,7 @@ def enrol(ctx: Context, username: str, reader: str | None, as_json: bool) -> Non
 
     require_login(ctx, user)  # a login first, unless admin or the first method
     settings = _settings(ctx)
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         identity = validate_card_certificate(session.certificate("9a"), settings.trust_policy())
     except card_errors.PcscError as e:
@@ -190,7 +192,7 @@ def login(ctx: Context, reader: str | None, pin_stdin: bool, as_json: bool) -> N
 
     store = ctx.store()
     settings = _settings(ctx)
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         outcome = login_with_card(store, session, settings=settings,
                                   pin_provider=PinSource(pin_stdin, "PIN for your smartcard"))
@@ -219,7 +221,7 @@ def change_pin(ctx: Context, reader: str | None, pin_stdin: bool, as_json: bool)
     from ..ceremonies.card import change_card_pin, check_new_pin
 
     store = ctx.store()
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         old = PinSource(pin_stdin, "Current PIN")()
         if not old:
@@ -271,7 +273,7 @@ def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool, ra_d
     if not sponsor_outcome.ok:
         fail(f"sponsor login failed: {sponsor_outcome.message}",
              exitcodes.REASON_CODES.get(sponsor_outcome.reason, exitcodes.ERROR))
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         if puk_stdin:
             puk = sys.stdin.readline().rstrip("\r\n") if pin_stdin or not sys.stdin.isatty() \
