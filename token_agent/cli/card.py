@@ -104,7 +104,9 @@ def status(ctx: Context, reader: str | None, as_json: bool) -> None:
 
         cert = x509.load_der_x509_certificate(der)
         data = {"reader": session.reader, "card_present": True,
-                "atr": (session.atr or b"").hex(), "holder_name": holder, "uuid": uuid,
+                "card_driver": getattr(session, "driver", "piv"),  # config's [cards] driver
+                "atr": (getattr(session, "atr", None) or b"").hex(),  # "": PKCS#11 has none
+                "holder_name": holder, "uuid": uuid,
                 "certificate_serial": serial,
                 "not_before": cert.not_valid_before_utc.isoformat(),
                 "not_after": cert.not_valid_after_utc.isoformat(),
@@ -124,7 +126,7 @@ def status(ctx: Context, reader: str | None, as_json: bool) -> None:
         session.close()
 
     def text() -> str:
-        lines = [f"reader:       {data['reader']}",
+        lines = [f"reader:       {data['reader']} ({data['card_driver']})",
                  f"holder:       {data['holder_name']} (UUID {data['uuid']})",
                  f"user:         {data['user'] or '(not enrolled)'}",
                  f"certificate:  serial {data['certificate_serial']}, valid "
