@@ -129,11 +129,15 @@ def test_sponsor_unlock(cli, insert, pki):
     cli("enrol", "key", "--user", "sam", "--pin-stdin", input=KEY_PIN + "\n")
     # alice is no sponsor
     cli("enrol", "key", "--user", "alice", "--pin-stdin", input=KEY_PIN + "\n")
-    cli("card", "unlock", "--sponsor", "alice", "--ra-dir", str(pki["ca"]), "--pin-stdin",
+    cli("card", "unlock", "--sponsor", "alice", "--ra", f"simulated:{pki['ca']}", "--pin-stdin",
         input=f"{KEY_PIN}\n4321\n", expect=exitcodes.AUTH_FAILED)
     cli("card", "unlock", "--sponsor", "sam", "--pin-stdin", input=f"{KEY_PIN}\n4321\n",
         expect=exitcodes.USAGE)  # no PUK source
-    result = cli("card", "unlock", "--sponsor", "sam", "--ra-dir", str(pki["ca"]),
+    cli("card", "unlock", "--sponsor", "sam", "--ra", "nosuch:x", "--pin-stdin",
+        input=f"{KEY_PIN}\n4321\n", expect=exitcodes.USAGE)  # an unknown RA source
+    cli("card", "unlock", "--sponsor", "sam", "--ra", f"simulated:{pki['ca']}", "--puk-stdin",
+        "--pin-stdin", input=f"{KEY_PIN}\n4321\n", expect=exitcodes.USAGE)  # two PUK sources
+    result = cli("card", "unlock", "--sponsor", "sam", "--ra", f"simulated:{pki['ca']}",
                  "--pin-stdin", "--json", input=f"{KEY_PIN}\n4321\n")
     data = json.loads(result.stdout)
     assert data["ok"] and data["card_uuid"] == ALICE_UUID and data["sponsor"] == "sam"

@@ -156,6 +156,15 @@ def _command(value: Any) -> str:
     return text
 
 
+def _ra_source(value: Any) -> str:
+    text = str(value).strip()
+    name, sep, argument = text.partition(":")
+    if text and (not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not argument):
+        raise ValueError("card_ra_source is NAME:ARGUMENT (file:/etc/token-agent/ra.toml), "
+                         "or empty")
+    return text
+
+
 #: every setting, once
 SETTINGS: tuple[Setting, ...] = (
     Setting("rp_id", "text", DEFAULT_RP_ID,
@@ -192,6 +201,9 @@ SETTINGS: tuple[Setting, ...] = (
             "create the user at a card's first login", _yes_no),
     Setting("card_lock_command", "text", DEFAULT_LOCK_COMMAND,
             "command run when a session's card is removed", _command),
+    Setting("card_ra_source", "text", "",
+            "where the RA's card PUKs come from, NAME:ARGUMENT (file:/etc/token-agent/ra.toml); "
+            "empty: no self-service card unlock", _ra_source),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -57,6 +57,10 @@ class Reason(str, enum.Enum):
     WRONG_PUK = "wrong-puk"
     PUK_BLOCKED = "puk-blocked"
     SPONSOR_NOT_AUTHORISED = "sponsor-not-authorised"
+    # the cardholder's own unlock (ceremonies/cardunlock.py): the card's PIN is not locked;
+    # the card's attempts of the day are spent
+    PIN_NOT_BLOCKED = "pin-not-blocked"
+    TOO_MANY_ATTEMPTS = "too-many-attempts"
     # passwords and second factors (token_agent/factors/)
     WRONG_PASSWORD = "wrong-password"
     WRONG_CODE = "wrong-code"

@@ -113,6 +113,7 @@ class CardSettings:
     provision_on_first_use: bool = False
     lock_command: str = DEFAULT_LOCK_COMMAND
     crl_cache_dir: str | None = None
+    ra_source: str = ""
 
     @classmethod
     def from_store(cls, store: Store) -> "CardSettings":
@@ -130,6 +131,7 @@ class CardSettings:
             provision_on_first_use=values["card_provision_on_first_use"],
             lock_command=values["card_lock_command"],
             crl_cache_dir=cache,
+            ra_source=values["card_ra_source"],
         )
 
     def to_json(self) -> dict:

@@ -1,4 +1,5 @@
-"""`token-agent card ...`: status, enrol, login, watch, change-pin, unlock, settings."""
+"""`token-agent card ...`: status, enrol, login, watch, change-pin, unlock, self-unlock,
+settings."""
 
 from __future__ import annotations
 
@@ -246,27 +247,40 @@ def change_pin(ctx: Context, reader: str | None, pin_stdin: bool, as_json: bool)
                                                "authenticate with their own security key.")
 @reader_option
 @click.option("--puk-stdin", is_flag=True, help="Read the card's PUK from standard input.")
-@click.option("--ra-dir", type=click.Path(file_okay=False, exists=True),
-              help="Take the card's PUK from the registration authority's records in this "
-                   "directory (the simulated PKI's CA directory).")
+@click.option("--ra", "ra_spec", metavar="SPEC",
+              help="Take the card's PUK from this RA credentials source: file:PATH (a private "
+                   "TOML/JSON file), or a source an installed package registers (simulated:"
+                   "CA_DIR). Default: $TOKEN_AGENT_RA, else the setting card_ra_source.")
 @click.option("--key", "key_path", help="The sponsor's security key (path from `keys list`).")
 @pin_stdin_option
 @json_option
 @pass_ctx
 @device_errors
-def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool, ra_dir: str | None,
-           key_path: str | None, pin_stdin: bool, as_json: bool) -> None:
+def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool,
+           ra_spec: str | None, key_path: str | None, pin_stdin: bool, as_json: bool) -> None:
     """A sponsor resets a blocked card's PIN with the card's PUK. The sponsor logs in with
     their own key first. With --pin-stdin, standard input holds, one per line: the sponsor's
     key PIN (when the key asks), the PUK (with --puk-stdin), the card's new PIN."""
-    from ..ceremonies.card import _certificate_subject, check_new_pin, unlock_card
+    from .. import rasource
+    from ..ceremonies.card import check_new_pin, unlock_card
+    from ..ceremonies.cardunlock import card_ids
     from ..ceremonies.key import login_with_key
     from .common import cancellable, pin_guard, touch_prompt
     from .keys import open_key
 
-    if puk_stdin == bool(ra_dir):
-        fail("give the PUK with exactly one of --puk-stdin or --ra-dir", exitcodes.USAGE)
     store = ctx.store()
+    if puk_stdin and ra_spec:
+        fail("give the PUK with one of --puk-stdin or --ra, not both", exitcodes.USAGE)
+    source = None
+    if not puk_stdin:
+        ra_spec = ra_spec or rasource.configured_spec(store)
+        if not ra_spec:
+            fail("give the PUK with --puk-stdin or --ra SPEC (or set the setting "
+                 "card_ra_source)", exitcodes.USAGE)
+        try:
+            source = rasource.load_source(ra_spec)
+        except rasource.RaError as e:
+            fail(str(e), exitcodes.USAGE)
     say(f"Sponsor {sponsor}: authenticate with your security key")
     with open_key(key_path, 30.0) as key:
         sponsor_outcome = cancellable(lambda cancel: login_with_key(
@@ -277,17 +291,17 @@ def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool, ra_d
              exitcodes.REASON_CODES.get(sponsor_outcome.reason, exitcodes.ERROR))
     session = _open(ctx, reader)
     try:
-        if puk_stdin:
+        if source is None:
             puk = sys.stdin.readline().rstrip("\r\n") if pin_stdin or not sys.stdin.isatty() \
                 else ask("Card PUK", hide_input=True)
         else:
-            from simulators.card.pki import PkiError, admin_credentials
-
-            uuid, _holder, _serial = _certificate_subject(session.certificate("9a"))
+            uuid, serial = card_ids(session)
             try:
-                puk, _alg, _mk = admin_credentials(ra_dir, uuid)
-            except PkiError as e:
+                puk = source.credentials(uuid=uuid or "", serial=serial).puk
+            except rasource.UnknownCard as e:
                 fail(f"no RA record for this card: {e}", exitcodes.NOT_FOUND)
+            except rasource.RaError as e:
+                fail(f"the RA's credentials cannot be had: {e}", exitcodes.ERROR)
         new = new_pin(pin_stdin, "New PIN for the card (4 to 8 digits)")
         try:
             check_new_pin(new)
@@ -295,6 +309,43 @@ def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool, ra_d
             fail(str(e), exitcodes.USAGE)
         result = unlock_card(store, session, sponsor=sponsor, sponsor_outcome=sponsor_outcome,
                              puk=puk, new_pin=new)
+    finally:
+        session.close()
+    if not result.ok:
+        _action_failed(result)
+    emit(as_json, result.to_json(), result.message)
+
+
+@card.command("self-unlock")
+@reader_option
+@click.option("--ra", "ra_spec", metavar="SPEC",
+              help="Where the card's PUK comes from (as `card unlock --ra`). Default: "
+                   "$TOKEN_AGENT_RA, else the setting card_ra_source.")
+@pin_stdin_option
+@json_option
+@pass_ctx
+def self_unlock_cmd(ctx: Context, reader: str | None, ra_spec: str | None, pin_stdin: bool,
+                    as_json: bool) -> None:
+    """Unlock your own card, locked by wrong PINs (it stays in the reader): a one-time code
+    sent to your verified mobile or email, your password, then a new PIN of 6 to 8 digits,
+    twice. Without a terminal (or with --pin-stdin) standard input holds one answer a line:
+    the code, the password, the new PIN, the new PIN again. Exit 0 when unlocked; 3 a wrong
+    code or password, an unknown or untrusted card; 6 too many attempts for this card today;
+    1 the card is not locked (or the unlock is not set up here); 4 no card."""
+    from .. import rasource
+    from ..ceremonies.cardunlock import self_unlock
+    from .common import TerminalInteraction
+
+    agent = ctx.agent()
+    source = None
+    if ra_spec:
+        try:
+            source = rasource.load_source(ra_spec)
+        except rasource.RaError as e:
+            fail(str(e), exitcodes.USAGE)
+    session = _open(reader)
+    try:
+        result = self_unlock(agent, session, interaction=TerminalInteraction(), ra=source)
     finally:
         session.close()
     if not result.ok:

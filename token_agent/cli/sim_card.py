@@ -162,6 +162,35 @@ def ca_show(directory: str, as_json: bool, show_admin_secrets: bool) -> None:
     emit(as_json, info, lambda: _ca_text(info, show_admin_secrets))
 
 
+@ca.command("export-ra")
+@dir_option
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace FILE when it exists.")
+@json_option
+@_errors
+def ca_export_ra(directory: str, file: str, force: bool, as_json: bool) -> None:
+    """Write the RA's card credentials (PUK, management key) of every unrevoked card this CA
+    issued to FILE (mode 0600; TOML when it ends in .toml, else JSON), the file RA source of
+    the agent: `token-agent card unlock --ra file:FILE` (test material only)."""
+    import os
+
+    from simulators.card import pki
+    from token_agent import rasource
+
+    if os.path.lexists(file) and not force:
+        raise FileExistsError(f"{file} exists (--force replaces it)")
+    ca_state = pki.load_ca(directory)
+    revoked = {r.card_serial for r in ca_state.state.revoked}
+    cards = {c.card_serial: {"uuid": c.uuid, "guid": c.guid, "puk": c.puk,
+                             "management_key_algorithm": c.management_key_algorithm,
+                             "management_key": c.management_key}
+             for c in ca_state.state.cards if c.card_serial not in revoked}
+    path = rasource.write_file(file, cards)
+    info = {"file": str(path), "cards": sorted(cards)}
+    emit(as_json, info, lambda: f"wrote the RA credentials of {len(cards)} card(s) to {path} "
+                                "(mode 0600)")
+
+
 def _ca_text(info: dict, secrets: bool) -> str:
     crl = info["crl"]
     lines = [
