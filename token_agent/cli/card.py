@@ -343,7 +343,7 @@ def self_unlock_cmd(ctx: Context, reader: str | None, ra_spec: str | None, pin_s
             source = rasource.load_source(ra_spec)
         except rasource.RaError as e:
             fail(str(e), exitcodes.USAGE)
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         result = self_unlock(agent, session, interaction=TerminalInteraction(), ra=source)
     finally:
