@@ -131,9 +131,18 @@ class NotPivCard(PcscError):
 class _WrongSecret(PcscError):
     what = "PIN"
 
-    def __init__(self, retries_left: int, *, sw: int | None = None) -> None:
+    def __init__(self, retries_left: int | None, *, sw: int | None = None,
+                 several: bool = False) -> None:  # fmt: skip
         self.retries_left = retries_left
-        tries = "1 try left" if retries_left == 1 else f"{retries_left} tries left"
+        if retries_left is None:
+            # the card (e.g. through a PKCS#11 module's token flags) does not give the count:
+            # say what is known, never invent a number
+            tries = ("more than one try left (the card does not say how many)" if several
+                     else "the card does not say how many tries are left")
+        elif retries_left == 1:
+            tries = "1 try left"
+        else:
+            tries = f"{retries_left} tries left"
         super().__init__(f"Wrong {self.what} \N{EM DASH} {tries}", sw=sw)
 
     def to_json(self) -> dict:
@@ -141,7 +150,8 @@ class _WrongSecret(PcscError):
 
 
 class WrongPin(_WrongSecret):
-    """The PIN was wrong; ``retries_left`` tries remain (at least 1)."""
+    """The PIN was wrong; ``retries_left`` tries remain (at least 1), or None when the card
+    does not say how many (``several``: it says more than one)."""
 
     code = "wrong_pin"
     what = "PIN"

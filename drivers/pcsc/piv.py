@@ -233,6 +233,9 @@ class PivSession:
     """A PIV session over ``connection`` (see the module docstring); SELECTs the PIV
     application (:class:`NotPivCard` if the card refuses)."""
 
+    #: the card path, for the card-session interface (``drivers.cardaccess``)
+    driver = "piv"
+
     def __init__(self, connection: Connection, *, reader: str | None = None,
                  owns_connection: bool = False) -> None:  # fmt: skip
         self.connection = connection

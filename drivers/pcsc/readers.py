@@ -107,6 +107,38 @@ def list_readers() -> list[str]:
         scard.SCardReleaseContext(context)
 
 
+def card_present(reader: str, *, settle: float = 0.0) -> bool | None:
+    """Whether ``reader`` holds a card (None when PC/SC cannot say: no pcscd, no such
+    reader). With ``settle`` > 0, a card still present is watched that many seconds for its
+    removal (pcscd learns of a removal by polling the reader, after a failed exchange may
+    already have shown it). For drivers that reach the card another way (a PKCS#11 module)
+    and must tell a removed card from a failing one."""
+    scard = _scard()
+    hresult, context = _establish(scard)
+    if hresult != 0:
+        return None
+    try:
+        hresult, states = scard.SCardGetStatusChange(
+            context, 0, [(reader, scard.SCARD_STATE_UNAWARE)])
+        deadline = time.monotonic() + settle
+        while True:
+            if _u32(hresult) != 0 or not states:
+                return None
+            state = states[0][1]
+            if state & (scard.SCARD_STATE_UNKNOWN | scard.SCARD_STATE_UNAVAILABLE):
+                return None
+            present = bool(state & scard.SCARD_STATE_PRESENT)
+            left = deadline - time.monotonic()
+            if not present or left <= 0:
+                return present
+            hresult, states = scard.SCardGetStatusChange(
+                context, max(1, int(left * 1000)), [(reader, state & ~scard.SCARD_STATE_CHANGED)])
+            if _u32(hresult) == SCARD_E_TIMEOUT:
+                return True
+    finally:
+        scard.SCardReleaseContext(context)
+
+
 @dataclass(frozen=True)
 class ReaderEvent:
     """Something that happened to a reader or to the PC/SC service.

@@ -133,7 +133,8 @@ class VirtualCard:
         aid = cmd.data
         if len(aid) > _MAX_AID:
             raise ApduError(SW.WRONG_LENGTH)
-        if len(aid) < MIN_AID_PREFIX or not PIV_AID.startswith(aid):
+        if (len(aid) < MIN_AID_PREFIX or not PIV_AID.startswith(aid)
+                or not self.card.piv_enabled):
             # not found: the current selection stays (ISO 7816-4 11.2.2)
             raise ApduError(SW.FILE_NOT_FOUND)
         response = self._piv.select(cmd)

@@ -128,10 +128,15 @@ class CardFile:
     atr: bytes = NHS_ATR
     #: the transmission protocol the ATR announces and the card follows: "t1" or "t0"
     protocol: str = PROTOCOL_T1
+    #: False: the card refuses SELECT of the PIV application (6A82), as a card with only a
+    #: proprietary applet does (``sim card issue --no-piv``)
+    piv_enabled: bool = True
     path: Path | None = field(default=None, compare=False)
 
     def to_json(self) -> dict:
+        extra = {} if self.piv_enabled else {"piv_enabled": False}
         return {
+            **extra,
             "format": FORMAT_VERSION,
             "serial": self.serial,
             "holder_name": self.holder_name,
@@ -157,6 +162,7 @@ class CardFile:
                 holder_uuid=str(data["holder_uuid"]),
                 atr=bytes.fromhex(data["atr"]),
                 protocol=str(data.get("protocol", PROTOCOL_T1)),  # older files: T=1
+                piv_enabled=data.get("piv_enabled", True) is not False,
                 pin=Secret.from_json(data["pin"]),
                 puk=Secret.from_json(data["puk"]),
                 management_key_algorithm=str(data["management_key_algorithm"]),

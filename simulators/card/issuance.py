@@ -285,12 +285,14 @@ def issue_card(
     validity_days: int = 730,
     overwrite: bool = False,
     protocol: str = PROTOCOL_T1,
+    piv_enabled: bool = True,
 ) -> CardFile:
     """Issue a card for ``name`` (UUID ``uuid``) from the CA in ``ca_dir``, save it to ``out``
     (0600) and record it with the RA. Returns the saved :class:`CardFile`. ``protocol`` is the
     transmission protocol the card announces in its ATR and follows: "t1" (the default, as
     PIV cards) or "t0" (the ``61xx`` + GET RESPONSE convention, for clients that must handle
-    both).
+    both). ``piv_enabled`` False: the card refuses SELECT of the PIV application (6A82), as a
+    card with only a proprietary applet (reached through its vendor's PKCS#11 module) does.
 
     ValueError for bad input (name, UUID, PIN, algorithm, variant, validity, protocol),
     FileExistsError when ``out`` exists and ``overwrite`` is false, :class:`pki.PkiError` for
@@ -360,7 +362,8 @@ def issue_card(
             serial=card_serial, holder_name=name, holder_uuid=uuid, pin=pin_secret,
             puk=Secret.new(puk, PUK_MAX_RETRIES), management_key_algorithm="AES128",
             management_key=management_key, keys=keys, objects=objects,
-            atr=PROTOCOL_ATRS[protocol], protocol=protocol)  # fmt: skip
+            atr=PROTOCOL_ATRS[protocol], protocol=protocol,
+            piv_enabled=bool(piv_enabled))  # fmt: skip
         ca.record_card(pki.IssuedCard(
             card_serial=card_serial, holder_name=name, uuid=uuid, algorithm=algorithm,
             certificate_serials={slot: f"{c.serial_number:x}" for slot, c in certs.items()},
@@ -443,6 +446,7 @@ def describe_card(card: CardFile, now: dt.datetime | None = None) -> dict:
         "uuid": card.holder_uuid,
         "guid": card_guid(card),
         "protocol": card.protocol,
+        "piv_enabled": card.piv_enabled,
         "atr": card.atr.hex(),
         "certificates": certificates,
         "pin_retries_left": card.pin.retries_left,

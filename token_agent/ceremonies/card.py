@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from drivers.pcsc import errors as card_errors
+from drivers.pkcs11 import errors as pkcs11_errors
 
 from .. import orgsettings
 from ..orgsettings import DEFAULT_LOCK_COMMAND
@@ -191,13 +192,19 @@ _DEVICE_FAILURES: tuple[tuple[str, Reason], ...] = (
     ("NoReader", Reason.NO_DEVICE),
     ("PcscUnavailable", Reason.PCSC_UNAVAILABLE),
     ("NotPivCard", Reason.NOT_SUPPORTED_CARD),
+    # the PKCS#11 path (drivers/pkcs11/errors.py): a card its module does not recognise, or
+    # cannot unblock, is a card not supported here; a module that cannot be loaded is the
+    # card service missing (both exit 4, as the other device failures)
+    ("NoToken", Reason.NOT_SUPPORTED_CARD),
+    ("UnblockNotSupported", Reason.NOT_SUPPORTED_CARD),
+    ("Pkcs11ModuleError", Reason.PCSC_UNAVAILABLE),
 )
 
 
 def device_failure(e: Exception) -> Reason:
-    """The login failure reason for an error of the card or of PC/SC."""
+    """The login failure reason for an error of the card, of PC/SC or of a PKCS#11 module."""
     for name, reason in _DEVICE_FAILURES:
-        cls = getattr(card_errors, name, None)
+        cls = getattr(card_errors, name, None) or getattr(pkcs11_errors, name, None)
         if cls is not None and isinstance(e, cls):
             return reason
     return Reason.DEVICE_ERROR
@@ -245,15 +252,21 @@ def key_algorithm(public_key) -> str:
 
 
 def verify_signature(public_key, signature: bytes, message: bytes) -> bool:
-    """Whether ``signature`` is the card's signature of ``message`` (SHA-256; PKCS#1 v1.5 for
-    RSA, ECDSA for P-256)."""
+    """Whether ``signature`` is the card's signature of ``message`` (SHA-256; for RSA PKCS#1
+    v1.5 or PSS with MGF1-SHA256 and any salt length, both secure for a fresh challenge: a
+    PKCS#11 module may allow only PSS; ECDSA for P-256)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
     try:
         if isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+            try:
+                public_key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+            except InvalidSignature:
+                public_key.verify(signature, message,
+                                  padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                              salt_length=padding.PSS.AUTO), hashes.SHA256())
         elif isinstance(public_key, ec.EllipticCurvePublicKey):
             public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
         else:
@@ -305,9 +318,7 @@ def login_with_card(
     if provision is None:
         provision = settings.provision_on_first_use
     facts: dict[str, Any] = {}  # what the audit events and the outcome may say about the card
-    driver = getattr(session, "driver", None)  # "piv" | "pkcs11": how the card was asked
-    if driver:
-        facts["card_driver"] = str(driver)
+    facts["card_driver"] = getattr(session, "driver", "piv")  # the card path: piv or pkcs11
     user = None
 
     def fail(reason: Reason, message: str) -> LoginOutcome:

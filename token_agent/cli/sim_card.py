@@ -245,12 +245,15 @@ def card() -> None:
               help="Transmission protocol the card's ATR announces and the card follows: t1 "
                    "answers with the data and 90 00 (as PIV cards); t0 hands response data "
                    "out with 61xx + GET RESPONSE.")  # fmt: skip
+@click.option("--no-piv", "no_piv", is_flag=True,
+              help="The card refuses SELECT of the PIV application (6A82), as a card with only "
+                   "a proprietary applet does: only its vendor's PKCS#11 module reaches it.")
 @click.option("--force", is_flag=True, help="Overwrite an existing card file.")
 @json_option
 @_errors
 def card_issue(ca_dir: str, name: str, uuid: str, pin: str | None, pin_stdin: bool, out: str,
                algorithm: str, variant: str | None, validity_days: int, protocol: str,
-               force: bool, as_json: bool) -> None:  # fmt: skip
+               no_piv: bool, force: bool, as_json: bool) -> None:  # fmt: skip
     """Issue a card for a person: keys, certificates, PIV objects, PIN; the PUK and the
     management key stay with the registration authority (the CA directory)."""
     from simulators.card import issuance
@@ -271,7 +274,7 @@ def card_issue(ca_dir: str, name: str, uuid: str, pin: str | None, pin_stdin: bo
     issued = issuance.issue_card(ca_dir, name=name, uuid=uuid, pin=pin, out=out,
                                  algorithm=algorithm, variant=variant,
                                  validity_days=validity_days, overwrite=force,
-                                 protocol=protocol)  # fmt: skip
+                                 protocol=protocol, piv_enabled=not no_piv)  # fmt: skip
     info = issuance.describe_card(issued)
     info["file"] = out
     info["variant"] = variant
