@@ -387,3 +387,29 @@ def test_slot_descriptions_match_reader_names():
     long_name = "Acme Corporation Contactless and Contact Smart Card Reader Model 9 [CCID] 00 00"
     assert reader_matches(long_name[:64], long_name)  # OpenSC truncates to 64 characters
     assert not reader_matches("", "Virtual PCD 00 00")
+
+
+def test_removal_after_a_pkcs11_login_ends_the_bound_session(store, issued, module, pcscd):
+    from drivers.pcsc.readers import ReaderWatcher
+    from token_agent.cardsession import CardSessionManager
+
+    card = issued()
+    locked = []
+    manager = CardSessionManager(lambda s: locked.append(s.user), store=store)
+    session = pkcs11_session(card, module)
+    assert session.atr == card.file.atr  # the card's ATR, through PC/SC, for the binding
+    with ReaderWatcher(manager.handle):
+        outcome = login_with_card(store, session, pin_provider=Pins(PIN))
+        assert outcome.ok, outcome
+        bound = manager.start_session(outcome, reader=card.reader, atr=session.atr)
+        card.bridge.remove()
+        deadline = time.monotonic() + 5
+        while bound.state != "ended" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert bound.state == "ended" and bound.end_reason == "card-removed"
+    assert locked == ["alice"]
+    with pytest.raises(CardRemoved):  # the PKCS#11 session is bound to the card that left
+        session.sign("9a", b"challenge", algorithm="RSA2048")
+    session.close()
+    wait_for_card(pcscd.context, pcscd.reader(0), False)
+    time.sleep(1.0)

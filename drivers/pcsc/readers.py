@@ -139,6 +139,22 @@ def card_present(reader: str, *, settle: float = 0.0) -> bool | None:
         scard.SCardReleaseContext(context)
 
 
+def card_atr(reader: str) -> bytes | None:
+    """The ATR of the card in ``reader`` (None when there is none, or PC/SC cannot say)."""
+    scard = _scard()
+    hresult, context = _establish(scard)
+    if hresult != 0:
+        return None
+    try:
+        hresult, states = scard.SCardGetStatusChange(
+            context, 0, [(reader, scard.SCARD_STATE_UNAWARE)])
+        if _u32(hresult) != 0 or not states or not states[0][1] & scard.SCARD_STATE_PRESENT:
+            return None
+        return bytes(states[0][2]) or None
+    finally:
+        scard.SCardReleaseContext(context)
+
+
 @dataclass(frozen=True)
 class ReaderEvent:
     """Something that happened to a reader or to the PC/SC service.

@@ -86,6 +86,9 @@ class Pkcs11CardSession:
         self._closed = False
         self._user: Any = None  # the logged-in session, after verify_pin
         self._choice: tuple[bytes, bytes] | None = None  # (CKA_ID, certificate DER)
+        #: the card's ATR when the session was opened, from PC/SC (None when it cannot say):
+        #: what a session bound to the card compares (token_agent.cardsession)
+        self.atr: bytes | None = _reader_atr(reader)
         try:
             self.token = slot.get_token()
             self._public = self.token.open()
@@ -447,6 +450,17 @@ class Pkcs11CardSession:
 
     def __repr__(self) -> str:
         return f"Pkcs11CardSession(reader={self.reader!r}, module={self.module!r})"
+
+
+def _reader_atr(reader: str | None) -> bytes | None:
+    if not reader:
+        return None
+    try:
+        from drivers.pcsc.readers import card_atr
+
+        return card_atr(reader)
+    except Exception:  # noqa: BLE001 - pyscard missing or PC/SC broken: the ATR is unknown
+        return None
 
 
 def _always_authenticate(key: Any) -> bool:

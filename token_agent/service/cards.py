@@ -277,22 +277,29 @@ class CardWatch:
                 raise card_errors.PcscError("the card reader is in use by another login")
             time.sleep(0.05)
 
-    def runner(self, c: "Ceremony", ui: "SocketInteraction", used: list
-                     ) -> Callable[[str | None], LoginOutcome]:
+    def runner(self, c: "Ceremony", ui: "SocketInteraction", used: list,
+               key_login: Callable[[str], LoginOutcome] | None = None
+               ) -> Callable[[str | None], LoginOutcome]:
         """A card login on a reader holding a card (its reader lock held), remembering the
-        card's outcome, reader and ATR in ``used`` (for the session's binding)."""
+        card's outcome, reader and ATR in ``used`` (for the session's binding). A locked
+        card may be unlocked by its holder on the way (``selfunlock.py``: the "Forgot your
+        card PIN?" offer; ``key_login``: the key instead of a password there)."""
         from drivers.pcsc import errors as card_errors
 
         from ..ceremonies.card import device_failure
         from ..ceremonies.devices import make_card_login
+        from .selfunlock import offer_after_login
 
         def run(name: str | None) -> LoginOutcome:
             with c.unlocked():
                 try:
                     with self.reader_held(c) as (reader, atr):
-                        outcome = make_card_login(self.service.store, pin_provider=ui.card_pin,
-                                                  reader=reader,
-                                                  open_card=self.open_card)(name)
+                        login = make_card_login(self.service.store, pin_provider=ui.card_pin,
+                                                reader=reader, open_card=self.open_card)
+                        outcome = login(name)
+                        outcome = offer_after_login(self.service, c, ui, reader, name, outcome,
+                                                    relogin=lambda: login(name),
+                                                    key_login=key_login)
                 except ReaderWaitCancelled:
                     return LoginOutcome.failure("card", Reason.CANCELLED, "cancelled")
                 except card_errors.PcscError as e:

@@ -61,7 +61,10 @@ Who may ask what (the caller is known from ``SO_PEERCRED``, never from the messa
     themselves in is a login of the caller's own user; its ``device`` is taken from root,
     login services and admins only (for the others it is ignored: the workstation's).
     ``session.state`` and ``policy.explain``: a user for their own agent user, login
-    services and admins for anyone. ``login.answer`` only on the connection that started the login;
+    services and admins for anyone. ``card.self-unlock``: root, login services and admins
+    for any user's card; any other local user for their own card only (``user`` null or
+    their own name; the card in the reader must be that user's, checked before anything is
+    asked); the attempts are counted per card by the library (3 a day). ``login.answer`` only on the connection that started the login;
     ``login.cancel`` there, or by an admin from anywhere.
 
 Changing methods (NIST SP 800-63B §6.1.2.1; ``token_agent/reauth.py``)
@@ -117,6 +120,24 @@ Operations
                                  (default 90); a success sends each warning as an "info"
                                  event first, so that PAM shows it as PAM_TEXT_INFO)
 
+        "Forgot your card PIN?" (``service/selfunlock.py``): a card login that finds the
+        card locked (reason ``pin-blocked``, before a PIN is asked or at the wrong PIN that
+        locked it) asks, when an RA credentials source is configured (the service's
+        ``$TOKEN_AGENT_RA`` or the card setting ``card_ra_source``), the card's holder is
+        enrolled here and is the login's user: the "text" prompt "Your card is locked.
+        Forgot your card PIN? Unlock it now? [y/N]". "y" or "yes" runs the self-service
+        unlock (``ceremonies/cardunlock.py``) in the same login, holding the same reader:
+        its prompts come on as this login's ("Where should we send a one-time code?"
+        (choose, several contacts only), "Enter the code sent to ...", "Your password" (or
+        the key's ceremony for a user without a password), "New card PIN (6 to 8 digits)",
+        "New card PIN again"), then the info "Your card is unlocked. Log in with your new
+        PIN." and the card's PIN prompt again: the login goes on with the new PIN. Any other
+        answer: the login fails as it would have ("Your card is locked: ask your sponsor to
+        unlock it.", reason ``pin-blocked``). A failed unlock ends the login with the
+        unlock's message, reason ``pin-blocked`` (the card stays locked) or ``cancelled``;
+        the audit event ``card.self-unlock`` has the unlock's own reason. No RA source, a
+        card of someone else or not enrolled here: no question, the plain failure.
+
         The login waits for each prompt's answer (``prompt_timeout``, default 120 s, then
         it is cancelled). Exactly one ``result`` event ends every login. The PIN prompts
         say "Enter the PIN for your security key" / "Enter the PIN for your card"; the key
@@ -162,6 +183,17 @@ Operations
     ``admin.reset-methods`` {"user", "include_password"|null} -> {"removed": N}  (admins only)
         every method of the user but the password; the password too when
         "include_password" is true (as `token-agent admin reset-methods --include-password`)
+
+    ``card.self-unlock`` {"user": str | null} -> {"login": ID}   (a ceremony: prompts and
+        result events as for ``login.start``) The cardholder's own unlock of the locked card
+        in a reader (the questions of "Forgot your card PIN?" above, without the offer); the
+        result's outcome is ``CardActionOutcome.to_json()`` + ``"method": "card"``: {"ok",
+        "action": "self-unlock", "reason", "message", "card_uuid", "holder_name",
+        "certificate_serial", "sponsor": null, "detail", "method"}; a card that is not
+        ``user``'s: reason ``credential-of-another-user``, nothing asked. ``unavailable``
+        when no RA credentials source is configured. No session is opened: log in afterwards.
+        It runs on this workstation's store (an organisation's workstation, whose logins the
+        server runs, has neither the offer nor this op: ``unavailable`` there).
 
     ``events.subscribe`` {} -> {}   then, on this connection, for as long as it is open:
         {"event": "card.inserted", "reader", "atr", "at"}

@@ -391,10 +391,11 @@ class Service:
         try:
             c.send({"event": "result", "outcome": outcome})
             elapsed = round((time.perf_counter() - started) * 1000, 1)
-            log.info("login finished" if c.kind == "login" else "enrolment finished",
-                     extra={"login": c.id, "op": c.op, "user": user, "ok": ok,
-                            "method": method, "reason": reason, "ms": elapsed,
-                            "cancelled": c.cancel_cause})
+            what = {"login": "login finished", "enrol": "enrolment finished"}.get(
+                c.kind, f"{c.kind} finished")
+            log.info(what, extra={"login": c.id, "op": c.op, "user": user, "ok": ok,
+                                  "method": method, "reason": reason, "ms": elapsed,
+                                  "cancelled": c.cancel_cause})
             self.broadcast({"event": "login.finished", "login": c.id, "user": user, "ok": ok,
                             "method": method, "at": time.time()}, admins_only=True)
         finally:

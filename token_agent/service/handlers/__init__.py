@@ -7,14 +7,15 @@ dispatch in :data:`OPS`.
 * ``login``: login.start|answer|cancel (the login ceremony);
 * ``sessions``: session.state (and the sessions' rows);
 * ``methods``: methods.list|prefer|remove, enrol.* (the key enrolment ceremony);
-* ``admin``: policy.explain, admin.unlock, admin.reset-methods.
+* ``admin``: policy.explain, admin.unlock, admin.reset-methods;
+* ``cards``: card.self-unlock (the cardholder's unlock of a locked card).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import admin, login, methods, sessions, status
+from . import admin, cards, login, methods, sessions, status
 
 #: op -> handler(service, conn, args)
 OPS: dict[str, Callable[..., dict]] = {
@@ -34,4 +35,5 @@ OPS: dict[str, Callable[..., dict]] = {
     "admin.unlock": admin.op_admin_unlock,
     "admin.reset-methods": admin.op_admin_reset_methods,
     "events.subscribe": status.op_events_subscribe,
+    "card.self-unlock": cards.op_card_self_unlock,
 }

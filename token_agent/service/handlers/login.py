@@ -187,7 +187,7 @@ def _local_login(svc: Host, c: Ceremony, a: dict, ui: SocketInteraction, device,
     from ...ceremonies.login import login_or_tap
 
     key_runner = _key_runner(svc, c, ui)
-    card_runner = svc.cards.runner(c, ui, card_used)
+    card_runner = svc.cards.runner(c, ui, card_used, key_login=key_runner)
 
     def on_user(name: str):
         c.user = name
