@@ -7,7 +7,8 @@ Everything runs for real: cards issued by the simulated PKI in vpcd's reader beh
 machine's pcscd (the ``pcscd`` fixture: it fails in CI and skips elsewhere, saying why), the
 CLI in a subprocess, ``token-agent serve`` in a subprocess, and ``pamtester`` on a pty
 through pam_python (the ``pam_stack`` fixture of tests/test_pam.py: root, pamtester and
-libpam-python)."""
+libpam-python). PAM's card login runs on each path of ``[cards] driver`` (piv, pkcs11 through
+OpenSC's module, auto)."""
 
 from __future__ import annotations
 
@@ -115,9 +116,9 @@ def test_cli_login_warns_of_a_certificate_to_renew(cli, cards, insert):
 
 
 @pytest.fixture
-def card_service(services, world, cards):  # noqa: F811
+def card_service(request, services, world, cards):  # noqa: F811
     """The real service watching vpcd's reader; the users soon and later, each with their
-    card enrolled."""
+    card enrolled. Its ``[cards] driver``: the test's parameter (indirect), else "auto"."""
     from token_agent.ceremonies.card import set_card_setting
 
     store = world.store
@@ -128,7 +129,9 @@ def card_service(services, world, cards):  # noqa: F811
         user = store.add_user(name, display_name=holder)
         store.add_card_identity(user.id, uuid=uuid, holder_name=holder)
     services.secrets.append(CARD_PIN)
-    return services(cards='readers = ["Virtual PCD"]\nlock_command = "true"')
+    driver = getattr(request, "param", "auto")
+    return services(cards=f'readers = ["Virtual PCD"]\nlock_command = "true"\n'
+                          f'driver = "{driver}"')
 
 
 def test_service_login_result_and_info_carry_the_warning(card_service, cards, insert):
@@ -154,7 +157,12 @@ def test_service_login_result_and_info_carry_the_warning(card_service, cards, in
 # --------------------------------------------------------------------------- PAM
 
 
-def test_pam_shows_the_warning_as_info_text(card_service, cards, insert, pam_service):  # noqa: F811
+@pytest.mark.parametrize("card_service, used", [("piv", "piv"), ("pkcs11", "pkcs11"),
+                                                ("auto", "piv")], indirect=["card_service"])
+def test_pam_shows_the_warning_as_info_text(card_service, cards, insert, pam_service,  # noqa: F811
+                                            world, used):  # noqa: F811
+    """PAM primary=card on each path of [cards] driver ("auto" takes PIV for this card):
+    the same login, the same words; the audit says which path asked the card."""
     service = pam_service(card_service.socket, "primary=card")
     bridge = insert(cards["soon"])
     run = pamtester(service, "soon", [("Enter the PIN for your card: ", CARD_PIN)])
@@ -170,3 +178,5 @@ def test_pam_shows_the_warning_as_info_text(card_service, cards, insert, pam_ser
     assert run.returncode == 0 and run.pam_result == "PAM_SUCCESS", run
     assert "expires" not in run.output, run.output
     bridge.remove()
+    logins = world.store.list_events(kind="login.card")
+    assert [(e.outcome, e.detail["card_driver"]) for e in logins] == [("success", used)] * 2

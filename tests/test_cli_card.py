@@ -197,3 +197,35 @@ def test_watch_prints_insert_remove_and_lock(env, insert, pcscd, tmp_path):
         proc.terminate()
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
+
+
+def test_the_configured_driver_pkcs11_and_its_module(cli, insert, env, tmp_path, pcscd):
+    """config.toml's [cards] driver = "pkcs11": the card commands ask the card through
+    OpenSC's PKCS#11 module (the outcome says card_driver); a module that is not there, or
+    that has no token in the reader named, is a clear message naming it, exit 4."""
+    config = tmp_path / "config.toml"
+    config.write_text('[cards]\ndriver = "pkcs11"\n')
+    env["TOKEN_AGENT_CONFIG"] = str(config)
+    insert("alice")
+    status = json.loads(cli("card", "status", "--json").stdout)
+    assert (status["holder_name"], status["uuid"]) == ("Dr Alice Smith", ALICE_UUID)
+    assert status["trusted"] and status["reader"] == pcscd.reader(0)
+    cli("card", "enrol", "--user", "alice")
+    result = cli("card", "login", "--pin-stdin", "--json", input=PIN + "\n")
+    outcome = json.loads(result.stdout)
+    assert outcome["ok"] and outcome["user"] == "alice"
+    assert outcome["detail"]["card_driver"] == "pkcs11" and PIN not in result.stderr
+    # the module: a relative path is taken from the config file's directory
+    config.write_text('[cards]\ndriver = "pkcs11"\npkcs11_module = "vendor/none.so"\n')
+    for command in (("card", "status"), ("card", "login", "--pin-stdin")):
+        failed = cli(*command, input=PIN + "\n", expect=exitcodes.NO_DEVICE)
+        assert str(tmp_path / "vendor" / "none.so") in failed.stderr, failed.stderr
+        assert PIN not in failed.stderr
+    # "auto" takes PIV for this card: the wrong module is never loaded
+    config.write_text('[cards]\ndriver = "auto"\npkcs11_module = "vendor/none.so"\n')
+    outcome = json.loads(cli("card", "login", "--pin-stdin", "--json", input=PIN + "\n").stdout)
+    assert outcome["ok"] and outcome["detail"]["card_driver"] == "piv"
+    # the reader named is empty: as on the PIV path, exit 4
+    config.write_text('[cards]\ndriver = "pkcs11"\n')
+    empty = cli("card", "status", "--reader", pcscd.reader(1), expect=exitcodes.NO_DEVICE)
+    assert "Insert your smartcard" in empty.stderr

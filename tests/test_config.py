@@ -42,6 +42,7 @@ def test_defaults():
     assert c.workstation.effective_device_id().startswith(("ws-", "unknown-device"))
     assert (c.keys.simulators, c.keys.timeout) == ((), 30.0)
     assert (c.cards.readers, c.cards.lock_command) == (None, None)
+    assert (c.cards.driver, c.cards.pkcs11_module) == ("auto", "opensc-pkcs11.so")
     assert (c.logging.level, c.logging.format) == ("info", "text")
     # the socket: root's, else the runtime directory's; TOKEN_AGENT_SOCKET beats the file
     assert default_socket({}, uid=0) == ROOT_SOCKET
@@ -141,6 +142,12 @@ format = "json"
     ("[keys]\nsimulators = ['127.0.0.1']\n", "keys.simulators: \"127.0.0.1\" is not host:port"),
     ("[cards]\nreaders = []\n", "cards.readers: is empty"),
     ("[cards]\nlock_command = 'echo \"unclosed'\n", "cards.lock_command"),
+    ("[cards]\ndriver = 'pkcs'\n", "cards.driver: \"pkcs\" is not one of piv, pkcs11, auto (did you mean pkcs11?)"),
+    ("[cards]\ndriver = 11\n", "cards.driver: 11 must be one of piv, pkcs11, auto, not an integer"),
+    ("[cards]\npkcs11_module = ''\n", "cards.pkcs11_module: must not be empty"),
+    ("[cards]\npkcs11_module = ['a.so']\n", "cards.pkcs11_module: [\"a.so\"] must be a string"),
+    ("[cards]\npkcs11_module = '..'\n", "cards.pkcs11_module: \"..\" is not a module"),
+    ("[cards]\npkcs11_modul = 'a.so'\n", "cards.pkcs11_modul: unknown key (did you mean pkcs11_module?)"),
     # ranges and choices
     ("[service]\nsocket_mode = 0o1777\n", "service.socket_mode: 0o1777 is out of range"),
     ("[service]\nsocket_mode = 0o066\n", "does not let the service's own user read and write"),
@@ -159,6 +166,31 @@ def test_every_error_names_its_key(text, expected):
     errors = errors_of(text)
     assert any(expected in e for e in errors), errors
     assert all(e.startswith("cfg.toml: ") for e in errors)
+
+
+def test_the_card_driver_and_the_pkcs11_module(tmp_path):
+    """[cards] driver: piv | pkcs11 | auto (any case); pkcs11_module: a bare file name is
+    left to the dynamic loader, a path is taken from the file's directory, ~ is home."""
+    assert parse_config("[cards]\ndriver = 'PKCS11'\n").cards.driver == "pkcs11"
+    assert parse_config("[cards]\ndriver = 'piv'\n").cards.driver == "piv"
+    c = parse_config("[cards]\npkcs11_module = 'libvendor-p11.so'\n")
+    assert c.cards.pkcs11_module == "libvendor-p11.so" and c.cards.driver == "auto"
+    path = tmp_path / "etc" / "config.toml"
+    path.parent.mkdir()
+    path.write_text("[cards]\ndriver = 'pkcs11'\npkcs11_module = 'lib/vendor.so'\n")
+    c = load_config(path, {"HOME": "/home/alice"})
+    assert c.cards.pkcs11_module == str(tmp_path / "etc" / "lib" / "vendor.so")
+    path.write_text("[cards]\npkcs11_module = '~/p11/vendor.so'\n")
+    assert load_config(path, {"HOME": "/home/alice"}).cards.pkcs11_module == \
+        "/home/alice/p11/vendor.so"
+    # config check: a module path that is not there is a warning (the service still starts:
+    # PIV cards log in; a card that needs the module gets the driver's message naming it)
+    _c, errors, warnings = check_config_text(
+        f"[cards]\npkcs11_module = '{tmp_path}/none.so'\n")
+    assert not errors and any("cards.pkcs11_module" in w and "none.so" in w for w in warnings)
+    assert check_config_text(
+        f"[cards]\ndriver = 'piv'\npkcs11_module = '{tmp_path}/none.so'\n")[2] == []
+    assert check_config_text("[cards]\ndriver = 'pkcs11'\n")[2] == []
 
 
 def test_every_problem_is_reported_at_once():

@@ -2,11 +2,15 @@
 fails in CI and skips elsewhere when pcscd cannot be had, never silently in CI): the event
 stream (card.inserted, card.removed, session.locked), a card login over the socket with its
 PIN prompt, a card-bound session that survives a restart of the service while its card stays
-in, and locks (the lock command runs) when the card leaves."""
+in, and locks (the lock command runs) when the card leaves. On each card path of
+``[cards] driver``: "piv", "pkcs11" (OpenSC's module; the PC/SC watcher still sees the removal)
+and "auto" (which takes PIV for this card)."""
 
 from __future__ import annotations
 
 import time
+
+import pytest
 
 from pcsc_helpers import wait_for_card
 from simulators.card.card import VirtualCard
@@ -18,8 +22,10 @@ CARD_PIN = "739154"
 ALICE_UUID = "555123456789"
 
 
+@pytest.mark.parametrize("driver, used", [("piv", "piv"), ("pkcs11", "pkcs11"),
+                                          ("auto", "piv")])
 def test_card_events_login_restart_and_lock(services, world, fresh_ca, tmp_path, pcscd,  # noqa: F811
-                                            vpcd_insert):
+                                            vpcd_insert, driver, used):
     from token_agent.ceremonies.card import set_card_setting
 
     card_path = tmp_path / "alice.card"
@@ -33,7 +39,7 @@ def test_card_events_login_restart_and_lock(services, world, fresh_ca, tmp_path,
     store.add_card_identity(alice.id, uuid=ALICE_UUID, holder_name="Dr Alice Smith")
     marker = tmp_path / "locked.log"
     reader = pcscd.reader(0)
-    svc = services(cards=f'readers = ["Virtual PCD"]\n'
+    svc = services(cards=f'readers = ["Virtual PCD"]\ndriver = "{driver}"\n'
                          f"lock_command = \"sh -c 'echo locked >> {marker}'\"")
 
     events = svc.client()
@@ -57,6 +63,8 @@ def test_card_events_login_restart_and_lock(services, world, fresh_ca, tmp_path,
         [session] = c.request("session.state", user="alice")["sessions"]
     assert session["id"] == outcome["session"] and session["state"] == "active"
     assert session["card"]["reader"] == reader and session["card"]["certificate_serial"]
+    [audited] = world.store.list_events(kind="login.card")
+    assert audited.outcome == "success" and audited.detail["card_driver"] == used, audited
     finished = events.next_event(kind="login.finished", timeout=5)  # root: an admin
     assert finished["user"] == "alice" and finished["ok"]
     events.close()

@@ -121,13 +121,15 @@ def make_lock_action(spec: LockAction) -> Callable[[CardSession], Any] | None:
     return start
 
 
-def default_reprobe(binding: CardBinding) -> bool:
-    """Whether the card of ``binding`` is (still) in its reader: same certificate serial."""
-    from drivers.pcsc.piv import PivSession
-
+def default_reprobe(binding: CardBinding, open_card: Callable[[str | None], Any] | None = None
+                    ) -> bool:
+    """Whether the card of ``binding`` is (still) in its reader: same certificate serial.
+    ``open_card``: ``token_agent.cardopen.card_opener(config.cards)`` (default: the built-in
+    defaults, driver "auto")."""
+    from .cardopen import card_opener
     from .ceremonies.card import _certificate_subject
 
-    session = PivSession.open(binding.reader)
+    session = (open_card or card_opener())(binding.reader)
     try:
         _uuid, _holder, serial = _certificate_subject(session.certificate("9a"))
     finally:

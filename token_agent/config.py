@@ -76,6 +76,12 @@ timeout = 30                            # seconds to wait for a touch (1 to 300)
 readers = ["Virtual PCD"]               # readers to watch: names or name prefixes [all]
 lock_command = "loginctl lock-session"  # run when a session's card leaves; "" = none
                                         # [the card setting card_lock_command]
+driver = "auto"                         # how cards are asked: piv (the PIV applet over PC/SC)
+                                        # | pkcs11 (the card vendor's PKCS#11 module) | auto
+                                        # (PIV when the card answers the PIV SELECT, else
+                                        # PKCS#11 on the same reader) [auto]
+pkcs11_module = "opensc-pkcs11.so"      # the PKCS#11 module: a file name the dynamic loader
+                                        # finds (OpenSC's [default]), or a vendor module's path
 
 [server]                                # the organisation's server: see orgconfig.py
 listen = "0.0.0.0:8443"
@@ -263,10 +269,18 @@ class KeysConfig:
         return env
 
 
+#: ``[cards] driver``: drivers.cardaccess.DRIVERS (not imported: the config needs no driver)
+CARD_DRIVERS = ("piv", "pkcs11", "auto")
+#: ``[cards] pkcs11_module``'s default: drivers.cardaccess.DEFAULT_PKCS11_MODULE
+DEFAULT_PKCS11_MODULE = "opensc-pkcs11.so"
+
+
 @dataclass(frozen=True)
 class CardsConfig:
     readers: tuple[str, ...] | None = None  # None: every reader
     lock_command: str | None = None  # None: the card setting card_lock_command; "": none
+    driver: str = "auto"  # CARD_DRIVERS: how a card is asked (token_agent.cardopen)
+    pkcs11_module: str = DEFAULT_PKCS11_MODULE  # a bare file name, or an absolute path
 
 
 @dataclass(frozen=True)
@@ -309,7 +323,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "policy": ("file",),
     "workstation": ("device", "device_id", "network"),
     "keys": ("simulators", "timeout"),
-    "cards": ("readers", "lock_command"),
+    "cards": ("readers", "lock_command", "driver", "pkcs11_module"),
     "logging": ("level", "format"),
     "server": SERVER_KEYS,
     "organisation": ORGANISATION_KEYS,
@@ -523,7 +537,15 @@ def _parse_cards(p: _Parser, t: Mapping[str, Any]) -> CardsConfig:
         except ValueError as e:
             p.error("cards.lock_command", f"{_show(lock)} is not a command line ({e})")
             lock = None
-    return CardsConfig(readers=readers, lock_command=lock)
+    driver = p.choice(t, "driver", "cards", CARD_DRIVERS, "auto")
+    module = p.string(t, "pkcs11_module", "cards")
+    if module is not None and ("/" in module or module.startswith("~")):
+        module = p.path(t, "pkcs11_module", "cards")  # a path: from the file's directory
+    elif module is not None and module in (".", ".."):
+        p.error("cards.pkcs11_module", f"{_show(module)} is not a module's file name or path")
+        module = None
+    return CardsConfig(readers=readers, lock_command=lock, driver=driver,
+                       pkcs11_module=module or DEFAULT_PKCS11_MODULE)
 
 
 def parse_config(text: str, source: str = "<config>", *,
@@ -574,6 +596,10 @@ def config_warnings(config: Config) -> list[str]:
     if config.cards.lock_command == "":
         out.append(f"{prefix}cards.lock_command: empty: removing a card ends its session but "
                    "does not lock the screen")
+    module = config.cards.pkcs11_module
+    if config.cards.driver != "piv" and os.path.isabs(module) and not os.path.isfile(module):
+        out.append(f"{prefix}cards.pkcs11_module: {module} does not exist: cards that need "
+                   "PKCS#11 cannot log in until it is installed")
     mode = config.service.socket_mode
     if config.service.login_service_users and not mode & 0o006:
         out.append(f"{prefix}service.socket_mode: 0o{mode:o} lets only the service's own user "

@@ -258,8 +258,13 @@ class PivSession:
 
         connection = None
         try:
+            from smartcard.scard import SCARD_RESET_CARD
+
             connection = PCSCReader(reader).createConnection()
-            connection.connect()
+            # closed with a reset (it clears the PIN's verified state), not pyscard's default
+            # unpower: an unpowered card stays so for every later connect while another
+            # program (OpenSC's PKCS#11 module) holds a handle on it (SCARD_W_UNPOWERED_CARD)
+            connection.connect(disposition=SCARD_RESET_CARD)
         except Exception as e:  # pyscard's exceptions, translated
             if connection is not None:
                 _disconnect(connection)  # its own PC/SC context too

@@ -67,14 +67,20 @@ def make_key_login(store: Store, *, pin_provider: Callable[[], str | None],
 
 def make_card_login(store: Store, *, pin_provider: Callable[[], str | None],
                     reader: str | None = None,
-                    open_session: Callable[[], object] | None = None
+                    open_session: Callable[[], object] | None = None,
+                    open_card: Callable[[str | None], object] | None = None
                     ) -> Callable[[str | None], LoginOutcome]:
     """``username -> outcome`` of a card login (the card identifies its holder; with a
-    username, a card of anyone else is refused). ``open_session``: how the card's
-    ``PivSession`` is opened (default ``drivers.pcsc.piv.open_card(reader)``; the
+    username, a card of anyone else is refused). ``open_card``: ``reader -> card session``,
+    ``token_agent.cardopen.card_opener(config.cards)`` (default: the built-in defaults,
+    driver "auto"); ``open_session``: how the card's session is opened instead (the
     organisation's server opens the workstation's card through the ceremony channel)."""
     from drivers.pcsc import errors as card_errors
-    from drivers.pcsc.piv import open_card
+
+    from ..cardopen import card_opener
+
+    if open_card is None:
+        open_card = card_opener()
 
     from .card import CardSettings, device_failure, login_with_card
 

@@ -172,8 +172,11 @@ def policy_login(ctx: Context, username: str, *, device, primary: str | None = N
                               open_key=lambda: open_key(key_path, timeout),
                               presence=cancel_of["presence"])(name)
 
+    from ..cardopen import card_opener
+
     card_login = make_card_login(agent.store, reader=reader, pin_provider=PinSource(
-        pin_stdin or not sys.stdin.isatty(), "PIN for your smartcard"))
+        pin_stdin or not sys.stdin.isatty(), "PIN for your smartcard"),
+        open_card=card_opener(ctx.config().cards))
 
     def flow(cancel):
         cancel_of["event"] = cancel

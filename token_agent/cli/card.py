@@ -44,13 +44,15 @@ def _action_failed(result) -> None:
          reason=data.get("reason"), data=data)
 
 
-def _open(reader: str | None):
-    """``drivers.pcsc.piv.open_card``, with errors turned into a message and an exit code."""
+def _open(ctx: Context, reader: str | None):
+    """The card in ``reader`` opened as config.toml's ``[cards] driver`` says
+    (``token_agent.cardopen``), with errors turned into a message and an exit code."""
     from drivers.pcsc import errors as card_errors
-    from drivers.pcsc.piv import open_card
+
+    from ..cardopen import card_opener
 
     try:
-        return open_card(reader)
+        return card_opener(ctx.config().cards)(reader)
     except card_errors.PcscError as e:
         if reader and isinstance(e, card_errors.NoReader):
             _no_reader_named(reader)
@@ -95,7 +97,7 @@ def status(ctx: Context, reader: str | None, as_json: bool) -> None:
     from ..ceremonies.card import _certificate_subject
 
     settings = _settings(ctx)
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         der = session.certificate("9a")
         uuid, holder, serial = _certificate_subject(der)
@@ -103,7 +105,9 @@ def status(ctx: Context, reader: str | None, as_json: bool) -> None:
 
         cert = x509.load_der_x509_certificate(der)
         data = {"reader": session.reader, "card_present": True,
-                "atr": (session.atr or b"").hex(), "holder_name": holder, "uuid": uuid,
+                "card_driver": getattr(session, "driver", "piv"),  # config's [cards] driver
+                "atr": (getattr(session, "atr", None) or b"").hex(),  # "": PKCS#11 has none
+                "holder_name": holder, "uuid": uuid,
                 "certificate_serial": serial,
                 "not_before": cert.not_valid_before_utc.isoformat(),
                 "not_after": cert.not_valid_after_utc.isoformat(),
@@ -123,7 +127,7 @@ def status(ctx: Context, reader: str | None, as_json: bool) -> None:
         session.close()
 
     def text() -> str:
-        lines = [f"reader:       {data['reader']}",
+        lines = [f"reader:       {data['reader']} ({data['card_driver']})",
                  f"holder:       {data['holder_name']} (UUID {data['uuid']})",
                  f"user:         {data['user'] or '(not enrolled)'}",
                  f"certificate:  serial {data['certificate_serial']}, valid "
@@ -160,7 +164,7 @@ def enrol(ctx: Context, username: str, reader: str | None, as_json: bool) -> Non
 
     require_login(ctx, user)  # a login first, unless admin or the first method
     settings = _settings(ctx)
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         identity = validate_card_certificate(session.certificate("9a"), settings.trust_policy())
     except card_errors.PcscError as e:
@@ -191,7 +195,7 @@ def login(ctx: Context, reader: str | None, pin_stdin: bool, as_json: bool) -> N
 
     store = ctx.store()
     settings = _settings(ctx)
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         outcome = login_with_card(store, session, settings=settings,
                                   pin_provider=PinSource(pin_stdin, "PIN for your smartcard"))
@@ -220,7 +224,7 @@ def change_pin(ctx: Context, reader: str | None, pin_stdin: bool, as_json: bool)
     from ..ceremonies.card import change_card_pin, check_new_pin
 
     store = ctx.store()
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         old = PinSource(pin_stdin, "Current PIN")()
         if not old:
@@ -285,7 +289,7 @@ def unlock(ctx: Context, sponsor: str, reader: str | None, puk_stdin: bool,
     if not sponsor_outcome.ok:
         fail(f"sponsor login failed: {sponsor_outcome.message}",
              exitcodes.REASON_CODES.get(sponsor_outcome.reason, exitcodes.ERROR))
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         if source is None:
             puk = sys.stdin.readline().rstrip("\r\n") if pin_stdin or not sys.stdin.isatty() \
@@ -339,7 +343,7 @@ def self_unlock_cmd(ctx: Context, reader: str | None, ra_spec: str | None, pin_s
             source = rasource.load_source(ra_spec)
         except rasource.RaError as e:
             fail(str(e), exitcodes.USAGE)
-    session = _open(reader)
+    session = _open(ctx, reader)
     try:
         result = self_unlock(agent, session, interaction=TerminalInteraction(), ra=source)
     finally:

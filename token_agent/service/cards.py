@@ -53,6 +53,18 @@ class CardWatch:
         self._deferring = threading.local()
         self._flush_lock = threading.Lock()
         self._has_lock_action = False
+        from ..cardopen import card_opener
+
+        #: ``reader -> card session`` as config.toml's [cards] driver says: every card the
+        #: service opens (logins, through the organisation's server too, re-checks)
+        self.open_card = card_opener(service.config.cards)
+
+    def reprobe(self, binding) -> bool:
+        """Whether the card of ``binding`` is still in its reader (``default_reprobe`` through
+        the configured driver: a card without PIV is read over PKCS#11 too)."""
+        from ..cardsession import default_reprobe
+
+        return default_reprobe(binding, self.open_card)
 
     def readers(self) -> dict:
         """Reader name -> whether a card is in it (for ``hello``)."""
@@ -78,7 +90,7 @@ class CardWatch:
         lock_spec = self._lock_spec()
         self._has_lock_action = lock_spec is not None
         self.manager = CardSessionManager(lock_spec, on_event=self._on_session_event,
-                                         store=self.service.store)
+                                         reprobe=self.reprobe, store=self.service.store)
         restored = self._restore_card_sessions()  # known to the manager before any event
         try:
             from drivers.pcsc.readers import ReaderWatcher, list_readers
@@ -143,11 +155,9 @@ class CardWatch:
     def _recheck_cards(self, sessions) -> None:
         from drivers.pcsc.readers import ReaderEvent
 
-        from ..cardsession import default_reprobe
-
         for s in sessions:
             try:
-                same = default_reprobe(s.binding)
+                same = self.reprobe(s.binding)
             except Exception as e:
                 log.info("cannot read the card of a restored session: %s", e)
                 same = False
@@ -285,7 +295,7 @@ class CardWatch:
                 try:
                     with self.reader_held(c) as (reader, atr):
                         login = make_card_login(self.service.store, pin_provider=ui.card_pin,
-                                                reader=reader)
+                                                reader=reader, open_card=self.open_card)
                         outcome = login(name)
                         outcome = offer_after_login(self.service, c, ui, reader, name, outcome,
                                                     relogin=lambda: login(name),

@@ -180,7 +180,7 @@ class _NotingSession:
 
 
 def _card_opener(svc: "Host", c: "Ceremony", noted: dict):
-    from drivers.pcsc.piv import open_card
+    open_card = svc.cards.open_card  # config.toml's [cards] driver (token_agent.cardopen)
 
     @contextmanager
     def open_(timeout, cancel):
