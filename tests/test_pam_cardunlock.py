@@ -71,7 +71,6 @@ class Setup:
 
 
 def make_setup(services, ca, tmp_path, *, ra: bool = True, name: str = "svc",  # noqa: F811
-               algorithm: str = "ECCP256", piv_enabled: bool = True,
                cards: str = "") -> Setup:
     """The user ``locky`` (password, a verified mobile, the card enrolled), the card issued
     in ``tmp_path``, the service started watching vpcd's reader (``cards``: more of its
@@ -86,8 +85,8 @@ def make_setup(services, ca, tmp_path, *, ra: bool = True, name: str = "svc",  #
                                f'[delivery.email]\ngateway = "outbox"\n'
                                f'[delivery.outbox]\ndir = "{outbox}"\n')
     card = tmp_path / "locky.card"
-    issue_card(ca, name=HOLDER, uuid=UUID, pin=CARD_PIN, out=card, algorithm=algorithm,
-               overwrite=True, **({} if piv_enabled else {"piv_enabled": False}))
+    issue_card(ca, name=HOLDER, uuid=UUID, pin=CARD_PIN, out=card, algorithm="ECCP256",
+               overwrite=True)
     puk, algorithm, key = admin_credentials(ca, UUID)
     services.secrets.extend([CARD_PIN, NEW_PIN, puk, key.hex()])
     world = World(services)
@@ -161,24 +160,18 @@ app default {
 
 @pytest.fixture(params=["piv", "pkcs11"])
 def any_path(request, services, ca, tmp_path, monkeypatch):  # noqa: F811
-    """The setup on each card path: a PIV card (driver piv), and a card without PIV that
-    ``driver = "auto"`` reaches through OpenSC's PKCS#11 module, configured (OPENSC_CONF in
-    the service's environment) to unblock with C_SetPIN in an unlogged session."""
+    """The setup on each path of ``[cards] driver``: "piv", and "pkcs11" (OpenSC's PKCS#11
+    module, which reaches the virtual card through its PIV driver, configured by OPENSC_CONF
+    in the service's environment to unblock with C_SetPIN in an unlogged session)."""
     if request.param == "piv":
         s = make_setup(services, ca, tmp_path, cards='driver = "piv"')
     else:
-        from test_card_pkcs11 import _system_module
-
-        module = _system_module()
-        if module is None:
-            pytest.fail("OpenSC's opensc-pkcs11.so is not installed (apt-get install opensc)")
         conf = tmp_path / "opensc.conf"
         conf.write_text(OPENSC_CONF)
         (tmp_path / "home").mkdir()
         monkeypatch.setenv("OPENSC_CONF", str(conf))
         monkeypatch.setenv("HOME", str(tmp_path / "home"))
-        s = make_setup(services, ca, tmp_path, algorithm="RSA2048", piv_enabled=False,
-                       cards=f'driver = "auto"\npkcs11_module = "{module}"')
+        s = make_setup(services, ca, tmp_path, cards='driver = "pkcs11"')
     s.path = request.param
     yield s
     s.world.close()
@@ -186,13 +179,14 @@ def any_path(request, services, ca, tmp_path, monkeypatch):  # noqa: F811
 
 def test_pam_three_wrong_pins_then_forgot_pin_unlocks_and_logs_in(any_path, insert,
                                                                   pam_service):  # noqa: F811
-    """On both card paths (PIV; PKCS#11 through OpenSC for a card without PIV)."""
+    """On both card paths (PIV; PKCS#11 through OpenSC's module)."""
     setup = any_path
     service = pam_service(setup.svc.socket, "primary=card")
     insert(setup.card)
     for _ in range(2):
         run = pamtester(service, "locky", [(PIN_PROMPT, WRONG_PIN)])
         assert run.pam_result == "PAM_AUTH_ERR" and "Forgot" not in run.output, run
+        assert PIN_PROMPT in run.output and "Wrong PIN" in run.output, run.output
     # the third wrong PIN locks the card: the same login offers the unlock
     run = pamtester(service, "locky", [
         (PIN_PROMPT, WRONG_PIN), (OFFER, "y"), (CODE_PROMPT, setup.phone.last_code),
