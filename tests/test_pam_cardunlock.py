@@ -70,10 +70,12 @@ class Setup:
         self.ra_file = ra_file
 
 
-def make_setup(services, ca, tmp_path, *, ra: bool = True, name: str = "svc") -> Setup:  # noqa: F811
+def make_setup(services, ca, tmp_path, *, ra: bool = True, name: str = "svc",  # noqa: F811
+               cards: str = "") -> Setup:
     """The user ``locky`` (password, a verified mobile, the card enrolled), the card issued
-    in ``tmp_path``, the service started watching vpcd's reader; with ``ra``, the RA's
-    credentials file configured as the card setting ``card_ra_source``."""
+    in ``tmp_path``, the service started watching vpcd's reader (``cards``: more of its
+    ``[cards]`` table); with ``ra``, the RA's credentials file configured as the card
+    setting ``card_ra_source``."""
     from token_agent.ceremonies.card import set_card_setting
     from token_agent.factors import codes
     from token_agent.rasource import write_file
@@ -103,7 +105,8 @@ def make_setup(services, ca, tmp_path, *, ra: bool = True, name: str = "svc") ->
     ctx = world.agent.factors()
     codes.add_contact(ctx, user.id, "sms", PHONE)
     assert codes.confirm_contact(ctx, user.id, "sms", phone.last_code()).ok
-    svc = services(name=name, cards='readers = ["Virtual PCD"]\nlock_command = "true"')
+    svc = services(name=name, cards='readers = ["Virtual PCD"]\nlock_command = "true"\n'
+                   + cards)
     return Setup(services, world, phone, card, svc, ra_file)
 
 
@@ -147,13 +150,43 @@ def events(world, kind: str) -> list:
 # --------------------------------------------------------------------------- PAM
 
 
-def test_pam_three_wrong_pins_then_forgot_pin_unlocks_and_logs_in(setup, insert,
+OPENSC_CONF = """\
+app default {
+    framework pkcs15 { use_file_caching = no; }
+    pkcs11 { user_pin_unblock_style = set_pin_in_unlogged_session; }
+}
+"""
+
+
+@pytest.fixture(params=["piv", "pkcs11"])
+def any_path(request, services, ca, tmp_path, monkeypatch):  # noqa: F811
+    """The setup on each path of ``[cards] driver``: "piv", and "pkcs11" (OpenSC's PKCS#11
+    module, which reaches the virtual card through its PIV driver, configured by OPENSC_CONF
+    in the service's environment to unblock with C_SetPIN in an unlogged session)."""
+    if request.param == "piv":
+        s = make_setup(services, ca, tmp_path, cards='driver = "piv"')
+    else:
+        conf = tmp_path / "opensc.conf"
+        conf.write_text(OPENSC_CONF)
+        (tmp_path / "home").mkdir()
+        monkeypatch.setenv("OPENSC_CONF", str(conf))
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        s = make_setup(services, ca, tmp_path, cards='driver = "pkcs11"')
+    s.path = request.param
+    yield s
+    s.world.close()
+
+
+def test_pam_three_wrong_pins_then_forgot_pin_unlocks_and_logs_in(any_path, insert,
                                                                   pam_service):  # noqa: F811
+    """On both card paths (PIV; PKCS#11 through OpenSC's module)."""
+    setup = any_path
     service = pam_service(setup.svc.socket, "primary=card")
     insert(setup.card)
     for _ in range(2):
         run = pamtester(service, "locky", [(PIN_PROMPT, WRONG_PIN)])
         assert run.pam_result == "PAM_AUTH_ERR" and "Forgot" not in run.output, run
+        assert PIN_PROMPT in run.output and "Wrong PIN" in run.output, run.output
     # the third wrong PIN locks the card: the same login offers the unlock
     run = pamtester(service, "locky", [
         (PIN_PROMPT, WRONG_PIN), (OFFER, "y"), (CODE_PROMPT, setup.phone.last_code),
@@ -168,6 +201,8 @@ def test_pam_three_wrong_pins_then_forgot_pin_unlocks_and_logs_in(setup, insert,
         assert secret not in run.output
     [unlocked] = events(setup.world, "card.self-unlock")
     assert unlocked.outcome == "success" and unlocked.detail["user"] == "locky"
+    assert unlocked.detail["card_driver"] == setup.path
+    assert unlocked.detail["card_proof"] == ("management-key" if setup.path == "piv" else "none")
     assert "puk" not in json.dumps(unlocked.detail).lower()
     # and the new PIN goes on working
     run = pamtester(service, "locky", [(PIN_PROMPT, NEW_PIN)])

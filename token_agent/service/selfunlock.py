@@ -60,11 +60,9 @@ def ra_source(svc: "Host"):
 
 
 def open_card(svc: "Host", reader: str | None):
-    """The card in ``reader`` through the service's configured opener."""
-    opener = getattr(svc.cards, "open_card", None)
-    if opener is None:
-        from drivers.pcsc.piv import open_card as opener
-    return opener(reader)
+    """The card in ``reader`` through the service's configured opener (config.toml's
+    ``[cards] driver``: ``token_agent.cardopen``), as its card logins."""
+    return svc.cards.open_card(reader)
 
 
 WRONG_HOLDER = "this card is not yours: it can be unlocked only by its holder"
