@@ -18,6 +18,7 @@ from token_agent.store import Store
 
 from key_helpers import PIN, Keyring
 from orgtest import join_workstation, org_server, start_org_server  # noqa: F401 (fixture)
+from test_pam import pam_service, pam_services, pam_stack, pamtester, sockdir  # noqa: F401
 from test_service import socket_dir  # noqa: F401 (fixture)
 
 PASSWORD = "correct horse battery staple"
@@ -318,7 +319,7 @@ def test_the_service_logs_in_offline_with_the_key_when_no_server_answers(
 
 
 def test_a_joined_workstation_offers_the_card_self_unlock_through_the_server(
-        tmp_path, pg_url, socket_dir, pcscd, vpcd_insert):
+        tmp_path, pg_url, socket_dir, pcscd, vpcd_insert, pam_service):  # noqa: F811
     """The joined workstation's service (real pcscd + vpcd, the real server on PostgreSQL
     holding the RA's file source): a card login on the locked card offers "Forgot your card
     PIN?"; the unlock runs on the server (its code, the password, its PUK) with the new PIN
@@ -344,6 +345,7 @@ def test_a_joined_workstation_offers_the_card_self_unlock_through_the_server(
     from token_agent.service.selfunlock import OFFER_PROMPT
 
     uuid, pin, new_pin, newer_pin = "555100000888", "739154", "5318642", "86420864"
+    newest_pin = "97531864"
     outbox = tmp_path / "outbox"
     policy = tmp_path / "server-policy.toml"
     policy.write_text(f'[codes]\nresend_seconds = 0\n[delivery.sms]\ngateway = "outbox"\n'
@@ -433,9 +435,31 @@ def test_a_joined_workstation_offers_the_card_self_unlock_through_the_server(
         assert OFFER_PROMPT not in prompts
         assert [e.outcome for e in store.list_events(kind="card.self-unlock")] == \
             ["success", "success"]
+        # PAM primary=card on the joined workstation: two wrong PINs, no offer; the third
+        # locks the card and the same conversation offers the unlock, then logs in
+        from test_pam_cardunlock import (
+            AGAIN_PROMPT, CODE_PROMPT, NEW_PIN_PROMPT as PAM_NEW_PIN, OFFER, PASSWORD_PROMPT,
+            PIN_PROMPT,
+        )
+
+        service = pam_service(svc.socket, "primary=card")
+        for _ in range(2):
+            run = pamtester(service, "locky", [(PIN_PROMPT, "000000")])
+            assert run.pam_result == "PAM_AUTH_ERR" and "Forgot" not in run.output, run
+        run = pamtester(service, "locky", [
+            (PIN_PROMPT, "000000"), (OFFER, "y"), (CODE_PROMPT, code),
+            (PASSWORD_PROMPT, PASSWORD), (PAM_NEW_PIN, newest_pin), (AGAIN_PROMPT, newest_pin),
+            (PIN_PROMPT, newest_pin)])
+        assert run.returncode == 0 and run.pam_result == "PAM_SUCCESS", run
+        assert UNLOCKED in run.output and puk not in run.output and newest_pin not in run.output
+        assert [e.outcome for e in store.list_events(kind="card.self-unlock")] == \
+            ["success"] * 3
+        run = pamtester(service, "locky", [(PIN_PROMPT, newest_pin)])
+        assert run.pam_result == "PAM_SUCCESS", run
         # the PUK: nowhere at the workstation
         output = svc.output()
         assert puk not in output and new_pin not in output and newer_pin not in output
+        assert newest_pin not in output
         assert puk not in json.dumps([outcome, result, again])
         for path in ws.base.rglob("*"):
             if path.is_file():
