@@ -8,9 +8,9 @@ conversation) and the local devices (the service's key pool and card readers).
 
 * The PIN of a key or a card is asked here and used here, on the device in the person's
   hand: no message carries it. So is a card's new PIN in a self-unlock (``card.new_pin``:
-  asked twice here and kept for ``card.unblock``, whose PUK, from the server's RA source, is
-  used on the card at once and forgotten: never logged, shown or kept). The presence rule (``ceremonies/keypresence``) is applied
-  here too, by the caller's ``PinGuard``.
+  asked twice here, kept for ``card.unblock``, whose PUK, from the server's RA source, is
+  used on the card at once and forgotten: never logged, shown or kept). The presence rule
+  (``ceremonies/keypresence``) is applied here too, by the caller's ``PinGuard``.
 * Failover: when the channel fails before anything was asked of the person or of a device
   (a prompt, a touch, a PIN), the ceremony starts again on the next replica; after that it
   fails with ``Reason.SERVER_LOST`` and a sentence saying to try again (no session is made).

@@ -14,7 +14,8 @@ while the person and the devices are at the workstation, reached over a channel
   (so that a PIN counts as knowledge, a built-in UV as inherence). The key's answers are
   verified here (``webauthn.verify_assertion``, the sign counter in the store);
 * :class:`RemoteCardSession`: what ``login_with_card`` uses of ``PivSession``. The PIN is
-  asked and verified at the workstation; here it is only a sentinel, never sent.
+  asked and verified at the workstation; here it is only a sentinel, never sent. The
+  cardholder's self-unlock (op ``card.self-unlock``) is ``remoteunlock.py``'s.
 
 The channel is any object with ``send(message: dict)`` and ``recv(timeout) -> dict``
 (raising ``TimeoutError`` at the timeout, anything else when the channel is gone). A
@@ -44,8 +45,6 @@ log = logging.getLogger("token_agent.organisation")
 
 #: what the server passes where the ceremonies want a PIN: never a PIN, never sent
 PIN_AT_WORKSTATION = "\x00pin-at-the-workstation\x00"
-#: the same for a card's new PIN (self-unlock): asked and kept at the workstation
-NEW_PIN_AT_WORKSTATION = "\x00new-pin-at-the-workstation\x00"
 
 
 @dataclass(frozen=True)
@@ -278,11 +277,6 @@ class RemoteCardSession:
         self.driver = driver or "piv"
         self.closed = False
 
-    @property
-    def can_authenticate_management_key(self) -> bool:
-        """Only a PIV card has a management key (a PKCS#11 path has none)."""
-        return self.driver == "piv"
-
     @classmethod
     def open(cls, conv: Conversation, *, timeout: float) -> "RemoteCardSession":
         try:
@@ -344,72 +338,6 @@ class RemoteCardSession:
         except ProtocolError as e:
             self.conv._lose(f"protocol: {e.message}")
             raise self.conv.device_lost(card=True) from None
-
-    # self-unlock (``ceremonies.cardunlock``) ---------------------------------------------
-
-    def _lost(self, why: str) -> Exception:
-        self.conv._lose(f"protocol: {why}")
-        return self.conv.device_lost(card=True)
-
-    def authenticate_management_key(self, key: bytes, algorithm: str = "AES128") -> None:
-        """The card proves it is genuine: PIV's mutual authentication with its management
-        key, which stays here. The workstation relays the two GENERAL AUTHENTICATE steps:
-        the card's encrypted witness (decrypted here), then the decrypted witness and a
-        challenge of ours, whose encryption the card must return."""
-        import hmac
-        import os
-
-        from drivers.pcsc.piv import _management_cipher
-
-        block = protocol.MGMT_BLOCK.get(algorithm)
-        if block is None:
-            raise ValueError(f"unknown management key algorithm {algorithm!r}")
-        cipher = _management_cipher(algorithm, key)  # ValueError: a key of the wrong size
-        try:
-            witness = protocol.b64d(self._value("card.mgmt_witness", algorithm=algorithm),
-                                    "witness")
-        except ProtocolError as e:
-            raise self._lost(e.message) from None
-        if len(witness) != block:
-            raise self._lost("card.mgmt_witness: a witness of the wrong length")
-        decryptor = cipher.decryptor()
-        decrypted = decryptor.update(witness) + decryptor.finalize()
-        challenge = os.urandom(block)
-        try:
-            proof = protocol.b64d(self._value(
-                "card.mgmt_proof", algorithm=algorithm, witness=protocol.b64e(decrypted),
-                challenge=protocol.b64e(challenge)), "proof")
-        except ProtocolError as e:
-            raise self._lost(e.message) from None
-        encryptor = cipher.encryptor()
-        if not hmac.compare_digest(proof, encryptor.update(challenge) + encryptor.finalize()):
-            raise card_errors.ManagementKeyRejected(
-                "The card's answer to the administrative key is wrong: it may not be a "
-                "genuine card.")
-
-    def collect_new_pin(self) -> tuple[str | None, str]:
-        """The new PIN, asked twice and kept at the workstation (as the library's
-        ``ask_new_pin`` says: ``(stand-in, "ok")``, ``(None, "cancelled")`` or
-        ``(None, "invalid")``); never sent here."""
-        try:
-            value = self.conv.value("card.new_pin", self.conv.timeouts.prompt * 6, card=True)
-        except (WorkstationLost, card_errors.PcscError):
-            return None, "cancelled"
-        if value is True:
-            return NEW_PIN_AT_WORKSTATION, "ok"
-        if value is False:
-            return None, "invalid"
-        if value is None:
-            return None, "cancelled"
-        self.conv._lose("protocol: a card.new_pin answer must be true, false or null")
-        return None, "cancelled"
-
-    def unblock_pin(self, puk: str, new_pin: str) -> None:
-        """RESET RETRY COUNTER at the workstation with ``puk`` (sent in the ``card.unblock``
-        ask, over the channel only) and the new PIN the workstation kept."""
-        if new_pin != NEW_PIN_AT_WORKSTATION:  # a new PIN typed here would have to travel
-            raise ValueError("the card's new PIN is kept at the workstation only")
-        self._value("card.unblock", puk=puk)
 
     def close(self) -> None:
         if not self.closed:
@@ -505,7 +433,9 @@ def run_ceremony(agent: "Agent", channel, first_message: Any, workstation_name: 
         if req["op"] == "login":
             return _login(agent, conv, req, workstation_name, peer_address)
         if req["op"] == "card.self-unlock":
-            return _card_self_unlock(agent, conv, req, workstation_name)
+            from .remoteunlock import card_self_unlock
+
+            return card_self_unlock(agent, conv, req, workstation_name)
         return _enrol_key(agent, conv, req, workstation_name)
     except WorkstationLost as e:
         return protocol.final_error("lost", str(e))
@@ -543,74 +473,17 @@ def _login(agent: "Agent", conv: Conversation, req: dict, workstation: str,
                            step_up=req["step_up"])
     if conv.lost is not None:
         raise WorkstationLost(conv.lost)
-    if (not outcome.ok and outcome.reason == Reason.PIN_BLOCKED
-            and outcome.user is not None and self_unlock_available(agent)):
-        # the workstation may offer "Forgot your card PIN?" (``card.self-unlock``)
-        outcome = dataclasses.replace(outcome, detail={**outcome.detail, "self_unlock": True})
+    if not outcome.ok and outcome.reason == Reason.PIN_BLOCKED and outcome.user is not None:
+        from .remoteunlock import self_unlock_available
+
+        if self_unlock_available(agent):
+            # the workstation may offer "Forgot your card PIN?" (``card.self-unlock``)
+            outcome = dataclasses.replace(outcome,
+                                          detail={**outcome.detail, "self_unlock": True})
     offline = _bundle(agent, outcome, workstation) if outcome.ok and req["want_offline"] \
         else None
     ticket = protocol.make_ticket(agent.keys, outcome, workstation, agent.now())
     return protocol.final_result(outcome.to_json(), offline=offline, ticket=ticket)
-
-
-def self_unlock_available(agent: "Agent") -> bool:
-    """Whether this server holds an RA credentials source (the PUKs): ``card_ra_source``
-    in the organisation's store, or ``$TOKEN_AGENT_RA`` of the server's process."""
-    from ..rasource import RaError, configured_source
-
-    try:
-        configured_source(agent)
-    except RaError:
-        return False
-    except Exception as e:  # noqa: BLE001 (a broken plugin: not available)
-        log.warning("the RA source failed: %s", type(e).__name__)
-        return False
-    return True
-
-
-WRONG_HOLDER = "this card is not yours: it can be unlocked only by its holder"
-
-
-def _card_self_unlock(agent: "Agent", conv: Conversation, req: dict, workstation: str) -> dict:
-    """The cardholder's unlock of the locked card at the workstation (``ceremonies.
-    cardunlock.self_unlock``) with this server's RA source: the person answers at the
-    workstation, the new PIN is asked and kept there, the PUK goes there only to be used."""
-    from ..ceremonies.card import CardActionOutcome, _certificate_subject, device_failure
-    from ..ceremonies.cardunlock import EVENT, self_unlock
-
-    store = agent.store
-
-    def failed(reason: Reason, message: str) -> dict:
-        return protocol.final_result(CardActionOutcome(
-            ok=False, action="self-unlock", reason=reason, message=message).to_json())
-
-    try:
-        session = RemoteCardSession.open(conv, timeout=conv.timeouts.device)
-    except card_errors.PcscError as e:
-        if conv.lost is not None:
-            raise WorkstationLost(conv.lost) from None
-        return failed(device_failure(e), e.message)
-    with session:
-        if req["user"] is not None:
-            try:
-                card_uuid = _certificate_subject(session.certificate("9a"))[0]
-            except card_errors.PcscError as e:
-                if conv.lost is not None:
-                    raise WorkstationLost(conv.lost) from None
-                return failed(device_failure(e), e.message)
-            except ValueError as e:
-                return failed(Reason.CERT_INVALID, f"unreadable card certificate: {e}")
-            holder = store.get_user_by_card_uuid(card_uuid) if card_uuid else None
-            if holder is None or holder.username.casefold() != req["user"].casefold():
-                store.record_event(EVENT, username=req["user"], outcome="failure",
-                                   detail={"reason": Reason.WRONG_USER.value, "uuid": card_uuid,
-                                           "via": "organisation", "workstation": workstation})
-                return failed(Reason.WRONG_USER, WRONG_HOLDER)
-        outcome = self_unlock(agent, session, interaction=RemoteInteraction(conv),
-                              key_login=_key_login(agent, conv))
-    if conv.lost is not None:
-        raise WorkstationLost(conv.lost)
-    return protocol.final_result(outcome.to_json())
 
 
 def _enrol_key(agent: "Agent", conv: Conversation, req: dict, workstation: str) -> dict:
@@ -666,6 +539,5 @@ def _enrol_key(agent: "Agent", conv: Conversation, req: dict, workstation: str) 
                                   "message": "enrolled", **result.to_json()})
 
 
-__all__ = ["AtWorkstation", "Conversation", "NEW_PIN_AT_WORKSTATION", "PIN_AT_WORKSTATION",
-           "RemoteCardSession", "self_unlock_available",
+__all__ = ["AtWorkstation", "Conversation", "PIN_AT_WORKSTATION", "RemoteCardSession",
            "RemoteInteraction", "RemoteKey", "Timeouts", "WorkstationLost", "run_ceremony"]
