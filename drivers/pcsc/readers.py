@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import (
@@ -113,13 +114,9 @@ def card_present(reader: str, *, settle: float = 0.0) -> bool | None:
     removal (pcscd learns of a removal by polling the reader, after a failed exchange may
     already have shown it). For drivers that reach the card another way (a PKCS#11 module)
     and must tell a removed card from a failing one."""
-    scard = _scard()
-    hresult, context = _establish(scard)
-    if hresult != 0:
-        return None
-    try:
-        hresult, states = scard.SCardGetStatusChange(
-            context, 0, [(reader, scard.SCARD_STATE_UNAWARE)])
+    with _status_now(reader) as (scard, context, hresult, states):
+        if context is None:
+            return None
         deadline = time.monotonic() + settle
         while True:
             if _u32(hresult) != 0 or not states:
@@ -135,22 +132,30 @@ def card_present(reader: str, *, settle: float = 0.0) -> bool | None:
                 context, max(1, int(left * 1000)), [(reader, state & ~scard.SCARD_STATE_CHANGED)])
             if _u32(hresult) == SCARD_E_TIMEOUT:
                 return True
-    finally:
-        scard.SCardReleaseContext(context)
 
 
 def card_atr(reader: str) -> bytes | None:
     """The ATR of the card in ``reader`` (None when there is none, or PC/SC cannot say)."""
+    with _status_now(reader) as (scard, context, hresult, states):
+        if context is None or _u32(hresult) != 0 or not states \
+                or not states[0][1] & scard.SCARD_STATE_PRESENT:
+            return None
+        return bytes(states[0][2]) or None
+
+
+@contextmanager
+def _status_now(reader: str):
+    """``(scard, context, hresult, states)`` of one immediate status query of ``reader`` in a
+    context of its own, released on exit (``context`` None when pcscd gives none)."""
     scard = _scard()
     hresult, context = _establish(scard)
     if hresult != 0:
-        return None
+        yield scard, None, hresult, []
+        return
     try:
         hresult, states = scard.SCardGetStatusChange(
             context, 0, [(reader, scard.SCARD_STATE_UNAWARE)])
-        if _u32(hresult) != 0 or not states or not states[0][1] & scard.SCARD_STATE_PRESENT:
-            return None
-        return bytes(states[0][2]) or None
+        yield scard, context, hresult, states
     finally:
         scard.SCardReleaseContext(context)
 

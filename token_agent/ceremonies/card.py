@@ -297,6 +297,40 @@ def _certificate_subject(cert_der: bytes) -> tuple[str | None, str | None, str]:
             f"{cert.serial_number:x}")
 
 
+class CardRefused(Exception):
+    """A card refused before any PIN is asked: ``reason`` and the ``message`` to show."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def check_certificate(cert_der: bytes, settings: CardSettings, *,
+                      policy: "CardTrustPolicy | None" = None, now=None,
+                      facts: dict[str, Any]) -> "CardIdentity":
+    """The card's identity from its certificate, validated with the trust policy (``policy``,
+    else the settings'), as every card ceremony does first: :class:`CardRefused` for an
+    expired, revoked or untrusted card, or when no trust anchor is configured. ``facts`` gains
+    the certificate's UUID, holder and serial when they can be read, even when it is refused."""
+    from ..cardtrust import CardCertificateError, validate_card_certificate
+
+    try:
+        if policy is None:
+            policy = settings.trust_policy()
+    except ValueError as e:
+        raise CardRefused(Reason.CERT_UNTRUSTED, str(e)) from None
+    try:
+        return validate_card_certificate(cert_der, policy, now=now)
+    except CardCertificateError as e:
+        try:
+            card_uuid, holder, serial = _certificate_subject(cert_der)
+            facts.update({"uuid": card_uuid, "holder_name": holder, "certificate_serial": serial})
+        except ValueError:
+            pass
+        raise CardRefused(certificate_failure(e.reason), e.message) from None
+
+
 # --------------------------------------------------------------------------- login
 
 
@@ -337,21 +371,9 @@ def login_with_card(
     except card_errors.PcscError as e:
         return fail(device_failure(e), e.message)
     try:
-        from ..cardtrust import CardCertificateError, validate_card_certificate
-
-        if policy is None:
-            policy = settings.trust_policy()
-    except ValueError as e:
-        return fail(Reason.CERT_UNTRUSTED, str(e))
-    try:
-        identity: CardIdentity = validate_card_certificate(cert_der, policy, now=now)
-    except CardCertificateError as e:
-        try:
-            card_uuid, holder, serial = _certificate_subject(cert_der)
-            facts.update({"uuid": card_uuid, "holder_name": holder, "certificate_serial": serial})
-        except ValueError:
-            pass
-        return fail(certificate_failure(e.reason), e.message)
+        identity = check_certificate(cert_der, settings, policy=policy, now=now, facts=facts)
+    except CardRefused as e:
+        return fail(e.reason, e.message)
     serial = _serial_hex(identity.certificate_serial)
     facts.update({"uuid": identity.uuid, "holder_name": identity.holder_name,
                   "certificate_serial": serial, "issuer": str(identity.issuer),

@@ -44,7 +44,8 @@ from drivers.pcsc import errors as card_errors
 from .. import notify, rasource
 from ..outcome import LoginOutcome, Reason
 from .card import (
-    CardActionOutcome, CardSettings, _certificate_subject, certificate_failure, device_failure,
+    CardActionOutcome, CardRefused, CardSettings, _certificate_subject, check_certificate,
+    device_failure,
 )
 
 if TYPE_CHECKING:
@@ -169,21 +170,9 @@ def self_unlock(agent: "Agent", session, *, interaction: "Interaction",
         return done(False, device_failure(e), e.message)
     settings = CardSettings.from_store(store)
     try:
-        from ..cardtrust import CardCertificateError, validate_card_certificate
-
-        if policy is None:
-            policy = settings.trust_policy()
-    except ValueError as e:
-        return done(False, Reason.CERT_UNTRUSTED, str(e))
-    try:
-        identity = validate_card_certificate(cert_der, policy, now=now)
-    except CardCertificateError as e:
-        try:
-            card_uuid, holder, serial = _certificate_subject(cert_der)
-            facts.update({"uuid": card_uuid, "holder_name": holder, "certificate_serial": serial})
-        except ValueError:
-            pass
-        return done(False, certificate_failure(e.reason), e.message)
+        identity = check_certificate(cert_der, settings, policy=policy, now=now, facts=facts)
+    except CardRefused as e:
+        return done(False, e.reason, e.message)
     cert_serial = identity.certificate_serial
     cert_serial = f"{cert_serial:x}" if isinstance(cert_serial, int) else str(cert_serial).lower()
     facts.update({"uuid": identity.uuid, "holder_name": identity.holder_name,
