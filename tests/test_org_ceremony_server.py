@@ -18,6 +18,7 @@ from token_agent.store import Store
 
 from key_helpers import PIN, Keyring
 from orgtest import join_workstation, org_server, start_org_server  # noqa: F401 (fixture)
+from test_pam import pam_service, pam_services, pam_stack, pamtester, sockdir  # noqa: F401
 from test_service import socket_dir  # noqa: F401 (fixture)
 
 PASSWORD = "correct horse battery staple"
@@ -311,4 +312,162 @@ def test_the_service_logs_in_offline_with_the_key_when_no_server_answers(
             back.stop()
     finally:
         svc.stop()
+        store.close()
+
+
+# --------------------------------------------------------------------------- card self-unlock
+
+
+def test_a_joined_workstation_offers_the_card_self_unlock_through_the_server(
+        tmp_path, pg_url, socket_dir, pcscd, vpcd_insert, pam_service):  # noqa: F811
+    """The joined workstation's service (real pcscd + vpcd, the real server on PostgreSQL
+    holding the RA's file source): a card login on the locked card offers "Forgot your card
+    PIN?"; the unlock runs on the server (its code, the password, its PUK) with the new PIN
+    asked at the workstation, then the card login goes on with the new PIN; then the socket
+    op ``card.self-unlock`` on the card locked again. The PUK is nowhere at the workstation:
+    not in the service's output, nor in any file under its directory (its store and audit)."""
+    import json
+    import os
+    import time
+
+    from conftest import environ_for_agent
+    from pcsc_helpers import wait_for_card
+    from simulators.card.card import VirtualCard
+    from simulators.card.issuance import issue_card
+    from simulators.card.pcscd import remove_card
+    from simulators.card.pki import admin_credentials, init_ca, issuing_cert_path, root_cert_path
+    from test_service import ServiceProcess
+    from token_agent.agent import Agent
+    from token_agent.ceremonies.card import set_card_setting
+    from token_agent.ceremonies.cardunlock import NEW_PIN_AGAIN, NEW_PIN_PROMPT, UNLOCKED
+    from token_agent.factors import password as password_factor
+    from token_agent.rasource import write_file
+    from token_agent.service.selfunlock import OFFER_PROMPT
+
+    uuid, pin, new_pin, newer_pin = "555100000888", "739154", "5318642", "86420864"
+    newest_pin = "97531864"
+    outbox = tmp_path / "outbox"
+    policy = tmp_path / "server-policy.toml"
+    policy.write_text(f'[codes]\nresend_seconds = 0\n[delivery.sms]\ngateway = "outbox"\n'
+                      f'[delivery.outbox]\ndir = "{outbox}"\n')
+    ca = tmp_path / "ca"
+    init_ca(ca)
+    card = tmp_path / "locky.card"
+    issue_card(ca, name="Dr Locked Out", uuid=uuid, pin=pin, out=card)
+    os.chmod(card, 0o600)
+    puk, algorithm, key = admin_credentials(ca, uuid)
+    ra_file = write_file(tmp_path / "ra.json", {uuid: {
+        "uuid": uuid, "puk": puk, "management_key_algorithm": algorithm,
+        "management_key": key.hex()}})
+    store = Store.open(pg_url)
+    server = start_org_server(tmp_path / "org", pg_url,
+                              extra_config=f'[policy]\nfile = "{policy}"\n')
+    svc = None
+    try:
+        agent = Agent.open(tmp_path / "agent", store=store, environ={})
+        locky = store.add_user("locky", display_name="Dr Locked Out")
+        password_factor.set_password(agent.factors(), locky.id, PASSWORD)
+        method = store.add_method(locky.id, "sms", "mobile 123", confirmed=True)
+        store.add_contact(method.id, "sms", "+447700900123", now=time.time())
+        set_card_setting(store, "card_trust_anchors", [str(root_cert_path(ca))])
+        set_card_setting(store, "card_intermediates", [str(issuing_cert_path(ca))])
+        set_card_setting(store, "card_ra_source", f"file:{ra_file}")
+        store.add_card_identity(locky.id, uuid=uuid, holder_name="Dr Locked Out")
+        sock = socket_dir / "svc.sock"
+        ws = join_workstation(tmp_path / "ws1", server, "ws1", extra_config=(
+            f'[service]\nsocket = "{sock}"\nprompt_timeout = 30\n'
+            f'[cards]\nreaders = ["Virtual PCD"]\nlock_command = "true"\ndriver = "piv"\n'))
+        svc = ServiceProcess(ws.config, sock, ws.data_dir, tmp_path / "svc.log",
+                             {**environ_for_agent(), "PYTHONUNBUFFERED": "1"}).start()
+
+        def lock():
+            virtual = VirtualCard.load(card)
+            virtual.power_on()
+            assert virtual.transmit(bytes.fromhex("00A4040009A0000003080000100000"))[-2:] \
+                == b"\x90\x00"
+            for _ in range(3):
+                virtual.transmit(bytes.fromhex("0020008008") + b"000000\xff\xff")
+
+        def code() -> str:
+            found = [json.loads(p.read_text()) for p in sorted(
+                outbox.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)]
+            found = [m for m in found if m.get("code")]
+            assert found, "no code sent"
+            return found[-1]["code"]
+
+        def answering(chosen_pin: str, prompts: list):
+            fixed = {OFFER_PROMPT: "y", "Your password": PASSWORD,
+                     NEW_PIN_PROMPT: chosen_pin, NEW_PIN_AGAIN: chosen_pin}
+
+            def answer(event):
+                prompts.append(event["message"])
+                if event["message"].startswith("Enter the code sent to"):
+                    return code()
+                return fixed.get(event["message"], chosen_pin)  # the card's PIN: the new one
+            return answer
+
+        lock()
+        bridge = vpcd_insert(VirtualCard.load(card))
+        wait_for_card(pcscd.context, pcscd.reader(0), True)
+        prompts: list = []
+        with svc.client() as c:
+            outcome = c.login("locky", answering(new_pin, prompts), primary="card")
+        assert outcome["ok"] and outcome["method"] == "card" and outcome["session"], \
+            (outcome, prompts)
+        assert prompts[0] == OFFER_PROMPT
+        assert NEW_PIN_PROMPT in prompts and NEW_PIN_AGAIN in prompts
+        events = store.list_events(kind="card.self-unlock")
+        assert [e.outcome for e in events] == ["success"]
+        assert events[0].detail["card_proof"] == "management-key"
+        # the socket op, on the card locked again (a fresh copy in the reader)
+        remove_card(bridge)
+        wait_for_card(pcscd.context, pcscd.reader(0), False)
+        lock()
+        vpcd_insert(VirtualCard.load(card))
+        wait_for_card(pcscd.context, pcscd.reader(0), True)
+        prompts = []
+        with svc.client() as c:
+            login = c.request("card.self-unlock", user="locky")["login"]
+            result = c.run_ceremony(login, answering(newer_pin, prompts))
+            assert result["ok"] and result["message"] == UNLOCKED, (result, prompts)
+            again = c.login("locky", lambda e: newer_pin, primary="card")
+        assert again["ok"] and again["method"] == "card", again
+        assert OFFER_PROMPT not in prompts
+        assert [e.outcome for e in store.list_events(kind="card.self-unlock")] == \
+            ["success", "success"]
+        # PAM primary=card on the joined workstation: two wrong PINs, no offer; the third
+        # locks the card and the same conversation offers the unlock, then logs in
+        from test_pam_cardunlock import (
+            AGAIN_PROMPT, CODE_PROMPT, NEW_PIN_PROMPT as PAM_NEW_PIN, OFFER, PASSWORD_PROMPT,
+            PIN_PROMPT,
+        )
+
+        service = pam_service(svc.socket, "primary=card")
+        for _ in range(2):
+            run = pamtester(service, "locky", [(PIN_PROMPT, "000000")])
+            assert run.pam_result == "PAM_AUTH_ERR" and "Forgot" not in run.output, run
+        run = pamtester(service, "locky", [
+            (PIN_PROMPT, "000000"), (OFFER, "y"), (CODE_PROMPT, code),
+            (PASSWORD_PROMPT, PASSWORD), (PAM_NEW_PIN, newest_pin), (AGAIN_PROMPT, newest_pin),
+            (PIN_PROMPT, newest_pin)])
+        assert run.returncode == 0 and run.pam_result == "PAM_SUCCESS", run
+        assert UNLOCKED in run.output and puk not in run.output and newest_pin not in run.output
+        assert [e.outcome for e in store.list_events(kind="card.self-unlock")] == \
+            ["success"] * 3
+        run = pamtester(service, "locky", [(PIN_PROMPT, newest_pin)])
+        assert run.pam_result == "PAM_SUCCESS", run
+        # the PUK: nowhere at the workstation
+        output = svc.output()
+        assert puk not in output and new_pin not in output and newer_pin not in output
+        assert newest_pin not in output
+        assert puk not in json.dumps([outcome, result, again])
+        for path in ws.base.rglob("*"):
+            if path.is_file():
+                assert puk.encode() not in path.read_bytes(), path
+        audit = json.dumps([e.to_dict() for e in store.list_events(limit=10 ** 6)])
+        assert puk not in audit and new_pin not in audit
+    finally:
+        if svc is not None:
+            svc.stop()
+        server.stop()
         store.close()

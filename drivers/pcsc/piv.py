@@ -444,29 +444,46 @@ class PivSession:
         :class:`ManagementKeyRejected` for a wrong key (or a wrong proof from the card)."""
         if algorithm not in MANAGEMENT_ALGORITHMS:
             raise ValueError(f"unknown management key algorithm {algorithm!r} (AES128 or 3DES)")
-        alg = MANAGEMENT_ALGORITHMS[algorithm]
         cipher = _management_cipher(algorithm, key)
         block = 8 if algorithm == "3DES" else 16
+        witness = self.management_witness(algorithm)
+        decryptor = cipher.decryptor()
+        decrypted = decryptor.update(witness) + decryptor.finalize()
+        challenge = os.urandom(block)
+        proof = self.management_proof(algorithm, decrypted, challenge)
+        encryptor = cipher.encryptor()
+        if not hmac.compare_digest(proof, encryptor.update(challenge) + encryptor.finalize()):
+            raise ManagementKeyRejected("The card's answer to the administrative key is wrong: "
+                                        "it may not be a genuine card.")  # fmt: skip
+
+    # The two halves of the mutual authentication, for a host whose key is elsewhere (the
+    # organisation's server, which holds the key and relays these two steps to the card).
+
+    def management_witness(self, algorithm: str = "AES128") -> bytes:
+        """Step 1: the card's encrypted witness."""
+        if algorithm not in MANAGEMENT_ALGORITHMS:
+            raise ValueError(f"unknown management key algorithm {algorithm!r} (AES128 or 3DES)")
+        alg = MANAGEMENT_ALGORITHMS[algorithm]
         data, sw = self._transmit(0x00, INS_GENERAL_AUTHENTICATE, alg, KEY_MANAGEMENT,
                                   _tlv(0x7C, _tlv(0x80)), le=0)  # fmt: skip
         if sw == SW_SECURITY_NOT_SATISFIED or sw == SW_AUTH_BLOCKED:
             raise ManagementKeyRejected(sw=sw)
         _check(sw)
-        witness = _dynamic_field(data, 0x80, sw)
-        decryptor = cipher.decryptor()
-        decrypted = decryptor.update(witness) + decryptor.finalize()
-        challenge = os.urandom(block)
+        return _dynamic_field(data, 0x80, sw)
+
+    def management_proof(self, algorithm: str, decrypted: bytes, challenge: bytes) -> bytes:
+        """Step 2: the decrypted witness and the host's challenge; the card's encrypted
+        challenge (the host compares it)."""
+        if algorithm not in MANAGEMENT_ALGORITHMS:
+            raise ValueError(f"unknown management key algorithm {algorithm!r} (AES128 or 3DES)")
+        alg = MANAGEMENT_ALGORITHMS[algorithm]
         data, sw = self._transmit(0x00, INS_GENERAL_AUTHENTICATE, alg, KEY_MANAGEMENT,
                                   _tlv(0x7C, _tlv(0x80, decrypted) + _tlv(0x81, challenge)),
                                   le=0)  # fmt: skip
         if sw in (SW_SECURITY_NOT_SATISFIED, SW_WRONG_DATA, SW_AUTH_BLOCKED):
             raise ManagementKeyRejected(sw=sw)
         _check(sw)
-        proof = _dynamic_field(data, 0x82, sw)
-        encryptor = cipher.encryptor()
-        if not hmac.compare_digest(proof, encryptor.update(challenge) + encryptor.finalize()):
-            raise ManagementKeyRejected("The card's answer to the administrative key is wrong: "
-                                        "it may not be a genuine card.", sw=sw)  # fmt: skip
+        return _dynamic_field(data, 0x82, sw)
 
     # -- lifetime ------------------------------------------------------------------------------
 

@@ -103,6 +103,27 @@ def _new_pin_ok(pin: str) -> bool:
     return isinstance(pin, str) and NEW_PIN_RE.fullmatch(pin) is not None
 
 
+def ask_new_pin(interaction: "Interaction") -> tuple[str | None, str]:
+    """The new PIN, 6 to 8 digits, typed twice (``NEW_PIN_TRIES`` tries, each failure said
+    with ``interaction.info``): ``(pin, "ok")``, ``(None, "cancelled")`` (no answer) or
+    ``(None, "invalid")``."""
+    for _ in range(NEW_PIN_TRIES):
+        first = interaction.secret(NEW_PIN_PROMPT)
+        if first is None:
+            return None, "cancelled"
+        if not _new_pin_ok(first):
+            interaction.info("A card PIN is 6 to 8 digits.")
+            continue
+        again = interaction.secret(NEW_PIN_AGAIN)
+        if again is None:
+            return None, "cancelled"
+        if again != first:
+            interaction.info("The two PINs are not the same.")
+            continue
+        return first, "ok"
+    return None, "invalid"
+
+
 def self_unlock(agent: "Agent", session, *, interaction: "Interaction",
                 ra: "rasource.RaSource | None" = None,
                 key_login: Callable[[str], LoginOutcome] | None = None,
@@ -181,6 +202,8 @@ def self_unlock(agent: "Agent", session, *, interaction: "Interaction",
         log.warning("card self-unlock: the RA's credentials cannot be had: %s", e)
         return done(False, Reason.INTERNAL_ERROR, NOT_SET_UP)
     prove = getattr(session, "authenticate_management_key", None)
+    if not getattr(session, "can_authenticate_management_key", True):
+        prove = None  # a relayed card whose path has no management key (PKCS#11)
     if callable(prove) and creds.management_key:
         try:
             prove(creds.management_key, creds.management_key_algorithm)
@@ -284,23 +307,15 @@ def self_unlock(agent: "Agent", session, *, interaction: "Interaction",
                                  outcome.message or "the security key was not accepted")
         facts["second"] = "key"
 
-    # 8. the new PIN, twice
-    new_pin = None
-    for _ in range(NEW_PIN_TRIES):
-        first = interaction.secret(NEW_PIN_PROMPT)
-        if first is None:
-            return done(False, Reason.CANCELLED, "cancelled: no answer")
-        if not _new_pin_ok(first):
-            interaction.info("A card PIN is 6 to 8 digits.")
-            continue
-        again = interaction.secret(NEW_PIN_AGAIN)
-        if again is None:
-            return done(False, Reason.CANCELLED, "cancelled: no answer")
-        if again != first:
-            interaction.info("The two PINs are not the same.")
-            continue
-        new_pin = first
-        break
+    # 8. the new PIN, twice (a card at another host, the organisation's workstation: asked
+    # and kept there, ``collect_new_pin``; what comes here is a stand-in for it)
+    collect = getattr(session, "collect_new_pin", None)
+    if callable(collect):
+        new_pin, status = collect()
+    else:
+        new_pin, status = ask_new_pin(interaction)
+    if status == "cancelled":
+        return done(False, Reason.CANCELLED, "cancelled: no answer")
     if new_pin is None:
         return done(False, Reason.WRONG_PIN, "no new PIN of 6 to 8 digits was given twice")
 

@@ -8,7 +8,10 @@ A ceremony, as JSON text messages:
    ``{"op": "login", "user": str|null, "primary": str|null, "second": str|null,
    "step_up": bool, "want_offline": bool}`` or
    ``{"op": "enrol.key", "user": str, "name": str|null, "ticket": str}``
-   (``ticket``: what the server gave with the user's recent login, :func:`ticket_claims`);
+   (``ticket``: what the server gave with the user's recent login, :func:`ticket_claims`) or
+   ``{"op": "card.self-unlock", "user": str|null}`` (the cardholder's own unlock of the locked
+   card in the workstation's reader, ``ceremonies.cardunlock``; its result is a
+   ``CardActionOutcome.to_json()``);
 2. the server runs the existing ceremony and reaches the person and the devices through the
    workstation: an *ask* ``{"id": n, "ask": KIND, ...}`` wants exactly one *reply*
    ``{"id": n, "value": ...}`` or ``{"id": n, "error": {"type", "message", ...}}``;
@@ -19,7 +22,13 @@ A ceremony, as JSON text messages:
 
 Bytes travel as base64url without padding. A PIN never travels: the workstation asks for it
 and uses it on its own device (:data:`ASKS` has no field that could carry one; the card's
-``verify_pin`` is sent without its argument).
+``verify_pin`` is sent without its argument). A card's new PIN (self-unlock) is asked and kept
+at the workstation too (``card.new_pin``); what travels is the RA's PUK, from the server to
+the workstation only, in the ``card.unblock`` ask (inside the mutually authenticated TLS
+channel): the workstation uses it on the card at once and forgets it, and neither side logs,
+audits or shows it. The card's management key never leaves the server: the mutual
+authentication runs as two asks (``card.mgmt_witness``, ``card.mgmt_proof``), the server
+decrypting the witness and checking the card's proof itself.
 
 Device errors travel by class name from a fixed registry (:data:`DEVICE_ERRORS`, the classes
 of ``drivers.fido.errors``, ``drivers.pcsc.errors`` and the ceremonies' own subclasses), with
@@ -34,6 +43,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import time
 from typing import Any
 
@@ -132,7 +142,7 @@ def check(message: Any, spec: dict[str, tuple], what: str) -> dict:
 
 # --------------------------------------------------------------------------- the first message
 
-OPS = ("login", "enrol.key")
+OPS = ("login", "enrol.key", "card.self-unlock")
 
 
 def login_request(*, user: str | None, primary: str | None = None, second: str | None = None,
@@ -143,6 +153,10 @@ def login_request(*, user: str | None, primary: str | None = None, second: str |
 
 def enrol_key_request(*, user: str, name: str | None, ticket: str | None) -> dict:
     return {"op": "enrol.key", "user": user, "name": name, "ticket": ticket}
+
+
+def card_self_unlock_request(*, user: str | None) -> dict:
+    return {"op": "card.self-unlock", "user": user}
 
 
 def parse_request(message: Any) -> dict:
@@ -163,6 +177,8 @@ def parse_request(message: Any) -> dict:
                               "ticket": (str, None)}, "enrol.key")
         if req["name"] is not None and not (0 < len(req["name"]) <= 64):
             raise ProtocolError("enrol.key: field 'name' must be 1 to 64 characters")
+    elif op == "card.self-unlock":
+        req = check(message, {"op": (str,), "user": (str, None)}, "card.self-unlock")
     else:
         raise ProtocolError(f"unknown op: the first message's op must be one of "
                             f"{', '.join(OPS)}")
@@ -189,7 +205,18 @@ ASKS: dict[str, dict[str, tuple]] = {
     "card.pin": {},  # ask the person for the card's PIN, kept at the workstation
     "card.verify_pin": {},  # VERIFY with the PIN kept (then forgotten)
     "card.sign": {"slot": (str,), "message": (str,), "algorithm": (str,)},
+    # self-unlock: the new PIN asked (twice) and kept at the workstation; reply true (kept),
+    # false (no valid PIN given twice) or null (no answer)
+    "card.new_pin": {},
+    # RESET RETRY COUNTER with the RA's PUK and the new PIN kept (then both forgotten)
+    "card.unblock": {"puk": (str,)},
+    # the management key's mutual authentication, in two steps (the key stays at the server)
+    "card.mgmt_witness": {"algorithm": (str,)},
+    "card.mgmt_proof": {"algorithm": (str,), "witness": (str,), "challenge": (str,)},
 }
+#: the management key algorithms and their block size (the witness and challenge's length)
+MGMT_BLOCK = {"AES128": 16, "3DES": 8}
+PUK_RE = re.compile(r"[0-9]{6,8}")
 TELLS: dict[str, dict[str, tuple]] = {
     "info": {"message": (str,)},
     "qr": {"uri": (str,)},
@@ -231,6 +258,17 @@ def parse_server_message(message: Any) -> tuple[str, dict]:
                 fields[name] = b64d(fields[name], name)
         if "timeout" in fields and not 0 < fields["timeout"] <= 600:
             raise ProtocolError(f"ask {kind}: timeout out of range")
+        if kind == "card.unblock" and PUK_RE.fullmatch(fields["puk"]) is None:
+            raise ProtocolError("ask card.unblock: field 'puk' must be 6 to 8 digits")
+        if kind in ("card.mgmt_witness", "card.mgmt_proof"):
+            block = MGMT_BLOCK.get(fields["algorithm"])
+            if block is None:
+                raise ProtocolError(f"ask {kind}: unknown management key algorithm")
+            for name in ("witness", "challenge"):
+                if name in fields:
+                    fields[name] = b64d(fields[name], name)
+                    if len(fields[name]) != block:
+                        raise ProtocolError(f"ask {kind}: field {name!r} has the wrong length")
         return "ask", fields
     if "tell" in message:
         kind = message.get("tell")
@@ -472,6 +510,7 @@ def now() -> float:
 
 __all__ = [
     "ASKS", "CARD_ERRORS", "DEVICE_ERRORS", "KEY_ERRORS", "ProtocolError", "TELLS", "ask",
+    "card_self_unlock_request",
     "assertion_from_json", "assertion_to_json", "b64d", "b64e", "check", "decode", "encode",
     "error_from_json", "error_reply", "error_to_json", "final_error", "final_result",
     "login_request", "enrol_key_request", "make_ticket", "outcome_from_json",

@@ -7,8 +7,10 @@ conversation) and the local devices (the service's key pool and card readers).
     relayed.outcome, relayed.offline, relayed.ticket
 
 * The PIN of a key or a card is asked here and used here, on the device in the person's
-  hand: no message carries it. The presence rule (``ceremonies/keypresence``) is applied
-  here too, by the caller's ``PinGuard``.
+  hand: no message carries it. So is a card's new PIN in a self-unlock (``card.new_pin``:
+  asked twice here, kept for ``card.unblock``, whose PUK, from the server's RA source, is
+  used on the card at once and forgotten: never logged, shown or kept). The presence rule
+  (``ceremonies/keypresence``) is applied here too, by the caller's ``PinGuard``.
 * Failover: when the channel fails before anything was asked of the person or of a device
   (a prompt, a touch, a PIN), the ceremony starts again on the next replica; after that it
   fails with ``Reason.SERVER_LOST`` and a sentence saying to try again (no session is made).
@@ -44,7 +46,8 @@ LOST_MESSAGE = ("The connection to the organisation's server was lost during the
 UNAVAILABLE_MESSAGE = "The organisation's server cannot be reached; use your key or card."
 #: asks that reach the person or a device: once one came, the ceremony is not started again
 ENGAGING = frozenset({"secret", "text", "choose", "key.assert", "key.make_credential",
-                      "card.pin", "card.verify_pin", "card.sign"})
+                      "card.pin", "card.verify_pin", "card.sign", "card.new_pin",
+                      "card.unblock", "card.mgmt_proof"})
 
 
 _PIN_WORD = re.compile(r"\b(pin|passcode)\b", re.IGNORECASE)
@@ -105,6 +108,7 @@ class _Session:
         self.key = None
         self.card = None
         self.card_pin: str | None = None
+        self.new_pin: str | None = None
 
     # the person ---------------------------------------------------------------------------
 
@@ -178,7 +182,7 @@ class _Session:
             self.key = None
             self._release("key")
         elif kind == "card.close":
-            self.card, self.card_pin = None, None
+            self.card, self.card_pin, self.new_pin = None, None, None
             self._release("card")
 
     def _release(self, what: str) -> None:
@@ -277,7 +281,9 @@ class _Session:
             raise
         self._card_stack = stack
         self.held.callback(self._release, "card")
-        return {"reader": getattr(self.card, "reader", None)}
+        driver = getattr(self.card, "driver", None)
+        return {"reader": getattr(self.card, "reader", None),
+                "driver": driver if driver in ("piv", "pkcs11") else None}
 
     def use_card(self, kind: str, m: dict) -> Any:
         card = self.card
@@ -298,6 +304,25 @@ class _Session:
             return None
         if kind == "card.sign":
             return protocol.b64e(card.sign(m["slot"], m["message"], algorithm=m["algorithm"]))
+        if kind == "card.new_pin":
+            from ..ceremonies.cardunlock import ask_new_pin
+
+            self.new_pin, status = ask_new_pin(self.ui)
+            return True if status == "ok" else (False if status == "invalid" else None)
+        if kind == "card.unblock":
+            new_pin, self.new_pin = self.new_pin, None
+            if new_pin is None:
+                raise card_errors.PcscError("No new PIN was given for the card.")
+            card.unblock_pin(m["puk"], new_pin)  # the PUK: used here, never kept or logged
+            return None
+        if kind in ("card.mgmt_witness", "card.mgmt_proof"):
+            step = getattr(card, "management_witness" if kind == "card.mgmt_witness"
+                           else "management_proof", None)
+            if step is None:
+                raise card_errors.PcscError("This card's path has no management key.")
+            if kind == "card.mgmt_witness":
+                return protocol.b64e(step(m["algorithm"]))
+            return protocol.b64e(step(m["algorithm"], m["witness"], m["challenge"]))
         raise card_errors.PcscError("The server asked something this workstation cannot do.")
 
 

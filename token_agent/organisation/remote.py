@@ -14,7 +14,8 @@ while the person and the devices are at the workstation, reached over a channel
   (so that a PIN counts as knowledge, a built-in UV as inherence). The key's answers are
   verified here (``webauthn.verify_assertion``, the sign counter in the store);
 * :class:`RemoteCardSession`: what ``login_with_card`` uses of ``PivSession``. The PIN is
-  asked and verified at the workstation; here it is only a sentinel, never sent.
+  asked and verified at the workstation; here it is only a sentinel, never sent. The
+  cardholder's self-unlock (op ``card.self-unlock``) is ``remoteunlock.py``'s.
 
 The channel is any object with ``send(message: dict)`` and ``recv(timeout) -> dict``
 (raising ``TimeoutError`` at the timeout, anything else when the channel is gone). A
@@ -24,6 +25,7 @@ usual failure is recorded and nothing of a success is written after it (``on_suc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from drivers.fido import errors as key_errors
 from drivers.pcsc import errors as card_errors
 
-from ..outcome import LoginOutcome
+from ..outcome import LoginOutcome, Reason
 from . import protocol
 from .protocol import ProtocolError
 
@@ -268,9 +270,11 @@ class RemoteCardSession:
     ``PivSession``. The PIN: :meth:`collect_pin` (the ceremony's ``pin_provider``) has the
     workstation ask the person and keep it; :meth:`verify_pin` has it verified there."""
 
-    def __init__(self, conv: Conversation, reader: str | None) -> None:
+    def __init__(self, conv: Conversation, reader: str | None, driver: str | None = None
+                 ) -> None:
         self.conv = conv
         self.reader = reader
+        self.driver = driver or "piv"
         self.closed = False
 
     @classmethod
@@ -281,11 +285,14 @@ class RemoteCardSession:
         except WorkstationLost:
             raise conv.device_lost(card=True) from None
         try:
-            fields = protocol.check(value, {"reader": (str, None)}, "card.open reply")
+            fields = protocol.check(value, {"reader": (str, None), "driver": (str, None)},
+                                    "card.open reply")
+            if fields["driver"] not in (None, "piv", "pkcs11"):
+                raise ProtocolError("card.open reply: unknown driver")
         except ProtocolError as e:
             conv._lose(f"protocol: {e.message}")
             raise conv.device_lost(card=True) from None
-        return cls(conv, fields["reader"])
+        return cls(conv, fields["reader"], fields["driver"])
 
     def _value(self, kind: str, wait: float | None = None, /, **fields):
         try:
@@ -425,6 +432,10 @@ def run_ceremony(agent: "Agent", channel, first_message: Any, workstation_name: 
     try:
         if req["op"] == "login":
             return _login(agent, conv, req, workstation_name, peer_address)
+        if req["op"] == "card.self-unlock":
+            from .remoteunlock import card_self_unlock
+
+            return card_self_unlock(agent, conv, req, workstation_name)
         return _enrol_key(agent, conv, req, workstation_name)
     except WorkstationLost as e:
         return protocol.final_error("lost", str(e))
@@ -462,6 +473,13 @@ def _login(agent: "Agent", conv: Conversation, req: dict, workstation: str,
                            step_up=req["step_up"])
     if conv.lost is not None:
         raise WorkstationLost(conv.lost)
+    if not outcome.ok and outcome.reason == Reason.PIN_BLOCKED and outcome.user is not None:
+        from .remoteunlock import self_unlock_available
+
+        if self_unlock_available(agent):
+            # the workstation may offer "Forgot your card PIN?" (``card.self-unlock``)
+            outcome = dataclasses.replace(outcome,
+                                          detail={**outcome.detail, "self_unlock": True})
     offline = _bundle(agent, outcome, workstation) if outcome.ok and req["want_offline"] \
         else None
     ticket = protocol.make_ticket(agent.keys, outcome, workstation, agent.now())

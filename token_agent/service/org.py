@@ -299,6 +299,81 @@ def _cached_credentials(cache, username: str) -> tuple[str | None, list[bytes]]:
     return rp_id, ids
 
 
+# --------------------------------------------------------------------------- self-unlock
+
+
+def run_self_unlock(svc: "Host", c: "Ceremony", ui: "SocketInteraction", user: str | None
+                    ) -> dict:
+    """``card.self-unlock`` through the organisation's server (its RA source holds the
+    PUKs): the result, a ``CardActionOutcome.to_json()``. The person answers here; the card
+    is this workstation's; its new PIN is asked and kept here (``relay.py``)."""
+    from ..organisation import protocol
+    from ..organisation.errors import ServerUnavailable
+    from ..organisation.relay import relay_with_failover
+    from .ceremony import pin_guard
+
+    timeout = svc.config.keys.timeout
+    first = protocol.card_self_unlock_request(user=user)
+    try:
+        relayed = relay_with_failover(svc.org.client, first, ui, _key_opener(svc, c, ui),
+                                      _card_opener(svc, c, {}), c.cancel,
+                                      presence=pin_guard(svc, c, ui, timeout),
+                                      idle_timeout=svc.config.service.prompt_timeout + 60)
+    except ServerUnavailable as e:
+        log.warning("no organisation server answers: %s", e)
+        return {"ok": False, "action": "self-unlock",
+                "reason": Reason.SERVER_UNAVAILABLE.value,
+                "message": "The organisation's server cannot be reached, and it holds what "
+                           "unlocks your card: try again when the network is back, or ask "
+                           "your sponsor."}
+    svc.org.server_answered()
+    if relayed.result:
+        return relayed.result
+    lost = relayed.outcome
+    return {"ok": False, "action": "self-unlock",
+            "reason": lost.reason.value if lost.reason else None, "message": lost.message}
+
+
+def offer_self_unlock(svc: "Host", c: "Ceremony", ui: "SocketInteraction",
+                      outcome: LoginOutcome, relogin) -> LoginOutcome:
+    """The "Forgot your card PIN?" offer of a joined workstation's card login
+    (``selfunlock.py`` says it for a standalone one): offered when the server said its RA
+    source can unlock the locked card (``detail.self_unlock``) and the card's holder is the
+    login's user; on yes, ``card.self-unlock`` through the server, then ``relogin()`` (the
+    card login again, with the new PIN)."""
+    from .selfunlock import OFFER_PROMPT, UNLOCKED_INFO, YES
+
+    if outcome.ok or outcome.reason != Reason.PIN_BLOCKED or c.cancel.is_set():
+        return outcome
+    holder = outcome.user
+    if (holder is None or outcome.detail.get("self_unlock") is not True
+            or (c.user is not None and holder.casefold() != c.user.casefold())):
+        return outcome
+    answer = ui.text(OFFER_PROMPT)
+    if answer is None:
+        return LoginOutcome.failure("card", Reason.CANCELLED, "cancelled: no answer",
+                                    user=holder, user_id=outcome.user_id)
+    if answer.strip().casefold() not in YES:
+        log.info("self-service card unlock declined", extra={"login": c.id, "user": holder})
+        return outcome
+    log.info("self-service card unlock started (organisation)",
+             extra={"login": c.id, "user": holder})
+    result = run_self_unlock(svc, c, ui, holder)
+    log.info("self-service card unlock finished", extra={
+        "login": c.id, "user": holder, "ok": result.get("ok"), "reason": result.get("reason")})
+    if not result.get("ok"):
+        reason = Reason.CANCELLED if result.get("reason") == Reason.CANCELLED.value \
+            else Reason.PIN_BLOCKED
+        return LoginOutcome.failure(
+            "card", reason, result.get("message") or outcome.message, user=holder,
+            user_id=outcome.user_id,
+            detail={**outcome.detail, "self_unlock": result.get("reason") or "failed"})
+    ui.info(result.get("message") or UNLOCKED_INFO)
+    if c.cancel.is_set():
+        return LoginOutcome.failure("card", Reason.CANCELLED, "cancelled", user=holder)
+    return relogin()
+
+
 # --------------------------------------------------------------------------- enrolment
 
 

@@ -136,7 +136,10 @@ Operations
         unlock it.", reason ``pin-blocked``). A failed unlock ends the login with the
         unlock's message, reason ``pin-blocked`` (the card stays locked) or ``cancelled``;
         the audit event ``card.self-unlock`` has the unlock's own reason. No RA source, a
-        card of someone else or not enrolled here: no question, the plain failure.
+        card of someone else or not enrolled here: no question, the plain failure. On a
+        workstation joined to an organisation's server, the offer comes when the server's
+        outcome says it can unlock the card (``detail.self_unlock``: it has an RA source),
+        and the unlock runs through the server (ceremony op ``card.self-unlock``).
 
         The login waits for each prompt's answer (``prompt_timeout``, default 120 s, then
         it is cancelled). Exactly one ``result`` event ends every login. The PIN prompts
@@ -192,8 +195,10 @@ Operations
         "certificate_serial", "sponsor": null, "detail", "method"}; a card that is not
         ``user``'s: reason ``credential-of-another-user``, nothing asked. ``unavailable``
         when no RA credentials source is configured. No session is opened: log in afterwards.
-        It runs on this workstation's store (an organisation's workstation, whose logins the
-        server runs, has neither the offer nor this op: ``unavailable`` there).
+        On a workstation joined to an organisation's server it is run by the server, with
+        the server's RA source (the new PIN asked and kept here; the server's own reasons,
+        e.g. ``internal-error`` "not set up" when it has no RA source;
+        ``server-unavailable`` when no server answers).
 
     ``events.subscribe`` {} -> {}   then, on this connection, for as long as it is open:
         {"event": "card.inserted", "reader", "atr", "at"}

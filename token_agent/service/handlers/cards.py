@@ -44,7 +44,8 @@ def op_card_self_unlock(svc: Host, conn: Connection, args: dict) -> dict:
         elif not svc.rules.is_self(peer, user):
             raise refuse(svc, conn, "card.self-unlock", user,
                          f"{peer.user or f'uid {peer.uid}'} may only unlock their own card")
-    if getattr(svc, "org", None) is not None or ra_source(svc) is None:
+    # a joined workstation: the organisation's server runs it, with its RA source
+    if getattr(svc, "org", None) is None and ra_source(svc) is None:
         raise RequestError("unavailable", NOT_SET_UP)
     c = svc.new_ceremony(conn, "unlock", "card.self-unlock", user)
     svc.launch(c, partial(_run_self_unlock, svc), user)
@@ -67,6 +68,14 @@ def _run_self_unlock(svc: Host, c: Ceremony, user: str | None) -> None:
         return CardActionOutcome(ok=False, action="self-unlock", reason=reason, message=message)
 
     try:
+        if getattr(svc, "org", None) is not None:
+            from ..org import run_self_unlock as run_at_server
+
+            data = run_at_server(svc, c, ui, user)
+            data["method"] = "card"
+            svc.finish(c, data, ok=bool(data.get("ok")), user=user, method="card",
+                       reason=data.get("reason"), started=started)
+            return
         ra = ra_source(svc)
         if ra is None:  # set up when the op came, gone since
             result = failed(Reason.INTERNAL_ERROR, NOT_SET_UP)

@@ -169,9 +169,16 @@ def _org_login(svc: Host, c: Ceremony, a: dict, ui: SocketInteraction, device,
                session_id: str, card_used: list) -> LoginOutcome:
     """The login run by the organisation's server (``service/org.py``); its session row
     here, naming the organisation's user."""
-    from ..org import run_login
+    from ..org import offer_self_unlock, run_login
 
-    outcome, used = run_login(svc, c, a, ui)
+    used: list = []
+
+    def login() -> LoginOutcome:
+        outcome, found = run_login(svc, c, a, ui)
+        used[:] = found
+        return outcome
+
+    outcome = offer_self_unlock(svc, c, ui, login(), login)
     if outcome.ok:
         with svc.store.transaction():
             if c.cancel.is_set():  # the client left before the success
