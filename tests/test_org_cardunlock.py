@@ -375,3 +375,49 @@ def test_the_request_is_checked(first):
 def test_a_malformed_request_is_a_protocol_error(first):
     with pytest.raises(ProtocolError):
         protocol.parse_request(first)
+
+
+class _FlagsOnlyCard(Card):
+    """The card as a PKCS#11 module shows it: no count of PIN tries (``pin_retries`` None
+    until the card is locked), a wrong PIN without a count, driver "pkcs11"."""
+
+    def session(self):
+        from drivers.pcsc import errors as card_errors
+
+        inner = super().session()
+
+        class FlagsOnly:
+            driver = "pkcs11"
+            reader = "Virtual PCD 00 00"
+
+            def pin_retries(self):
+                return 0 if inner.pin_retries() == 0 else None
+
+            def verify_pin(self, pin):
+                try:
+                    inner.verify_pin(pin)
+                except card_errors.WrongPin:
+                    raise card_errors.WrongPin(None, several=True) from None
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+        return FlagsOnly()
+
+
+def test_a_card_that_gives_no_count_of_tries_logs_in_through_the_server(server, pki, tmp_path):
+    """Over PKCS#11 the tries left are unknown (None) until the last: the relay carries null,
+    the server's ceremony goes on, the wrong PIN's message says so, the login records the
+    workstation's driver."""
+    card = _FlagsOnlyCard(pki, tmp_path)
+    relayed, *_ = run(server, protocol.login_request(user="alice", primary="card"),
+                      Person({}, card_pin="000000"), card)
+    assert relayed.outcome.reason is Reason.WRONG_PIN, relayed.outcome
+    assert "more than one try left" in relayed.outcome.message
+    relayed, *_ = run(server, protocol.login_request(user="alice", primary="card"),
+                      Person({}, card_pin="123456"), card)
+    assert relayed.outcome.ok, relayed.outcome
+    assert relayed.outcome.user == "alice"
+    events = server.store.list_events(kind="login.card", limit=10)
+    assert [e.outcome for e in events] == ["success", "failure"]
+    assert {e.detail.get("card_driver") for e in events} == {"pkcs11"}

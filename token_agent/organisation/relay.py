@@ -292,7 +292,8 @@ class _Session:
         if kind == "card.certificate":
             return protocol.b64e(card.certificate(m["slot"]))
         if kind == "card.pin_retries":
-            return int(card.pin_retries())
+            retries = card.pin_retries()  # None: the card does not say (PKCS#11)
+            return None if retries is None else int(retries)
         if kind == "card.pin":
             self.card_pin = self.card_pin_prompt() or None
             return self.card_pin is not None

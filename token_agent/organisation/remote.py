@@ -309,10 +309,14 @@ class RemoteCardSession:
             self.conv._lose(f"protocol: {e.message}")
             raise self.conv.device_lost(card=True) from None
 
-    def pin_retries(self) -> int:
+    def pin_retries(self) -> int | None:
+        """The card's PIN tries left; None when the card does not say (a PKCS#11 module
+        gives only its token flags until the last try)."""
         value = self._value("card.pin_retries")
+        if value is None:
+            return None
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
-            self.conv._lose("protocol: card.pin_retries must be a small integer")
+            self.conv._lose("protocol: card.pin_retries must be a small integer or null")
             raise self.conv.device_lost(card=True)
         return value
 
