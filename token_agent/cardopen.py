@@ -32,8 +32,6 @@ def card_opener(cards=None) -> CardOpener:
 
         return open_with(reader, driver=driver, pkcs11_module=module)
 
-    open_card.driver = driver  # type: ignore[attr-defined]
-    open_card.pkcs11_module = module  # type: ignore[attr-defined]
     return open_card
 
 

@@ -71,6 +71,15 @@ def _pkcs11():
     return pkcs11
 
 
+
+def _close_quietly(session: Any) -> None:
+    """Close a PKCS#11 session (C_CloseSession; C_Logout first for a logged-in one): a card
+    already removed, or a session already gone, is not an error when closing."""
+    try:
+        session.close()
+    except _pkcs11().PKCS11Error:
+        pass
+
 class Pkcs11CardSession:
     """A card in ``reader`` through the PKCS#11 module ``module``; see the module docstring.
     Not thread-safe beyond one call at a time (a lock serialises them)."""
@@ -236,10 +245,7 @@ class Pkcs11CardSession:
     def _logout(self) -> None:
         user, self._user = self._user, None
         if user is not None:
-            try:
-                user.close()  # C_Logout + C_CloseSession
-            except _pkcs11().PKCS11Error:
-                pass
+            _close_quietly(user)  # C_Logout + C_CloseSession
 
     def verify_pin(self, pin: str | bytes) -> None:
         """C_Login with the PIN: :class:`WrongPin` (``retries_left`` 1 or None),
@@ -352,10 +358,7 @@ class Pkcs11CardSession:
             except _pkcs11().PKCS11Error as e:
                 raise self._failure(e) from None
             finally:
-                try:
-                    session.close()
-                except _pkcs11().PKCS11Error:
-                    pass
+                _close_quietly(session)
 
     def unblock_pin(self, puk: str | bytes, new_pin: str | bytes) -> None:
         """A new PIN with the PUK (see the module docstring): :class:`WrongPuk`,
@@ -393,10 +396,7 @@ class Pkcs11CardSession:
                 except _pkcs11().PKCS11Error as e:
                     raise self._failure(e) from None
                 finally:
-                    try:
-                        session.close()
-                    except _pkcs11().PKCS11Error:
-                        pass
+                    _close_quietly(session)
             # 2. no SO login: C_SetPIN(PUK, new) unlogged, only on a locked card
             flags = self._token_flags()
             if flags is None:
@@ -423,10 +423,7 @@ class Pkcs11CardSession:
                 raise self._failure(e) from None
             finally:
                 puk_text = new = None
-                try:
-                    session.close()
-                except _pkcs11().PKCS11Error:
-                    pass
+                _close_quietly(session)
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -437,10 +434,7 @@ class Pkcs11CardSession:
                 return
             self._closed = True
             self._logout()
-            try:
-                self._public.close()
-            except _pkcs11().PKCS11Error:
-                pass
+            _close_quietly(self._public)
 
     def __enter__(self) -> "Pkcs11CardSession":
         return self

@@ -42,6 +42,7 @@ from drivers.pcsc import errors as card_errors
 from drivers.pkcs11 import errors as pkcs11_errors
 
 from .. import orgsettings
+from ..cardopen import session_driver
 from ..orgsettings import DEFAULT_LOCK_COMMAND
 from ..outcome import Factor, LoginOutcome, Reason
 from ..store import Store, UserExists
@@ -352,7 +353,7 @@ def login_with_card(
     if provision is None:
         provision = settings.provision_on_first_use
     facts: dict[str, Any] = {}  # what the audit events and the outcome may say about the card
-    facts["card_driver"] = getattr(session, "driver", "piv")  # the card path: piv or pkcs11
+    facts["card_driver"] = session_driver(session)  # the card path: piv or pkcs11
     user = None
 
     def fail(reason: Reason, message: str) -> LoginOutcome:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from drivers.pcsc import errors as card_errors
 
 from .. import notify, rasource
+from ..cardopen import session_driver
 from ..outcome import LoginOutcome, Reason
 from .card import (
     CardActionOutcome, CardRefused, CardSettings, _certificate_subject, check_certificate,
@@ -162,7 +163,7 @@ def self_unlock(agent: "Agent", session, *, interaction: "Interaction",
                          exclude_method_id=contact.method.id if contact else None)
         return done(False, reason, message)
 
-    facts["card_driver"] = getattr(session, "driver", "piv")
+    facts["card_driver"] = session_driver(session)
     # 1. the certificate, validated as at login
     try:
         cert_der = session.certificate("9a")

@@ -94,6 +94,7 @@ def status(ctx: Context, reader: str | None, as_json: bool) -> None:
     from drivers.pcsc import errors as card_errors
 
     from ..cardtrust import CardCertificateError, validate_card_certificate
+    from ..cardopen import session_driver
     from ..ceremonies.card import _certificate_subject
 
     settings = _settings(ctx)
@@ -105,7 +106,7 @@ def status(ctx: Context, reader: str | None, as_json: bool) -> None:
 
         cert = x509.load_der_x509_certificate(der)
         data = {"reader": session.reader, "card_present": True,
-                "card_driver": getattr(session, "driver", "piv"),  # config's [cards] driver
+                "card_driver": session_driver(session),  # config's [cards] driver
                 "atr": (getattr(session, "atr", None) or b"").hex(),  # "": PKCS#11 has none
                 "holder_name": holder, "uuid": uuid,
                 "certificate_serial": serial,

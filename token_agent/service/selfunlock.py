@@ -59,12 +59,6 @@ def ra_source(svc: "Host"):
     return None
 
 
-def open_card(svc: "Host", reader: str | None):
-    """The card in ``reader`` through the service's configured opener (config.toml's
-    ``[cards] driver``: ``token_agent.cardopen``), as its card logins."""
-    return svc.cards.open_card(reader)
-
-
 WRONG_HOLDER = "this card is not yours: it can be unlocked only by its holder"
 
 
@@ -84,7 +78,7 @@ def run_self_unlock(svc: "Host", c: "Ceremony", ui: "SocketInteraction", reader:
         return CardActionOutcome(ok=False, action="self-unlock", reason=reason, message=message)
 
     try:
-        session = open_card(svc, reader)
+        session = svc.cards.open_card(reader)  # the configured [cards] driver, as logins
     except card_errors.PcscError as e:
         return failed(device_failure(e), e.message)
     try:

@@ -278,7 +278,8 @@ async def add_contact(request: Request) -> Response:
     if request.method == "POST":
         form = await read_form(request)
         value = form.get("destination", "").strip()[:320]
-        held = await blocking(_held_contact, _ctx(request), session.user_id, kind)
+        held = await blocking(_contact_of, _ctx(request), session.user_id, kind,
+                              confirmed=True)
         if held is not None:
             errors = [("destination", f"You already have a {kind.name} ({held.hint}). To "
                                       "change it, remove it first, then add the new one.")]
@@ -297,16 +298,11 @@ async def add_contact(request: Request) -> Response:
                         errors=errors, kind=kind, value=value)
 
 
-def _held_contact(ctx, user_id: str, kind: ContactKind):
-    """The user's confirmed contact of this kind (its name is taken), or None."""
+def _contact_of(ctx, user_id: str, kind: ContactKind, *, confirmed: bool):
+    """The user's contact of this kind, confirmed (its name is taken) or still waiting for
+    its code; None when there is none."""
     return next((c for c in codes.list_contacts(ctx, user_id)
-                 if c.channel == kind.channel and c.method.confirmed
-                 and c.method.name.casefold() == kind.name.casefold()), None)
-
-
-def _pending_contact(ctx, user_id: str, kind: ContactKind):
-    return next((c for c in codes.list_contacts(ctx, user_id)
-                 if c.channel == kind.channel and not c.method.confirmed
+                 if c.channel == kind.channel and bool(c.method.confirmed) is confirmed
                  and c.method.name.casefold() == kind.name.casefold()), None)
 
 
@@ -317,7 +313,7 @@ async def confirm_contact(request: Request) -> Response:
         return await render(request, "account/gone.html", status=404)
     await require_recent_auth(request, session)
     ctx = _ctx(request)
-    pending = await blocking(_pending_contact, ctx, session.user_id, kind)
+    pending = await blocking(_contact_of, ctx, session.user_id, kind, confirmed=False)
     if pending is None:
         return redirect(f"/account/add-contact/{kind.slug}")
     errors = None
