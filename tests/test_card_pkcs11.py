@@ -279,6 +279,36 @@ def test_module_missing_or_not_a_module(issued, tmp_path):
     assert "libc.so.6" in e.value.message and "not a PKCS#11 module" in e.value.message
 
 
+def test_one_library_under_several_names_is_initialised_once(tmp_path):
+    """A copy of the module, then the bare name the loader matches to the copy's soname; the
+    module by a symbolic link, then by its own path: each pair is one library to dlopen,
+    whose second C_Initialize would fail (CKR_CRYPTOKI_ALREADY_INITIALIZED, "cannot be
+    used"). In a fresh process, so what this test module loaded does not count."""
+    import subprocess
+    import sys
+
+    system = _system_module()
+    require_tools([system or "opensc-pkcs11.so"], "opensc-pkcs11")
+    link = tmp_path / "link-pkcs11.so"
+    link.symlink_to(system)
+    copy = tmp_path / "copy" / "opensc-pkcs11.so"
+    copy.parent.mkdir()
+    shutil.copyfile(system, copy)
+    script = (
+        "import sys\n"
+        "from drivers.pkcs11.module import load_module\n"
+        "c = load_module(sys.argv[3]); d = load_module('opensc-pkcs11.so')\n"
+        "a = load_module(sys.argv[1]); b = load_module(sys.argv[2])\n"
+        "print(a is b, c is d, a is c)\n")
+    got = subprocess.run([sys.executable, "-c", script, str(link), system, str(copy)],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert got.returncode == 0, got.stderr
+    # the copy and the bare name (the loader matches it to the loaded copy's soname) are one
+    # library; the link and its target another, loaded beside it
+    assert got.stdout.split() == ["True", "True", "False"], got.stdout
+
+
 def test_a_card_the_module_does_not_recognise(issued, module):
     card = issued(piv_enabled=False)
     with pytest.raises(NoToken) as e:

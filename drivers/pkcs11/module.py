@@ -1,9 +1,13 @@
 """Loading a PKCS#11 module, and finding the slot of a reader, with clear errors.
 
-:func:`load_module` loads (and C_Initializes, once per process and path: python-pkcs11
-keeps the loaded library) the module named by a path or a bare file name (``dlopen``'s
-search path: ``opensc-pkcs11.so`` is found in the system's library directory). What can go
-wrong becomes a :class:`~drivers.pkcs11.errors.Pkcs11ModuleError` naming the module.
+:func:`load_module` loads (and C_Initializes, once per process and library) the module
+named by a path or a bare file name (``dlopen``'s search path: ``opensc-pkcs11.so`` is found
+in the system's library directory). A library already loaded under another name (a symbolic
+link such as ``.../pkcs11/opensc-pkcs11.so``, or a bare name the loader matches to a loaded
+library's soname) is the same library to ``dlopen``, and a second C_Initialize of it fails
+(CKR_CRYPTOKI_ALREADY_INITIALIZED): so the loaded libraries are kept by ``dlopen``'s handle,
+and every name of one library gets its one initialised instance. What can go wrong becomes a
+:class:`~drivers.pkcs11.errors.Pkcs11ModuleError` naming the module.
 
 :func:`find_slot` binds a reader to its slot: the slot whose description is the reader's
 name. OpenSC pads slot descriptions to 64 characters and truncates longer names, so the
@@ -13,6 +17,7 @@ PKCS#11 session opened on that slot is bound to that reader.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from typing import Any
@@ -26,6 +31,17 @@ DEFAULT_MODULE = "opensc-pkcs11.so"
 DESCRIPTION_LENGTH = 64
 
 _lock = threading.Lock()
+#: dlopen's handle of a loaded module -> its initialised ``pkcs11.lib``
+_by_handle: dict[int, Any] = {}
+
+
+def _loaded_handle(path: str) -> int | None:
+    """``dlopen``'s handle for ``path`` when that library is loaded in this process already
+    (under this name or another), else None (RTLD_NOLOAD: nothing is loaded here)."""
+    try:
+        return ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)._handle
+    except OSError:
+        return None
 
 
 def load_module(module: str | os.PathLike | None = None) -> Any:
@@ -40,10 +56,17 @@ def load_module(module: str | os.PathLike | None = None) -> Any:
     except ImportError:  # pragma: no cover - a dependency of the package
         raise Pkcs11ModuleError(path, "the Python package python-pkcs11 is not installed") from None
     with _lock:
+        handle = _loaded_handle(path)
+        if handle is not None and handle in _by_handle:
+            return _by_handle[handle]
         try:
-            return pkcs11.lib(path)
+            lib = pkcs11.lib(path)
         except pkcs11.PKCS11Error as e:
             raise Pkcs11ModuleError(path, _load_problem(str(e))) from None
+        handle = _loaded_handle(path)
+        if handle is not None:
+            _by_handle[handle] = lib
+        return lib
 
 
 def _load_problem(text: str) -> str:
