@@ -327,3 +327,21 @@ def _wait(cond, timeout=30.0):
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
+
+
+def test_an_interrupt_after_the_attempt_is_counted_still_leaves_its_audit_event(w, insert, ra):
+    """Ctrl-C (or a client gone) at the password: the attempt was counted, so its one
+    ``card.self-unlock`` event is written (reason cancelled) and the interrupt goes on; the
+    card stays locked."""
+    session = insert()
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    script = Script(the_code(w), interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cardunlock.self_unlock(w.agent, session, interaction=script, ra=ra)
+    got = events(w)
+    assert [(e.outcome, e.detail["reason"], e.detail["attempt"]) for e in got] == \
+        [("failure", "cancelled", 1)]
+    assert session.pin_retries() == 0

@@ -137,11 +137,13 @@ def self_unlock(agent: "Agent", session, *, interaction: "Interaction",
     started = time.perf_counter()
     store = agent.store
     facts: dict[str, Any] = {}
-    state: dict[str, Any] = {"user": None, "told_failure": False, "contact": None}
+    state: dict[str, Any] = {"user": None, "told_failure": False, "contact": None,
+                             "recorded": False}
 
     def done(ok: bool, reason: Reason | None = None, message: str = "") -> CardActionOutcome:
         user = state["user"]
         facts["ceremony_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        state["recorded"] = True
         store.record_event(EVENT, user_id=user.id if user else None,
                            outcome="success" if ok else "failure",
                            detail={**facts, **({"reason": reason.value} if reason else {})})
@@ -253,90 +255,98 @@ def self_unlock(agent: "Agent", session, *, interaction: "Interaction",
     if not has_password and not has_key:
         return done(False, Reason.NO_CREDENTIAL, NO_SECOND)
 
-    # 6. one attempt for this card, then the one-time code
-    card_key = f"{identity.uuid}:{card_serial or cert_serial}"
-    count, window_start = store.hit_throttle(THROTTLE_SCOPE, card_key, now=agent.now(),
-                                             window=WINDOW)
-    facts["attempt"] = count
-    if count > MAX_ATTEMPTS:
-        until = time.strftime("%H:%M", time.localtime(window_start + WINDOW))
-        return done(False, Reason.TOO_MANY_ATTEMPTS,
-                    f"Too many unlock attempts for this card: try again after {until}, or ask "
-                    "your sponsor to unlock it.")
-    contact = contacts[0]
-    if len(contacts) > 1:
-        options = [(f"m{c.method.id}", f"{'Email to' if c.channel == 'email' else 'Text message to'}"
-                                       f" {c.hint}") for c in contacts]
-        preferred = next((f"m{c.method.id}" for c in contacts if c.method.preferred),
-                         options[0][0])
-        picked = interaction.choose(CHOOSE_PROMPT, options, preferred)
-        if picked is None:
-            return done(False, Reason.CANCELLED, "cancelled: no answer")
-        contact = next((c for c in contacts if f"m{c.method.id}" == picked), None)
-        if contact is None:
-            return done(False, Reason.METHOD_NOT_ALLOWED, "choose one of the contacts listed")
-    state["contact"] = contact
-    facts["contact"] = contact.hint
+    # from here an attempt is counted: an interrupt (Ctrl-C, a client gone) still leaves its
+    # one audit event
     try:
-        receipt = codes.send_code(ctx, contact.method, purpose="login")
-    except FactorError as e:
-        return done(False, e.reason, e.message)
-    typed = interaction.secret(codes.prompt_for(store.get_method(contact.method.id), receipt))
-    if typed is None:
-        return done(False, Reason.CANCELLED, "cancelled: no answer")
-    checked = codes.verify_code(ctx, contact.method, typed, purpose="login")
-    typed = None
-    if not checked.ok:
-        return failed_factor(checked.reason or Reason.WRONG_CODE,
-                             checked.message or "wrong code")
-
-    # 7. the password (or the key)
-    if has_password:
-        secret = interaction.secret(PASSWORD_PROMPT)
-        if secret is None:
+        # 6. one attempt for this card, then the one-time code
+        card_key = f"{identity.uuid}:{card_serial or cert_serial}"
+        count, window_start = store.hit_throttle(THROTTLE_SCOPE, card_key, now=agent.now(),
+                                                 window=WINDOW)
+        facts["attempt"] = count
+        if count > MAX_ATTEMPTS:
+            until = time.strftime("%H:%M", time.localtime(window_start + WINDOW))
+            return done(False, Reason.TOO_MANY_ATTEMPTS,
+                        f"Too many unlock attempts for this card: try again after {until}, or ask "
+                        "your sponsor to unlock it.")
+        contact = contacts[0]
+        if len(contacts) > 1:
+            options = [(f"m{c.method.id}",
+                        f"{'Email to' if c.channel == 'email' else 'Text message to'} {c.hint}")
+                       for c in contacts]
+            preferred = next((f"m{c.method.id}" for c in contacts if c.method.preferred),
+                             options[0][0])
+            picked = interaction.choose(CHOOSE_PROMPT, options, preferred)
+            if picked is None:
+                return done(False, Reason.CANCELLED, "cancelled: no answer")
+            contact = next((c for c in contacts if f"m{c.method.id}" == picked), None)
+            if contact is None:
+                return done(False, Reason.METHOD_NOT_ALLOWED, "choose one of the contacts listed")
+        state["contact"] = contact
+        facts["contact"] = contact.hint
+        try:
+            receipt = codes.send_code(ctx, contact.method, purpose="login")
+        except FactorError as e:
+            return done(False, e.reason, e.message)
+        typed = interaction.secret(codes.prompt_for(store.get_method(contact.method.id), receipt))
+        if typed is None:
             return done(False, Reason.CANCELLED, "cancelled: no answer")
-        checked = password.verify(ctx, user.id, secret)
-        secret = None
+        checked = codes.verify_code(ctx, contact.method, typed, purpose="login")
+        typed = None
         if not checked.ok:
-            return failed_factor(checked.reason or Reason.WRONG_PASSWORD,
-                                 checked.message or "wrong password")
-        facts["second"] = "password"
-    else:
-        outcome = key_login(user.username)
-        if not outcome.ok or outcome.user_id != user.id:
-            return failed_factor(outcome.reason or Reason.VERIFICATION_FAILED,
-                                 outcome.message or "the security key was not accepted")
-        facts["second"] = "key"
+            return failed_factor(checked.reason or Reason.WRONG_CODE,
+                                 checked.message or "wrong code")
 
-    # 8. the new PIN, twice (a card at another host, the organisation's workstation: asked
-    # and kept there, ``collect_new_pin``; what comes here is a stand-in for it)
-    collect = getattr(session, "collect_new_pin", None)
-    if callable(collect):
-        new_pin, status = collect()
-    else:
-        new_pin, status = ask_new_pin(interaction)
-    if status == "cancelled":
-        return done(False, Reason.CANCELLED, "cancelled: no answer")
-    if new_pin is None:
-        return done(False, Reason.WRONG_PIN, "no new PIN of 6 to 8 digits was given twice")
+        # 7. the password (or the key)
+        if has_password:
+            secret = interaction.secret(PASSWORD_PROMPT)
+            if secret is None:
+                return done(False, Reason.CANCELLED, "cancelled: no answer")
+            checked = password.verify(ctx, user.id, secret)
+            secret = None
+            if not checked.ok:
+                return failed_factor(checked.reason or Reason.WRONG_PASSWORD,
+                                     checked.message or "wrong password")
+            facts["second"] = "password"
+        else:
+            outcome = key_login(user.username)
+            if not outcome.ok or outcome.user_id != user.id:
+                return failed_factor(outcome.reason or Reason.VERIFICATION_FAILED,
+                                     outcome.message or "the security key was not accepted")
+            facts["second"] = "key"
 
-    # 9. RESET RETRY COUNTER with the RA's PUK
-    try:
-        session.unblock_pin(creds.puk, new_pin)
-    except card_errors.PcscError as e:
-        reason = device_failure(e)
-        message = e.message
-        if reason in (Reason.WRONG_PUK, Reason.PUK_BLOCKED):
-            log.warning("card self-unlock: the card refused the RA's PUK (%s)", reason.value)
-            message = ("The card refused the registration authority's unlock code: ask your "
-                       "sponsor.")
-        return done(False, reason, message)
-    finally:
-        new_pin = None
-        creds = None
-    notify.tell_user(agent, user, "Your smartcard was unlocked",
-                     "Your smartcard was unlocked at a workstation with a new PIN, after a "
-                     "one-time code sent to you and your password or security key.",
-                     exclude_method_id=contact.method.id)
-    log.info("card %s unlocked by its holder %s", identity.uuid, user.username)
-    return done(True, message=UNLOCKED)
+        # 8. the new PIN, twice (a card at another host, the organisation's workstation: asked
+        # and kept there, ``collect_new_pin``; what comes here is a stand-in for it)
+        collect = getattr(session, "collect_new_pin", None)
+        if callable(collect):
+            new_pin, status = collect()
+        else:
+            new_pin, status = ask_new_pin(interaction)
+        if status == "cancelled":
+            return done(False, Reason.CANCELLED, "cancelled: no answer")
+        if new_pin is None:
+            return done(False, Reason.WRONG_PIN, "no new PIN of 6 to 8 digits was given twice")
+
+        # 9. RESET RETRY COUNTER with the RA's PUK
+        try:
+            session.unblock_pin(creds.puk, new_pin)
+        except card_errors.PcscError as e:
+            reason = device_failure(e)
+            message = e.message
+            if reason in (Reason.WRONG_PUK, Reason.PUK_BLOCKED):
+                log.warning("card self-unlock: the card refused the RA's PUK (%s)", reason.value)
+                message = ("The card refused the registration authority's unlock code: ask your "
+                           "sponsor.")
+            return done(False, reason, message)
+        finally:
+            new_pin = None
+            creds = None
+        notify.tell_user(agent, user, "Your smartcard was unlocked",
+                         "Your smartcard was unlocked at a workstation with a new PIN, after a "
+                         "one-time code sent to you and your password or security key.",
+                         exclude_method_id=contact.method.id)
+        log.info("card %s unlocked by its holder %s", identity.uuid, user.username)
+        return done(True, message=UNLOCKED)
+    except BaseException:
+        if not state["recorded"]:
+            done(False, Reason.CANCELLED, "interrupted")
+        raise
